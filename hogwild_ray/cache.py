@@ -1,0 +1,40 @@
+"""The paged K/V pool on a device: one preallocated tensor pair for all layers."""
+
+from __future__ import annotations
+
+import torch
+from hogwild_kernels import rotate_keys_by
+
+from .layout import Relocation
+
+
+class KVPool:
+    """k, v: [layers, pages, page_size, kv_heads, head_dim]; slots index pages * page_size."""
+
+    def __init__(
+        self, layers: int, pages: int, page_size: int, kv_heads: int, head_dim: int,
+        dtype: torch.dtype, device: torch.device,
+    ) -> None:
+        shape = (layers, pages, page_size, kv_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.page_size = page_size
+
+    def _flat(self, t: torch.Tensor) -> torch.Tensor:
+        return t.view(t.shape[0], -1, t.shape[3], t.shape[4])
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store new keys (already rotated at block-local positions) and values."""
+        self._flat(self.k)[layer, slots] = k.to(self.k.dtype)
+        self._flat(self.v)[layer, slots] = v.to(self.v.dtype)
+
+    def relocate(self, reloc: Relocation, inv_freq: torch.Tensor) -> None:
+        """Move a finished step: keys rotated forward by reloc.delta, values copied."""
+        if not reloc.src_slots:
+            return
+        dev = self.k.device
+        src = torch.tensor(reloc.src_slots, dtype=torch.int64, device=dev)
+        dst = torch.tensor(reloc.dst_slots, dtype=torch.int64, device=dev)
+        k, v = self._flat(self.k), self._flat(self.v)
+        k[:, dst] = rotate_keys_by(k[:, src], reloc.delta, inv_freq)
+        v[:, dst] = v[:, src]

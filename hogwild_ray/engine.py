@@ -1,0 +1,167 @@
+"""HogwildEngine: a model, a tokenizer and a paged K/V pool on one device, in process."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+from hogwild_kernels import QueryGroup, Segment
+
+from .cache import KVPool
+from .errors import InvalidRequestError
+from .layout import LAYOUTS, PageAllocator, WriteStep
+from .model import Decoder, ForwardBatch, locate, spec_from_config
+from .model.loader import load_config, load_tokenizer, weight_reader
+from .model.weights import load_weights
+from .protocol import ProtocolOptions
+from .results import SolveResult
+from .sampling import SamplingParams
+from .session import Session
+
+ATTENTION_CHOICES = ("auto", "torch")
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise InvalidRequestError(f"device {device!r} is not a torch device (try 'cpu' or 'cuda')") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidRequestError("device 'cuda' asked for, but torch sees no CUDA GPU; use device='cpu'")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise InvalidRequestError(f"dtype must be one of {', '.join(DTYPES)} (or a torch dtype), got {dtype!r}")
+
+
+class HogwildEngine:
+    """Runs Hogwild! sessions of one model on one device."""
+
+    def __init__(self, spec, tokenizer, decoder: Decoder, cache: KVPool, allocator: PageAllocator,
+                 device: torch.device, max_context: int, label: str) -> None:
+        self.spec, self.tokenizer, self.decoder = spec, tokenizer, decoder
+        self.cache, self.allocator, self.device = cache, allocator, device
+        self.max_context, self.label = max_context, label
+        eos = set(spec.eos_token_ids)
+        if tokenizer.eos_token_id is not None:
+            eos.add(int(tokenizer.eos_token_id))
+        self.eos_ids = frozenset(eos)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path | None = None,
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype | None = None,
+        *,
+        cache_tokens: int | None = None,
+        page_size: int = 16,
+        max_context: int | None = None,
+        attention: str = "auto",
+    ) -> HogwildEngine:
+        """Load a local HF directory or GGUF file (None: the built-in SmolLM2-135M-Instruct).
+
+        cache_tokens: size of the preallocated K/V pool in tokens (all workers together);
+        default: 4 x the context, at most 65536. max_context: the longest view served.
+        """
+        if attention not in ATTENTION_CHOICES:
+            raise InvalidRequestError(f"attention must be one of {', '.join(ATTENTION_CHOICES)}, got {attention!r}")
+        for name, v in (("page_size", page_size), ("cache_tokens", cache_tokens), ("max_context", max_context)):
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise InvalidRequestError(f"{name} must be an integer >= 1, got {v!r}")
+        dev = resolve_device(device)
+        dt = resolve_dtype(dtype, dev)
+        ckpt = locate(path)
+        config = load_config(ckpt)
+        spec = spec_from_config(config)
+        context = min(max_context or spec.max_positions, spec.max_positions)
+        spec.check_context(context)
+        tokenizer = load_tokenizer(ckpt)
+        weights = load_weights(spec, weight_reader(ckpt, config), dev, dt)
+        tokens = cache_tokens or min(4 * context, 65536)
+        pages = -(-tokens // page_size)
+        cache = KVPool(spec.num_layers, pages, page_size, spec.num_kv_heads, spec.head_dim, dt, dev)
+        return cls(spec, tokenizer, Decoder(spec, weights), cache, PageAllocator(pages, page_size), dev,
+                   context, ckpt.label)
+
+    # ---- sessions --------------------------------------------------------------------------
+    def start(
+        self,
+        problem: str,
+        workers: int = 2,
+        sampling: SamplingParams | list[SamplingParams] | None = None,
+        layout: str = "combined",
+        max_tokens: int | None = 1024,
+        max_steps: int | None = None,
+        **protocol_options,
+    ) -> Session:
+        """Open a session; protocol_options are the fields of ProtocolOptions
+        (protocol=False for a plain prompt, redundancy_every, finisher, ...)."""
+        if layout not in LAYOUTS:
+            raise InvalidRequestError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+        if "protocol" in protocol_options:
+            protocol_options["enabled"] = protocol_options.pop("protocol")
+        known = set(ProtocolOptions.__dataclass_fields__)
+        unknown = set(protocol_options) - known
+        if unknown:
+            raise InvalidRequestError(
+                f"unknown option(s) {', '.join(sorted(unknown))}; protocol options are protocol, "
+                f"{', '.join(sorted(known - {'enabled'}))}"
+            )
+        return Session(self, problem, workers, sampling, layout, max_tokens, max_steps,
+                       ProtocolOptions(**protocol_options))
+
+    def solve(
+        self,
+        problem: str,
+        workers: int = 2,
+        max_tokens: int | None = 1024,
+        sampling: SamplingParams | list[SamplingParams] | None = None,
+        layout: str = "combined",
+        max_steps: int | None = None,
+        on_step: Callable[[Session, dict[int, list[int]]], None] | None = None,
+        **protocol_options,
+    ) -> SolveResult:
+        """Run a session to its end; on_step(session, new_tokens) is called after each pass."""
+        session = self.start(problem, workers, sampling, layout, max_tokens, max_steps, **protocol_options)
+        try:
+            while not session.done:
+                new = session.step()
+                if on_step is not None:
+                    on_step(session, new)
+        finally:
+            session.close()
+        return session.result()
+
+    # ---- the forward pass ------------------------------------------------------------------
+    def run_forward(self, steps: list[WriteStep]) -> torch.Tensor:
+        """One forward pass over the given writes; logits [len(steps), vocab]."""
+        return self.decoder.forward(self.build_batch(steps), self.cache)
+
+    def build_batch(self, steps: list[WriteStep]) -> ForwardBatch:
+        dev = self.device
+        tokens, key_pos, slots, groups, last = [], [], [], [], []
+        for s in steps:
+            n = len(s.tokens)
+            segs = [Segment(torch.tensor(v.block.pages, dtype=torch.int64, device=dev), v.length, v.offset)
+                    for v in s.segments]
+            groups.append(QueryGroup(len(tokens), n, s.position, segs))
+            tokens.extend(s.tokens)
+            key_pos.extend(range(s.local_start, s.local_start + n))
+            slots.extend(s.slots)
+            last.append(len(tokens) - 1)
+
+        def t(x: list[int]) -> torch.Tensor:
+            return torch.tensor(x, dtype=torch.int64, device=dev)
+
+        return ForwardBatch(t(tokens), t(key_pos), t(slots), groups, t(last))

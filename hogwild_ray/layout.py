@@ -1,0 +1,207 @@
+"""The logical layout of the shared cache: blocks, pages, per-worker views. Pure logic.
+
+A block is a run of tokens whose K/V sit in the pool with keys rotated at block-local
+positions 0..len-1. A worker's view is an ordered list of blocks; the position of a
+token in a view is the sum of the visible lengths of the blocks before it plus its
+block-local position. Layouts (DESIGN §1):
+
+* combined:    [common, hdr_others, cur[o] for o != w, hdr_own, cur[w]];
+               a finished step moves from cur[w] to the end of common.
+* contiguous:  the same blocks, but nothing moves: cur[w] is w's whole trace.
+* interleaved: [common, hdr_own, cur[w]]: only finished steps are shared.
+
+Moving a finished step re-rotates its keys once by the common length (the caller does
+the copy, see `Relocation`), so a view always has at most workers + 3 segments and the
+per-step work does not grow with the number of finished steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .errors import CacheFullError, InvalidRequestError
+
+LAYOUTS = ("combined", "contiguous", "interleaved")
+
+
+class PageAllocator:
+    """Free list of fixed-size pages of the K/V pool."""
+
+    def __init__(self, num_pages: int, page_size: int) -> None:
+        if num_pages < 1 or page_size < 1:
+            raise InvalidRequestError(f"the cache needs >= 1 page of >= 1 token, got {num_pages} x {page_size}")
+        self.num_pages, self.page_size = num_pages, page_size
+        self._free = list(range(num_pages - 1, -1, -1))
+
+    @property
+    def free_pages(self) -> int:
+        return len(self._free)
+
+    def alloc(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise CacheFullError(
+                f"the K/V cache is full: {n} more pages of {self.page_size} tokens needed, "
+                f"{len(self._free)} of {self.num_pages} free; pass a larger cache_tokens= to "
+                "from_pretrained, or lower workers / max_tokens"
+            )
+        taken, self._free = self._free[len(self._free) - n :], self._free[: len(self._free) - n]
+        return taken[::-1]
+
+    def release(self, pages: list[int]) -> None:
+        self._free.extend(reversed(pages))
+
+
+@dataclass(eq=False)
+class Block:
+    """Tokens whose K/V live in `pages`, keys rotated at positions 0..len-1."""
+
+    name: str
+    tokens: list[int] = field(default_factory=list)
+    pages: list[int] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def slots(self, start: int, stop: int, page_size: int) -> list[int]:
+        """Flat pool slots (page * page_size + offset) of tokens start..stop-1."""
+        return [self.pages[i // page_size] * page_size + i % page_size for i in range(start, stop)]
+
+
+@dataclass
+class SegmentView:
+    """A block as one worker sees it in one step: a visible prefix at a view offset."""
+
+    block: Block
+    length: int
+    offset: int
+
+
+@dataclass
+class WriteStep:
+    """Tokens fed into one block in one forward pass, and the view their queries attend."""
+
+    worker: int | None  # None for the shared blocks written at session start
+    block: Block
+    tokens: list[int]
+    local_start: int  # block-local position of the first token
+    position: int  # view position of the first token
+    slots: list[int]  # pool slots that receive the K/V
+    segments: list[SegmentView]
+
+    def flat_view(self) -> list[int]:
+        """The flat token ids of this view, the fed tokens included."""
+        return [t for s in self.segments for t in s.block.tokens[: s.length]]
+
+
+@dataclass
+class Relocation:
+    """Copy K/V from src to dst slots, rotating keys forward by `delta` positions."""
+
+    src_slots: list[int]
+    dst_slots: list[int]
+    delta: int
+    freed_pages: list[int]
+
+
+class CacheLayout:
+    """Blocks and views of one session, for any number of workers >= 1."""
+
+    def __init__(self, kind: str, workers: int, allocator: PageAllocator) -> None:
+        if kind not in LAYOUTS:
+            raise InvalidRequestError(f"layout must be one of {', '.join(LAYOUTS)}, got {kind!r}")
+        if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+            raise InvalidRequestError(f"workers must be an integer >= 1, got {workers!r}")
+        self.kind, self.workers, self.allocator = kind, workers, allocator
+        self.common = Block("common")
+        self.hdr_others = Block("hdr_others")
+        self.hdr_own = Block("hdr_own")
+        self.cur = [Block(f"cur{w}") for w in range(workers)]
+
+    @property
+    def page_size(self) -> int:
+        return self.allocator.page_size
+
+    def blocks(self) -> list[Block]:
+        return [self.common, self.hdr_others, self.hdr_own, *self.cur]
+
+    def view_blocks(self, w: int) -> list[Block]:
+        if self.kind == "interleaved":
+            return [self.common, self.hdr_own, self.cur[w]]
+        others = [self.cur[o] for o in range(self.workers) if o != w]
+        return [self.common, *([self.hdr_others] if others else []), *others, self.hdr_own, self.cur[w]]
+
+    def shared_prefix_blocks(self) -> list[Block]:
+        """The constant blocks written at start, in the order they are written."""
+        if self.kind == "interleaved" or self.workers == 1:
+            return [self.common, self.hdr_own]
+        return [self.common, self.hdr_others, self.hdr_own]
+
+    def _append(self, block: Block, tokens: list[int]) -> tuple[int, list[int]]:
+        start, end = len(block), len(block) + len(tokens)
+        need = -(-end // self.page_size) - len(block.pages)
+        if need > 0:
+            block.pages.extend(self.allocator.alloc(need))
+        block.tokens.extend(tokens)
+        return start, block.slots(start, end, self.page_size)
+
+    def _write(self, worker: int | None, block: Block, tokens: list[int], context: list[Block]) -> WriteStep:
+        lengths = {id(b): len(b) for b in context}
+        start, slots = self._append(block, tokens)
+        segments, offset = [], 0
+        for b in context:
+            length = len(b) if b is block else lengths[id(b)]
+            if length:
+                segments.append(SegmentView(b, length, offset))
+            if b is block:
+                position = offset + start
+            offset += length
+        return WriteStep(worker, block, list(tokens), start, position, slots, segments)
+
+    def write_shared(self, block: Block, tokens: list[int]) -> WriteStep:
+        """Fill a shared constant block; it attends to the shared blocks before it."""
+        order = self.shared_prefix_blocks()
+        return self._write(None, block, tokens, order[: order.index(block) + 1])
+
+    def plan(self, fed: dict[int, list[int]]) -> list[WriteStep]:
+        """Append every worker's fed tokens; each worker sees the others as they were
+        before this step (the one-step lag) and its own block causally."""
+        lengths = {id(b): len(b) for b in self.blocks()}
+        steps = []
+        for w in sorted(fed):
+            if not fed[w]:
+                continue
+            blocks = self.view_blocks(w)
+            own = self.cur[w]
+            start, slots = self._append(own, fed[w])
+            segments, offset = [], 0
+            for b in blocks:
+                length = len(b) if b is own else lengths[id(b)]
+                if length:
+                    segments.append(SegmentView(b, length, offset))
+                offset += length
+            steps.append(WriteStep(w, own, list(fed[w]), start, offset - len(own) + start, slots, segments))
+        return steps
+
+    def view_length(self, w: int) -> int:
+        return sum(len(b) for b in self.view_blocks(w))
+
+    def finish_step(self, w: int) -> Relocation | None:
+        """Move worker w's finished step to the end of common (not in `contiguous`).
+
+        Returns the copy to make; the caller makes it, then calls `release(reloc)`."""
+        if self.kind == "contiguous":
+            return None
+        cur, delta = self.cur[w], len(self.common)
+        src = cur.slots(0, len(cur), self.page_size)
+        _, dst = self._append(self.common, cur.tokens)
+        self.cur[w] = Block(f"cur{w}")
+        return Relocation(src, dst, delta, cur.pages)
+
+    def release(self, reloc: Relocation) -> None:
+        self.allocator.release(reloc.freed_pages)
+
+    def close(self) -> None:
+        """Give every page back to the allocator."""
+        for b in self.blocks():
+            self.allocator.release(b.pages)
+            b.pages = []

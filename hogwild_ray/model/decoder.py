@@ -1,0 +1,79 @@
+"""One forward pass of a Llama-family decoder over every worker's fed tokens at once.
+
+All workers' tokens are packed into one batch for the dense layers; attention runs per
+worker over its view of the shared paged cache (the kernels package does the work).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from hogwild_kernels import QueryGroup, apply_rope, concurrent_attention_reference, rope_cos_sin
+
+from ..cache import KVPool
+from .spec import ModelSpec
+from .weights import DecoderWeights, LayerWeights
+
+AttentionFn = Callable[..., torch.Tensor]
+
+
+@dataclass
+class ForwardBatch:
+    """Device tensors of one forward pass (built from the layout's WriteSteps)."""
+
+    tokens: torch.Tensor  # [T] token ids, workers packed one after another
+    key_positions: torch.Tensor  # [T] block-local positions of the new keys
+    slots: torch.Tensor  # [T] pool slots that receive their K/V
+    groups: list[QueryGroup]  # one per worker (or shared block) fed in this pass
+    last_rows: torch.Tensor  # [G] row of each group's last token: where logits are taken
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.to(torch.float32)
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+class Decoder:
+    """Stateless apart from its weights: the cache is passed in."""
+
+    def __init__(self, spec: ModelSpec, weights: DecoderWeights, attention: AttentionFn | None = None) -> None:
+        self.spec, self.w = spec, weights
+        self.attention = attention or concurrent_attention_reference
+        self.inv_freq = spec.inv_freq.to(weights.embed.device)
+
+    def _attention_block(self, lw: LayerWeights, x: torch.Tensor, b: ForwardBatch, cache: KVPool, layer: int,
+                         cos_k: torch.Tensor, sin_k: torch.Tensor) -> torch.Tensor:
+        s = self.spec
+        h = rms_norm(x, lw.ln_attn, s.rms_eps)
+        qkv = F.linear(h, lw.w_qkv, lw.b_qkv)
+        q_size, kv_size = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(-1, s.num_heads, s.head_dim)
+        k = k.view(-1, s.num_kv_heads, s.head_dim)
+        v = v.view(-1, s.num_kv_heads, s.head_dim)
+        if lw.q_norm is not None:
+            q = rms_norm(q, lw.q_norm, s.rms_eps)
+            k = rms_norm(k, lw.k_norm, s.rms_eps)
+        cache.write(layer, b.slots, apply_rope(k, cos_k, sin_k), v)
+        o = self.attention(q, cache.k[layer], cache.v[layer], b.groups, self.inv_freq, s.rope_scale, s.sm_scale)
+        return F.linear(o.reshape(x.shape[0], -1), lw.w_o, lw.b_o)
+
+    def _mlp_block(self, lw: LayerWeights, x: torch.Tensor) -> torch.Tensor:
+        h = rms_norm(x, lw.ln_mlp, self.spec.rms_eps)
+        gate, up = F.linear(h, lw.w_gate_up).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, lw.w_down)
+
+    @torch.inference_mode()
+    def forward(self, b: ForwardBatch, cache: KVPool) -> torch.Tensor:
+        """Logits [G, vocab] (fp32) at each group's last token; K/V of all tokens stored."""
+        x = self.w.embed[b.tokens]
+        cos_k, sin_k = rope_cos_sin(b.key_positions, self.inv_freq, self.spec.rope_scale)
+        for i, lw in enumerate(self.w.layers):
+            x = x + self._attention_block(lw, x, b, cache, i, cos_k, sin_k)
+            x = x + self._mlp_block(lw, x)
+        x = rms_norm(x[b.last_rows], self.w.norm, self.spec.rms_eps)
+        return F.linear(x, self.w.lm_head).to(torch.float32)

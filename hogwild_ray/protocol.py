@@ -1,0 +1,145 @@
+"""The collaboration protocol: prompts, headers, step boundaries, answers. Pure logic.
+
+Workers are told that they are several, that they see each other's work as it is
+written, and that they should split the work among themselves. Each worker writes in
+steps (paragraphs); a finished step joins the shared history under a header such as
+`**Bob [4]:** `. Every so many tokens a worker's next step opens with a short forced
+question about redundant work. The run ends with a final answer in `\\boxed{...}`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .errors import InvalidRequestError
+
+NAMES = (
+    "Alice", "Bob", "Carol", "Dave", "Erin", "Frank", "Grace", "Heidi",
+    "Ivan", "Judy", "Mallory", "Niaj", "Olivia", "Peggy", "Rupert", "Sybil",
+)
+
+HEADER_OTHERS = "\n\n### Work in progress (the others, live)\n\n"
+HEADER_OWN = "\n\n### Work in progress (yours, continue from here)\n\n"
+HISTORY_HEADER = "### Finished steps (shared by everyone)\n\n"
+REDUNDANCY_QUESTION = "(Quick check: is another worker already doing what I am doing? yes/no): "
+FINISHER_PROMPT = "\n\nOut of time. Putting together what we have, the final answer is \\boxed{"
+
+
+def worker_name(i: int) -> str:
+    return NAMES[i] if i < len(NAMES) else f"Worker{i + 1}"
+
+
+def system_prompt(workers: int) -> str:
+    """Instructions in the system turn; the problem goes in the user turn."""
+    if workers == 1:
+        return (
+            "You are a careful problem solver. Think step by step, one short paragraph "
+            "per step, and end with the final result written inside \\boxed{}."
+        )
+    names = ", ".join(worker_name(i) for i in range(workers))
+    return (
+        f"You are one of {workers} assistants ({names}) solving the same problem together, "
+        "at the same time. Everyone sees everyone else's work as it is being written: the "
+        "finished steps of the whole team, then each assistant's step in progress, then "
+        "your own step in progress. Nobody assigns the work: look at what the others are "
+        "doing and do something useful that they are not doing (another part of the "
+        "problem, another approach, or checking a result). Write one short paragraph per "
+        "step. If you notice that you duplicate someone's work, stop and switch. When the "
+        "team has the result, write it inside \\boxed{}."
+    )
+
+
+def step_header(w: int, step: int) -> str:
+    return f"**{worker_name(w)} [{step}]:** "
+
+
+def think_prefix(template: str | None, rendered: str) -> str:
+    """Open the thinking section for reasoning models whose template does not already."""
+    if template and "<think>" in template and not rendered.rstrip().endswith("<think>"):
+        return "<think>\n"
+    return ""
+
+
+_BREAK = re.compile(r"\n[ \t]*\n[ \t]*$")
+
+
+def open_fence(text: str) -> bool:
+    """True while a code fence (```), display math ($$) or \\[ ... \\] is open."""
+    if text.count("```") % 2:
+        return True
+    if text.replace("\\$", "").count("$$") % 2:
+        return True
+    return text.count("\\[") > text.count("\\]")
+
+
+def is_step_boundary(step_text: str, header: str = "") -> bool:
+    """A step ends at a paragraph break after some text, outside any open fence."""
+    if not _BREAK.search(step_text):
+        return False
+    body = step_text[len(header):] if header and step_text.startswith(header) else step_text
+    if not body.strip():
+        return False
+    return not open_fence(body)
+
+
+def extract_boxed(text: str) -> str | None:
+    """Contents of the last complete \\boxed{...} (braces balanced), or None."""
+    found = None
+    start = text.find("\\boxed{")
+    while start != -1:
+        i, depth = start + len("\\boxed{"), 1
+        while i < len(text) and depth:
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            i += 1
+        if depth == 0:
+            found = text[start + len("\\boxed{") : i - 1].strip()
+        start = text.find("\\boxed{", start + 1)
+    return found
+
+
+@dataclass(frozen=True)
+class ProtocolOptions:
+    """Knobs of the collaboration protocol; `enabled=False` gives a plain prompt."""
+
+    enabled: bool = True
+    chat_template: bool = True
+    redundancy_every: int | None = 128  # tokens between redundancy checks; None: off
+    finisher: bool = True
+    finisher_tokens: int = 32
+    stop_on_answer: bool = True
+
+    def __post_init__(self) -> None:
+        if self.redundancy_every is not None and (
+            not isinstance(self.redundancy_every, int) or self.redundancy_every < 1
+        ):
+            raise InvalidRequestError(
+                f"redundancy_every must be an integer >= 1 or None (off), got {self.redundancy_every!r}"
+            )
+        if not isinstance(self.finisher_tokens, int) or self.finisher_tokens < 1:
+            raise InvalidRequestError(f"finisher_tokens must be an integer >= 1, got {self.finisher_tokens!r}")
+
+
+@dataclass
+class WorkerProtocol:
+    """Per-worker protocol state: step counter, the current step's ids, redundancy clock."""
+
+    index: int
+    options: ProtocolOptions
+    step: int = 0
+    since_check: int = 0
+    checks: int = 0
+    finished_steps: int = 0
+
+    def next_step_prefix(self) -> str:
+        """Forced text that opens the worker's next step (header, maybe the question)."""
+        if not self.options.enabled:
+            return ""
+        self.step += 1
+        text = step_header(self.index, self.step)
+        every = self.options.redundancy_every
+        if every is not None and self.since_check >= every:
+            self.since_check = 0
+            self.checks += 1
+            text += REDUNDANCY_QUESTION
+        return text

@@ -1,0 +1,327 @@
+"""A Hogwild! session: N workers, one shared cache, one forward pass per step.
+
+Each `step()` feeds every active worker's pending tokens (the token it sampled last
+step, or a forced chunk: a step header, an interjection, the finisher prompt) in one
+forward pass, samples one token per worker on the device, and applies the protocol:
+a worker whose fed text ends a step has that step moved into the shared history at the
+start of the next `step()` (so after `step()` returns, the cache still holds exactly
+what the last logits were computed from) and gets a new header as its next chunk.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from .errors import ContextLengthError, InvalidRequestError
+from .layout import CacheLayout, WriteStep
+from .protocol import (
+    FINISHER_PROMPT, HEADER_OTHERS, HEADER_OWN, HISTORY_HEADER, ProtocolOptions, WorkerProtocol,
+    extract_boxed, is_step_boundary, system_prompt, think_prefix,
+)
+from .results import SolveResult, Stats
+from .sampling import Sampler, SamplingParams, per_worker
+
+if TYPE_CHECKING:
+    from .engine import HogwildEngine
+
+
+@dataclass
+class WorkerState:
+    proto: WorkerProtocol
+    pending: list[int] = field(default_factory=list)  # tokens to feed in the next pass
+    reported: int = 0  # how many of `pending` step() already returned (the sampled token)
+    step_ids: list[int] = field(default_factory=list)  # the current step's tokens, header first
+    header_text: str = ""
+    stream: list[int] = field(default_factory=list)  # everything this worker wrote
+    generated: int = 0
+    status: str = "active"  # active | eos | budget | idle
+
+
+class Session:
+    """Use `HogwildEngine.start`; this holds the layout, the workers and the stopping rules."""
+
+    def __init__(
+        self, engine: HogwildEngine, problem: str, workers: int, sampling: SamplingParams | list | None,
+        layout: str, max_tokens: int | None, max_steps: int | None, options: ProtocolOptions,
+    ) -> None:
+        if not isinstance(problem, str) or not problem.strip():
+            raise InvalidRequestError("problem must be a non-empty string")
+        for name, v in (("max_tokens", max_tokens), ("max_steps", max_steps)):
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise InvalidRequestError(f"{name} must be an integer >= 1 or None, got {v!r}")
+        self.engine, self.options = engine, options
+        self.max_tokens, self.max_steps = max_tokens, max_steps
+        self.layout = CacheLayout(layout, workers, engine.allocator)
+        self.params = per_worker(sampling, workers)
+        self.sampler = Sampler(self.params, engine.device)
+        self.tok = engine.tokenizer
+        self.prompt_ids = self._prompt_ids(problem)
+        self._check_fits()
+        self.workers = [WorkerState(WorkerProtocol(w, options)) for w in range(workers)]
+        self.answer: str | None = None
+        self.done = False
+        self.stats = Stats(tokens_per_worker=[0] * workers, generated_per_worker=[0] * workers,
+                           steps_per_worker=[0] * workers)
+        self.last_logits = torch.full((workers, engine.spec.vocab_size), float("nan"), device=engine.device)
+        self._last_steps: dict[int, WriteStep] = {}
+        self._finishing: list[int] = []
+        self._finisher: int | None = None
+        self._finisher_ids: list[int] = []
+        self._t0 = time.perf_counter()
+        try:
+            self._prefill()
+        except BaseException:
+            self.close()
+            raise
+        for ws in self.workers:
+            self._open_step(ws)
+
+    # ---- setup -------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=False)["input_ids"] if text else []
+
+    def _prompt_ids(self, problem: str) -> list[int]:
+        o = self.options
+        if not o.enabled and not o.chat_template:
+            return list(self.tok(problem)["input_ids"])
+        template = getattr(self.tok, "chat_template", None)
+        system = system_prompt(self.layout.workers)
+        if o.chat_template and template:
+            msgs = [{"role": "user", "content": problem}]
+            if o.enabled:
+                msgs.insert(0, {"role": "system", "content": system})
+            text = self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+            text += think_prefix(template, text)
+        else:
+            text = (system + "\n\n" if o.enabled else "") + f"Problem: {problem}\n\nSolution:\n\n"
+        if o.enabled:
+            text += HISTORY_HEADER
+        return self.encode(text)
+
+    def _check_fits(self) -> None:
+        eng, n = self.engine, self.layout.workers
+        if len(self.prompt_ids) >= eng.max_context:
+            raise ContextLengthError(
+                f"the prompt is {len(self.prompt_ids)} tokens, the context holds {eng.max_context}; "
+                "shorten the problem or load the model with a larger max_context"
+            )
+        if self.max_tokens is not None:
+            per_worker_tokens = self.max_tokens + self.max_tokens // 4 + 64  # + headers and chunks
+            need = len(self.prompt_ids) + 128 + n * per_worker_tokens
+            have = eng.allocator.free_pages * eng.allocator.page_size
+            if need > have:
+                raise InvalidRequestError(
+                    f"the K/V cache is too small for this request: about {need} tokens needed "
+                    f"({n} workers x {self.max_tokens} max_tokens + prompt), {have} free; pass a larger "
+                    "cache_tokens= to from_pretrained, or lower workers or max_tokens"
+                )
+
+    def _prefill(self) -> None:
+        """Write the prompt and the two constant headers once, shared by every worker."""
+        lay = self.layout
+        texts = {id(lay.common): None, id(lay.hdr_others): HEADER_OTHERS, id(lay.hdr_own): HEADER_OWN}
+        for block in lay.shared_prefix_blocks():
+            text = texts[id(block)]
+            ids = self.prompt_ids if text is None else (self.encode(text) if self.options.enabled else [])
+            if ids:
+                self.engine.run_forward([lay.write_shared(block, ids)])
+
+    def _open_step(self, ws: WorkerState) -> None:
+        """Queue the forced prefix of the worker's next step (its header)."""
+        prefix = ws.proto.next_step_prefix()
+        ids = self.encode(prefix)
+        ws.pending, ws.reported = ids, 0
+        ws.step_ids, ws.header_text = [], prefix
+        self.stats.redundancy_checks = sum(w.proto.checks for w in self.workers)
+
+    # ---- views -------------------------------------------------------------------------
+    @property
+    def last_views(self) -> list[list[int]]:
+        """Flat token ids each worker's last logits were computed from (own fed tokens included)."""
+        return [self._last_steps[w].flat_view() if w in self._last_steps else []
+                for w in range(self.layout.workers)]
+
+    @property
+    def last_steps(self) -> dict[int, WriteStep]:
+        """The layout's record of each worker's last pass: segments, offsets, slots."""
+        return dict(self._last_steps)
+
+    def text(self, w: int) -> str:
+        return self.tok.decode(self.workers[w].stream)
+
+    # ---- the step ----------------------------------------------------------------------
+    def step(self, inject: dict[int, str] | None = None) -> dict[int, list[int]]:
+        """One forward pass of all active workers; returns each worker's new tokens."""
+        if self.done:
+            raise InvalidRequestError("this session is done; start a new one")
+        inject = inject or {}
+        for w in inject:
+            if not isinstance(w, int) or not 0 <= w < len(self.workers):
+                raise InvalidRequestError(f"inject names worker {w!r}; workers are 0..{len(self.workers) - 1}")
+        self._apply_finished_steps()
+        new: dict[int, list[int]] = {w: [] for w in range(len(self.workers))}
+        fed: dict[int, list[int]] = {}
+        for w, ws in enumerate(self.workers):
+            extra = self.encode(inject[w]) if w in inject else []
+            if ws.status != "active" and not extra:
+                continue
+            if ws.status != "active":
+                ws.status = "active"  # an interjection wakes a stopped worker
+            chunk = ws.pending + extra
+            if not chunk:
+                continue
+            new[w].extend(chunk[ws.reported:])
+            fed[w] = chunk
+        fed = self._enforce_context(fed, new)
+        if not fed:
+            return self._finish_run(new)
+        try:
+            steps = self.layout.plan(fed)
+            logits = self.engine.run_forward(steps)
+        except BaseException:
+            self.close()
+            raise
+        order = [s.worker for s in steps]
+        for s in steps:
+            self._last_steps[s.worker] = s
+        self.last_logits[order] = logits
+        self.stats.forward_passes += 1
+        greedy = self._finisher is not None
+        sampled = self.sampler.sample(logits, order, greedy=greedy).tolist()  # the one host sync
+        for s, tok in zip(steps, sampled):
+            self._after_pass(s.worker, fed[s.worker], tok, new)
+        self._check_stop()
+        if self.done:
+            self._close_run()
+        return new
+
+    def _enforce_context(self, fed: dict[int, list[int]], new: dict[int, list[int]]) -> dict[int, list[int]]:
+        """Stop a worker whose view would outgrow the context (keeping room for the finisher)."""
+        reserve = (self.options.finisher_tokens + 32) if self._finisher is None and self.options.enabled else 0
+        limit = self.engine.max_context - reserve
+        for w in list(fed):
+            if self.layout.view_length(w) + len(fed[w]) > limit:
+                self.workers[w].status = "budget"
+                new[w] = []
+                del fed[w]
+        return fed
+
+    def _after_pass(self, w: int, chunk: list[int], tok: int, new: dict[int, list[int]]) -> None:
+        ws = self.workers[w]
+        ws.stream.extend(chunk[ws.reported:])
+        ws.step_ids.extend(chunk)
+        self.stats.tokens_per_worker[w] = len(ws.stream)
+        if self._finisher == w:
+            self._after_finisher_pass(ws, tok, new)
+            return
+        step_text = self.tok.decode(ws.step_ids)
+        if self.options.enabled and is_step_boundary(step_text, ws.header_text):
+            ws.proto.finished_steps += 1
+            self.stats.steps_per_worker[w] = ws.proto.finished_steps
+            self._found_answer(step_text)
+            self._finishing.append(w)
+            self._open_step(ws)  # the sample after a paragraph break is dropped: a header comes next
+            return
+        if tok in self.engine.eos_ids:
+            self._found_answer(step_text)
+            ws.status, ws.pending, ws.reported = "eos", [], 0
+            return
+        ws.pending, ws.reported = [tok], 1
+        ws.generated += 1
+        ws.proto.since_check += 1
+        self.stats.generated_per_worker[w] = ws.generated
+        new[w].append(tok)
+        ws.stream.append(tok)
+        self.stats.tokens_per_worker[w] = len(ws.stream)
+        if self.max_tokens is not None and ws.generated >= self.max_tokens:
+            ws.status = "budget"
+
+    def _found_answer(self, text: str) -> None:
+        ans = extract_boxed(text)
+        if ans is not None and self.answer is None:
+            self.answer = ans
+
+    def _apply_finished_steps(self) -> None:
+        """Move last pass's finished steps into the shared history (re-rotating keys once)."""
+        for w in self._finishing:
+            reloc = self.layout.finish_step(w)
+            if reloc is not None:
+                self.engine.cache.relocate(reloc, self.engine.decoder.inv_freq)
+                self.layout.release(reloc)
+        self._finishing = []
+
+    # ---- stopping and the finisher ----------------------------------------------------
+    def _check_stop(self) -> None:
+        if self._finisher is not None:
+            return
+        if self.answer is not None and self.options.stop_on_answer and self.options.enabled:
+            self.stats.stop_reason = "answer"
+            self.done = True
+            return
+        out_of_steps = self.max_steps is not None and self.stats.forward_passes >= self.max_steps
+        if out_of_steps:
+            for ws in self.workers:
+                if ws.status == "active":
+                    ws.status = "budget"
+        if all(ws.status != "active" for ws in self.workers):
+            reason = "eos" if all(ws.status == "eos" for ws in self.workers) else "budget"
+            self.stats.stop_reason = reason
+            if self.answer is None and self.options.enabled and self.options.finisher:
+                self._start_finisher()
+            else:
+                self.done = True
+
+    def _start_finisher(self) -> None:
+        """Out of budget without an answer: force worker 0 to state one, greedily."""
+        self._finisher = 0
+        ws = self.workers[0]
+        ws.pending = ws.pending + self.encode(FINISHER_PROMPT)
+        ws.status = "active"
+        for other in self.workers[1:]:
+            other.status = "idle"
+
+    def _after_finisher_pass(self, ws: WorkerState, tok: int, new: dict[int, list[int]]) -> None:
+        eos = tok in self.engine.eos_ids
+        if not eos:
+            self._finisher_ids.append(tok)
+            ws.pending, ws.reported = [tok], 1
+            ws.stream.append(tok)
+            new[ws.proto.index].append(tok)
+        text = self.tok.decode(self._finisher_ids)
+        ans = extract_boxed("\\boxed{" + text)
+        if eos or ans is not None or len(self._finisher_ids) >= self.options.finisher_tokens:
+            self.answer = ans if ans is not None else (text.split("}")[0].strip() or None)
+            self.stats.stop_reason += "+finisher"
+            ws.status, ws.pending = "idle", []
+            self.done = True
+
+    def _finish_run(self, new: dict[int, list[int]]) -> dict[int, list[int]]:
+        self._check_stop()
+        if not self.done and not any(ws.status == "active" for ws in self.workers):
+            self.done = True
+        if self.done:
+            self._close_run()
+        return new
+
+    def _close_run(self) -> None:
+        self.stats.seconds = time.perf_counter() - self._t0
+        self.stats.tokens_per_worker = [len(ws.stream) for ws in self.workers]
+        self.close()
+
+    def close(self) -> None:
+        """Give the session's cache pages back (idempotent)."""
+        self.done = True
+        self.layout.close()
+
+    # ---- results ------------------------------------------------------------------------
+    def result(self) -> SolveResult:
+        lay = self.layout
+        history = self.tok.decode(lay.common.tokens[len(self.prompt_ids):])
+        live = [self.tok.decode(b.tokens) for b in lay.cur if b.tokens]
+        transcript = "\n\n".join(t.strip() for t in [history, *live] if t.strip())
+        texts = [self.tok.decode(ws.stream) for ws in self.workers]
+        return SolveResult(self.answer, texts, transcript, self.stats)
