@@ -1,0 +1,77 @@
+"""The oracle (DESIGN §2): a worker's logits against the plain Hugging Face model.
+
+Hogwild! computes a token's K/V once, in the view of the worker that wrote it; that is
+the point of sharing the cache. So for a multi-layer model the reference for worker w is
+the HF model run on the flat token ids of view(w) whose past K/V are the tokens' stored
+K/V (keys moved from block-local to view positions), with the tokens w fed in the last
+pass recomputed by HF itself. The check covers the RoPE shift, the block order, the lag
+and causal masks, GQA, every layer, and (by comparing HF's new K/V with the stored ones)
+the K/V each pass writes. For one-layer models the past K/V do not depend on context, and
+the plain HF run on the flat ids, with no cache handed over, must match as well.
+"""
+
+from __future__ import annotations
+
+import torch
+from hogwild_kernels import gather_segment, rotate_keys_by
+from hogwild_kernels.reference import Segment
+
+TOL = 2e-4  # fp32: a few 1e-4 of the largest |logit| (rounding of rotations and sums)
+
+
+def _segment_kv(pool, layer, view, length, inv_freq):
+    seg = Segment(torch.tensor(view.block.pages, dtype=torch.int64), length, view.offset)
+    k = gather_segment(pool.k[layer], seg)
+    v = gather_segment(pool.v[layer], seg)
+    return rotate_keys_by(k, view.offset, inv_freq), v
+
+
+def oracle_check(session, hf_model, plain: bool = False, shift: tuple[int, int] | None = None) -> float:
+    """Largest |logit difference| / max |logit| over the workers fed in the last pass.
+
+    shift=(worker, segment index) moves that segment one position later in the
+    reference, to prove the check can fail."""
+    from transformers import DynamicCache
+
+    eng = session.engine
+    pool, inv_freq = eng.cache, eng.decoder.inv_freq
+    worst = 0.0
+    for w, step in session.last_steps.items():
+        view = step.flat_view()
+        n = len(step.tokens)
+        assert view[-n:] == step.tokens and view == session.last_views[w]
+        past = len(view) - n
+        if plain:
+            ids = torch.tensor([view])
+            with torch.no_grad():
+                ref = hf_model(input_ids=ids).logits[0, -1]
+        else:
+            cache = DynamicCache(config=hf_model.config)
+            for layer in range(eng.spec.num_layers):
+                ks, vs = [], []
+                for i, seg in enumerate(step.segments):
+                    length = seg.length - (n if seg.block is step.block else 0)
+                    if length <= 0:
+                        continue
+                    k, v = _segment_kv(pool, layer, seg, length, inv_freq)
+                    if shift == (w, i):
+                        k = rotate_keys_by(k, 1, inv_freq)
+                    ks.append(k)
+                    vs.append(v)
+                cache.update(torch.cat(ks).transpose(0, 1)[None], torch.cat(vs).transpose(0, 1)[None], layer)
+            pos = torch.arange(past, past + n)[None]
+            with torch.no_grad():
+                out = hf_model(input_ids=torch.tensor([step.tokens]), position_ids=pos, past_key_values=cache,
+                               use_cache=True)
+            ref = out.logits[0, -1]
+            own = next(s for s in step.segments if s.block is step.block)
+            for layer in range(eng.spec.num_layers if shift is None else 0):
+                hk = cache.layers[layer].keys[0, :, past:].transpose(0, 1)
+                hv = cache.layers[layer].values[0, :, past:].transpose(0, 1)
+                k, v = _segment_kv(pool, layer, own, own.length, inv_freq)
+                scale = hk.abs().max().item() + 1e-6
+                assert (k[-n:] - hk).abs().max().item() <= TOL * scale, f"stored keys of worker {w}, layer {layer}"
+                assert (v[-n:] - hv).abs().max().item() <= TOL * (hv.abs().max().item() + 1e-6)
+        ours = session.last_logits[w]
+        worst = max(worst, ((ours - ref).abs().max() / ref.abs().max()).item())
+    return worst
