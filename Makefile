@@ -3,7 +3,7 @@
 # (a CUDA build on a GPU machine), and only a machine without torch gets the CPU build.
 PY ?= python3
 PIP = $(PY) -m pip
-TORCH_CPU ?= torch==2.13.0
+TORCH_CPU ?= torch==2.13.0 triton==3.6.0
 
 .PHONY: install run test
 

@@ -23,11 +23,6 @@ class KVPool:
     def _flat(self, t: torch.Tensor) -> torch.Tensor:
         return t.view(t.shape[0], -1, t.shape[3], t.shape[4])
 
-    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store new keys (already rotated at block-local positions) and values."""
-        self._flat(self.k)[layer, slots] = k.to(self.k.dtype)
-        self._flat(self.v)[layer, slots] = v.to(self.v.dtype)
-
     def relocate(self, reloc: Relocation, inv_freq: torch.Tensor) -> None:
         """Move a finished step: keys rotated forward by reloc.delta, values copied."""
         if not reloc.src_slots:

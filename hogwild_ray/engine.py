@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Callable
 
 import torch
-from hogwild_kernels import QueryGroup, Segment
+from hogwild_kernels import QueryGroup, Segment, make_attention
 
 from .cache import KVPool
 from .errors import InvalidRequestError
@@ -19,7 +20,7 @@ from .results import SolveResult
 from .sampling import SamplingParams
 from .session import Session
 
-ATTENTION_CHOICES = ("auto", "torch")
+ATTENTION_CHOICES = ("auto", "triton", "torch")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
@@ -42,6 +43,21 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     if isinstance(dtype, str) and dtype in DTYPES:
         return DTYPES[dtype]
     raise InvalidRequestError(f"dtype must be one of {', '.join(DTYPES)} (or a torch dtype), got {dtype!r}")
+
+
+def check_attention(attention: str, device: torch.device) -> None:
+    """Triton needs a CUDA device, or its CPU interpreter (TRITON_INTERPRET=1)."""
+    if attention != "triton" and not (attention == "auto" and device.type == "cuda"):
+        return
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        raise InvalidRequestError("attention='triton' needs the triton package: pip install triton") from e
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise InvalidRequestError(
+            "attention='triton' on a CPU device runs only under the Triton interpreter: set TRITON_INTERPRET=1 "
+            "before starting Python, or use attention='torch'"
+        )
 
 
 class HogwildEngine:
@@ -73,6 +89,7 @@ class HogwildEngine:
 
         cache_tokens: size of the preallocated K/V pool in tokens (all workers together);
         default: 4 x the context, at most 65536. max_context: the longest view served.
+        attention: "auto" (Triton on CUDA, the torch reference elsewhere), "triton" or "torch".
         """
         if attention not in ATTENTION_CHOICES:
             raise InvalidRequestError(f"attention must be one of {', '.join(ATTENTION_CHOICES)}, got {attention!r}")
@@ -91,7 +108,9 @@ class HogwildEngine:
         tokens = cache_tokens or min(4 * context, 65536)
         pages = -(-tokens // page_size)
         cache = KVPool(spec.num_layers, pages, page_size, spec.num_kv_heads, spec.head_dim, dt, dev)
-        return cls(spec, tokenizer, Decoder(spec, weights), cache, PageAllocator(pages, page_size), dev,
+        check_attention(attention, dev)
+        backend = make_attention(attention, dev, spec.inv_freq, spec.rope_scale, spec.sm_scale)
+        return cls(spec, tokenizer, Decoder(spec, weights, backend), cache, PageAllocator(pages, page_size), dev,
                    context, ckpt.label)
 
     # ---- sessions --------------------------------------------------------------------------
@@ -151,9 +170,11 @@ class HogwildEngine:
     def build_batch(self, steps: list[WriteStep]) -> ForwardBatch:
         dev = self.device
         tokens, key_pos, slots, groups, last = [], [], [], [], []
+        block_ids: dict[int, int] = {}  # one id per block: the Triton path reads a block once
         for s in steps:
             n = len(s.tokens)
-            segs = [Segment(torch.tensor(v.block.pages, dtype=torch.int64, device=dev), v.length, v.offset)
+            segs = [Segment(torch.tensor(v.block.pages, dtype=torch.int64, device=dev), v.length, v.offset,
+                            block_ids.setdefault(id(v.block), len(block_ids)))
                     for v in s.segments]
             groups.append(QueryGroup(len(tokens), n, s.position, segs))
             tokens.extend(s.tokens)

@@ -79,3 +79,13 @@ def test_oracle_detects_a_block_one_position_off(random_model):
 def test_oracle_real_weights(default_engine, default_hf_model):
     worst, _, _ = run_oracle(default_engine, default_hf_model, 3, "combined", steps=8)
     assert worst <= TOL
+
+
+def test_oracle_triton_attention(random_model):
+    """The engine oracle with the Triton kernels (interpreted on CPU, so kept short)."""
+    pytest.importorskip("triton")
+    path, hf_model = random_model("qwen3", "yarn")
+    engine = hw.HogwildEngine.from_pretrained(path, cache_tokens=4096, attention="triton")
+    worst, finished, _ = run_oracle(engine, hf_model, 3, "combined", steps=14)
+    assert worst <= TOL, f"max relative logit error {worst:.2e}"
+    assert finished >= 2

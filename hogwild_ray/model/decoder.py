@@ -7,17 +7,13 @@ worker over its view of the shared paged cache (the kernels package does the wor
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
-from hogwild_kernels import QueryGroup, apply_rope, concurrent_attention_reference, rope_cos_sin
+from hogwild_kernels import PassMeta, QueryGroup, TorchAttention
 
 from ..cache import KVPool
 from .spec import ModelSpec
 from .weights import DecoderWeights, LayerWeights
-
-AttentionFn = Callable[..., torch.Tensor]
 
 
 @dataclass
@@ -40,13 +36,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 class Decoder:
     """Stateless apart from its weights: the cache is passed in."""
 
-    def __init__(self, spec: ModelSpec, weights: DecoderWeights, attention: AttentionFn | None = None) -> None:
+    def __init__(self, spec: ModelSpec, weights: DecoderWeights, attention=None) -> None:
         self.spec, self.w = spec, weights
-        self.attention = attention or concurrent_attention_reference
         self.inv_freq = spec.inv_freq.to(weights.embed.device)
+        self.attention = attention or TorchAttention(self.inv_freq, spec.rope_scale, spec.sm_scale)
 
-    def _attention_block(self, lw: LayerWeights, x: torch.Tensor, b: ForwardBatch, cache: KVPool, layer: int,
-                         cos_k: torch.Tensor, sin_k: torch.Tensor) -> torch.Tensor:
+    def _attention_block(self, lw: LayerWeights, x: torch.Tensor, meta: PassMeta, cache: KVPool,
+                         layer: int) -> torch.Tensor:
         s = self.spec
         h = rms_norm(x, lw.ln_attn, s.rms_eps)
         qkv = F.linear(h, lw.w_qkv, lw.b_qkv)
@@ -58,8 +54,8 @@ class Decoder:
         if lw.q_norm is not None:
             q = rms_norm(q, lw.q_norm, s.rms_eps)
             k = rms_norm(k, lw.k_norm, s.rms_eps)
-        cache.write(layer, b.slots, apply_rope(k, cos_k, sin_k), v)
-        o = self.attention(q, cache.k[layer], cache.v[layer], b.groups, self.inv_freq, s.rope_scale, s.sm_scale)
+        self.attention.append(cache.k[layer], cache.v[layer], k, v, meta)
+        o = self.attention.attend(q, cache.k[layer], cache.v[layer], meta)
         return F.linear(o.reshape(x.shape[0], -1), lw.w_o, lw.b_o)
 
     def _mlp_block(self, lw: LayerWeights, x: torch.Tensor) -> torch.Tensor:
@@ -71,9 +67,9 @@ class Decoder:
     def forward(self, b: ForwardBatch, cache: KVPool) -> torch.Tensor:
         """Logits [G, vocab] (fp32) at each group's last token; K/V of all tokens stored."""
         x = self.w.embed[b.tokens]
-        cos_k, sin_k = rope_cos_sin(b.key_positions, self.inv_freq, self.spec.rope_scale)
+        meta = self.attention.prepare(b.groups, b.slots, b.key_positions)
         for i, lw in enumerate(self.w.layers):
-            x = x + self._attention_block(lw, x, b, cache, i, cos_k, sin_k)
+            x = x + self._attention_block(lw, x, meta, cache, i)
             x = x + self._mlp_block(lw, x)
         x = rms_norm(x[b.last_rows], self.w.norm, self.spec.rms_eps)
         return F.linear(x, self.w.lm_head).to(torch.float32)

@@ -30,6 +30,7 @@ class Segment:
     pages: torch.Tensor  # int64 [num_pages] page ids in the pool, in block order
     length: int  # visible tokens (a prefix of the block)
     offset: int  # view position of the block's first token
+    block: int | None = None  # segments of several workers with one id are one block: read once
 
 
 @dataclass

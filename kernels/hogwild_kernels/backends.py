@@ -1,0 +1,132 @@
+"""Attention backends: the torch reference and Triton, behind one small interface.
+
+`prepare` runs once per forward pass (shared by all layers); `append` stores a layer's
+new K/V (keys rotated at block-local positions); `attend` runs the RoPE-shifted
+attention of every worker over its view of that layer's pool.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .reference import QueryGroup, concurrent_attention_reference
+from .rope import apply_rope, rope_cos_sin
+
+
+@dataclass
+class PassMeta:
+    groups: list[QueryGroup]
+    slots: torch.Tensor  # [T] pool slots of the new tokens
+    key_positions: torch.Tensor  # [T] their block-local positions
+    extra: Any = None  # backend-specific: cos/sin tables or the Triton plan
+
+
+def _flat(pool: torch.Tensor) -> torch.Tensor:
+    return pool.view(-1, pool.shape[-2], pool.shape[-1])
+
+
+class TorchAttention:
+    """The reference: clear, exact, slow. Runs anywhere."""
+
+    name = "torch"
+
+    def __init__(self, inv_freq: torch.Tensor, rope_scale: float, sm_scale: float) -> None:
+        self.inv_freq, self.rope_scale, self.sm_scale = inv_freq, rope_scale, sm_scale
+
+    def prepare(self, groups: list[QueryGroup], slots: torch.Tensor, key_positions: torch.Tensor) -> PassMeta:
+        return PassMeta(groups, slots, key_positions, rope_cos_sin(key_positions, self.inv_freq, self.rope_scale))
+
+    def append(self, k_pool: torch.Tensor, v_pool: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               meta: PassMeta) -> None:
+        cos, sin = meta.extra
+        _flat(k_pool)[meta.slots] = apply_rope(k, cos, sin).to(k_pool.dtype)
+        _flat(v_pool)[meta.slots] = v.to(v_pool.dtype)
+
+    def attend(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, meta: PassMeta) -> torch.Tensor:
+        return concurrent_attention_reference(q, k_pool, v_pool, meta.groups, self.inv_freq, self.rope_scale,
+                                              self.sm_scale)
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+class TritonAttention:
+    """Triton kernels: each block's K/V read once per step for every worker that sees it."""
+
+    name = "triton"
+
+    def __init__(self, inv_freq: torch.Tensor, rope_scale: float, sm_scale: float, chunk: int = 512,
+                 block_n: int | None = None, block_m: int | None = None) -> None:
+        self.inv_freq = inv_freq.to(torch.float32).contiguous()
+        self.rope_scale, self.sm_scale = rope_scale, sm_scale
+        interpret = self.interpret = os.environ.get("TRITON_INTERPRET") == "1"
+        self.chunk = chunk
+        self.block_n = block_n or (16 if interpret else 64)
+        self.block_m = block_m or (16 if interpret else 64)
+
+    def prepare(self, groups: list[QueryGroup], slots: torch.Tensor, key_positions: torch.Tensor) -> PassMeta:
+        from .plan import plan_attention
+
+        plan = plan_attention(groups, int(slots.numel()), self.chunk, slots.device)
+        return PassMeta(groups, slots.contiguous(), key_positions.to(torch.int32).contiguous(), plan)
+
+    def append(self, k_pool: torch.Tensor, v_pool: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               meta: PassMeta) -> None:
+        from .triton_attention import _kv_append_kernel
+
+        t, h, d = k.shape
+        kp, vp = _flat(k_pool), _flat(v_pool)
+        _kv_append_kernel[(t, h)](
+            k, v, meta.key_positions, meta.slots, self.inv_freq, kp, vp,
+            k.stride(0), k.stride(1), v.stride(0), v.stride(1), kp.stride(0), kp.stride(1),
+            float(self.rope_scale), HALF=d // 2, HALFP=max(16, _next_pow2(d // 2)),
+        )
+
+    def attend(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, meta: PassMeta) -> torch.Tensor:
+        from .triton_attention import LOG2E, _merge_partials_kernel, _rope_shift_partial_kernel
+
+        plan = meta.extra
+        t, hq, d = q.shape
+        hkv = k_pool.shape[2]
+        rep = hq // hkv
+        repp = _next_pow2(rep)
+        block_r = max(1, self.block_m // repp)
+        out = torch.zeros_like(q)
+        npairs = int(plan.pair_tok.numel())
+        if npairs == 0:
+            return out
+        kp, vp = _flat(k_pool), _flat(v_pool)
+        o_part = torch.empty((npairs, hq, d), dtype=torch.float32, device=q.device)
+        lse_part = torch.empty((npairs, hq), dtype=torch.float32, device=q.device)
+        grid = (int(plan.unit_item.numel()), hkv, -(-plan.max_pairs // block_r))
+        _rope_shift_partial_kernel[grid](
+            q, kp, vp, self.inv_freq,
+            plan.unit_item, plan.unit_kstart, plan.unit_kend, plan.unit_pair, plan.unit_npairs,
+            plan.pair_tok, plan.pair_delta, plan.pair_limit, plan.tables,
+            o_part, lse_part,
+            q.stride(0), q.stride(1), kp.stride(0), kp.stride(1), plan.tables.stride(0),
+            o_part.stride(0), o_part.stride(1), lse_part.stride(0),
+            float(self.rope_scale), float(self.sm_scale * LOG2E),
+            PAGE=k_pool.shape[1], REP=rep, REPP=repp, BLOCK_R=block_r,
+            HALF=d // 2, HALFP=max(16, _next_pow2(d // 2)), BLOCK_N=self.block_n,
+            IEEE=q.dtype == torch.float32, LOOP_WHILE=self.interpret,
+        )
+        _merge_partials_kernel[(t, hq)](
+            o_part, lse_part, plan.tok_start, plan.tok_parts, out,
+            o_part.stride(0), o_part.stride(1), lse_part.stride(0), out.stride(0), out.stride(1),
+            D=d, DP=_next_pow2(d),
+        )
+        return out
+
+
+def make_attention(kind: str, device: torch.device, inv_freq: torch.Tensor, rope_scale: float, sm_scale: float):
+    """'auto' picks Triton on CUDA devices and the torch reference elsewhere."""
+    if kind == "auto":
+        kind = "triton" if device.type == "cuda" else "torch"
+    cls = {"torch": TorchAttention, "triton": TritonAttention}[kind]
+    return cls(inv_freq.to(device), rope_scale, sm_scale)

@@ -1,0 +1,190 @@
+"""Triton RoPE-shifted concurrent attention over a paged cache, and the fused KV append.
+
+One program loads a chunk of one block's K/V once, for one KV head, and scores it
+against every query that sees the block (all workers, all query heads of the KV head),
+each query rotated in-kernel by its own (position - block offset). Chunks of long blocks
+go to separate programs (flash-decoding); a second kernel merges the partial softmaxes
+of each query by log-sum-exp. K/V traffic per step is therefore one read of each block,
+however many workers look at it.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _attend_tile(k0, kend, item, h, k_ptr, v_ptr, tables_ptr, stride_table, stride_kslot, stride_kh,
+                 qr1, qr2, limit, d, dmask, m_i, l_i, acc1, acc2,
+                 PAGE: tl.constexpr, HALF: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+    """One tile of BLOCK_N keys of a block: scores for every packed query, online softmax."""
+    offs = k0 + tl.arange(0, BLOCK_N)
+    kmask = offs < kend
+    page = tl.load(tables_ptr + item * stride_table + offs // PAGE, mask=kmask, other=0)
+    slot = page.to(tl.int64) * PAGE + offs % PAGE
+    kv_off = slot[:, None] * stride_kslot + h * stride_kh + d[None, :]
+    kvmask = kmask[:, None] & dmask[None, :]
+    k1 = tl.load(k_ptr + kv_off, mask=kvmask, other=0.0)
+    k2 = tl.load(k_ptr + kv_off + HALF, mask=kvmask, other=0.0)
+    if IEEE:
+        s = tl.dot(qr1, tl.trans(k1), input_precision="ieee") + tl.dot(qr2, tl.trans(k2), input_precision="ieee")
+    else:
+        s = tl.dot(qr1, tl.trans(k1)) + tl.dot(qr2, tl.trans(k2))
+    visible = (offs[None, :] < limit[:, None]) & kmask[None, :]
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v1 = tl.load(v_ptr + kv_off, mask=kvmask, other=0.0)
+    v2 = tl.load(v_ptr + kv_off + HALF, mask=kvmask, other=0.0)
+    pv = p.to(v_ptr.dtype.element_ty)
+    if IEEE:
+        acc1 = acc1 * alpha[:, None] + tl.dot(pv, v1, input_precision="ieee")
+        acc2 = acc2 * alpha[:, None] + tl.dot(pv, v2, input_precision="ieee")
+    else:
+        acc1 = acc1 * alpha[:, None] + tl.dot(pv, v1)
+        acc2 = acc2 * alpha[:, None] + tl.dot(pv, v2)
+    return m_new, l_i, acc1, acc2
+
+
+@triton.jit
+def _rope_shift_partial_kernel(
+    q_ptr, k_ptr, v_ptr, inv_freq_ptr,
+    unit_item_ptr, unit_kstart_ptr, unit_kend_ptr, unit_pair_ptr, unit_npairs_ptr,
+    pair_tok_ptr, pair_delta_ptr, pair_limit_ptr, tables_ptr,
+    o_part_ptr, lse_part_ptr,
+    stride_qt, stride_qh,
+    stride_kslot, stride_kh,
+    stride_table,
+    stride_ot, stride_oh,
+    stride_lt,
+    rope_scale, qk_scale,
+    PAGE: tl.constexpr, REP: tl.constexpr, REPP: tl.constexpr, BLOCK_R: tl.constexpr,
+    HALF: tl.constexpr, HALFP: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+    LOOP_WHILE: tl.constexpr,
+):
+    u = tl.program_id(0)
+    h = tl.program_id(1)
+    rt = tl.program_id(2)
+    npairs = tl.load(unit_npairs_ptr + u)
+    if rt * BLOCK_R >= npairs:
+        return
+    item = tl.load(unit_item_ptr + u)
+    kstart = tl.load(unit_kstart_ptr + u)
+    kend = tl.load(unit_kend_ptr + u)
+    pair0 = tl.load(unit_pair_ptr + u)
+
+    BLOCK_M: tl.constexpr = BLOCK_R * REPP
+    m = tl.arange(0, BLOCK_M)
+    row = rt * BLOCK_R + m // REPP
+    g = m % REPP
+    valid = (row < npairs) & (g < REP)
+    pair = pair0 + row
+    tok = tl.load(pair_tok_ptr + pair, mask=valid, other=0)
+    delta = tl.load(pair_delta_ptr + pair, mask=valid, other=0)
+    limit = tl.load(pair_limit_ptr + pair, mask=valid, other=0)
+    head = h * REP + g
+
+    d = tl.arange(0, HALFP)
+    dmask = d < HALF
+    qmask = valid[:, None] & dmask[None, :]
+    q_base = q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :]
+    q1 = tl.load(q_base, mask=qmask, other=0.0).to(tl.float32)
+    q2 = tl.load(q_base + HALF, mask=qmask, other=0.0).to(tl.float32)
+    inv_freq = tl.load(inv_freq_ptr + d, mask=dmask, other=0.0)
+    ang = delta.to(tl.float32)[:, None] * inv_freq[None, :]
+    cos = tl.cos(ang) * rope_scale
+    sin = tl.sin(ang) * rope_scale
+    qr1 = ((q1 * cos - q2 * sin) * qk_scale).to(k_ptr.dtype.element_ty)
+    qr2 = ((q2 * cos + q1 * sin) * qk_scale).to(k_ptr.dtype.element_ty)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc1 = tl.zeros([BLOCK_M, HALFP], tl.float32)
+    acc2 = tl.zeros([BLOCK_M, HALFP], tl.float32)
+    if LOOP_WHILE:  # the CPU interpreter cannot range() over loaded bounds
+        k0 = kstart
+        while k0 < kend:
+            m_i, l_i, acc1, acc2 = _attend_tile(
+                k0, kend, item, h, k_ptr, v_ptr, tables_ptr, stride_table, stride_kslot, stride_kh,
+                qr1, qr2, limit, d, dmask, m_i, l_i, acc1, acc2, PAGE, HALF, BLOCK_N, IEEE)
+            k0 += BLOCK_N
+    else:
+        for k0 in range(kstart, kend, BLOCK_N):
+            m_i, l_i, acc1, acc2 = _attend_tile(
+                k0, kend, item, h, k_ptr, v_ptr, tables_ptr, stride_table, stride_kslot, stride_kh,
+                qr1, qr2, limit, d, dmask, m_i, l_i, acc1, acc2, PAGE, HALF, BLOCK_N, IEEE)
+
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out_row = pair  # one partial row per (unit, pair): pairs are numbered per unit
+    o_base = o_part_ptr + out_row[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
+    tl.store(o_base, acc1 / l_safe[:, None], mask=qmask)
+    tl.store(o_base + HALF, acc2 / l_safe[:, None], mask=qmask)
+    lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe))
+    tl.store(lse_part_ptr + out_row * stride_lt + head, lse, mask=valid)
+
+
+@triton.jit
+def _merge_partials_kernel(
+    o_part_ptr, lse_part_ptr, tok_start_ptr, tok_parts_ptr, out_ptr,
+    stride_ot, stride_oh, stride_lt, stride_outt, stride_outh,
+    D: tl.constexpr, DP: tl.constexpr,
+):
+    t = tl.program_id(0)
+    head = tl.program_id(1)
+    start = tl.load(tok_start_ptr + t)
+    end = tl.load(tok_start_ptr + t + 1)
+    d = tl.arange(0, DP)
+    dmask = d < D
+    m = float("-inf")
+    l = 0.0
+    acc = tl.zeros([DP], tl.float32)
+    i = start
+    while i < end:  # a handful of partials per token
+        part = tl.load(tok_parts_ptr + i).to(tl.int64)
+        lse = tl.load(lse_part_ptr + part * stride_lt + head)
+        o = tl.load(o_part_ptr + part * stride_ot + head * stride_oh + d, mask=dmask, other=0.0)
+        m_new = tl.maximum(m, lse)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        scale_old = tl.exp2(m - m_safe)
+        w = tl.exp2(lse - m_safe)
+        acc = acc * scale_old + o * w
+        l = l * scale_old + w
+        m = m_new
+        i += 1
+    l = tl.where(l == 0.0, 1.0, l)
+    tl.store(out_ptr + t * stride_outt + head * stride_outh + d, (acc / l).to(out_ptr.dtype.element_ty), mask=dmask)
+
+
+@triton.jit
+def _kv_append_kernel(
+    k_ptr, v_ptr, pos_ptr, slot_ptr, inv_freq_ptr, k_pool_ptr, v_pool_ptr,
+    stride_kt, stride_kh, stride_vt, stride_vh, stride_pslot, stride_ph,
+    rope_scale,
+    HALF: tl.constexpr, HALFP: tl.constexpr,
+):
+    t = tl.program_id(0)
+    h = tl.program_id(1)
+    d = tl.arange(0, HALFP)
+    dmask = d < HALF
+    pos = tl.load(pos_ptr + t).to(tl.float32)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    inv_freq = tl.load(inv_freq_ptr + d, mask=dmask, other=0.0)
+    ang = pos * inv_freq
+    cos = tl.cos(ang) * rope_scale
+    sin = tl.sin(ang) * rope_scale
+    kb = k_ptr + t * stride_kt + h * stride_kh + d
+    k1 = tl.load(kb, mask=dmask, other=0.0).to(tl.float32)
+    k2 = tl.load(kb + HALF, mask=dmask, other=0.0).to(tl.float32)
+    pb = slot * stride_pslot + h * stride_ph + d
+    ty = k_pool_ptr.dtype.element_ty
+    tl.store(k_pool_ptr + pb, (k1 * cos - k2 * sin).to(ty), mask=dmask)
+    tl.store(k_pool_ptr + pb + HALF, (k2 * cos + k1 * sin).to(ty), mask=dmask)
+    vb = v_ptr + t * stride_vt + h * stride_vh + d
+    tl.store(v_pool_ptr + pb, tl.load(vb, mask=dmask, other=0.0).to(ty), mask=dmask)
+    tl.store(v_pool_ptr + pb + HALF, tl.load(vb + HALF, mask=dmask, other=0.0).to(ty), mask=dmask)
