@@ -56,21 +56,35 @@ def step_header(w: int, step: int) -> str:
 
 def think_prefix(template: str | None, rendered: str) -> str:
     """Open the thinking section for reasoning models whose template does not already."""
-    if template and "<think>" in template and not rendered.rstrip().endswith("<think>"):
+    tail = rendered.rstrip()
+    if template and "<think>" in template and not tail.endswith(("<think>", "</think>")):
         return "<think>\n"
     return ""
 
 
 _BREAK = re.compile(r"\n[ \t]*\n[ \t]*$")
+_FENCES = {"```": "```", "$$": "$$", "\\[": "\\]"}
 
 
 def open_fence(text: str) -> bool:
-    """True while a code fence (```), display math ($$) or \\[ ... \\] is open."""
-    if text.count("```") % 2:
-        return True
-    if text.replace("\\$", "").count("$$") % 2:
-        return True
-    return text.count("\\[") > text.count("\\]")
+    """True while a code fence (```), display math ($$) or \\[ ... \\] is open.
+
+    One left-to-right scan: inside a fence only its own closer counts, so `$$` or `\\[`
+    in a code block (or ``` in math) opens nothing. Outside code, `\\$` and `\\\\` are
+    escapes, not delimiters."""
+    i, close = 0, None
+    while i < len(text):
+        if close != "```" and text[i] == "\\" and text[i + 1 : i + 2] in ("$", "\\"):
+            i += 2
+        elif close is None:
+            opener = next((o for o in _FENCES if text.startswith(o, i)), None)
+            close = _FENCES.get(opener)
+            i += len(opener) if opener else 1
+        elif text.startswith(close, i):
+            i, close = i + len(close), None
+        else:
+            i += 1
+    return close is not None
 
 
 def is_step_boundary(step_text: str, header: str = "") -> bool:
@@ -84,16 +98,23 @@ def is_step_boundary(step_text: str, header: str = "") -> bool:
 
 
 def extract_boxed(text: str) -> str | None:
-    """Contents of the last complete \\boxed{...} (braces balanced), or None."""
+    """Contents of the last complete, non-empty \\boxed{...} (braces balanced), or None.
+
+    Escaped braces (`\\{`, `\\}`) do not count; an empty `\\boxed{}` (as in "write the
+    result inside \\boxed{}") is not an answer."""
     found = None
     start = text.find("\\boxed{")
     while start != -1:
         i, depth = start + len("\\boxed{"), 1
         while i < len(text) and depth:
+            if text[i] == "\\":
+                i += 2
+                continue
             depth += {"{": 1, "}": -1}.get(text[i], 0)
             i += 1
-        if depth == 0:
-            found = text[start + len("\\boxed{") : i - 1].strip()
+        inner = text[start + len("\\boxed{") : i - 1].strip()
+        if depth == 0 and inner:
+            found = inner
         start = text.find("\\boxed{", start + 1)
     return found
 
@@ -110,13 +131,13 @@ class ProtocolOptions:
     stop_on_answer: bool = True
 
     def __post_init__(self) -> None:
-        if self.redundancy_every is not None and (
-            not isinstance(self.redundancy_every, int) or self.redundancy_every < 1
-        ):
+        every = self.redundancy_every
+        if every is not None and (not isinstance(every, int) or isinstance(every, bool) or every < 1):
             raise InvalidRequestError(
                 f"redundancy_every must be an integer >= 1 or None (off), got {self.redundancy_every!r}"
             )
-        if not isinstance(self.finisher_tokens, int) or self.finisher_tokens < 1:
+        n = self.finisher_tokens
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise InvalidRequestError(f"finisher_tokens must be an integer >= 1, got {self.finisher_tokens!r}")
 
 

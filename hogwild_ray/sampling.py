@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -19,20 +20,26 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.temperature, (int, float)) or not self.temperature >= 0:
+        if not _is_number(self.temperature) or not 0 <= self.temperature < math.inf:
             raise InvalidRequestError(
-                f"temperature must be a number >= 0 (0 is greedy), got {self.temperature!r}"
+                f"temperature must be a finite number >= 0 (0 is greedy), got {self.temperature!r}"
             )
         if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
             raise InvalidRequestError(f"top_k must be an integer >= 0 (0 turns it off), got {self.top_k!r}")
-        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
             raise InvalidRequestError(f"top_p must be in (0, 1] (1 turns it off), got {self.top_p!r}")
-        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0):
-            raise InvalidRequestError(f"seed must be an integer >= 0 or None, got {self.seed!r}")
+        if self.seed is not None and (
+            not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**63
+        ):
+            raise InvalidRequestError(f"seed must be an integer in [0, 2**63) or None, got {self.seed!r}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -49,6 +56,11 @@ def per_worker(sampling: SamplingParams | list[SamplingParams] | None, workers: 
             )
             for w in range(workers)
         ]
+    if not isinstance(sampling, (list, tuple)):
+        raise InvalidRequestError(
+            f"sampling must be one SamplingParams or a list of {workers} (one per worker), "
+            f"got {type(sampling).__name__}"
+        )
     sampling = list(sampling)
     if len(sampling) != workers or not all(isinstance(s, SamplingParams) for s in sampling):
         raise InvalidRequestError(
@@ -68,7 +80,10 @@ class Sampler:
                 self.generators.append(None)
                 continue
             g = torch.Generator(device=device)
-            g.manual_seed(p.seed if p.seed is not None else int(torch.seed() % 2**62))
+            if p.seed is not None:
+                g.manual_seed(p.seed)
+            else:
+                g.seed()  # its own nondeterministic seed; the global RNG stays as the user set it
             self.generators.append(g)
 
     def sample(self, logits: torch.Tensor, workers: list[int], greedy: bool = False) -> torch.Tensor:
