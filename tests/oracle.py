@@ -20,10 +20,10 @@ TOL = 2e-4  # fp32: a few 1e-4 of the largest |logit| (rounding of rotations and
 
 
 def _segment_kv(pool, layer, view, length, inv_freq):
-    seg = Segment(torch.tensor(view.block.pages, dtype=torch.int64), length, view.offset)
-    k = gather_segment(pool.k[layer], seg)
-    v = gather_segment(pool.v[layer], seg)
-    return rotate_keys_by(k, view.offset, inv_freq), v
+    seg = Segment(torch.tensor(view.block.pages, dtype=torch.int64, device=pool.k.device), length, view.offset)
+    k = gather_segment(pool.k[layer], seg).float().cpu()
+    v = gather_segment(pool.v[layer], seg).float().cpu()
+    return rotate_keys_by(k, view.offset, inv_freq.cpu()), v
 
 
 def oracle_check(session, hf_model, plain: bool = False, shift: tuple[int, int] | None = None) -> float:
@@ -55,7 +55,7 @@ def oracle_check(session, hf_model, plain: bool = False, shift: tuple[int, int] 
                         continue
                     k, v = _segment_kv(pool, layer, seg, length, inv_freq)
                     if shift == (w, i):
-                        k = rotate_keys_by(k, 1, inv_freq)
+                        k = rotate_keys_by(k, 1, inv_freq.cpu())
                     ks.append(k)
                     vs.append(v)
                 cache.update(torch.cat(ks).transpose(0, 1)[None], torch.cat(vs).transpose(0, 1)[None], layer)
@@ -72,6 +72,6 @@ def oracle_check(session, hf_model, plain: bool = False, shift: tuple[int, int] 
                 scale = hk.abs().max().item() + 1e-6
                 assert (k[-n:] - hk).abs().max().item() <= TOL * scale, f"stored keys of worker {w}, layer {layer}"
                 assert (v[-n:] - hv).abs().max().item() <= TOL * (hv.abs().max().item() + 1e-6)
-        ours = session.last_logits[w]
+        ours = session.last_logits[w].cpu()
         worst = max(worst, ((ours - ref).abs().max() / ref.abs().max()).item())
     return worst

@@ -121,3 +121,18 @@ def test_kv_append_matches_reference(kv_heads, head_dim):
     tri.append(pools[2], pools[3], k, v, tri.prepare([], slots, pos))
     torch.testing.assert_close(pools[2], pools[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(pools[3], pools[1])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16/fp16 kernels are checked on a GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("workers,q_heads,kv_heads,head_dim", [(8, 32, 8, 128), (16, 40, 8, 128), (4, 9, 3, 64)])
+def test_half_precision_on_gpu(dtype, workers, q_heads, kv_heads, head_dim):
+    q, k_pool, v_pool, groups = random_case(random.Random(7), workers, q_heads, kv_heads, head_dim, dtype=dtype,
+                                            max_chunk=6)
+    groups = to_device(groups)
+    ref, _ = backends(head_dim)
+    tri = TritonAttention(ref.inv_freq, 1.0, head_dim**-0.5, kv_heads=kv_heads)
+    s = torch.zeros(q.shape[0], dtype=torch.int64, device=DEVICE)
+    want = ref.attend(q.float(), k_pool.float(), v_pool.float(), ref.prepare(groups, s, s))
+    got = tri.attend(q, k_pool, v_pool, tri.prepare(groups, s, s)).float()
+    torch.testing.assert_close(got, want, atol=3e-2, rtol=3e-2)

@@ -60,20 +60,36 @@ class TritonAttention:
 
     name = "triton"
 
-    def __init__(self, inv_freq: torch.Tensor, rope_scale: float, sm_scale: float, chunk: int = 512,
-                 block_n: int | None = None, block_m: int | None = None) -> None:
+    def __init__(self, inv_freq: torch.Tensor, rope_scale: float, sm_scale: float, chunk: int | None = None,
+                 block_n: int | None = None, block_m: int | None = None, kv_heads: int = 8,
+                 num_warps: int = 4, num_stages: int = 3) -> None:
         self.inv_freq = inv_freq.to(torch.float32).contiguous()
-        self.rope_scale, self.sm_scale = rope_scale, sm_scale
+        self.rope_scale, self.sm_scale, self.kv_heads = rope_scale, sm_scale, kv_heads
         interpret = self.interpret = os.environ.get("TRITON_INTERPRET") == "1"
-        self.chunk = chunk
+        self.chunk = chunk  # None: sized per pass so that every SM gets work
+        self.launch = {} if interpret else {"num_warps": num_warps, "num_stages": num_stages}
         self.block_n = block_n or (16 if interpret else 64)
         self.block_m = block_m or (16 if interpret else 64)
 
     def prepare(self, groups: list[QueryGroup], slots: torch.Tensor, key_positions: torch.Tensor) -> PassMeta:
         from .plan import plan_attention
 
-        plan = plan_attention(groups, int(slots.numel()), self.chunk, slots.device)
+        plan = plan_attention(groups, int(slots.numel()), self._chunk(groups, slots.device), slots.device)
         return PassMeta(groups, slots.contiguous(), key_positions.to(torch.int32).contiguous(), plan)
+
+    def _chunk(self, groups: list[QueryGroup], device: torch.device) -> int:
+        """Split long blocks so that (chunks x KV heads) gives every SM about two programs."""
+        if self.chunk is not None:
+            return self.chunk
+        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+        blocks = {}
+        for g in groups:
+            for s in g.segments:
+                key = s.block if s.block is not None else id(s)
+                blocks[key] = max(blocks.get(key, 0), s.length)
+        total = sum(blocks.values())
+        target = max(1, -(-2 * sms // self.kv_heads))
+        return min(2048, max(self.block_n, _next_pow2(-(-total // target))))
 
     def append(self, k_pool: torch.Tensor, v_pool: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                meta: PassMeta) -> None:
@@ -114,7 +130,7 @@ class TritonAttention:
             float(self.rope_scale), float(self.sm_scale * LOG2E),
             PAGE=k_pool.shape[1], REP=rep, REPP=repp, BLOCK_R=block_r,
             HALF=d // 2, HALFP=max(16, _next_pow2(d // 2)), BLOCK_N=self.block_n,
-            IEEE=q.dtype == torch.float32, LOOP_WHILE=self.interpret,
+            IEEE=q.dtype == torch.float32, LOOP_WHILE=self.interpret, **self.launch,
         )
         _merge_partials_kernel[(t, hq)](
             o_part, lse_part, plan.tok_start, plan.tok_parts, out,
@@ -124,9 +140,11 @@ class TritonAttention:
         return out
 
 
-def make_attention(kind: str, device: torch.device, inv_freq: torch.Tensor, rope_scale: float, sm_scale: float):
+def make_attention(kind: str, device: torch.device, inv_freq: torch.Tensor, rope_scale: float, sm_scale: float,
+                   kv_heads: int = 8):
     """'auto' picks Triton on CUDA devices and the torch reference elsewhere."""
     if kind == "auto":
         kind = "triton" if device.type == "cuda" else "torch"
-    cls = {"torch": TorchAttention, "triton": TritonAttention}[kind]
-    return cls(inv_freq.to(device), rope_scale, sm_scale)
+    if kind == "triton":
+        return TritonAttention(inv_freq.to(device), rope_scale, sm_scale, kv_heads=kv_heads)
+    return TorchAttention(inv_freq.to(device), rope_scale, sm_scale)
