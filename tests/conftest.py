@@ -23,6 +23,8 @@ def tokenizer_dir(tmp_path_factory):
 
     from hogwild_ray.model.loader import default_checkpoint
 
+    if os.environ.get("HOGWILD_TEST_TOKENIZER"):  # a saved copy, where the default model is not installed
+        return Path(os.environ["HOGWILD_TEST_TOKENIZER"])
     ckpt = default_checkpoint()
     d = tmp_path_factory.mktemp("tokenizer")
     AutoTokenizer.from_pretrained(str(ckpt.directory), gguf_file=ckpt.gguf_file).save_pretrained(d)
