@@ -62,14 +62,17 @@ class TritonAttention:
 
     def __init__(self, inv_freq: torch.Tensor, rope_scale: float, sm_scale: float, chunk: int | None = None,
                  block_n: int | None = None, block_m: int | None = None, kv_heads: int = 8,
-                 num_warps: int = 4, num_stages: int = 3) -> None:
+                 num_warps: int | None = None, num_stages: int | None = None) -> None:
         self.inv_freq = inv_freq.to(torch.float32).contiguous()
         self.rope_scale, self.sm_scale, self.kv_heads = rope_scale, sm_scale, kv_heads
         interpret = self.interpret = os.environ.get("TRITON_INTERPRET") == "1"
         self.chunk = chunk  # None: sized per pass so that every SM gets work
-        self.launch = {} if interpret else {"num_warps": num_warps, "num_stages": num_stages}
+        knobs = {"num_warps": num_warps, "num_stages": num_stages}
+        self.launch = {} if interpret else {k: v for k, v in knobs.items() if v is not None}
+        if self.launch:
+            self.launch = {"num_warps": 4, "num_stages": 3, **self.launch}
         self.block_n = block_n or (16 if interpret else 64)
-        self.block_m = block_m or (16 if interpret else 64)
+        self.block_m = block_m or (16 if interpret else None)  # None: sized to the readers per pass
 
     def prepare(self, groups: list[QueryGroup], slots: torch.Tensor, key_positions: torch.Tensor) -> PassMeta:
         from .plan import plan_attention
@@ -111,7 +114,10 @@ class TritonAttention:
         hkv = k_pool.shape[2]
         rep = hq // hkv
         repp = _next_pow2(rep)
-        block_r = max(1, self.block_m // repp)
+        # pack every reader of a unit into one row tile when it fits, so K/V is read once
+        block_m = self.block_m or min(128, max(16, _next_pow2(plan.max_pairs * repp)))
+        block_r = max(1, block_m // repp)
+        launch = self.launch or {"num_warps": 4 if block_m <= 32 else 8, "num_stages": 3}
         out = torch.zeros_like(q)
         npairs = int(plan.pair_tok.numel())
         if npairs == 0:
@@ -130,7 +136,7 @@ class TritonAttention:
             float(self.rope_scale), float(self.sm_scale * LOG2E),
             PAGE=k_pool.shape[1], REP=rep, REPP=repp, BLOCK_R=block_r,
             HALF=d // 2, HALFP=max(16, _next_pow2(d // 2)), BLOCK_N=self.block_n,
-            IEEE=q.dtype == torch.float32, LOOP_WHILE=self.interpret, **self.launch,
+            IEEE=q.dtype == torch.float32, LOOP_WHILE=self.interpret, **launch,
         )
         _merge_partials_kernel[(t, hq)](
             o_part, lse_part, plan.tok_start, plan.tok_parts, out,
