@@ -141,7 +141,7 @@ class TritonAttention:
         _merge_partials_kernel[(t, hq)](
             o_part, lse_part, plan.tok_start, plan.tok_parts, out,
             o_part.stride(0), o_part.stride(1), lse_part.stride(0), out.stride(0), out.stride(1),
-            D=d, DP=_next_pow2(d),
+            D=d, DP=_next_pow2(d), P_BLOCK=min(64, max(2, _next_pow2(plan.max_parts))),
         )
         return out
 

@@ -30,6 +30,7 @@ class AttentionPlan:
     tok_parts: torch.Tensor  # int32 [pairs] partial rows, grouped by token
     num_tokens: int
     max_pairs: int  # the most pairs in one unit (sets the row-tile grid)
+    max_parts: int  # the most partials of one token (sets the merge tile)
 
 
 def plan_attention(groups: list[QueryGroup], num_tokens: int, chunk: int, device: torch.device) -> AttentionPlan:
@@ -75,4 +76,5 @@ def plan_attention(groups: list[QueryGroup], num_tokens: int, chunk: int, device
     return AttentionPlan(
         tables.to(device), t(u_item), t(u_ks), t(u_ke), t(u_pair), t(u_np), t(p_tok), t(p_delta), t(p_limit),
         t(starts), t([p for parts in per_tok for p in parts]), num_tokens, max(u_np, default=0),
+        max((len(parts) for parts in per_tok), default=0),
     )

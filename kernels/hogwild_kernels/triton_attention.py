@@ -133,30 +133,34 @@ def _rope_shift_partial_kernel(
 def _merge_partials_kernel(
     o_part_ptr, lse_part_ptr, tok_start_ptr, tok_parts_ptr, out_ptr,
     stride_ot, stride_oh, stride_lt, stride_outt, stride_outh,
-    D: tl.constexpr, DP: tl.constexpr,
+    D: tl.constexpr, DP: tl.constexpr, P_BLOCK: tl.constexpr,
 ):
+    """Log-sum-exp merge of one query head's partials, P_BLOCK of them per load."""
     t = tl.program_id(0)
     head = tl.program_id(1)
     start = tl.load(tok_start_ptr + t)
     end = tl.load(tok_start_ptr + t + 1)
     d = tl.arange(0, DP)
     dmask = d < D
+    p = tl.arange(0, P_BLOCK)
     m = float("-inf")
     l = 0.0
     acc = tl.zeros([DP], tl.float32)
     i = start
-    while i < end:  # a handful of partials per token
-        part = tl.load(tok_parts_ptr + i).to(tl.int64)
-        lse = tl.load(lse_part_ptr + part * stride_lt + head)
-        o = tl.load(o_part_ptr + part * stride_ot + head * stride_oh + d, mask=dmask, other=0.0)
-        m_new = tl.maximum(m, lse)
+    while i < end:
+        pmask = i + p < end
+        part = tl.load(tok_parts_ptr + i + p, mask=pmask, other=0).to(tl.int64)
+        lse = tl.load(lse_part_ptr + part * stride_lt + head, mask=pmask, other=float("-inf"))
+        o = tl.load(o_part_ptr + part[:, None] * stride_ot + head * stride_oh + d[None, :],
+                    mask=pmask[:, None] & dmask[None, :], other=0.0)
+        m_new = tl.maximum(m, tl.max(lse, 0))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        scale_old = tl.exp2(m - m_safe)
         w = tl.exp2(lse - m_safe)
-        acc = acc * scale_old + o * w
-        l = l * scale_old + w
+        scale_old = tl.exp2(m - m_safe)
+        acc = acc * scale_old + tl.sum(o * w[:, None], 0)
+        l = l * scale_old + tl.sum(w, 0)
         m = m_new
-        i += 1
+        i += P_BLOCK
     l = tl.where(l == 0.0, 1.0, l)
     tl.store(out_ptr + t * stride_outt + head * stride_outh + d, (acc / l).to(out_ptr.dtype.element_ty), mask=dmask)
 
