@@ -109,7 +109,8 @@ class HogwildEngine:
         pages = -(-tokens // page_size)
         cache = KVPool(spec.num_layers, pages, page_size, spec.num_kv_heads, spec.head_dim, dt, dev)
         check_attention(attention, dev)
-        backend = make_attention(attention, dev, spec.inv_freq, spec.rope_scale, spec.sm_scale)
+        backend = make_attention(attention, dev, spec.inv_freq, spec.rope_scale, spec.sm_scale,
+                                 spec.num_kv_heads)
         return cls(spec, tokenizer, Decoder(spec, weights, backend), cache, PageAllocator(pages, page_size), dev,
                    context, ckpt.label)
 
