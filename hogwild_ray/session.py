@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .errors import ContextLengthError, InvalidRequestError
+from .errors import CacheFullError, ContextLengthError, InvalidRequestError
 from .layout import CacheLayout, WriteStep
 from .protocol import (
     FINISHER_PROMPT, HEADER_OTHERS, HEADER_OWN, HISTORY_HEADER, ProtocolOptions, WorkerProtocol,
@@ -37,6 +37,7 @@ class WorkerState:
     step_ids: list[int] = field(default_factory=list)  # the current step's tokens, header first
     header_text: str = ""
     stream: list[int] = field(default_factory=list)  # everything this worker wrote
+    unfed: list[int] = field(default_factory=list)  # its last sample, in the stream but not yet in the cache
     generated: int = 0
     status: str = "active"  # active | eos | budget | idle
 
@@ -79,6 +80,11 @@ class Session:
             raise
         for ws in self.workers:
             self._open_step(ws)
+        if not options.enabled:
+            # No header to feed: each worker feeds the prompt's last token itself (held back
+            # from the prefill), so its first pass yields the first token. Not reported as new.
+            for ws in self.workers:
+                ws.pending, ws.reported = [self.prompt_ids[-1]], 1
 
     # ---- setup -------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
@@ -114,7 +120,7 @@ class Session:
             need = len(self.prompt_ids) + 128 + n * per_worker_tokens
             have = eng.allocator.free_pages * eng.allocator.page_size
             if need > have:
-                raise InvalidRequestError(
+                raise CacheFullError(
                     f"the K/V cache is too small for this request: about {need} tokens needed "
                     f"({n} workers x {self.max_tokens} max_tokens + prompt), {have} free; pass a larger "
                     "cache_tokens= to from_pretrained, or lower workers or max_tokens"
@@ -126,7 +132,10 @@ class Session:
         texts = {id(lay.common): None, id(lay.hdr_others): HEADER_OTHERS, id(lay.hdr_own): HEADER_OWN}
         for block in lay.shared_prefix_blocks():
             text = texts[id(block)]
-            ids = self.prompt_ids if text is None else (self.encode(text) if self.options.enabled else [])
+            if text is None:  # the prompt; without the protocol its last token is fed by the workers
+                ids = self.prompt_ids if self.options.enabled else self.prompt_ids[:-1]
+            else:
+                ids = self.encode(text) if self.options.enabled else []
             if ids:
                 self.engine.run_forward([lay.write_shared(block, ids)])
 
@@ -159,14 +168,23 @@ class Session:
         if self.done:
             raise InvalidRequestError("this session is done; start a new one")
         inject = inject or {}
-        for w in inject:
-            if not isinstance(w, int) or not 0 <= w < len(self.workers):
+        if not isinstance(inject, dict):
+            raise InvalidRequestError(f"inject must be a dict {{worker: text}}, got {type(inject).__name__}")
+        for w, text in inject.items():
+            if not isinstance(w, int) or isinstance(w, bool) or not 0 <= w < len(self.workers):
                 raise InvalidRequestError(f"inject names worker {w!r}; workers are 0..{len(self.workers) - 1}")
-        self._apply_finished_steps()
+            if not isinstance(text, str):
+                raise InvalidRequestError(f"inject[{w}] must be a string (text to feed), got {type(text).__name__}")
+        try:  # a failure part way (e.g. a full cache) ends the session and gives its pages back
+            extras = {w: self.encode(text) for w, text in inject.items()}
+            self._apply_finished_steps()
+        except BaseException:
+            self.close()
+            raise
         new: dict[int, list[int]] = {w: [] for w in range(len(self.workers))}
         fed: dict[int, list[int]] = {}
         for w, ws in enumerate(self.workers):
-            extra = self.encode(inject[w]) if w in inject else []
+            extra = extras.get(w, [])
             if ws.status != "active" and not extra:
                 continue
             if ws.status != "active":
@@ -213,6 +231,7 @@ class Session:
     def _after_pass(self, w: int, chunk: list[int], tok: int, new: dict[int, list[int]]) -> None:
         ws = self.workers[w]
         ws.stream.extend(chunk[ws.reported:])
+        ws.unfed = []
         ws.step_ids.extend(chunk)
         self.stats.tokens_per_worker[w] = len(ws.stream)
         if self._finisher == w:
@@ -236,6 +255,7 @@ class Session:
         self.stats.generated_per_worker[w] = ws.generated
         new[w].append(tok)
         ws.stream.append(tok)
+        ws.unfed = [tok]
         self.stats.tokens_per_worker[w] = len(ws.stream)
         if self.max_tokens is not None and ws.generated >= self.max_tokens:
             ws.status = "budget"
@@ -290,6 +310,7 @@ class Session:
             self._finisher_ids.append(tok)
             ws.pending, ws.reported = [tok], 1
             ws.stream.append(tok)
+            ws.unfed = [tok]
             new[ws.proto.index].append(tok)
         text = self.tok.decode(self._finisher_ids)
         ans = extract_boxed("\\boxed{" + text)
@@ -321,7 +342,8 @@ class Session:
     def result(self) -> SolveResult:
         lay = self.layout
         history = self.tok.decode(lay.common.tokens[len(self.prompt_ids):])
-        live = [self.tok.decode(b.tokens) for b in lay.cur if b.tokens]
+        skip = 0 if self.options.enabled else 1  # without the protocol a block opens with the prompt's last token
+        live = [self.tok.decode(lay.cur[w].tokens[skip:] + ws.unfed) for w, ws in enumerate(self.workers)]
         transcript = "\n\n".join(t.strip() for t in [history, *live] if t.strip())
         texts = [self.tok.decode(ws.stream) for ws in self.workers]
         return SolveResult(self.answer, texts, transcript, self.stats)

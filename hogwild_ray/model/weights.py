@@ -75,5 +75,5 @@ def load_weights(
             )
         )
     embed = need("model.embed_tokens.weight")
-    head = None if spec.tie_embeddings else maybe("lm_head.weight")
-    return DecoderWeights(embed=embed, layers=layers, norm=need("model.norm.weight"), lm_head=embed if head is None else head)
+    head = embed if spec.tie_embeddings else need("lm_head.weight")  # untied: never guess the head
+    return DecoderWeights(embed=embed, layers=layers, norm=need("model.norm.weight"), lm_head=head)
