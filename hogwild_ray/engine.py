@@ -11,7 +11,8 @@ from hogwild_kernels import QueryGroup, Segment, make_attention
 
 from .cache import KVPool
 from .errors import InvalidRequestError
-from .layout import LAYOUTS, PageAllocator, WriteStep
+from .executor import LocalExecutor
+from .layout import LAYOUTS, CacheLayout, PageAllocator, WriteStep
 from .model import Decoder, ForwardBatch, locate, spec_from_config
 from .model.loader import load_config, load_tokenizer, weight_reader
 from .model.weights import load_weights
@@ -119,6 +120,7 @@ class HogwildEngine:
         self,
         problem: str,
         workers: int = 2,
+        *,
         sampling: SamplingParams | list[SamplingParams] | None = None,
         layout: str = "combined",
         max_tokens: int | None = 1024,
@@ -145,6 +147,7 @@ class HogwildEngine:
         self,
         problem: str,
         workers: int = 2,
+        *,
         max_tokens: int | None = 1024,
         sampling: SamplingParams | list[SamplingParams] | None = None,
         layout: str = "combined",
@@ -153,7 +156,8 @@ class HogwildEngine:
         **protocol_options,
     ) -> SolveResult:
         """Run a session to its end; on_step(session, new_tokens) is called after each pass."""
-        session = self.start(problem, workers, sampling, layout, max_tokens, max_steps, **protocol_options)
+        session = self.start(problem, workers, sampling=sampling, layout=layout, max_tokens=max_tokens,
+                             max_steps=max_steps, **protocol_options)
         try:
             while not session.done:
                 new = session.step()
@@ -164,6 +168,10 @@ class HogwildEngine:
         return session.result()
 
     # ---- the forward pass ------------------------------------------------------------------
+    def executor(self, layout: CacheLayout, params: list[SamplingParams]) -> LocalExecutor:
+        """Runs a session's passes (layout changes, forward, sampling) on this engine."""
+        return LocalExecutor(self, layout, params)
+
     def run_forward(self, steps: list[WriteStep]) -> torch.Tensor:
         """One forward pass over the given writes; logits [len(steps), vocab]."""
         return self.decoder.forward(self.build_batch(steps), self.cache)

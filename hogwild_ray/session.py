@@ -23,7 +23,7 @@ from .protocol import (
     extract_boxed, is_step_boundary, system_prompt, think_prefix,
 )
 from .results import SolveResult, Stats
-from .sampling import Sampler, SamplingParams, per_worker
+from .sampling import SamplingParams, per_worker
 
 if TYPE_CHECKING:
     from .engine import HogwildEngine
@@ -58,7 +58,7 @@ class Session:
         self.max_tokens, self.max_steps = max_tokens, max_steps
         self.layout = CacheLayout(layout, workers, engine.allocator)
         self.params = per_worker(sampling, workers)
-        self.sampler = Sampler(self.params, engine.device)
+        self.executor = engine.executor(self.layout, self.params)
         self.tok = engine.tokenizer
         self.prompt_ids = self._prompt_ids(problem)
         self._check_fits()
@@ -67,7 +67,7 @@ class Session:
         self.done = False
         self.stats = Stats(tokens_per_worker=[0] * workers, generated_per_worker=[0] * workers,
                            steps_per_worker=[0] * workers)
-        self.last_logits = torch.full((workers, engine.spec.vocab_size), float("nan"), device=engine.device)
+        self._logits = torch.full((workers, engine.spec.vocab_size), float("nan"), device=engine.device)
         self._last_steps: dict[int, WriteStep] = {}
         self._finishing: list[int] = []
         self._finisher: int | None = None
@@ -137,7 +137,7 @@ class Session:
             else:
                 ids = self.encode(text) if self.options.enabled else []
             if ids:
-                self.engine.run_forward([lay.write_shared(block, ids)])
+                self.executor.prefill(block, ids)
 
     def _open_step(self, ws: WorkerState) -> None:
         """Queue the forced prefix of the worker's next step (its header)."""
@@ -153,6 +153,11 @@ class Session:
         """Flat token ids each worker's last logits were computed from (own fed tokens included)."""
         return [self._last_steps[w].flat_view() if w in self._last_steps else []
                 for w in range(self.layout.workers)]
+
+    @property
+    def last_logits(self) -> torch.Tensor:
+        """[workers, vocab]: each worker's logits from the last pass it was fed in."""
+        return self._logits
 
     @property
     def last_steps(self) -> dict[int, WriteStep]:
@@ -177,7 +182,8 @@ class Session:
                 raise InvalidRequestError(f"inject[{w}] must be a string (text to feed), got {type(text).__name__}")
         try:  # a failure part way (e.g. a full cache) ends the session and gives its pages back
             extras = {w: self.encode(text) for w, text in inject.items()}
-            self._apply_finished_steps()
+            finishing, self._finishing = self._finishing, []
+            self.executor.finish_steps(finishing)
         except BaseException:
             self.close()
             raise
@@ -198,21 +204,18 @@ class Session:
         if not fed:
             return self._finish_run(new)
         try:
-            steps = self.layout.plan(fed)
-            logits = self.engine.run_forward(steps)
+            steps, sampled = self.executor.run(fed, greedy=self._finisher is not None)
         except BaseException:
             self.close()
             raise
-        order = [s.worker for s in steps]
         for s in steps:
             self._last_steps[s.worker] = s
-        self.last_logits[order] = logits
+        self._logits[[s.worker for s in steps]] = self.executor.logits  # on the device, no sync
         self.stats.forward_passes += 1
-        greedy = self._finisher is not None
-        sampled = self.sampler.sample(logits, order, greedy=greedy).tolist()  # the one host sync
         for s, tok in zip(steps, sampled):
             self._after_pass(s.worker, fed[s.worker], tok, new)
         self._check_stop()
+        self.stats.seconds = time.perf_counter() - self._t0
         if self.done:
             self._close_run()
         return new
@@ -264,15 +267,6 @@ class Session:
         ans = extract_boxed(text)
         if ans is not None and self.answer is None:
             self.answer = ans
-
-    def _apply_finished_steps(self) -> None:
-        """Move last pass's finished steps into the shared history (re-rotating keys once)."""
-        for w in self._finishing:
-            reloc = self.layout.finish_step(w)
-            if reloc is not None:
-                self.engine.cache.relocate(reloc, self.engine.decoder.inv_freq)
-                self.layout.release(reloc)
-        self._finishing = []
 
     # ---- stopping and the finisher ----------------------------------------------------
     def _check_stop(self) -> None:
@@ -336,7 +330,7 @@ class Session:
     def close(self) -> None:
         """Give the session's cache pages back (idempotent)."""
         self.done = True
-        self.layout.close()
+        self.executor.close()
 
     # ---- results ------------------------------------------------------------------------
     def result(self) -> SolveResult:

@@ -500,7 +500,7 @@ def test_max_steps(engine):
 def force_eos(session, when: dict[int, int]):
     """Make worker w sample an EOS token at pass number when[w] (1-based)."""
     eos = min(session.engine.eos_ids)
-    sample, passes = session.sampler.sample, [0]
+    sample, passes = session.executor.sampler.sample, [0]
 
     def forced(logits, order, greedy=False):
         out = sample(logits, order, greedy)
@@ -510,7 +510,7 @@ def force_eos(session, when: dict[int, int]):
                 out[order.index(w)] = eos
         return out
 
-    session.sampler.sample = forced
+    session.executor.sampler.sample = forced
     return eos
 
 

@@ -1,0 +1,51 @@
+"""Where a session's passes run: layout changes, the forward pass and sampling.
+
+The session decides what every worker feeds; an executor makes it happen. Both steps of
+a pass are layout operations first (pure logic, replayed identically wherever a copy of
+the layout lives) and device work second. `LocalExecutor` does both in this process; a
+distributed executor sends the same (finishing, fed) message to every shard, and each
+shard replays it on its own copy of the layout with its slice of the model.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from .layout import Block, CacheLayout, WriteStep
+from .sampling import Sampler, SamplingParams
+
+if TYPE_CHECKING:
+    from .engine import HogwildEngine
+
+
+class LocalExecutor:
+    """Runs passes on the engine's model and K/V pool, in process."""
+
+    def __init__(self, engine: HogwildEngine, layout: CacheLayout, params: list[SamplingParams]) -> None:
+        self.engine, self.layout = engine, layout
+        self.sampler = Sampler(params, engine.device)
+        self.logits: torch.Tensor | None = None  # [fed workers, vocab] of the last pass
+
+    def prefill(self, block: Block, ids: list[int]) -> None:
+        """Write a shared constant block (the prompt, a header) once for everyone."""
+        self.engine.run_forward([self.layout.write_shared(block, ids)])
+
+    def finish_steps(self, workers: list[int]) -> None:
+        """Move finished steps to the end of the shared history, re-rotating keys once."""
+        for w in workers:
+            reloc = self.layout.finish_step(w)
+            if reloc is not None:
+                self.engine.cache.relocate(reloc, self.engine.decoder.inv_freq)
+                self.layout.release(reloc)
+
+    def run(self, fed: dict[int, list[int]], greedy: bool) -> tuple[list[WriteStep], list[int]]:
+        """One forward pass; the sampled token of each fed worker, in plan order."""
+        steps = self.layout.plan(fed)
+        self.logits = self.engine.run_forward(steps)
+        order = [s.worker for s in steps]
+        return steps, self.sampler.sample(self.logits, order, greedy=greedy).tolist()  # the one host sync
+
+    def close(self) -> None:
+        self.layout.close()
