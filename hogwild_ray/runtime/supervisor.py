@@ -1,0 +1,117 @@
+"""The lifecycle of one group of shard actors: start, feed, watch, close.
+
+Each actor's `run_loop(spec, rank)` is called once and runs until the channel closes;
+steps then cost no Ray calls at all. Those loop refs are the group's health signal:
+a ref that resolves early means the actor died or its loop raised, and `check()` turns
+that into an error naming the rank. `close()` leaves nothing behind (actors, placement
+group, shared memory), however the group ended.
+"""
+
+from __future__ import annotations
+
+import atexit
+from typing import Any, Literal
+
+import ray
+from ray.actor import ActorClass, ActorHandle
+from ray.exceptions import RayActorError, RayTaskError
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from .channel import ShmChannel, SocketChannel, StepChannel
+from .errors import ShardFailedError
+from .placement import release, reserve
+
+
+class ShardGroup:
+    """`shards` actors of `actor_cls`, one per placement-group bundle, fed through one step channel.
+
+    `actor_cls` is a class (or `ray.remote` class) with `run_loop(spec, rank)`;
+    `channel` is "shm" (shards on this node), "socket", or "auto" (shm when they are).
+    """
+
+    def __init__(self, actor_cls: type | ActorClass, shards: int, *, args: tuple = (), kwargs: dict | None = None,
+                 use_gpu: bool = False, channel: Literal["auto", "shm", "socket"] = "auto",
+                 reserve_timeout: float = 60.0, start_timeout: float = 120.0, step_timeout: float = 30.0,
+                 capacity: int = 4 << 20) -> None:
+        self.shards, self.step_timeout = shards, step_timeout
+        self.actors: list[ActorHandle] = []
+        self.loops: dict[ray.ObjectRef, int] = {}  # loop ref -> rank
+        self.channel: StepChannel | None = None
+        self._closed = False
+        self.pg = reserve(shards, use_gpu, reserve_timeout)
+        atexit.register(self.close)
+        try:
+            self.channel = self._make_channel(channel, capacity)
+            remote = actor_cls if isinstance(actor_cls, ActorClass) else ray.remote(actor_cls)
+            for rank in range(shards):
+                actor = remote.options(
+                    num_cpus=1, num_gpus=1 if use_gpu else 0,
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=rank),
+                ).remote(*args, **(kwargs or {}))
+                self.actors.append(actor)
+                self.loops[actor.run_loop.remote(self.channel.spec, rank)] = rank
+            self.channel.open(start_timeout, watch=self.check)
+        except BaseException:
+            self.close()
+            raise
+
+    def _make_channel(self, kind: str, capacity: int) -> StepChannel:
+        nodes = set(ray.util.placement_group_table(self.pg)["bundles_to_node_id"].values())
+        if kind == "auto":
+            kind = "shm" if nodes == {ray.get_runtime_context().get_node_id()} else "socket"
+        if kind == "shm":
+            return ShmChannel.create(self.shards, capacity=capacity)
+        return SocketChannel.create(self.shards, host=ray.util.get_node_ip_address(), capacity=capacity)
+
+    def step(self, msg: Any, timeout: float | None = None) -> Any:
+        """Send one step's message to every shard; rank 0's reply."""
+        self.send(msg)
+        return self.gather(timeout)
+
+    def send(self, msg: Any) -> None:
+        assert self.channel is not None and not self._closed, "the shard group is closed"
+        self.channel.send(msg)
+
+    def gather(self, timeout: float | None = None) -> Any:
+        assert self.channel is not None and not self._closed, "the shard group is closed"
+        return self.channel.gather(self.step_timeout if timeout is None else timeout, watch=self.check)
+
+    def check(self) -> None:
+        """Raise ShardFailedError if any shard's actor died or its loop ended (one non-blocking ray.wait)."""
+        done, _ = ray.wait(list(self.loops), num_returns=len(self.loops), timeout=0)
+        if not done:
+            return
+        ref = min(done, key=self.loops.__getitem__)
+        rank = self.loops[ref]
+        try:
+            ray.get(ref, timeout=0)
+            why = "its loop returned before the channel closed"
+        except RayActorError as e:
+            why = f"its actor died ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        except RayTaskError as e:
+            why = f"its loop raised {type(e.cause).__name__}: {e.cause}"
+        ranks = sorted(self.loops[r] for r in done)
+        raise ShardFailedError(f"shard rank {rank} failed: {why}" + (f" (failed ranks: {ranks})" if len(ranks) > 1 else ""), ranks)
+
+    def close(self, grace_s: float = 1.0) -> None:
+        """Stop the loops, kill the actors, free the placement group and the channel; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        atexit.unregister(self.close)
+        try:
+            if self.channel is not None:
+                self.channel.close()  # sets the closed flag / sends the close frame; unlinks shared memory
+            if self.loops and ray.is_initialized():
+                ray.wait(list(self.loops), num_returns=len(self.loops), timeout=grace_s)
+        finally:
+            if ray.is_initialized():
+                for actor in self.actors:
+                    ray.kill(actor)
+                release(self.pg)
+
+    def __enter__(self) -> ShardGroup:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
