@@ -10,6 +10,7 @@ goes to each shard once, which opens its end with `connect(spec, rank)`.
 
 from __future__ import annotations
 
+import os
 import secrets
 import select
 import selectors
@@ -70,6 +71,12 @@ def _silent(ranks: list[int], timeout: float) -> ChannelTimeoutError:
 class ShmSpec:
     name: str
     layout: SlotLayout
+    spin_s: float  # busy-wait before sleeping: only when every poller has a core of its own
+
+
+def _default_spin(shards: int) -> float:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return 50e-6 if cores > shards + 1 else 0.0  # spinning on shared cores only delays the process that would answer
 
 
 class ShmChannel(StepChannel):
@@ -81,13 +88,14 @@ class ShmChannel(StepChannel):
         self._closed = False
 
     @classmethod
-    def create(cls, shards: int, capacity: int = 4 << 20, reply_capacity: int = 1 << 20) -> ShmChannel:
+    def create(cls, shards: int, capacity: int = 4 << 20, reply_capacity: int = 1 << 20,
+               spin_s: float | None = None) -> ShmChannel:
         layout = SlotLayout(shards, capacity, reply_capacity)
         name = SHM_PREFIX + secrets.token_hex(6)
         shm = shared_memory.SharedMemory(name=name, create=True, size=layout.size)
         shm.buf[: layout.size] = bytes(layout.size)
         _created.add(name)
-        return cls(ShmSpec(name, layout), None, shm)
+        return cls(ShmSpec(name, layout, _default_spin(shards) if spin_s is None else spin_s), None, shm)
 
     @classmethod
     def attach(cls, spec: ShmSpec, rank: int) -> ShmChannel:
@@ -108,13 +116,14 @@ class ShmChannel(StepChannel):
     def open(self, timeout: float, watch: Watch = None) -> None:
         lay = self.spec.layout
         attached = lambda: [read_meta(self.buf, lay.reply(r))[1] == 1 for r in range(lay.shards)]  # noqa: E731
-        if not wait_until(lambda: all(attached()), timeout, watch=watch):
+        if not wait_until(lambda: all(attached()), timeout, watch=watch, spin_s=self.spec.spin_s):
             raise _silent([r for r, ok in enumerate(attached()) if not ok], timeout)
 
     def send(self, msg: Any) -> None:
         lay = self.spec.layout
         if not all(self._acked()):
-            raise RuntimeError("send() before the previous message was gathered: a slot is overwritten only once every rank acked it")
+            raise RuntimeError("send() before the previous message was gathered: "
+                               "a slot is overwritten only once every rank acked it")
         data = encode(msg, lay.capacity)
         off = lay.broadcast + HEADER.size
         self.buf[off: off + len(data)] = data
@@ -123,7 +132,7 @@ class ShmChannel(StepChannel):
 
     def gather(self, timeout: float, watch: Watch = None) -> Any:
         lay = self.spec.layout
-        if not wait_until(lambda: all(self._acked()), timeout, watch=watch):
+        if not wait_until(lambda: all(self._acked()), timeout, watch=watch, spin_s=self.spec.spin_s):
             raise _silent([r for r, ok in enumerate(self._acked()) if not ok], timeout)
         n, _ = read_meta(self.buf, lay.reply(0))
         off = lay.reply(0) + HEADER.size
@@ -133,7 +142,8 @@ class ShmChannel(StepChannel):
     def recv(self, timeout: float) -> Any:
         lay, want = self.spec.layout, self.seq + 1
         closed = lambda: self.buf[lay.CLOSED] != 0  # noqa: E731
-        if not wait_until(lambda: read_seq(self.buf, lay.broadcast) == want or closed(), timeout):
+        if not wait_until(lambda: read_seq(self.buf, lay.broadcast) == want or closed(), timeout,
+                          spin_s=self.spec.spin_s):
             raise ChannelTimeoutError(f"rank {self.rank}: no step message within {timeout:g} s")
         if closed():
             raise ChannelClosedError("the coordinator closed the channel")

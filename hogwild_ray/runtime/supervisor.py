@@ -69,12 +69,15 @@ class ShardGroup:
         return self.gather(timeout)
 
     def send(self, msg: Any) -> None:
-        assert self.channel is not None and not self._closed, "the shard group is closed"
-        self.channel.send(msg)
+        self._open_channel().send(msg)
 
     def gather(self, timeout: float | None = None) -> Any:
-        assert self.channel is not None and not self._closed, "the shard group is closed"
-        return self.channel.gather(self.step_timeout if timeout is None else timeout, watch=self.check)
+        return self._open_channel().gather(self.step_timeout if timeout is None else timeout, watch=self.check)
+
+    def _open_channel(self) -> StepChannel:
+        if self._closed or self.channel is None:
+            raise RuntimeError("the shard group is closed")
+        return self.channel
 
     def check(self) -> None:
         """Raise ShardFailedError if any shard's actor died or its loop ended (one non-blocking ray.wait)."""
@@ -91,7 +94,8 @@ class ShardGroup:
         except RayTaskError as e:
             why = f"its loop raised {type(e.cause).__name__}: {e.cause}"
         ranks = sorted(self.loops[r] for r in done)
-        raise ShardFailedError(f"shard rank {rank} failed: {why}" + (f" (failed ranks: {ranks})" if len(ranks) > 1 else ""), ranks)
+        more = f" (failed ranks: {ranks})" if len(ranks) > 1 else ""
+        raise ShardFailedError(f"shard rank {rank} failed: {why}{more}", ranks)
 
     def close(self, grace_s: float = 1.0) -> None:
         """Stop the loops, kill the actors, free the placement group and the channel; idempotent."""
