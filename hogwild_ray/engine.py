@@ -15,6 +15,7 @@ from .executor import LocalExecutor
 from .layout import LAYOUTS, CacheLayout, PageAllocator, WriteStep
 from .model import Decoder, ForwardBatch, locate, spec_from_config
 from .model.loader import load_config, load_tokenizer, weight_reader
+from .model.parallel import TensorParallel, shard_plan
 from .model.weights import load_weights
 from .protocol import ProtocolOptions
 from .results import SolveResult
@@ -85,12 +86,16 @@ class HogwildEngine:
         page_size: int = 16,
         max_context: int | None = None,
         attention: str = "auto",
+        parallel: TensorParallel | None = None,
     ) -> HogwildEngine:
         """Load a local HF directory or GGUF file (None: the built-in SmolLM2-135M-Instruct).
 
         cache_tokens: size of the preallocated K/V pool in tokens (all workers together);
         default: 4 x the context, at most 65536. max_context: the longest view served.
         attention: "auto" (Triton on CUDA, the torch reference elsewhere), "triton" or "torch".
+        parallel: one rank of a tensor-parallel group (torch.distributed already initialised):
+        the engine holds that rank's slice of the weights and of every K/V, and every rank must
+        run the same sessions in lockstep (each gets the full logits and samples identically).
         """
         if attention not in ATTENTION_CHOICES:
             raise InvalidRequestError(f"attention must be one of {', '.join(ATTENTION_CHOICES)}, got {attention!r}")
@@ -105,15 +110,17 @@ class HogwildEngine:
         context = min(max_context or spec.max_positions, spec.max_positions)
         spec.check_context(context)
         tokenizer = load_tokenizer(ckpt)
-        weights = load_weights(spec, weight_reader(ckpt, config), dev, dt)
+        plan = shard_plan(spec, parallel.rank, parallel.world) if parallel and parallel.world > 1 else None
+        local = plan.local_spec(spec) if plan else spec  # this rank's head and MLP sizes
+        weights = load_weights(spec, weight_reader(ckpt, config), dev, dt, tp=plan)
         tokens = cache_tokens or min(4 * context, 65536)
         pages = -(-tokens // page_size)
-        cache = KVPool(spec.num_layers, pages, page_size, spec.num_kv_heads, spec.head_dim, dt, dev)
+        cache = KVPool(spec.num_layers, pages, page_size, local.num_kv_heads, spec.head_dim, dt, dev)
         check_attention(attention, dev)
         backend = make_attention(attention, dev, spec.inv_freq, spec.rope_scale, spec.sm_scale,
-                                 spec.num_kv_heads)
-        return cls(spec, tokenizer, Decoder(spec, weights, backend), cache, PageAllocator(pages, page_size), dev,
-                   context, ckpt.label)
+                                 local.num_kv_heads)
+        return cls(spec, tokenizer, Decoder(local, weights, backend, parallel), cache,
+                   PageAllocator(pages, page_size), dev, context, ckpt.label)
 
     # ---- sessions --------------------------------------------------------------------------
     def start(

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from ..errors import ModelNotFoundError
 from .spec import ModelSpec
+
+if TYPE_CHECKING:
+    from .parallel import ShardPlan
 
 
 @dataclass
@@ -41,21 +44,52 @@ def _cat(parts: list[torch.Tensor | None]) -> torch.Tensor | None:
     return torch.cat(parts, dim=0)
 
 
-def load_weights(
-    spec: ModelSpec, read: Callable[[str], torch.Tensor | None], device: torch.device, dtype: torch.dtype
-) -> DecoderWeights:
-    """Read every tensor the decoder needs; a missing one is a clear error."""
+def _vocab_rows(t: torch.Tensor, r: range) -> torch.Tensor:
+    """Rows r of the vocab, zero rows past its end (the last rank's padding)."""
+    part = t[r.start:r.stop]
+    if len(part) < len(r):
+        part = torch.cat([part, part.new_zeros(len(r) - len(part), *part.shape[1:])])
+    return part
 
-    def need(name: str) -> torch.Tensor:
+
+def _cuts(tp: ShardPlan, d: int) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """Column-parallel weights keep this rank's output rows; row-parallel ones its input columns."""
+    q, kv, mlp = tp.q_heads, tp.kv_heads, tp.intermediate
+    return {
+        "q": lambda t: t[q.start * d:q.stop * d],  # weight rows and bias entries alike
+        "k": lambda t: t[kv.start * d:kv.stop * d],
+        "v": lambda t: t[kv.start * d:kv.stop * d],
+        "o": lambda t: t[:, q.start * d:q.stop * d],
+        "up": lambda t: t[mlp.start:mlp.stop],
+        "down": lambda t: t[:, mlp.start:mlp.stop],
+        "vocab": lambda t: _vocab_rows(t, tp.vocab),
+    }
+
+
+def load_weights(
+    spec: ModelSpec, read: Callable[[str], torch.Tensor | None], device: torch.device, dtype: torch.dtype,
+    tp: ShardPlan | None = None,
+) -> DecoderWeights:
+    """Read every tensor the decoder needs; a missing one is a clear error.
+
+    tp: this rank's slices only (sliced before the copy to the device); None: the whole model."""
+
+    def place(t: torch.Tensor, cut: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
+        if cut is None:
+            return t.to(device=device, dtype=dtype)
+        return cut(t).to(device=device, dtype=dtype, copy=True)  # a copy: the full tensor is freed
+
+    def need(name: str, cut: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         t = read(name)
         if t is None:
             raise ModelNotFoundError(f"the checkpoint lacks tensor {name!r}; is it a complete {spec.family} model?")
-        return t.to(device=device, dtype=dtype)
+        return place(t, cut)
 
-    def maybe(name: str) -> torch.Tensor | None:
+    def maybe(name: str, cut: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor | None:
         t = read(name)
-        return None if t is None else t.to(device=device, dtype=dtype)
+        return None if t is None else place(t, cut)
 
+    cut = _cuts(tp, spec.head_dim) if tp is not None else {}
     layers = []
     for i in range(spec.num_layers):
         p = f"model.layers.{i}."
@@ -63,17 +97,17 @@ def load_weights(
         layers.append(
             LayerWeights(
                 ln_attn=need(p + "input_layernorm.weight"),
-                w_qkv=torch.cat([need(a + f"{x}_proj.weight") for x in "qkv"], dim=0),
-                b_qkv=_cat([maybe(a + f"{x}_proj.bias") for x in "qkv"]),
+                w_qkv=torch.cat([need(a + f"{x}_proj.weight", cut.get(x)) for x in "qkv"], dim=0),
+                b_qkv=_cat([maybe(a + f"{x}_proj.bias", cut.get(x)) for x in "qkv"]),
                 q_norm=need(a + "q_norm.weight") if spec.qk_norm else None,
                 k_norm=need(a + "k_norm.weight") if spec.qk_norm else None,
-                w_o=need(a + "o_proj.weight"),
+                w_o=need(a + "o_proj.weight", cut.get("o")),
                 b_o=maybe(a + "o_proj.bias"),
                 ln_mlp=need(p + "post_attention_layernorm.weight"),
-                w_gate_up=torch.cat([need(p + "mlp.gate_proj.weight"), need(p + "mlp.up_proj.weight")], dim=0),
-                w_down=need(p + "mlp.down_proj.weight"),
+                w_gate_up=torch.cat([need(p + f"mlp.{x}_proj.weight", cut.get("up")) for x in ("gate", "up")]),
+                w_down=need(p + "mlp.down_proj.weight", cut.get("down")),
             )
         )
-    embed = need("model.embed_tokens.weight")
-    head = embed if spec.tie_embeddings else need("lm_head.weight")  # untied: never guess the head
+    embed = need("model.embed_tokens.weight", cut.get("vocab"))
+    head = embed if spec.tie_embeddings else need("lm_head.weight", cut.get("vocab"))  # untied: never guess the head
     return DecoderWeights(embed=embed, layers=layers, norm=need("model.norm.weight"), lm_head=head)
