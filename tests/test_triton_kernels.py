@@ -12,7 +12,9 @@ import torch
 
 pytest.importorskip("triton")
 
-from hogwild_kernels import QueryGroup, Segment, TorchAttention, TritonAttention  # noqa: E402
+from hogwild_kernels import (  # noqa: E402
+    QueryGroup, Segment, TorchAttention, TritonAttention, concurrent_attention_reference,
+)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -65,6 +67,11 @@ def backends(head_dim, rope_scale=1.0, chunk=16):
     return TorchAttention(inv_freq, rope_scale, sm), TritonAttention(inv_freq, rope_scale, sm, chunk=chunk)
 
 
+def reference(ref: TorchAttention, q, k_pool, v_pool, groups):
+    """The per-block reference (the query rotated for each block), the ground truth."""
+    return concurrent_attention_reference(q, k_pool, v_pool, groups, ref.inv_freq, ref.rope_scale, ref.sm_scale)
+
+
 def to_device(groups):
     for g in groups:
         for s in g.segments:
@@ -87,7 +94,7 @@ def test_attention_matches_reference(workers, q_heads, kv_heads, head_dim, seed)
     ref, tri = backends(head_dim, rope_scale=1.0 if seed % 2 else 1.3)
     slots = torch.zeros(q.shape[0], dtype=torch.int64, device=DEVICE)
     pos = torch.zeros_like(slots)
-    want = ref.attend(q, k_pool, v_pool, ref.prepare(groups, slots, pos))
+    want = reference(ref, q, k_pool, v_pool, groups)
     got = tri.attend(q, k_pool, v_pool, tri.prepare(groups, slots, pos))
     torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
 
@@ -101,7 +108,7 @@ def test_single_token_views_and_decode():
     q = torch.randn(3, q_heads, d, device=DEVICE)
     ref, tri = backends(d)
     s = torch.zeros(3, dtype=torch.int64, device=DEVICE)
-    want = ref.attend(q, k_pool, v_pool, ref.prepare(groups, s, s))
+    want = reference(ref, q, k_pool, v_pool, groups)
     got = tri.attend(q, k_pool, v_pool, tri.prepare(groups, s, s))
     torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
     # with one visible value the output is that value
@@ -133,6 +140,18 @@ def test_half_precision_on_gpu(dtype, workers, q_heads, kv_heads, head_dim):
     ref, _ = backends(head_dim)
     tri = TritonAttention(ref.inv_freq, 1.0, head_dim**-0.5, kv_heads=kv_heads)
     s = torch.zeros(q.shape[0], dtype=torch.int64, device=DEVICE)
-    want = ref.attend(q.float(), k_pool.float(), v_pool.float(), ref.prepare(groups, s, s))
+    want = reference(ref, q.float(), k_pool.float(), v_pool.float(), groups)
     got = tri.attend(q, k_pool, v_pool, tri.prepare(groups, s, s)).float()
     torch.testing.assert_close(got, want, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("workers,q_heads,kv_heads,head_dim,seed", [(3, 8, 2, 64, 11), (5, 10, 2, 32, 12)])
+def test_engine_torch_path_matches_reference(workers, q_heads, kv_heads, head_dim, seed):
+    """The engine's vectorized CPU path (keys moved by block offset) equals the per-block reference."""
+    q, k_pool, v_pool, groups = random_case(random.Random(seed), workers, q_heads, kv_heads, head_dim)
+    groups = to_device(groups)
+    ref, _ = backends(head_dim, rope_scale=1.25)
+    s = torch.zeros(q.shape[0], dtype=torch.int64, device=DEVICE)
+    want = concurrent_attention_reference(q, k_pool, v_pool, groups, ref.inv_freq, 1.25, head_dim**-0.5)
+    got = ref.attend(q, k_pool, v_pool, ref.prepare(groups, s, s))
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .reference import QueryGroup, concurrent_attention_reference
+from .reference import QueryGroup
 from .rope import apply_rope, rope_cos_sin
 
 
@@ -30,7 +30,12 @@ def _flat(pool: torch.Tensor) -> torch.Tensor:
 
 
 class TorchAttention:
-    """The reference: clear, exact, slow. Runs anywhere."""
+    """The engine's path without a GPU: exact, vectorized per worker.
+
+    Equivalent to `concurrent_attention_reference` (the query rotated per block) by
+    R(a) R(b) = R(a + b): here each gathered key is moved by its block's offset and the
+    query by its view position, so one attention per worker replaces one per block.
+    """
 
     name = "torch"
 
@@ -38,17 +43,49 @@ class TorchAttention:
         self.inv_freq, self.rope_scale, self.sm_scale = inv_freq, rope_scale, sm_scale
 
     def prepare(self, groups: list[QueryGroup], slots: torch.Tensor, key_positions: torch.Tensor) -> PassMeta:
-        return PassMeta(groups, slots, key_positions, rope_cos_sin(key_positions, self.inv_freq, self.rope_scale))
+        extra = {"append": rope_cos_sin(key_positions, self.inv_freq, self.rope_scale), "views": None}
+        return PassMeta(groups, slots, key_positions, extra)
 
     def append(self, k_pool: torch.Tensor, v_pool: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                meta: PassMeta) -> None:
-        cos, sin = meta.extra
+        cos, sin = meta.extra["append"]
         _flat(k_pool)[meta.slots] = apply_rope(k, cos, sin).to(k_pool.dtype)
         _flat(v_pool)[meta.slots] = v.to(v_pool.dtype)
 
+    def _views(self, groups: list[QueryGroup], page_size: int, device: torch.device) -> list[tuple]:
+        """Per worker, once per pass: key slots, key and query rotations, the mask."""
+        views = []
+        steps = torch.arange(page_size, device=device)
+        for g in groups:
+            slots, offsets = [], []
+            for seg in g.segments:
+                if seg.length:
+                    slots.append((seg.pages[:, None] * page_size + steps).flatten()[: seg.length])
+                    offsets.append(torch.full((seg.length,), seg.offset, dtype=torch.int64, device=device))
+            slot = torch.cat(slots)
+            offset = torch.cat(offsets)
+            kpos = offset + torch.cat([torch.arange(len(o), device=device) for o in offsets])
+            qpos = g.position + torch.arange(g.count, device=device)
+            views.append((slot, *rope_cos_sin(offset, self.inv_freq), *rope_cos_sin(qpos, self.inv_freq,
+                          self.rope_scale), kpos[None, :] > qpos[:, None]))
+        return views
+
     def attend(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, meta: PassMeta) -> torch.Tensor:
-        return concurrent_attention_reference(q, k_pool, v_pool, meta.groups, self.inv_freq, self.rope_scale,
-                                              self.sm_scale)
+        if meta.extra["views"] is None:
+            meta.extra["views"] = self._views(meta.groups, k_pool.shape[1], q.device)
+        out = torch.zeros_like(q)
+        t, hq, d = q.shape
+        hkv = k_pool.shape[2]
+        for g, (slot, kcos, ksin, qcos, qsin, hidden) in zip(meta.groups, meta.extra["views"]):
+            k = apply_rope(_flat(k_pool)[slot].to(torch.float32), kcos, ksin)  # keys moved by block offset
+            v = _flat(v_pool)[slot].to(torch.float32)
+            qr = apply_rope(q[g.start : g.start + g.count].to(torch.float32), qcos, qsin)
+            qr = qr.view(g.count, hkv, hq // hkv, d)
+            s = torch.einsum("nkrd,lkd->krnl", qr, k) * self.sm_scale
+            p = torch.softmax(s.masked_fill(hidden, float("-inf")), dim=-1)
+            o = torch.einsum("krnl,lkd->nkrd", p, v).reshape(g.count, hq, d)
+            out[g.start : g.start + g.count] = o.to(q.dtype)
+        return out
 
 
 def _next_pow2(x: int) -> int:
