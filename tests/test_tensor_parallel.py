@@ -33,18 +33,24 @@ def run_session(engine) -> dict:
             "kv_heads": engine.cache.k.shape[3]}
 
 
-def _rank_main(rank: int, world: int, port: int, path: str, out: str) -> None:
+def _rank_main(rank: int, world: int, port: int, jobs: dict[str, tuple[int, str]], out: str) -> None:
+    """One process per rank, for every case: a tp=n case runs on the subgroup of ranks 0..n-1."""
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=120))
     try:
-        engine = hw.HogwildEngine.from_pretrained(path, cache_tokens=2048, attention="torch",
-                                                  parallel=TensorParallel(rank, world))
-        result = run_session(engine)
-        if rank == 0:
-            torch.save(result, out)
+        sizes = sorted({n for n, _ in jobs.values()})
+        groups = {n: dist.new_group(list(range(n))) if n < world else None for n in sizes}  # same order everywhere
+        for name, (n, path) in jobs.items():
+            if rank >= n:
+                continue
+            engine = hw.HogwildEngine.from_pretrained(path, cache_tokens=2048, attention="torch",
+                                                      parallel=TensorParallel(rank, n, groups[n]))
+            result = run_session(engine)
+            if rank == 0:
+                torch.save(result, f"{out}/{name}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -63,13 +69,20 @@ CASES = {
 }
 
 
+@pytest.fixture(scope="module")
+def tp_runs(random_model, tmp_path_factory):
+    """Every case's rank-0 result, from one set of spawned ranks (spawning costs seconds each)."""
+    jobs = {name: (n, str(random_model(family, "default", **config)[0])) for name, (n, family, config) in CASES.items()}
+    out = tmp_path_factory.mktemp("tp")
+    world = max(n for n, _ in jobs.values())
+    torch.multiprocessing.spawn(_rank_main, args=(world, free_port(), jobs, str(out)), nprocs=world)
+    return {name: (path, torch.load(out / f"{name}.pt")) for name, (_, path) in jobs.items()}
+
+
 @pytest.mark.parametrize("case", list(CASES))
-def test_tensor_parallel_matches_one_process(random_model, tmp_path, case):
-    world, family, config = CASES[case]
-    path, _ = random_model(family, "default", **config)
-    out = tmp_path / "rank0.pt"
-    torch.multiprocessing.spawn(_rank_main, args=(world, free_port(), str(path), str(out)), nprocs=world)
-    got = torch.load(out)
+def test_tensor_parallel_matches_one_process(tp_runs, case):
+    world, _, config = CASES[case]
+    path, got = tp_runs[case]
     ref = run_session(hw.HogwildEngine.from_pretrained(path, cache_tokens=2048, attention="torch"))
     assert got["tokens"] == ref["tokens"]
     scale = ref["logits"].abs().max()
