@@ -99,11 +99,12 @@ class TritonAttention:
 
     def __init__(self, inv_freq: torch.Tensor, rope_scale: float, sm_scale: float, chunk: int | None = None,
                  block_n: int | None = None, block_m: int | None = None, kv_heads: int = 8,
-                 num_warps: int | None = None, num_stages: int | None = None) -> None:
+                 num_warps: int | None = None, num_stages: int | None = None, programs_per_sm: int = 2) -> None:
         self.inv_freq = inv_freq.to(torch.float32).contiguous()
         self.rope_scale, self.sm_scale, self.kv_heads = rope_scale, sm_scale, kv_heads
         interpret = self.interpret = os.environ.get("TRITON_INTERPRET") == "1"
         self.chunk = chunk  # None: sized per pass so that every SM gets work
+        self.programs_per_sm = programs_per_sm
         knobs = {"num_warps": num_warps, "num_stages": num_stages}
         self.launch = {} if interpret else {k: v for k, v in knobs.items() if v is not None}
         if self.launch:
@@ -118,7 +119,7 @@ class TritonAttention:
         return PassMeta(groups, slots.contiguous(), key_positions.to(torch.int32).contiguous(), plan)
 
     def _chunk(self, groups: list[QueryGroup], device: torch.device) -> int:
-        """Split long blocks so that (chunks x KV heads) gives every SM about two programs."""
+        """Split long blocks so that (chunks x KV heads) gives every SM a few programs."""
         if self.chunk is not None:
             return self.chunk
         sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
@@ -128,8 +129,9 @@ class TritonAttention:
                 key = s.block if s.block is not None else id(s)
                 blocks[key] = max(blocks.get(key, 0), s.length)
         total = sum(blocks.values())
-        target = max(1, -(-2 * sms // self.kv_heads))
-        return min(2048, max(self.block_n, _next_pow2(-(-total // target))))
+        target = max(1, -(-self.programs_per_sm * sms // self.kv_heads))
+        per_unit = -(-total // target)
+        return min(2048, max(self.block_n, -(-per_unit // self.block_n) * self.block_n))
 
     def append(self, k_pool: torch.Tensor, v_pool: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                meta: PassMeta) -> None:
