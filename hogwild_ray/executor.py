@@ -27,6 +27,7 @@ class LocalExecutor:
         self.engine, self.layout = engine, layout
         self.sampler = Sampler(params, engine.device)
         self.logits: torch.Tensor | None = None  # [fed workers, vocab] of the last pass
+        self._last = torch.full((layout.workers, engine.spec.vocab_size), float("nan"), device=engine.device)
 
     def prefill(self, block: Block, ids: list[int]) -> None:
         """Write a shared constant block (the prompt, a header) once for everyone."""
@@ -45,7 +46,12 @@ class LocalExecutor:
         steps = self.layout.plan(fed)
         self.logits = self.engine.run_forward(steps)
         order = [s.worker for s in steps]
+        self._last[order] = self.logits  # on the device, no sync
         return steps, self.sampler.sample(self.logits, order, greedy=greedy).tolist()  # the one host sync
+
+    def last_logits(self) -> torch.Tensor:
+        """[workers, vocab]: each worker's logits from the last pass it was fed in."""
+        return self._last
 
     def close(self) -> None:
         self.layout.close()

@@ -67,7 +67,6 @@ class Session:
         self.done = False
         self.stats = Stats(tokens_per_worker=[0] * workers, generated_per_worker=[0] * workers,
                            steps_per_worker=[0] * workers)
-        self._logits = torch.full((workers, engine.spec.vocab_size), float("nan"), device=engine.device)
         self._last_steps: dict[int, WriteStep] = {}
         self._finishing: list[int] = []
         self._finisher: int | None = None
@@ -157,7 +156,7 @@ class Session:
     @property
     def last_logits(self) -> torch.Tensor:
         """[workers, vocab]: each worker's logits from the last pass it was fed in."""
-        return self._logits
+        return self.executor.last_logits()
 
     @property
     def last_steps(self) -> dict[int, WriteStep]:
@@ -210,7 +209,6 @@ class Session:
             raise
         for s in steps:
             self._last_steps[s.worker] = s
-        self._logits[[s.worker for s in steps]] = self.executor.logits  # on the device, no sync
         self.stats.forward_passes += 1
         for s, tok in zip(steps, sampled):
             self._after_pass(s.worker, fed[s.worker], tok, new)
