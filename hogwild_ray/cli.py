@@ -79,8 +79,8 @@ def build_parser() -> Parser:
     g.add_argument("--model", metavar="PATH", default=None,
                    help="a local Hugging Face model directory or .gguf file "
                         "(default: the built-in SmolLM2-135M-Instruct)")
-    g.add_argument("--device", default="cpu",
-                   help="torch device to run on: cpu, cuda or cuda:N (default: %(default)s)")
+    g.add_argument("--device", default=None,
+                   help="torch device to run on: cpu, cuda or cuda:N (default: cuda when a GPU is visible, else cpu)")
     g.add_argument("--dtype", choices=sorted(DTYPES), default=None, metavar="DTYPE",
                    help=f"weight and cache dtype: {', '.join(sorted(DTYPES))} "
                         "(default: float32 on cpu, bfloat16 on cuda)")
@@ -146,9 +146,12 @@ def run(args: argparse.Namespace, engine=None) -> int:
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)  # checked before the load
     console, err = Console(), Console(stderr=True)
     if engine is None:
+        import torch
+
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         if err.is_terminal:
-            err.print(f"[dim]loading {args.model or 'the built-in SmolLM2-135M-Instruct'} on {args.device} ...")
-        engine = HogwildEngine.from_pretrained(args.model, args.device, args.dtype)
+            err.print(f"[dim]loading {args.model or 'the built-in SmolLM2-135M-Instruct'} on {device} ...")
+        engine = HogwildEngine.from_pretrained(args.model, device, args.dtype)
     view = LiveView(console, enabled=not (args.json or args.no_live))
     with view:
         result = engine.solve(
