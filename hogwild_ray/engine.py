@@ -87,6 +87,11 @@ class HogwildEngine:
         max_context: int | None = None,
         attention: str = "auto",
         parallel: TensorParallel | None = None,
+        backend: str = "local",
+        tp: int = 1,
+        ray_address: str | None = None,
+        placement_timeout_s: float = 60.0,
+        step_timeout_s: float = 30.0,
     ) -> HogwildEngine:
         """Load a local HF directory or GGUF file (None: the built-in SmolLM2-135M-Instruct).
 
@@ -96,7 +101,26 @@ class HogwildEngine:
         parallel: one rank of a tensor-parallel group (torch.distributed already initialised):
         the engine holds that rank's slice of the weights and of every K/V, and every rank must
         run the same sessions in lockstep (each gets the full logits and samples identically).
+        backend: "local" (this process) or "ray" (tp tensor-parallel shard actors on a Ray cluster,
+        ray_address or the running/new local one; placement_timeout_s bounds the wait for the
+        shards' resources, step_timeout_s a step; close() the engine to free them).
         """
+        if backend not in ("local", "ray"):
+            raise InvalidRequestError(f"backend must be 'local' or 'ray', got {backend!r}")
+        if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
+            raise InvalidRequestError(f"tp must be an integer >= 1, got {tp!r}")
+        if backend == "local" and tp != 1:
+            raise InvalidRequestError(f"tp={tp} needs backend='ray' (the local backend runs one rank)")
+        if backend == "ray":
+            if parallel is not None:
+                raise InvalidRequestError("parallel= is for one rank of your own process group; "
+                                          "backend='ray' builds its ranks itself (use tp=)")
+            from .runtime.engine import RayHogwildEngine
+
+            return RayHogwildEngine.create(path, device, dtype, cache_tokens=cache_tokens, page_size=page_size,
+                                           max_context=max_context, attention=attention, tp=tp,
+                                           ray_address=ray_address, placement_timeout_s=placement_timeout_s,
+                                           step_timeout_s=step_timeout_s)
         if attention not in ATTENTION_CHOICES:
             raise InvalidRequestError(f"attention must be one of {', '.join(ATTENTION_CHOICES)}, got {attention!r}")
         for name, v in (("page_size", page_size), ("cache_tokens", cache_tokens), ("max_context", max_context)):

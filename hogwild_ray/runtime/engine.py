@@ -1,0 +1,105 @@
+"""RayHogwildEngine: the model's tensor-parallel shards in Ray actors, the sessions here.
+
+This process holds the tokenizer, the model's spec (no weights) and a page allocator with
+the same pages every shard has; sessions plan here and the shards replay each step.
+Use `HogwildEngine.from_pretrained(path, ..., backend="ray", tp=N)`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..engine import ATTENTION_CHOICES, HogwildEngine
+from ..errors import InvalidRequestError
+from ..layout import CacheLayout, PageAllocator
+from ..model import locate, spec_from_config
+from ..model.loader import load_config, load_tokenizer
+from ..sampling import SamplingParams
+from .ray_executor import RayExecutor
+
+
+class RayHogwildEngine(HogwildEngine):
+    """Runs Hogwild! sessions on `tp` shard actors of one model (one placement group, one node)."""
+
+    group = None
+
+    @classmethod
+    def create(
+        cls,
+        path: str | Path | None = None,
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype | None = None,
+        *,
+        cache_tokens: int | None = None,
+        page_size: int = 16,
+        max_context: int | None = None,
+        attention: str = "auto",
+        tp: int = 1,
+        ray_address: str | None = None,
+        placement_timeout_s: float = 60.0,
+        step_timeout_s: float = 30.0,
+        load_timeout_s: float = 600.0,
+    ) -> RayHogwildEngine:
+        import ray
+
+        from .shard import ModelShard
+        from .supervisor import ShardGroup
+
+        if attention not in ATTENTION_CHOICES:
+            raise InvalidRequestError(f"attention must be one of {', '.join(ATTENTION_CHOICES)}, got {attention!r}")
+        for name, v in (("page_size", page_size), ("cache_tokens", cache_tokens), ("max_context", max_context)):
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise InvalidRequestError(f"{name} must be an integer >= 1, got {v!r}")
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, TypeError) as e:
+            raise InvalidRequestError(f"device {device!r} is not a torch device (try 'cpu' or 'cuda')") from e
+        if isinstance(dtype, torch.dtype):
+            dtype = str(dtype).removeprefix("torch.")
+        ckpt = locate(path)
+        config = load_config(ckpt)
+        spec = spec_from_config(config)
+        context = min(max_context or spec.max_positions, spec.max_positions)
+        spec.check_context(context)
+        tokenizer = load_tokenizer(ckpt)
+        tokens = cache_tokens or min(4 * context, 65536)
+        pages = -(-tokens // page_size)
+        kwargs = dict(cache_tokens=pages * page_size, page_size=page_size, max_context=context, attention=attention)
+
+        if not ray.is_initialized():
+            ray.init(address=ray_address, log_to_driver=False)
+        engine = cls(spec, tokenizer, None, None, PageAllocator(pages, page_size), dev, context, ckpt.label)
+        shard_path = str(path) if path is not None else None
+        engine.group = ShardGroup(ModelShard, tp, args=(shard_path, str(dev), dtype, kwargs, tp),
+                                  use_gpu=dev.type == "cuda", reserve_timeout=placement_timeout_s,
+                                  step_timeout=step_timeout_s)
+        try:
+            address = engine.group.step({"op": "addr"})
+            engine.group.step({"op": "init", "address": address}, timeout=load_timeout_s)
+        except BaseException:
+            engine.close()
+            raise
+        engine.tp = tp
+        return engine
+
+    def executor(self, layout: CacheLayout, params: list[SamplingParams]) -> RayExecutor:
+        """Runs a session's passes on the shard actors."""
+        return RayExecutor(self, layout, params)
+
+    def run_forward(self, steps: Any) -> torch.Tensor:
+        raise NotImplementedError("the Ray engine runs forward passes in its shards; use sessions")
+
+    def close(self) -> None:
+        """Stop the shards, free their placement group and channel; idempotent."""
+        group, self.group = self.group, None
+        if group is not None:
+            group.close()
+
+    def __enter__(self) -> RayHogwildEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
