@@ -62,6 +62,26 @@ def check_attention(attention: str, device: torch.device) -> None:
         )
 
 
+def check_options(attention: str, page_size: int, cache_tokens: int | None, max_context: int | None) -> None:
+    if attention not in ATTENTION_CHOICES:
+        raise InvalidRequestError(f"attention must be one of {', '.join(ATTENTION_CHOICES)}, got {attention!r}")
+    for name, v in (("page_size", page_size), ("cache_tokens", cache_tokens), ("max_context", max_context)):
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise InvalidRequestError(f"{name} must be an integer >= 1, got {v!r}")
+
+
+def read_model(path, max_context: int | None, cache_tokens: int | None, page_size: int):
+    """Checkpoint, config, spec, served context, tokenizer and the pool's page count (no weights)."""
+    ckpt = locate(path)
+    config = load_config(ckpt)
+    spec = spec_from_config(config)
+    context = min(max_context or spec.max_positions, spec.max_positions)
+    spec.check_context(context)
+    tokenizer = load_tokenizer(ckpt)
+    pages = -(-(cache_tokens or min(4 * context, 65536)) // page_size)
+    return ckpt, config, spec, context, tokenizer, pages
+
+
 class HogwildEngine:
     """Runs Hogwild! sessions of one model on one device."""
 
@@ -121,24 +141,13 @@ class HogwildEngine:
                                            max_context=max_context, attention=attention, tp=tp,
                                            ray_address=ray_address, placement_timeout_s=placement_timeout_s,
                                            step_timeout_s=step_timeout_s)
-        if attention not in ATTENTION_CHOICES:
-            raise InvalidRequestError(f"attention must be one of {', '.join(ATTENTION_CHOICES)}, got {attention!r}")
-        for name, v in (("page_size", page_size), ("cache_tokens", cache_tokens), ("max_context", max_context)):
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-                raise InvalidRequestError(f"{name} must be an integer >= 1, got {v!r}")
+        check_options(attention, page_size, cache_tokens, max_context)
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
-        ckpt = locate(path)
-        config = load_config(ckpt)
-        spec = spec_from_config(config)
-        context = min(max_context or spec.max_positions, spec.max_positions)
-        spec.check_context(context)
-        tokenizer = load_tokenizer(ckpt)
+        ckpt, config, spec, context, tokenizer, pages = read_model(path, max_context, cache_tokens, page_size)
         plan = shard_plan(spec, parallel.rank, parallel.world) if parallel and parallel.world > 1 else None
         local = plan.local_spec(spec) if plan else spec  # this rank's head and MLP sizes
         weights = load_weights(spec, weight_reader(ckpt, config), dev, dt, tp=plan)
-        tokens = cache_tokens or min(4 * context, 65536)
-        pages = -(-tokens // page_size)
         cache = KVPool(spec.num_layers, pages, page_size, local.num_kv_heads, spec.head_dim, dt, dev)
         check_attention(attention, dev)
         backend = make_attention(attention, dev, spec.inv_freq, spec.rope_scale, spec.sm_scale,

@@ -12,11 +12,9 @@ from typing import Any
 
 import torch
 
-from ..engine import ATTENTION_CHOICES, HogwildEngine
+from ..engine import HogwildEngine, check_options, read_model
 from ..errors import InvalidRequestError
 from ..layout import CacheLayout, PageAllocator
-from ..model import locate, spec_from_config
-from ..model.loader import load_config, load_tokenizer
 from ..sampling import SamplingParams
 from .ray_executor import RayExecutor
 
@@ -48,25 +46,14 @@ class RayHogwildEngine(HogwildEngine):
         from .shard import ModelShard
         from .supervisor import ShardGroup
 
-        if attention not in ATTENTION_CHOICES:
-            raise InvalidRequestError(f"attention must be one of {', '.join(ATTENTION_CHOICES)}, got {attention!r}")
-        for name, v in (("page_size", page_size), ("cache_tokens", cache_tokens), ("max_context", max_context)):
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-                raise InvalidRequestError(f"{name} must be an integer >= 1, got {v!r}")
+        check_options(attention, page_size, cache_tokens, max_context)
         try:
             dev = torch.device(device)
         except (RuntimeError, TypeError) as e:
             raise InvalidRequestError(f"device {device!r} is not a torch device (try 'cpu' or 'cuda')") from e
         if isinstance(dtype, torch.dtype):
             dtype = str(dtype).removeprefix("torch.")
-        ckpt = locate(path)
-        config = load_config(ckpt)
-        spec = spec_from_config(config)
-        context = min(max_context or spec.max_positions, spec.max_positions)
-        spec.check_context(context)
-        tokenizer = load_tokenizer(ckpt)
-        tokens = cache_tokens or min(4 * context, 65536)
-        pages = -(-tokens // page_size)
+        ckpt, _, spec, context, tokenizer, pages = read_model(path, max_context, cache_tokens, page_size)
         kwargs = dict(cache_tokens=pages * page_size, page_size=page_size, max_context=context, attention=attention)
 
         if not ray.is_initialized():
