@@ -155,6 +155,15 @@ class HogwildEngine:
         return cls(spec, tokenizer, Decoder(local, weights, backend, parallel), cache,
                    PageAllocator(pages, page_size), dev, context, ckpt.label)
 
+    def close(self) -> None:
+        """Release what the engine holds (the Ray engine stops its shards); idempotent."""
+
+    def __enter__(self) -> HogwildEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     # ---- sessions --------------------------------------------------------------------------
     def start(
         self,

@@ -26,20 +26,9 @@ class RayHogwildEngine(HogwildEngine):
 
     @classmethod
     def create(
-        cls,
-        path: str | Path | None = None,
-        device: str | torch.device = "cpu",
-        dtype: str | torch.dtype | None = None,
-        *,
-        cache_tokens: int | None = None,
-        page_size: int = 16,
-        max_context: int | None = None,
-        attention: str = "auto",
-        tp: int = 1,
-        ray_address: str | None = None,
-        placement_timeout_s: float = 60.0,
-        step_timeout_s: float = 30.0,
-        load_timeout_s: float = 600.0,
+        cls, path: str | Path | None, device: str | torch.device, dtype: str | torch.dtype | None, *,
+        cache_tokens: int | None, page_size: int, max_context: int | None, attention: str, tp: int,
+        ray_address: str | None, placement_timeout_s: float, step_timeout_s: float, load_timeout_s: float = 600.0,
     ) -> RayHogwildEngine:
         import ray
 
@@ -84,9 +73,3 @@ class RayHogwildEngine(HogwildEngine):
         group, self.group = self.group, None
         if group is not None:
             group.close()
-
-    def __enter__(self) -> RayHogwildEngine:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
