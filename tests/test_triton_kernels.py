@@ -86,6 +86,7 @@ def to_device(groups):
     (4, 8, 1, 64, 3),    # GQA 8
     (8, 4, 1, 64, 4),    # 8 workers
     (5, 10, 2, 128, 5),  # GQA 5, 5 workers
+    (2, 2, 1, 256, 6),   # head dim 256
 ])
 def test_attention_matches_reference(workers, q_heads, kv_heads, head_dim, seed):
     rng = random.Random(seed)
@@ -155,3 +156,53 @@ def test_engine_torch_path_matches_reference(workers, q_heads, kv_heads, head_di
     want = concurrent_attention_reference(q, k_pool, v_pool, groups, ref.inv_freq, 1.25, head_dim**-0.5)
     got = ref.attend(q, k_pool, v_pool, ref.prepare(groups, s, s))
     torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+
+
+def long_case(workers: int, view: int, q_heads: int, kv_heads: int, head_dim: int, dtype, chunk: int = 1,
+              page_size: int = 16, seed: int = 0):
+    """Full-size combined layout on the GPU: a long `common`, two headers, every worker's block
+    (the lag on others', causal own chunk), pages scattered over the pool, last pages partial."""
+    rng = random.Random(seed)
+    own = [rng.randint(chunk, 300) for _ in range(workers)]
+    lengths = [max(1, view - sum(own) - 26), 12, 14, *own]
+    need = [-(-n // page_size) for n in lengths]
+    perm = list(range(sum(need)))
+    rng.shuffle(perm)
+    blocks, at = [], 0
+    for n, p in zip(lengths, need):
+        blocks.append((torch.tensor(perm[at:at + p], device=DEVICE), n))
+        at += p
+    groups = []
+    for w in range(workers):
+        order = [0, 1] + [3 + o for o in range(workers) if o != w] + [2, 3 + w]
+        segs, off = [], 0
+        for b in order:
+            pages, n = blocks[b]
+            n = n - chunk if b >= 3 and b != 3 + w else n  # other workers' chunks are not visible yet
+            segs.append(Segment(pages, n, off, block=b))
+            off += n
+        groups.append(QueryGroup(w * chunk, chunk, off - chunk, segs))
+    k_pool = torch.randn(sum(need), page_size, kv_heads, head_dim, device=DEVICE).to(dtype)
+    v_pool = torch.randn(sum(need), page_size, kv_heads, head_dim, device=DEVICE).to(dtype)
+    q = (torch.randn(workers * chunk, q_heads, head_dim, device=DEVICE) * 2).to(dtype)  # peaky softmax
+    return q, k_pool, v_pool, groups
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="full-size views are checked on a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("workers,view,q_heads,kv_heads,head_dim,chunk", [
+    (1, 16384, 32, 8, 128, 1), (8, 16384, 32, 8, 128, 1), (16, 32768, 40, 8, 128, 1),
+    (4, 8192, 16, 16, 64, 3), (32, 4096, 64, 8, 128, 1), (3, 8192, 8, 1, 256, 2), (6, 4096, 28, 4, 128, 5),
+])
+def test_full_size_on_gpu(dtype, workers, view, q_heads, kv_heads, head_dim, chunk):
+    """Default (auto-sized) kernel launches at real lengths; fp32 exact, halves within their rounding."""
+    q, k_pool, v_pool, groups = long_case(workers, view, q_heads, kv_heads, head_dim, dtype, chunk)
+    inv_freq = (1.0 / 1e6 ** (torch.arange(0, head_dim, 2, device=DEVICE).float() / head_dim))
+    tri = TritonAttention(inv_freq, 1.0, head_dim**-0.5, kv_heads=kv_heads)
+    s = torch.zeros(q.shape[0], dtype=torch.int64, device=DEVICE)
+    want = concurrent_attention_reference(q.float(), k_pool.float(), v_pool.float(), groups, inv_freq, 1.0,
+                                          head_dim**-0.5)
+    got = tri.attend(q, k_pool, v_pool, tri.prepare(groups, s, s)).float()
+    tol = 2e-4 if dtype == torch.float32 else 2e-2  # of the largest output: bf16 rounds at 2^-8
+    err = (got - want).abs().max().item() / want.abs().max().item()
+    assert err <= tol, f"max error {err:.2e} of the largest output (tolerance {tol:g})"

@@ -99,12 +99,13 @@ class TritonAttention:
 
     def __init__(self, inv_freq: torch.Tensor, rope_scale: float, sm_scale: float, chunk: int | None = None,
                  block_n: int | None = None, block_m: int | None = None, kv_heads: int = 8,
-                 num_warps: int | None = None, num_stages: int | None = None, programs_per_sm: int = 2) -> None:
+                 num_warps: int | None = None, num_stages: int | None = None, programs_per_sm: int = 2,
+                 partial_dtype: torch.dtype | None = None) -> None:
         self.inv_freq = inv_freq.to(torch.float32).contiguous()
         self.rope_scale, self.sm_scale, self.kv_heads = rope_scale, sm_scale, kv_heads
         interpret = self.interpret = os.environ.get("TRITON_INTERPRET") == "1"
         self.chunk = chunk  # None: sized per pass so that every SM gets work
-        self.programs_per_sm = programs_per_sm
+        self.programs_per_sm, self.partial_dtype = programs_per_sm, partial_dtype
         knobs = {"num_warps": num_warps, "num_stages": num_stages}
         self.launch = {} if interpret else {k: v for k, v in knobs.items() if v is not None}
         if self.launch:
@@ -116,7 +117,17 @@ class TritonAttention:
         from .plan import plan_attention
 
         plan = plan_attention(groups, int(slots.numel()), self._chunk(groups, slots.device), slots.device)
-        return PassMeta(groups, slots.contiguous(), key_positions.to(torch.int32).contiguous(), plan)
+        # every rotation of this pass, once for all layers: readers by (position - block offset),
+        # new keys by their block-local position (fp32, as the reference computes them)
+        cos, sin = self._cos_sin(plan.pair_delta)  # full head dim, sin signed for rotate-half
+        plan.pair_cos, plan.pair_sin = torch.cat((cos, cos), 1), torch.cat((-sin, sin), 1)
+        key_cos, key_sin = self._cos_sin(key_positions.to(slots.device))
+        return PassMeta(groups, slots.contiguous(), key_positions, (plan, key_cos, key_sin))
+
+    def _cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[n, head_dim / 2] fp32 cos/sin with the rope attention factor."""
+        ang = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]
+        return (ang.cos() * self.rope_scale).contiguous(), (ang.sin() * self.rope_scale).contiguous()
 
     def _chunk(self, groups: list[QueryGroup], device: torch.device) -> int:
         """Split long blocks so that (chunks x KV heads) gives every SM a few programs."""
@@ -139,42 +150,43 @@ class TritonAttention:
 
         t, h, d = k.shape
         kp, vp = _flat(k_pool), _flat(v_pool)
+        _, key_cos, key_sin = meta.extra
         _kv_append_kernel[(t, h)](
-            k, v, meta.key_positions, meta.slots, self.inv_freq, kp, vp,
+            k, v, key_cos, key_sin, meta.slots, kp, vp,
             k.stride(0), k.stride(1), v.stride(0), v.stride(1), kp.stride(0), kp.stride(1),
-            float(self.rope_scale), HALF=d // 2, HALFP=max(16, _next_pow2(d // 2)),
+            HALF=d // 2, HALFP=max(16, _next_pow2(d // 2)),
         )
 
     def attend(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, meta: PassMeta) -> torch.Tensor:
         from .triton_attention import LOG2E, _merge_partials_kernel, _rope_shift_partial_kernel
 
-        plan = meta.extra
+        plan = meta.extra[0]
         t, hq, d = q.shape
         hkv = k_pool.shape[2]
         rep = hq // hkv
-        repp = _next_pow2(rep)
         # pack every reader of a unit into one row tile when it fits, so K/V is read once
-        block_m = self.block_m or min(128, max(16, _next_pow2(plan.max_pairs * repp)))
-        block_r = max(1, block_m // repp)
-        launch = self.launch or {"num_warps": 4 if block_m <= 32 else 8, "num_stages": 3}
-        out = torch.zeros_like(q)
+        block_m = max(self.block_m or min(128, max(16, _next_pow2(plan.max_pairs * rep))), _next_pow2(rep))
+        block_r = max(1, block_m // rep)
+        launch = self.launch or {"num_warps": 4, "num_stages": 3}  # best at every size swept on an H100
+        out = torch.empty_like(q)  # the merge writes every row (zeros where a token sees nothing)
         npairs = int(plan.pair_tok.numel())
         if npairs == 0:
-            return out
+            return out.zero_()
         kp, vp = _flat(k_pool), _flat(v_pool)
-        o_part = torch.empty((npairs, hq, d), dtype=torch.float32, device=q.device)
+        # partials in the input's precision (as vLLM's paged attention v2); fp32 inputs stay exact
+        o_part = torch.empty((npairs, hq, d), dtype=self.partial_dtype or q.dtype, device=q.device)
         lse_part = torch.empty((npairs, hq), dtype=torch.float32, device=q.device)
         grid = (int(plan.unit_item.numel()), hkv, -(-plan.max_pairs // block_r))
         _rope_shift_partial_kernel[grid](
-            q, kp, vp, self.inv_freq,
+            q, kp, vp,
             plan.unit_item, plan.unit_kstart, plan.unit_kend, plan.unit_pair, plan.unit_npairs,
-            plan.pair_tok, plan.pair_delta, plan.pair_limit, plan.tables,
+            plan.pair_tok, plan.pair_cos, plan.pair_sin, plan.pair_limit, plan.tables,
             o_part, lse_part,
             q.stride(0), q.stride(1), kp.stride(0), kp.stride(1), plan.tables.stride(0),
             o_part.stride(0), o_part.stride(1), lse_part.stride(0),
-            float(self.rope_scale), float(self.sm_scale * LOG2E),
-            PAGE=k_pool.shape[1], REP=rep, REPP=repp, BLOCK_R=block_r,
-            HALF=d // 2, HALFP=max(16, _next_pow2(d // 2)), BLOCK_N=self.block_n,
+            float(self.sm_scale * LOG2E),
+            PAGE=k_pool.shape[1], REP=rep, BLOCK_R=block_r, BLOCK_M=block_m,
+            D=d, DP=max(16, _next_pow2(d)), BLOCK_N=self.block_n,
             IEEE=q.dtype == torch.float32, LOOP_WHILE=self.interpret, **launch,
         )
         _merge_partials_kernel[(t, hq)](

@@ -18,56 +18,76 @@ LOG2E = 1.4426950408889634
 
 @triton.jit
 def _attend_tile(k0, kend, item, h, k_ptr, v_ptr, tables_ptr, stride_table, stride_kslot, stride_kh,
-                 qr1, qr2, limit, d, dmask, m_i, l_i, acc1, acc2,
-                 PAGE: tl.constexpr, HALF: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
-    """One tile of BLOCK_N keys of a block: scores for every packed query, online softmax."""
+                 qr, limit, d, dmask, m_i, l_i, acc,
+                 PAGE: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BLOCK_N: tl.constexpr,
+                 IEEE: tl.constexpr, MASKED: tl.constexpr):
+    """One tile of BLOCK_N keys of a block: scores for every packed query, online softmax.
+
+    MASKED=False is the fast path for tiles that lie inside the chunk and that every row
+    sees whole (most of a long block): no bounds, no visibility mask, no -inf guard.
+    """
     offs = k0 + tl.arange(0, BLOCK_N)
     kmask = offs < kend
-    page = tl.load(tables_ptr + item * stride_table + offs // PAGE, mask=kmask, other=0)
+    if MASKED:
+        page = tl.load(tables_ptr + item * stride_table + offs // PAGE, mask=kmask, other=0)
+    else:
+        page = tl.load(tables_ptr + item * stride_table + offs // PAGE)
     slot = page.to(tl.int64) * PAGE + offs % PAGE
     kv_off = slot[:, None] * stride_kslot + h * stride_kh + d[None, :]
     kvmask = kmask[:, None] & dmask[None, :]
-    k1 = tl.load(k_ptr + kv_off, mask=kvmask, other=0.0)
-    k2 = tl.load(k_ptr + kv_off + HALF, mask=kvmask, other=0.0)
-    if IEEE:
-        s = tl.dot(qr1, tl.trans(k1), input_precision="ieee") + tl.dot(qr2, tl.trans(k2), input_precision="ieee")
+    if MASKED or D != DP:
+        k = tl.load(k_ptr + kv_off, mask=kvmask, other=0.0)
     else:
-        s = tl.dot(qr1, tl.trans(k1)) + tl.dot(qr2, tl.trans(k2))
-    visible = (offs[None, :] < limit[:, None]) & kmask[None, :]
-    s = tl.where(visible, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        k = tl.load(k_ptr + kv_off)
+    if IEEE:
+        s = tl.dot(qr, tl.trans(k), input_precision="ieee")
+    else:
+        s = tl.dot(qr, tl.trans(k))
+    if MASKED:
+        visible = (offs[None, :] < limit[:, None]) & kmask[None, :]
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = m_new
     p = tl.exp2(s - m_safe[:, None])
     alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
-    v1 = tl.load(v_ptr + kv_off, mask=kvmask, other=0.0)
-    v2 = tl.load(v_ptr + kv_off + HALF, mask=kvmask, other=0.0)
-    pv = p.to(v_ptr.dtype.element_ty)
-    if IEEE:
-        acc1 = acc1 * alpha[:, None] + tl.dot(pv, v1, input_precision="ieee")
-        acc2 = acc2 * alpha[:, None] + tl.dot(pv, v2, input_precision="ieee")
+    if MASKED or D != DP:
+        v = tl.load(v_ptr + kv_off, mask=kvmask, other=0.0)
     else:
-        acc1 = acc1 * alpha[:, None] + tl.dot(pv, v1)
-        acc2 = acc2 * alpha[:, None] + tl.dot(pv, v2)
-    return m_new, l_i, acc1, acc2
+        v = tl.load(v_ptr + kv_off)
+    if IEEE:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v_ptr.dtype.element_ty), v, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v_ptr.dtype.element_ty), v)
+    return m_new, l_i, acc
 
 
 @triton.jit
 def _rope_shift_partial_kernel(
-    q_ptr, k_ptr, v_ptr, inv_freq_ptr,
+    q_ptr, k_ptr, v_ptr,
     unit_item_ptr, unit_kstart_ptr, unit_kend_ptr, unit_pair_ptr, unit_npairs_ptr,
-    pair_tok_ptr, pair_delta_ptr, pair_limit_ptr, tables_ptr,
+    pair_tok_ptr, pair_cos_ptr, pair_sin_ptr, pair_limit_ptr, tables_ptr,
     o_part_ptr, lse_part_ptr,
     stride_qt, stride_qh,
     stride_kslot, stride_kh,
     stride_table,
     stride_ot, stride_oh,
     stride_lt,
-    rope_scale, qk_scale,
-    PAGE: tl.constexpr, REP: tl.constexpr, REPP: tl.constexpr, BLOCK_R: tl.constexpr,
-    HALF: tl.constexpr, HALFP: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+    qk_scale,
+    PAGE: tl.constexpr, REP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
+    D: tl.constexpr, DP: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
     LOOP_WHILE: tl.constexpr,
 ):
+    """Partial attention of one unit (a chunk of one block) for one KV head and BLOCK_R readers.
+
+    Rows pack (reader, query head of this KV head) densely: BLOCK_R * REP <= BLOCK_M.
+    Each reader's rotation comes precomputed per pair over the full head dim (cos on both
+    halves, sin signed for rotate-half, rope attention factor included), once per forward
+    pass for all layers: q_rot = q * cos + q[(j + D/2) mod D] * sin, one dot per tile.
+    """
     u = tl.program_id(0)
     h = tl.program_id(1)
     rt = tl.program_id(2)
@@ -79,52 +99,58 @@ def _rope_shift_partial_kernel(
     kend = tl.load(unit_kend_ptr + u)
     pair0 = tl.load(unit_pair_ptr + u)
 
-    BLOCK_M: tl.constexpr = BLOCK_R * REPP
     m = tl.arange(0, BLOCK_M)
-    row = rt * BLOCK_R + m // REPP
-    g = m % REPP
-    valid = (row < npairs) & (g < REP)
+    row = rt * BLOCK_R + m // REP
+    g = m % REP
+    valid = (row < npairs) & (m < BLOCK_R * REP)
     pair = pair0 + row
     tok = tl.load(pair_tok_ptr + pair, mask=valid, other=0)
-    delta = tl.load(pair_delta_ptr + pair, mask=valid, other=0)
     limit = tl.load(pair_limit_ptr + pair, mask=valid, other=0)
     head = h * REP + g
 
-    d = tl.arange(0, HALFP)
-    dmask = d < HALF
+    d = tl.arange(0, DP)
+    dmask = d < D
     qmask = valid[:, None] & dmask[None, :]
-    q_base = q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :]
-    q1 = tl.load(q_base, mask=qmask, other=0.0).to(tl.float32)
-    q2 = tl.load(q_base + HALF, mask=qmask, other=0.0).to(tl.float32)
-    inv_freq = tl.load(inv_freq_ptr + d, mask=dmask, other=0.0)
-    ang = delta.to(tl.float32)[:, None] * inv_freq[None, :]
-    cos = tl.cos(ang) * rope_scale
-    sin = tl.sin(ang) * rope_scale
-    qr1 = ((q1 * cos - q2 * sin) * qk_scale).to(k_ptr.dtype.element_ty)
-    qr2 = ((q2 * cos + q1 * sin) * qk_scale).to(k_ptr.dtype.element_ty)
+    q_row = q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh
+    q = tl.load(q_row + d[None, :], mask=qmask, other=0.0).to(tl.float32)
+    q_swap = tl.load(q_row + ((d + D // 2) % D)[None, :], mask=qmask, other=0.0).to(tl.float32)
+    cs_off = pair[:, None] * D + d[None, :]
+    cos = tl.load(pair_cos_ptr + cs_off, mask=qmask, other=0.0)
+    sin = tl.load(pair_sin_ptr + cs_off, mask=qmask, other=0.0)
+    qr = ((q * cos + q_swap * sin) * qk_scale).to(k_ptr.dtype.element_ty)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc1 = tl.zeros([BLOCK_M, HALFP], tl.float32)
-    acc2 = tl.zeros([BLOCK_M, HALFP], tl.float32)
+    acc = tl.zeros([BLOCK_M, DP], tl.float32)
+    # keys [kstart, full) are inside the chunk and visible to every row: the unmasked fast path
+    seen_by_all = tl.min(tl.where(valid, limit, kend), 0)
+    full = kstart + tl.maximum(tl.minimum(seen_by_all, kend) - kstart, 0) // BLOCK_N * BLOCK_N
     if LOOP_WHILE:  # the CPU interpreter cannot range() over loaded bounds
         k0 = kstart
+        while k0 < full:
+            m_i, l_i, acc = _attend_tile(k0, kend, item, h, k_ptr, v_ptr, tables_ptr, stride_table, stride_kslot,
+                                         stride_kh, qr, limit, d, dmask, m_i, l_i, acc, PAGE, D, DP, BLOCK_N, IEEE,
+                                         False)
+            k0 += BLOCK_N
         while k0 < kend:
-            m_i, l_i, acc1, acc2 = _attend_tile(
-                k0, kend, item, h, k_ptr, v_ptr, tables_ptr, stride_table, stride_kslot, stride_kh,
-                qr1, qr2, limit, d, dmask, m_i, l_i, acc1, acc2, PAGE, HALF, BLOCK_N, IEEE)
+            m_i, l_i, acc = _attend_tile(k0, kend, item, h, k_ptr, v_ptr, tables_ptr, stride_table, stride_kslot,
+                                         stride_kh, qr, limit, d, dmask, m_i, l_i, acc, PAGE, D, DP, BLOCK_N, IEEE,
+                                         True)
             k0 += BLOCK_N
     else:
-        for k0 in range(kstart, kend, BLOCK_N):
-            m_i, l_i, acc1, acc2 = _attend_tile(
-                k0, kend, item, h, k_ptr, v_ptr, tables_ptr, stride_table, stride_kslot, stride_kh,
-                qr1, qr2, limit, d, dmask, m_i, l_i, acc1, acc2, PAGE, HALF, BLOCK_N, IEEE)
+        for k0 in range(kstart, full, BLOCK_N):
+            m_i, l_i, acc = _attend_tile(k0, kend, item, h, k_ptr, v_ptr, tables_ptr, stride_table, stride_kslot,
+                                         stride_kh, qr, limit, d, dmask, m_i, l_i, acc, PAGE, D, DP, BLOCK_N, IEEE,
+                                         False)
+        for k0 in range(full, kend, BLOCK_N):
+            m_i, l_i, acc = _attend_tile(k0, kend, item, h, k_ptr, v_ptr, tables_ptr, stride_table, stride_kslot,
+                                         stride_kh, qr, limit, d, dmask, m_i, l_i, acc, PAGE, D, DP, BLOCK_N, IEEE,
+                                         True)
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out_row = pair  # one partial row per (unit, pair): pairs are numbered per unit
     o_base = o_part_ptr + out_row[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
-    tl.store(o_base, acc1 / l_safe[:, None], mask=qmask)
-    tl.store(o_base + HALF, acc2 / l_safe[:, None], mask=qmask)
+    tl.store(o_base, (acc / l_safe[:, None]).to(o_part_ptr.dtype.element_ty), mask=qmask)
     lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe))
     tl.store(lse_part_ptr + out_row * stride_lt + head, lse, mask=valid)
 
@@ -152,7 +178,7 @@ def _merge_partials_kernel(
         part = tl.load(tok_parts_ptr + i + p, mask=pmask, other=0).to(tl.int64)
         lse = tl.load(lse_part_ptr + part * stride_lt + head, mask=pmask, other=float("-inf"))
         o = tl.load(o_part_ptr + part[:, None] * stride_ot + head * stride_oh + d[None, :],
-                    mask=pmask[:, None] & dmask[None, :], other=0.0)
+                    mask=pmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
         m_new = tl.maximum(m, tl.max(lse, 0))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         w = tl.exp2(lse - m_safe)
@@ -167,21 +193,18 @@ def _merge_partials_kernel(
 
 @triton.jit
 def _kv_append_kernel(
-    k_ptr, v_ptr, pos_ptr, slot_ptr, inv_freq_ptr, k_pool_ptr, v_pool_ptr,
+    k_ptr, v_ptr, cos_ptr, sin_ptr, slot_ptr, k_pool_ptr, v_pool_ptr,
     stride_kt, stride_kh, stride_vt, stride_vh, stride_pslot, stride_ph,
-    rope_scale,
     HALF: tl.constexpr, HALFP: tl.constexpr,
 ):
+    """Rotate one new key at its block-local position (cos/sin precomputed per pass) and store K and V."""
     t = tl.program_id(0)
     h = tl.program_id(1)
     d = tl.arange(0, HALFP)
     dmask = d < HALF
-    pos = tl.load(pos_ptr + t).to(tl.float32)
     slot = tl.load(slot_ptr + t).to(tl.int64)
-    inv_freq = tl.load(inv_freq_ptr + d, mask=dmask, other=0.0)
-    ang = pos * inv_freq
-    cos = tl.cos(ang) * rope_scale
-    sin = tl.sin(ang) * rope_scale
+    cos = tl.load(cos_ptr + t * HALF + d, mask=dmask, other=0.0)
+    sin = tl.load(sin_ptr + t * HALF + d, mask=dmask, other=0.0)
     kb = k_ptr + t * stride_kt + h * stride_kh + d
     k1 = tl.load(kb, mask=dmask, other=0.0).to(tl.float32)
     k2 = tl.load(kb + HALF, mask=dmask, other=0.0).to(tl.float32)
