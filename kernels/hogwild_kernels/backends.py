@@ -119,8 +119,7 @@ class TritonAttention:
         plan = plan_attention(groups, int(slots.numel()), self._chunk(groups, slots.device), slots.device)
         # every rotation of this pass, once for all layers: readers by (position - block offset),
         # new keys by their block-local position (fp32, as the reference computes them)
-        cos, sin = self._cos_sin(plan.pair_delta)  # full head dim, sin signed for rotate-half
-        plan.pair_cos, plan.pair_sin = torch.cat((cos, cos), 1), torch.cat((-sin, sin), 1)
+        plan.pair_cos, plan.pair_sin = self._cos_sin(plan.pair_delta)
         key_cos, key_sin = self._cos_sin(key_positions.to(slots.device))
         return PassMeta(groups, slots.contiguous(), key_positions, (plan, key_cos, key_sin))
 
@@ -167,7 +166,7 @@ class TritonAttention:
         # pack every reader of a unit into one row tile when it fits, so K/V is read once
         block_m = max(self.block_m or min(128, max(16, _next_pow2(plan.max_pairs * rep))), _next_pow2(rep))
         block_r = max(1, block_m // rep)
-        launch = self.launch or {"num_warps": 4, "num_stages": 3}  # best at every size swept on an H100
+        launch = self.launch or {"num_warps": 4 if block_m <= 64 else 8, "num_stages": 3}  # best swept on an H100
         out = torch.empty_like(q)  # the merge writes every row (zeros where a token sees nothing)
         npairs = int(plan.pair_tok.numel())
         if npairs == 0:
@@ -186,7 +185,7 @@ class TritonAttention:
             o_part.stride(0), o_part.stride(1), lse_part.stride(0),
             float(self.sm_scale * LOG2E),
             PAGE=k_pool.shape[1], REP=rep, BLOCK_R=block_r, BLOCK_M=block_m,
-            D=d, DP=max(16, _next_pow2(d)), BLOCK_N=self.block_n,
+            HALF=d // 2, HALFP=max(16, _next_pow2(d // 2)), BLOCK_N=self.block_n,
             IEEE=q.dtype == torch.float32, LOOP_WHILE=self.interpret, **launch,
         )
         _merge_partials_kernel[(t, hq)](

@@ -31,7 +31,7 @@ class AttentionPlan:
     num_tokens: int
     max_pairs: int  # the most pairs in one unit (sets the row-tile grid)
     max_parts: int  # the most partials of one token (sets the merge tile)
-    pair_cos: torch.Tensor | None = None  # fp32 [pairs, head_dim] set by the backend per pass
+    pair_cos: torch.Tensor | None = None  # fp32 [pairs, head_dim / 2] set by the backend per pass
     pair_sin: torch.Tensor | None = None
 
 

@@ -18,13 +18,14 @@ LOG2E = 1.4426950408889634
 
 @triton.jit
 def _attend_tile(k0, kend, item, h, k_ptr, v_ptr, tables_ptr, stride_table, stride_kslot, stride_kh,
-                 qr, limit, d, dmask, m_i, l_i, acc,
-                 PAGE: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BLOCK_N: tl.constexpr,
+                 qr1, qr2, limit, d, dmask, m_i, l_i, acc1, acc2,
+                 PAGE: tl.constexpr, HALF: tl.constexpr, HALFP: tl.constexpr, BLOCK_N: tl.constexpr,
                  IEEE: tl.constexpr, MASKED: tl.constexpr):
     """One tile of BLOCK_N keys of a block: scores for every packed query, online softmax.
 
-    MASKED=False is the fast path for tiles that lie inside the chunk and that every row
-    sees whole (most of a long block): no bounds, no visibility mask, no -inf guard.
+    The head dim is handled as two halves (the rotate-half pairs), so the query rotation
+    needs no shuffle. MASKED=False is the fast path for tiles that lie inside the chunk
+    and that every row sees whole (most of a long block): no bounds, no visibility mask.
     """
     offs = k0 + tl.arange(0, BLOCK_N)
     kmask = offs < kend
@@ -35,14 +36,16 @@ def _attend_tile(k0, kend, item, h, k_ptr, v_ptr, tables_ptr, stride_table, stri
     slot = page.to(tl.int64) * PAGE + offs % PAGE
     kv_off = slot[:, None] * stride_kslot + h * stride_kh + d[None, :]
     kvmask = kmask[:, None] & dmask[None, :]
-    if MASKED or D != DP:
-        k = tl.load(k_ptr + kv_off, mask=kvmask, other=0.0)
+    if MASKED or HALF != HALFP:
+        k1 = tl.load(k_ptr + kv_off, mask=kvmask, other=0.0)
+        k2 = tl.load(k_ptr + kv_off + HALF, mask=kvmask, other=0.0)
     else:
-        k = tl.load(k_ptr + kv_off)
+        k1 = tl.load(k_ptr + kv_off)
+        k2 = tl.load(k_ptr + kv_off + HALF)
     if IEEE:
-        s = tl.dot(qr, tl.trans(k), input_precision="ieee")
+        s = tl.dot(qr1, tl.trans(k1), input_precision="ieee") + tl.dot(qr2, tl.trans(k2), input_precision="ieee")
     else:
-        s = tl.dot(qr, tl.trans(k))
+        s = tl.dot(qr1, tl.trans(k1)) + tl.dot(qr2, tl.trans(k2))
     if MASKED:
         visible = (offs[None, :] < limit[:, None]) & kmask[None, :]
         s = tl.where(visible, s, float("-inf"))
@@ -54,15 +57,20 @@ def _attend_tile(k0, kend, item, h, k_ptr, v_ptr, tables_ptr, stride_table, stri
     p = tl.exp2(s - m_safe[:, None])
     alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
-    if MASKED or D != DP:
-        v = tl.load(v_ptr + kv_off, mask=kvmask, other=0.0)
+    if MASKED or HALF != HALFP:
+        v1 = tl.load(v_ptr + kv_off, mask=kvmask, other=0.0)
+        v2 = tl.load(v_ptr + kv_off + HALF, mask=kvmask, other=0.0)
     else:
-        v = tl.load(v_ptr + kv_off)
+        v1 = tl.load(v_ptr + kv_off)
+        v2 = tl.load(v_ptr + kv_off + HALF)
+    pv = p.to(v_ptr.dtype.element_ty)
     if IEEE:
-        acc = acc * alpha[:, None] + tl.dot(p.to(v_ptr.dtype.element_ty), v, input_precision="ieee")
+        acc1 = acc1 * alpha[:, None] + tl.dot(pv, v1, input_precision="ieee")
+        acc2 = acc2 * alpha[:, None] + tl.dot(pv, v2, input_precision="ieee")
     else:
-        acc = acc * alpha[:, None] + tl.dot(p.to(v_ptr.dtype.element_ty), v)
-    return m_new, l_i, acc
+        acc1 = acc1 * alpha[:, None] + tl.dot(pv, v1)
+        acc2 = acc2 * alpha[:, None] + tl.dot(pv, v2)
+    return m_new, l_i, acc1, acc2
 
 
 @triton.jit
@@ -78,15 +86,14 @@ def _rope_shift_partial_kernel(
     stride_lt,
     qk_scale,
     PAGE: tl.constexpr, REP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
-    D: tl.constexpr, DP: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+    HALF: tl.constexpr, HALFP: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
     LOOP_WHILE: tl.constexpr,
 ):
     """Partial attention of one unit (a chunk of one block) for one KV head and BLOCK_R readers.
 
     Rows pack (reader, query head of this KV head) densely: BLOCK_R * REP <= BLOCK_M.
-    Each reader's rotation comes precomputed per pair over the full head dim (cos on both
-    halves, sin signed for rotate-half, rope attention factor included), once per forward
-    pass for all layers: q_rot = q * cos + q[(j + D/2) mod D] * sin, one dot per tile.
+    Each reader's rotation (cos/sin of its delta, rope attention factor included) comes
+    precomputed per pair, once per forward pass for all layers.
     """
     u = tl.program_id(0)
     h = tl.program_id(1)
@@ -108,49 +115,53 @@ def _rope_shift_partial_kernel(
     limit = tl.load(pair_limit_ptr + pair, mask=valid, other=0)
     head = h * REP + g
 
-    d = tl.arange(0, DP)
-    dmask = d < D
+    d = tl.arange(0, HALFP)
+    dmask = d < HALF
     qmask = valid[:, None] & dmask[None, :]
-    q_row = q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh
-    q = tl.load(q_row + d[None, :], mask=qmask, other=0.0).to(tl.float32)
-    q_swap = tl.load(q_row + ((d + D // 2) % D)[None, :], mask=qmask, other=0.0).to(tl.float32)
-    cs_off = pair[:, None] * D + d[None, :]
+    q_base = q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :]
+    q1 = tl.load(q_base, mask=qmask, other=0.0).to(tl.float32)
+    q2 = tl.load(q_base + HALF, mask=qmask, other=0.0).to(tl.float32)
+    cs_off = pair[:, None] * HALF + d[None, :]
     cos = tl.load(pair_cos_ptr + cs_off, mask=qmask, other=0.0)
     sin = tl.load(pair_sin_ptr + cs_off, mask=qmask, other=0.0)
-    qr = ((q * cos + q_swap * sin) * qk_scale).to(k_ptr.dtype.element_ty)
+    qr1 = ((q1 * cos - q2 * sin) * qk_scale).to(k_ptr.dtype.element_ty)
+    qr2 = ((q2 * cos + q1 * sin) * qk_scale).to(k_ptr.dtype.element_ty)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, DP], tl.float32)
+    acc1 = tl.zeros([BLOCK_M, HALFP], tl.float32)
+    acc2 = tl.zeros([BLOCK_M, HALFP], tl.float32)
     # keys [kstart, full) are inside the chunk and visible to every row: the unmasked fast path
     seen_by_all = tl.min(tl.where(valid, limit, kend), 0)
     full = kstart + tl.maximum(tl.minimum(seen_by_all, kend) - kstart, 0) // BLOCK_N * BLOCK_N
     if LOOP_WHILE:  # the CPU interpreter cannot range() over loaded bounds
         k0 = kstart
         while k0 < full:
-            m_i, l_i, acc = _attend_tile(k0, kend, item, h, k_ptr, v_ptr, tables_ptr, stride_table, stride_kslot,
-                                         stride_kh, qr, limit, d, dmask, m_i, l_i, acc, PAGE, D, DP, BLOCK_N, IEEE,
-                                         False)
+            m_i, l_i, acc1, acc2 = _attend_tile(
+                k0, kend, item, h, k_ptr, v_ptr, tables_ptr, stride_table, stride_kslot, stride_kh,
+                qr1, qr2, limit, d, dmask, m_i, l_i, acc1, acc2, PAGE, HALF, HALFP, BLOCK_N, IEEE, False)
             k0 += BLOCK_N
         while k0 < kend:
-            m_i, l_i, acc = _attend_tile(k0, kend, item, h, k_ptr, v_ptr, tables_ptr, stride_table, stride_kslot,
-                                         stride_kh, qr, limit, d, dmask, m_i, l_i, acc, PAGE, D, DP, BLOCK_N, IEEE,
-                                         True)
+            m_i, l_i, acc1, acc2 = _attend_tile(
+                k0, kend, item, h, k_ptr, v_ptr, tables_ptr, stride_table, stride_kslot, stride_kh,
+                qr1, qr2, limit, d, dmask, m_i, l_i, acc1, acc2, PAGE, HALF, HALFP, BLOCK_N, IEEE, True)
             k0 += BLOCK_N
     else:
         for k0 in range(kstart, full, BLOCK_N):
-            m_i, l_i, acc = _attend_tile(k0, kend, item, h, k_ptr, v_ptr, tables_ptr, stride_table, stride_kslot,
-                                         stride_kh, qr, limit, d, dmask, m_i, l_i, acc, PAGE, D, DP, BLOCK_N, IEEE,
-                                         False)
+            m_i, l_i, acc1, acc2 = _attend_tile(
+                k0, kend, item, h, k_ptr, v_ptr, tables_ptr, stride_table, stride_kslot, stride_kh,
+                qr1, qr2, limit, d, dmask, m_i, l_i, acc1, acc2, PAGE, HALF, HALFP, BLOCK_N, IEEE, False)
         for k0 in range(full, kend, BLOCK_N):
-            m_i, l_i, acc = _attend_tile(k0, kend, item, h, k_ptr, v_ptr, tables_ptr, stride_table, stride_kslot,
-                                         stride_kh, qr, limit, d, dmask, m_i, l_i, acc, PAGE, D, DP, BLOCK_N, IEEE,
-                                         True)
+            m_i, l_i, acc1, acc2 = _attend_tile(
+                k0, kend, item, h, k_ptr, v_ptr, tables_ptr, stride_table, stride_kslot, stride_kh,
+                qr1, qr2, limit, d, dmask, m_i, l_i, acc1, acc2, PAGE, HALF, HALFP, BLOCK_N, IEEE, True)
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out_row = pair  # one partial row per (unit, pair): pairs are numbered per unit
     o_base = o_part_ptr + out_row[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
-    tl.store(o_base, (acc / l_safe[:, None]).to(o_part_ptr.dtype.element_ty), mask=qmask)
+    ty = o_part_ptr.dtype.element_ty
+    tl.store(o_base, (acc1 / l_safe[:, None]).to(ty), mask=qmask)
+    tl.store(o_base + HALF, (acc2 / l_safe[:, None]).to(ty), mask=qmask)
     lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe))
     tl.store(lse_part_ptr + out_row * stride_lt + head, lse, mask=valid)
 
