@@ -110,7 +110,7 @@ class HogwildEngine:
         backend: str = "local",
         tp: int = 1,
         ray_address: str | None = None,
-        placement_timeout_s: float = 60.0,
+        placement_timeout_s: float = 30.0,
         step_timeout_s: float = 30.0,
     ) -> HogwildEngine:
         """Load a local HF directory or GGUF file (None: the built-in SmolLM2-135M-Instruct).

@@ -75,3 +75,9 @@ def save_random_model(directory: Path, tokenizer_dir: Path, family: str, rope: s
     model.save_pretrained(directory, safe_serialization=True)
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(directory)
     return model
+
+
+# Overrides for tensor-parallel tests: heads and MLP that split over 3 ranks; one KV head
+# (each rank of a tp=2 group then holds a replica of it).
+SPLITS_BY_3 = dict(hidden_size=96, intermediate_size=192, num_attention_heads=6, num_key_value_heads=3)
+ONE_KV_HEAD = dict(num_key_value_heads=1)

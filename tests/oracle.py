@@ -16,7 +16,15 @@ import torch
 from hogwild_kernels import gather_segment, rotate_keys_by
 from hogwild_kernels.reference import Segment
 
+import hogwild_ray as hw
+
 TOL = 2e-4  # fp32: a few 1e-4 of the largest |logit| (rounding of rotations and sums)
+
+STEPS = 40
+# Forced boundaries and an interjection: (pass index, worker) -> text fed before its next token.
+FORCED = {5: {1: "Let me check that.\n\n"}, 12: {0: "First part done.\n\n", 2: "Another idea:"},
+          20: {2: "We should split the work.\n\n"}, 27: {0: "So far so good.\n\n"},
+          33: {1: "Checking the other case.\n\n"}}
 
 
 def _segment_kv(pool, layer, view, length, inv_freq):
@@ -24,6 +32,29 @@ def _segment_kv(pool, layer, view, length, inv_freq):
     k = gather_segment(pool.k[layer], seg).float().cpu()
     v = gather_segment(pool.v[layer], seg).float().cpu()
     return rotate_keys_by(k, view.offset, inv_freq.cpu()), v
+
+
+def stored_kv(session):
+    """The K/V pool the last pass used and its RoPE frequencies. A Ray session's pool is spread
+    over its shards (each holds its KV heads): it hands back a gathered CPU copy."""
+    if hasattr(session, "stored_kv"):
+        return session.stored_kv(), session.engine.spec.inv_freq
+    return session.engine.cache, session.engine.decoder.inv_freq
+
+
+def run_oracle(engine, hf_model, workers, layout, plain=False, steps=STEPS, **check):
+    """A session with forced boundaries and interjections, checked after every step (check:
+    more oracle_check options): (worst relative logit error, finished steps, the session)."""
+    session = engine.start("Compute 12 * 7 and explain.", workers=workers, layout=layout, max_tokens=200,
+                           sampling=hw.SamplingParams(temperature=1.0, seed=3), redundancy_every=15)
+    worst = 0.0
+    for i in range(steps):
+        inject = {w: t for w, t in FORCED.get(i, {}).items() if w < workers}
+        session.step(inject=inject)
+        worst = max(worst, oracle_check(session, hf_model, plain=plain, **check))
+    finished = sum(session.stats.steps_per_worker)
+    session.close()
+    return worst, finished, session
 
 
 def oracle_check(session, hf_model, plain: bool = False, shift: tuple[int, int] | None = None) -> float:
@@ -34,7 +65,7 @@ def oracle_check(session, hf_model, plain: bool = False, shift: tuple[int, int] 
     from transformers import DynamicCache
 
     eng = session.engine
-    pool, inv_freq = eng.cache, eng.decoder.inv_freq
+    pool, inv_freq = stored_kv(session)
     worst = 0.0
     for w, step in session.last_steps.items():
         view = step.flat_view()

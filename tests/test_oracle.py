@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from oracle import TOL, oracle_check
+from oracle import TOL, oracle_check, run_oracle
 
 import hogwild_ray as hw
 
@@ -21,26 +21,6 @@ CASES = [
     ("llama", "default", 5, "contiguous"),
     ("qwen3", "default", 3, "interleaved"),
 ]
-
-STEPS = 40
-# Forced boundaries and an interjection: (pass index, worker) -> text fed before its next token.
-FORCED = {5: {1: "Let me check that.\n\n"}, 12: {0: "First part done.\n\n", 2: "Another idea:"},
-          20: {2: "We should split the work.\n\n"}, 27: {0: "So far so good.\n\n"},
-          33: {1: "Checking the other case.\n\n"}}
-
-
-def run_oracle(engine, hf_model, workers, layout, plain=False, steps=STEPS):
-    session = engine.start("Compute 12 * 7 and explain.", workers=workers, layout=layout, max_tokens=200,
-                           sampling=hw.SamplingParams(temperature=1.0, seed=3), redundancy_every=15)
-    worst, finished_before = 0.0, 0
-    for i in range(steps):
-        inject = {w: t for w, t in FORCED.get(i, {}).items() if w < workers}
-        session.step(inject=inject)
-        worst = max(worst, oracle_check(session, hf_model, plain=plain))
-    finished = sum(session.stats.steps_per_worker)
-    session.close()
-    return worst, finished, session
-
 
 @pytest.mark.parametrize("family,rope,workers,layout", CASES)
 def test_oracle_random_models(random_model, family, rope, workers, layout):

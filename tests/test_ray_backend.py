@@ -1,29 +1,38 @@
-"""The Ray backend end to end on a real local Ray cluster (gloo): tensor-parallel shard actors
-must give the in-process engine's tokens and logits, and leave nothing behind."""
+"""The Ray backend end to end on a real local Ray cluster (gloo): a coordinator actor beside
+tensor-parallel shard actors must pass the oracle, give the in-process engine's tokens, fail
+fast and clearly, and leave nothing behind."""
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
 import torch
-from oracle import TOL
+from models import ONE_KV_HEAD, SPLITS_BY_3
+from oracle import TOL, run_oracle
 
 ray = pytest.importorskip("ray")
 
 import hogwild_ray as hw  # noqa: E402
-from hogwild_ray.errors import InvalidRequestError  # noqa: E402
-from hogwild_ray.runtime import ShardFailedError  # noqa: E402
+from hogwild_ray.errors import InvalidRequestError, UnsupportedModelError  # noqa: E402
+from hogwild_ray.runtime import (  # noqa: E402
+    ChannelTimeoutError, ClusterResourceError, CoordinatorFailedError, ShardFailedError,
+)
+from hogwild_ray.runtime.channel import SHM_PREFIX  # noqa: E402
 from hogwild_ray.runtime.engine import RayHogwildEngine  # noqa: E402
+from hogwild_ray.runtime.remote_session import RemoteSession  # noqa: E402
 
-STEPS = 24
-FORCED = {4: {0: "First part done.\n\n"}, 9: {1: "Let me check that.\n\n"}, 14: {2: "So far so good.\n\n"}}
+CPUS = 4
+STEPS = 64
+FORCED = {4: {0: "First part done.\n\n"}, 9: {1: "Let me check that.\n\n"}, 14: {2: "So far so good.\n\n"},
+          40: {1: "Another idea:"}}
 KW = dict(cache_tokens=2048, attention="torch")
 
 
 @pytest.fixture(scope="module", autouse=True)
 def cluster():
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=CPUS, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -36,11 +45,20 @@ def live_actors() -> list[str]:
     return [k for k, a in ray._private.state.actors().items() if a["State"] == "ALIVE"]
 
 
+def our_segments() -> list[str]:
+    return [n for n in os.listdir("/dev/shm") if n.startswith(SHM_PREFIX)]
+
+
 def assert_clean() -> None:
-    deadline = time.monotonic() + 10  # removal is asynchronous in the GCS
-    while (live_actors() or live_groups()) and time.monotonic() < deadline:
+    """No actor, placement group or shared-memory segment left (removal is asynchronous)."""
+    deadline = time.monotonic() + 10
+    while (live_actors() or live_groups() or our_segments()) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert live_actors() == [] and live_groups() == []
+    assert live_actors() == [] and live_groups() == [] and our_segments() == []
+
+
+def ray_engine(path, tp: int, **kw) -> RayHogwildEngine:
+    return hw.HogwildEngine.from_pretrained(str(path), backend="ray", tp=tp, **KW, **kw)
 
 
 def run_session(engine, steps: int = STEPS) -> tuple[list, torch.Tensor]:
@@ -57,42 +75,146 @@ def run_session(engine, steps: int = STEPS) -> tuple[list, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def model_dir(random_model):
-    return str(random_model("llama", "default")[0])
+def llama(random_model):
+    return random_model("llama", "default")
 
 
-def test_tp2_matches_the_local_engine_and_cleans_up(model_dir):
-    local_tokens, local_logits = run_session(hw.HogwildEngine.from_pretrained(model_dir, **KW))
-    with hw.HogwildEngine.from_pretrained(model_dir, backend="ray", tp=2, **KW) as engine:
+class TestOneEngine:
+    """Several sessions on one tp=2 engine (freed before the other tests: the cluster has 4 CPUs)."""
+
+    @pytest.fixture(scope="class")
+    def engine(self, llama):
+        engine = ray_engine(llama[0], 2)
+        yield engine
+        engine.close()
+
+    def test_tp2_matches_the_local_engine(self, llama, engine):
+        """64 greedy steps of 3 workers: the same tokens and logits as the in-process engine; then the
+        same shards serve a second session and a whole solve() inside the coordinator."""
+        local = hw.HogwildEngine.from_pretrained(llama[0], **KW)
+        local_tokens, local_logits = run_session(local)
         assert isinstance(engine, RayHogwildEngine)
         tokens, logits = run_session(engine)
+        assert tokens == local_tokens
+        scale = local_logits.nan_to_num().abs().max().item()
+        assert torch.equal(logits.isnan(), local_logits.isnan())
+        assert (logits - local_logits).nan_to_num().abs().max().item() <= TOL * scale
         again, _ = run_session(engine, steps=3)  # a second session on the same shards
-    assert tokens == local_tokens
-    assert again == local_tokens[:3]
-    scale = local_logits.nan_to_num().abs().max().item()
-    assert torch.equal(logits.isnan(), local_logits.isnan())
-    assert (logits - local_logits).nan_to_num().abs().max().item() <= TOL * scale
-    assert_clean()
+        assert again == local_tokens[:3]
+        ask = dict(workers=2, max_tokens=12, sampling=hw.SamplingParams(temperature=0))
+        ours, theirs = engine.solve("Compute 3 + 4.", **ask), local.solve("Compute 3 + 4.", **ask)
+        assert (ours.worker_texts, ours.answer, ours.stats.forward_passes) == \
+            (theirs.worker_texts, theirs.answer, theirs.stats.forward_passes)
+        pages = engine.allocator
+        assert pages.free_pages == pages.num_pages
+
+    def test_session_proxy_mirrors_the_session(self, engine):
+        """What progress displays read (workers, text, stats, done) is mirrored from each step's reply."""
+        seen = []
+        result = engine.solve("Compute 2 + 2.", workers=2, max_tokens=8, sampling=hw.SamplingParams(temperature=0),
+                              on_step=lambda s, new: seen.append((type(s), s.stats.forward_passes, s.text(0))))
+        assert seen and all(t is RemoteSession for t, _, _ in seen)
+        assert seen[-1][1] == result.stats.forward_passes and seen[-1][2] == result.worker_texts[0]
+        session = engine.start("Compute 2 + 2.", workers=2, max_tokens=8)
+        with pytest.raises(InvalidRequestError, match="inject names worker 5"):
+            session.step(inject={5: "x"})
+        assert not session.done  # a rejected request leaves the session as it was, as in process
+        newer = engine.start("Compute 5 + 5.", workers=2, max_tokens=8)
+        with pytest.raises(InvalidRequestError, match="one session at a time"):
+            session.step()
+        newer.close()
+        assert newer.done
+
+    def test_oracle_tp2(self, llama, engine):
+        check_oracle(engine, llama[1])
 
 
-def test_killed_shard_is_a_clear_error_and_releases_everything(model_dir):
-    engine = hw.HogwildEngine.from_pretrained(model_dir, backend="ray", tp=2, step_timeout_s=20, **KW)
+def check_oracle(engine, hf_model) -> None:
+    worst, finished, session = run_oracle(engine, hf_model, 3, "combined")
+    assert worst <= TOL, f"max relative logit error {worst:.2e}"
+    assert finished >= 4 and session.stats.redundancy_checks >= 1
+
+
+@pytest.mark.parametrize("tp, family, rope, overrides", [
+    (3, "qwen3", "yarn", SPLITS_BY_3),
+    (2, "qwen2", "default", ONE_KV_HEAD),  # fewer KV heads than ranks: each rank holds a replica
+], ids=["tp3", "tp2-one-kv-head"])
+def test_oracle_through_the_ray_engine(random_model, tp, family, rope, overrides):
+    path, hf_model = random_model(family, rope, **overrides)
+    with ray_engine(path, tp) as engine:
+        check_oracle(engine, hf_model)
+
+
+# ----------------------------------------------------------------------------- failures
+
+def test_killed_shard_is_a_clear_error_and_releases_everything(llama):
+    engine = ray_engine(llama[0], 2, step_timeout_s=20)
     session = engine.start("Compute 12 * 7.", workers=2, max_tokens=100, sampling=hw.SamplingParams(temperature=0))
     session.step()
-    ray.kill(engine.group.actors[1])
+    ray.kill(engine.shard_actors()[1])
+    start = time.monotonic()
     with pytest.raises(ShardFailedError, match="shard rank 1 failed") as err:
         for _ in range(5):
             session.step()
-    assert 1 in err.value.ranks
-    session.close()
+    assert time.monotonic() - start < 20
+    assert 1 in err.value.ranks and session.done
+    session.close()  # no-ops once the engine released everything
     engine.close()
     assert_clean()
 
 
-def test_bad_backend_arguments():
+def test_killed_coordinator_is_a_clear_error_within_the_step_timeout(llama):
+    engine = ray_engine(llama[0], 2, step_timeout_s=5)
+    session = engine.start("Compute 12 * 7.", workers=2, max_tokens=100)
+    session.step()
+    ray.kill(engine.coordinator)
+    start = time.monotonic()
+    with pytest.raises(CoordinatorFailedError, match="coordinator actor died"):
+        session.step()
+    assert time.monotonic() - start < 5
+    assert engine.coordinator is None and session.done
+    with pytest.raises(CoordinatorFailedError, match="engine is closed"):
+        engine.start("Compute 1 + 1.")
+    engine.close()
+    assert_clean()  # the shards (the coordinator's children) and the group went with it
+
+
+def test_hung_rank_fails_the_step_within_the_timeout(llama):
+    """Rank 1 sleeps instead of running its pass; rank 0 waits in the collective; the step must not hang."""
+    engine = ray_engine(llama[0], 2, step_timeout_s=3)
+    session = engine.start("Compute 12 * 7.", workers=2, max_tokens=100)
+    session.step()
+    engine.stall_rank(1, 3600)
+    start = time.monotonic()
+    with pytest.raises(ChannelTimeoutError, match=r"rank\(s\) \[0, 1\] did not answer within 3 s") as err:
+        session.step()
+    elapsed = time.monotonic() - start
+    assert 3 <= elapsed < 3 + 3, elapsed  # the timeout, then the release
+    assert 1 in err.value.ranks and engine.coordinator is None
+    engine.close()
+    assert_clean()
+
+
+def test_too_few_resources_is_a_clear_error_within_the_wait(llama):
+    start = time.monotonic()
+    with pytest.raises(ClusterResourceError) as err:
+        ray_engine(llama[0], 8, placement_timeout_s=2)
+    assert time.monotonic() - start < 2 + 2
+    msg = str(err.value)
+    assert "8 shard(s) of 1 CPU each on one node within 2 s" in msg and f"'CPU': {CPUS}" in msg
+    assert "lower the tensor-parallel degree" in msg
+    assert_clean()
+
+
+def test_bad_backend_arguments(llama):
     with pytest.raises(InvalidRequestError, match="backend must be"):
         hw.HogwildEngine.from_pretrained(None, backend="mpi")
     with pytest.raises(InvalidRequestError, match="tp must be an integer >= 1"):
         hw.HogwildEngine.from_pretrained(None, backend="ray", tp=0)
     with pytest.raises(InvalidRequestError, match="needs backend='ray'"):
         hw.HogwildEngine.from_pretrained(None, tp=2)
+    with pytest.raises(InvalidRequestError, match="step_timeout_s must be"):
+        ray_engine(llama[0], 2, step_timeout_s=0)
+    with pytest.raises(UnsupportedModelError, match="cannot be split over tp=3"):  # found before any shard starts
+        ray_engine(llama[0], 3)
+    assert_clean()

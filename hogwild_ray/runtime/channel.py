@@ -118,6 +118,7 @@ class ShmChannel(StepChannel):
         attached = lambda: [read_meta(self.buf, lay.reply(r))[1] == 1 for r in range(lay.shards)]  # noqa: E731
         if not wait_until(lambda: all(attached()), timeout, watch=watch, spin_s=self.spec.spin_s):
             raise _silent([r for r, ok in enumerate(attached()) if not ok], timeout)
+        self._unlink()  # every end is mapped: the name can go now, so no crash later can leak the segment
 
     def send(self, msg: Any) -> None:
         lay = self.spec.layout
@@ -137,6 +138,15 @@ class ShmChannel(StepChannel):
         n, _ = read_meta(self.buf, lay.reply(0))
         off = lay.reply(0) + HEADER.size
         return decode(self.buf[off: off + n]) if n else None
+
+    def _unlink(self) -> None:
+        """Remove the segment's name (the creator's job); mapped ends keep their memory until they exit."""
+        if self.spec.name in _created:
+            _created.discard(self.spec.name)
+            try:
+                self.shm.unlink()
+            except FileNotFoundError:
+                pass
 
     # -- shard
     def recv(self, timeout: float) -> Any:
@@ -169,10 +179,7 @@ class ShmChannel(StepChannel):
         self.buf = None  # type: ignore[assignment]  # drop our view, or close() refuses
         if self.rank is None:
             self.shm.buf[self.spec.layout.CLOSED] = 1
-            try:
-                self.shm.unlink()  # the name goes now; attached shards keep their mapping until they exit
-            except FileNotFoundError:
-                pass
+            self._unlink()
         try:
             self.shm.close()
         except BufferError:  # a view still exported (e.g. held by a traceback): freed with the process

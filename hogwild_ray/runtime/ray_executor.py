@@ -1,4 +1,4 @@
-"""RayExecutor: a session's passes run by the shard actors of a RayHogwildEngine.
+"""RayExecutor: a session's passes run by the shard actors of a ShardedEngine.
 
 It has LocalExecutor's interface. The coordinator keeps its own copy of the layout and
 does the bookkeeping (plans, relocations, page releases) here; every shard replays the same
@@ -19,7 +19,7 @@ from ..sampling import SamplingParams
 from .errors import ChannelTimeoutError, ShardFailedError
 
 if TYPE_CHECKING:
-    from .engine import RayHogwildEngine
+    from .sharded import ShardedEngine
 
 
 def concrete(params: list[SamplingParams]) -> list[SamplingParams]:
@@ -52,7 +52,7 @@ def _first_death(group, err: ShardFailedError) -> ShardFailedError:
 class RayExecutor:
     """Runs passes on the engine's shard group; the layout bookkeeping stays in this process."""
 
-    def __init__(self, engine: RayHogwildEngine, layout: CacheLayout, params: list[SamplingParams]) -> None:
+    def __init__(self, engine: ShardedEngine, layout: CacheLayout, params: list[SamplingParams]) -> None:
         self.engine, self.layout = engine, layout
         self.params = concrete(params)
         self.logits: torch.Tensor | None = None
@@ -109,6 +109,11 @@ class RayExecutor:
                     for w in range(self.layout.workers)]
             self.logits = torch.stack(rows)
         return self.logits
+
+    def read_kv(self, pages: list[int]) -> np.ndarray:
+        """Every KV head's stored K and V of `pages`: [2, layers, len(pages), page_size, kv heads, head_dim]
+        (float32, gathered from the ranks on rank 0; for inspection and the oracle, not the hot path)."""
+        return np.asarray(self._call({"op": "kv", "pages": list(pages)}))
 
     def close(self) -> None:
         if not self._closed:

@@ -1,49 +1,52 @@
 """A shard with a model: one tensor-parallel rank of the engine, fed through a step channel.
 
 Every rank replays the same messages on its own copy of the cache layout with its slice of
-the model, in lockstep; rank 0's replies carry the data (sampled tokens, logits).
+the model, in lockstep; rank 0's replies carry the data (sampled tokens, logits, K/V).
 
 Messages (dicts, field "op"):
-  addr      rank 0 picks a free port on its node; reply "tcp://<ip>:<port>"
-  init      join the process group at "address", load the model; reply None
+  store     rank 0 opens the rendezvous TCPStore on port 0; reply "<ip>:<port>"
+  init      join the process group through the store at "store", load the model; reply None
   start     open a session: "layout" kind, "workers", "params" (SamplingParams, concrete seeds)
   prefill   write shared block "block" (a layout attribute name) with "ids"
   run       finish the steps of "finishing", then one pass over "fed" (greedy flag); reply tokens
   logits    reply row "worker" of the last logits (a float32 numpy array)
+  kv        reply every KV head's K and V of "pages" (float32 numpy, [2, layers, pages, page, heads, dim])
+  stall     rank "rank" sleeps "seconds" instead of running its next pass (fault injection for tests)
   end       close the session
 """
 
 from __future__ import annotations
 
 import datetime
-import socket
+import time
 from typing import Any
 
 from .channel import ShmSpec, SocketSpec, connect
 from .errors import ChannelClosedError, ChannelTimeoutError
 
 
-def free_address() -> str:
-    """tcp://<this node's ip>:<a port free now> (the port is closed again; rank 0 reopens it)."""
-    import ray
-
-    ip = ray.util.get_node_ip_address()
-    with socket.socket() as s:
-        s.bind((ip, 0))
-        return f"tcp://{ip}:{s.getsockname()[1]}"
-
-
 class ModelShard:
     """Rank `rank` of `world`: loads its slice of the model on "init", then serves sessions."""
 
     def __init__(self, path: str, device: str, dtype: str | None, engine_kwargs: dict[str, Any],
-                 world: int, rendezvous_timeout_s: float = 120.0) -> None:
+                 world: int, rendezvous_timeout_s: float = 120.0, collective_timeout_s: float = 600.0) -> None:
         self.path, self.device, self.dtype = path, device, dtype
         self.engine_kwargs, self.world = dict(engine_kwargs), world
-        self.rendezvous_timeout_s = rendezvous_timeout_s
-        self.engine = self.layout = self.executor = None
+        self.rendezvous_timeout_s, self.collective_timeout_s = rendezvous_timeout_s, collective_timeout_s
+        self.engine = self.layout = self.executor = self.store = None
+        self.stall_s = 0.0
 
-    def _init(self, rank: int, address: str) -> None:
+    def _open_store(self) -> str:
+        """Rank 0's TCPStore on a port the OS picks and keeps bound: no free-port race."""
+        import ray
+        import torch.distributed as dist
+
+        ip = ray.util.get_node_ip_address()
+        self.store = dist.TCPStore(ip, 0, self.world, is_master=True, wait_for_workers=False,
+                                   timeout=datetime.timedelta(seconds=self.rendezvous_timeout_s))
+        return f"{ip}:{self.store.port}"
+
+    def _init(self, rank: int, store: str | None) -> None:
         import torch
         import torch.distributed as dist
 
@@ -52,23 +55,50 @@ class ModelShard:
 
         if torch.device(self.device).type == "cpu":
             torch.set_num_threads(1)
-        backend = "nccl" if torch.device(self.device).type == "cuda" else "gloo"
         if self.world > 1:
-            dist.init_process_group(backend, init_method=address, rank=rank, world_size=self.world,
-                                    timeout=datetime.timedelta(seconds=self.rendezvous_timeout_s))
+            if rank != 0:
+                host, port = store.rsplit(":", 1)
+                self.store = dist.TCPStore(host, int(port), self.world, is_master=False,
+                                           timeout=datetime.timedelta(seconds=self.rendezvous_timeout_s))
+            backend = "nccl" if torch.device(self.device).type == "cuda" else "gloo"
+            dist.init_process_group(backend, store=self.store, rank=rank, world_size=self.world,
+                                    timeout=datetime.timedelta(seconds=self.collective_timeout_s))
         parallel = TensorParallel(rank, self.world, None) if self.world > 1 else None
         self.engine = HogwildEngine.from_pretrained(self.path, self.device, self.dtype, parallel=parallel,
                                                     **self.engine_kwargs)
+
+    def _kv(self, rank: int, pages: list[int]) -> Any:
+        """Every KV head's K/V of `pages`, gathered on rank 0 (replicated heads written once per copy)."""
+        import torch
+
+        from ..model.parallel import shard_plan
+
+        cache, spec = self.engine.cache, self.engine.spec
+        idx = torch.tensor(pages, dtype=torch.int64, device=cache.k.device)
+        mine = torch.stack([cache.k[:, idx], cache.v[:, idx]]).float()  # [2, L, P, page, local heads, dim]
+        if self.world == 1:
+            return mine.cpu().numpy() if rank == 0 else None
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(mine) for _ in range(self.world)]
+        dist.all_gather(parts, mine.contiguous())
+        if rank != 0:
+            return None
+        full = torch.zeros(*mine.shape[:4], spec.num_kv_heads, mine.shape[5], device=mine.device)
+        for r, part in enumerate(parts):
+            heads = shard_plan(spec, r, self.world).kv_heads
+            full[..., heads.start:heads.stop, :] = part
+        return full.cpu().numpy()
 
     def _handle(self, rank: int, msg: dict[str, Any]) -> Any:
         from ..executor import LocalExecutor
         from ..layout import CacheLayout
 
         op = msg["op"]
-        if op == "addr":
-            return free_address() if rank == 0 else None
+        if op == "store":
+            return self._open_store() if rank == 0 and self.world > 1 else None
         if op == "init":
-            self._init(rank, msg["address"])
+            self._init(rank, msg["store"])
             return None
         if op == "start":
             self._end()
@@ -79,6 +109,9 @@ class ModelShard:
             self.executor.prefill(getattr(self.layout, msg["block"]), msg["ids"])
             return None
         if op == "run":
+            if self.stall_s:
+                stall, self.stall_s = self.stall_s, 0.0
+                time.sleep(stall)  # the other ranks wait for this one in their first collective
             self.executor.finish_steps(msg["finishing"])
             _, tokens = self.executor.run(msg["fed"], msg["greedy"])
             return tokens if rank == 0 else None
@@ -86,6 +119,12 @@ class ModelShard:
             if rank != 0:
                 return None
             return self.executor.last_logits()[msg["worker"]].float().cpu().numpy()
+        if op == "kv":
+            return self._kv(rank, msg["pages"])
+        if op == "stall":
+            if rank == msg["rank"]:
+                self.stall_s = float(msg["seconds"])
+            return None
         if op == "end":
             self._end()
             return None

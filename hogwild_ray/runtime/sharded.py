@@ -1,64 +1,61 @@
-"""RayHogwildEngine: the model's tensor-parallel shards in Ray actors, the sessions here.
+"""ShardedEngine: the engine the coordinator runs sessions on, its model in shard actors.
 
-This process holds the tokenizer, the model's spec (no weights) and a page allocator with
-the same pages every shard has; sessions plan here and the shards replay each step.
-Use `HogwildEngine.from_pretrained(path, ..., backend="ray", tp=N)`.
+It holds the tokenizer, the model's spec (no weights) and a page allocator with the same
+pages every shard has; sessions plan here and the shards replay each step. It lives in
+the coordinator actor (see coordinator.py); users get it through `RayHogwildEngine`.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+import time
 from typing import Any
 
 import torch
 
-from ..engine import HogwildEngine, check_options, read_model
-from ..errors import InvalidRequestError
+from ..engine import HogwildEngine, read_model
 from ..layout import CacheLayout, PageAllocator
+from ..model.parallel import shard_plan
 from ..sampling import SamplingParams
 from .ray_executor import RayExecutor
 
 
-class RayHogwildEngine(HogwildEngine):
-    """Runs Hogwild! sessions on `tp` shard actors of one model (one placement group, one node)."""
+class ShardedEngine(HogwildEngine):
+    """Runs Hogwild! sessions on `tp` shard actors of one model, placed in a given placement group."""
 
     group = None
+    timings: dict[str, float]
 
     @classmethod
-    def create(
-        cls, path: str | Path | None, device: str | torch.device, dtype: str | torch.dtype | None, *,
-        cache_tokens: int | None, page_size: int, max_context: int | None, attention: str, tp: int,
-        ray_address: str | None, placement_timeout_s: float, step_timeout_s: float, load_timeout_s: float = 600.0,
-    ) -> RayHogwildEngine:
-        import ray
+    def create(cls, path: str | None, device: str, dtype: str | None, options: dict[str, Any], *, tp: int,
+               placement: Any, step_timeout_s: float, start_timeout_s: float = 120.0,
+               load_timeout_s: float = 600.0) -> ShardedEngine:
+        """Read the model here, start its shards in bundles 0..tp-1 of `placement`, load their weights.
 
+        options: cache_tokens, page_size, max_context, attention (checked by the caller)."""
         from .shard import ModelShard
         from .supervisor import ShardGroup
 
-        check_options(attention, page_size, cache_tokens, max_context)
+        t0 = time.perf_counter()
+        ckpt, _, spec, context, tokenizer, pages = read_model(path, options["max_context"], options["cache_tokens"],
+                                                              options["page_size"])
+        if tp > 1:
+            shard_plan(spec, 0, tp)  # UnsupportedModelError naming the valid degrees, before any actor starts
+        kwargs = dict(options, cache_tokens=pages * options["page_size"], max_context=context)
+        engine = cls(spec, tokenizer, None, None, PageAllocator(pages, options["page_size"]), torch.device(device),
+                     context, ckpt.label)
+        t1 = time.perf_counter()
+        engine.group = ShardGroup(ModelShard, tp, args=(path, device, dtype, kwargs, tp),
+                                  use_gpu=torch.device(device).type == "cuda", placement=placement,
+                                  start_timeout=start_timeout_s, step_timeout=step_timeout_s)
+        t2 = time.perf_counter()
         try:
-            dev = torch.device(device)
-        except (RuntimeError, TypeError) as e:
-            raise InvalidRequestError(f"device {device!r} is not a torch device (try 'cpu' or 'cuda')") from e
-        if isinstance(dtype, torch.dtype):
-            dtype = str(dtype).removeprefix("torch.")
-        ckpt, _, spec, context, tokenizer, pages = read_model(path, max_context, cache_tokens, page_size)
-        kwargs = dict(cache_tokens=pages * page_size, page_size=page_size, max_context=context, attention=attention)
-
-        if not ray.is_initialized():
-            ray.init(address=ray_address, log_to_driver=False)
-        engine = cls(spec, tokenizer, None, None, PageAllocator(pages, page_size), dev, context, ckpt.label)
-        shard_path = str(path) if path is not None else None
-        engine.group = ShardGroup(ModelShard, tp, args=(shard_path, str(dev), dtype, kwargs, tp),
-                                  use_gpu=dev.type == "cuda", reserve_timeout=placement_timeout_s,
-                                  step_timeout=step_timeout_s)
-        try:
-            address = engine.group.step({"op": "addr"})
-            engine.group.step({"op": "init", "address": address}, timeout=load_timeout_s)
+            store = engine.group.step({"op": "store"})
+            engine.group.step({"op": "init", "store": store}, timeout=load_timeout_s)
         except BaseException:
             engine.close()
             raise
         engine.tp = tp
+        engine.timings = {"read_model_s": t1 - t0, "shard_start_s": t2 - t1, "weights_s": time.perf_counter() - t2}
         return engine
 
     def executor(self, layout: CacheLayout, params: list[SamplingParams]) -> RayExecutor:
@@ -68,8 +65,12 @@ class RayHogwildEngine(HogwildEngine):
     def run_forward(self, steps: Any) -> torch.Tensor:
         raise NotImplementedError("the Ray engine runs forward passes in its shards; use sessions")
 
+    def stall(self, rank: int, seconds: float) -> None:
+        """Fault injection for tests: rank `rank` sleeps instead of running its next pass."""
+        self.group.step({"op": "stall", "rank": rank, "seconds": seconds})
+
     def close(self) -> None:
-        """Stop the shards, free their placement group and channel; idempotent."""
+        """Stop the shards and free their channel; idempotent (the placement group is the driver's)."""
         group, self.group = self.group, None
         if group is not None:
             group.close()

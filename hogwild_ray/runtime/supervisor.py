@@ -15,6 +15,7 @@ from typing import Any, Literal
 import ray
 from ray.actor import ActorClass, ActorHandle
 from ray.exceptions import RayActorError, RayTaskError
+from ray.util.placement_group import PlacementGroup
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from .channel import ShmChannel, SocketChannel, StepChannel
@@ -27,18 +28,21 @@ class ShardGroup:
 
     `actor_cls` is a class (or `ray.remote` class) with `run_loop(spec, rank)`;
     `channel` is "shm" (shards on this node), "socket", or "auto" (shm when they are).
+    `placement`: a ready placement group with one bundle per shard (bundle i holds rank i),
+    owned by the caller; None reserves one here (and close() removes it).
     """
 
     def __init__(self, actor_cls: type | ActorClass, shards: int, *, args: tuple = (), kwargs: dict | None = None,
                  use_gpu: bool = False, channel: Literal["auto", "shm", "socket"] = "auto",
                  reserve_timeout: float = 60.0, start_timeout: float = 120.0, step_timeout: float = 30.0,
-                 capacity: int = 4 << 20) -> None:
+                 capacity: int = 4 << 20, placement: PlacementGroup | None = None) -> None:
         self.shards, self.step_timeout = shards, step_timeout
         self.actors: list[ActorHandle] = []
         self.loops: dict[ray.ObjectRef, int] = {}  # loop ref -> rank
         self.channel: StepChannel | None = None
         self._closed = False
-        self.pg = reserve(shards, use_gpu, reserve_timeout)
+        self._owns_pg = placement is None
+        self.pg = reserve(shards, use_gpu, reserve_timeout) if placement is None else placement
         atexit.register(self.close)
         try:
             self.channel = self._make_channel(channel, capacity)
@@ -112,7 +116,8 @@ class ShardGroup:
             if ray.is_initialized():
                 for actor in self.actors:
                     ray.kill(actor)
-                release(self.pg)
+                if self._owns_pg:
+                    release(self.pg)
 
     def __enter__(self) -> ShardGroup:
         return self

@@ -1,0 +1,173 @@
+"""The coordinator actor: sessions (layout, tokenizer, protocol, stopping) beside rank 0.
+
+It runs the engine's own `Session` unchanged on a `ShardedEngine`, so the logic that
+decides what every worker feeds exists once. It creates the shard group and writes the
+step channel itself: the per-step path (coordinator -> shards -> coordinator) makes no
+Ray call, and the driver pays one actor call per user-visible step (or one per `solve`).
+
+Placement: the driver reserves the placement group (so it can always remove it, whatever
+happened to this actor) and schedules the coordinator into bundle 0 with num_cpus=0.
+Bundle 0 is rank 0's, so the coordinator is on rank 0's node by construction and the
+shared-memory channel always connects processes of one node, even when the driver runs
+elsewhere (a remote driver, `ray job submit`). It asks for no CPU of its own, because
+it works only between steps while the shards wait for it: tp=N still needs exactly N
+devices (N CPUs in CI), and an extra bundle would make a cluster that fits the shards
+refuse the group.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import InvalidRequestError
+from ..results import SolveResult, Stats
+from ..session import Session
+from .sharded import ShardedEngine
+
+
+@dataclass
+class EngineInfo:
+    """What the driver's engine shows about the model (no weights, no tokenizer)."""
+
+    spec: Any
+    label: str
+    max_context: int
+    eos_ids: frozenset[int]
+    timings: dict[str, float]
+
+
+@dataclass
+class SessionState:
+    """What changed in a session since the last report: enough to mirror it in the driver."""
+
+    done: bool
+    answer: str | None
+    stats: Stats
+    statuses: list[str]
+    stream_tails: list[list[int]]  # each worker's stream tokens since the last report
+
+
+class Coordinator:
+    """One engine's sessions and shard group; one session at a time (the shards hold one layout)."""
+
+    def __init__(self) -> None:
+        self.engine: ShardedEngine | None = None
+        self.session: Session | None = None
+        self.sid = 0
+        self._reported: list[int] = []
+
+    def ready(self) -> bool:
+        return True
+
+    def load(self, path: str | None, device: str, dtype: str | None, options: dict[str, Any], tp: int,
+             placement: Any, step_timeout_s: float) -> EngineInfo:
+        """Read the model, start the shards in `placement` (bundles 0..tp-1), load their weights."""
+        self.engine = ShardedEngine.create(path, device, dtype, options, tp=tp, placement=placement,
+                                           step_timeout_s=step_timeout_s)
+        e = self.engine
+        return EngineInfo(e.spec, e.label, e.max_context, e.eos_ids, e.timings)
+
+    def tokenizer(self) -> Any:
+        return self._engine().tokenizer
+
+    def shards(self) -> list[Any]:
+        """The shard actors' handles, rank order."""
+        group = self._engine().group
+        return list(group.actors) if group is not None else []
+
+    def pages(self) -> tuple[int, int]:
+        """(free pages, all pages) of the K/V pool."""
+        a = self._engine().allocator
+        return a.free_pages, a.num_pages
+
+    # ---- sessions ----------------------------------------------------------------------------
+    def start(self, problem: str, workers: int, kwargs: dict[str, Any]) -> tuple[int, list[int], SessionState]:
+        """Open a session (closing the previous one); its id, prompt ids and first state."""
+        self._close_session()
+        self.session = self._engine().start(problem, workers, **kwargs)
+        self.sid += 1
+        self._reported = [0] * workers
+        return self.sid, list(self.session.prompt_ids), self._state()
+
+    def step(self, sid: int, inject: dict[int, str] | None) -> tuple[dict[int, list[int]], SessionState]:
+        new = self._session(sid).step(inject)
+        return new, self._state()
+
+    def run_steps(self, sid: int, steps: int) -> tuple[list[float], SessionState]:
+        """Up to `steps` steps here (fewer if the session ends), in one call; each step's seconds."""
+        s, times = self._session(sid), []
+        while len(times) < steps and not s.done:
+            t = time.perf_counter()
+            s.step()
+            times.append(time.perf_counter() - t)
+        return times, self._state()
+
+    def state(self, sid: int) -> SessionState:
+        self._session(sid)
+        return self._state()
+
+    def views(self, sid: int) -> tuple[list[list[int]], dict[int, Any]]:
+        """last_views and last_steps (pickled together, so blocks shared by steps stay shared)."""
+        s = self._session(sid)
+        return s.last_views, s.last_steps
+
+    def logits(self, sid: int) -> Any:
+        return self._session(sid).last_logits
+
+    def stored_kv(self, sid: int) -> tuple[list[int], Any]:
+        """The pages the last pass read and every KV head's K/V in them (see RayExecutor.read_kv)."""
+        s = self._session(sid)
+        pages = sorted({p for step in s.last_steps.values() for seg in step.segments for p in seg.block.pages})
+        return pages, s.executor.read_kv(pages)
+
+    def result(self, sid: int) -> SolveResult:
+        return self._session(sid).result()
+
+    def close_session(self, sid: int) -> SessionState | None:
+        if sid != self.sid or self.session is None:
+            return None
+        self._close_session()
+        return self._state()
+
+    def solve(self, problem: str, workers: int, kwargs: dict[str, Any]) -> SolveResult:
+        """A whole session in this actor: one driver call, the steps through the channel only."""
+        self._close_session()
+        return self._engine().solve(problem, workers, **kwargs)
+
+    def stall(self, rank: int, seconds: float) -> None:
+        """Fault injection for tests: shard `rank` sleeps instead of running its next pass."""
+        self._engine().stall(rank, seconds)
+
+    def shutdown(self) -> None:
+        """Close the session and stop the shards cleanly (channel closed, shared memory unlinked)."""
+        try:
+            self._close_session()
+        finally:
+            if self.engine is not None:
+                self.engine.close()
+
+    # ---- internals ---------------------------------------------------------------------------
+    def _engine(self) -> ShardedEngine:
+        if self.engine is None:
+            raise InvalidRequestError("the coordinator has no model loaded")
+        return self.engine
+
+    def _session(self, sid: int) -> Session:
+        if sid != self.sid or self.session is None:
+            raise InvalidRequestError(
+                f"session {sid} is closed: the Ray engine serves one session at a time and a newer one was "
+                "started; keep one session open per engine (or open another engine)")
+        return self.session
+
+    def _close_session(self) -> None:
+        s = self.session
+        if s is not None and not s.done:
+            s.close()
+
+    def _state(self) -> SessionState:
+        s = self.session
+        tails = [ws.stream[n:] for ws, n in zip(s.workers, self._reported)]
+        self._reported = [len(ws.stream) for ws in s.workers]
+        return SessionState(s.done, s.answer, s.stats, [ws.status for ws in s.workers], tails)

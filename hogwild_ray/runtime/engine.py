@@ -1,0 +1,209 @@
+"""RayHogwildEngine: the driver's client of one coordinator actor and its shards.
+
+Use `HogwildEngine.from_pretrained(path, ..., backend="ray", tp=N)`. The driver reserves the
+placement group and starts the coordinator in its bundle 0 (see coordinator.py); the
+coordinator reads the model, starts the shards and runs the sessions. This object keeps the
+local engine's API: `start` gives a RemoteSession, `solve` runs a whole session in the
+coordinator in one call. The driver owns the placement group and the coordinator, so
+`close()` (also on a failure, at `with` exit and at interpreter exit) always frees both;
+the shards die with either.
+"""
+
+from __future__ import annotations
+
+import atexit
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..engine import HogwildEngine, check_options
+from ..errors import InvalidRequestError
+from ..results import SolveResult
+from .coordinator import Coordinator
+from .errors import ChannelTimeoutError, CoordinatorFailedError, ShardFailedError
+from .placement import release, reserve
+from .remote_session import RemoteSession
+
+CALL_GRACE_S = 10.0  # beyond the coordinator's own step timeouts, before its silence counts as a hang
+SHUTDOWN_GRACE_S = 5.0  # for a clean stop of the shards (channel closed, shared memory unlinked)
+FATAL = (ShardFailedError, ChannelTimeoutError)  # the shard group is gone: nothing of the engine is reusable
+
+
+@dataclass
+class PoolPages:
+    """The K/V pool's page counts, as the coordinator's allocator has them now."""
+
+    free_pages: int
+    num_pages: int
+    page_size: int
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+class RayHogwildEngine(HogwildEngine):
+    """Runs Hogwild! sessions on `tp` shard actors of one model (one placement group, one node)."""
+
+    def __init__(self, coordinator: Any, pg: Any, info: Any, device: torch.device, tp: int, page_size: int,
+                 step_timeout_s: float, startup: dict[str, float]) -> None:
+        # No model, tokenizer or pool in this process: the coordinator and the shards hold them.
+        self.coordinator, self.pg = coordinator, pg
+        self.spec, self.label, self.max_context, self.eos_ids = info.spec, info.label, info.max_context, info.eos_ids
+        self.device, self.tp, self.page_size, self.step_timeout_s = device, tp, page_size, step_timeout_s
+        self.startup = startup  # seconds: ray_start, placement, coordinator_start, read_model, shard_start, weights
+        self.decoder = self.cache = None
+        self._tokenizer = None
+        atexit.register(self.close)
+
+    @classmethod
+    def create(
+        cls, path: str | Path | None, device: str | torch.device, dtype: str | torch.dtype | None, *,
+        cache_tokens: int | None, page_size: int, max_context: int | None, attention: str, tp: int,
+        ray_address: str | None, placement_timeout_s: float, step_timeout_s: float, load_timeout_s: float = 600.0,
+    ) -> RayHogwildEngine:
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        check_options(attention, page_size, cache_tokens, max_context)
+        for name, v in (("placement_timeout_s", placement_timeout_s), ("step_timeout_s", step_timeout_s)):
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
+                raise InvalidRequestError(f"{name} must be a number of seconds > 0, got {v!r}")
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, TypeError) as e:
+            raise InvalidRequestError(f"device {device!r} is not a torch device (try 'cpu' or 'cuda')") from e
+        if isinstance(dtype, torch.dtype):
+            dtype = str(dtype).removeprefix("torch.")
+        options = dict(cache_tokens=cache_tokens, page_size=page_size, max_context=max_context, attention=attention)
+
+        t0 = time.perf_counter()
+        if not ray.is_initialized():
+            ray.init(address=ray_address, log_to_driver=False)
+        t1 = time.perf_counter()
+        pg = reserve(tp, dev.type == "cuda", placement_timeout_s)
+        t2 = time.perf_counter()
+        coordinator = None
+        try:
+            coordinator = ray.remote(Coordinator).options(
+                num_cpus=0, scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0),
+            ).remote()
+            ray.get(coordinator.ready.remote(), timeout=load_timeout_s)
+            t3 = time.perf_counter()
+            info = ray.get(coordinator.load.remote(None if path is None else str(path), str(dev), dtype, options, tp,
+                                                   pg, step_timeout_s), timeout=load_timeout_s)
+        except BaseException as e:
+            if coordinator is not None:
+                ray.kill(coordinator)
+            release(pg)
+            raise _unwrap(e, "load", load_timeout_s) from e
+        startup = {"ray_start_s": t1 - t0, "placement_s": t2 - t1, "coordinator_start_s": t3 - t2, **info.timings}
+        return cls(coordinator, pg, info, dev, tp, page_size, step_timeout_s, startup)
+
+    # ---- calls to the coordinator ------------------------------------------------------------
+    def _call(self, method: str, *args: Any, messages: int | None = 1) -> Any:
+        """One coordinator call; errors arrive as themselves, and a fatal one closes the engine.
+
+        messages: how many channel round trips the call makes (each bounded by step_timeout_s
+        in the coordinator); None for a whole session (no bound: the coordinator bounds each step)."""
+        import ray
+
+        if self.coordinator is None:
+            raise CoordinatorFailedError("this engine is closed (close() was called, or its coordinator or a shard "
+                                         "failed); open a new engine with HogwildEngine.from_pretrained")
+        timeout = None if messages is None else messages * self.step_timeout_s + CALL_GRACE_S
+        try:
+            return ray.get(getattr(self.coordinator, method).remote(*args), timeout=timeout)
+        except BaseException as e:
+            err = _unwrap(e, method, timeout)
+            if isinstance(err, (*FATAL, CoordinatorFailedError)):
+                self._release(grace_s=0.0)
+            if err is e:
+                raise
+            raise err from e
+
+    @property
+    def tokenizer(self) -> Any:
+        """The model's tokenizer (a copy of the coordinator's, fetched once)."""
+        if self._tokenizer is None:
+            self._tokenizer = self._call("tokenizer")
+        return self._tokenizer
+
+    @property
+    def allocator(self) -> PoolPages:
+        free, total = self._call("pages")
+        return PoolPages(free, total, self.page_size)
+
+    def shard_actors(self) -> list[Any]:
+        """The shard actors' handles, rank order (for inspection and fault tests)."""
+        return self._call("shards")
+
+    def stall_rank(self, rank: int, seconds: float) -> None:
+        """Fault injection for tests: shard `rank` sleeps `seconds` instead of running its next pass."""
+        self._call("stall", rank, seconds)
+
+    # ---- sessions ----------------------------------------------------------------------------
+    def start(self, problem: str, workers: int = 2, **options: Any) -> RemoteSession:
+        """Open a session in the coordinator; the arguments of HogwildEngine.start. One session at a
+        time: starting another closes the previous one."""
+        sid, prompt_ids, state = self._call("start", problem, workers, options, messages=4)
+        return RemoteSession(self, sid, prompt_ids, state)
+
+    def solve(self, problem: str, workers: int = 2, *, on_step: Callable | None = None,
+              **options: Any) -> SolveResult:
+        """Run a session to its end; without on_step, the whole loop runs in the coordinator (one call)."""
+        if on_step is not None:
+            return super().solve(problem, workers, on_step=on_step, **options)
+        return self._call("solve", problem, workers, options, messages=None)
+
+    def executor(self, layout: Any, params: Any) -> Any:
+        raise NotImplementedError("the Ray engine's sessions run in its coordinator; use start() or solve()")
+
+    def run_forward(self, steps: Any) -> torch.Tensor:
+        raise NotImplementedError("the Ray engine runs forward passes in its shards; use sessions")
+
+    # ---- the end -----------------------------------------------------------------------------
+    def close(self) -> None:
+        """Stop the shards, then kill the coordinator and remove the placement group; idempotent."""
+        self._release(grace_s=SHUTDOWN_GRACE_S)
+
+    def _release(self, grace_s: float) -> None:
+        import ray
+
+        coordinator, pg = self.coordinator, self.pg
+        self.coordinator = self.pg = None
+        if coordinator is None and pg is None:
+            return
+        atexit.unregister(self.close)
+        if not ray.is_initialized():
+            return
+        try:
+            if coordinator is not None and grace_s > 0:
+                ray.get(coordinator.shutdown.remote(), timeout=grace_s)
+        except Exception:  # dead or stuck: the kill below and the group's removal stop everything
+            pass
+        finally:
+            if coordinator is not None:
+                ray.kill(coordinator)
+            if pg is not None:
+                release(pg)
+
+
+def _unwrap(e: BaseException, method: str, timeout: float | None = None) -> BaseException:
+    """The error to raise for a failed coordinator call: the remote exception itself, or one naming the coordinator."""
+    from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+    if isinstance(e, RayTaskError) and isinstance(e.cause, BaseException):
+        return e.cause
+    if isinstance(e, RayActorError):
+        return CoordinatorFailedError(
+            f"the coordinator actor died during {method}() ({_first_line(e)}); the engine released its shards and "
+            "placement group: open a new engine")
+    if isinstance(e, GetTimeoutError):
+        return CoordinatorFailedError(
+            f"the coordinator did not answer {method}() within {timeout or 0:g} s (it is hung or overloaded); the "
+            "engine released its shards and placement group: open a new engine (or raise step_timeout_s)")
+    return e
