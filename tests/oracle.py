@@ -57,11 +57,13 @@ def run_oracle(engine, hf_model, workers, layout, plain=False, steps=STEPS, **ch
     return worst, finished, session
 
 
-def oracle_check(session, hf_model, plain: bool = False, shift: tuple[int, int] | None = None) -> float:
+def oracle_check(session, hf_model, plain: bool = False, shift: tuple[int, int] | None = None,
+                 kv_tol: float = TOL) -> float:
     """Largest |logit difference| / max |logit| over the workers fed in the last pass.
 
     shift=(worker, segment index) moves that segment one position later in the
-    reference, to prove the check can fail."""
+    reference, to prove the check can fail; kv_tol bounds the stored K/V against HF's
+    (relative to their largest entry; looser for half-precision caches)."""
     from transformers import DynamicCache
 
     eng = session.engine
@@ -101,8 +103,10 @@ def oracle_check(session, hf_model, plain: bool = False, shift: tuple[int, int] 
                 hv = cache.layers[layer].values[0, :, past:].transpose(0, 1)
                 k, v = _segment_kv(pool, layer, own, own.length, inv_freq)
                 scale = hk.abs().max().item() + 1e-6
-                assert (k[-n:] - hk).abs().max().item() <= TOL * scale, f"stored keys of worker {w}, layer {layer}"
-                assert (v[-n:] - hv).abs().max().item() <= TOL * (hv.abs().max().item() + 1e-6)
+                k_err = (k[-n:] - hk).abs().max().item() / scale
+                v_err = (v[-n:] - hv).abs().max().item() / (hv.abs().max().item() + 1e-6)
+                assert k_err <= kv_tol, f"stored keys of worker {w}, layer {layer}: relative error {k_err:.2e}"
+                assert v_err <= kv_tol, f"stored values of worker {w}, layer {layer}: relative error {v_err:.2e}"
         ours = session.last_logits[w].cpu()
         worst = max(worst, ((ours - ref).abs().max() / ref.abs().max()).item())
     return worst

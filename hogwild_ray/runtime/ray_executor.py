@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
@@ -60,14 +60,19 @@ class RayExecutor:
         self._closed = False
         self._call({"op": "start", "layout": layout.kind, "workers": layout.workers, "params": self.params})
 
-    def _call(self, msg: dict[str, Any]) -> Any:
-        """Send one message to every shard and gather rank 0's reply; a failed shard ends the group."""
+    def _call(self, msg: dict[str, Any], meanwhile: Callable[[], None] | None = None) -> Any:
+        """Send one message to every shard and gather rank 0's reply; a failed shard ends the group.
+
+        `meanwhile` runs here after the send, while the shards work."""
         group = self.engine.group
         if group is None:
             raise ShardFailedError("the engine's shard group is closed (a shard failed earlier, or close() "
                                    "was called); open a new engine", [])
         try:
-            return group.step(msg)
+            group.send(msg)
+            if meanwhile is not None:
+                meanwhile()
+            return group.gather()
         except ShardFailedError as e:
             cause = _first_death(group, e)
             self._closed = True
@@ -94,13 +99,23 @@ class RayExecutor:
         self._finishing.extend(workers)
 
     def run(self, fed: dict[int, list[int]], greedy: bool) -> tuple[list[WriteStep], list[int]]:
-        """One forward pass on every shard; the sampled token of each fed worker, in plan order."""
-        steps = self.layout.plan(fed)
+        """One forward pass on every shard; the sampled token of each fed worker, in plan order.
+
+        When the free pages surely cover this pass, this process plans its copy of the layout
+        while the shards run it; otherwise it plans first, so that a full cache raises
+        CacheFullError here before any shard has seen the step."""
         finishing, self._finishing = self._finishing, []
-        tokens = self._call({"op": "run", "finishing": finishing, "fed": {w: list(t) for w, t in fed.items()},
-                             "greedy": greedy})
+        msg = {"op": "run", "finishing": finishing, "fed": {w: list(t) for w, t in fed.items()}, "greedy": greedy}
+        page = self.layout.allocator.page_size
+        worst_pages = sum(len(t) // page + 2 for t in fed.values())
+        planned: list[list[WriteStep]] = []
+        if worst_pages > self.layout.allocator.free_pages:
+            planned.append(self.layout.plan(fed))
+            tokens = self._call(msg)
+        else:
+            tokens = self._call(msg, meanwhile=lambda: planned.append(self.layout.plan(fed)))
         self.logits = None
-        return steps, list(tokens)
+        return planned[0], list(tokens)
 
     def last_logits(self) -> torch.Tensor:
         """[workers, vocab] from rank 0 (one message per worker); NaN rows for workers never fed."""

@@ -80,12 +80,13 @@ class SlotLayout:
 
 
 def wait_until(ready: Callable[[], bool], timeout: float, *, watch: Callable[[], None] | None = None,
-               spin_s: float = 50e-6, max_sleep_s: float = 200e-6, watch_every_s: float = 0.05) -> bool:
+               spin_s: float = 50e-6, max_sleep_s: float = 200e-6, watch_every_s: float = 0.5) -> bool:
     """Poll `ready` until it holds (True) or `timeout` passes (False).
 
     Spins for a few µs (a reply that is about to land costs no sleep), then sleeps in
     growing steps up to `max_sleep_s`, so idle pollers leave the cores to the work.
-    `watch` runs every `watch_every_s` while waiting, to raise if a peer died.
+    `watch` runs every `watch_every_s` while waiting, to raise if a peer died (it may be a
+    Ray call: often enough for a prompt error, rarely enough to cost nothing per step).
     """
     start = now = time.perf_counter()
     while now - start < spin_s:
