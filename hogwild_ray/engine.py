@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import torch
 from hogwild_kernels import QueryGroup, Segment, make_attention
 
 from .cache import KVPool
 from .errors import InvalidRequestError
+from .events import Event
 from .executor import LocalExecutor
 from .layout import LAYOUTS, CacheLayout, PageAllocator, WriteStep
 from .model import Decoder, ForwardBatch, locate, spec_from_config
@@ -21,6 +22,7 @@ from .protocol import ProtocolOptions
 from .results import SolveResult
 from .sampling import SamplingParams
 from .session import Session
+from .streaming import final_result, session_events
 
 ATTENTION_CHOICES = ("auto", "triton", "torch")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -192,6 +194,26 @@ class HogwildEngine:
         return Session(self, problem, workers, sampling, layout, max_tokens, max_steps,
                        ProtocolOptions(**protocol_options))
 
+    def stream(
+        self,
+        problem: str,
+        workers: int = 2,
+        *,
+        max_tokens: int | None = 1024,
+        sampling: SamplingParams | list[SamplingParams] | None = None,
+        layout: str = "combined",
+        max_steps: int | None = None,
+        on_step: Callable[[Session, dict[int, list[int]]], None] | None = None,
+        **protocol_options,
+    ) -> Iterator[Event]:
+        """Run a session, yielding its events (hogwild_ray.events) as it goes; the last is Done.
+
+        The arguments are those of `solve`. Nothing runs until the first event is asked for;
+        leaving the loop early closes the session."""
+        session = self.start(problem, workers, sampling=sampling, layout=layout, max_tokens=max_tokens,
+                             max_steps=max_steps, **protocol_options)
+        yield from session_events(session, on_step)
+
     def solve(
         self,
         problem: str,
@@ -204,17 +226,19 @@ class HogwildEngine:
         on_step: Callable[[Session, dict[int, list[int]]], None] | None = None,
         **protocol_options,
     ) -> SolveResult:
-        """Run a session to its end; on_step(session, new_tokens) is called after each pass."""
-        session = self.start(problem, workers, sampling=sampling, layout=layout, max_tokens=max_tokens,
-                             max_steps=max_steps, **protocol_options)
-        try:
-            while not session.done:
-                new = session.step()
-                if on_step is not None:
-                    on_step(session, new)
-        finally:
-            session.close()
-        return session.result()
+        """Run a session to its end (by consuming `stream`); on_step(session, new_tokens) is
+        called after each pass."""
+        return final_result(self.stream(problem, workers, max_tokens=max_tokens, sampling=sampling,
+                                        layout=layout, max_steps=max_steps, on_step=on_step, **protocol_options))
+
+    def solve_many(self, problems: Iterable[str | dict], out: str | Path | None = None, *,
+                   progress: bool = True, **options) -> list[dict]:
+        """Solve each problem (a string, or a dict with `problem` and an optional `id`); one JSON
+        line per result appended to `out`, whose finished ids are skipped (a rerun resumes).
+        options: those of `solve`. Returns every problem's record, in input order."""
+        from .batch import run_batch
+
+        return run_batch(self, problems, out, progress=progress, **options)
 
     # ---- the forward pass ------------------------------------------------------------------
     def executor(self, layout: CacheLayout, params: list[SamplingParams]) -> LocalExecutor:

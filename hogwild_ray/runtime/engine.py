@@ -15,12 +15,13 @@ import atexit
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
 from ..engine import HogwildEngine, check_options
 from ..errors import InvalidRequestError
+from ..events import Event
 from ..results import SolveResult
 from .coordinator import Coordinator
 from .errors import ChannelTimeoutError, CoordinatorFailedError, ShardFailedError
@@ -152,9 +153,16 @@ class RayHogwildEngine(HogwildEngine):
         sid, prompt_ids, state = self._call("start", problem, workers, options, messages=4)
         return RemoteSession(self, sid, prompt_ids, state)
 
+    def stream(self, problem: str, workers: int = 2, **options: Any) -> Iterator[Event]:
+        """The events of a session (see HogwildEngine.stream): one actor call per step, the events
+        derived here from the session proxy's mirror of the coordinator's session."""
+        return super().stream(problem, workers, **options)
+
     def solve(self, problem: str, workers: int = 2, *, on_step: Callable | None = None,
               **options: Any) -> SolveResult:
-        """Run a session to its end; without on_step, the whole loop runs in the coordinator (one call)."""
+        """Run a session to its end. Without on_step nobody watches the steps, so the whole loop runs
+        in the coordinator in one call (it consumes the same stream there); with on_step, `stream`
+        steps the proxy from here."""
         if on_step is not None:
             return super().solve(problem, workers, on_step=on_step, **options)
         return self._call("solve", problem, workers, options, messages=None)
