@@ -114,6 +114,8 @@ class HogwildEngine:
         ray_address: str | None = None,
         placement_timeout_s: float = 30.0,
         step_timeout_s: float = 30.0,
+        shard_resources: dict[str, float] | None = None,
+        coordinator_resources: dict[str, float] | None = None,
     ) -> HogwildEngine:
         """Load a local HF directory or GGUF file (None: the built-in SmolLM2-135M-Instruct).
 
@@ -126,6 +128,9 @@ class HogwildEngine:
         backend: "local" (this process) or "ray" (tp tensor-parallel shard actors on a Ray cluster,
         ray_address or the running/new local one; placement_timeout_s bounds the wait for the
         shards' resources, step_timeout_s a step; close() the engine to free them).
+        shard_resources / coordinator_resources (backend="ray"): Ray custom resources that pin the
+        shards (added to each shard's bundle) and the coordinator (then scheduled by them instead of
+        beside rank 0) to the nodes that advertise them, e.g. {"gpu_node": 1} and {"hw_head": 1}.
         """
         if backend not in ("local", "ray"):
             raise InvalidRequestError(f"backend must be 'local' or 'ray', got {backend!r}")
@@ -133,6 +138,9 @@ class HogwildEngine:
             raise InvalidRequestError(f"tp must be an integer >= 1, got {tp!r}")
         if backend == "local" and tp != 1:
             raise InvalidRequestError(f"tp={tp} needs backend='ray' (the local backend runs one rank)")
+        if backend == "local" and (shard_resources or coordinator_resources):
+            raise InvalidRequestError("shard_resources and coordinator_resources place Ray actors: they need "
+                                      "backend='ray'")
         if backend == "ray":
             if parallel is not None:
                 raise InvalidRequestError("parallel= is for one rank of your own process group; "
@@ -142,7 +150,8 @@ class HogwildEngine:
             return RayHogwildEngine.create(path, device, dtype, cache_tokens=cache_tokens, page_size=page_size,
                                            max_context=max_context, attention=attention, tp=tp,
                                            ray_address=ray_address, placement_timeout_s=placement_timeout_s,
-                                           step_timeout_s=step_timeout_s)
+                                           step_timeout_s=step_timeout_s, shard_resources=shard_resources,
+                                           coordinator_resources=coordinator_resources)
         check_options(attention, page_size, cache_tokens, max_context)
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)

@@ -13,6 +13,10 @@ elsewhere (a remote driver, `ray job submit`). It asks for no CPU of its own, be
 it works only between steps while the shards wait for it: tp=N still needs exactly N
 devices (N CPUs in CI), and an extra bundle would make a cluster that fits the shards
 refuse the group.
+
+With `coordinator_resources` (see RayHogwildEngine.create) the driver schedules it by those
+resources instead, outside the group: then it may sit on another node than the shards, and
+the shard group's "auto" channel finds that out and uses the socket channel.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ class EngineInfo:
     max_context: int
     eos_ids: frozenset[int]
     timings: dict[str, float]
+    placement: dict[str, Any]  # see Coordinator.placement
 
 
 @dataclass
@@ -67,7 +72,16 @@ class Coordinator:
         self.engine = ShardedEngine.create(path, device, dtype, options, tp=tp, placement=placement,
                                            step_timeout_s=step_timeout_s)
         e = self.engine
-        return EngineInfo(e.spec, e.label, e.max_context, e.eos_ids, e.timings)
+        return EngineInfo(e.spec, e.label, e.max_context, e.eos_ids, e.timings, self.placement())
+
+    def placement(self) -> dict[str, Any]:
+        """Where things run: this actor's node id, each rank's node id, the step channel ("shm" or "socket")."""
+        import ray
+
+        group = self._engine().group
+        return {"coordinator_node": ray.get_runtime_context().get_node_id(),
+                "shard_nodes": group.shard_nodes() if group is not None else [],
+                "channel": group.channel_kind if group is not None else None}
 
     def tokenizer(self) -> Any:
         return self._engine().tokenizer

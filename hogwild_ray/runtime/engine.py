@@ -7,6 +7,11 @@ local engine's API: `start` gives a RemoteSession, `solve` runs a whole session 
 coordinator in one call. The driver owns the placement group and the coordinator, so
 `close()` (also on a failure, at `with` exit and at interpreter exit) always frees both;
 the shards die with either.
+
+Placement across nodes: `shard_resources` (custom resources added to every shard's bundle)
+pins the shards to the nodes that advertise them; `coordinator_resources` schedules the
+coordinator by its own resources instead of into rank 0's bundle (e.g. on the head node),
+and the step channel is then the socket one whenever the two land on different nodes.
 """
 
 from __future__ import annotations
@@ -24,8 +29,8 @@ from ..errors import InvalidRequestError
 from ..events import Event
 from ..results import SolveResult
 from .coordinator import Coordinator
-from .errors import ChannelTimeoutError, CoordinatorFailedError, ShardFailedError
-from .placement import release, reserve
+from .errors import ChannelTimeoutError, ClusterResourceError, CoordinatorFailedError, ShardFailedError
+from .placement import check_resources, cluster_summary, release, reserve
 from .remote_session import RemoteSession
 
 CALL_GRACE_S = 10.0  # beyond the coordinator's own step timeouts, before its silence counts as a hang
@@ -56,6 +61,7 @@ class RayHogwildEngine(HogwildEngine):
         self.spec, self.label, self.max_context, self.eos_ids = info.spec, info.label, info.max_context, info.eos_ids
         self.device, self.tp, self.page_size, self.step_timeout_s = device, tp, page_size, step_timeout_s
         self.startup = startup  # seconds: ray_start, placement, coordinator_start, read_model, shard_start, weights
+        self.placement = info.placement  # coordinator_node, shard_nodes (node ids), channel ("shm" or "socket")
         self.decoder = self.cache = None
         self._tokenizer = None
         atexit.register(self.close)
@@ -65,11 +71,13 @@ class RayHogwildEngine(HogwildEngine):
         cls, path: str | Path | None, device: str | torch.device, dtype: str | torch.dtype | None, *,
         cache_tokens: int | None, page_size: int, max_context: int | None, attention: str, tp: int,
         ray_address: str | None, placement_timeout_s: float, step_timeout_s: float, load_timeout_s: float = 600.0,
+        shard_resources: dict[str, float] | None = None, coordinator_resources: dict[str, float] | None = None,
     ) -> RayHogwildEngine:
         import ray
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         check_options(attention, page_size, cache_tokens, max_context)
+        shard_resources = check_resources("shard_resources", shard_resources)
+        coordinator_resources = check_resources("coordinator_resources", coordinator_resources) or None
         for name, v in (("placement_timeout_s", placement_timeout_s), ("step_timeout_s", step_timeout_s)):
             if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
                 raise InvalidRequestError(f"{name} must be a number of seconds > 0, got {v!r}")
@@ -85,14 +93,11 @@ class RayHogwildEngine(HogwildEngine):
         if not ray.is_initialized():
             ray.init(address=ray_address, log_to_driver=False)
         t1 = time.perf_counter()
-        pg = reserve(tp, dev.type == "cuda", placement_timeout_s)
+        pg = reserve(tp, dev.type == "cuda", placement_timeout_s, resources=shard_resources)
         t2 = time.perf_counter()
         coordinator = None
         try:
-            coordinator = ray.remote(Coordinator).options(
-                num_cpus=0, scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0),
-            ).remote()
-            ray.get(coordinator.ready.remote(), timeout=load_timeout_s)
+            coordinator = start_coordinator(pg, coordinator_resources, placement_timeout_s, load_timeout_s)
             t3 = time.perf_counter()
             info = ray.get(coordinator.load.remote(None if path is None else str(path), str(dev), dtype, options, tp,
                                                    pg, step_timeout_s), timeout=load_timeout_s)
@@ -198,6 +203,30 @@ class RayHogwildEngine(HogwildEngine):
                 ray.kill(coordinator)
             if pg is not None:
                 release(pg)
+
+
+def start_coordinator(pg: Any, resources: dict[str, float] | None, placement_timeout_s: float,
+                      load_timeout_s: float) -> Any:
+    """A ready coordinator actor: in rank 0's bundle (num_cpus=0), or, with `resources`, wherever
+    those custom resources are (ClusterResourceError if no node offers them within the wait)."""
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    if resources is None:
+        options = dict(scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0))
+    else:
+        options = dict(resources=resources)
+    coordinator = ray.remote(Coordinator).options(num_cpus=0, **options).remote()
+    ready = coordinator.ready.remote()
+    if resources is not None and not ray.wait([ready], timeout=placement_timeout_s)[0]:
+        ray.kill(coordinator)
+        raise ClusterResourceError(
+            f"could not place the coordinator with coordinator_resources={resources} within "
+            f"{placement_timeout_s:g} s; " + cluster_summary(list(resources))
+            + ". Fix: start a node with those resources (ray start --resources=...), "
+            "or leave coordinator_resources out to run it beside shard rank 0")
+    ray.get(ready, timeout=load_timeout_s)
+    return coordinator
 
 
 def _unwrap(e: BaseException, method: str, timeout: float | None = None) -> BaseException:

@@ -3,37 +3,73 @@
 Reserving all shards at once (STRICT_PACK: one node, for one tensor-parallel group)
 means either every shard gets its device or none does; a cluster that is too small
 gives a clear error after `timeout_s` instead of actors that wait forever.
+
+Custom resources (`resources`, added to every shard's bundle) pin the shards to the nodes
+that advertise them, e.g. `ray start --resources='{"gpu_node": 8}'` and
+`resources={"gpu_node": 1}`: the way to keep shards off a head node or on a chosen one.
 """
 
 from __future__ import annotations
 
+from typing import Mapping
+
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 
+from ..errors import InvalidRequestError
 from .errors import ClusterResourceError
 
-
-def bundles(shards: int, use_gpu: bool) -> list[dict[str, float]]:
-    return [{"GPU": 1, "CPU": 1} if use_gpu else {"CPU": 1} for _ in range(shards)]
+Resources = Mapping[str, float]
 
 
-def reserve(shards: int, use_gpu: bool, timeout_s: float, strategy: str = "STRICT_PACK") -> PlacementGroup:
+def check_resources(name: str, resources: Resources | None) -> dict[str, float]:
+    """A copy of `resources` ({custom resource: amount > 0}), or InvalidRequestError naming what is wrong."""
+    if resources is None:
+        return {}
+    if not isinstance(resources, Mapping):
+        raise InvalidRequestError(f"{name} must be a dict of custom resource -> amount, got {resources!r}")
+    out = {}
+    for key, amount in resources.items():
+        if key in ("CPU", "GPU", "memory", "object_store_memory"):
+            raise InvalidRequestError(
+                f"{name} names {key!r}, which the engine sets itself (1 CPU, and 1 GPU on CUDA, per shard); "
+                "give only custom resources, e.g. {'gpu_node': 1} for a node started with "
+                "ray start --resources='{\"gpu_node\": 8}'")
+        if not isinstance(key, str) or isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount <= 0:
+            raise InvalidRequestError(f"{name} must map resource names to amounts > 0, got {key!r}: {amount!r}")
+        out[key] = float(amount)
+    return out
+
+
+def bundles(shards: int, use_gpu: bool, resources: Resources | None = None) -> list[dict[str, float]]:
+    base = {"GPU": 1, "CPU": 1} if use_gpu else {"CPU": 1}
+    return [{**base, **(resources or {})} for _ in range(shards)]
+
+
+def reserve(shards: int, use_gpu: bool, timeout_s: float, strategy: str = "STRICT_PACK",
+            resources: Resources | None = None) -> PlacementGroup:
     """A ready placement group with one bundle per shard, or ClusterResourceError after `timeout_s`."""
-    pg = placement_group(bundles(shards, use_gpu), strategy=strategy)
+    pg = placement_group(bundles(shards, use_gpu, resources), strategy=strategy)
     if pg.wait(timeout_seconds=timeout_s):
         return pg
     remove_placement_group(pg)
-    per = "1 GPU + 1 CPU" if use_gpu else "1 CPU"
+    per = " + ".join(f"{v:g} {k}" for k, v in bundles(1, use_gpu, resources)[0].items())
     where = "on one node" if strategy.startswith("STRICT_PACK") else f"({strategy})"
-    total, free = ray.cluster_resources(), ray.available_resources()
-    show = lambda r: {k: r.get(k, 0) for k in ("CPU", "GPU")}  # noqa: E731
     raise ClusterResourceError(
         f"could not reserve {shards} shard(s) of {per} each {where} within {timeout_s:g} s; "
-        f"the cluster has {show(total)} in all and {show(free)} free"
-        + f", on {sum(n['Alive'] for n in ray.nodes())} node(s)"
-        + ". Fix: lower the tensor-parallel degree (tp), add nodes or devices to the cluster, "
-        "or raise the placement wait if resources are being freed"
+        + cluster_summary(["CPU", "GPU", *(resources or {})])
+        + ". Fix: lower the tensor-parallel degree (tp), add nodes or devices to the cluster"
+        + (" (or nodes with the shards' custom resources)" if resources else "")
+        + ", or raise the placement wait if resources are being freed"
     )
+
+
+def cluster_summary(keys: list[str]) -> str:
+    """'the cluster has {...} in all and {...} free, on N node(s)' for the resources `keys`."""
+    total, free = ray.cluster_resources(), ray.available_resources()
+    show = lambda r: {k: r.get(k, 0) for k in keys}  # noqa: E731
+    return (f"the cluster has {show(total)} in all and {show(free)} free, "
+            f"on {sum(n['Alive'] for n in ray.nodes())} node(s)")
 
 
 def release(pg: PlacementGroup) -> None:

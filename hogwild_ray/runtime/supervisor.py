@@ -29,20 +29,22 @@ class ShardGroup:
     `actor_cls` is a class (or `ray.remote` class) with `run_loop(spec, rank)`;
     `channel` is "shm" (shards on this node), "socket", or "auto" (shm when they are).
     `placement`: a ready placement group with one bundle per shard (bundle i holds rank i),
-    owned by the caller; None reserves one here (and close() removes it).
+    owned by the caller; None reserves one here, with `resources` added to each bundle
+    (and close() removes it). `channel_kind` says which channel "auto" picked.
     """
 
     def __init__(self, actor_cls: type | ActorClass, shards: int, *, args: tuple = (), kwargs: dict | None = None,
                  use_gpu: bool = False, channel: Literal["auto", "shm", "socket"] = "auto",
                  reserve_timeout: float = 60.0, start_timeout: float = 120.0, step_timeout: float = 30.0,
-                 capacity: int = 4 << 20, placement: PlacementGroup | None = None) -> None:
+                 capacity: int = 4 << 20, placement: PlacementGroup | None = None,
+                 resources: dict[str, float] | None = None) -> None:
         self.shards, self.step_timeout = shards, step_timeout
         self.actors: list[ActorHandle] = []
         self.loops: dict[ray.ObjectRef, int] = {}  # loop ref -> rank
         self.channel: StepChannel | None = None
         self._closed = False
         self._owns_pg = placement is None
-        self.pg = reserve(shards, use_gpu, reserve_timeout) if placement is None else placement
+        self.pg = reserve(shards, use_gpu, reserve_timeout, resources=resources) if placement is None else placement
         atexit.register(self.close)
         try:
             self.channel = self._make_channel(channel, capacity)
@@ -59,10 +61,17 @@ class ShardGroup:
             self.close()
             raise
 
+    def shard_nodes(self) -> list[str]:
+        """The node id of each rank's bundle, rank order."""
+        table = ray.util.placement_group_table(self.pg)["bundles_to_node_id"]
+        return [table[rank] for rank in range(self.shards)]
+
     def _make_channel(self, kind: str, capacity: int) -> StepChannel:
-        nodes = set(ray.util.placement_group_table(self.pg)["bundles_to_node_id"].values())
+        # Shared memory only when every shard shares this process's node (raylet), e.g. the
+        # coordinator in rank 0's bundle; a coordinator placed elsewhere talks over TCP.
         if kind == "auto":
-            kind = "shm" if nodes == {ray.get_runtime_context().get_node_id()} else "socket"
+            kind = "shm" if set(self.shard_nodes()) == {ray.get_runtime_context().get_node_id()} else "socket"
+        self.channel_kind = kind
         if kind == "shm":
             return ShmChannel.create(self.shards, capacity=capacity)
         return SocketChannel.create(self.shards, host=ray.util.get_node_ip_address(), capacity=capacity)
