@@ -247,7 +247,7 @@ class HogwildEngine:
         options: those of `solve`. Returns every problem's record, in input order."""
         from .batch import run_batch
 
-        return run_batch(self, problems, out, progress=progress, **options)
+        return run_batch(lambda problem: self.solve(problem, **options), problems, out, progress)
 
     # ---- the forward pass ------------------------------------------------------------------
     def executor(self, layout: CacheLayout, params: list[SamplingParams]) -> LocalExecutor:

@@ -1,4 +1,4 @@
-"""The command line, the live view, the quickstart example and the CPU benchmark."""
+"""The command line (run, batch, bench, info), the live view and the CPU benchmark through `bench`."""
 
 from __future__ import annotations
 
@@ -13,10 +13,12 @@ from rich.console import Console
 
 import hogwild_ray as hw
 from hogwild_ray.cli import main
+from hogwild_ray.cli.bench import BENCHMARKS
+from hogwild_ray.events import Done, from_json
 from hogwild_ray.ui import LiveView
 
 ROOT = Path(__file__).resolve().parents[1]
-RUN_FLAGS = ["--model", "--workers", "--max-tokens", "--max-steps", "--layout", "--temperature", "--top-k",
+RUN_FLAGS = ["--model", "--backend", "--tp", "--address", "--workers", "--max-tokens", "--max-steps", "--layout", "--temperature", "--top-k",
              "--top-p", "--seed", "--device", "--dtype", "--redundancy-every", "--no-redundancy", "--no-live",
              "--json"]
 
@@ -24,13 +26,25 @@ RUN_FLAGS = ["--model", "--workers", "--max-tokens", "--max-steps", "--layout", 
 def test_help_mentions_every_flag(capsys):
     assert main(["--help"]) == 0
     top = capsys.readouterr().out
-    assert "run" in top and "--version" in top and "example" in top
+    for word in ("run", "batch", "bench", "info", "--version", "examples"):
+        assert word in top, word
     assert main(["run", "--help"]) == 0
     out = capsys.readouterr().out
-    for flag in RUN_FLAGS:
+    for flag in RUN_FLAGS + ["--events"]:
         assert flag in out, flag
     for layout in hw.LAYOUTS:
         assert layout in out
+    assert main(["batch", "--help"]) == 0
+    out = capsys.readouterr().out
+    for flag in RUN_FLAGS + ["--input", "--output", "--quiet"]:
+        assert flag in out or flag == "--no-live", flag
+    assert main(["bench", "--help"]) == 0
+    out = capsys.readouterr().out
+    for name in BENCHMARKS:
+        assert name in out and (ROOT / "benchmarks" / f"{name}.py").is_file()
+    assert main(["info", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--address" in out and "--json" in out
 
 
 def test_version(capsys):
@@ -48,9 +62,56 @@ def test_version(capsys):
 ])
 def test_bad_values_are_one_line_errors(capsys, argv, words):
     assert main(["run", "What is 2+3?", *argv]) == 2
+    assert_one_line_error(capsys, words)
+
+
+def assert_one_line_error(capsys, words: str) -> None:
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err and words in err
+    assert err.startswith("error: ") and "\n" not in err and words in err, err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["batch", "--output", "o.jsonl"], "--input"),
+    (["batch", "--input", "/nonexistent.jsonl", "--output", "o.jsonl"], "/nonexistent.jsonl is not a file"),
+    (["batch", "--input", "{bad}", "--output", "o.jsonl"], "bad.jsonl:2 is not JSON"),
+    (["batch", "--input", "{dup}", "--output", "o.jsonl"], "appears twice"),
+    (["batch", "--input", "{good}", "--output", "o.jsonl", "--workers", "x"], "--workers"),
+    (["batch", "--input", "{good}", "--output", "o.jsonl", "--backend", "local", "--address", "h:1"], "--address"),
+    (["bench", "nope"], "NAME"),
+    (["bench"], "NAME"),
+    (["info", "--bogus"], "--bogus"),
+    (["fly"], "fly"),
+])
+def test_bad_arguments_of_every_command(capsys, tmp_path, argv, words):
+    files = {"{bad}": '{"problem": "a"}\n{"problem": \n', "{dup}": '{"id": 1, "problem": "a"}\n{"id": 1, "problem": "b"}\n',
+             "{good}": '{"problem": "a"}\n'}
+    for key, text in files.items():
+        name = {"{bad}": "bad", "{dup}": "dup", "{good}": "good"}[key]
+        (tmp_path / f"{name}.jsonl").write_text(text)
+    argv = [str(tmp_path / f"{a[1:-1]}.jsonl") if a in files else a for a in argv]
+    assert main(argv) == 2
+    assert_one_line_error(capsys, words)
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_bench_without_a_checkout_names_the_fix(capsys, monkeypatch, tmp_path):
+    import hogwild_ray.cli.bench as bench
+
+    monkeypatch.setattr(bench, "checkout", lambda: tmp_path)
+    assert main(["bench", "workers_cpu"]) == 2
+    assert_one_line_error(capsys, "pip install -e .")
+
+
+def test_info_json(capsys):
+    assert main(["info", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["versions"]["hogwild-ray"] == hw.__version__
+    for name in ("torch", "triton", "transformers", "ray"):
+        assert name in out["versions"]
+    assert out["devices"] and out["devices"][0]["type"] in ("cpu", "cuda")
+    cluster = out["ray_cluster"]  # None unless a cluster is running on this machine
+    assert cluster is None or ("CPU" in cluster["resources"] and cluster["nodes"])
 
 
 def test_engine_errors_are_one_line(capsys, default_engine):
@@ -79,31 +140,60 @@ def test_run_plain_output(capsys, default_engine):
     assert "answer:" in out and "forward passes" in out
 
 
+def test_run_events_are_json_lines(capsys, default_engine):
+    argv = ["run", "What is 2+3?", "--max-tokens", "4", "--workers", "2", "--events", "--temperature", "0"]
+    assert main(argv, engine=default_engine) == 0
+    events = [from_json(line) for line in capsys.readouterr().out.splitlines()]
+    assert isinstance(events[-1], Done) and {e.kind for e in events} >= {"worker_text", "progress"}
+
+
 def test_live_view_renders_every_worker(default_engine):
     buf = io.StringIO()
-    view = LiveView(Console(file=buf, force_terminal=True, width=120, height=40), fps=1000)
+    view = LiveView(3, Console(file=buf, force_terminal=True, width=120, height=40), fps=1000)
     assert view.enabled
     with view:
-        default_engine.solve("What is 2+3?", workers=3, max_tokens=6, on_step=view.on_step,
-                             sampling=hw.SamplingParams(temperature=0))
+        for event in default_engine.stream("What is 2+3?", workers=3, max_tokens=6,
+                                           sampling=hw.SamplingParams(temperature=0)):
+            view.feed(event)
     text = Console(file=io.StringIO(), width=120, height=40, record=True)
-    text.print(view.render(view.session))
+    text.print(view.render())
     shown = text.export_text()
     for name in ("Alice", "Bob", "Carol"):
-        assert name in shown
-    assert "forward passes" in shown and "tokens/s" in shown and buf.getvalue()
-    assert not LiveView(Console(file=io.StringIO())).enabled  # not a terminal: nothing live
+        assert f"{name} [1]:" in shown  # the pane's title and the worker's own text (its step header)
+    assert "forward passes" in shown and "tokens/s" in shown and "done (" in shown and buf.getvalue()
+    assert not LiveView(2, Console(file=io.StringIO())).enabled  # not a terminal: nothing live
 
 
-def test_quickstart_example():
-    out = subprocess.run([sys.executable, str(ROOT / "examples" / "quickstart.py"), "--max-tokens", "8"],
-                         capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert any(line.startswith("answer:") for line in out.stdout.splitlines())
+def test_run_in_a_terminal_shows_every_worker():
+    """The real command in a pseudo-terminal: the live panes show each worker's text."""
+    import os
+    import pty
+
+    master, slave = pty.openpty()
+    env = {**os.environ, "COLUMNS": "120", "LINES": "40", "TERM": "xterm-256color"}
+    cmd = [sys.executable, "-m", "hogwild_ray", "run", "What is 2+3?", "--workers", "2", "--max-tokens", "8",
+           "--temperature", "0", "--device", "cpu"]
+    proc = subprocess.Popen(cmd, stdin=slave, stdout=slave, stderr=slave, cwd=ROOT, env=env, close_fds=True)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # the terminal closed: the command ended
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    assert proc.wait(timeout=300) == 0
+    shown = b"".join(chunks).decode(errors="replace")
+    for name in ("Alice", "Bob"):
+        assert f"{name} [1]:" in shown, shown[-3000:]  # each worker's text, with its step header
+    assert "answer:" in shown and "forward passes" in shown and "loading" in shown
 
 
 def test_benchmark_writes_results(tmp_path):
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "workers_cpu.py"), "--passes", "4", "--warmup", "1",
+    cmd = [sys.executable, "-m", "hogwild_ray", "bench", "workers_cpu", "--passes", "4", "--warmup", "1",
            "--repeats", "1", "--workers", "1,2", "--out", str(tmp_path), "--date", "2000-01-01"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]

@@ -126,7 +126,7 @@ class TestRayEngine:
     @pytest.fixture(scope="class")
     def ray_engine(self, llama):
         ray = pytest.importorskip("ray")
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         engine = hw.HogwildEngine.from_pretrained(llama[0], backend="ray", tp=1, **KW)
         yield engine
         engine.close()

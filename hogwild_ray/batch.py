@@ -1,0 +1,151 @@
+"""Many problems, one JSON line each, resumable: the logic behind `solve_many` and `hogwild-ray batch`.
+
+Pure logic apart from the output file: the caller passes the function that solves one
+problem. Results are appended one line at a time (flushed), so an interrupted run leaves
+every finished result in the file; a rerun reads the ids already there and skips them. A
+line cut short by the interruption is dropped before anything is appended.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from .errors import ContextLengthError, InvalidRequestError
+from .results import SolveResult
+
+
+def normalize(problems: Iterable[str | dict]) -> list[tuple[str | int, str]]:
+    """(id, problem) pairs: a string's id is its position; a dict has `problem` and maybe `id`."""
+    items, seen = [], set()
+    for i, p in enumerate(problems):
+        if isinstance(p, str):
+            pid, text = i, p
+        elif isinstance(p, dict):
+            pid, text = p.get("id", i), p.get("problem")
+        else:
+            raise InvalidRequestError(f"problem {i} is a {type(p).__name__}; give a string or a dict "
+                                      "with 'problem' (and optionally 'id')")
+        if not isinstance(text, str) or not text.strip():
+            raise InvalidRequestError(f"problem {i} (id {pid!r}) has no text: give a non-empty 'problem' string")
+        if not isinstance(pid, (str, int)) or isinstance(pid, bool):
+            raise InvalidRequestError(f"problem {i} has id {pid!r}; ids must be strings or integers")
+        if pid in seen:
+            raise InvalidRequestError(f"id {pid!r} appears twice in the problems; ids must be unique "
+                                      "(a rerun skips the ids already in the output)")
+        seen.add(pid)
+        items.append((pid, text))
+    return items
+
+
+def record(problem: str, result: SolveResult, pid: str | int | None = None) -> dict[str, Any]:
+    """One output line: the id (when given), the problem, its answer, every worker's text, the
+    transcript and the stats."""
+    rec = {} if pid is None else {"id": pid}
+    return {**rec, "problem": problem, "answer": result.answer, "worker_texts": result.worker_texts,
+            "transcript": result.transcript, "stats": result.stats.to_dict()}
+
+
+def read_finished(out: Path) -> dict[str | int, dict]:
+    """The records already in `out`, by id; a last line cut short is removed from the file."""
+    if not out.exists():
+        return {}
+    data = out.read_bytes()
+    if data and not data.endswith(b"\n"):  # interrupted mid-line: drop the partial record
+        data = data[: data.rfind(b"\n") + 1]
+        out.write_bytes(data)
+    done = {}
+    for n, line in enumerate(data.decode().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InvalidRequestError(f"{out}:{n} is not a JSON line ({e.msg}); fix or remove that line, "
+                                      "or write to another output file") from e
+        if isinstance(rec, dict) and "id" in rec:
+            done[rec["id"]] = rec
+    return done
+
+
+class Reporter:
+    """Progress on stderr: a rich bar on a terminal, plain lines otherwise (a Ray job's log)."""
+
+    def __init__(self, total: int, skipped: int, out: Path | None, enabled: bool = True) -> None:
+        from rich.console import Console
+
+        self.total, self.count, self.out, self.t0 = total, skipped, out, time.perf_counter()
+        self.console = Console(stderr=True)
+        self.enabled, self.bar = enabled, None
+        if not enabled:
+            return
+        if self.console.is_terminal:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+            from rich.progress import TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("[bold]batch"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                                TimeRemainingColumn(), TextColumn("{task.description}"), console=self.console)
+            self.task = self.bar.add_task("", total=total, completed=skipped)
+            self.bar.start()
+        else:
+            where = f" already in {out}" if out else ""
+            self._line(f"batch: {total} problems, {skipped} done{where}, {total - skipped} to run")
+
+    def _line(self, text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    def advance(self, rec: dict) -> None:
+        self.count += 1
+        if not self.enabled:
+            return
+        if "error" in rec:
+            what = f"error: {rec['error']}"
+        else:
+            st = rec["stats"]
+            what = f"answer={rec['answer']!r} ({st['seconds']:.1f} s, {st['tokens_per_second']:.1f} tokens/s)"
+        if self.bar is not None:
+            self.bar.update(self.task, completed=self.count, description=f"id={rec['id']} {what}")
+        else:
+            self._line(f"[{self.count}/{self.total}] id={rec['id']} {what}")
+
+    def close(self, failed: int) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+        if self.enabled:
+            where = f", results in {self.out}" if self.out else ""
+            self._line(f"batch: {self.count}/{self.total} done in {time.perf_counter() - self.t0:.1f} s, "
+                       f"{failed} failed{where}")
+
+
+def run_batch(solve: Callable[[str], SolveResult], problems: Iterable[str | dict], out: str | Path | None = None,
+              progress: bool = True) -> list[dict]:
+    """Solve every problem whose id is not in `out` yet, appending its record; every record, input order.
+
+    A problem too long for the context is recorded with an `error` and the run goes on; any other
+    error stops the run (the records written so far stay, and a rerun resumes after them)."""
+    items = normalize(problems)
+    path = Path(out) if out is not None else None
+    finished = read_finished(path) if path is not None else {}
+    todo = [(pid, text) for pid, text in items if pid not in finished]
+    reporter = Reporter(len(items), len(items) - len(todo), path, progress)
+    failed = 0
+    sink = path.open("a", encoding="utf-8") if path is not None else None
+    try:
+        for pid, text in todo:
+            try:
+                rec = record(text, solve(text), pid)
+            except ContextLengthError as e:
+                rec, failed = {"id": pid, "problem": text, "error": str(e)}, failed + 1
+            finished[pid] = rec
+            if sink is not None:
+                sink.write(json.dumps(rec) + "\n")
+                sink.flush()
+            reporter.advance(rec)
+    finally:
+        if sink is not None:
+            sink.close()
+        reporter.close(failed)
+    return [finished[pid] for pid, _ in items]

@@ -1,0 +1,63 @@
+"""The `hogwild-ray` command: parse flags, hand them to one command module, show errors as one line.
+
+Kept thin on purpose: every check that matters lives in the library and raises a
+HogwildError, which is shown here as one `error: ...` line (exit code 2), like a usage error.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from .. import __version__
+from ..errors import HogwildError
+from . import batch, bench, info, run
+from .common import FORMATTER, Parser
+
+COMMANDS = (run, batch, bench, info)
+
+EPILOG = """\
+examples:
+  hogwild-ray run                                   # 2 workers on a built-in example problem, live
+  hogwild-ray run "What is 17 * 23?" --workers 3 --max-tokens 256
+  hogwild-ray run "What is 2 + 3?" --temperature 0 --json > result.json
+  hogwild-ray batch --input problems.jsonl --output results.jsonl --workers 2
+  hogwild-ray bench workers_cpu
+  hogwild-ray info --json
+
+`hogwild-ray COMMAND --help` lists every flag of a command.
+"""
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="hogwild-ray", formatter_class=FORMATTER, epilog=EPILOG,
+                    description="Hogwild! Inference: several workers of one LLM solve a problem together,\n"
+                                "sharing one KV cache; in this process or on a Ray cluster.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}",
+                        help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    for command in COMMANDS:
+        command.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None, engine=None) -> int:
+    """Entry point of `hogwild-ray` and `python -m hogwild_ray`; `engine`: a preloaded one (tests)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version and usage errors
+        return e.code if isinstance(e.code, int) else 2
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return args.execute(args, engine)
+    except HogwildError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+__all__ = ["build_parser", "main"]

@@ -1,0 +1,82 @@
+"""`hogwild-ray batch`: a JSONL file of problems in, a JSONL file of results out, resumable."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..errors import InvalidRequestError
+from .common import FORMATTER, add_model_flags, add_session_flags, load_engine, session_options
+
+EXAMPLES = """\
+input: one problem per line, {"id": "q1", "problem": "What is 17 * 23?"} (id optional: the line's
+position among the problems) or just a JSON string. output: one line per result, appended as each
+finishes: {"id", "problem", "answer", "worker_texts", "transcript", "stats"} ({"id", "problem",
+"error"} for a problem too long for the model's context). Rerunning the same command resumes:
+ids already in the output are skipped. Progress goes to stderr (plain lines when it is not a
+terminal, e.g. in a Ray job's logs).
+
+examples:
+  hogwild-ray batch --input problems.jsonl --output results.jsonl --workers 2 --max-tokens 256
+  hogwild-ray batch --input in.jsonl --output out.jsonl --model ./Qwen3-8B --device cuda --tp 2
+  ray job submit --working-dir . -- hogwild-ray batch --input in.jsonl --output /shared/out.jsonl --backend ray
+"""
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "batch", formatter_class=FORMATTER, epilog=EXAMPLES,
+        help="solve every problem of a JSONL file, one JSON line per result (resumable)",
+        description="Solve many problems, one after another, on one loaded model. Each result is\n"
+                    "appended to the output as one JSON line; an interrupted run resumes.",
+    )
+    g = p.add_argument_group("files")
+    g.add_argument("--input", required=True, type=Path, metavar="IN.jsonl",
+                   help="problems, one JSON object (or string) per line")
+    g.add_argument("--output", required=True, type=Path, metavar="OUT.jsonl",
+                   help="results, one JSON line per problem, appended; its ids are skipped on a rerun")
+    g.add_argument("--json", action="store_true",
+                   help="also print every problem's record (input order) as JSON lines on stdout at the end")
+    g.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    add_model_flags(p)
+    add_session_flags(p, max_tokens=256)
+    p.set_defaults(execute=execute)
+
+
+def read_problems(path: Path) -> list:
+    """The problems of a JSONL file (objects or strings; blank lines skipped)."""
+    if not path.is_file():
+        raise InvalidRequestError(f"--input {path} is not a file; give a JSONL file of problems")
+    problems = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            problems.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise InvalidRequestError(f"{path}:{n} is not JSON ({e.msg}); write one object like "
+                                      '{"id": "q1", "problem": "..."} per line') from e
+    if not problems:
+        raise InvalidRequestError(f"--input {path} holds no problems")
+    return problems
+
+
+def execute(args: argparse.Namespace, engine=None) -> int:
+    from ..batch import normalize
+
+    options = session_options(args)  # checked before the load
+    problems = read_problems(args.input)
+    normalize(problems)  # bad lines fail before the model loads
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    own = engine is None
+    engine = load_engine(args, quiet=args.quiet) if own else engine
+    try:
+        records = engine.solve_many(problems, out=args.output, progress=not args.quiet, **options)
+    finally:
+        if own:
+            engine.close()
+    if args.json:
+        for rec in records:
+            print(json.dumps(rec))
+    return 0

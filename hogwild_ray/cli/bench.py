@@ -1,0 +1,48 @@
+"""`hogwild-ray bench NAME`: the benchmark scripts of a source checkout, run as they are."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+from .common import FORMATTER, fail
+
+BENCHMARKS = {
+    "attention_kernels": "one attention layer: the Triton kernel against SDPA and naive re-rotation (GPU)",
+    "attention_tuning": "sweep the Triton kernel's launch knobs on this GPU",
+    "engine_steps": "engine step time against the number of workers (random-weight named shapes)",
+    "ray_overhead": "the Ray path's per-step control overhead and start-up time",
+    "workers_cpu": "forward passes and tokens/s of the default model with 1, 2, 4 workers on the CPU",
+}
+
+
+def checkout() -> Path:
+    """The source tree this package was installed from (editable installs keep it)."""
+    return Path(__file__).resolve().parents[2]
+
+
+def register(sub) -> None:
+    listing = "\n".join(f"  {name:<18} {what}" for name, what in BENCHMARKS.items())
+    p = sub.add_parser(
+        "bench", formatter_class=FORMATTER,
+        help="run one of the benchmarks (needs a source checkout)",
+        description="Run a benchmark script from benchmarks/ of the source checkout; the arguments after\n"
+                    "NAME go to the script (`hogwild-ray bench NAME --help` lists them). Results are\n"
+                    "written under benchmarks/results/ unless the script is told otherwise.",
+        epilog=f"benchmarks:\n{listing}\n\nexamples:\n  hogwild-ray bench workers_cpu --workers 1,2,4\n"
+               "  hogwild-ray bench attention_kernels --help",
+    )
+    p.add_argument("name", choices=tuple(BENCHMARKS), metavar="NAME", help=f"one of {', '.join(BENCHMARKS)}")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the benchmark script")
+    p.set_defaults(execute=execute)
+
+
+def execute(args: argparse.Namespace, engine=None) -> int:
+    script = checkout() / "benchmarks" / f"{args.name}.py"
+    if not script.is_file():
+        return fail(f"the benchmarks ship with the source, not the installed package ({script} is missing); "
+                    "clone the hogwild-ray repository and `pip install -e .` in it, then run "
+                    f"`hogwild-ray bench {args.name}` again")
+    return subprocess.call([sys.executable, str(script), *args.args])

@@ -1,0 +1,115 @@
+"""What the commands share: the parser class, the model/session/sampling flags, loading an engine."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from ..engine import DTYPES
+from ..errors import InvalidRequestError
+from ..layout import LAYOUTS
+from ..sampling import SamplingParams
+
+FORMATTER = argparse.RawDescriptionHelpFormatter
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one `error: ...` line, like HogwildError's."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
+def at_least(lo: int):
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            v = None
+        if v is None or v < lo:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {lo}, got {s!r}")
+        return v
+
+    return parse
+
+
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and where it runs")
+    g.add_argument("--model", metavar="PATH", default=None,
+                   help="a local Hugging Face model directory or .gguf file "
+                        "(default: the built-in SmolLM2-135M-Instruct)")
+    g.add_argument("--device", default=None,
+                   help="torch device to run on: cpu, cuda or cuda:N (default: cuda when a GPU is visible, else cpu)")
+    g.add_argument("--dtype", choices=sorted(DTYPES), default=None, metavar="DTYPE",
+                   help=f"weight and cache dtype: {', '.join(sorted(DTYPES))} "
+                        "(default: float32 on cpu, bfloat16 on cuda)")
+    g.add_argument("--backend", choices=("local", "ray"), default=None,
+                   help="local: this process; ray: tensor-parallel shard actors on a Ray cluster "
+                        "(default: ray when --tp > 1 or --address is given, else local)")
+    g.add_argument("--tp", type=at_least(1), default=1, metavar="N",
+                   help="tensor-parallel ranks (one device each) for backend ray (default: %(default)s)")
+    g.add_argument("--address", metavar="ADDR", default=None,
+                   help="Ray cluster to run on, e.g. ray://head:10001 or head:6379; 'local' starts a new one "
+                        "(default for backend ray: RAY_ADDRESS, a cluster running on this machine, else a new "
+                        "local one)")
+
+
+def add_session_flags(p: argparse.ArgumentParser, max_tokens: int) -> None:
+    g = p.add_argument_group("the run")
+    g.add_argument("--workers", type=at_least(1), default=2, metavar="N",
+                   help="number of workers sharing the cache (default: %(default)s)")
+    g.add_argument("--max-tokens", type=at_least(1), default=max_tokens, metavar="N",
+                   help="tokens each worker may generate before it stops (default: %(default)s)")
+    g.add_argument("--max-steps", type=at_least(1), default=None, metavar="N",
+                   help="stop after N forward passes of all workers (default: no limit)")
+    g.add_argument("--layout", choices=LAYOUTS, default="combined",
+                   help="how workers see each other: combined (shared history + everyone's step in "
+                        "progress), contiguous (each worker's whole trace is one block), interleaved "
+                        "(only finished steps are shared) (default: %(default)s)")
+    red = g.add_mutually_exclusive_group()
+    red.add_argument("--redundancy-every", type=at_least(1), default=128, metavar="N",
+                     help="every N tokens a worker's next step opens with a forced question: is "
+                          "another worker already doing this? (default: %(default)s)")
+    red.add_argument("--no-redundancy", action="store_true", help="never ask the redundancy question")
+    g = p.add_argument_group("sampling")
+    g.add_argument("--temperature", type=float, default=0.6, metavar="T",
+                   help="sampling temperature; 0 is greedy (default: %(default)s)")
+    g.add_argument("--top-k", type=int, default=0, metavar="K",
+                   help="sample among the K most likely tokens only; 0 turns it off (default: %(default)s)")
+    g.add_argument("--top-p", type=float, default=0.95, metavar="P",
+                   help="nucleus sampling: the smallest set of tokens with probability >= P, in (0, 1]; "
+                        "1 turns it off (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=None, metavar="S",
+                   help="random seed (worker w uses S + w) for a reproducible run (default: random)")
+
+
+def session_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments of engine.solve/stream the flags ask for (sampling checked here, before any load)."""
+    return dict(workers=args.workers, max_tokens=args.max_tokens, max_steps=args.max_steps, layout=args.layout,
+                sampling=SamplingParams(args.temperature, args.top_k, args.top_p, args.seed),
+                redundancy_every=None if args.no_redundancy else args.redundancy_every)
+
+
+def load_engine(args: argparse.Namespace, quiet: bool = False):
+    """The engine the model flags describe; the caller closes it."""
+    import torch
+    from rich.console import Console
+
+    from ..engine import HogwildEngine
+
+    backend = args.backend or ("ray" if args.tp > 1 or args.address else "local")
+    if backend == "local" and args.address:
+        raise InvalidRequestError("--address names a Ray cluster: add --backend ray (or drop --address)")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    err = Console(stderr=True)
+    if not quiet and err.is_terminal:
+        where = f" on Ray (tp={args.tp})" if backend == "ray" else ""
+        err.print(f"[dim]loading {args.model or 'the built-in SmolLM2-135M-Instruct'} on {device}{where} ...")
+    return HogwildEngine.from_pretrained(args.model, device, args.dtype, backend=backend, tp=args.tp,
+                                         ray_address=args.address)
+
+
+def fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
