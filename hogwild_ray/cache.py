@@ -33,3 +33,12 @@ class KVPool:
         k, v = self._flat(self.k), self._flat(self.v)
         k[:, dst] = rotate_keys_by(k[:, src], reloc.delta, inv_freq)
         v[:, dst] = v[:, src]
+
+    def copy_pages(self, copies: list[tuple[int, int]]) -> None:
+        """Copy whole pages (src, dst) in every layer: a forked layout's copy on write."""
+        if not copies:
+            return
+        src = torch.tensor([c[0] for c in copies], dtype=torch.int64, device=self.k.device)
+        dst = torch.tensor([c[1] for c in copies], dtype=torch.int64, device=self.k.device)
+        self.k[:, dst] = self.k[:, src]
+        self.v[:, dst] = self.v[:, src]

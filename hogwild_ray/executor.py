@@ -31,12 +31,15 @@ class LocalExecutor:
 
     def prefill(self, block: Block, ids: list[int]) -> None:
         """Write a shared constant block (the prompt, a header) once for everyone."""
-        self.engine.run_forward([self.layout.write_shared(block, ids)])
+        step = self.layout.write_shared(block, ids)
+        self.engine.cache.copy_pages(self.layout.take_copies())
+        self.engine.run_forward([step])
 
     def finish_steps(self, workers: list[int]) -> None:
         """Move finished steps to the end of the shared history, re-rotating keys once."""
         for w in workers:
             reloc = self.layout.finish_step(w)
+            self.engine.cache.copy_pages(self.layout.take_copies())
             if reloc is not None:
                 self.engine.cache.relocate(reloc, self.engine.decoder.inv_freq)
                 self.layout.release(reloc)
@@ -44,6 +47,7 @@ class LocalExecutor:
     def run(self, fed: dict[int, list[int]], greedy: bool) -> tuple[list[WriteStep], list[int]]:
         """One forward pass; the sampled token of each fed worker, in plan order."""
         steps = self.layout.plan(fed)
+        self.engine.cache.copy_pages(self.layout.take_copies())
         self.logits = self.engine.run_forward(steps)
         order = [s.worker for s in steps]
         self._last[order] = self.logits  # on the device, no sync

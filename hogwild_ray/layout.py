@@ -25,13 +25,26 @@ LAYOUTS = ("combined", "contiguous", "interleaved")
 
 
 class PageAllocator:
-    """Free list of fixed-size pages of the K/V pool."""
+    """Free list of fixed-size pages of the K/V pool, with reference counts.
+
+    A page can belong to several sessions (a fork shares every page of its parent); it
+    returns to the free list when the last owner releases it.
+    """
 
     def __init__(self, num_pages: int, page_size: int) -> None:
         if num_pages < 1 or page_size < 1:
             raise InvalidRequestError(f"the cache needs >= 1 page of >= 1 token, got {num_pages} x {page_size}")
         self.num_pages, self.page_size = num_pages, page_size
         self._free = list(range(num_pages - 1, -1, -1))
+        self._refs = [0] * num_pages
+
+    def share(self, pages: list[int]) -> None:
+        """One more owner for each of `pages`."""
+        for p in pages:
+            self._refs[p] += 1
+
+    def is_shared(self, page: int) -> bool:
+        return self._refs[page] > 1
 
     @property
     def free_pages(self) -> int:
@@ -45,10 +58,18 @@ class PageAllocator:
                 "from_pretrained, or lower workers / max_tokens"
             )
         taken, self._free = self._free[len(self._free) - n :], self._free[: len(self._free) - n]
+        for p in taken:
+            self._refs[p] = 1
         return taken[::-1]
 
     def release(self, pages: list[int]) -> None:
-        self._free.extend(reversed(pages))
+        """One owner fewer for each of `pages`; pages nobody owns any more are free again."""
+        freed = []
+        for p in pages:
+            self._refs[p] -= 1
+            if self._refs[p] == 0:
+                freed.append(p)
+        self._free.extend(reversed(freed))
 
 
 @dataclass(eq=False)
@@ -116,6 +137,29 @@ class CacheLayout:
         self.hdr_others = Block("hdr_others")
         self.hdr_own = Block("hdr_own")
         self.cur = [Block(f"cur{w}") for w in range(workers)]
+        self._copies: list[tuple[int, int]] = []  # (src page, dst page) K/V copies owed to the pool
+
+    def fork(self) -> CacheLayout:
+        """A copy of this layout that shares every page (no K/V is copied now).
+
+        Pages are written only by appending, so full pages stay shared for good; the
+        partially filled last page of a block is copied by whichever side appends to it
+        first (copy on write, see `take_copies`)."""
+        twin = CacheLayout(self.kind, self.workers, self.allocator)
+        for name in ("common", "hdr_others", "hdr_own"):
+            setattr(twin, name, self._share(getattr(self, name)))
+        twin.cur = [self._share(b) for b in self.cur]
+        return twin
+
+    def _share(self, block: Block) -> Block:
+        self.allocator.share(block.pages)
+        return Block(block.name, list(block.tokens), list(block.pages))
+
+    def take_copies(self) -> list[tuple[int, int]]:
+        """The page copies (src, dst) that the pool must make before this layout's next
+        write; each is handed out once."""
+        copies, self._copies = self._copies, []
+        return copies
 
     @property
     def page_size(self) -> int:
@@ -138,6 +182,11 @@ class CacheLayout:
 
     def _append(self, block: Block, tokens: list[int]) -> tuple[int, list[int]]:
         start, end = len(block), len(block) + len(tokens)
+        if tokens and start % self.page_size and self.allocator.is_shared(block.pages[-1]):
+            old, new = block.pages[-1], self.allocator.alloc(1)[0]  # copy on write
+            self._copies.append((old, new))
+            self.allocator.release([old])
+            block.pages[-1] = new
         need = -(-end // self.page_size) - len(block.pages)
         if need > 0:
             block.pages.extend(self.allocator.alloc(need))

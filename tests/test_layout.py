@@ -313,3 +313,41 @@ def test_invalid_worker_count(workers):
 def test_invalid_pool(pages, size):
     with pytest.raises(InvalidRequestError):
         PageAllocator(pages, size)
+
+
+def test_fork_shares_pages_and_copies_a_partial_page_on_write():
+    alloc = PageAllocator(64, 4)
+    parent = CacheLayout("combined", 2, alloc)
+    parent.write_shared(parent.common, list(range(6)))  # 1 full page + half a page
+    parent.plan({0: [10, 11], 1: [20]})
+    assert parent.take_copies() == []  # nothing shared yet
+    used = 64 - alloc.free_pages
+    child = parent.fork()
+    assert alloc.free_pages == 64 - used  # no page copied by the fork itself
+    assert [b.pages for b in child.blocks()] == [b.pages for b in parent.blocks()]
+    # the child appends to common's half-full page: it gets a private copy of that page only
+    child.plan({0: [12]})
+    assert child.take_copies() == [(parent.cur[0].pages[-1], child.cur[0].pages[-1])]
+    step = child.finish_step(0)
+    copies = child.take_copies()
+    assert copies == [(parent.common.pages[1], child.common.pages[1])]  # 6 + 3 tokens: one page more
+    assert child.common.pages[0] == parent.common.pages[0]  # full pages stay shared
+    child.release(step)
+    # the parent was not changed, and it copies when it writes to a page still shared
+    assert parent.common.tokens == list(range(6)) and parent.cur[0].tokens == [10, 11]
+    parent.plan({1: [21]})
+    assert len(parent.take_copies()) == 1
+    child.close()
+    parent.close()
+    assert alloc.free_pages == 64
+
+
+def test_page_refcounts():
+    alloc = PageAllocator(4, 2)
+    pages = alloc.alloc(2)
+    alloc.share(pages)
+    assert alloc.is_shared(pages[0])
+    alloc.release(pages)
+    assert alloc.free_pages == 2 and not alloc.is_shared(pages[0])
+    alloc.release(pages)
+    assert alloc.free_pages == 4
