@@ -4,8 +4,8 @@ Events are derived from what a session shows (each worker's stream, the stats, t
 so the local and the Ray engine stream the same events. `event.to_json()` gives a dict for
 `json.dumps`, with a `kind` field; `from_json` turns such a dict (or its text) back into the
 event. Order within one `session.step()`: WorkerText, RedundancyCheck, StepFinished (per
-worker, in worker order), then Answer (once, when the answer is first found), then Progress;
-Done comes last, once.
+worker, in worker order), then Answer (once, when the answer is first found), then Progress.
+At the end, a WorkerText for any text completed only by the last tokens, then Done, once.
 """
 
 from __future__ import annotations

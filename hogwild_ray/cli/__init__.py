@@ -12,6 +12,7 @@ from .. import __version__
 from ..errors import HogwildError
 from . import batch, bench, info, run
 from .common import FORMATTER, Parser
+from .run import EXAMPLE_PROBLEM  # the benchmarks' problem too
 
 COMMANDS = (run, batch, bench, info)
 
@@ -60,4 +61,4 @@ def main(argv: list[str] | None = None, engine=None) -> int:
         return 130
 
 
-__all__ = ["build_parser", "main"]
+__all__ = ["EXAMPLE_PROBLEM", "build_parser", "main"]
