@@ -4,7 +4,6 @@ fast and clearly, and leave nothing behind."""
 
 from __future__ import annotations
 
-import os
 import time
 
 import pytest
@@ -19,7 +18,7 @@ from hogwild_ray.errors import InvalidRequestError, UnsupportedModelError  # noq
 from hogwild_ray.runtime import (  # noqa: E402
     ChannelTimeoutError, ClusterResourceError, CoordinatorFailedError, ShardFailedError,
 )
-from hogwild_ray.runtime.channel import SHM_PREFIX  # noqa: E402
+from ray_state import assert_clean  # noqa: E402
 from hogwild_ray.runtime.engine import RayHogwildEngine  # noqa: E402
 from hogwild_ray.runtime.remote_session import RemoteSession  # noqa: E402
 
@@ -35,26 +34,6 @@ def cluster():
     ray.init(num_cpus=CPUS, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
-
-
-def live_groups() -> list[dict]:
-    return [g for g in ray.util.placement_group_table().values() if g["state"] != "REMOVED"]
-
-
-def live_actors() -> list[str]:
-    return [k for k, a in ray._private.state.actors().items() if a["State"] == "ALIVE"]
-
-
-def our_segments() -> list[str]:
-    return [n for n in os.listdir("/dev/shm") if n.startswith(SHM_PREFIX)]
-
-
-def assert_clean() -> None:
-    """No actor, placement group or shared-memory segment left (removal is asynchronous)."""
-    deadline = time.monotonic() + 10
-    while (live_actors() or live_groups() or our_segments()) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert live_actors() == [] and live_groups() == [] and our_segments() == []
 
 
 def ray_engine(path, tp: int, **kw) -> RayHogwildEngine:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 
 import pytest
@@ -14,7 +13,7 @@ from hogwild_ray.runtime import (  # noqa: E402
     ChannelTimeoutError, ClusterResourceError, PayloadTooLargeError, ShardFailedError, ShardGroup, ShmChannel,
     SocketChannel, release, reserve,
 )
-from hogwild_ray.runtime.channel import SHM_PREFIX  # noqa: E402
+from ray_state import assert_clean, our_segments  # noqa: E402
 from hogwild_ray.runtime.echo import EchoShard  # noqa: E402
 
 CPUS = 4
@@ -25,29 +24,6 @@ def cluster():
     ray.init(num_cpus=CPUS, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
-
-
-def live_groups() -> list[dict]:
-    return [g for g in ray.util.placement_group_table().values() if g["state"] != "REMOVED"]
-
-
-def live_actors() -> list[str]:
-    try:
-        from ray.util.state import list_actors
-        return [a.actor_id for a in list_actors(filters=[("state", "=", "ALIVE")])]
-    except Exception:  # the state API needs the dashboard (ray[default]); the GCS table says the same
-        return [k for k, a in ray._private.state.actors().items() if a["State"] == "ALIVE"]
-
-
-def our_segments() -> list[str]:
-    return [n for n in os.listdir("/dev/shm") if n.startswith(SHM_PREFIX)]
-
-
-def assert_clean() -> None:
-    deadline = time.monotonic() + 10  # actor and group removal is asynchronous in the GCS
-    while (live_actors() or live_groups()) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert live_actors() == [] and live_groups() == [] and our_segments() == []
 
 
 # ----------------------------------------------------------------------------- placement

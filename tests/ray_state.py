@@ -1,0 +1,34 @@
+"""What a test cluster still holds: live actors, placement groups, our shared-memory segments."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import ray
+
+from hogwild_ray.runtime.channel import SHM_PREFIX
+
+
+def live_groups() -> list[dict]:
+    return [g for g in ray.util.placement_group_table().values() if g["state"] != "REMOVED"]
+
+
+def live_actors() -> list[str]:
+    try:
+        from ray.util.state import list_actors
+        return [a.actor_id for a in list_actors(filters=[("state", "=", "ALIVE")])]
+    except Exception:  # the state API needs the dashboard (ray[default]); the GCS table says the same
+        return [k for k, a in ray._private.state.actors().items() if a["State"] == "ALIVE"]
+
+
+def our_segments() -> list[str]:
+    return [n for n in os.listdir("/dev/shm") if n.startswith(SHM_PREFIX)]
+
+
+def assert_clean() -> None:
+    """No actor, placement group or shared-memory segment left (removal is asynchronous)."""
+    deadline = time.monotonic() + 10
+    while (live_actors() or live_groups() or our_segments()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert live_actors() == [] and live_groups() == [] and our_segments() == []
