@@ -57,5 +57,14 @@ class LocalExecutor:
         """[workers, vocab]: each worker's logits from the last pass it was fed in."""
         return self._last
 
+    def fork(self, layout: CacheLayout) -> LocalExecutor:
+        """An executor for a forked layout: the same samplers' states and last logits, then apart."""
+        twin = LocalExecutor(self.engine, layout, self.sampler.params)
+        for mine, theirs in zip(self.sampler.generators, twin.sampler.generators):
+            if mine is not None:
+                theirs.set_state(mine.get_state())
+        twin.logits, twin._last = self.logits, self._last.clone()
+        return twin
+
     def close(self) -> None:
         self.layout.close()

@@ -325,6 +325,26 @@ class Session:
         self.stats.tokens_per_worker = [len(ws.stream) for ws in self.workers]
         self.close()
 
+    def fork(self) -> Session:
+        """A copy of this session that shares every K/V page with it (copy on write: nothing is
+        copied now) and diverges from here; stepping either never changes the other. Close
+        both. In-process engines only."""
+        import copy
+
+        if not hasattr(self.executor, "fork"):
+            raise InvalidRequestError("fork() needs an in-process engine (backend='local'); the Ray "
+                                      "backend's shards serve one session at a time")
+        if self.done and not self.layout.common.pages:
+            raise InvalidRequestError("this session is closed; fork it before close()")
+        shared = {"engine", "executor", "layout", "tok", "options"}
+        twin = copy.copy(self)
+        for name, value in vars(self).items():
+            if name not in shared:
+                setattr(twin, name, copy.deepcopy(value))
+        twin.layout = self.layout.fork()
+        twin.executor = self.executor.fork(twin.layout)
+        return twin
+
     def close(self) -> None:
         """Give the session's cache pages back (idempotent)."""
         self.done = True
