@@ -10,6 +10,7 @@ what the last logits were computed from) and gets a new header as its next chunk
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -329,8 +330,6 @@ class Session:
         """A copy of this session that shares every K/V page with it (copy on write: nothing is
         copied now) and diverges from here; stepping either never changes the other. Close
         both. In-process engines only."""
-        import copy
-
         if not hasattr(self.executor, "fork"):
             raise InvalidRequestError("fork() needs an in-process engine (backend='local'); the Ray "
                                       "backend's shards serve one session at a time")
