@@ -1,0 +1,141 @@
+"""What the benchmarks share: device names, versions, the copy bandwidth, model bytes, result files."""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import gc
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown cpu"
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+
+
+def file_tag(device: torch.device) -> str:
+    """The device part of result file names: `cpu`, or the GPU's name with underscores."""
+    return "cpu" if device.type == "cpu" else device_name(device).replace(" ", "_")
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def today() -> str:
+    return datetime.date.today().isoformat()
+
+
+def versions() -> dict:
+    import transformers
+
+    import hogwild_ray as hw
+
+    out = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+           "hogwild_ray": hw.__version__, "cuda": torch.version.cuda}
+    try:
+        import triton
+
+        out["triton"] = triton.__version__
+    except ImportError:
+        out["triton"] = None
+    return out
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def free_memory(device: torch.device) -> None:
+    """Give back what deleted engines and models held, before the next section allocates."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def copy_bandwidth(device: torch.device, nbytes: int | None = None, iters: int = 20) -> float:
+    """Bytes read plus written per second by a large device-to-device copy (the median run):
+    the memory bandwidth a step can hope for on this device."""
+    nbytes = nbytes or ((1 << 30) if device.type == "cuda" else (64 << 20))
+    x = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    y.copy_(x)
+    times = []
+    for _ in range(iters):
+        sync(device)
+        t = time.perf_counter()
+        y.copy_(x)
+        sync(device)
+        times.append(time.perf_counter() - t)
+    del x, y
+    free_memory(device)
+    return 2 * nbytes / statistics.median(times)
+
+
+def weight_bytes_read(config, dtype: torch.dtype) -> int:
+    """Bytes of weights a decode step reads: every matrix once; of an untied embedding table
+    only the fed rows (nothing, next to the rest)."""
+    from hogwild_ray.model.shapes import tensor_shapes
+
+    shapes = tensor_shapes(config)
+    n = sum(torch.Size(s).numel() for s in shapes.values())
+    if "lm_head.weight" in shapes:
+        n -= torch.Size(shapes["model.embed_tokens.weight"]).numel()
+    return n * torch.finfo(dtype).bits // 8
+
+
+def model_bytes(config, dtype: torch.dtype) -> int:
+    """Bytes of every weight, held in memory."""
+    from hogwild_ray.model.shapes import tensor_shapes
+
+    return sum(torch.Size(s).numel() for s in tensor_shapes(config).values()) * torch.finfo(dtype).bits // 8
+
+
+def memory_budget(device: torch.device, cpu_gib: float = 8.0) -> int:
+    """Bytes free now on the GPU (what weights, K/V and activations must fit in); a fixed budget on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return int(cpu_gib * (1 << 30))
+
+
+def write_results(stem: Path, meta: dict, rows: list[dict], extra: dict | None = None) -> None:
+    """stem.csv (one line per row, every key as a column) and stem.json (meta, rows, extra)."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    fields: list[str] = []
+    for r in rows:
+        fields += [k for k in r if k not in fields]
+    with open(f"{stem}.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+    Path(f"{stem}.json").write_text(json.dumps({**meta, "rows": rows, **(extra or {})}, indent=2, default=str) + "\n")
+
+
+def print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for c in columns:
+        table.add_column(c, justify="right")
+    for r in rows:
+        table.add_row(*r)
+    Console(width=max(120, 12 * len(columns))).print(table)
