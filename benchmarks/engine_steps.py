@@ -1,47 +1,24 @@
 """Engine step time against the number of workers, eager (no CUDA graphs yet).
 
-Builds a random-weight model of a named shape (no download), runs Hogwild! sessions with
+Loads a random-weight model of a named shape (`random:NAME`, no download), runs Hogwild! sessions with
 1..N workers and reports the wall time of a step, split into host work (planning the
 layout, building the batch, the attention plan) and the rest, so the cost of adding
 workers and the room left for CUDA graphs are both visible.
 
-    python benchmarks/engine_steps.py --shape qwen3-0.6b --workers 1,2,4,8,16 --tokenizer DIR
+    python benchmarks/engine_steps.py --shape qwen3-0.6b --workers 1,2,4,8,16
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 import hogwild_ray as hw
-
-SHAPES = {
-    "qwen3-0.6b": dict(model_type="qwen3", hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
-                       num_attention_heads=16, num_key_value_heads=8, head_dim=128),
-    "qwen3-8b": dict(model_type="qwen3", hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
-                     num_attention_heads=32, num_key_value_heads=8, head_dim=128),
-}
-
-
-def build_model(shape: str, tokenizer: Path, out: Path) -> Path:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    kw = dict(SHAPES[shape])
-    cfg = AutoConfig.for_model(kw.pop("model_type"), vocab_size=len(AutoTokenizer.from_pretrained(tokenizer)),
-                               max_position_embeddings=40960, tie_word_embeddings=False, **kw)
-    with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(tokenizer).save_pretrained(out)
-    del model
-    torch.cuda.empty_cache()
-    return out
-
+from hogwild_ray.model.shapes import SHAPES
 
 def time_steps(engine, workers: int, steps: int, warmup: int) -> dict:
     session = engine.start("Compute 12 * 7 and explain.", workers, max_tokens=steps + warmup + 64,
@@ -82,13 +59,10 @@ def main() -> None:
     p.add_argument("--workers", default="1,2,4,8,16", type=lambda s: [int(x) for x in s.split(",")])
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--warmup", type=int, default=10)
-    p.add_argument("--tokenizer", type=Path, required=True)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
-    with tempfile.TemporaryDirectory() as d:
-        path = build_model(args.shape, args.tokenizer, Path(d))
-        engine = hw.HogwildEngine.from_pretrained(path, "cuda", cache_tokens=65536)
-        rows = [time_steps(engine, w, args.steps, args.warmup) for w in args.workers]
+    engine = hw.HogwildEngine.from_pretrained(f"random:{args.shape}", "cuda", cache_tokens=65536)
+    rows = [time_steps(engine, w, args.steps, args.warmup) for w in args.workers]
     base = rows[0]["step_ms"]
     print(f"{torch.cuda.get_device_name()}, {args.shape}, bf16, eager")
     for r in rows:

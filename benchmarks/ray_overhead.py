@@ -11,8 +11,8 @@ actor call (what a driver-side step adds). Start-up is split into Ray start, act
 coordinator, process group and weights in the shard) and the first step (session start
 with the prompt's prefill, and one step).
 
-    python benchmarks/ray_overhead.py                                  # CPU, small random model
-    python benchmarks/ray_overhead.py --device cuda --shape qwen3-8b   # a random bf16 8B-shaped model
+    python benchmarks/ray_overhead.py                                  # CPU, random:small
+    python benchmarks/ray_overhead.py --device cuda --shape qwen3-8b   # random:qwen3-8b in bf16
 
 Writes benchmarks/results/<date>-<device>-ray-overhead.{csv,json,png}. On CPU every process
 runs torch on one thread (the shard does), so both sides compute alike.
@@ -23,12 +23,10 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
-import gc
 import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -43,46 +41,11 @@ from rich.table import Table  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 import hogwild_ray as hw  # noqa: E402
-from engine_steps import SHAPES as GPU_SHAPES  # noqa: E402
+from common import cpu_name  # noqa: E402
 from hogwild_ray.cli import EXAMPLE_PROBLEM  # noqa: E402
-from workers_cpu import cpu_name  # noqa: E402
+from hogwild_ray.model.shapes import SHAPES  # noqa: E402
 
-SHAPES = {
-    "small": dict(model_type="llama", hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
-                  num_attention_heads=8, num_key_value_heads=4, head_dim=64),
-    **GPU_SHAPES,
-}
 GREEDY = hw.SamplingParams(temperature=0.0)
-
-
-def default_tokenizer(out: Path) -> Path:
-    """The built-in model's tokenizer, saved as a plain HF tokenizer."""
-    from transformers import AutoTokenizer
-
-    from hogwild_ray.model.loader import default_checkpoint
-
-    ckpt = default_checkpoint()
-    AutoTokenizer.from_pretrained(str(ckpt.directory), gguf_file=ckpt.gguf_file).save_pretrained(out)
-    return out
-
-
-def build_model(shape: str, tokenizer: Path, device: torch.device, dtype: torch.dtype, out: Path) -> Path:
-    """A random-weight checkpoint of a named shape (no download)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    kw = dict(SHAPES[shape])
-    tok = AutoTokenizer.from_pretrained(tokenizer)
-    cfg = AutoConfig.for_model(kw.pop("model_type"), vocab_size=len(tok), max_position_embeddings=40960,
-                               tie_word_embeddings=False, **kw)
-    with device:
-        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    del model
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return out
 
 
 def sync(device: torch.device) -> None:
@@ -185,7 +148,6 @@ def main() -> None:
     p.add_argument("--shape", default=None, choices=sorted(SHAPES),
                    help="random-weight model shape (default: small on cpu, qwen3-8b on cuda)")
     p.add_argument("--model", default=None, help="a model directory instead of a random shape")
-    p.add_argument("--tokenizer", type=Path, default=None, help="tokenizer directory (default: the built-in one)")
     p.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--steps", type=int, default=100, help="timed steps per run (default: 100)")
@@ -203,34 +165,28 @@ def main() -> None:
         torch.set_num_threads(1)  # as in the shard actor
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
 
-    with tempfile.TemporaryDirectory() as tmp:
-        if args.model:
-            path, model = args.model, Path(args.model).name
-        else:
-            tokenizer = args.tokenizer or default_tokenizer(Path(tmp) / "tokenizer")
-            path = str(build_model(shape, tokenizer, device, getattr(torch, dtype), Path(tmp) / shape))
-            model = f"random {shape}"
-
-        t = time.perf_counter()
-        ray.init(log_to_driver=False)  # on the GPU machine: every GPU and CPU of the node
-        ray_start = time.perf_counter() - t
-        t = time.perf_counter()
-        local = hw.HogwildEngine.from_pretrained(path, device, dtype, cache_tokens=args.cache_tokens)
-        local_load = time.perf_counter() - t
-        engine, start = startup(path, device, dtype, args.cache_tokens, args.workers, ray_start)
-        # The paths take turns, each run on a fresh session (the same steps), and each keeps its best
-        # run: a shared machine's noise then hits all of them alike.
-        runs = {name: per_step(eng, args.workers, args.steps, args.warmup, device, loop) for name, eng, loop in
-                (("local", local, False), ("loop", engine, True), ("step", engine, False))}
-        best = {name: float("inf") for name in runs}
-        try:
-            for _ in range(args.repeats):
-                for name, run in runs.items():
-                    best[name] = min(best[name], run())
-        finally:
-            engine.close()
-        local_s, loop_s, step_s = best["local"], best["loop"], best["step"]
-        floor = floors(args.floor_steps, 1)
+    path = args.model or f"random:{shape}"
+    model = Path(args.model).name if args.model else f"random {shape}"
+    t = time.perf_counter()
+    ray.init(log_to_driver=False)  # on the GPU machine: every GPU and CPU of the node
+    ray_start = time.perf_counter() - t
+    t = time.perf_counter()
+    local = hw.HogwildEngine.from_pretrained(path, device, dtype, cache_tokens=args.cache_tokens)
+    local_load = time.perf_counter() - t
+    engine, start = startup(path, device, dtype, args.cache_tokens, args.workers, ray_start)
+    # The paths take turns, each run on a fresh session (the same steps), and each keeps its best
+    # run: a shared machine's noise then hits all of them alike.
+    runs = {name: per_step(eng, args.workers, args.steps, args.warmup, device, loop) for name, eng, loop in
+            (("local", local, False), ("loop", engine, True), ("step", engine, False))}
+    best = {name: float("inf") for name in runs}
+    try:
+        for _ in range(args.repeats):
+            for name, run in runs.items():
+                best[name] = min(best[name], run())
+    finally:
+        engine.close()
+    local_s, loop_s, step_s = best["local"], best["loop"], best["step"]
+    floor = floors(args.floor_steps, 1)
 
     def row(name: str, s: float) -> dict:
         over = None if name == "in process" else (s - local_s) * 1e3

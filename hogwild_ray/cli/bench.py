@@ -13,7 +13,9 @@ BENCHMARKS = {
     "attention_kernels": "one attention layer: the Triton kernel against SDPA and naive re-rotation (GPU)",
     "attention_tuning": "sweep the Triton kernel's launch knobs on this GPU",
     "engine_steps": "engine step time against the number of workers (random-weight named shapes)",
+    "overhead": "the share of a step spent outside the GPU, in process and through Ray",
     "ray_overhead": "the Ray path's per-step control overhead and start-up time",
+    "scaling": "step time, tokens/s and GB/s vs workers and view length, against the roofline and transformers",
     "workers_cpu": "forward passes and tokens/s of the default model with 1, 2, 4 workers on the CPU",
 }
 

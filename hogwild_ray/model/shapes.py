@@ -46,6 +46,9 @@ SHAPES: dict[str, dict] = {
                         max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=1000000.0, rope_scaling=None,
                         sliding_window=131072, use_sliding_window=False, max_window_layers=64,
                         tie_word_embeddings=False),
+    # CPU benchmarks: big enough that the model's compute is not all overhead
+    "small": dict(_TINY, model_type="llama", hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
+                  num_attention_heads=8, num_key_value_heads=4, head_dim=64, tie_word_embeddings=False),
     # Tests and CPU runs: 2 layers, hidden 64
     "tiny": dict(_TINY, model_type="llama", tie_word_embeddings=False),
     "tiny-qwen3": dict(_TINY, model_type="qwen3", tie_word_embeddings=True),
@@ -89,7 +92,7 @@ def random_reader(config, seed: int = 0) -> Callable[[str], torch.Tensor | None]
     one (an 8B model in about a second, never a float32 copy on the CPU), else on the CPU."""
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     dtype = torch.bfloat16 if device.type == "cuda" or _count(config) > 2**28 else torch.float32
-    shapes = _tensor_shapes(config)
+    shapes = tensor_shapes(config)
 
     def read(name: str) -> torch.Tensor | None:
         shape = shapes.get(name)
@@ -106,10 +109,10 @@ def random_reader(config, seed: int = 0) -> Callable[[str], torch.Tensor | None]
 
 
 def _count(config) -> int:
-    return sum(math.prod(s) for s in _tensor_shapes(config).values())
+    return sum(math.prod(s) for s in tensor_shapes(config).values())
 
 
-def _tensor_shapes(config) -> dict[str, tuple[int, ...]]:
+def tensor_shapes(config) -> dict[str, tuple[int, ...]]:
     """Every tensor of a Llama/Mistral/Qwen2/Qwen3 checkpoint, by its HF name."""
     h, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
     d = getattr(config, "head_dim", None) or h // config.num_attention_heads

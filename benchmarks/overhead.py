@@ -1,0 +1,225 @@
+"""Time a decode step spends outside the GPU: Python, layout planning, the Ray channel, the sampling sync.
+
+Per step: the wall time of session.step() against the GPU time of the same step. The GPU
+time is the last decode pass replayed back to back from its CUDA graph with no host work
+in between (`engine.graphs.replay_last`); without graphs, the CUDA kernel time per step
+summed by torch.profiler. Outside-GPU fraction = (wall - GPU) / wall, in process and
+through Ray (backend="ray", tp=1): the coordinator's own loop (what solve() runs) and one
+driver `step()` call per step. Targets (issue 7): under 3% in process, under 5% through Ray.
+On the CPU there is no GPU time to split off: only the wall times are reported.
+
+    python benchmarks/overhead.py                       # qwen3-8b, 4k-token prompt on CUDA; tiny on the CPU
+    python benchmarks/overhead.py --workers 1,8,16 --view 16384
+
+Writes DATE-DEVICE-overhead[-SUFFIX].{csv,json,png} under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+import common  # noqa: E402
+import hogwild_ray as hw  # noqa: E402
+from scaling_runs import Model  # noqa: E402
+
+TARGETS = {"in process": 3.0, "Ray: coordinator loop": 5.0}
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="a model path (default: the random shape of --shape)")
+    p.add_argument("--shape", default=None, help="random shape (default: qwen3-8b on cuda, tiny on cpu)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--workers", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8])
+    p.add_argument("--view", type=int, default=None, help="prompt tokens (default: 4096 on cuda, 64 on cpu)")
+    p.add_argument("--steps", type=int, default=64)
+    p.add_argument("--warmup", type=int, default=8)
+    p.add_argument("--replays", type=int, default=50, help="graph replays for the GPU time")
+    p.add_argument("--no-ray", action="store_true", help="in process only")
+    p.add_argument("--out", type=Path, default=common.RESULTS)
+    p.add_argument("--date", default=common.today())
+    p.add_argument("--suffix", default="")
+    return p.parse_args(argv)
+
+
+def open_session(engine, model: Model, workers: int):
+    """The protocol on (the real host work), nothing that stops a worker early."""
+    return engine.start(model.text(model.view), workers, max_tokens=None, stop_on_answer=False, finisher=False,
+                        sampling=[hw.SamplingParams(temperature=1.0, seed=w) for w in range(workers)])
+
+
+def in_process(engine, model: Model, workers: int, args) -> dict:
+    session = open_session(engine, model, workers)
+    try:
+        for _ in range(args.warmup):
+            session.step()
+        walls = []
+        for _ in range(args.steps):
+            t = time.perf_counter()
+            session.step()
+            walls.append(time.perf_counter() - t)
+        gpu, method = gpu_seconds(engine, session, args)
+    finally:
+        session.close()
+    return {"path": "in process", "workers": workers, "wall_ms": statistics.median(walls) * 1e3,
+            "gpu_ms": None if gpu is None else gpu * 1e3, "gpu_method": method}
+
+
+def gpu_seconds(engine, session, args) -> tuple[float | None, str]:
+    """GPU seconds of one decode step without host work, and how they were measured."""
+    graphs = getattr(engine, "graphs", None)
+    if graphs is not None and hasattr(graphs, "replay_last") and getattr(graphs, "last", True) is not None:
+        return graphs.replay_last(args.replays), "graph replay (forward; sampling not included)"
+    if engine.device.type != "cuda":
+        return None, "no GPU"
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    steps = min(args.steps, 16)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            session.step()
+    kernels = [e for e in prof.events() if getattr(e, "device_type", None) == DeviceType.CUDA]
+    total_us = sum(getattr(e, "device_time", None) or getattr(e, "cuda_time", 0) for e in kernels)
+    return total_us / 1e6 / steps, "kernel time summed by torch.profiler"
+
+
+def through_ray(model: Model, workers: list[int], args, gpu: dict[int, float | None]) -> tuple[list[dict], str]:
+    try:
+        import ray
+    except ImportError as e:
+        return [], f"Ray is not installed ({e})"
+    ray.init(log_to_driver=False)
+    engine = hw.HogwildEngine.from_pretrained(model.path, model.device, model.dtype, backend="ray", tp=1,
+                                              cache_tokens=pool_tokens(model, workers, args))
+    rows = []
+    try:
+        for n in workers:
+            session = open_session(engine, model, n)
+            try:
+                session.run_steps(args.warmup)
+                loop = statistics.median(session.run_steps(args.steps))
+                walls = []
+                for _ in range(args.steps):
+                    t = time.perf_counter()
+                    session.step()
+                    walls.append(time.perf_counter() - t)
+            finally:
+                session.close()
+            for path, s in (("Ray: coordinator loop", loop), ("Ray: driver step()", statistics.median(walls))):
+                rows.append({"path": path, "workers": n, "wall_ms": s * 1e3,
+                             "gpu_ms": None if gpu.get(n) is None else gpu[n] * 1e3,
+                             "gpu_method": "from the in-process run (same model, same steps)"})
+    finally:
+        engine.close()
+        ray.shutdown()
+    return rows, ""
+
+
+def pool_tokens(model: Model, workers: list[int], args) -> int:
+    return model.view + 2048 + max(workers) * (args.warmup + 2 * args.steps + 512)
+
+
+def plot(meta: dict, rows: list[dict], path: Path) -> None:
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    paths = list(dict.fromkeys(r["path"] for r in rows))
+    workers = sorted({r["workers"] for r in rows})
+    width = 0.8 / max(len(paths), 1)
+    for i, p in enumerate(paths):
+        cells = {r["workers"]: r for r in rows if r["path"] == p}
+        xs = [j + i * width for j, n in enumerate(workers) if n in cells]
+        a.bar(xs, [cells[n]["wall_ms"] for n in workers if n in cells], width, label=f"{p}: wall", color=f"C{i}")
+        gpu = [cells[n]["gpu_ms"] or 0 for n in workers if n in cells]
+        a.bar(xs, gpu, width, color="none", edgecolor="k", hatch="//", lw=0.5)
+        pct = [cells[n]["outside_pct"] for n in workers if n in cells]
+        if all(v is not None for v in pct):
+            b.plot([n for n in workers if n in cells], pct, "o-", color=f"C{i}", label=p)
+    for p, limit in TARGETS.items():
+        b.axhline(limit, ls="--", lw=1, color="gray")
+        b.annotate(f"target {p}: {limit:g}%", (workers[0], limit), fontsize=7, va="bottom")
+    a.set(xticks=[j + 0.4 - width / 2 for j in range(len(workers))], xticklabels=[str(n) for n in workers],
+          xlabel="workers", ylabel="ms per step", title="step wall time (hatched: GPU time)")
+    a.legend(fontsize=7)
+    b.set(xlabel="workers", ylabel="% of the step outside the GPU", title="time outside the GPU")
+    if b.get_lines():
+        b.legend(fontsize=7)
+    fig.suptitle(f"hogwild-ray overhead: {meta['model']} ({meta['dtype']}), {meta['view']}-token prompt, "
+                 f"on {meta['device_name']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse(argv)
+    device = torch.device(args.device) if args.device else common.default_device()
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    path = args.model or f"random:{args.shape or ('qwen3-8b' if device.type == 'cuda' else 'tiny')}"
+    model = Model(path, device, dtype)
+    model.view = args.view or (4096 if device.type == "cuda" else 64)
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)  # as in the Ray shard, so both paths compute alike
+    try:
+        return run(args, device, dtype, path, model)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run(args, device: torch.device, dtype: torch.dtype, path: str, model: Model) -> dict:
+    engine = hw.HogwildEngine.from_pretrained(path, device, dtype, cache_tokens=pool_tokens(model, args.workers, args))
+    engine.eos_ids = frozenset()
+    rows = [in_process(engine, model, n, args) for n in args.workers]
+    graphs = getattr(engine, "graphs", None) is not None
+    del engine
+    common.free_memory(device)
+    ray_note = "not run (--no-ray)"
+    if not args.no_ray:
+        ray_rows, ray_note = through_ray(model, args.workers, args, {r["workers"]: r["gpu_ms"] and r["gpu_ms"] / 1e3
+                                                                      for r in rows})
+        rows += ray_rows
+    for r in rows:
+        gpu = r["gpu_ms"]
+        r["outside_ms"] = None if gpu is None else r["wall_ms"] - gpu
+        r["outside_pct"] = None if gpu is None else 100 * (r["wall_ms"] - gpu) / r["wall_ms"]
+    targets = []
+    for p, limit in TARGETS.items():
+        got = [r["outside_pct"] for r in rows if r["path"] == p and r["outside_pct"] is not None]
+        targets.append({"target": f"{p}: under {limit:g}% of a step outside the GPU",
+                        "status": "not measured" if not got else ("met" if max(got) < limit else "missed"),
+                        **({"value": round(max(got), 2), "limit": limit} if got else {})})
+    meta = {"benchmark": "overhead", "date": args.date, "device": device.type,
+            "device_name": common.device_name(device), **common.versions(), "model": path,
+            "dtype": str(dtype).removeprefix("torch."), "view": model.view, "workers": args.workers,
+            "steps": args.steps, "warmup": args.warmup, "cuda_graphs": graphs, "ray": ray_note or "run"}
+    stem = args.out / f"{args.date}-{common.file_tag(device)}-overhead{'-' + args.suffix if args.suffix else ''}"
+    common.write_results(stem, meta, rows, {"targets": targets})
+    plot(meta, rows, Path(f"{stem}.png"))
+
+    def ms(v):
+        return "-" if v is None else f"{v:.3f}"
+
+    common.print_table(f"{path} ({meta['dtype']}) on {meta['device_name']}, {model.view}-token prompt, "
+                       f"CUDA graphs: {graphs}", ["path", "workers", "wall ms", "GPU ms", "outside ms", "outside %"],
+                       [[r["path"], str(r["workers"]), ms(r["wall_ms"]), ms(r["gpu_ms"]), ms(r["outside_ms"]),
+                         "-" if r["outside_pct"] is None else f"{r['outside_pct']:.1f}%"] for r in rows])
+    for t in targets:
+        print(f"target {t['status']:>12}: {t['target']}" + (f" (worst {t['value']}%)" if "value" in t else ""))
+    print(f"wrote {stem}.csv, .json, .png")
+    return {"meta": meta, "rows": rows, "targets": targets, "stem": stem}
+
+
+if __name__ == "__main__":
+    main()
