@@ -146,15 +146,13 @@ def plot(meta: dict, rows: list[dict], path: Path) -> None:
         pct = [cells[n]["outside_pct"] for n in workers if n in cells]
         if all(v is not None for v in pct):
             b.plot([n for n in workers if n in cells], pct, "o-", color=f"C{i}", label=p)
-    for p, limit in TARGETS.items():
-        b.axhline(limit, ls="--", lw=1, color="gray")
-        b.annotate(f"target {p}: {limit:g}%", (workers[0], limit), fontsize=7, va="bottom")
+    for (p, limit), ls in zip(TARGETS.items(), ("--", ":")):
+        b.axhline(limit, ls=ls, lw=1, color="gray", label=f"target, {p}: {limit:g}%")
     a.set(xticks=[j + 0.4 - width / 2 for j in range(len(workers))], xticklabels=[str(n) for n in workers],
           xlabel="workers", ylabel="ms per step", title="step wall time (hatched: GPU time)")
     a.legend(fontsize=7)
     b.set(xlabel="workers", ylabel="% of the step outside the GPU", title="time outside the GPU")
-    if b.get_lines():
-        b.legend(fontsize=7)
+    b.legend(fontsize=7)
     fig.suptitle(f"hogwild-ray overhead: {meta['model']} ({meta['dtype']}), {meta['view']}-token prompt, "
                  f"on {meta['device_name']}", fontsize=10)
     fig.tight_layout()
