@@ -74,9 +74,9 @@ def test_weights_have_the_engines_shapes_and_init():
     assert read("lm_head.weight") is None and read("model.layers.0.self_attn.q_proj.bias") is None  # tied, no bias
     assert read("model.layers.2.mlp.up_proj.weight") is None
     qwen2 = load_config(locate("random:qwen2.5-32b"))
-    from hogwild_ray.model.shapes import _tensor_shapes
+    from hogwild_ray.model.shapes import tensor_shapes
 
-    shapes = _tensor_shapes(qwen2)
+    shapes = tensor_shapes(qwen2)
     assert shapes["model.layers.63.self_attn.k_proj.bias"] == (1024,) and shapes["lm_head.weight"] == (152064, 5120)
     assert sum(torch.Size(s).numel() for s in shapes.values()) == parameter_count("qwen2.5-32b")
 
