@@ -6,6 +6,7 @@ import torch
 from hogwild_kernels import rotate_keys_by
 
 from .layout import Relocation
+from .transfer import to_device
 
 
 class KVPool:
@@ -27,9 +28,7 @@ class KVPool:
         """Move a finished step: keys rotated forward by reloc.delta, values copied."""
         if not reloc.src_slots:
             return
-        dev = self.k.device
-        src = torch.tensor(reloc.src_slots, dtype=torch.int64, device=dev)
-        dst = torch.tensor(reloc.dst_slots, dtype=torch.int64, device=dev)
+        src, dst = to_device(reloc.src_slots + reloc.dst_slots, self.k.device).split(len(reloc.src_slots))
         k, v = self._flat(self.k), self._flat(self.v)
         k[:, dst] = rotate_keys_by(k[:, src], reloc.delta, inv_freq)
         v[:, dst] = v[:, src]
@@ -38,7 +37,6 @@ class KVPool:
         """Copy whole pages (src, dst) in every layer: a forked layout's copy on write."""
         if not copies:
             return
-        src = torch.tensor([c[0] for c in copies], dtype=torch.int64, device=self.k.device)
-        dst = torch.tensor([c[1] for c in copies], dtype=torch.int64, device=self.k.device)
+        src, dst = to_device([c[0] for c in copies] + [c[1] for c in copies], self.k.device).split(len(copies))
         self.k[:, dst] = self.k[:, src]
         self.v[:, dst] = self.v[:, src]

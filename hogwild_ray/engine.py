@@ -15,6 +15,7 @@ from .events import Event
 from .executor import LocalExecutor
 from .layout import LAYOUTS, CacheLayout, PageAllocator, WriteStep
 from .model import Decoder, ForwardBatch, locate, spec_from_config
+from .model.graphs import DecodeGraphs
 from .model.loader import load_config, load_tokenizer, weight_reader
 from .model.parallel import TensorParallel, shard_plan
 from .model.weights import load_weights
@@ -22,6 +23,7 @@ from .protocol import ProtocolOptions
 from .results import SolveResult
 from .sampling import SamplingParams
 from .session import Session
+from .transfer import to_device
 from .streaming import final_result, session_events
 
 ATTENTION_CHOICES = ("auto", "triton", "torch")
@@ -64,6 +66,23 @@ def check_attention(attention: str, device: torch.device) -> None:
         )
 
 
+def check_graphs(cuda_graphs: bool | None, attention: str, device: torch.device,
+                 parallel: TensorParallel | None) -> bool:
+    """Whether to capture decode passes in CUDA graphs; an explicit True that cannot be met is an error."""
+    if cuda_graphs is not None and not isinstance(cuda_graphs, bool):
+        raise InvalidRequestError(f"cuda_graphs must be True, False or None (auto), got {cuda_graphs!r}")
+    triton = attention == "triton" or (attention == "auto" and device.type == "cuda")
+    possible = device.type == "cuda" and triton
+    if cuda_graphs and not possible:
+        raise InvalidRequestError(
+            "cuda_graphs=True needs a CUDA device and Triton attention (attention='auto' or 'triton'); "
+            f"got device {device} and attention {attention!r}: drop cuda_graphs or change them"
+        )
+    if cuda_graphs is None:
+        return possible and (parallel is None or parallel.world == 1)
+    return cuda_graphs
+
+
 def check_options(attention: str, page_size: int, cache_tokens: int | None, max_context: int | None) -> None:
     if attention not in ATTENTION_CHOICES:
         raise InvalidRequestError(f"attention must be one of {', '.join(ATTENTION_CHOICES)}, got {attention!r}")
@@ -88,10 +107,11 @@ class HogwildEngine:
     """Runs Hogwild! sessions of one model on one device."""
 
     def __init__(self, spec, tokenizer, decoder: Decoder, cache: KVPool, allocator: PageAllocator,
-                 device: torch.device, max_context: int, label: str) -> None:
+                 device: torch.device, max_context: int, label: str, cuda_graphs: bool = False) -> None:
         self.spec, self.tokenizer, self.decoder = spec, tokenizer, decoder
         self.cache, self.allocator, self.device = cache, allocator, device
         self.max_context, self.label = max_context, label
+        self.graphs = DecodeGraphs(decoder, cache, max_context) if cuda_graphs else None
         eos = set(spec.eos_token_ids)
         if tokenizer.eos_token_id is not None:
             eos.add(int(tokenizer.eos_token_id))
@@ -116,6 +136,7 @@ class HogwildEngine:
         step_timeout_s: float = 30.0,
         shard_resources: dict[str, float] | None = None,
         coordinator_resources: dict[str, float] | None = None,
+        cuda_graphs: bool | None = None,
     ) -> HogwildEngine:
         """Load a local HF directory or GGUF file (None: the built-in SmolLM2-135M-Instruct).
 
@@ -131,6 +152,8 @@ class HogwildEngine:
         shard_resources / coordinator_resources (backend="ray"): Ray custom resources that pin the
         shards (added to each shard's bundle) and the coordinator (then scheduled by them instead of
         beside rank 0) to the nodes that advertise them, e.g. {"gpu_node": 1} and {"hw_head": 1}.
+        cuda_graphs: replay decode passes from CUDA graphs (None: on for CUDA with Triton attention
+        in one process; True needs both; False: every pass eager).
         """
         if backend not in ("local", "ray"):
             raise InvalidRequestError(f"backend must be 'local' or 'ray', got {backend!r}")
@@ -151,9 +174,10 @@ class HogwildEngine:
                                            max_context=max_context, attention=attention, tp=tp,
                                            ray_address=ray_address, placement_timeout_s=placement_timeout_s,
                                            step_timeout_s=step_timeout_s, shard_resources=shard_resources,
-                                           coordinator_resources=coordinator_resources)
+                                           coordinator_resources=coordinator_resources, cuda_graphs=cuda_graphs)
         check_options(attention, page_size, cache_tokens, max_context)
         dev = resolve_device(device)
+        graphs = check_graphs(cuda_graphs, attention, dev, parallel)
         dt = resolve_dtype(dtype, dev)
         ckpt, config, spec, context, tokenizer, pages = read_model(path, max_context, cache_tokens, page_size)
         plan = shard_plan(spec, parallel.rank, parallel.world) if parallel and parallel.world > 1 else None
@@ -164,7 +188,7 @@ class HogwildEngine:
         backend = make_attention(attention, dev, spec.inv_freq, spec.rope_scale, spec.sm_scale,
                                  local.num_kv_heads)
         return cls(spec, tokenizer, Decoder(local, weights, backend, parallel), cache,
-                   PageAllocator(pages, page_size), dev, context, ckpt.label)
+                   PageAllocator(pages, page_size), dev, context, ckpt.label, graphs)
 
     def close(self) -> None:
         """Release what the engine holds (the Ray engine stops its shards); idempotent."""
@@ -255,25 +279,36 @@ class HogwildEngine:
         return LocalExecutor(self, layout, params)
 
     def run_forward(self, steps: list[WriteStep]) -> torch.Tensor:
-        """One forward pass over the given writes; logits [len(steps), vocab]."""
-        return self.decoder.forward(self.build_batch(steps), self.cache)
+        """One forward pass over the given writes; logits [len(steps), vocab] (a decode pass
+        replays a CUDA graph when the engine has them)."""
+        groups, tokens, key_pos, slots, last = self._host_batch(steps)
+        if self.graphs is not None and self.graphs.serves(groups):
+            logits = self.graphs.run(groups, tokens, key_pos, slots)
+            if logits is not None:
+                return logits
+        return self.decoder.forward(self._device_batch(groups, tokens, key_pos, slots, last), self.cache)
 
     def build_batch(self, steps: list[WriteStep]) -> ForwardBatch:
-        dev = self.device
+        return self._device_batch(*self._host_batch(steps))
+
+    @staticmethod
+    def _host_batch(steps: list[WriteStep]) -> tuple[list[QueryGroup], list[int], list[int], list[int], list[int]]:
         tokens, key_pos, slots, groups, last = [], [], [], [], []
         block_ids: dict[int, int] = {}  # one id per block: the Triton path reads a block once
         for s in steps:
             n = len(s.tokens)
-            segs = [Segment(torch.tensor(v.block.pages, dtype=torch.int64, device=dev), v.length, v.offset,
-                            block_ids.setdefault(id(v.block), len(block_ids)))
+            segs = [Segment(v.block.pages, v.length, v.offset, block_ids.setdefault(id(v.block), len(block_ids)))
                     for v in s.segments]
             groups.append(QueryGroup(len(tokens), n, s.position, segs))
             tokens.extend(s.tokens)
             key_pos.extend(range(s.local_start, s.local_start + n))
             slots.extend(s.slots)
             last.append(len(tokens) - 1)
+        return groups, tokens, key_pos, slots, last
 
-        def t(x: list[int]) -> torch.Tensor:
-            return torch.tensor(x, dtype=torch.int64, device=dev)
-
-        return ForwardBatch(t(tokens), t(key_pos), t(slots), groups, t(last))
+    def _device_batch(self, groups: list[QueryGroup], tokens: list[int], key_pos: list[int], slots: list[int],
+                      last: list[int]) -> ForwardBatch:
+        """The pass's index tensors in one host-to-device copy (asynchronous on CUDA)."""
+        t, g = len(tokens), len(last)
+        tok, kpos, slot, rows = to_device(tokens + key_pos + slots + last, self.device).split([t, t, t, g])
+        return ForwardBatch(tok, kpos, slot, groups, rows)

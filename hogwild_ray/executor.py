@@ -15,6 +15,7 @@ import torch
 
 from .layout import Block, CacheLayout, WriteStep
 from .sampling import Sampler, SamplingParams
+from .transfer import to_device
 
 if TYPE_CHECKING:
     from .engine import HogwildEngine
@@ -50,7 +51,7 @@ class LocalExecutor:
         self.engine.cache.copy_pages(self.layout.take_copies())
         self.logits = self.engine.run_forward(steps)
         order = [s.worker for s in steps]
-        self._last[order] = self.logits  # on the device, no sync
+        self._last.index_copy_(0, to_device(order, self.engine.device), self.logits)  # on the device, no sync
         return steps, self.sampler.sample(self.logits, order, greedy=greedy).tolist()  # the one host sync
 
     def last_logits(self) -> torch.Tensor:

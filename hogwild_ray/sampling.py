@@ -88,13 +88,13 @@ class Sampler:
 
     def sample(self, logits: torch.Tensor, workers: list[int], greedy: bool = False) -> torch.Tensor:
         """Token ids [len(workers)] for rows of logits [len(workers), vocab] (stays on device)."""
-        out = torch.empty(len(workers), dtype=torch.int64, device=logits.device)
+        out = logits.argmax(-1)  # every greedy row at once
+        if greedy:
+            return out
         for row, w in enumerate(workers):
             p = self.params[w]
-            if greedy or p.greedy:
-                out[row] = logits[row].argmax()
-                continue
-            out[row] = sample_one(logits[row], p, self.generators[w])
+            if not p.greedy:
+                out[row] = sample_one(logits[row], p, self.generators[w])
         return out
 
 

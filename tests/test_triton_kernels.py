@@ -206,3 +206,77 @@ def test_full_size_on_gpu(dtype, workers, view, q_heads, kv_heads, head_dim, chu
     tol = 2e-4 if dtype == torch.float32 else 2e-2  # of the largest output: bf16 rounds at 2^-8
     err = (got - want).abs().max().item() / want.abs().max().item()
     assert err <= tol, f"max error {err:.2e} of the largest output (tolerance {tol:g})"
+
+
+@pytest.mark.parametrize("workers,seed,layout_items", [(1, 10, 4), (3, 11, 8), (6, 12, 16)])
+def test_static_plan_with_padding_matches_reference(workers, seed, layout_items):
+    """A CUDA graph's plan: fixed-size buffers (padding units without pairs, wider page
+    tables, stale entries from an earlier pass) give the same attention as the reference."""
+    from hogwild_kernels.plan import PlanCaps, StaticPlan, build_plan
+
+    rng = random.Random(seed)
+    ref, tri = backends(64, chunk=None)
+    tri.block_n = 16
+    caps = PlanCaps(tokens=workers, items=layout_items, pages=40, units=tri.target_units(DEVICE) + layout_items)
+    static = StaticPlan(caps, DEVICE)
+    for _ in range(2):  # the second pass overwrites the first one's buffers
+        q, k_pool, v_pool, groups = random_case(rng, workers, 8, 2, 64, max_chunk=1)
+        groups = to_device(groups)
+        host = build_plan(groups, workers, tri.chunk_size(groups, DEVICE, capped=False))
+        assert static.fits(host) and len(host["unit_item"]) <= caps.units
+        static.load(host)
+        slots = torch.zeros(workers, dtype=torch.int64, device=DEVICE)
+        got = tri.attend(q, k_pool, v_pool, tri.prepare(groups, slots, slots, plan=static.plan))
+        torch.testing.assert_close(got, reference(ref, q, k_pool, v_pool, groups), atol=2e-4, rtol=2e-4)
+
+
+def test_plan_reads_each_block_once_per_chunk():
+    """Units cover each block's keys once; each token's partials cover what it sees, once."""
+    from hogwild_kernels.plan import build_plan
+
+    rng = random.Random(5)
+    _, _, _, groups = random_case(rng, 4, 4, 1, 64, max_chunk=3)
+    tokens = sum(g.count for g in groups)
+    plan = build_plan(groups, tokens, chunk=8)
+    seen: dict[int, int] = {}
+    for u, (item, ks, ke, p0, n) in enumerate(zip(plan["unit_item"], plan["unit_kstart"], plan["unit_kend"],
+                                                  plan["unit_pair"], plan["unit_npairs"])):
+        assert ke - ks <= 8 and n >= 1
+        for p in range(p0, p0 + n):
+            assert plan["pair_limit"][p] > ks  # a pair is listed only where it sees keys
+            seen[int(plan["pair_tok"][p])] = seen.get(int(plan["pair_tok"][p]), 0) + min(ke, plan["pair_limit"][p]) - ks
+    for g in groups:
+        for i in range(g.count):
+            visible = sum(max(0, min(s.length, g.position + i - s.offset + 1)) for s in g.segments)
+            assert seen.get(g.start + i, 0) == visible
+    starts = plan["tok_start"]
+    assert sorted(plan["tok_parts"].tolist()) == list(range(len(plan["pair_tok"])))
+    assert all((plan["pair_tok"][plan["tok_parts"][starts[t]:starts[t + 1]]] == t).all() for t in range(tokens))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_norms_and_activation_match_torch(dtype):
+    """The decoder's fused kernels against the unfused torch ops they replace."""
+    import torch.nn.functional as F
+    from hogwild_kernels.fused import add_rms_norm, silu_mul
+
+    from hogwild_ray.model.decoder import rms_norm
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 96, generator=g).to(dtype).to(DEVICE)
+    delta = torch.randn(5, 96, generator=g).to(dtype).to(DEVICE)
+    w = (1 + 0.1 * torch.randn(96, generator=g)).to(dtype).to(DEVICE)
+    total, h = add_rms_norm(x, delta, w, 1e-6)
+    want_total = x + delta
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=1e-2)
+    torch.testing.assert_close(total, want_total, **tol)
+    torch.testing.assert_close(h, rms_norm(want_total, w, 1e-6), **tol)
+    qkv = torch.randn(5, 3 * 4 * 32, generator=g).to(dtype).to(DEVICE)
+    q = qkv[:, : 4 * 32].view(5, 4, 32)  # strided rows, as sliced from a fused QKV
+    wq = w[:32].contiguous()
+    same, hq = add_rms_norm(q, None, wq, 1e-6)
+    assert same is q
+    torch.testing.assert_close(hq, rms_norm(q, wq, 1e-6), **tol)
+    gu = torch.randn(3, 2 * 1500, generator=g).to(dtype).to(DEVICE)
+    gate, up = gu.chunk(2, dim=-1)
+    torch.testing.assert_close(silu_mul(gu), F.silu(gate) * up, **tol)

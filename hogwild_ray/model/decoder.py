@@ -7,6 +7,8 @@ worker over its view of the shared paged cache (the kernels package does the wor
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from hogwild_kernels import PassMeta, QueryGroup, TorchAttention
@@ -26,6 +28,7 @@ class ForwardBatch:
     slots: torch.Tensor  # [T] pool slots that receive their K/V
     groups: list[QueryGroup]  # one per worker (or shared block) fed in this pass
     last_rows: torch.Tensor  # [G] row of each group's last token: where logits are taken
+    plan: Any = None  # a prebuilt attention plan (a CUDA graph's static buffers); None: built per pass
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -46,11 +49,23 @@ class Decoder:
         self.tp = parallel if parallel is not None and parallel.world > 1 else None
         self.inv_freq = spec.inv_freq.to(weights.embed.device)
         self.attention = attention or TorchAttention(self.inv_freq, spec.rope_scale, spec.sm_scale)
+        # with the Triton attention, the norms and the MLP activation run as fused Triton kernels too
+        self.fused = getattr(self.attention, "name", "") == "triton"
 
-    def _attention_block(self, lw: LayerWeights, x: torch.Tensor, meta: PassMeta, cache: KVPool,
+    def _add_norm(self, x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + delta, RMSNorm of it): the residual stream and the next block's input."""
+        if self.fused:
+            from hogwild_kernels.fused import add_rms_norm
+
+            return add_rms_norm(x, delta, weight, self.spec.rms_eps)
+        if delta is not None:
+            x = x + delta
+        return x, rms_norm(x, weight, self.spec.rms_eps)
+
+    def _attention_block(self, lw: LayerWeights, h: torch.Tensor, meta: PassMeta, cache: KVPool,
                          layer: int) -> torch.Tensor:
         s = self.spec
-        h = rms_norm(x, lw.ln_attn, s.rms_eps)
         qkv = F.linear(h, lw.w_qkv, lw.b_qkv)
         q_size, kv_size = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
@@ -58,13 +73,13 @@ class Decoder:
         k = k.view(-1, s.num_kv_heads, s.head_dim)
         v = v.view(-1, s.num_kv_heads, s.head_dim)
         if lw.q_norm is not None:
-            q = rms_norm(q, lw.q_norm, s.rms_eps)
-            k = rms_norm(k, lw.k_norm, s.rms_eps)
+            q = self._add_norm(q, None, lw.q_norm)[1]
+            k = self._add_norm(k, None, lw.k_norm)[1]
         self.attention.append(cache.k[layer], cache.v[layer], k, v, meta)
         o = self.attention.attend(q, cache.k[layer], cache.v[layer], meta)
         if self.tp is None:
-            return F.linear(o.reshape(x.shape[0], -1), lw.w_o, lw.b_o)
-        out = self.tp.all_reduce(F.linear(o.reshape(x.shape[0], -1), lw.w_o))
+            return F.linear(o.reshape(h.shape[0], -1), lw.w_o, lw.b_o)
+        out = self.tp.all_reduce(F.linear(o.reshape(h.shape[0], -1), lw.w_o))
         return out if lw.b_o is None else out + lw.b_o  # the bias once, after the sum
 
     def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -82,19 +97,27 @@ class Decoder:
             return logits.to(torch.float32)
         return self.tp.all_gather_last_dim(logits)[:, :self.spec.vocab_size].to(torch.float32)
 
-    def _mlp_block(self, lw: LayerWeights, x: torch.Tensor) -> torch.Tensor:
-        h = rms_norm(x, lw.ln_mlp, self.spec.rms_eps)
-        gate, up = F.linear(h, lw.w_gate_up).chunk(2, dim=-1)
-        out = F.linear(F.silu(gate) * up, lw.w_down)
+    def _mlp_block(self, lw: LayerWeights, h: torch.Tensor) -> torch.Tensor:
+        gate_up = F.linear(h, lw.w_gate_up)
+        if self.fused:
+            from hogwild_kernels.fused import silu_mul
+
+            act = silu_mul(gate_up)
+        else:
+            gate, up = gate_up.chunk(2, dim=-1)
+            act = F.silu(gate) * up
+        out = F.linear(act, lw.w_down)
         return out if self.tp is None else self.tp.all_reduce(out)
 
     @torch.inference_mode()
     def forward(self, b: ForwardBatch, cache: KVPool) -> torch.Tensor:
         """Logits [G, vocab] (fp32) at each group's last token; K/V of all tokens stored."""
         x = self._embed(b.tokens)
-        meta = self.attention.prepare(b.groups, b.slots, b.key_positions)
+        meta = self.attention.prepare(b.groups, b.slots, b.key_positions, plan=b.plan)
+        delta = None  # the last block's output, added to the residual stream by the next norm
         for i, lw in enumerate(self.w.layers):
-            x = x + self._attention_block(lw, x, meta, cache, i)
-            x = x + self._mlp_block(lw, x)
-        x = rms_norm(x[b.last_rows], self.w.norm, self.spec.rms_eps)
-        return self._lm_head(x)
+            x, h = self._add_norm(x, delta, lw.ln_attn)
+            x, h = self._add_norm(x, self._attention_block(lw, h, meta, cache, i), lw.ln_mlp)
+            delta = self._mlp_block(lw, h)
+        x = x[b.last_rows] + delta[b.last_rows]
+        return self._lm_head(rms_norm(x, self.w.norm, self.spec.rms_eps))

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from ..engine import HogwildEngine, check_options
+from ..engine import HogwildEngine, check_graphs, check_options
 from ..errors import InvalidRequestError
 from ..events import Event
 from ..results import SolveResult
@@ -72,6 +72,7 @@ class RayHogwildEngine(HogwildEngine):
         cache_tokens: int | None, page_size: int, max_context: int | None, attention: str, tp: int,
         ray_address: str | None, placement_timeout_s: float, step_timeout_s: float, load_timeout_s: float = 600.0,
         shard_resources: dict[str, float] | None = None, coordinator_resources: dict[str, float] | None = None,
+        cuda_graphs: bool | None = None,
     ) -> RayHogwildEngine:
         import ray
 
@@ -87,7 +88,10 @@ class RayHogwildEngine(HogwildEngine):
             raise InvalidRequestError(f"device {device!r} is not a torch device (try 'cpu' or 'cuda')") from e
         if isinstance(dtype, torch.dtype):
             dtype = str(dtype).removeprefix("torch.")
-        options = dict(cache_tokens=cache_tokens, page_size=page_size, max_context=max_context, attention=attention)
+        if cuda_graphs is not None:
+            check_graphs(cuda_graphs, attention, dev, None)
+        options = dict(cache_tokens=cache_tokens, page_size=page_size, max_context=max_context, attention=attention,
+                       cuda_graphs=cuda_graphs)
 
         t0 = time.perf_counter()
         if not ray.is_initialized():

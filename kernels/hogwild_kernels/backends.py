@@ -42,7 +42,8 @@ class TorchAttention:
     def __init__(self, inv_freq: torch.Tensor, rope_scale: float, sm_scale: float) -> None:
         self.inv_freq, self.rope_scale, self.sm_scale = inv_freq, rope_scale, sm_scale
 
-    def prepare(self, groups: list[QueryGroup], slots: torch.Tensor, key_positions: torch.Tensor) -> PassMeta:
+    def prepare(self, groups: list[QueryGroup], slots: torch.Tensor, key_positions: torch.Tensor,
+                plan=None) -> PassMeta:
         extra = {"append": rope_cos_sin(key_positions, self.inv_freq, self.rope_scale), "views": None}
         return PassMeta(groups, slots, key_positions, extra)
 
@@ -60,7 +61,8 @@ class TorchAttention:
             slots, offsets = [], []
             for seg in g.segments:
                 if seg.length:
-                    slots.append((seg.pages[:, None] * page_size + steps).flatten()[: seg.length])
+                    pages = torch.as_tensor(seg.pages, dtype=torch.int64, device=device)
+                    slots.append((pages[:, None] * page_size + steps).flatten()[: seg.length])
                     offsets.append(torch.full((seg.length,), seg.offset, dtype=torch.int64, device=device))
             slot = torch.cat(slots)
             offset = torch.cat(offsets)
@@ -106,6 +108,7 @@ class TritonAttention:
         interpret = self.interpret = os.environ.get("TRITON_INTERPRET") == "1"
         self.chunk = chunk  # None: sized per pass so that every SM gets work
         self.programs_per_sm, self.partial_dtype = programs_per_sm, partial_dtype
+        self._sms: int | None = None
         knobs = {"num_warps": num_warps, "num_stages": num_stages}
         self.launch = {} if interpret else {k: v for k, v in knobs.items() if v is not None}
         if self.launch:
@@ -113,10 +116,13 @@ class TritonAttention:
         self.block_n = block_n or (16 if interpret else 64)
         self.block_m = block_m or (16 if interpret else None)  # None: sized to the readers per pass
 
-    def prepare(self, groups: list[QueryGroup], slots: torch.Tensor, key_positions: torch.Tensor) -> PassMeta:
+    def prepare(self, groups: list[QueryGroup], slots: torch.Tensor, key_positions: torch.Tensor,
+                plan=None) -> PassMeta:
+        """plan: a prebuilt (static) plan, as a captured CUDA graph reads; None: built here."""
         from .plan import plan_attention
 
-        plan = plan_attention(groups, int(slots.numel()), self._chunk(groups, slots.device), slots.device)
+        if plan is None:
+            plan = plan_attention(groups, int(slots.numel()), self.chunk_size(groups, slots.device), slots.device)
         # every rotation of this pass, once for all layers: readers by (position - block offset),
         # new keys by their block-local position (fp32, as the reference computes them)
         plan.pair_cos, plan.pair_sin = self._cos_sin(plan.pair_delta)
@@ -128,20 +134,27 @@ class TritonAttention:
         ang = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]
         return (ang.cos() * self.rope_scale).contiguous(), (ang.sin() * self.rope_scale).contiguous()
 
-    def _chunk(self, groups: list[QueryGroup], device: torch.device) -> int:
-        """Split long blocks so that (chunks x KV heads) gives every SM a few programs."""
+    def target_units(self, device: torch.device) -> int:
+        """Units per pass that give every SM `programs_per_sm` programs over the KV heads."""
+        if device.type != "cuda":
+            return max(1, -(-self.programs_per_sm * 8 // self.kv_heads))
+        if self._sms is None:
+            self._sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return max(1, -(-self.programs_per_sm * self._sms // self.kv_heads))
+
+    def chunk_size(self, groups: list[QueryGroup], device: torch.device, capped: bool = True) -> int:
+        """Keys per unit: long blocks are split so that every SM gets work. Uncapped, the
+        units of a pass never exceed target_units + blocks (what a captured graph allots)."""
         if self.chunk is not None:
             return self.chunk
-        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
         blocks = {}
         for g in groups:
             for s in g.segments:
                 key = s.block if s.block is not None else id(s)
                 blocks[key] = max(blocks.get(key, 0), s.length)
-        total = sum(blocks.values())
-        target = max(1, -(-self.programs_per_sm * sms // self.kv_heads))
-        per_unit = -(-total // target)
-        return min(2048, max(self.block_n, -(-per_unit // self.block_n) * self.block_n))
+        per_unit = -(-sum(blocks.values()) // self.target_units(device))
+        chunk = max(self.block_n, -(-per_unit // self.block_n) * self.block_n)
+        return min(2048, chunk) if capped else chunk
 
     def append(self, k_pool: torch.Tensor, v_pool: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                meta: PassMeta) -> None:

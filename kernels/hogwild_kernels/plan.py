@@ -1,18 +1,27 @@
-"""Host-side plan of one forward pass for the Triton attention: who reads what, once.
+"""The plan of one forward pass for the Triton attention: who reads what, once.
 
 Segments of different workers that name the same block become one *item*; an item is
 cut into chunks of keys (*units*), and each unit lists the (query token, rotation delta,
 visible limit) *pairs* that read it. One program per (unit, KV head) then loads each K/V
 tile once for all of them. The plan is built once per forward and shared by all layers.
+
+It is built on the host with a handful of vectorised numpy operations, whatever the
+number of workers, and reaches the device in one copy. With `PlanCaps` every array has a
+fixed size (padding units have no pairs), so a CUDA graph captured once can replay any
+later pass of the same shape after its buffers are refilled (see `StaticPlan`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .reference import QueryGroup
+
+FIELDS = ("unit_item", "unit_kstart", "unit_kend", "unit_pair", "unit_npairs",
+          "pair_tok", "pair_delta", "pair_limit", "tok_start", "tok_parts")
 
 
 @dataclass
@@ -22,7 +31,7 @@ class AttentionPlan:
     unit_kstart: torch.Tensor  # int32 [units] first key of the chunk
     unit_kend: torch.Tensor  # int32 [units] end of the chunk (<= the largest limit)
     unit_pair: torch.Tensor  # int32 [units] first pair of the unit
-    unit_npairs: torch.Tensor  # int32 [units]
+    unit_npairs: torch.Tensor  # int32 [units] (0 for padding units)
     pair_tok: torch.Tensor  # int32 [pairs] query row in q
     pair_delta: torch.Tensor  # int32 [pairs] query position - block offset
     pair_limit: torch.Tensor  # int32 [pairs] keys [0, limit) are visible
@@ -35,48 +44,139 @@ class AttentionPlan:
     pair_sin: torch.Tensor | None = None
 
 
-def plan_attention(groups: list[QueryGroup], num_tokens: int, chunk: int, device: torch.device) -> AttentionPlan:
-    items: dict = {}
+@dataclass(frozen=True)
+class PlanCaps:
+    """Fixed sizes of a plan's arrays: what one captured graph can serve."""
+
+    tokens: int
+    items: int
+    pages: int  # pages of the longest block
+    units: int
+
+    @property
+    def pairs(self) -> int:
+        return self.units * self.tokens  # a token reads each unit at most once
+
+    def sizes(self) -> dict[str, int]:
+        u, p = self.units, self.pairs
+        return {"tables": self.items * self.pages, "unit_item": u, "unit_kstart": u, "unit_kend": u,
+                "unit_pair": u, "unit_npairs": u, "pair_tok": p, "pair_delta": p, "pair_limit": p,
+                "tok_start": self.tokens + 1, "tok_parts": p}
+
+
+def _pages(seg) -> np.ndarray:
+    pages = seg.pages
+    if isinstance(pages, torch.Tensor):
+        pages = pages.cpu().numpy()
+    return np.asarray(pages, dtype=np.int32)
+
+
+def build_plan(groups: list[QueryGroup], num_tokens: int, chunk: int) -> dict:
+    """The plan's arrays (numpy int32) and sizes; `chunk` is the keys per unit."""
+    index: dict = {}
+    tables: list[np.ndarray] = []
+    toks, items, deltas, limits = [], [], [], []
     for g in groups:
         for seg in g.segments:
             key = seg.block if seg.block is not None else ("segment", id(seg))
-            item = items.setdefault(key, {"pages": seg.pages, "rows": []})
-            if seg.pages.numel() > item["pages"].numel():
-                item["pages"] = seg.pages
-            for i in range(g.count):
-                delta = g.position + i - seg.offset
+            item = index.get(key)
+            pages = None
+            if item is None:
+                item = index[key] = len(tables)
+                tables.append(pages := _pages(seg))
+            elif len(seg.pages) > len(tables[item]):
+                tables[item] = pages = _pages(seg)
+            if g.count == 1:  # decode: plain Python is cheapest
+                delta = g.position - seg.offset
                 limit = min(seg.length, delta + 1)
                 if limit > 0:
-                    item["rows"].append((g.start + i, delta, limit))
-    max_pages = max([1] + [it["pages"].numel() for it in items.values()])
-    tables = torch.zeros((max(1, len(items)), max_pages), dtype=torch.int32)
-    u_item, u_ks, u_ke, u_pair, u_np = [], [], [], [], []
-    p_tok, p_delta, p_limit = [], [], []
-    per_tok: list[list[int]] = [[] for _ in range(num_tokens)]
-    for idx, it in enumerate(items.values()):
-        tables[idx, : it["pages"].numel()] = it["pages"].to(torch.int32).cpu()
-        kmax = max((r[2] for r in it["rows"]), default=0)
-        for c0 in range(0, kmax, chunk):
-            rows = [r for r in it["rows"] if r[2] > c0]
-            u_item.append(idx)
-            u_ks.append(c0)
-            u_ke.append(min(c0 + chunk, kmax))
-            u_pair.append(len(p_tok))
-            u_np.append(len(rows))
-            for tok, delta, limit in rows:
-                per_tok[tok].append(len(p_tok))
-                p_tok.append(tok)
-                p_delta.append(delta)
-                p_limit.append(limit)
-    starts = [0]
-    for parts in per_tok:
-        starts.append(starts[-1] + len(parts))
+                    toks.append(g.start), items.append(item), deltas.append(delta), limits.append(limit)
+                continue
+            d = g.position - seg.offset + np.arange(g.count)
+            lim = np.minimum(seg.length, d + 1)
+            keep = lim > 0
+            toks.extend((g.start + np.nonzero(keep)[0]).tolist())
+            items.extend([item] * int(keep.sum()))
+            deltas.extend(d[keep].tolist())
+            limits.extend(lim[keep].tolist())
+    tok, item, delta, limit = (np.asarray(x, dtype=np.int64) for x in (toks, items, deltas, limits))
+    n_items = max(1, len(tables))
+    kmax = np.zeros(n_items, dtype=np.int64)
+    np.maximum.at(kmax, item, limit)
+    chunks = -(-kmax // chunk)  # units per item
+    first_unit = np.cumsum(chunks) - chunks
+    units = int(chunks.sum())
+    # every pair reads chunks 0..ceil(limit / chunk) - 1 of its item: one expanded pair each
+    reps = -(-limit // chunk)
+    src = np.repeat(np.arange(len(tok)), reps)
+    j = np.arange(len(src)) - np.repeat(np.cumsum(reps) - reps, reps)
+    unit = first_unit[item[src]] + j
+    order = np.argsort(unit, kind="stable")  # grouped by unit, tokens in order inside
+    src, unit = src[order], unit[order]
+    npairs = np.bincount(unit, minlength=units)
+    unit_item = np.repeat(np.arange(n_items), chunks)
+    kstart = (np.arange(units) - first_unit[unit_item]) * chunk
+    pair_tok = tok[src]
+    by_tok = np.argsort(pair_tok, kind="stable")
+    width = max(1, max((len(t) for t in tables), default=1))
+    table = np.zeros((n_items, width), dtype=np.int32)
+    for i, t in enumerate(tables):
+        table[i, : len(t)] = t
+    per_tok = np.bincount(pair_tok, minlength=num_tokens)
+    i32 = lambda x: np.asarray(x, dtype=np.int32)  # noqa: E731
+    return {
+        "tables": table,
+        "unit_item": i32(unit_item), "unit_kstart": i32(kstart),
+        "unit_kend": i32(np.minimum(kstart + chunk, kmax[unit_item])),
+        "unit_pair": i32(np.cumsum(npairs) - npairs), "unit_npairs": i32(npairs),
+        "pair_tok": i32(pair_tok), "pair_delta": i32(delta[src]), "pair_limit": i32(limit[src]),
+        "tok_start": i32(np.concatenate([[0], np.cumsum(per_tok)])), "tok_parts": i32(by_tok),
+        "num_tokens": num_tokens, "max_pairs": int(npairs.max(initial=0)), "max_parts": int(per_tok.max(initial=0)),
+    }
 
-    def t(x: list[int]) -> torch.Tensor:
-        return torch.tensor(x, dtype=torch.int32, device=device)
 
-    return AttentionPlan(
-        tables.to(device), t(u_item), t(u_ks), t(u_ke), t(u_pair), t(u_np), t(p_tok), t(p_delta), t(p_limit),
-        t(starts), t([p for parts in per_tok for p in parts]), num_tokens, max(u_np, default=0),
-        max((len(parts) for parts in per_tok), default=0),
-    )
+def plan_attention(groups: list[QueryGroup], num_tokens: int, chunk: int, device: torch.device) -> AttentionPlan:
+    """A plan of exactly the pass's size, on `device` (one host-to-device copy)."""
+    host = build_plan(groups, num_tokens, chunk)
+    flat = [host["tables"].reshape(-1)] + [host[f] for f in FIELDS]
+    packed = torch.from_numpy(np.concatenate(flat))
+    if device.type == "cuda":
+        packed = packed.pin_memory().to(device, non_blocking=True)
+    parts = packed.split([len(x) for x in flat])
+    return AttentionPlan(parts[0].view(host["tables"].shape), *parts[1:], host["num_tokens"],
+                         host["max_pairs"], host["max_parts"])
+
+
+class StaticPlan:
+    """Device buffers of fixed size (`PlanCaps`) refilled every pass: what a graph reads.
+
+    `load` writes a pass's plan into a pinned host mirror and copies it over in one
+    asynchronous copy; nothing waits for the device."""
+
+    def __init__(self, caps: PlanCaps, device: torch.device) -> None:
+        self.caps = caps
+        sizes = caps.sizes()
+        total = sum(sizes.values())
+        self.host = torch.zeros(total, dtype=torch.int32, pin_memory=device.type == "cuda")
+        self.device_buf = torch.zeros(total, dtype=torch.int32, device=device)
+        self._host_views = dict(zip(sizes, np.split(self.host.numpy(), np.cumsum(list(sizes.values()))[:-1])))
+        views = dict(zip(sizes, self.device_buf.split(list(sizes.values()))))
+        self.plan = AttentionPlan(views["tables"].view(caps.items, caps.pages), *(views[f] for f in FIELDS),
+                                  caps.tokens, caps.tokens, caps.units)
+
+    def fits(self, host: dict) -> bool:
+        t = host["tables"]
+        return (host["num_tokens"] == self.caps.tokens and t.shape[0] <= self.caps.items
+                and t.shape[1] <= self.caps.pages and len(host["unit_item"]) <= self.caps.units)
+
+    def load(self, host: dict) -> None:
+        """Copy a pass's plan (from `build_plan`) into the buffers; padding units get no pairs."""
+        hv = self._host_views
+        table = hv["tables"].reshape(self.caps.items, self.caps.pages)
+        t = host["tables"]
+        table[: t.shape[0], : t.shape[1]] = t
+        for f in FIELDS:
+            n = len(host[f])
+            hv[f][:n] = host[f]
+            hv[f][n:] = 0
+        self.device_buf.copy_(self.host, non_blocking=True)

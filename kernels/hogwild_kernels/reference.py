@@ -27,7 +27,7 @@ from .rope import apply_rope, rope_cos_sin
 class Segment:
     """One block as a worker sees it this step."""
 
-    pages: torch.Tensor  # int64 [num_pages] page ids in the pool, in block order
+    pages: torch.Tensor | list[int]  # page ids in the pool, in block order
     length: int  # visible tokens (a prefix of the block)
     offset: int  # view position of the block's first token
     block: int | None = None  # segments of several workers with one id are one block: read once
@@ -47,7 +47,8 @@ def gather_segment(pool: torch.Tensor, seg: Segment) -> torch.Tensor:
     """The first `seg.length` tokens of a block: [length, kv_heads, head_dim]."""
     page_size = pool.shape[1]
     need = -(-seg.length // page_size)
-    rows = pool[seg.pages[:need]].reshape(-1, pool.shape[2], pool.shape[3])
+    pages = torch.as_tensor(seg.pages, dtype=torch.int64, device=pool.device)
+    rows = pool[pages[:need]].reshape(-1, pool.shape[2], pool.shape[3])
     return rows[: seg.length]
 
 

@@ -1,0 +1,110 @@
+"""CUDA graphs of the decode pass: one forward of every worker's single token, replayed.
+
+A decode pass (each fed worker feeds exactly one token) has the same shape step after
+step; only its inputs change: the tokens, their block-local positions and pool slots,
+and the attention plan (who reads which pages, with which rotation). Those live in
+fixed-size device buffers refilled by one asynchronous copy each per pass, so a graph
+captured once per (tokens, blocks) shape replays every later pass of that shape with
+no launch overhead. Passes that feed several tokens to a worker (the prompt, headers,
+interjections) run eagerly; so does anything a graph's buffers cannot hold.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from hogwild_kernels import QueryGroup
+from hogwild_kernels.plan import PlanCaps, StaticPlan, build_plan
+
+from ..cache import KVPool
+from .decoder import Decoder, ForwardBatch
+
+
+def _pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+class _Graph:
+    """One captured decode pass and the static buffers it reads and writes."""
+
+    def __init__(self, caps: PlanCaps, device: torch.device) -> None:
+        t = caps.tokens
+        self.plan = StaticPlan(caps, device)
+        self.host = torch.zeros(3 * t, dtype=torch.int32, pin_memory=True)
+        self.inputs = torch.zeros(3 * t, dtype=torch.int32, device=device)
+        tokens, key_positions, slots = self.inputs.split(t)
+        last = torch.arange(t, device=device)
+        self.batch = ForwardBatch(tokens, key_positions, slots, [], last, plan=self.plan.plan)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None
+
+    def load(self, host_plan: dict, tokens: list[int], key_positions: list[int], slots: list[int]) -> None:
+        self.plan.load(host_plan)
+        h = self.host.numpy()
+        t = len(tokens)
+        h[:t], h[t : 2 * t], h[2 * t :] = tokens, key_positions, slots
+        self.inputs.copy_(self.host, non_blocking=True)
+
+
+class DecodeGraphs:
+    """Captures and replays decode passes of one decoder over one K/V pool."""
+
+    def __init__(self, decoder: Decoder, cache: KVPool, max_context: int) -> None:
+        self.decoder, self.cache = decoder, cache
+        self.attention = decoder.attention
+        self.device = cache.k.device
+        self.max_pages = -(-max_context // cache.page_size) + 1
+        self.graphs: dict[tuple[int, int], _Graph] = {}
+        self.last: _Graph | None = None
+        self.replays = 0
+
+    @staticmethod
+    def serves(groups: list[QueryGroup]) -> bool:
+        """A decode pass: every group feeds one token."""
+        return bool(groups) and all(g.count == 1 for g in groups)
+
+    def run(self, groups: list[QueryGroup], tokens: list[int], key_positions: list[int],
+            slots: list[int]) -> torch.Tensor | None:
+        """Logits [tokens, vocab] of a decode pass, or None when no graph can hold it."""
+        t = len(tokens)
+        chunk = self.attention.chunk_size(groups, self.device, capped=False)
+        host = build_plan(groups, t, chunk)
+        items = _pow2(host["tables"].shape[0])
+        key = (t, items)
+        entry = self.graphs.get(key)
+        if entry is None:
+            units = self.attention.target_units(self.device) + items
+            entry = self.graphs[key] = _Graph(PlanCaps(t, items, self.max_pages, units), self.device)
+        if not entry.plan.fits(host):
+            return None
+        entry.load(host, tokens, key_positions, slots)
+        if entry.graph is None:
+            self._capture(entry)
+        entry.graph.replay()
+        self.last, self.replays = entry, self.replays + 1
+        return entry.logits
+
+    def _capture(self, entry: _Graph) -> None:
+        """Warm up on a side stream (compiles the kernels; computes this pass), then capture."""
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            self.decoder.forward(entry.batch, self.cache)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            entry.logits = self.decoder.forward(entry.batch, self.cache)
+        entry.graph = graph
+
+    def replay_last(self, times: int) -> float:
+        """Mean GPU seconds of the last decode pass replayed `times` times back to back (its
+        K/V are rewritten with the same values): the pass's device time without any host work."""
+        if self.last is None or self.last.graph is None:
+            raise RuntimeError("no decode pass has run yet")
+        torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
+        for _ in range(times):
+            self.last.graph.replay()
+        torch.cuda.synchronize(self.device)
+        return (time.perf_counter() - t0) / times

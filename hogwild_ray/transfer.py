@@ -1,0 +1,17 @@
+"""Host lists to device tensors without stalling the host.
+
+Copying a Python list to a CUDA tensor the plain way waits for the device to finish
+everything queued before it; staged through pinned memory the copy is asynchronous, so
+the one host sync of a step stays the sampled tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def to_device(values: list[int], device: torch.device, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    host = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)

@@ -1,0 +1,94 @@
+"""CUDA-graph decode: the same tokens and logits as eager passes, one host sync per step.
+
+GPU only (CUDA graphs need a device); the padded plan the graphs read is checked on
+CPU in test_triton_kernels.py.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import hogwild_ray as hw
+from hogwild_ray.errors import InvalidRequestError
+
+from oracle import FORCED, TOL, run_oracle
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+
+
+def test_graphs_need_cuda_and_triton(random_model):
+    path, _ = random_model("llama")
+    with pytest.raises(InvalidRequestError, match="cuda_graphs=True needs a CUDA device"):
+        hw.HogwildEngine.from_pretrained(path, "cpu", cuda_graphs=True)
+    with pytest.raises(InvalidRequestError, match="cuda_graphs must be"):
+        hw.HogwildEngine.from_pretrained(path, "cpu", cuda_graphs="yes")
+    assert hw.HogwildEngine.from_pretrained(path, "cpu").graphs is None
+
+
+def _run(engine, workers: int, steps: int):
+    session = engine.start("Compute 12 * 7 and explain.", workers=workers, max_tokens=400,
+                           sampling=hw.SamplingParams(temperature=0.0), redundancy_every=15, stop_on_answer=False)
+    tokens, logits = [], []
+    for i in range(steps):
+        if session.done:
+            break
+        new = session.step(inject={w: t for w, t in FORCED.get(i, {}).items() if w < workers})
+        tokens.append(new)
+        logits.append(session.last_logits.clone())
+    session.close()
+    return tokens, logits
+
+
+@gpu
+@pytest.mark.parametrize("family,rope,workers", [("qwen3", "yarn", 4), ("llama", "llama3", 9)])
+def test_graph_decode_equals_eager(random_model, family, rope, workers):
+    """Greedy runs with headers, interjections and finished steps (eager passes between the
+    graphed ones): the same tokens, logits within fp32 rounding."""
+    path, _ = random_model(family, rope)
+    runs = {}
+    for graphs in (False, True):
+        engine = hw.HogwildEngine.from_pretrained(path, "cuda", "float32", cache_tokens=8192, cuda_graphs=graphs)
+        runs[graphs] = _run(engine, workers, 60)
+        if graphs:
+            assert engine.graphs.replays >= 20 and len(engine.graphs.graphs) <= 4
+    (tok_e, log_e), (tok_g, log_g) = runs[False], runs[True]
+    assert tok_g == tok_e
+    for a, b in zip(log_e, log_g):
+        ok = ~torch.isnan(a)
+        torch.testing.assert_close(b[ok], a[ok], atol=2e-4 * a[ok].abs().max().item(), rtol=0)
+
+
+@gpu
+def test_oracle_through_graphs(random_model):
+    path, hf_model = random_model("qwen3", "yarn")
+    engine = hw.HogwildEngine.from_pretrained(path, "cuda", "float32", cache_tokens=4096, cuda_graphs=True)
+    worst, finished, _ = run_oracle(engine, hf_model, 5, "combined", steps=40)
+    assert worst <= TOL and finished >= 2 and engine.graphs.replays > 0
+
+
+@gpu
+def test_one_host_sync_per_step(random_model):
+    """Every step, graphed or eager, waits for the device once: for the sampled tokens."""
+    path, _ = random_model("qwen3", "yarn")
+    engine = hw.HogwildEngine.from_pretrained(path, "cuda", "bfloat16", cache_tokens=8192, cuda_graphs=True)
+    session = engine.start("Compute 12 * 7 and explain.", workers=4, max_tokens=400,
+                           sampling=hw.SamplingParams(temperature=0.8, top_k=50, top_p=0.9, seed=1),
+                           redundancy_every=15, stop_on_answer=False)
+    for _ in range(5):  # captures and first-time kernel compiles out of the way
+        session.step()
+    counts = []
+    try:
+        torch.cuda.set_sync_debug_mode("warn")
+        for i in range(40):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                session.step(inject={1: "Let me check.\n\n"} if i == 7 else None)
+            counts.append(sum("synchroniz" in str(w.message) for w in caught))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        session.close()
+    assert engine.graphs.replays >= 20
+    assert counts == [1] * len(counts), counts
