@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import InvalidRequestError
+from .transfer import to_device
 
 
 @dataclass(frozen=True)
@@ -87,27 +88,45 @@ class Sampler:
             self.generators.append(g)
 
     def sample(self, logits: torch.Tensor, workers: list[int], greedy: bool = False) -> torch.Tensor:
-        """Token ids [len(workers)] for rows of logits [len(workers), vocab] (stays on device)."""
-        out = logits.argmax(-1)  # every greedy row at once
+        """Token ids [len(workers)] for rows of logits [len(workers), vocab] (stays on device).
+
+        Greedy rows take the argmax; the others are drawn together in one batch of
+        operations (each from its own worker's generator), however many workers sample."""
+        out = logits.argmax(-1)
         if greedy:
             return out
-        for row, w in enumerate(workers):
-            p = self.params[w]
-            if not p.greedy:
-                out[row] = sample_one(logits[row], p, self.generators[w])
-        return out
+        rows = [r for r, w in enumerate(workers) if not self.params[w].greedy]
+        if not rows:
+            return out
+        params = [self.params[workers[r]] for r in rows]
+        gens = [self.generators[workers[r]] for r in rows]
+        if len(rows) == len(workers):
+            return sample_rows(logits, params, gens)
+        index = to_device(rows, logits.device)
+        return out.index_put_((index,), sample_rows(logits[index], params, gens))
+
+
+def sample_rows(logits: torch.Tensor, params: list[SamplingParams], generators: list) -> torch.Tensor:
+    """One draw per row: temperature, then top-k, then top-p (nucleus), then the Gumbel-max
+    trick (argmax of logits plus Gumbel noise is a draw from their softmax)."""
+    vocab = logits.shape[-1]
+    x = logits.to(torch.float32) / to_device([p.temperature for p in params], logits.device, torch.float32)[:, None]
+    top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+    top_p = [p.top_p for p in params]
+    if min(top_k) < vocab or min(top_p) < 1.0:
+        sorted_x, order = torch.sort(x, dim=-1, descending=True)
+        if min(top_k) < vocab:
+            rank = torch.arange(vocab, device=x.device)
+            sorted_x = sorted_x.masked_fill(rank >= to_device(top_k, x.device)[:, None], float("-inf"))
+        if min(top_p) < 1.0:
+            probs = torch.softmax(sorted_x, dim=-1)
+            limit = to_device(top_p, x.device, torch.float32)[:, None]
+            sorted_x = sorted_x.masked_fill(probs.cumsum(-1) - probs > limit, float("-inf"))  # smallest prefix reaching top_p
+        x = torch.empty_like(x).scatter_(-1, order, sorted_x)
+    u = torch.stack([torch.rand(vocab, device=x.device, generator=g) for g in generators])
+    return (x - torch.log(-torch.log(u))).argmax(-1)
 
 
 def sample_one(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
-    """Temperature, then top-k, then top-p (nucleus), then a draw."""
-    x = logits.to(torch.float32) / p.temperature
-    if p.top_k > 0 and p.top_k < x.numel():
-        kth = torch.topk(x, p.top_k).values[-1]
-        x = x.masked_fill(x < kth, float("-inf"))
-    if p.top_p < 1.0:
-        sorted_x, order = torch.sort(x, descending=True)
-        probs = torch.softmax(sorted_x, dim=-1)
-        drop = probs.cumsum(-1) - probs > p.top_p  # keep the smallest prefix reaching top_p
-        x = x.scatter(0, order, sorted_x.masked_fill(drop, float("-inf")))
-    probs = torch.softmax(x, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator)[0]
+    """One draw from a vector of logits (see sample_rows)."""
+    return sample_rows(logits[None], [p], [generator])[0]
