@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -138,7 +139,12 @@ def load_tokenizer(ckpt: Checkpoint):
 
 @functools.lru_cache(maxsize=1)
 def _builtin_tokenizer():
-    """The built-in model's tokenizer, read once per process (GGUF takes seconds)."""
+    """The built-in model's tokenizer, read once per process (GGUF takes seconds); on a machine
+    without the built-in model, the tokenizer directory named by $HOGWILD_TOKENIZER."""
+    from transformers import AutoTokenizer
+
+    if os.environ.get("HOGWILD_TOKENIZER"):
+        return AutoTokenizer.from_pretrained(os.environ["HOGWILD_TOKENIZER"])
     return load_tokenizer(default_checkpoint())
 
 
