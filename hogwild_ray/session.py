@@ -6,12 +6,18 @@ forward pass, samples one token per worker on the device, and applies the protoc
 a worker whose fed text ends a step has that step moved into the shared history at the
 start of the next `step()` (so after `step()` returns, the cache still holds exactly
 what the last logits were computed from) and gets a new header as its next chunk.
+
+The finisher forces answers: the chosen workers get `FINISHER_PROMPT` after their pending
+tokens and decode greedily (all in the same passes) until each closes its `\\boxed{`. It
+runs by itself when a run ends without an answer (worker 0), and on demand in a fork
+(`force_answers`, any workers, protocol on or off), which leaves the session unchanged.
 """
 
 from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -70,8 +76,9 @@ class Session:
                            steps_per_worker=[0] * workers)
         self._last_steps: dict[int, WriteStep] = {}
         self._finishing: list[int] = []
-        self._finisher: int | None = None
-        self._finisher_ids: list[int] = []
+        self._finishers: dict[int, list[int]] = {}  # forced worker -> tokens written after the prompt
+        self._forced: dict[int, str | None] = {}  # forced worker -> its answer, once it has one
+        self.auto_close = True  # False: a finished run keeps its pages (fork it, then close() it)
         self._t0 = time.perf_counter()
         try:
             self._prefill()
@@ -204,7 +211,7 @@ class Session:
         if not fed:
             return self._finish_run(new)
         try:
-            steps, sampled = self.executor.run(fed, greedy=self._finisher is not None)
+            steps, sampled = self.executor.run(fed, greedy=bool(self._finishers))
         except BaseException:
             self.close()
             raise
@@ -221,7 +228,7 @@ class Session:
 
     def _enforce_context(self, fed: dict[int, list[int]], new: dict[int, list[int]]) -> dict[int, list[int]]:
         """Stop a worker whose view would outgrow the context (keeping room for the finisher)."""
-        reserve = (self.options.finisher_tokens + 32) if self._finisher is None and self.options.enabled else 0
+        reserve = (self.options.finisher_tokens + 32) if not self._finishers and self.options.enabled else 0
         limit = self.engine.max_context - reserve
         for w in list(fed):
             if self.layout.view_length(w) + len(fed[w]) > limit:
@@ -236,7 +243,7 @@ class Session:
         ws.unfed = []
         ws.step_ids.extend(chunk)
         self.stats.tokens_per_worker[w] = len(ws.stream)
-        if self._finisher == w:
+        if w in self._finishers:
             self._after_finisher_pass(ws, tok, new)
             return
         step_text = self.tok.decode(ws.step_ids)
@@ -269,7 +276,7 @@ class Session:
 
     # ---- stopping and the finisher ----------------------------------------------------
     def _check_stop(self) -> None:
-        if self._finisher is not None:
+        if self._finishers:
             return
         if self.answer is not None and self.options.stop_on_answer and self.options.enabled:
             self.stats.stop_reason = "answer"
@@ -288,30 +295,67 @@ class Session:
             else:
                 self.done = True
 
-    def _start_finisher(self) -> None:
-        """Out of budget without an answer: force worker 0 to state one, greedily."""
-        self._finisher = 0
-        ws = self.workers[0]
-        ws.pending = ws.pending + self.encode(FINISHER_PROMPT)
-        ws.status = "active"
-        for other in self.workers[1:]:
-            other.status = "idle"
+    @property
+    def finishing(self) -> bool:
+        """True while the finisher runs (the workers are being forced to answer)."""
+        return bool(self._finishers) and not self.done
+
+    def _start_finisher(self, workers: Sequence[int] = (0,)) -> None:
+        """Force the given workers to state an answer, greedily; the others go idle. Out of
+        budget without an answer the session does this for worker 0 by itself."""
+        prompt = self.encode(FINISHER_PROMPT)
+        self._finishers, self._forced = {w: [] for w in workers}, {}
+        for w, ws in enumerate(self.workers):
+            if w in self._finishers:
+                ws.pending, ws.status = ws.pending + prompt, "active"
+            else:
+                ws.status = "idle"
 
     def _after_finisher_pass(self, ws: WorkerState, tok: int, new: dict[int, list[int]]) -> None:
+        w = ws.proto.index
+        ids = self._finishers[w]
         eos = tok in self.engine.eos_ids
         if not eos:
-            self._finisher_ids.append(tok)
+            ids.append(tok)
             ws.pending, ws.reported = [tok], 1
             ws.stream.append(tok)
             ws.unfed = [tok]
-            new[ws.proto.index].append(tok)
-        text = self.tok.decode(self._finisher_ids)
+            new[w].append(tok)
+        text = self.tok.decode(ids)
         ans = extract_boxed("\\boxed{" + text)
-        if eos or ans is not None or len(self._finisher_ids) >= self.options.finisher_tokens:
-            self.answer = ans if ans is not None else (text.split("}")[0].strip() or None)
-            self.stats.stop_reason += "+finisher"
+        if eos or ans is not None or len(ids) >= self.options.finisher_tokens:
+            self._forced[w] = ans if ans is not None else (text.split("}")[0].strip() or None)
             ws.status, ws.pending = "idle", []
+        if len(self._forced) == len(self._finishers):
+            first = next(iter(self._finishers))
+            self.answer = self.answer if self.answer is not None else self._forced[first]
+            self.stats.stop_reason += "+finisher"
             self.done = True
+
+    def force_answers(self, workers: Sequence[int] | None = None) -> list[str | None]:
+        """Each given worker's answer if it had to give one now (default: every worker).
+
+        A fork of this session gets the finisher prompt after each worker's pending tokens
+        and decodes greedily, all the workers in the same passes, until each closes its
+        `\\boxed{` (or writes `finisher_tokens` tokens); the fork is then closed. This session
+        is unchanged: it goes on as if this was never called. Works with the protocol on or
+        off, on a running session or on a finished one that kept its pages (`auto_close`)."""
+        workers = list(range(len(self.workers))) if workers is None else list(workers)
+        if not workers or len(set(workers)) != len(workers) or any(
+                not isinstance(w, int) or isinstance(w, bool) or not 0 <= w < len(self.workers) for w in workers):
+            raise InvalidRequestError(f"force_answers needs distinct workers in 0..{len(self.workers) - 1}, "
+                                      f"got {workers!r}")
+        if self.finishing:
+            raise InvalidRequestError("the finisher is already running; step the session to its end instead")
+        twin = self.fork()
+        try:
+            twin.auto_close, twin.done = False, False
+            twin._start_finisher(workers)
+            while not twin.done:
+                twin.step()
+            return [twin._forced.get(w) for w in workers]
+        finally:
+            twin.close()
 
     def _finish_run(self, new: dict[int, list[int]]) -> dict[int, list[int]]:
         self._check_stop()
@@ -324,7 +368,8 @@ class Session:
     def _close_run(self) -> None:
         self.stats.seconds = time.perf_counter() - self._t0
         self.stats.tokens_per_worker = [len(ws.stream) for ws in self.workers]
-        self.close()
+        if self.auto_close:
+            self.close()
 
     def fork(self) -> Session:
         """A copy of this session that shares every K/V page with it (copy on write: nothing is

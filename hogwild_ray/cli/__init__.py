@@ -10,11 +10,11 @@ import sys
 
 from .. import __version__
 from ..errors import HogwildError
-from . import batch, bench, info, run
+from . import batch, bench, eval, info, run
 from .common import FORMATTER, Parser
 from .run import EXAMPLE_PROBLEM  # the benchmarks' problem too
 
-COMMANDS = (run, batch, bench, info)
+COMMANDS = (run, batch, eval, bench, info)
 
 EPILOG = """\
 examples:
@@ -22,6 +22,7 @@ examples:
   hogwild-ray run "What is 17 * 23?" --workers 3 --max-tokens 256
   hogwild-ray run "What is 2 + 3?" --temperature 0 --json > result.json
   hogwild-ray batch --input problems.jsonl --output results.jsonl --workers 2
+  hogwild-ray eval --generated 20 --workers 1,2 --budgets 64,128 --out runs/quick
   hogwild-ray bench workers_cpu
   hogwild-ray info --json
 
