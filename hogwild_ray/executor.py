@@ -21,6 +21,9 @@ if TYPE_CHECKING:
     from .engine import HogwildEngine
 
 
+PREFILL_CHUNK = 2048
+
+
 class LocalExecutor:
     """Runs passes on the engine's model and K/V pool, in process."""
 
@@ -31,10 +34,12 @@ class LocalExecutor:
         self._last = torch.full((layout.workers, engine.spec.vocab_size), float("nan"), device=engine.device)
 
     def prefill(self, block: Block, ids: list[int]) -> None:
-        """Write a shared constant block (the prompt, a header) once for everyone."""
-        step = self.layout.write_shared(block, ids)
-        self.engine.cache.copy_pages(self.layout.take_copies())
-        self.engine.run_forward([step])
+        """Write a shared constant block (the prompt, a header) once for everyone, in passes of
+        at most PREFILL_CHUNK tokens (a long prompt's activations and attention partials stay small)."""
+        for start in range(0, len(ids), PREFILL_CHUNK):
+            step = self.layout.write_shared(block, ids[start : start + PREFILL_CHUNK])
+            self.engine.cache.copy_pages(self.layout.take_copies())
+            self.engine.run_forward([step])
 
     def finish_steps(self, workers: list[int]) -> None:
         """Move finished steps to the end of the shared history, re-rotating keys once."""

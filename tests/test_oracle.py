@@ -101,3 +101,18 @@ def test_oracle_triton_bf16_on_gpu(random_model, family, rope, workers):
     print(f"bf16 oracle {family}/{rope}, {workers} workers: max relative logit error {worst}")
     assert worst["triton"] <= 2 * worst["torch"] + 0.02, worst
     assert worst["triton"] <= BF16_TOL, worst
+
+
+def test_long_prompt_prefilled_in_chunks(random_model, monkeypatch):
+    """A prompt longer than a prefill pass is written in several causal passes: the oracle holds."""
+    import hogwild_ray.executor as executor
+
+    path, hf_model = random_model("qwen3", "yarn")
+    monkeypatch.setattr(executor, "PREFILL_CHUNK", 7)
+    engine = hw.HogwildEngine.from_pretrained(path, "cpu", "float32", cache_tokens=4096)
+    calls = []
+    real = engine.run_forward
+    monkeypatch.setattr(engine, "run_forward", lambda steps: (calls.append(len(steps[0].tokens)), real(steps))[1])
+    worst, _, session = run_oracle(engine, hf_model, 2, "combined", steps=6)
+    assert worst <= TOL
+    assert max(calls) <= 7 and len(session.prompt_ids) > 7

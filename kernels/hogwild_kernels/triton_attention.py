@@ -111,7 +111,7 @@ def _rope_shift_partial_kernel(
     g = m % REP
     valid = (row < npairs) & (m < BLOCK_R * REP)
     pair = pair0 + row
-    tok = tl.load(pair_tok_ptr + pair, mask=valid, other=0)
+    tok = tl.load(pair_tok_ptr + pair, mask=valid, other=0).to(tl.int64)
     limit = tl.load(pair_limit_ptr + pair, mask=valid, other=0)
     head = h * REP + g
 
@@ -121,7 +121,7 @@ def _rope_shift_partial_kernel(
     q_base = q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :]
     q1 = tl.load(q_base, mask=qmask, other=0.0).to(tl.float32)
     q2 = tl.load(q_base + HALF, mask=qmask, other=0.0).to(tl.float32)
-    cs_off = pair[:, None] * HALF + d[None, :]
+    cs_off = pair.to(tl.int64)[:, None] * HALF + d[None, :]
     cos = tl.load(pair_cos_ptr + cs_off, mask=qmask, other=0.0)
     sin = tl.load(pair_sin_ptr + cs_off, mask=qmask, other=0.0)
     qr1 = ((q1 * cos - q2 * sin) * qk_scale).to(k_ptr.dtype.element_ty)
@@ -157,7 +157,7 @@ def _rope_shift_partial_kernel(
                 qr1, qr2, limit, d, dmask, m_i, l_i, acc1, acc2, PAGE, HALF, HALFP, BLOCK_N, IEEE, True)
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    out_row = pair  # one partial row per (unit, pair): pairs are numbered per unit
+    out_row = pair.to(tl.int64)  # one partial row per (unit, pair); 64-bit: long prefills have many
     o_base = o_part_ptr + out_row[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
     ty = o_part_ptr.dtype.element_ty
     tl.store(o_base, (acc1 / l_safe[:, None]).to(ty), mask=qmask)
