@@ -30,18 +30,9 @@ from rich.table import Table  # noqa: E402
 
 import hogwild_ray as hw  # noqa: E402
 from hogwild_ray.cli import EXAMPLE_PROBLEM  # noqa: E402
+from common import cpu_name  # noqa: E402
 
 GREEDY = hw.SamplingParams(temperature=0.0)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown cpu"
 
 
 def measure(engine: hw.HogwildEngine, workers: int, passes: int, warmup: int) -> tuple[float, int]:
