@@ -1,6 +1,10 @@
 """Evaluation: accuracy against the budget of sequential forward passes."""
 
-from .answers import answers_match, normalize_answer, parse_number
+from .answers import answers_match, grade, normalize_answer, parse_number
 from .dataset import arithmetic_problems
+from .loaders import load_problems
+from .runner import MODES, RunSpec, run_budgets
+from .stats import majority, wilson
 
-__all__ = ["answers_match", "arithmetic_problems", "normalize_answer", "parse_number"]
+__all__ = ["MODES", "RunSpec", "answers_match", "arithmetic_problems", "grade", "load_problems", "majority",
+           "normalize_answer", "parse_number", "run_budgets", "wilson"]
