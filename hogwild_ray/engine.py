@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import torch
-from hogwild_kernels import QueryGroup, Segment, make_attention
+from hogwild_kernels import QueryGroup, make_attention
 
 from .cache import KVPool
 from .errors import InvalidRequestError
@@ -294,12 +294,10 @@ class HogwildEngine:
     @staticmethod
     def _host_batch(steps: list[WriteStep]) -> tuple[list[QueryGroup], list[int], list[int], list[int], list[int]]:
         tokens, key_pos, slots, groups, last = [], [], [], [], []
-        block_ids: dict[int, int] = {}  # one id per block: the Triton path reads a block once
         for s in steps:
             n = len(s.tokens)
-            segs = [Segment(v.block.pages, v.length, v.offset, block_ids.setdefault(id(v.block), len(block_ids)))
-                    for v in s.segments]
-            groups.append(QueryGroup(len(tokens), n, s.position, segs))
+            # the layout's segment views serve as the kernels' segments: one block, one key
+            groups.append(QueryGroup(len(tokens), n, s.position, s.segments))
             tokens.extend(s.tokens)
             key_pos.extend(range(s.local_start, s.local_start + n))
             slots.extend(s.slots)

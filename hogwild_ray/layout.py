@@ -88,13 +88,18 @@ class Block:
         return [self.pages[i // page_size] * page_size + i % page_size for i in range(start, stop)]
 
 
-@dataclass
+@dataclass(slots=True)
 class SegmentView:
     """A block as one worker sees it in one step: a visible prefix at a view offset."""
 
     block: Block
     length: int
     offset: int
+
+    @property
+    def pages(self) -> list[int]:
+        """The block's pages (what the attention kernels read as a segment)."""
+        return self.block.pages
 
 
 @dataclass

@@ -222,7 +222,7 @@ def test_static_plan_with_padding_matches_reference(workers, seed, layout_items)
     for _ in range(2):  # the second pass overwrites the first one's buffers
         q, k_pool, v_pool, groups = random_case(rng, workers, 8, 2, 64, max_chunk=1)
         groups = to_device(groups)
-        host = build_plan(groups, workers, tri.chunk_size(groups, DEVICE, capped=False))
+        host = build_plan(groups, workers, tri.chunk_rule(DEVICE, capped=False))
         assert static.fits(host) and len(host["unit_item"]) <= caps.units
         static.load(host)
         slots = torch.zeros(workers, dtype=torch.int64, device=DEVICE)

@@ -68,8 +68,7 @@ class DecodeGraphs:
             slots: list[int]) -> torch.Tensor | None:
         """Logits [tokens, vocab] of a decode pass, or None when no graph can hold it."""
         t = len(tokens)
-        chunk = self.attention.chunk_size(groups, self.device, capped=False)
-        host = build_plan(groups, t, chunk)
+        host = build_plan(groups, t, self.attention.chunk_rule(self.device, capped=False))
         items = _pow2(host["tables"].shape[0])
         key = (t, items)
         entry = self.graphs.get(key)

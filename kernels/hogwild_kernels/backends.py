@@ -122,7 +122,7 @@ class TritonAttention:
         from .plan import plan_attention
 
         if plan is None:
-            plan = plan_attention(groups, int(slots.numel()), self.chunk_size(groups, slots.device), slots.device)
+            plan = plan_attention(groups, int(slots.numel()), self.chunk_rule(slots.device), slots.device)
         # every rotation of this pass, once for all layers: readers by (position - block offset),
         # new keys by their block-local position (fp32, as the reference computes them)
         plan.pair_cos, plan.pair_sin = self._cos_sin(plan.pair_delta)
@@ -142,19 +142,20 @@ class TritonAttention:
             self._sms = torch.cuda.get_device_properties(device).multi_processor_count
         return max(1, -(-self.programs_per_sm * self._sms // self.kv_heads))
 
-    def chunk_size(self, groups: list[QueryGroup], device: torch.device, capped: bool = True) -> int:
-        """Keys per unit: long blocks are split so that every SM gets work. Uncapped, the
-        units of a pass never exceed target_units + blocks (what a captured graph allots)."""
+    def chunk_rule(self, device: torch.device, capped: bool = True):
+        """Keys per unit as a function of the pass's total keys: long blocks are split so that
+        every SM gets work. Uncapped, a pass never has more than target_units + blocks units
+        (what a captured graph allots)."""
         if self.chunk is not None:
             return self.chunk
-        blocks = {}
-        for g in groups:
-            for s in g.segments:
-                key = s.block if s.block is not None else id(s)
-                blocks[key] = max(blocks.get(key, 0), s.length)
-        per_unit = -(-sum(blocks.values()) // self.target_units(device))
-        chunk = max(self.block_n, -(-per_unit // self.block_n) * self.block_n)
-        return min(2048, chunk) if capped else chunk
+        target = self.target_units(device)
+
+        def chunk(total: int) -> int:
+            per_unit = -(-total // target)
+            size = max(self.block_n, -(-per_unit // self.block_n) * self.block_n)
+            return min(2048, size) if capped else size
+
+        return chunk
 
     def append(self, k_pool: torch.Tensor, v_pool: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                meta: PassMeta) -> None:

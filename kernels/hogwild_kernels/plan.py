@@ -14,6 +14,7 @@ later pass of the same shape after its buffers are refilled (see `StaticPlan`).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -64,45 +65,42 @@ class PlanCaps:
                 "tok_start": self.tokens + 1, "tok_parts": p}
 
 
-def _pages(seg) -> np.ndarray:
-    pages = seg.pages
+def _pages(pages) -> np.ndarray:
     if isinstance(pages, torch.Tensor):
         pages = pages.cpu().numpy()
     return np.asarray(pages, dtype=np.int32)
 
 
-def build_plan(groups: list[QueryGroup], num_tokens: int, chunk: int) -> dict:
-    """The plan's arrays (numpy int32) and sizes; `chunk` is the keys per unit."""
+def build_plan(groups: list[QueryGroup], num_tokens: int, chunk: int | Callable[[int], int]) -> dict:
+    """The plan's arrays (numpy int32) and sizes. chunk: the keys per unit, or a function of the
+    total keys to read (each block counted once) that picks it."""
+    segs = [seg for g in groups for seg in g.segments]
+    keys = [seg.block if seg.block is not None else ("segment", id(seg)) for seg in segs]
     index: dict = {}
-    tables: list[np.ndarray] = []
-    toks, items, deltas, limits = [], [], [], []
-    for g in groups:
-        for seg in g.segments:
-            key = seg.block if seg.block is not None else ("segment", id(seg))
-            item = index.get(key)
-            pages = None
-            if item is None:
-                item = index[key] = len(tables)
-                tables.append(pages := _pages(seg))
-            elif len(seg.pages) > len(tables[item]):
-                tables[item] = pages = _pages(seg)
-            if g.count == 1:  # decode: plain Python is cheapest
-                delta = g.position - seg.offset
-                limit = min(seg.length, delta + 1)
-                if limit > 0:
-                    toks.append(g.start), items.append(item), deltas.append(delta), limits.append(limit)
-                continue
-            d = g.position - seg.offset + np.arange(g.count)
-            lim = np.minimum(seg.length, d + 1)
-            keep = lim > 0
-            toks.extend((g.start + np.nonzero(keep)[0]).tolist())
-            items.extend([item] * int(keep.sum()))
-            deltas.extend(d[keep].tolist())
-            limits.extend(lim[keep].tolist())
-    tok, item, delta, limit = (np.asarray(x, dtype=np.int64) for x in (toks, items, deltas, limits))
+    seg_item = [index.setdefault(k, len(index)) for k in keys]
+    tables: list = [()] * len(index)  # each item's page table: its longest segment's pages
+    for item, seg in zip(seg_item, segs):
+        pages = seg.pages
+        if len(pages) > len(tables[item]):
+            tables[item] = pages
+    seg_off = [seg.offset for seg in segs]
+    seg_len = [seg.length for seg in segs]
+    seg_pos = [g.position for g in groups for _ in g.segments]
+    seg_start = [g.start for g in groups for _ in g.segments]
+    seg_count = [g.count for g in groups for _ in g.segments]
+    counts = np.asarray(seg_count, dtype=np.int64)
+    # one row per (query token, segment): token i of a group is at position + i
+    rep = lambda x: np.repeat(np.asarray(x, dtype=np.int64), counts)  # noqa: E731
+    i = np.arange(int(counts.sum())) - rep(np.cumsum(counts) - counts)
+    delta = rep(seg_pos) + i - rep(seg_off)
+    limit = np.minimum(rep(seg_len), delta + 1)
+    keep = limit > 0
+    tok, item, delta, limit = (rep(seg_start) + i)[keep], rep(seg_item)[keep], delta[keep], limit[keep]
     n_items = max(1, len(tables))
     kmax = np.zeros(n_items, dtype=np.int64)
     np.maximum.at(kmax, item, limit)
+    if callable(chunk):
+        chunk = chunk(int(kmax.sum()))
     chunks = -(-kmax // chunk)  # units per item
     first_unit = np.cumsum(chunks) - chunks
     units = int(chunks.sum())
@@ -120,8 +118,8 @@ def build_plan(groups: list[QueryGroup], num_tokens: int, chunk: int) -> dict:
     by_tok = np.argsort(pair_tok, kind="stable")
     width = max(1, max((len(t) for t in tables), default=1))
     table = np.zeros((n_items, width), dtype=np.int32)
-    for i, t in enumerate(tables):
-        table[i, : len(t)] = t
+    for row, pages in enumerate(tables):
+        table[row, : len(pages)] = _pages(pages)
     per_tok = np.bincount(pair_tok, minlength=num_tokens)
     i32 = lambda x: np.asarray(x, dtype=np.int32)  # noqa: E731
     return {
@@ -132,10 +130,12 @@ def build_plan(groups: list[QueryGroup], num_tokens: int, chunk: int) -> dict:
         "pair_tok": i32(pair_tok), "pair_delta": i32(delta[src]), "pair_limit": i32(limit[src]),
         "tok_start": i32(np.concatenate([[0], np.cumsum(per_tok)])), "tok_parts": i32(by_tok),
         "num_tokens": num_tokens, "max_pairs": int(npairs.max(initial=0)), "max_parts": int(per_tok.max(initial=0)),
+        "chunk": chunk,
     }
 
 
-def plan_attention(groups: list[QueryGroup], num_tokens: int, chunk: int, device: torch.device) -> AttentionPlan:
+def plan_attention(groups: list[QueryGroup], num_tokens: int, chunk: int | Callable[[int], int],
+                   device: torch.device) -> AttentionPlan:
     """A plan of exactly the pass's size, on `device` (one host-to-device copy)."""
     host = build_plan(groups, num_tokens, chunk)
     flat = [host["tables"].reshape(-1)] + [host[f] for f in FIELDS]
