@@ -159,7 +159,9 @@ class Progress:
         marks = "".join("+" if x["correct"] else "-" for x in recs)
         what = f"error: {r['error']}" if "error" in r else f"answer={r['answer']!r} ref={r['reference']!r} {marks}"
         if self.bar is not None:
-            self.bar.update(self.task, completed=self.count, description=f"id={r['id']} {spec} {what}")
+            from rich.markup import escape
+
+            self.bar.update(self.task, completed=self.count, description=escape(f"id={r['id']} {spec} {what}"))
         else:
             self.line(f"[{self.count}/{self.total}] id={r['id']} {spec}: {what} ({r.get('seconds', 0):.1f} s)")
 
