@@ -203,3 +203,16 @@ def test_benchmark_writes_results(tmp_path):
     assert data["results"][0]["tokens_per_s_vs_1"] == 1.0
     assert stem.with_suffix(".csv").read_text().startswith("workers,")
     assert stem.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cuda_graphs_flag_reaches_the_engine(monkeypatch):
+    """--no-cuda-graphs turns the graphs off; by default the engine decides (None)."""
+    from hogwild_ray.cli import build_parser
+    from hogwild_ray.cli.common import load_engine
+    from hogwild_ray.engine import HogwildEngine
+
+    seen = {}
+    monkeypatch.setattr(HogwildEngine, "from_pretrained", classmethod(lambda cls, *a, **kw: seen.update(kw)))
+    for argv, want in ((["run", "--no-cuda-graphs"], False), (["run"], None)):
+        load_engine(build_parser().parse_args(argv), quiet=True)
+        assert seen["cuda_graphs"] is want

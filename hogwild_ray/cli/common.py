@@ -37,7 +37,8 @@ def at_least(lo: int):
 def add_model_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and where it runs")
     g.add_argument("--model", metavar="PATH", default=None,
-                   help="a local Hugging Face model directory or .gguf file "
+                   help="a local Hugging Face model directory or .gguf file, or random:NAME for random "
+                        "weights of a named shape such as random:qwen3-8b "
                         "(default: the built-in SmolLM2-135M-Instruct)")
     g.add_argument("--device", default=None,
                    help="torch device to run on: cpu, cuda or cuda:N (default: cuda when a GPU is visible, else cpu)")
@@ -53,6 +54,8 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
                    help="Ray cluster to run on, e.g. ray://head:10001 or head:6379; 'local' starts a new one "
                         "(default for backend ray: RAY_ADDRESS, a cluster running on this machine, else a new "
                         "local one)")
+    g.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_const", const=False, default=None,
+                   help="launch every pass from Python (default on CUDA: decode passes replay CUDA graphs)")
 
 
 def add_session_flags(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -107,7 +110,7 @@ def load_engine(args: argparse.Namespace, quiet: bool = False):
         where = f" on Ray (tp={args.tp})" if backend == "ray" else ""
         err.print(f"[dim]loading {args.model or 'the built-in SmolLM2-135M-Instruct'} on {device}{where} ...")
     return HogwildEngine.from_pretrained(args.model, device, args.dtype, backend=backend, tp=args.tp,
-                                         ray_address=args.address)
+                                         ray_address=args.address, cuda_graphs=getattr(args, "cuda_graphs", None))
 
 
 def fail(message: str) -> int:
