@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .errors import CacheFullError, ContextLengthError, InvalidRequestError
+from .detokenize import IncrementalText
 from .layout import CacheLayout, WriteStep
 from .protocol import (
     FINISHER_PROMPT, HEADER_OTHERS, HEADER_OWN, HISTORY_HEADER, ProtocolOptions, WorkerProtocol,
@@ -42,6 +43,7 @@ class WorkerState:
     pending: list[int] = field(default_factory=list)  # tokens to feed in the next pass
     reported: int = 0  # how many of `pending` step() already returned (the sampled token)
     step_ids: list[int] = field(default_factory=list)  # the current step's tokens, header first
+    step_text: IncrementalText = field(default_factory=IncrementalText)  # their text, decoded as they come
     header_text: str = ""
     stream: list[int] = field(default_factory=list)  # everything this worker wrote
     unfed: list[int] = field(default_factory=list)  # its last sample, in the stream but not yet in the cache
@@ -151,7 +153,7 @@ class Session:
         prefix = ws.proto.next_step_prefix()
         ids = self.encode(prefix)
         ws.pending, ws.reported = ids, 0
-        ws.step_ids, ws.header_text = [], prefix
+        ws.step_ids, ws.step_text, ws.header_text = [], IncrementalText(), prefix
         self.stats.redundancy_checks = sum(w.proto.checks for w in self.workers)
 
     # ---- views -------------------------------------------------------------------------
@@ -246,16 +248,15 @@ class Session:
         if w in self._finishers:
             self._after_finisher_pass(ws, tok, new)
             return
-        step_text = self.tok.decode(ws.step_ids)
-        if self.options.enabled and is_step_boundary(step_text, ws.header_text):
+        if self.options.enabled and is_step_boundary(ws.step_text.update(self.tok, ws.step_ids), ws.header_text):
             ws.proto.finished_steps += 1
             self.stats.steps_per_worker[w] = ws.proto.finished_steps
-            self._found_answer(step_text)
+            self._found_answer(self.tok.decode(ws.step_ids))
             self._finishing.append(w)
             self._open_step(ws)  # the sample after a paragraph break is dropped: a header comes next
             return
         if tok in self.engine.eos_ids:
-            self._found_answer(step_text)
+            self._found_answer(self.tok.decode(ws.step_ids))
             ws.status, ws.pending, ws.reported = "eos", [], 0
             return
         ws.pending, ws.reported = [tok], 1
