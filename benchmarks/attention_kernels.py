@@ -176,7 +176,7 @@ def run(args) -> list[dict]:
 
 
 def targets(rows: list[dict]) -> list[str]:
-    """The issue's targets, met or missed, per shape."""
+    """The kernel targets, met or missed, per shape."""
     lines = []
     for shape in sorted({r["shape"] for r in rows}):
         rs = [r for r in rows if r["shape"] == shape]

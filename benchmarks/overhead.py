@@ -5,7 +5,7 @@ time is the last decode pass replayed back to back from its CUDA graph with no h
 in between (`engine.graphs.replay_last`); without graphs, the CUDA kernel time per step
 summed by torch.profiler. Outside-GPU fraction = (wall - GPU) / wall, in process and
 through Ray (backend="ray", tp=1): the coordinator's own loop (what solve() runs) and one
-driver `step()` call per step. Targets (issue 7): under 3% in process, under 5% through Ray.
+driver `step()` call per step. Targets: under 3% in process, under 5% through Ray.
 On the CPU there is no GPU time to split off: only the wall times are reported.
 
     python benchmarks/overhead.py                       # qwen3-8b, 4k-token prompt on CUDA; tiny on the CPU

@@ -257,7 +257,7 @@ def add_ratios(rows: list[dict]) -> None:
 
 
 def targets(rows: list[dict]) -> list[dict]:
-    """The targets of issue 7 (H100, Qwen3-8B shape, bf16): met, missed, or not measured."""
+    """The speed targets (H100, Qwen3-8B shape, bf16): met, missed, or not measured."""
     cell = {(r["section"], r["workers"], r["view"]): r for r in rows}
     ours = "graphs" if any(r["section"] == "graphs" for r in rows) else "eager"
 
