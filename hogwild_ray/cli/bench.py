@@ -16,6 +16,7 @@ BENCHMARKS = {
     "overhead": "the share of a step spent outside the GPU, in process and through Ray",
     "ray_overhead": "the Ray path's per-step control overhead and start-up time",
     "scaling": "step time, tokens/s and GB/s vs workers and view length, against the roofline and transformers",
+    "tensor_parallel": "multi-GPU: step time, tokens/s and all-reduce share vs tp (--check: tp=N tokens vs tp=1)",
     "workers_cpu": "forward passes and tokens/s of the default model with 1, 2, 4 workers on the CPU",
 }
 

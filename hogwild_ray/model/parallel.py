@@ -8,7 +8,8 @@ the ranks whose query heads read it (vLLM's rule), so attention never crosses ra
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import torch
 
@@ -18,18 +19,29 @@ from .spec import ModelSpec
 
 @dataclass
 class TensorParallel:
-    """One rank of a tensor-parallel group; group=None is the default process group."""
+    """One rank of a tensor-parallel group; group=None is the default process group.
+
+    timed=True adds up the time spent in the collectives (see `collective_seconds`): CUDA
+    event pairs on a GPU, read only when the total is asked for, perf_counter on the CPU.
+    Off (the default) the collectives run with nothing around them.
+    """
 
     rank: int = 0
     world: int = 1
     group: object | None = None
+    timed: bool = False
+    _events: list = field(default_factory=list, repr=False)  # (start, end) CUDA event pairs not read yet
+    _seconds: float = field(default=0.0, repr=False)
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """In-place sum over the ranks."""
         if self.world > 1:
             import torch.distributed as dist
 
+            start = self._start(x) if self.timed else None
             dist.all_reduce(x, group=self.group)
+            if start is not None:
+                self._stop(x, start)
         return x
 
     def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
@@ -40,8 +52,39 @@ class TensorParallel:
 
         x = x.contiguous()
         parts = [torch.empty_like(x) for _ in range(self.world)]
+        start = self._start(x) if self.timed else None
         dist.all_gather(parts, x, group=self.group)
+        if start is not None:
+            self._stop(x, start)
         return torch.cat(parts, dim=-1)
+
+    def collective_seconds(self, reset: bool = True) -> float:
+        """Seconds spent in collectives since the last reset (waits for the GPU's recorded ones)."""
+        if self._events:
+            self._events[-1][1].synchronize()
+            self._seconds += sum(a.elapsed_time(b) for a, b in self._events) / 1e3
+            self._events.clear()
+        total = self._seconds
+        if reset:
+            self._seconds = 0.0
+        return total
+
+    def _start(self, x: torch.Tensor) -> object:
+        if x.device.type != "cuda":
+            return time.perf_counter()
+        if torch.cuda.is_current_stream_capturing():  # a graph replays its collectives untimed
+            return None
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        return ev
+
+    def _stop(self, x: torch.Tensor, start: object) -> None:
+        if x.device.type != "cuda":
+            self._seconds += time.perf_counter() - start
+            return
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        self._events.append((start, end))
 
 
 @dataclass(frozen=True)

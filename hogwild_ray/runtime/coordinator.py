@@ -154,6 +154,13 @@ class Coordinator:
         """Fault injection for tests: shard `rank` sleeps instead of running its next pass."""
         self._engine().stall(rank, seconds)
 
+    def time_collectives(self, on: bool) -> None:
+        self._engine().time_collectives(on)
+
+    def collective_time(self) -> tuple[float, int]:
+        """Rank 0's (seconds in all-reduce/all-gather, passes) since the last read; reset on read."""
+        return self._engine().collective_time()
+
     def shutdown(self) -> None:
         """Close the session and stop the shards cleanly (channel closed, shared memory unlinked)."""
         try:

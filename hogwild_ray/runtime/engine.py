@@ -155,6 +155,16 @@ class RayHogwildEngine(HogwildEngine):
         """Fault injection for tests: shard `rank` sleeps `seconds` instead of running its next pass."""
         self._call("stall", rank, seconds)
 
+    def time_collectives(self, on: bool = True) -> None:
+        """Time the shards' collectives (all-reduce, all-gather) from now on, or stop. Off by
+        default: timing adds CUDA events around each collective and a sync after each pass."""
+        self._call("time_collectives", on)
+
+    def collective_time(self) -> tuple[float, int]:
+        """(seconds rank 0 spent in collectives, passes run) while timed since the last call; reset
+        on read. Divide the one by the other for the collective time per step (0.0 at tp=1)."""
+        return self._call("collective_time")
+
     # ---- sessions ----------------------------------------------------------------------------
     def start(self, problem: str, workers: int = 2, **options: Any) -> RemoteSession:
         """Open a session in the coordinator; the arguments of HogwildEngine.start. One session at a

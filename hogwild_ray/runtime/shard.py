@@ -12,7 +12,14 @@ Messages (dicts, field "op"):
   logits    reply row "worker" of the last logits (a float32 numpy array)
   kv        reply every KV head's K and V of "pages" (float32 numpy, [2, layers, pages, page, heads, dim])
   stall     rank "rank" sleeps "seconds" instead of running its next pass (fault injection for tests)
+  timing    "on": time the collectives from now on (or stop); reply None
+  collective_time  reply rank 0's (seconds in collectives, passes) since the last read, and reset both
+  env       reply rank 0's values of the NCCL_ENV variables (what the process group started with)
   end       close the session
+
+NVLink multicast (NVLS, symmetric-memory multicast, NVSHMEM's NVLS) stays off in every
+shard: `NCCL_ENV` is set in the actor's environment before the process group starts, unless
+the variable was set already (the cluster's, the job's runtime_env or the driver's value wins).
 """
 
 from __future__ import annotations
@@ -24,6 +31,15 @@ from typing import Any
 from .channel import ShmSpec, SocketSpec, connect
 from .errors import ChannelClosedError, ChannelTimeoutError
 
+NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+def multicast_off() -> dict[str, str]:
+    """Set each of NCCL_ENV in os.environ unless it is set; the values now in effect."""
+    import os
+
+    return {k: os.environ.setdefault(k, v) for k, v in NCCL_ENV.items()}
+
 
 class ModelShard:
     """Rank `rank` of `world`: loads its slice of the model on "init", then serves sessions."""
@@ -33,8 +49,10 @@ class ModelShard:
         self.path, self.device, self.dtype = path, device, dtype
         self.engine_kwargs, self.world = dict(engine_kwargs), world
         self.rendezvous_timeout_s, self.collective_timeout_s = rendezvous_timeout_s, collective_timeout_s
-        self.engine = self.layout = self.executor = self.store = None
+        self.engine = self.layout = self.executor = self.store = self.parallel = None
         self.stall_s = 0.0
+        self.timed, self.passes = False, 0  # passes run while the collectives are timed
+        multicast_off()  # before anything can start NCCL
 
     def _open_store(self) -> str:
         """Rank 0's TCPStore on a port the OS picks and keeps bound: no free-port race."""
@@ -63,8 +81,8 @@ class ModelShard:
             backend = "nccl" if torch.device(self.device).type == "cuda" else "gloo"
             dist.init_process_group(backend, store=self.store, rank=rank, world_size=self.world,
                                     timeout=datetime.timedelta(seconds=self.collective_timeout_s))
-        parallel = TensorParallel(rank, self.world, None) if self.world > 1 else None
-        self.engine = HogwildEngine.from_pretrained(self.path, self.device, self.dtype, parallel=parallel,
+        self.parallel = TensorParallel(rank, self.world, None) if self.world > 1 else None
+        self.engine = HogwildEngine.from_pretrained(self.path, self.device, self.dtype, parallel=self.parallel,
                                                     **self.engine_kwargs)
 
     def _kv(self, rank: int, pages: list[int]) -> Any:
@@ -114,6 +132,10 @@ class ModelShard:
                 time.sleep(stall)  # the other ranks wait for this one in their first collective
             self.executor.finish_steps(msg["finishing"])
             _, tokens = self.executor.run(msg["fed"], msg["greedy"])
+            if self.timed:
+                self.passes += 1
+                if self.parallel is not None:  # fold this pass's events in: none pile up
+                    self.parallel.collective_seconds(reset=False)
             return tokens if rank == 0 else None
         if op == "logits":
             if rank != 0:
@@ -125,6 +147,19 @@ class ModelShard:
             if rank == msg["rank"]:
                 self.stall_s = float(msg["seconds"])
             return None
+        if op == "timing":
+            self.timed = bool(msg["on"])
+            if self.parallel is not None:
+                self.parallel.timed = self.timed
+            return None
+        if op == "collective_time":
+            seconds = self.parallel.collective_seconds() if self.parallel is not None else 0.0
+            passes, self.passes = self.passes, 0
+            return (seconds, passes) if rank == 0 else None
+        if op == "env":
+            import os
+
+            return {k: os.environ.get(k) for k in NCCL_ENV} if rank == 0 else None
         if op == "end":
             self._end()
             return None

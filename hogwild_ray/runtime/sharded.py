@@ -69,6 +69,14 @@ class ShardedEngine(HogwildEngine):
         """Fault injection for tests: rank `rank` sleeps instead of running its next pass."""
         self.group.step({"op": "stall", "rank": rank, "seconds": seconds})
 
+    def time_collectives(self, on: bool) -> None:
+        """Time every rank's collectives from now on (or stop); see TensorParallel.timed."""
+        self.group.step({"op": "timing", "on": bool(on)})
+
+    def collective_time(self) -> tuple[float, int]:
+        """Rank 0's (seconds in collectives, passes) since the last read; both reset."""
+        return tuple(self.group.step({"op": "collective_time"}))
+
     def close(self) -> None:
         """Stop the shards and free their channel; idempotent (the placement group is the driver's)."""
         group, self.group = self.group, None
