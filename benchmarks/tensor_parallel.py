@@ -80,6 +80,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--graphs", action="store_true", help="let tp=1 capture CUDA graphs (tp > 1 cannot)")
     p.add_argument("--check", action="store_true", help="greedy tokens and logits of tp=N against tp=1 instead")
     p.add_argument("--check-workers", type=int, default=4, help="--check: workers per session")
+    p.add_argument("--reference", choices=("local", "ray"), default="local",
+                   help="--check: run tp=1 in this process (default) or through Ray")
     p.add_argument("--cpu-memory-gib", type=float, default=8.0, help="memory budget per shard on the CPU")
     p.add_argument("--out", type=Path, default=common.RESULTS)
     p.add_argument("--date", default=common.today())

@@ -2,7 +2,10 @@
 
 One greedy session (protocol off, `--check-workers` workers, `--steps` steps) per tp on a
 Qwen3-8B-shaped random model (random:qwen3-8b in bf16 on CUDA; random:tiny-qwen3 in fp32 on
-the CPU), each worker's logits of every step read back (`last_logits`). For each tp=N:
+the CPU), each worker's logits of every step read back (`last_logits`). The tp=1 reference
+runs in this process (`--reference local`, the default: the engine every other test pins,
+loaded in a second and freed before the shards start) or through Ray (`--reference ray`).
+For each tp=N:
 
 * fp32 (CPU, gloo): every token equal to tp=1's and max |logit difference| / max |logit|
   <= 2e-4 (the oracle's fp32 tolerance), at every step;
@@ -41,10 +44,12 @@ TOL = {"float32": 2e-4, "bfloat16": 5e-2, "float16": 2e-2}
 PROMPT = "Compute 12 * 7 and explain."
 
 
-def trace(path: str, device: torch.device, dtype: str, tp: int, workers: int, steps: int) -> dict:
-    """Each step's new tokens per worker and the workers' logits, on a fresh tp engine (closed here)."""
-    engine = hw.HogwildEngine.from_pretrained(path, str(device), dtype, backend="ray", tp=tp,
-                                              cache_tokens=256 + workers * (steps + 64), cuda_graphs=False)
+def trace(path: str, device: torch.device, dtype: str, tp: int, workers: int, steps: int, ray: bool = True) -> dict:
+    """Each step's new tokens per worker and the workers' logits, on a fresh engine (closed here):
+    tp shard actors, or (ray=False) this process."""
+    backend = dict(backend="ray", tp=tp) if ray else {}
+    engine = hw.HogwildEngine.from_pretrained(path, str(device), dtype, cache_tokens=256 + workers * (steps + 64),
+                                              cuda_graphs=False, **backend)
     tokens, logits = [], []
     try:
         session = engine.start(PROMPT, workers, sampling=hw.SamplingParams(temperature=0.0), max_tokens=None,
@@ -56,6 +61,7 @@ def trace(path: str, device: torch.device, dtype: str, tp: int, workers: int, st
         session.close()
     finally:
         engine.close()
+        del engine
         common.free_memory(device)
     return {"tokens": tokens, "logits": torch.stack(logits)}
 
@@ -87,7 +93,7 @@ def run(args: argparse.Namespace) -> dict:
     weights = common.model_bytes(load_config(locate(path)), getattr(torch, dtype))
     cache = 256 + args.check_workers * (args.steps + 64)
     t0 = time.perf_counter()
-    ref = trace(path, device, dtype, 1, args.check_workers, args.steps)
+    ref = trace(path, device, dtype, 1, args.check_workers, args.steps, ray=args.reference == "ray")
     rows, skipped = [], []
     for tp in sorted(set(args.tp) - {1}):
         why = tpb.why_not(spec, tp, device, getattr(torch, dtype), cache, weights, args.cpu_memory_gib)
@@ -105,7 +111,7 @@ def run(args: argparse.Namespace) -> dict:
             "(tp=1's logit margin between the two tokens <= tol)")
     meta = {"benchmark": "tensor_parallel_check", "date": args.date, "device": device.type,
             "device_name": common.device_name(device), "devices_visible": tpb.visible(device), **common.versions(),
-            "model": path, "dtype": dtype, "tolerance": tol, "rule": rule, "workers": args.check_workers,
+            "model": path, "dtype": dtype, "reference": f"tp=1, {args.reference}", "tolerance": tol, "rule": rule, "workers": args.check_workers,
             "steps": args.steps, "passed": passed, "seconds": round(time.perf_counter() - t0, 1)}
     stem = args.out / (f"{args.date}-{common.file_tag(device)}-tensor-parallel-check"
                        f"{'-' + args.suffix if args.suffix else ''}")
