@@ -209,9 +209,9 @@ def plot(meta: dict, rows: list[dict], path: Path) -> None:
     for n in meta["workers"]:
         cells = sorted((r["tp"], r) for r in rows if r["workers"] == n)
         if cells:
-            a.plot([t for t, _ in cells], [r["step_ms"] for _, r in cells], marker="o", label=f"{n} workers")
+            a.plot([t for t, _ in cells], [r["step_ms"] for _, r in cells], marker="o", label=f"{n} worker{'s' if n > 1 else ''}")
             b.plot([t for t, _ in cells], [100 * r["allreduce_fraction"] for _, r in cells], marker="o",
-                   label=f"{n} workers")
+                   label=f"{n} worker{'s' if n > 1 else ''}")
     a.set(xlabel="tp", ylabel="ms per step", title="step time", xticks=tps, ylim=(0, None))
     b.axhline(15, color="tab:red", ls="--", lw=1, label="target at tp=8: 15%")
     b.set(xlabel="tp", ylabel="% of the step", title="all-reduce share of the step", xticks=tps, ylim=(0, None))
