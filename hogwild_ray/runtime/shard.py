@@ -19,7 +19,8 @@ Messages (dicts, field "op"):
 
 NVLink multicast (NVLS, symmetric-memory multicast, NVSHMEM's NVLS) stays off in every
 shard: `NCCL_ENV` is set in the actor's environment before the process group starts, unless
-the variable was set already (the cluster's, the job's runtime_env or the driver's value wins).
+the variable is set already (a value the worker inherits from its raylet or gets from the job's
+runtime_env wins: that is how to turn multicast back on).
 """
 
 from __future__ import annotations
