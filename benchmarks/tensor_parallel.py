@@ -126,7 +126,8 @@ def why_not(spec, tp: int, device: torch.device, dtype: torch.dtype, cache_token
                torch.cuda.is_available() else int(cpu_gib * GIB))
     need = weights / tp + cache_tokens * plan.local_spec(spec).kv_bytes_per_token(dtype) + 2 * GIB
     if need > 0.92 * per_gpu:
-        return f"needs about {need / GIB:.1f} GiB per device (weights / tp, K/V, 2 GiB working), has {per_gpu / GIB:.0f}"
+        return (f"needs about {need / GIB:.1f} GiB per device (weights / tp, K/V, 2 GiB working), "
+                f"has {per_gpu / GIB:.0f}")
     return None
 
 
@@ -207,11 +208,11 @@ def plot(meta: dict, rows: list[dict], path: Path) -> None:
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
     tps = sorted({r["tp"] for r in rows})
     for n in meta["workers"]:
-        cells = sorted((r["tp"], r) for r in rows if r["workers"] == n)
+        cells = sorted((r for r in rows if r["workers"] == n), key=lambda r: r["tp"])
+        label = f"{n} worker{'s' if n > 1 else ''}"
         if cells:
-            a.plot([t for t, _ in cells], [r["step_ms"] for _, r in cells], marker="o", label=f"{n} worker{'s' if n > 1 else ''}")
-            b.plot([t for t, _ in cells], [100 * r["allreduce_fraction"] for _, r in cells], marker="o",
-                   label=f"{n} worker{'s' if n > 1 else ''}")
+            a.plot([r["tp"] for r in cells], [r["step_ms"] for r in cells], marker="o", label=label)
+            b.plot([r["tp"] for r in cells], [100 * r["allreduce_fraction"] for r in cells], marker="o", label=label)
     a.set(xlabel="tp", ylabel="ms per step", title="step time", xticks=tps, ylim=(0, None))
     b.axhline(15, color="tab:red", ls="--", lw=1, label="target at tp=8: 15%")
     b.set(xlabel="tp", ylabel="% of the step", title="all-reduce share of the step", xticks=tps, ylim=(0, None))

@@ -61,8 +61,6 @@ def trace(path: str, device: torch.device, dtype: str, tp: int, workers: int, st
         session.close()
     finally:
         engine.close()
-        del engine
-        common.free_memory(device)
     return {"tokens": tokens, "logits": torch.stack(logits)}
 
 
@@ -88,12 +86,13 @@ def compare(ref: dict, got: dict, tol: float, exact: bool) -> dict:
 
 def run(args: argparse.Namespace) -> dict:
     device, dtype, path = tpb.setup(args, check=True)
-    spec = spec_from_config(load_config(locate(path)))
-    tol, exact = TOL[dtype], dtype == "float32"
-    weights = common.model_bytes(load_config(locate(path)), getattr(torch, dtype))
+    config = load_config(locate(path))
+    spec, tol, exact = spec_from_config(config), TOL[dtype], dtype == "float32"
+    weights = common.model_bytes(config, getattr(torch, dtype))
     cache = 256 + args.check_workers * (args.steps + 64)
     t0 = time.perf_counter()
     ref = trace(path, device, dtype, 1, args.check_workers, args.steps, ray=args.reference == "ray")
+    common.free_memory(device)  # the in-process reference's weights, before the shards need the GPUs
     rows, skipped = [], []
     for tp in sorted(set(args.tp) - {1}):
         why = tpb.why_not(spec, tp, device, getattr(torch, dtype), cache, weights, args.cpu_memory_gib)
@@ -102,6 +101,7 @@ def run(args: argparse.Namespace) -> dict:
             print(f"tp={tp}: skipped ({why})", flush=True)
             continue
         got = trace(path, device, dtype, tp, args.check_workers, args.steps)
+        common.free_memory(device)
         rows.append({"tp": tp, "workers": args.check_workers, "steps": args.steps, "tolerance": tol,
                      **compare(ref, got, tol, exact)})
         print(f"  tp={tp}: {'pass' if rows[-1]['passed'] else 'FAIL'}", flush=True)
@@ -111,8 +111,8 @@ def run(args: argparse.Namespace) -> dict:
             "(tp=1's logit margin between the two tokens <= tol)")
     meta = {"benchmark": "tensor_parallel_check", "date": args.date, "device": device.type,
             "device_name": common.device_name(device), "devices_visible": tpb.visible(device), **common.versions(),
-            "model": path, "dtype": dtype, "reference": f"tp=1, {args.reference}", "tolerance": tol, "rule": rule, "workers": args.check_workers,
-            "steps": args.steps, "passed": passed, "seconds": round(time.perf_counter() - t0, 1)}
+            "model": path, "dtype": dtype, "reference": f"tp=1, {args.reference}", "tolerance": tol, "rule": rule,
+            "workers": args.check_workers, "steps": args.steps, "passed": passed, "seconds": round(time.perf_counter() - t0, 1)}
     stem = args.out / (f"{args.date}-{common.file_tag(device)}-tensor-parallel-check"
                        f"{'-' + args.suffix if args.suffix else ''}")
     common.write_results(stem, meta, rows, {"skipped": skipped})
