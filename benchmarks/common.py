@@ -139,3 +139,13 @@ def print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
     for r in rows:
         table.add_row(*r)
     Console(width=max(120, 12 * len(columns))).print(table)
+
+
+def save_figure(fig, path: Path, title: str, dpi: int = 110) -> None:
+    """Title, lay out, write and close a benchmark's figure."""
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)

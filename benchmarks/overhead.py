@@ -153,11 +153,8 @@ def plot(meta: dict, rows: list[dict], path: Path) -> None:
     a.legend(fontsize=7)
     b.set(xlabel="workers", ylabel="% of the step outside the GPU", title="time outside the GPU")
     b.legend(fontsize=7)
-    fig.suptitle(f"hogwild-ray overhead: {meta['model']} ({meta['dtype']}), {meta['view']}-token prompt, "
-                 f"on {meta['device_name']}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, path, f"hogwild-ray overhead: {meta['model']} ({meta['dtype']}), {meta['view']}-token "
+                       f"prompt, on {meta['device_name']}")
 
 
 def main(argv: list[str] | None = None) -> dict:

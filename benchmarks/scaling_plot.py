@@ -39,11 +39,8 @@ def plot(meta: dict, rows: list[dict], path: Path) -> None:
     ax.set(xscale="log", yscale="log", xlabel="view length (tokens)", ylabel="ms per step",
            title=f"{ours}: step time (dashed: roofline)")
     ax.legend(fontsize=7)
-    fig.suptitle(f"hogwild-ray scaling: {meta['model']} ({meta['dtype']}) on {meta['device_name']}, "
-                 f"copy {meta['copy_bandwidth_gbs']:.0f} GB/s", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, path, f"hogwild-ray scaling: {meta['model']} ({meta['dtype']}) on {meta['device_name']}, "
+                       f"copy {meta['copy_bandwidth_gbs']:.0f} GB/s")
 
 
 def table(meta: dict, rows: list[dict], skipped: list[dict], targets: list[dict]) -> None:

@@ -218,11 +218,8 @@ def plot(meta: dict, rows: list[dict], path: Path) -> None:
     b.set(xlabel="tp", ylabel="% of the step", title="all-reduce share of the step", xticks=tps, ylim=(0, None))
     for ax in (a, b):
         ax.legend(fontsize=8)
-    fig.suptitle(f"hogwild-ray tensor parallel: {meta['model']} ({meta['dtype']}), view {meta['view']}, "
-                 f"on {meta['device_name']}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, path, f"hogwild-ray tensor parallel: {meta['model']} ({meta['dtype']}), view "
+                       f"{meta['view']}, on {meta['device_name']}", dpi=120)
 
 
 def main(argv: list[str] | None = None) -> dict:
