@@ -1,4 +1,4 @@
-"""Engine step time against the number of workers, eager (no CUDA graphs yet).
+"""Engine step time against the number of workers, every pass eager (no CUDA graphs).
 
 Loads a random-weight model of a named shape (`random:NAME`, no download), runs Hogwild! sessions with
 1..N workers and reports the wall time of a step, split into host work (planning the
@@ -28,16 +28,17 @@ def time_steps(engine, workers: int, steps: int, warmup: int) -> dict:
     attention = engine.decoder.attention
 
     def timed(fn):
-        def wrapper(*args):
+        def wrapper(*args, **kwargs):
             t0 = time.perf_counter()
-            out = fn(*args)
+            out = fn(*args, **kwargs)
             host[0] += time.perf_counter() - t0
             return out
         return wrapper
 
     for _ in range(warmup):
         session.step()
-    engine.build_batch, attention.prepare = timed(engine.build_batch), timed(attention.prepare)
+    engine._host_batch, engine._device_batch = timed(engine._host_batch), timed(engine._device_batch)
+    attention.prepare = timed(attention.prepare)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     n = 0
@@ -46,7 +47,7 @@ def time_steps(engine, workers: int, steps: int, warmup: int) -> dict:
         n += 1
     torch.cuda.synchronize()
     wall = (time.perf_counter() - t0) / n
-    del engine.build_batch, attention.prepare  # back to the class methods
+    del engine._host_batch, engine._device_batch, attention.prepare  # back to the class methods
     view = max(session.layout.view_length(w) for w in range(workers))
     session.close()
     return {"workers": workers, "step_ms": wall * 1e3, "host_prep_ms": host[0] / n * 1e3,
@@ -61,7 +62,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
-    engine = hw.HogwildEngine.from_pretrained(f"random:{args.shape}", "cuda", cache_tokens=65536)
+    engine = hw.HogwildEngine.from_pretrained(f"random:{args.shape}", "cuda", cache_tokens=65536, cuda_graphs=False)
     rows = [time_steps(engine, w, args.steps, args.warmup) for w in args.workers]
     base = rows[0]["step_ms"]
     print(f"{torch.cuda.get_device_name()}, {args.shape}, bf16, eager")

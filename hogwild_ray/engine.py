@@ -288,9 +288,6 @@ class HogwildEngine:
                 return logits
         return self.decoder.forward(self._device_batch(groups, tokens, key_pos, slots, last), self.cache)
 
-    def build_batch(self, steps: list[WriteStep]) -> ForwardBatch:
-        return self._device_batch(*self._host_batch(steps))
-
     @staticmethod
     def _host_batch(steps: list[WriteStep]) -> tuple[list[QueryGroup], list[int], list[int], list[int], list[int]]:
         tokens, key_pos, slots, groups, last = [], [], [], [], []
