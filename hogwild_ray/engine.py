@@ -21,7 +21,7 @@ from .model.parallel import TensorParallel, shard_plan
 from .model.weights import load_weights
 from .protocol import ProtocolOptions
 from .results import SolveResult
-from .sampling import SamplingParams
+from .sampling import SampleTable, SamplingParams, sample_tokens
 from .session import Session
 from .transfer import to_device
 from .streaming import final_result, session_events
@@ -278,15 +278,21 @@ class HogwildEngine:
         """Runs a session's passes (layout changes, forward, sampling) on this engine."""
         return LocalExecutor(self, layout, params)
 
-    def run_forward(self, steps: list[WriteStep]) -> torch.Tensor:
-        """One forward pass over the given writes; logits [len(steps), vocab] (a decode pass
-        replays a CUDA graph when the engine has them)."""
+    def run_forward(self, steps: list[WriteStep],
+                    table: SampleTable | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One forward pass over the given writes: logits [len(steps), vocab] and, given a
+        sampling table, one sampled id per step (on the device). A decode pass replays a CUDA
+        graph, the sampling inside it, when the engine has them."""
         groups, tokens, key_pos, slots, last = self._host_batch(steps)
         if self.graphs is not None and self.graphs.serves(groups):
-            logits = self.graphs.run(groups, tokens, key_pos, slots)
-            if logits is not None:
-                return logits
-        return self.decoder.forward(self._device_batch(groups, tokens, key_pos, slots, last), self.cache)
+            out = self.graphs.run(groups, tokens, key_pos, slots, table)
+            if out is not None:
+                return out
+        logits = self.decoder.forward(self._device_batch(groups, tokens, key_pos, slots, last), self.cache)
+        if table is None:
+            return logits, None
+        values = None if table.mode == "greedy" else to_device(table.values, self.device, torch.float64)
+        return logits, sample_tokens(logits, values, table.mode)
 
     @staticmethod
     def _host_batch(steps: list[WriteStep]) -> tuple[list[QueryGroup], list[int], list[int], list[int], list[int]]:

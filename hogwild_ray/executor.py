@@ -54,21 +54,19 @@ class LocalExecutor:
         """One forward pass; the sampled token of each fed worker, in plan order."""
         steps = self.layout.plan(fed)
         self.engine.cache.copy_pages(self.layout.take_copies())
-        self.logits = self.engine.run_forward(steps)
         order = [s.worker for s in steps]
+        self.logits, tokens = self.engine.run_forward(steps, self.sampler.table(order, greedy))
         self._last.index_copy_(0, to_device(order, self.engine.device), self.logits)  # on the device, no sync
-        return steps, self.sampler.sample(self.logits, order, greedy=greedy).tolist()  # the one host sync
+        return steps, tokens.tolist()  # the one host sync
 
     def last_logits(self) -> torch.Tensor:
         """[workers, vocab]: each worker's logits from the last pass it was fed in."""
         return self._last
 
     def fork(self, layout: CacheLayout) -> LocalExecutor:
-        """An executor for a forked layout: the same samplers' states and last logits, then apart."""
+        """An executor for a forked layout: the same seeds, draw counts and last logits, then apart."""
         twin = LocalExecutor(self.engine, layout, self.sampler.params)
-        for mine, theirs in zip(self.sampler.generators, twin.sampler.generators):
-            if mine is not None:
-                theirs.set_state(mine.get_state())
+        twin.sampler = self.sampler.copy()
         twin.logits, twin._last = self.logits, self._last.clone()
         return twin
 

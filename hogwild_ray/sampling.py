@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+from hogwild_kernels.gumbel import gumbel_scores
 
 from .errors import InvalidRequestError
 from .transfer import to_device
@@ -70,63 +73,92 @@ def per_worker(sampling: SamplingParams | list[SamplingParams] | None, workers: 
     return sampling
 
 
+MODES = ("greedy", "sample", "filter")  # argmax only; Gumbel draws; draws after top-k / top-p cuts
+TABLE_ROWS = 6  # seed low, seed high, draw number, top_k, temperature, top_p
+
+
+@dataclass(frozen=True)
+class SampleTable:
+    """One pass's sampling inputs, one column per row of logits (float64: every field exact).
+
+    A few numbers per row go to the device in one copy; `sample_tokens` (eager, or captured
+    in a decode pass's CUDA graph, keyed by `mode`) turns them and the logits into ids."""
+
+    values: np.ndarray  # [TABLE_ROWS, rows]
+    mode: str
+
+
 class Sampler:
-    """Samples one token per worker on the logits' device, each worker with its own RNG."""
+    """Each worker's sampling params, seed and count of draws; the draws themselves are
+    counter-based (hogwild_kernels.gumbel), so this host state is all there is to an RNG."""
 
     def __init__(self, params: list[SamplingParams], device: torch.device) -> None:
-        self.params = params
-        self.generators: list[torch.Generator | None] = []
-        for p in params:
-            if p.greedy:
-                self.generators.append(None)
+        self.params, self.device = params, device
+        fresh = random.SystemRandom()  # unseeded workers: their own seeds; torch's global RNG untouched
+        self.seeds = [p.seed if p.seed is not None else fresh.randrange(2**63) for p in params]
+        self.draws = [0] * len(params)
+
+    def copy(self) -> Sampler:
+        """The same seeds and draw counts (a fork goes on drawing what this one would)."""
+        twin = Sampler(self.params, self.device)
+        twin.seeds, twin.draws = list(self.seeds), list(self.draws)
+        return twin
+
+    def table(self, workers: list[int], greedy: bool = False) -> SampleTable:
+        """The table for one row per given worker (in order); counts a draw for each sampling one.
+        greedy: every row takes the argmax (the finisher)."""
+        sampling = [] if greedy else [w for w in workers if not self.params[w].greedy]
+        values = np.zeros((TABLE_ROWS, len(workers)), dtype=np.float64)
+        if not sampling:
+            return SampleTable(values, "greedy")
+        filtered = False
+        for r, w in enumerate(workers):
+            p = self.params[w]
+            if greedy or p.greedy:
                 continue
-            g = torch.Generator(device=device)
-            if p.seed is not None:
-                g.manual_seed(p.seed)
-            else:
-                g.seed()  # its own nondeterministic seed; the global RNG stays as the user set it
-            self.generators.append(g)
+            seed = self.seeds[w]
+            values[:, r] = (seed & 0xFFFFFFFF, seed >> 32, self.draws[w], p.top_k, p.temperature, p.top_p)
+            self.draws[w] += 1
+            filtered = filtered or p.top_k > 0 or p.top_p < 1.0
+        return SampleTable(values, "filter" if filtered else "sample")
 
     def sample(self, logits: torch.Tensor, workers: list[int], greedy: bool = False) -> torch.Tensor:
-        """Token ids [len(workers)] for rows of logits [len(workers), vocab] (stays on device).
-
-        Greedy rows take the argmax; the others are drawn together in one batch of
-        operations (each from its own worker's generator), however many workers sample."""
-        out = logits.argmax(-1)
-        if greedy:
-            return out
-        rows = [r for r, w in enumerate(workers) if not self.params[w].greedy]
-        if not rows:
-            return out
-        params = [self.params[workers[r]] for r in rows]
-        gens = [self.generators[workers[r]] for r in rows]
-        if len(rows) == len(workers):
-            return sample_rows(logits, params, gens)
-        index = to_device(rows, logits.device)
-        return out.index_put_((index,), sample_rows(logits[index], params, gens))
+        """Token ids [len(workers)] for rows of logits [len(workers), vocab] (stays on the device)."""
+        table = self.table(workers, greedy)
+        device_table = None if table.mode == "greedy" else to_device(table.values, logits.device, torch.float64)
+        return sample_tokens(logits, device_table, table.mode)
 
 
-def sample_rows(logits: torch.Tensor, params: list[SamplingParams], generators: list) -> torch.Tensor:
-    """One draw per row: temperature, then top-k, then top-p (nucleus), then the Gumbel-max
-    trick (argmax of logits plus Gumbel noise is a draw from their softmax)."""
-    vocab = logits.shape[-1]
-    x = logits.to(torch.float32) / to_device([p.temperature for p in params], logits.device, torch.float32)[:, None]
-    top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
-    top_p = [p.top_p for p in params]
-    if min(top_k) < vocab or min(top_p) < 1.0:
-        sorted_x, order = torch.sort(x, dim=-1, descending=True)
-        if min(top_k) < vocab:
-            rank = torch.arange(vocab, device=x.device)
-            sorted_x = sorted_x.masked_fill(rank >= to_device(top_k, x.device)[:, None], float("-inf"))
-        if min(top_p) < 1.0:
-            probs = torch.softmax(sorted_x, dim=-1)
-            limit = to_device(top_p, x.device, torch.float32)[:, None]
-            sorted_x = sorted_x.masked_fill(probs.cumsum(-1) - probs > limit, float("-inf"))  # smallest prefix reaching top_p
-        x = torch.empty_like(x).scatter_(-1, order, sorted_x)
-    u = torch.stack([torch.rand(vocab, device=x.device, generator=g) for g in generators])
-    return (x - torch.log(-torch.log(u))).argmax(-1)
+def sample_tokens(logits: torch.Tensor, table: torch.Tensor | None, mode: str) -> torch.Tensor:
+    """One id per row: temperature, then top-k, then top-p (nucleus), then the Gumbel-max trick
+    (argmax of logits plus Gumbel noise is a draw from their softmax); rows at temperature 0
+    (greedy) take the argmax. Only device work: a CUDA graph can capture it."""
+    if mode == "greedy":
+        return logits.argmax(-1)
+    seed_lo, seed_hi, draws, top_k, temperature, top_p = table
+    temperature = temperature.to(torch.float32)
+    x = logits.to(torch.float32) / torch.where(temperature > 0, temperature, 1.0)[:, None]
+    if mode == "filter":
+        x = _cut(x, top_k.to(torch.int64), top_p.to(torch.float32))
+    seeds = (seed_hi.to(torch.int64) << 32) | seed_lo.to(torch.int64)
+    return gumbel_scores(x, temperature, seeds, draws.to(torch.int64)).argmax(-1)
 
 
-def sample_one(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
-    """One draw from a vector of logits (see sample_rows)."""
-    return sample_rows(logits[None], [p], [generator])[0]
+def _cut(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """-inf outside each row's top_k (0: no cut) and outside the smallest prefix reaching top_p."""
+    vocab = x.shape[-1]
+    sorted_x, order = torch.sort(x, dim=-1, descending=True)
+    rank = torch.arange(vocab, device=x.device)
+    keep = torch.where((top_k > 0) & (top_k < vocab), top_k, vocab)
+    sorted_x = sorted_x.masked_fill(rank >= keep[:, None], float("-inf"))
+    probs = torch.softmax(sorted_x, dim=-1)
+    beyond = (probs.cumsum(-1) - probs > top_p[:, None]) & (top_p < 1.0)[:, None]
+    sorted_x = sorted_x.masked_fill(beyond, float("-inf"))
+    return torch.empty_like(x).scatter_(-1, order, sorted_x)
+
+
+def sample_one(logits: torch.Tensor, p: SamplingParams, draw: int = 0) -> torch.Tensor:
+    """Draw number `draw` of p's seed (0 when unset) from a vector of logits (see sample_tokens)."""
+    sampler = Sampler([p], logits.device)
+    sampler.seeds[0], sampler.draws[0] = p.seed or 0, draw
+    return sampler.sample(logits[None], [0])[0]

@@ -7,11 +7,12 @@ the one host sync of a step stays the sampled tokens.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
-def to_device(values: list[int], device: torch.device, dtype: torch.dtype = torch.int64) -> torch.Tensor:
-    host = torch.tensor(values, dtype=dtype)
+def to_device(values: list[int] | np.ndarray, device: torch.device, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    host = torch.as_tensor(values, dtype=dtype)
     if device.type != "cuda":
         return host.to(device)
     return host.pin_memory().to(device, non_blocking=True)

@@ -500,17 +500,18 @@ def test_max_steps(engine):
 def force_eos(session, when: dict[int, int]):
     """Make worker w sample an EOS token at pass number when[w] (1-based)."""
     eos = min(session.engine.eos_ids)
-    sample, passes = session.executor.sampler.sample, [0]
+    run, passes = session.executor.run, [0]
 
-    def forced(logits, order, greedy=False):
-        out = sample(logits, order, greedy)
+    def forced(fed, greedy):
+        steps, out = run(fed, greedy)
+        order = [s.worker for s in steps]
         passes[0] += 1
         for w, at in when.items():
             if at == passes[0] and w in order:
                 out[order.index(w)] = eos
-        return out
+        return steps, out
 
-    session.executor.sampler.sample = forced
+    session.executor.run = forced
     return eos
 
 
@@ -603,7 +604,7 @@ def test_every_layout_runs_and_frees_its_pages(engine, layout):
 def test_stats_are_consistent(engine):
     calls = []
     real = engine.run_forward
-    engine.run_forward = lambda steps: (calls.append(len(steps)), real(steps))[1]
+    engine.run_forward = lambda steps, table=None: (calls.append(len(steps)), real(steps, table))[1]
     streams = [[], []]
     try:
         result = engine.solve(PROBLEM, workers=2, max_tokens=20, sampling=HOT, redundancy_every=6,

@@ -92,3 +92,47 @@ def test_one_host_sync_per_step(random_model):
         session.close()
     assert engine.graphs.replays >= 20
     assert counts == [1] * len(counts), counts
+
+
+@gpu
+@pytest.mark.parametrize("sampling", [hw.SamplingParams(temperature=0.9, seed=5),
+                                      hw.SamplingParams(temperature=0.8, top_k=40, top_p=0.9, seed=6)])
+def test_sampled_graph_decode_equals_eager(random_model, sampling):
+    """Sampling inside the graph draws what the eager sampler draws: same seeds, same tokens."""
+    path, _ = random_model("qwen3", "yarn")
+    runs = {}
+    for graphs in (False, True):
+        engine = hw.HogwildEngine.from_pretrained(path, "cuda", "float32", cache_tokens=8192, cuda_graphs=graphs)
+        session = engine.start("Compute 12 * 7 and explain.", workers=5, max_tokens=400, sampling=sampling,
+                               redundancy_every=15, stop_on_answer=False)
+        runs[graphs] = [session.step() for _ in range(50) if not session.done]
+        session.close()
+        if graphs:
+            assert engine.graphs.replays >= 20
+            assert any(entry.sampled is not None and entry.mode != "greedy" for entry in engine.graphs.graphs.values())
+    assert runs[True] == runs[False]
+
+
+@gpu
+def test_sampling_runs_inside_the_graph(random_model):
+    """A graphed decode step launches one graph and, outside it, at most the copy of the last
+    logits: no sampling kernels of its own."""
+    from torch.profiler import ProfilerActivity, profile
+
+    path, _ = random_model("qwen3", "yarn")
+    engine = hw.HogwildEngine.from_pretrained(path, "cuda", "bfloat16", cache_tokens=8192, cuda_graphs=True)
+    session = engine.start("Compute 12 * 7 and explain.", workers=4, max_tokens=400,
+                           sampling=hw.SamplingParams(temperature=0.8, top_k=50, top_p=0.9, seed=1),
+                           redundancy_every=None, stop_on_answer=False, protocol=False)
+    for _ in range(5):
+        session.step()
+    replays = engine.graphs.replays
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(10):
+            session.step()
+    session.close()
+    names = [e.name for e in prof.events()]
+    graph_launches = sum("GraphLaunch" in n for n in names)
+    kernels = sum("LaunchKernel" in n for n in names)
+    assert engine.graphs.replays - replays == 10 and graph_launches == 10
+    assert kernels <= 10, sorted(set(n for n in names if "Launch" in n))

@@ -216,5 +216,5 @@ def test_top_k_and_top_p_renormalize():
 def test_sample_one_is_stable_for_low_precision_logits():
     g = torch.Generator().manual_seed(0)
     logits = (torch.randn(32000, generator=g) * 8).to(torch.bfloat16)
-    tok = sample_one(logits, SamplingParams(temperature=0.01, top_p=0.95), torch.Generator().manual_seed(1))
+    tok = sample_one(logits, SamplingParams(temperature=0.01, top_p=0.95, seed=1))
     assert int(tok) == int(logits.float().argmax())

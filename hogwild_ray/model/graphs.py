@@ -7,6 +7,10 @@ fixed-size device buffers refilled by one asynchronous copy each per pass, so a 
 captured once per (tokens, blocks) shape replays every later pass of that shape with
 no launch overhead. Passes that feed several tokens to a worker (the prompt, headers,
 interjections) run eagerly; so does anything a graph's buffers cannot hold.
+
+Sampling is captured too: each row's seed, draw number, temperature, top-k and top-p go in
+with the inputs (sampling.SampleTable), the draws are counter-based (no RNG state on the
+device), and the graph's output is the sampled ids: reading them is the step's one sync.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from hogwild_kernels import QueryGroup
 from hogwild_kernels.plan import PlanCaps, StaticPlan, build_plan
 
 from ..cache import KVPool
+from ..sampling import TABLE_ROWS, SampleTable, sample_tokens
 from .decoder import Decoder, ForwardBatch
 
 
@@ -26,9 +31,9 @@ def _pow2(x: int) -> int:
 
 
 class _Graph:
-    """One captured decode pass and the static buffers it reads and writes."""
+    """One captured decode pass (and its sampling) and the static buffers it reads and writes."""
 
-    def __init__(self, caps: PlanCaps, device: torch.device) -> None:
+    def __init__(self, caps: PlanCaps, mode: str | None, device: torch.device) -> None:
         t = caps.tokens
         self.plan = StaticPlan(caps, device)
         self.host = torch.zeros(3 * t, dtype=torch.int32, pin_memory=True)
@@ -36,15 +41,31 @@ class _Graph:
         tokens, key_positions, slots = self.inputs.split(t)
         last = torch.arange(t, device=device)
         self.batch = ForwardBatch(tokens, key_positions, slots, [], last, plan=self.plan.plan)
+        self.mode = mode  # how the pass samples (sampling.MODES), None: it does not
+        self.sampling = mode not in (None, "greedy")
+        if self.sampling:
+            self.table_host = torch.zeros(TABLE_ROWS, t, dtype=torch.float64, pin_memory=True)
+            self.table = torch.zeros(TABLE_ROWS, t, dtype=torch.float64, device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
+        self.sampled: torch.Tensor | None = None
 
-    def load(self, host_plan: dict, tokens: list[int], key_positions: list[int], slots: list[int]) -> None:
+    def load(self, host_plan: dict, tokens: list[int], key_positions: list[int], slots: list[int],
+             table: SampleTable | None) -> None:
         self.plan.load(host_plan)
         h = self.host.numpy()
         t = len(tokens)
         h[:t], h[t : 2 * t], h[2 * t :] = tokens, key_positions, slots
         self.inputs.copy_(self.host, non_blocking=True)
+        if self.sampling:
+            self.table_host.numpy()[:] = table.values
+            self.table.copy_(self.table_host, non_blocking=True)
+
+    def forward(self, decoder: Decoder, cache: KVPool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        logits = decoder.forward(self.batch, cache)
+        if self.mode is None:
+            return logits, None
+        return logits, sample_tokens(logits, self.table if self.sampling else None, self.mode)
 
 
 class DecodeGraphs:
@@ -64,41 +85,44 @@ class DecodeGraphs:
         """A decode pass: every group feeds one token."""
         return bool(groups) and all(g.count == 1 for g in groups)
 
-    def run(self, groups: list[QueryGroup], tokens: list[int], key_positions: list[int],
-            slots: list[int]) -> torch.Tensor | None:
-        """Logits [tokens, vocab] of a decode pass, or None when no graph can hold it."""
+    def run(self, groups: list[QueryGroup], tokens: list[int], key_positions: list[int], slots: list[int],
+            table: SampleTable | None = None) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """Logits [tokens, vocab] of a decode pass and, given a sampling table, its sampled ids
+        (drawn inside the graph); None when no graph can hold the pass."""
         t = len(tokens)
         host = build_plan(groups, t, self.attention.chunk_rule(self.device, capped=False))
         items = _pow2(host["tables"].shape[0])
-        key = (t, items)
+        mode = None if table is None else table.mode
+        key = (t, items, mode)
         entry = self.graphs.get(key)
         if entry is None:
             units = self.attention.target_units(self.device) + items
-            entry = self.graphs[key] = _Graph(PlanCaps(t, items, self.max_pages, units), self.device)
+            entry = self.graphs[key] = _Graph(PlanCaps(t, items, self.max_pages, units), mode, self.device)
         if not entry.plan.fits(host):
             return None
-        entry.load(host, tokens, key_positions, slots)
+        entry.load(host, tokens, key_positions, slots, table)
         if entry.graph is None:
             self._capture(entry)
         entry.graph.replay()
         self.last, self.replays = entry, self.replays + 1
-        return entry.logits
+        return entry.logits, entry.sampled
 
     def _capture(self, entry: _Graph) -> None:
         """Warm up on a side stream (compiles the kernels; computes this pass), then capture."""
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
-            self.decoder.forward(entry.batch, self.cache)
+            entry.forward(self.decoder, self.cache)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            entry.logits = self.decoder.forward(entry.batch, self.cache)
+            entry.logits, entry.sampled = entry.forward(self.decoder, self.cache)
         entry.graph = graph
 
     def replay_last(self, times: int) -> float:
         """Mean GPU seconds of the last decode pass replayed `times` times back to back (its
-        K/V are rewritten with the same values): the pass's device time without any host work."""
+        K/V are rewritten with the same values, the same tokens drawn): the pass's device time,
+        sampling included, without any host work."""
         if self.last is None or self.last.graph is None:
             raise RuntimeError("no decode pass has run yet")
         torch.cuda.synchronize(self.device)
