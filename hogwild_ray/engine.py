@@ -15,7 +15,7 @@ from .events import Event
 from .executor import LocalExecutor
 from .layout import LAYOUTS, CacheLayout, PageAllocator, WriteStep
 from .model import Decoder, ForwardBatch, locate, spec_from_config
-from .model.graphs import DecodeGraphs
+from .model.graphs import DecodeGraphs, Staged
 from .model.loader import load_config, load_tokenizer, weight_reader
 from .model.parallel import TensorParallel, shard_plan
 from .model.weights import load_weights
@@ -278,14 +278,15 @@ class HogwildEngine:
         """Runs a session's passes (layout changes, forward, sampling) on this engine."""
         return LocalExecutor(self, layout, params)
 
-    def run_forward(self, steps: list[WriteStep],
-                    table: SampleTable | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def run_forward(self, steps: list[WriteStep], table: SampleTable | None = None,
+                    staged: Staged | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One forward pass over the given writes: logits [len(steps), vocab] and, given a
         sampling table, one sampled id per step (on the device). A decode pass replays a CUDA
-        graph, the sampling inside it, when the engine has them."""
+        graph, the sampling inside it, when the engine has them; staged: what `stage_decode`
+        returned for exactly this pass."""
         groups, tokens, key_pos, slots, last = self._host_batch(steps)
         if self.graphs is not None and self.graphs.serves(groups):
-            out = self.graphs.run(groups, tokens, key_pos, slots, table)
+            out = self.graphs.run(groups, tokens, key_pos, slots, table, staged)
             if out is not None:
                 return out
         logits = self.decoder.forward(self._device_batch(groups, tokens, key_pos, slots, last), self.cache)
@@ -293,6 +294,13 @@ class HogwildEngine:
             return logits, None
         values = None if table.mode == "greedy" else to_device(table.values, self.device, torch.float64)
         return logits, sample_tokens(logits, values, table.mode)
+
+    def stage_decode(self, views: list[tuple[int, list]], mode: str | None) -> Staged | None:
+        """Load the attention plan of a predicted decode pass (one token per view: its position
+        and segments, from CacheLayout.preview) while the current pass runs; None without graphs."""
+        if self.graphs is None:
+            return None
+        return self.graphs.stage([QueryGroup(i, 1, pos, segs) for i, (pos, segs) in enumerate(views)], mode)
 
     @staticmethod
     def _host_batch(steps: list[WriteStep]) -> tuple[list[QueryGroup], list[int], list[int], list[int], list[int]]:

@@ -236,6 +236,25 @@ class CacheLayout:
             steps.append(WriteStep(w, own, list(fed[w]), start, offset - len(own) + start, slots, segments))
         return steps
 
+    def preview(self, workers: list[int]) -> list[tuple[int, list[SegmentView]]] | None:
+        """What `plan` will hand out if each of `workers` feeds one token next, changing nothing:
+        each one's view position and segments, in plan order. None when a write would need a
+        new page or a copy on write (then there is nothing cheap to predict)."""
+        out = []
+        for w in sorted(workers):
+            own = self.cur[w]
+            n = len(own)
+            if n % self.page_size == 0 or self.allocator.is_shared(own.pages[-1]):
+                return None
+            segments, offset = [], 0
+            for b in self.view_blocks(w):
+                length = n + 1 if b is own else len(b)
+                if length:
+                    segments.append(SegmentView(b, length, offset))
+                offset += length
+            out.append((offset - 1, segments))
+        return out
+
     def view_length(self, w: int) -> int:
         return sum(len(b) for b in self.view_blocks(w))
 

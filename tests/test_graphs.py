@@ -136,3 +136,31 @@ def test_sampling_runs_inside_the_graph(random_model):
     kernels = sum("LaunchKernel" in n for n in names)
     assert engine.graphs.replays - replays == 10 and graph_launches == 10
     assert kernels <= 10, sorted(set(n for n in names if "Launch" in n))
+
+
+@gpu
+def test_staged_plans_survive_other_sessions_and_forks(random_model):
+    """The next pass's plan, staged while the current one runs, is used only when it came true:
+    another session replaying the same graph in between, or a fork, makes the step rebuild it.
+    Tokens equal an eager engine's, and most decode steps use the staged plan."""
+    path, _ = random_model("qwen3", "yarn")
+    sampling = hw.SamplingParams(temperature=0.9, seed=11)
+    runs = {}
+    for graphs in (False, True):
+        engine = hw.HogwildEngine.from_pretrained(path, "cuda", "float32", cache_tokens=16384, cuda_graphs=graphs)
+        one = engine.start("Compute 12 * 7 and explain.", workers=3, max_tokens=400, sampling=sampling,
+                           redundancy_every=15, stop_on_answer=False)
+        other = engine.start("Name three primes.", workers=3, max_tokens=400, sampling=sampling, protocol=False)
+        tokens, forced = [], None
+        for i in range(48):
+            tokens.append(one.step())
+            if i % 5 == 2:
+                other.step()
+            if i == 20:
+                forced = one.force_answers([0, 2])
+        runs[graphs] = tokens, forced
+        one.close()
+        other.close()
+        if graphs:
+            assert engine.graphs.staged_hits >= 20, engine.graphs.staged_hits
+    assert runs[True] == runs[False]

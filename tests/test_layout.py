@@ -351,3 +351,45 @@ def test_page_refcounts():
     assert alloc.free_pages == 2 and not alloc.is_shared(pages[0])
     alloc.release(pages)
     assert alloc.free_pages == 4
+
+
+# ---- preview: the next decode pass, predicted ---------------------------------------------
+
+@pytest.mark.parametrize("kind", LAYOUTS)
+@settings(max_examples=60, deadline=None)
+@given(workers=st.integers(1, 5), page_size=st.integers(1, 5), feeds=st.lists(st.integers(1, 4), min_size=5,
+                                                                                max_size=5))
+def test_preview_is_what_plan_then_hands_out(kind, workers, page_size, feeds):
+    """Whenever preview predicts, a one-token-each plan matches it exactly and allocates nothing;
+    it declines exactly when a worker's write would open a new page."""
+    lay = CacheLayout(kind, workers, PageAllocator(512, page_size))
+    for block, n in zip(lay.shared_prefix_blocks(), (3, 1, 2)):
+        lay.write_shared(block, list(range(n)))
+    for w in range(workers):
+        lay.plan({w: list(range(feeds[w % 5]))})
+    chosen = [w for w in range(workers) if w % 2 == 0 or workers == 1]
+    for _ in range(2 * page_size + 1):
+        views = lay.preview(chosen)
+        opens_page = any(len(lay.cur[w]) % page_size == 0 for w in chosen)
+        assert (views is None) == opens_page
+        free = lay.allocator.free_pages
+        steps = lay.plan({w: [7] for w in chosen})
+        if views is None:
+            continue
+        assert lay.allocator.free_pages == free and not lay.take_copies()
+        assert [pos for pos, _ in views] == [s.position for s in steps]
+        for (_, segs), s in zip(views, steps):
+            assert [(v.block, v.length, v.offset) for v in segs] == [(v.block, v.length, v.offset)
+                                                                      for v in s.segments]
+    lay.close()
+
+
+def test_preview_declines_a_shared_last_page():
+    lay = CacheLayout("combined", 2, PageAllocator(64, 4))
+    lay.write_shared(lay.common, [1, 2, 3])
+    lay.plan({0: [1], 1: [2]})
+    assert lay.preview([0, 1]) is not None
+    twin = lay.fork()
+    assert lay.preview([0, 1]) is None and twin.preview([1]) is None  # the next write copies on write
+    twin.close()
+    lay.close()

@@ -16,6 +16,7 @@ device), and the graph's output is the sampled ids: reading them is the step's o
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 from hogwild_kernels import QueryGroup
@@ -49,10 +50,14 @@ class _Graph:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
         self.sampled: torch.Tensor | None = None
+        self.staged: Staged | None = None  # whose plan the buffers hold, when it was staged ahead
 
-    def load(self, host_plan: dict, tokens: list[int], key_positions: list[int], slots: list[int],
+    def load(self, host_plan: dict | None, tokens: list[int], key_positions: list[int], slots: list[int],
              table: SampleTable | None) -> None:
-        self.plan.load(host_plan)
+        """Fill the input buffers (and the plan, unless it was staged: host_plan None)."""
+        if host_plan is not None:
+            self.plan.load(host_plan)
+        self.staged = None
         h = self.host.numpy()
         t = len(tokens)
         h[:t], h[t : 2 * t], h[2 * t :] = tokens, key_positions, slots
@@ -68,6 +73,14 @@ class _Graph:
         return logits, sample_tokens(logits, self.table if self.sampling else None, self.mode)
 
 
+@dataclass(eq=False)
+class Staged:
+    """A plan loaded ahead into a graph's buffers for a predicted pass (see DecodeGraphs.stage)."""
+
+    entry: _Graph
+    mode: str | None
+
+
 class DecodeGraphs:
     """Captures and replays decode passes of one decoder over one K/V pool."""
 
@@ -79,6 +92,7 @@ class DecodeGraphs:
         self.graphs: dict[tuple[int, int], _Graph] = {}
         self.last: _Graph | None = None
         self.replays = 0
+        self.staged_hits = 0  # passes whose plan was staged while the previous pass ran
 
     @staticmethod
     def serves(groups: list[QueryGroup]) -> bool:
@@ -86,26 +100,49 @@ class DecodeGraphs:
         return bool(groups) and all(g.count == 1 for g in groups)
 
     def run(self, groups: list[QueryGroup], tokens: list[int], key_positions: list[int], slots: list[int],
-            table: SampleTable | None = None) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+            table: SampleTable | None = None,
+            staged: Staged | None = None) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """Logits [tokens, vocab] of a decode pass and, given a sampling table, its sampled ids
-        (drawn inside the graph); None when no graph can hold the pass."""
-        t = len(tokens)
-        host = build_plan(groups, t, self.attention.chunk_rule(self.device, capped=False))
-        items = _pow2(host["tables"].shape[0])
+        (drawn inside the graph); None when no graph can hold the pass. staged: the ticket
+        of `stage` for this very pass, if any."""
         mode = None if table is None else table.mode
-        key = (t, items, mode)
-        entry = self.graphs.get(key)
-        if entry is None:
-            units = self.attention.target_units(self.device) + items
-            entry = self.graphs[key] = _Graph(PlanCaps(t, items, self.max_pages, units), mode, self.device)
-        if not entry.plan.fits(host):
-            return None
+        if staged is not None and staged.entry.staged is staged and staged.mode == mode:
+            entry, host = staged.entry, None  # its plan went in while the previous pass ran
+            self.staged_hits += 1
+        else:
+            entry, host = self._entry(groups, len(tokens), mode)
+            if entry is None:
+                return None
         entry.load(host, tokens, key_positions, slots, table)
         if entry.graph is None:
             self._capture(entry)
         entry.graph.replay()
         self.last, self.replays = entry, self.replays + 1
         return entry.logits, entry.sampled
+
+    def stage(self, groups: list[QueryGroup], mode: str | None) -> Staged | None:
+        """Build and load the plan of a predicted next decode pass now, while the device still
+        runs this one (the copy queues behind it). `run` given the returned ticket skips that
+        work if nothing else has loaded the graph since; the caller vouches that the pass it
+        runs has exactly these groups."""
+        entry, host = self._entry(groups, sum(g.count for g in groups), mode)
+        if entry is None or entry.graph is None:
+            return None
+        entry.plan.load(host)
+        entry.staged = Staged(entry, mode)
+        return entry.staged
+
+    def _entry(self, groups: list[QueryGroup], t: int, mode: str | None) -> tuple[_Graph | None, dict]:
+        """The graph for this pass's shape (made if new, not captured) and its host plan;
+        None when the plan does not fit the graph's buffers."""
+        host = build_plan(groups, t, self.attention.chunk_rule(self.device, capped=False))
+        items = _pow2(host["tables"].shape[0])
+        key = (t, items, mode)
+        entry = self.graphs.get(key)
+        if entry is None:
+            units = self.attention.target_units(self.device) + items
+            entry = self.graphs[key] = _Graph(PlanCaps(t, items, self.max_pages, units), mode, self.device)
+        return (entry if entry.plan.fits(host) else None), host
 
     def _capture(self, entry: _Graph) -> None:
         """Warm up on a side stream (compiles the kernels; computes this pass), then capture."""

@@ -151,15 +151,19 @@ class StaticPlan:
     """Device buffers of fixed size (`PlanCaps`) refilled every pass: what a graph reads.
 
     `load` writes a pass's plan into a pinned host mirror and copies it over in one
-    asynchronous copy; nothing waits for the device."""
+    asynchronous copy; nothing waits for the device. Two mirrors take turns, so a plan
+    staged for the next pass while the current one runs never overwrites host memory an
+    earlier copy may still be reading (each step's sync retires all copies before it)."""
 
     def __init__(self, caps: PlanCaps, device: torch.device) -> None:
         self.caps = caps
         sizes = caps.sizes()
         total = sum(sizes.values())
-        self.host = torch.zeros(total, dtype=torch.int32, pin_memory=device.type == "cuda")
+        self.hosts = [torch.zeros(total, dtype=torch.int32, pin_memory=device.type == "cuda") for _ in range(2)]
+        self.turn = 0
         self.device_buf = torch.zeros(total, dtype=torch.int32, device=device)
-        self._host_views = dict(zip(sizes, np.split(self.host.numpy(), np.cumsum(list(sizes.values()))[:-1])))
+        cuts = np.cumsum(list(sizes.values()))[:-1]
+        self._host_views = [dict(zip(sizes, np.split(h.numpy(), cuts))) for h in self.hosts]
         views = dict(zip(sizes, self.device_buf.split(list(sizes.values()))))
         self.plan = AttentionPlan(views["tables"].view(caps.items, caps.pages), *(views[f] for f in FIELDS),
                                   caps.tokens, caps.tokens, caps.units)
@@ -171,7 +175,8 @@ class StaticPlan:
 
     def load(self, host: dict) -> None:
         """Copy a pass's plan (from `build_plan`) into the buffers; padding units get no pairs."""
-        hv = self._host_views
+        self.turn ^= 1
+        hv = self._host_views[self.turn]
         table = hv["tables"].reshape(self.caps.items, self.caps.pages)
         t = host["tables"]
         table[: t.shape[0], : t.shape[1]] = t
@@ -179,4 +184,4 @@ class StaticPlan:
             n = len(host[f])
             hv[f][:n] = host[f]
             hv[f][n:] = 0
-        self.device_buf.copy_(self.host, non_blocking=True)
+        self.device_buf.copy_(self.hosts[self.turn], non_blocking=True)
