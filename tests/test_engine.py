@@ -604,7 +604,7 @@ def test_every_layout_runs_and_frees_its_pages(engine, layout):
 def test_stats_are_consistent(engine):
     calls = []
     real = engine.run_forward
-    engine.run_forward = lambda steps, table=None: (calls.append(len(steps)), real(steps, table))[1]
+    engine.run_forward = lambda steps, *rest: (calls.append(len(steps)), real(steps, *rest))[1]
     streams = [[], []]
     try:
         result = engine.solve(PROBLEM, workers=2, max_tokens=20, sampling=HOT, redundancy_every=6,

@@ -114,7 +114,7 @@ def test_long_prompt_prefilled_in_chunks(random_model, monkeypatch):
     calls = []
     real = engine.run_forward
     monkeypatch.setattr(engine, "run_forward",
-                        lambda steps, table=None: (calls.append(len(steps[0].tokens)), real(steps, table))[1])
+                        lambda steps, *rest: (calls.append(len(steps[0].tokens)), real(steps, *rest))[1])
     worst, _, session = run_oracle(engine, hf_model, 2, "combined", steps=6)
     assert worst <= TOL
     assert max(calls) <= 7 and len(session.prompt_ids) > 7
