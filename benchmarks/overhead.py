@@ -81,7 +81,7 @@ def gpu_seconds(engine, session, args) -> tuple[float | None, str]:
     """GPU seconds of one decode step without host work, and how they were measured."""
     graphs = getattr(engine, "graphs", None)
     if graphs is not None and hasattr(graphs, "replay_last") and getattr(graphs, "last", True) is not None:
-        return graphs.replay_last(args.replays), "graph replay (forward; sampling not included)"
+        return graphs.replay_last(args.replays), "graph replay (forward and sampling)"
     if engine.device.type != "cuda":
         return None, "no GPU"
     from torch.autograd import DeviceType
