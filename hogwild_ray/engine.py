@@ -21,7 +21,7 @@ from .model.parallel import TensorParallel, shard_plan
 from .model.weights import load_weights
 from .protocol import ProtocolOptions
 from .results import SolveResult
-from .sampling import SampleTable, SamplingParams, sample_tokens
+from .sampling import SampleTable, SamplingParams, sample_eagerly
 from .session import Session
 from .transfer import to_device
 from .streaming import final_result, session_events
@@ -290,10 +290,7 @@ class HogwildEngine:
             if out is not None:
                 return out
         logits = self.decoder.forward(self._device_batch(groups, tokens, key_pos, slots, last), self.cache)
-        if table is None:
-            return logits, None
-        values = None if table.mode == "greedy" else to_device(table.values, self.device, torch.float64)
-        return logits, sample_tokens(logits, values, table.mode)
+        return logits, None if table is None else sample_eagerly(logits, table)
 
     def stage_decode(self, views: list[tuple[int, list]], mode: str | None) -> Staged | None:
         """Load the attention plan of a predicted decode pass (one token per view: its position

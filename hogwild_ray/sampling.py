@@ -73,7 +73,6 @@ def per_worker(sampling: SamplingParams | list[SamplingParams] | None, workers: 
     return sampling
 
 
-MODES = ("greedy", "sample", "filter")  # argmax only; Gumbel draws; draws after top-k / top-p cuts
 TABLE_ROWS = 6  # seed low, seed high, draw number, top_k, temperature, top_p
 
 
@@ -85,7 +84,7 @@ class SampleTable:
     in a decode pass's CUDA graph, keyed by `mode`) turns them and the logits into ids."""
 
     values: np.ndarray  # [TABLE_ROWS, rows]
-    mode: str
+    mode: str  # "greedy" (argmax only), "sample" (Gumbel draws) or "filter" (draws after top-k / top-p)
 
 
 class Sampler:
@@ -107,11 +106,8 @@ class Sampler:
     def table(self, workers: list[int], greedy: bool = False) -> SampleTable:
         """The table for one row per given worker (in order); counts a draw for each sampling one.
         greedy: every row takes the argmax (the finisher)."""
-        sampling = [] if greedy else [w for w in workers if not self.params[w].greedy]
         values = np.zeros((TABLE_ROWS, len(workers)), dtype=np.float64)
-        if not sampling:
-            return SampleTable(values, "greedy")
-        filtered = False
+        sampled = filtered = False
         for r, w in enumerate(workers):
             p = self.params[w]
             if greedy or p.greedy:
@@ -119,14 +115,18 @@ class Sampler:
             seed = self.seeds[w]
             values[:, r] = (seed & 0xFFFFFFFF, seed >> 32, self.draws[w], p.top_k, p.temperature, p.top_p)
             self.draws[w] += 1
-            filtered = filtered or p.top_k > 0 or p.top_p < 1.0
-        return SampleTable(values, "filter" if filtered else "sample")
+            sampled, filtered = True, filtered or p.top_k > 0 or p.top_p < 1.0
+        return SampleTable(values, "filter" if filtered else "sample" if sampled else "greedy")
 
     def sample(self, logits: torch.Tensor, workers: list[int], greedy: bool = False) -> torch.Tensor:
         """Token ids [len(workers)] for rows of logits [len(workers), vocab] (stays on the device)."""
-        table = self.table(workers, greedy)
-        device_table = None if table.mode == "greedy" else to_device(table.values, logits.device, torch.float64)
-        return sample_tokens(logits, device_table, table.mode)
+        return sample_eagerly(logits, self.table(workers, greedy))
+
+
+def sample_eagerly(logits: torch.Tensor, table: SampleTable) -> torch.Tensor:
+    """sample_tokens with the table copied to the logits' device (a pass outside any graph)."""
+    values = None if table.mode == "greedy" else to_device(table.values, logits.device, torch.float64)
+    return sample_tokens(logits, values, table.mode)
 
 
 def sample_tokens(logits: torch.Tensor, table: torch.Tensor | None, mode: str) -> torch.Tensor:

@@ -42,7 +42,7 @@ class _Graph:
         tokens, key_positions, slots = self.inputs.split(t)
         last = torch.arange(t, device=device)
         self.batch = ForwardBatch(tokens, key_positions, slots, [], last, plan=self.plan.plan)
-        self.mode = mode  # how the pass samples (sampling.MODES), None: it does not
+        self.mode = mode  # how the pass samples (SampleTable.mode), None: it does not
         self.sampling = mode not in (None, "greedy")
         if self.sampling:
             self.table_host = torch.zeros(TABLE_ROWS, t, dtype=torch.float64, pin_memory=True)
