@@ -12,6 +12,9 @@ the plain HF run on the flat ids, with no cache handed over, must match as well.
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 from hogwild_kernels import gather_segment, rotate_keys_by
 from hogwild_kernels.reference import Segment
@@ -32,6 +35,13 @@ def _segment_kv(pool, layer, view, length, inv_freq):
     k = gather_segment(pool.k[layer], seg).float().cpu()
     v = gather_segment(pool.v[layer], seg).float().cpu()
     return rotate_keys_by(k, view.offset, inv_freq.cpu()), v
+
+
+@functools.cache
+def _cache_keyword(model_class: type) -> str:
+    """The keyword that hands a model's forward its K/V cache: `cache` in newer transformers
+    (where `past_key_values` is deprecated), `past_key_values` in older ones (5.17 and before)."""
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 def stored_kv(session):
@@ -94,8 +104,8 @@ def oracle_check(session, hf_model, plain: bool = False, shift: tuple[int, int] 
                 cache.update(torch.cat(ks).transpose(0, 1)[None], torch.cat(vs).transpose(0, 1)[None], layer)
             pos = torch.arange(past, past + n)[None]
             with torch.no_grad():
-                out = hf_model(input_ids=torch.tensor([step.tokens]), position_ids=pos, past_key_values=cache,
-                               use_cache=True)
+                out = hf_model(input_ids=torch.tensor([step.tokens]), position_ids=pos, use_cache=True,
+                               **{_cache_keyword(type(hf_model)): cache})
             ref = out.logits[0, -1]
             own = next(s for s in step.segments if s.block is step.block)
             for layer in range(eng.spec.num_layers if shift is None else 0):

@@ -120,17 +120,92 @@ def test_bad_request_fails_at_the_first_event(engine):
         next(events)
 
 
+def pane_titles(view) -> list[str]:
+    """The panes' titles as the live view renders them (plain text, no terminal needed)."""
+    from io import StringIO
+
+    from rich.console import Console
+
+    console = Console(file=StringIO(), width=200, height=60, color_system=None)
+    view.console = console
+    console.print(view.render())
+    lines = console.file.getvalue().splitlines()
+    return [next(line for line in lines if f" {name} · " in line) for name in ("Alice", "Bob")[: len(view.texts)]]
+
+
+def test_live_view_counts_steps_as_the_text_numbers_them():
+    """A pane says `step k` while the text shows `**Name [k]:**` (the step being written), and how
+    many steps finished; a header a worker writes inside its step does not move the count."""
+    from io import StringIO
+
+    from rich.console import Console
+
+    from hogwild_ray.ui import LiveView
+
+    view = LiveView(2, Console(file=StringIO()))
+    assert not view.enabled  # not a terminal: nothing is drawn, the state is kept
+
+    def progress(n, finished):
+        return Progress(n, [n, n], finished, ["active", "active"], 1.0)
+
+    for e in (WorkerText(0, 1, "**Alice [1]:** Hi"), WorkerText(1, 1, "**Bob [1]:** Yo"), progress(1, [0, 0])):
+        view.feed(e)
+    alice, bob = pane_titles(view)
+    assert "Alice · step 1 (0 done) · 1 tok" in alice and "Bob · step 1 (0 done) · 1 tok" in bob
+    # Bob ends step 1 with a header of his own (the protocol's next one comes a pass later),
+    # Alice writes the next header's exact text inside her step 1
+    for e in (WorkerText(0, 2, " then **Alice [2]:**"), WorkerText(1, 2, ", done.\n**Bob [7]:**"),
+              StepFinished(1, 1, "**Bob [1]:** Yo, done.\n**Bob [7]:**", 2), progress(2, [0, 1])):
+        view.feed(e)
+    alice, bob = pane_titles(view)
+    assert "Alice · step 1 (0 done)" in alice and "Bob · step 1 (1 done)" in bob
+    for e in (WorkerText(1, 3, "**Bob [2]:** Next"), progress(3, [0, 1])):
+        view.feed(e)
+    assert "Bob · step 2 (1 done) · 3 tok" in pane_titles(view)[1]
+    view.feed(Done(None, [view.texts[0], view.texts[1]], "", hw.Stats(stop_reason="budget")))
+    assert "step 2 (1 done)" in pane_titles(view)[1]
+
+    plain = LiveView(1, Console(file=StringIO()))  # without the protocol there are no steps to count
+    plain.feed(WorkerText(0, 1, "2 + 3 = 5"))
+    plain.feed(Progress(1, [1], [0], ["active"], 1.0))
+    assert "step" not in pane_titles(plain)[0] and "done" not in pane_titles(plain)[0]
+
+
+def test_live_view_follows_a_session(engine):
+    """Fed a real session's events, each pane's step is the last header its text shows."""
+    import re
+    from io import StringIO
+
+    from rich.console import Console
+
+    from hogwild_ray.ui import LiveView
+
+    session = engine.start("Compute 3 + 4.", workers=2, max_tokens=24, sampling=GREEDY, finisher=False)
+    script = {3: {0: "First part done.\n\n"}, 6: {0: "Second part.\n\n", 1: "Checked.\n\n"}}
+    view = LiveView(2, Console(file=StringIO()))
+    for event in session_events(Steered(session, script)):
+        view.feed(event)
+    done = event
+    for w, (name, title) in enumerate(zip(("Alice", "Bob"), pane_titles(view))):
+        shown = int(re.findall(rf"\*\*{name} \[(\d+)\]:\*\* ", done.worker_texts[w])[-1])
+        finished = done.stats.steps_per_worker[w]
+        assert shown == finished + 1 and f"{name} · step {shown} ({finished} done)" in title
+    assert done.stats.steps_per_worker == [2, 1]
+
+
+@pytest.fixture(scope="class")
+def ray_engine(llama):
+    """One Ray engine for the class below (a fixture of its own: pytest retires class-scoped fixture methods)."""
+    ray = pytest.importorskip("ray")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    engine = hw.HogwildEngine.from_pretrained(llama[0], backend="ray", tp=1, **KW)
+    yield engine
+    engine.close()
+    ray.shutdown()
+
+
 class TestRayEngine:
     """The Ray engine streams through its session proxy the events the local engine streams."""
-
-    @pytest.fixture(scope="class")
-    def ray_engine(self, llama):
-        ray = pytest.importorskip("ray")
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-        engine = hw.HogwildEngine.from_pretrained(llama[0], backend="ray", tp=1, **KW)
-        yield engine
-        engine.close()
-        ray.shutdown()
 
     def test_stream_and_solve_match_the_local_engine(self, engine, ray_engine):
         ask = dict(workers=2, max_tokens=10, sampling=GREEDY)
