@@ -212,7 +212,12 @@ class HogwildEngine:
         **protocol_options,
     ) -> Session:
         """Open a session; protocol_options are the fields of ProtocolOptions
-        (protocol=False for a plain prompt, redundancy_every, finisher, ...)."""
+        (protocol=False for a plain prompt, redundancy_every, finisher, ...).
+
+        max_tokens: tokens each worker may generate. max_steps: a hard cap on the session's
+        forward passes, the finisher's included (the workers stop `finisher_tokens` passes
+        early while an answer is still missing, so that the finisher ends by pass max_steps;
+        they always get at least one pass). None: no limit."""
         if layout not in LAYOUTS:
             raise InvalidRequestError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
         if "protocol" in protocol_options:

@@ -39,9 +39,11 @@ class WorkerText(_Event):
 
 @dataclass
 class StepFinished(_Event):
-    """A worker ended a step (a paragraph); it joins the shared history.
+    """A worker ended a step (at a paragraph break, or at a step header the worker wrote itself,
+    which stays at the step's end); it joins the shared history.
 
-    step_index: the worker's count of finished steps (1-based); text: the step, header included."""
+    step_index: the number in the step's header (`**Bob [3]:**` -> 3), which is also the worker's
+    count of finished steps (1-based); text: the step, header included."""
 
     kind: ClassVar[str] = "step_finished"
     worker: int

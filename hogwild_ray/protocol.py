@@ -87,14 +87,37 @@ def open_fence(text: str) -> bool:
     return close is not None
 
 
+# A step header as the model imitates it: `**Bob [13]:**` (also `**Bob [13]**:`), any name of NAMES or
+# WorkerN, with or without a line break before it. A name in bold without `[n]:` is not a header.
+_HEADER_LIKE = re.compile(
+    r"\*\*[ \t]*(?:" + "|".join(NAMES) + r"|Worker\d+)[ \t]*\[[ \t]*\d+[ \t]*\][ \t]*(?::[ \t]*\*\*|\*\*[ \t]*:)"
+)
+
+
+def imitated_header(body: str) -> int | None:
+    """Where the first complete step header that the worker wrote itself starts in `body` (its
+    step's text after the forced header), outside any open fence; None if there is none."""
+    for m in _HEADER_LIKE.finditer(body):
+        if not open_fence(body[: m.start()]):
+            return m.start()
+    return None
+
+
 def is_step_boundary(step_text: str, header: str = "") -> bool:
-    """A step ends at a paragraph break after some text, outside any open fence."""
-    if not _BREAK.search(step_text):
-        return False
-    body = step_text[len(header):] if header and step_text.startswith(header) else step_text
-    if not body.strip():
-        return False
-    return not open_fence(body)
+    """A step ends at a paragraph break after some text, outside any open fence, or as soon as
+    the worker writes a step header of its own (`**Bob [13]:**`, see `imitated_header`).
+
+    `header`: the forced text that opened the step (it is not part of what the worker wrote)."""
+    if header and step_text.startswith(header):
+        body = step_text[len(header):]
+    else:
+        body = step_text
+        if header:  # the forced header did not decode to itself: a header-like opening is still it
+            first = _HEADER_LIKE.match(body.lstrip())
+            body = body.lstrip()[first.end():] if first else body
+    if _BREAK.search(body) and body.strip() and not open_fence(body):
+        return True
+    return imitated_header(body) is not None
 
 
 def extract_boxed(text: str) -> str | None:

@@ -3,14 +3,21 @@
 Each `step()` feeds every active worker's pending tokens (the token it sampled last
 step, or a forced chunk: a step header, an interjection, the finisher prompt) in one
 forward pass, samples one token per worker on the device, and applies the protocol:
-a worker whose fed text ends a step has that step moved into the shared history at the
-start of the next `step()` (so after `step()` returns, the cache still holds exactly
-what the last logits were computed from) and gets a new header as its next chunk.
+a worker whose fed text ends a step (a paragraph break, or a step header the worker wrote
+itself, which stays at the end of the finished step: its keys are in the cache already) has
+that step moved into the shared history at the start of the next `step()` (so after `step()`
+returns, the cache still holds exactly what the last logits were computed from) and gets a
+new header as its next chunk.
 
 The finisher forces answers: the chosen workers get `FINISHER_PROMPT` after their pending
 tokens and decode greedily (all in the same passes) until each closes its `\\boxed{`. It
 runs by itself when a run ends without an answer (worker 0), and on demand in a fork
 (`force_answers`, any workers, protocol on or off), which leaves the session unchanged.
+
+`max_steps` caps the session's forward passes, the finisher's included: while the finisher
+would still be needed, the workers stop `finisher_tokens` passes early (the finisher writes
+one token per pass, the first in the pass that feeds its prompt), but they always get at
+least one pass; a finisher that reaches `max_steps` stops there, with what it wrote.
 """
 
 from __future__ import annotations
@@ -52,7 +59,10 @@ class WorkerState:
 
 
 class Session:
-    """Use `HogwildEngine.start`; this holds the layout, the workers and the stopping rules."""
+    """Use `HogwildEngine.start`; this holds the layout, the workers and the stopping rules.
+
+    max_tokens: tokens each worker may generate. max_steps: the most forward passes the session
+    runs in all, the finisher's included (see the module docstring); None: no limit."""
 
     def __init__(
         self, engine: HogwildEngine, problem: str, workers: int, sampling: SamplingParams | list | None,
@@ -253,7 +263,7 @@ class Session:
             self.stats.steps_per_worker[w] = ws.proto.finished_steps
             self._found_answer(self.tok.decode(ws.step_ids))
             self._finishing.append(w)
-            self._open_step(ws)  # the sample after a paragraph break is dropped: a header comes next
+            self._open_step(ws)  # the sample after a step's end is dropped: a header comes next
             return
         if tok in self.engine.eos_ids:
             self._found_answer(self.tok.decode(ws.step_ids))
@@ -283,18 +293,33 @@ class Session:
             self.stats.stop_reason = "answer"
             self.done = True
             return
-        out_of_steps = self.max_steps is not None and self.stats.forward_passes >= self.max_steps
-        if out_of_steps:
+        if self._workers_out_of_passes():
             for ws in self.workers:
                 if ws.status == "active":
                     ws.status = "budget"
         if all(ws.status != "active" for ws in self.workers):
             reason = "eos" if all(ws.status == "eos" for ws in self.workers) else "budget"
             self.stats.stop_reason = reason
-            if self.answer is None and self.options.enabled and self.options.finisher:
+            if self._finisher_due() and not self._out_of_passes():
                 self._start_finisher()
             else:
                 self.done = True
+
+    def _finisher_due(self) -> bool:
+        """Whether the finisher would run if every worker stopped now."""
+        return self.answer is None and self.options.enabled and self.options.finisher
+
+    def _out_of_passes(self) -> bool:
+        """max_steps reached: not one more forward pass, the finisher's included."""
+        return self.max_steps is not None and self.stats.forward_passes >= self.max_steps
+
+    def _workers_out_of_passes(self) -> bool:
+        """The workers' share of max_steps is used up: all of it, less the `finisher_tokens` passes
+        kept for the finisher while it would run (the workers get at least one pass)."""
+        if self.max_steps is None:
+            return False
+        reserve = self.options.finisher_tokens if self._finisher_due() else 0
+        return self.stats.forward_passes >= max(self.max_steps - reserve, 1)
 
     @property
     def finishing(self) -> bool:
@@ -324,7 +349,7 @@ class Session:
             new[w].append(tok)
         text = self.tok.decode(ids)
         ans = extract_boxed("\\boxed{" + text)
-        if eos or ans is not None or len(ids) >= self.options.finisher_tokens:
+        if eos or ans is not None or len(ids) >= self.options.finisher_tokens or self._out_of_passes():
             self._forced[w] = ans if ans is not None else (text.split("}")[0].strip() or None)
             ws.status, ws.pending = "idle", []
         if len(self._forced) == len(self._finishers):
@@ -351,6 +376,7 @@ class Session:
         twin = self.fork()
         try:
             twin.auto_close, twin.done = False, False
+            twin.max_steps = None  # the session's pass cap is not the fork's
             twin._start_finisher(workers)
             while not twin.done:
                 twin.step()

@@ -18,7 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .events import Done, Event, Progress, StepFinished, WorkerText
-from .protocol import worker_name
+from .protocol import step_header, worker_name
 
 COLOURS = ("cyan", "magenta", "green", "yellow", "bright_blue", "red", "bright_cyan", "bright_magenta")
 MAX_COLUMNS = 3  # panes per row; more workers wrap onto further rows
@@ -43,7 +43,8 @@ class LiveView:
         self.interval = 1.0 / fps
         self.live: Live | None = None
         self.texts = [""] * workers
-        self.steps, self.generated = [0] * workers, [0] * workers
+        self.finished, self.generated = [0] * workers, [0] * workers  # finished steps, tokens
+        self.current = [0] * workers  # k of the last step header `**Name [k]:**` the text showed; 0: none
         self.statuses = ["active"] * workers
         self.passes, self.tokens_per_second, self.stop_reason = 0, 0.0, None
         self.last = 0.0
@@ -63,15 +64,42 @@ class LiveView:
     def feed(self, event: Event) -> None:
         if isinstance(event, WorkerText):
             self.texts[event.worker] = (self.texts[event.worker] + event.text)[-KEEP_CHARS:]
+            self._follow_headers(event.worker, len(event.text))
         elif isinstance(event, StepFinished):
-            self.steps[event.worker] = event.step_index
+            self.finished[event.worker] = max(self.finished[event.worker], event.step_index)
         elif isinstance(event, Progress):
+            self.finished = [max(a, b) for a, b in zip(self.finished, event.steps_per_worker)]
             self.passes, self.tokens_per_second = event.step, event.tokens_per_second
             self.generated, self.statuses = event.generated_per_worker, event.statuses
             self.redraw()
         elif isinstance(event, Done):
             self.stop_reason = event.stats.stop_reason or "-"
             self.redraw(force=True)
+
+    def _follow_headers(self, w: int, new_chars: int) -> None:
+        """Number the step in progress as the text does: the forced header `**Name [k+1]:** `
+        opens step k+1 once step k has finished (a header a worker imitates inside its step,
+        before that step finished, does not count)."""
+        while self.finished[w] >= self.current[w]:
+            header = step_header(w, self.current[w] + 1)
+            if header not in self.texts[w][-(new_chars + len(header)):]:
+                return
+            self.current[w] += 1
+
+    def title(self, w: int) -> str:
+        """The pane's title: name, the step in progress as its header numbers it (`step 3 (2 done)`
+        while `**Bob [3]:**` is written; `step 3 (3 done)` once it finished, until the header of
+        step 4 shows), tokens generated, the status. Without headers (no protocol): no steps."""
+        colour, current, finished, status = worker_colour(w), self.current[w], self.finished[w], self.statuses[w]
+        parts = [f"[bold {colour}]{worker_name(w)}[/]"]
+        if current:
+            parts.append(f"step {current} ({finished} done)")
+        elif finished:
+            parts.append(f"{finished} done")
+        parts.append(f"{self.generated[w]} tok")
+        if status != "active":
+            parts.append(status)
+        return " · ".join(parts)
 
     def redraw(self, force: bool = False) -> None:
         now = time.perf_counter()
@@ -98,12 +126,10 @@ class LiveView:
         return Group(grid, self.footer())
 
     def pane(self, w: int, lines: list[Text], height: int) -> Panel:
-        colour, steps, status = worker_colour(w), self.steps[w], self.statuses[w]
-        title = (f"[bold {colour}]{worker_name(w)}[/] · {steps} step{'' if steps == 1 else 's'} · "
-                 f"{self.generated[w]} tok" + ("" if status == "active" else f" · {status}"))
+        colour = worker_colour(w)
         body = Text("\n").join(lines)
         body.stylize(colour)
-        return Panel(body, title=title, title_align="left", border_style=colour, height=height + 2)
+        return Panel(body, title=self.title(w), title_align="left", border_style=colour, height=height + 2)
 
     def footer(self) -> Text:
         state = f"done ({self.stop_reason})" if self.stop_reason else "running"

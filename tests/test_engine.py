@@ -419,6 +419,58 @@ def test_forced_step_boundary_moves_into_history(engine):
     session.close()
 
 
+def force_samples(session, worker: int, ids: list[int], start: int = 1) -> None:
+    """Make `worker` sample ids[0], ids[1], ... at passes start, start + 1, ... (1-based): text the
+    model writes itself, one token a pass, each fed in the pass after it was sampled."""
+    run, passes = session.executor.run, [0]
+
+    def forced(fed, greedy):
+        steps, out = run(fed, greedy)
+        passes[0] += 1
+        order, i = [s.worker for s in steps], passes[0] - start
+        if 0 <= i < len(ids) and worker in order:
+            out[order.index(worker)] = ids[i]
+        return steps, out
+
+    session.executor.run = forced
+
+
+@pytest.mark.parametrize("imitation", ["\n**Bob [13]:**", " **Alice [2]:**"])
+def test_a_step_header_written_by_the_worker_ends_its_step(llama, engine, imitation):
+    """A worker that writes a step header of its own (no blank line before it) ends its step once
+    the header is complete; the header's tokens stay at the end of the finished step (they are in
+    the cache: nothing is recomputed), and the protocol's own next header follows. Exact throughout."""
+    from oracle import TOL, oracle_check
+
+    hf_model = llama[1]
+    session = engine.start(PROBLEM, workers=2, sampling=HOT, max_tokens=60, redundancy_every=None, finisher=False)
+    ids = session.encode("So 2 + 3 = 5." + imitation)
+    force_samples(session, 1, ids)  # sampled in passes 1..n, fed in passes 2..n+1
+    for _ in range(len(ids)):
+        session.step()
+        assert session.stats.steps_per_worker == [0, 0]  # an incomplete header ends nothing
+        assert oracle_check(session, hf_model) <= TOL
+    new = session.step()  # feeds the header's closing `:**`
+    assert session.last_steps[1].tokens == ids[-1:]
+    assert new[1] == []  # the sample after the step's end is dropped: the protocol's header comes next
+    assert session.stats.steps_per_worker == [0, 1]
+    assert oracle_check(session, hf_model) <= TOL
+    history = len(session.layout.common.tokens)
+    new = session.step()
+    assert oracle_check(session, hf_model) <= TOL
+    header = session.encode("**Bob [2]:** ")
+    assert new[1][: len(header)] == header and session.last_steps[1].tokens == header
+    common = session.layout.common.tokens
+    assert common[-len(ids):] == ids and len(common) > history
+    assert session.tok.decode(common[history:]) == "**Bob [1]:** So 2 + 3 = 5." + imitation
+    assert session.text(1).startswith("**Bob [1]:** So 2 + 3 = 5." + imitation + "**Bob [2]:** ")
+    for _ in range(3):
+        session.step()
+        assert oracle_check(session, hf_model) <= TOL
+    assert session.stats.steps_per_worker == [0, 1]
+    session.close()
+
+
 def test_boxed_answer_stops_the_session(engine):
     session = engine.start(PROBLEM, workers=2, sampling=HOT, max_tokens=60)
     session.step()
@@ -483,17 +535,54 @@ def test_budget_without_answer_runs_the_greedy_finisher(engine):
     assert pages_free(engine)
 
 
-def test_max_steps(engine):
-    session = engine.start(PROBLEM, workers=3, sampling=HOT, max_tokens=500, max_steps=7, finisher=False)
-    _, passes = run_collecting(session)
-    assert len(passes) == 7 and session.stats.forward_passes == 7
-    assert session.stats.stop_reason == "budget" and pages_free(engine)
+@pytest.mark.parametrize("max_steps,finisher_tokens", [(1, 32), (3, 32), (7, 4), (7, 32), (40, 4), (40, 32)])
+def test_max_steps_caps_every_pass(engine, max_steps, finisher_tokens):
+    """max_steps is the session's whole number of forward passes, with the finisher on or off: the
+    workers stop early enough for the finisher to end by then (at least one pass is theirs)."""
+    off = engine.start(PROBLEM, workers=3, sampling=HOT, max_tokens=500, max_steps=max_steps, finisher=False)
+    _, passes = run_collecting(off)
+    assert len(passes) == off.stats.forward_passes == max_steps
+    assert off.stats.stop_reason == "budget" and pages_free(engine)
 
-    session = engine.start(PROBLEM, workers=3, sampling=HOT, max_tokens=500, max_steps=7, finisher_tokens=4)
+    on = engine.start(PROBLEM, workers=3, sampling=HOT, max_tokens=500, max_steps=max_steps,
+                      finisher_tokens=finisher_tokens)
+    _, passes = run_collecting(on)
+    assert len(passes) == on.stats.forward_passes == max_steps
+    work = max(max_steps - finisher_tokens, 1)  # the workers' passes; the rest is the finisher's
+    if work == max_steps:  # no pass left for the finisher
+        assert on.stats.stop_reason == "budget" and on.answer is None
+    else:
+        fin = finisher_passes(on, passes)
+        assert len(passes) - len(fin) == work and len(fin) == max_steps - work
+        assert on.stats.stop_reason == "budget+finisher"
+    assert on.stats.generated_per_worker == [work] * 3
+    assert pages_free(engine)
+
+
+def test_workers_out_of_tokens_leave_the_finisher_its_passes(engine):
+    """Workers that stop (max_tokens) before max_steps binds: the finisher runs in full, within the cap."""
+    session = engine.start(PROBLEM, workers=2, sampling=HOT, max_tokens=3, max_steps=20, finisher_tokens=4,
+                           redundancy_every=None)
     _, passes = run_collecting(session)
     fin = finisher_passes(session, passes)
-    assert len(passes) - len(fin) == 7 and 1 <= len(fin) <= 4
-    assert session.stats.forward_passes == 7 + len(fin) and "finisher" in session.stats.stop_reason
+    assert len(passes) - len(fin) == 3 and 1 <= len(fin) <= 4
+    assert session.stats.forward_passes == len(passes) <= 20
+    assert session.stats.stop_reason == "budget+finisher" and pages_free(engine)
+
+
+def test_forced_answers_are_not_capped_by_max_steps(engine):
+    """force_answers runs in a fork, whose finisher takes the passes it needs whatever max_steps says."""
+    answers = []
+    for max_steps in (None, 5):
+        session = engine.start(PROBLEM, workers=2, sampling=HOT, max_tokens=50, max_steps=max_steps,
+                               finisher=False, finisher_tokens=6, redundancy_every=None)
+        for _ in range(4):
+            session.step()
+        answers.append(session.force_answers())
+        assert session.stats.forward_passes == 4 and not session.done
+        session.close()
+    assert answers[0] == answers[1]
+    assert all(a is not None and len(engine.tokenizer.encode(a)) > 1 for a in answers[1])
     assert pages_free(engine)
 
 

@@ -8,8 +8,8 @@ from hypothesis import strategies as st
 
 from hogwild_ray.errors import InvalidRequestError
 from hogwild_ray.protocol import (
-    NAMES, REDUNDANCY_QUESTION, ProtocolOptions, WorkerProtocol, extract_boxed, is_step_boundary,
-    open_fence, step_header, system_prompt, think_prefix, worker_name,
+    NAMES, REDUNDANCY_QUESTION, ProtocolOptions, WorkerProtocol, extract_boxed, imitated_header,
+    is_step_boundary, open_fence, step_header, system_prompt, think_prefix, worker_name,
 )
 
 HDR = step_header(1, 4)
@@ -84,6 +84,54 @@ def test_closed_fences_then_a_break_is_a_boundary(text):
     assert not open_fence(text)
     assert is_step_boundary(text)
     assert is_step_boundary(HDR + text, HDR)
+
+
+# ---- a step header the worker writes itself ends its step ------------------------------
+
+@pytest.mark.parametrize("body, at", [
+    ("So 2 + 3 = 5.\n**Bob [13]:**", 14),  # one line break, no blank line
+    ("So 2 + 3 = 5. **Alice [3]:**", 14),  # no line break at all
+    ("**Bob [4]:**", 0),  # right after the forced header
+    ("Done.\n**Carol [2]**:", 6),  # the colon outside the bold
+    ("Next: **Worker17 [1]:**", 6),  # past the sixteen names
+    ("Ok\n** Bob [ 7 ] : **", 3),
+    ("```\ncode\n```\n**Dave [2]:**", 13),  # after a closed fence
+    ("Text **Bob** and then **Erin [9]:**", 22),  # the first header-like one
+])
+def test_imitated_header_is_found(body, at):
+    assert imitated_header(body) == at
+    assert is_step_boundary(HDR + body, HDR)
+    assert is_step_boundary(HDR + REDUNDANCY_QUESTION + "no. " + body, HDR + REDUNDANCY_QUESTION)
+
+
+@pytest.mark.parametrize("body", [
+    "So 2 + 3 = 5.\n**Bob [13]:",  # not complete yet: the closing `**` is still to come
+    "So 2 + 3 = 5.\n**Bob [13]",
+    "As **Bob** said, 2 + 3 = 5.",  # a name in bold is not a header
+    "As **Bob [13]** said",  # no colon
+    "**Bob:** hello",  # no [n]
+    "**Bob [x]:**",  # no number
+    "**Bobby [2]:**",  # not a worker's name
+    "**Step [2]:**",
+    "Code:\n```\n**Bob [2]:**\n",  # inside a code fence
+    "Then $$\n**Bob [2]:**",  # inside display math
+])
+def test_text_that_is_no_header(body):
+    assert imitated_header(body) is None
+    assert not is_step_boundary(HDR + body, HDR)
+
+
+def test_the_forced_header_is_not_an_imitation():
+    for w, k in [(0, 1), (1, 13), (20, 2)]:
+        header = step_header(w, k)
+        assert not is_step_boundary(header, header)
+        assert not is_step_boundary(header + "Some text", header)
+        assert is_step_boundary(header + "Some text **Alice [5]:**", header)
+    # a header that decoded to slightly other text is still the step's own, not an imitation
+    assert not is_step_boundary("**Bob [2]:**  Some text", "**Bob [2]:** \u200b")
+    assert is_step_boundary("**Bob [2]:**  Some text\n**Bob [3]:**", "**Bob [2]:** \u200b")
+    # without a header argument the whole text is what the worker wrote
+    assert is_step_boundary("**Bob [2]:** Some text")
 
 
 def test_open_fence_states():
