@@ -13,17 +13,9 @@ from pathlib import Path
 
 import torch
 
+from hogwild_ray.devices import cpu_name  # noqa: F401  (the benchmarks' CPU name)
+
 RESULTS = Path(__file__).parent / "results"
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown cpu"
 
 
 def device_name(device: torch.device) -> str:

@@ -10,6 +10,7 @@ import pytest
 
 import hogwild_ray as hw
 from hogwild_ray.cli import main
+from hogwild_ray.devices import cpu_name, device_label
 from hogwild_ray.errors import InvalidRequestError
 from hogwild_ray.eval import experiment, runner
 from hogwild_ray.eval.runner import RunSpec, run_budgets
@@ -158,7 +159,7 @@ def assert_one_line_error(capsys, words: str) -> None:
     (["--modes", "independent", "--workers", "1"], "independent needs --workers with a count of 2"),
     (["--backend", "ray"], "drop --backend ray"),
     (["--tp", "2"], "drop --backend ray"),
-    (["--top-p", "2"], "top_p"),
+    (["--top-p", "2"], "--top-p must be in (0, 1]"),
     (["--data", "{missing}"], "missing.jsonl is not a file"),
     (["--data", "{bad}"], "bad.jsonl:2 fits no known shape"),
     (["--data", "{bad}", "--generated", "3"], "exactly one of --data"),
@@ -206,7 +207,10 @@ def test_eval_end_to_end_on_the_default_model(default_engine, tmp_path, capsys, 
     assert "| 8 |" in summary and "95% CI" in summary
     assert (out / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
     assert "results in" in capsys.readouterr().out
-    assert not list((out / "parts").glob("*.jsonl"))
+    assert f"- device: {device_label(default_engine.device)}" in summary  # the engine's, not "auto"
+    if default_engine.device.type == "cpu":
+        assert f"- device: cpu: {cpu_name()}, " in summary
+    assert sorted(p.name for p in out.iterdir()) == ["accuracy.png", "results.jsonl", "summary.md"]  # no parts/
 
     # resume: drop the last run's lines, as if interrupted; only that run runs again
     lines = (out / "results.jsonl").read_text().splitlines(keepends=True)
@@ -220,6 +224,7 @@ def test_eval_end_to_end_on_the_default_model(default_engine, tmp_path, capsys, 
     assert len(again) == len(recs) and again[:-2] == recs[:-2]
     assert [dict(r, seconds=0) for r in again[-2:]] == [dict(r, seconds=0) for r in recs[-2:]]  # seeded per problem
     assert main(argv, default_engine) == 0 and len(calls) == 1  # all done: nothing runs
+    assert sorted(p.name for p in out.iterdir()) == ["accuracy.png", "results.jsonl", "summary.md"]
 
 
 def test_eval_processes_merge_to_the_same_results(random_model, engine, tmp_path, capsys):
@@ -235,4 +240,10 @@ def test_eval_processes_merge_to_the_same_results(random_model, engine, tmp_path
         return [{k: v for k, v in r.items() if k != "seconds"} for r in rs]
 
     assert strip(two) == strip(one)  # same seeds per problem, whichever process ran it
-    assert not list((tmp_path / "two" / "parts").glob("*.jsonl"))
+    for out in ("one", "two"):
+        assert sorted(p.name for p in (tmp_path / out).iterdir()) == ["accuracy.png", "results.jsonl", "summary.md"]
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # what the worker processes load on
+    assert f"- device: {device_label(device)}" in (tmp_path / "two" / "summary.md").read_text()
+    assert "2 processes" in (tmp_path / "two" / "summary.md").read_text()

@@ -1,15 +1,21 @@
 """Evaluation data and statistics without a model: the loaders' shapes and errors, the majority
-vote, the Wilson interval, the summary table and the plot."""
+vote, the Wilson interval, the summary table and the plot, merging part files, naming the device."""
 
 from __future__ import annotations
 
+import ast
 import json
+import platform
+from pathlib import Path
 
 import pytest
 
+from hogwild_ray import devices
+from hogwild_ray.cli.eval import device_note
 from hogwild_ray.errors import InvalidRequestError
+from hogwild_ray.eval.experiment import Experiment, existing, merge, todo
 from hogwild_ray.eval.loaders import load_problems, parse_row
-from hogwild_ray.eval.report import markdown, plot, summarise
+from hogwild_ray.eval.report import figure, markdown, plot, series, summarise
 from hogwild_ray.eval.runner import RunSpec, plan
 from hogwild_ray.eval.stats import majority, wilson
 
@@ -130,3 +136,107 @@ def test_summary_table_and_plot(tmp_path):
     assert table[5].startswith("| hogwild | combined | 2 | 16 | 75.0% | 30.1% - 95.4% | 4 |")
     plot(rows, tmp_path / "accuracy.png")
     assert (tmp_path / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def all_zero_rows(specs, budgets=(256, 512, 1024)):
+    recs = [record(i, s.mode, s.workers, s.layout, b, False) for s in specs for b in budgets for i in range(4)]
+    return summarise(recs, specs)
+
+
+def test_lines_that_coincide_are_drawn_apart():
+    specs = plan(["single", "independent", "hogwild"], [2, 4], ["combined", "interleaved"])
+    lines = series(all_zero_rows(specs))  # every configuration at 0%: seven equal lines
+    assert [s.label for s in lines] == [s.label for s in specs]
+    assert all(s.y == [0.0, 0.0, 0.0] and s.budgets == [256, 512, 1024] for s in lines)
+    for i, budget in enumerate((256, 512, 1024)):
+        xs = [s.x[i] for s in lines]
+        assert len(set(xs)) == len(lines) and xs == sorted(xs)  # each its own place, in legend order
+        assert all(budget / 2 ** 0.2 < x < budget * 2 ** 0.2 for x in xs)  # near its budget: still readable
+        assert xs[0] * xs[-1] == pytest.approx(budget ** 2)  # centred on the budget (log axis)
+    assert len({s.marker for s in lines}) == len(lines)
+    assert len({(s.color, s.linestyle) for s in lines}) == len(lines)
+    # budgets close together: the lines stay closer to their own budget than to the next one
+    close = series(all_zero_rows(specs, (100, 110)))
+    assert max(s.x[0] for s in close) < min(s.x[1] for s in close)
+
+
+def test_the_plots_title_and_legend_lie_within_the_figure(tmp_path):
+    specs = plan(["single", "independent", "hogwild"], [2, 4, 8], ["combined", "contiguous", "interleaved"])
+    title = "DeepSeek-R1-Distill-Qwen-32B-with-a-long-name: accuracy against sequential forward passes"
+    fig = figure(all_zero_rows(specs), title)
+    try:
+        fig.canvas.draw()
+        canvas = fig.bbox
+        texts = [fig._suptitle, *fig.legends]
+        assert fig._suptitle.get_text().replace("\n", " ") == title
+        for artist in texts:
+            box = artist.get_window_extent()
+            assert canvas.x0 <= box.x0 and box.x1 <= canvas.x1 and canvas.y0 <= box.y0 and box.y1 <= canvas.y1
+        axes = fig.axes[0].get_window_extent()
+        assert not axes.overlaps(fig.legends[0].get_window_extent())  # the legend is outside the axes
+    finally:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+    plot(all_zero_rows(specs), tmp_path / "accuracy.png", title)
+    assert (tmp_path / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_merge_folds_the_parts_in_and_removes_the_parts_directory(tmp_path):
+    specs = [RunSpec("single", 1), RunSpec("hogwild", 2, "combined")]
+    exp = Experiment([{"id": "a", "problem": "p", "answer": "1"}, {"id": "b", "problem": "q", "answer": "2"}],
+                     specs, [8, 16], tmp_path)
+    (tmp_path / "parts").mkdir()
+    first = [record("b", "single", 1, None, b, True) for b in (8, 16)]
+    second = [record("a", "single", 1, None, b, False) for b in (8, 16)]
+    write_jsonl(tmp_path / "parts" / "part-1.jsonl", first)
+    write_jsonl(tmp_path / "parts" / "part-0.jsonl", second)  # as an interrupted run leaves them
+    assert len(todo(exp, existing(tmp_path))) == 2  # the hogwild runs
+    assert merge(exp) == second + first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.jsonl"]
+    assert len(todo(exp, existing(tmp_path))) == 2  # resuming reads results.jsonl: the same runs are left
+    (tmp_path / "parts").mkdir()
+    (tmp_path / "parts" / "notes.txt").write_text("mine")
+    write_jsonl(tmp_path / "parts" / "part-0.jsonl", [record("a", "hogwild", 2, "combined", b, True)
+                                                      for b in (8, 16)])
+    assert len(merge(exp)) == 6 and len(todo(exp, existing(tmp_path))) == 1
+    assert [p.name for p in (tmp_path / "parts").iterdir()] == ["notes.txt"]  # not ours: kept, and the directory
+
+
+def test_cpu_name_reads_proc_cpuinfo(tmp_path, monkeypatch):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R)   Platinum 8480+\n"
+                    "\nprocessor\t: 1\nmodel name\t: Intel(R) Xeon(R) Platinum 8480+\n")
+    monkeypatch.setattr(devices, "CPUINFO", info)
+    assert devices.cpu_name() == "Intel(R) Xeon(R) Platinum 8480+"
+    info.write_text("processor\t: 0\nHardware\t: BCM2835\n")  # no model name (some ARM boards)
+    assert devices.cpu_name() == (platform.machine() or platform.processor() or "unknown CPU")
+    monkeypatch.setattr(devices, "CPUINFO", tmp_path / "missing")  # not Linux
+    assert devices.cpu_name() == (platform.machine() or platform.processor() or "unknown CPU")
+
+
+def test_cpu_name_on_this_machine():
+    name = devices.cpu_name()
+    assert name and name == name.strip()
+    cpuinfo = Path("/proc/cpuinfo")
+    models = [line.split(":", 1)[1].split() for line in (cpuinfo.read_text().splitlines() if cpuinfo.exists() else [])
+              if line.startswith("model name")]
+    if models:
+        assert name == " ".join(models[0])
+
+
+def test_device_label(monkeypatch):
+    import torch
+
+    cpu = devices.device_label("cpu")
+    assert cpu == f"cpu: {devices.cpu_name()}, {devices.cpu_cores()} core{'s' * (devices.cpu_cores() != 1)}"
+    assert devices.device_label(torch.device("cpu")) == cpu
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: asked.append(d) or "NVIDIA H200")
+    assert devices.device_label("cuda:1") == "NVIDIA H200" == devices.device_label(torch.device("cuda"))
+    assert asked == [torch.device("cuda:1"), torch.device("cuda")]
+    assert device_note("cuda:1", 1) == "NVIDIA H200 (cuda:1)"
+    assert device_note("cpu", 4) == f"{cpu}; 4 processes, one engine each"
+    tree = ast.parse(Path(devices.__file__).read_text())  # torch only inside functions: cheap to import
+    top = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+    assert not [n for n in top if "torch" in ast.dump(n)]

@@ -133,6 +133,31 @@ def load_data(args: argparse.Namespace) -> tuple[list[dict], str]:
     return problems, f"{what}, {len(problems)} problems"
 
 
+def run_device(args: argparse.Namespace, engine=None) -> str:
+    """The device the runs use: the given engine's (one process), else the one `load_engine`
+    picks from --device (cuda when a GPU is visible, else cpu)."""
+    if engine is not None and args.processes == 1:
+        return str(engine.device)
+    if args.device:
+        return str(args.device)
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def device_note(device: str, processes: int) -> str:
+    """The summary's device line, e.g. "NVIDIA H200 (cuda:0)" or "cpu: Intel(R) Xeon(R) ..., 2 cores"."""
+    from ..devices import device_label
+
+    try:
+        label = device_label(device)
+    except Exception as e:  # naming the device must never lose a finished evaluation
+        label = f"{device} (name unknown: {type(e).__name__})"
+    if device.startswith("cuda"):
+        label = f"{label} ({device})"
+    return label + (f"; {processes} processes, one engine each" if processes > 1 else "")
+
+
 def execute(args: argparse.Namespace, engine=None) -> int:
     from ..eval.experiment import PLOT, SUMMARY, Experiment, run_experiment
     from ..eval.report import plot, summarise, summary_page
@@ -155,7 +180,8 @@ def execute(args: argparse.Namespace, engine=None) -> int:
     records = run_experiment(exp, load, args.processes, engine, progress=not args.quiet)
     rows = summarise(records, specs)
     model = args.model or "SmolLM2-135M-Instruct (built-in)"
-    notes = [f"- model: {model}, device: {args.device or 'auto'}",
+    notes = [f"- model: {model}",
+             f"- device: {device_note(run_device(args, engine), args.processes)}",
              f"- data: {data}",
              f"- sampling: temperature {args.temperature}, top-p {args.top_p}, top-k {args.top_k}, seed {args.seed}; "
              f"forced answers: greedy, at most {args.finisher_tokens} tokens",

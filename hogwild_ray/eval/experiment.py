@@ -2,11 +2,11 @@
 processes), merging their lines and writing the summary, resumably.
 
 Every run (problem id, mode, workers, layout) appends its records (one per budget) to a
-part file of the output directory in one write; `results.jsonl` is the merge of them all,
-in problem and configuration order. A rerun into the same directory skips the runs whose
-every budget is already there, in results.jsonl or in a part file left by an interrupted
-run. With P processes, process k takes the problems i with i % P == k and loads its own
-engine on the same device.
+part file of the output directory (`parts/`) in one write; `results.jsonl` is the merge of
+them all, in problem and configuration order, after which `parts/` is removed. A rerun
+into the same directory skips the runs whose every budget is already there, in
+results.jsonl or in a part file left by an interrupted run. With P processes, process k
+takes the problems i with i % P == k and loads its own engine on the same device.
 """
 
 from __future__ import annotations
@@ -104,7 +104,8 @@ def run_part(engine, exp: Experiment, runs: list[tuple[int, dict, RunSpec]], par
 
 def merge(exp: Experiment) -> list[dict]:
     """Write results.jsonl: every record, in problem, configuration and budget order; the part
-    files are removed once they are in it. Returns the records of this experiment."""
+    files are removed once they are in it, and then the parts directory if nothing else is in it.
+    Returns the records of this experiment."""
     recs = existing(exp.out)
     order = {p["id"]: i for i, p in enumerate(exp.problems)}
     spec_order = {(s.mode, s.workers, s.layout): i for i, s in enumerate(exp.specs)}
@@ -120,6 +121,10 @@ def merge(exp: Experiment) -> list[dict]:
     tmp.replace(exp.out / RESULTS)
     for path in part_files(exp.out):
         path.unlink()
+    try:  # the output holds results.jsonl, summary.md and accuracy.png only; a rerun makes parts/ again
+        (exp.out / "parts").rmdir()
+    except OSError:  # not there, or holding something else: left alone
+        pass
     wanted = {(p["id"], s.mode, s.workers, s.layout, b) for _, p, s in exp.runs() for b in exp.budgets}
     return [recs[k] for k in keys if k in wanted]
 
