@@ -1,5 +1,9 @@
 """hogwild-ray: Hogwild! Inference, several workers sharing one KV cache."""
 
+from .threads import prefer_passive_waiting
+
+prefer_passive_waiting()  # before torch loads: OpenMP reads its wait policy once
+
 from .engine import HogwildEngine
 from .errors import (
     CacheFullError, ContextLengthError, HogwildError, InvalidRequestError, ModelNotFoundError,

@@ -56,8 +56,8 @@ def test_version(capsys):
     (["--workers", "0"], "--workers"),
     (["--max-tokens", "-3"], "--max-tokens"),
     (["--layout", "diagonal"], "--layout"),
-    (["--top-p", "2"], "top_p"),
-    (["--temperature", "-1"], "temperature"),
+    (["--top-p", "2"], "--top-p"),
+    (["--temperature", "-1"], "--temperature"),
     (["--model", "/nonexistent"], "/nonexistent"),
 ])
 def test_bad_values_are_one_line_errors(capsys, argv, words):

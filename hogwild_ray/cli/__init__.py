@@ -6,12 +6,13 @@ HogwildError, which is shown here as one `error: ...` line (exit code 2), like a
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 from .. import __version__
 from ..errors import HogwildError
 from . import batch, bench, eval, info, run
-from .common import FORMATTER, Parser
+from .common import FORMATTER, Parser, as_flags
 from .run import EXAMPLE_PROBLEM  # the benchmarks' problem too
 
 COMMANDS = (run, batch, eval, bench, info)
@@ -46,20 +47,28 @@ def main(argv: list[str] | None = None, engine=None) -> int:
     """Entry point of `hogwild-ray` and `python -m hogwild_ray`; `engine`: a preloaded one (tests)."""
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, extras = parser.parse_known_args(argv)
     except SystemExit as e:  # --help, --version and usage errors
         return e.code if isinstance(e.code, int) else 2
     if args.command is None:
         parser.print_help()
         return 2
+    if extras:  # named against the subcommand's own flags, with its help to read
+        print(subcommand(parser, args.command).unknown_flags(extras), file=sys.stderr)
+        return 2
     try:
         return args.execute(args, engine)
     except HogwildError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {as_flags(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def subcommand(parser: Parser, name: str) -> Parser:
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices[name]
 
 
 __all__ = ["EXAMPLE_PROBLEM", "build_parser", "main"]

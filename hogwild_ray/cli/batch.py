@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from ..errors import InvalidRequestError
@@ -63,11 +64,20 @@ def read_problems(path: Path) -> list:
 
 
 def execute(args: argparse.Namespace, engine=None) -> int:
-    from ..batch import normalize
+    from ..batch import normalize, read_finished
 
     options = session_options(args)  # checked before the load
     problems = read_problems(args.input)
-    normalize(problems)  # bad lines fail before the model loads
+    items = normalize(problems)  # bad lines fail before the model loads
+    finished = read_finished(args.output)
+    if all(pid in finished for pid, _ in items):  # nothing to run: no model to load
+        if not args.quiet:
+            print(f"batch: all {len(items)} problems are already in {args.output}; nothing to run",
+                  file=sys.stderr)
+        if args.json:
+            for pid, _ in items:
+                print(json.dumps(finished[pid]))
+        return 0
     args.output.parent.mkdir(parents=True, exist_ok=True)
     own = engine is None
     engine = load_engine(args, quiet=args.quiet) if own else engine

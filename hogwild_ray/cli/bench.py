@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .common import FORMATTER, fail
 
+GPU_ONLY = ("attention_kernels", "attention_tuning")  # the others also run on the CPU (small shapes)
 BENCHMARKS = {
     "attention_kernels": "one attention layer: the Triton kernel against SDPA and naive re-rotation (GPU)",
     "attention_tuning": "sweep the Triton kernel's launch knobs on this GPU",
@@ -18,6 +19,7 @@ BENCHMARKS = {
     "scaling": "step time, tokens/s and GB/s vs workers and view length, against the roofline and transformers",
     "tensor_parallel": "multi-GPU: step time, tokens/s and all-reduce share vs tp (--check: tp=N tokens vs tp=1)",
     "workers_cpu": "forward passes and tokens/s of the default model with 1, 2, 4 workers on the CPU",
+    "threads_cpu": "CPU threads (1 and the default) on a quiet machine and beside busy processes",
 }
 
 
@@ -48,4 +50,10 @@ def execute(args: argparse.Namespace, engine=None) -> int:
         return fail(f"the benchmarks ship with the source, not the installed package ({script} is missing); "
                     "clone the hogwild-ray repository and `pip install -e .` in it, then run "
                     f"`hogwild-ray bench {args.name}` again")
+    if args.name in GPU_ONLY and not any(a in ("-h", "--help") for a in args.args):
+        import torch
+
+        if not torch.cuda.is_available():
+            return fail(f"benchmark {args.name} needs a CUDA GPU and torch sees none; on the CPU, "
+                        "`hogwild-ray bench workers_cpu` (or threads_cpu, scaling, overhead) runs")
     return subprocess.call([sys.executable, str(script), *args.args])

@@ -1,8 +1,11 @@
-"""What the commands share: the parser class, the model/session/sampling flags, loading an engine."""
+"""What the commands share: the parser class, the model/session/sampling flags, the checks made
+before anything heavy starts, loading an engine, and errors that name flags as flags."""
 
 from __future__ import annotations
 
 import argparse
+import difflib
+import re
 import sys
 from typing import Any
 
@@ -12,6 +15,8 @@ from ..layout import LAYOUTS
 from ..sampling import SamplingParams
 
 FORMATTER = argparse.RawDescriptionHelpFormatter
+MAX_STEPS_HELP = ("at most N forward passes in all, the finisher's included: without an answer by then, the "
+                  "workers stop early enough for it to answer by pass N (default: no limit)")
 
 
 class Parser(argparse.ArgumentParser):
@@ -19,6 +24,17 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+    def unknown_flags(self, extras: list[str]) -> str:
+        """One line for arguments this (sub)command does not take, with a guess for a mistyped flag."""
+        flags = sorted({o for a in self._actions for o in a.option_strings if o.startswith("--")})
+        parts = []
+        for arg in extras:
+            name = arg.split("=", 1)[0]
+            guess = difflib.get_close_matches(name, flags, n=1, cutoff=0.6) if name.startswith("-") else []
+            parts.append(f"{arg} (did you mean {guess[0]}?)" if guess else arg)
+        return f"error: unrecognized argument{'s' if len(extras) > 1 else ''}: {', '.join(parts)} " \
+               f"(see `{self.prog} --help`)"
 
 
 def at_least(lo: int):
@@ -56,6 +72,9 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
                         "local one)")
     g.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_const", const=False, default=None,
                    help="launch every pass from Python (default on CUDA: decode passes replay CUDA graphs)")
+    g.add_argument("--threads", type=at_least(1), default=None, metavar="N",
+                   help="CPU threads for torch in this process (default: OMP_NUM_THREADS when set, else one "
+                        "per core; idle threads sleep, so a machine shared with other jobs stays fast)")
 
 
 def add_session_flags(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -65,7 +84,7 @@ def add_session_flags(p: argparse.ArgumentParser, max_tokens: int) -> None:
     g.add_argument("--max-tokens", type=at_least(1), default=max_tokens, metavar="N",
                    help="tokens each worker may generate before it stops (default: %(default)s)")
     g.add_argument("--max-steps", type=at_least(1), default=None, metavar="N",
-                   help="stop after N forward passes of all workers (default: no limit)")
+                   help=MAX_STEPS_HELP)
     g.add_argument("--layout", choices=LAYOUTS, default="combined",
                    help="how workers see each other: combined (shared history + everyone's step in "
                         "progress), contiguous (each worker's whole trace is one block), interleaved "
@@ -94,23 +113,73 @@ def session_options(args: argparse.Namespace) -> dict[str, Any]:
                 redundancy_every=None if args.no_redundancy else args.redundancy_every)
 
 
+def backend_of(args: argparse.Namespace) -> str:
+    backend = args.backend or ("ray" if args.tp > 1 or args.address else "local")
+    if backend == "local" and args.address:
+        raise InvalidRequestError("--address names a Ray cluster: add --backend ray (or drop --address)")
+    if backend == "local" and args.tp > 1:
+        raise InvalidRequestError(f"--tp {args.tp} needs --backend ray (the local backend runs one rank)")
+    return backend
+
+
+def preflight(args: argparse.Namespace) -> None:
+    """Everything the flags, the model's files and its config can tell, in seconds and before any
+    load: the backend, the device, the model's path and architecture, the tensor-parallel split,
+    and whether a named Ray cluster answers."""
+    from ..engine import resolve_device
+    from ..model.loader import quick_spec
+    from ..model.parallel import shard_plan
+    from ..ray_address import check_reachable
+
+    backend = backend_of(args)
+    if args.device is not None:
+        resolve_device(args.device)
+    spec = quick_spec(args.model)
+    if args.tp > 1:
+        shard_plan(spec, 0, args.tp)
+    if backend == "ray":
+        check_reachable(args.address)
+
+
 def load_engine(args: argparse.Namespace, quiet: bool = False):
-    """The engine the model flags describe; the caller closes it."""
+    """The engine the model flags describe (checked by `preflight` first); the caller closes it."""
     import torch
     from rich.console import Console
 
     from ..engine import HogwildEngine
+    from ..threads import set_threads
 
-    backend = args.backend or ("ray" if args.tp > 1 or args.address else "local")
-    if backend == "local" and args.address:
-        raise InvalidRequestError("--address names a Ray cluster: add --backend ray (or drop --address)")
+    preflight(args)
+    set_threads(getattr(args, "threads", None))
+    backend = backend_of(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     err = Console(stderr=True)
-    if not quiet and err.is_terminal:
+    if not quiet:
         where = f" on Ray (tp={args.tp})" if backend == "ray" else ""
-        err.print(f"[dim]loading {args.model or 'the built-in SmolLM2-135M-Instruct'} on {device}{where} ...")
+        err.print(f"loading {args.model or 'the built-in SmolLM2-135M-Instruct'} on {device}{where} ...",
+                  style="dim", highlight=False)
     return HogwildEngine.from_pretrained(args.model, device, args.dtype, backend=backend, tp=args.tp,
                                          ray_address=args.address, cuda_graphs=getattr(args, "cuda_graphs", None))
+
+
+# library argument names -> the flags that set them, for errors shown on the command line
+FLAG_NAMES = {
+    "workers": "--workers", "max_tokens": "--max-tokens", "max_steps": "--max-steps", "layout": "--layout",
+    "redundancy_every": "--redundancy-every", "temperature": "--temperature", "top_k": "--top-k",
+    "top_p": "--top-p", "seed": "--seed", "device": "--device", "dtype": "--dtype", "backend": "--backend",
+    "tp": "--tp", "ray_address": "--address", "threads": "--threads",
+}
+_ASSIGNED = re.compile(r"\b(" + "|".join(FLAG_NAMES) + r")=(['\"]?)([^'\"\s,;)]*)\2")
+# names with an underscore are never English words; plain ones only where they start a rule
+_BARE = re.compile(r"(?<![-\w.])(" + "|".join(n for n in FLAG_NAMES if "_" in n) + r")\b(?![=(])")
+_RULE = re.compile(r"(?<![-\w.])(" + "|".join(n for n in FLAG_NAMES if "_" not in n) + r")(?= must )")
+
+
+def as_flags(message: str) -> str:
+    """A library error in the command line's words: `device='cpu'` -> `--device cpu`, `top_p` -> `--top-p`."""
+    flag = lambda m: FLAG_NAMES[m.group(1)]  # noqa: E731
+    message = _ASSIGNED.sub(lambda m: f"{FLAG_NAMES[m.group(1)]} {m.group(3)}", message)
+    return _RULE.sub(flag, _BARE.sub(flag, message))
 
 
 def fail(message: str) -> int:

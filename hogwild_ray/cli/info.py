@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 from importlib import metadata
 from typing import Any
 
+from ..devices import cpu_cores, cpu_name
 from .common import FORMATTER
 
 PACKAGES = ("hogwild-ray", "torch", "triton", "transformers", "ray")
@@ -47,7 +47,7 @@ def devices() -> list[dict[str, Any]]:
         return [{"type": "cuda", "index": i, "name": torch.cuda.get_device_name(i),
                  "memory_gib": round(torch.cuda.get_device_properties(i).total_memory / 2**30, 1)}
                 for i in range(torch.cuda.device_count())]
-    return [{"type": "cpu", "name": platform.processor() or platform.machine(), "cores": os.cpu_count()}]
+    return [{"type": "cpu", "name": cpu_name(), "cores": cpu_cores()}]
 
 
 def ray_cluster(address: str | None) -> dict[str, Any] | None:
@@ -74,7 +74,9 @@ def ray_cluster(address: str | None) -> dict[str, Any] | None:
 
 def execute(args: argparse.Namespace, engine=None) -> int:
     from ..errors import InvalidRequestError
+    from ..ray_address import check_reachable
 
+    check_reachable(args.address)
     try:
         cluster = ray_cluster(args.address)
     except ConnectionError as e:

@@ -10,7 +10,9 @@ from rich.table import Table
 from rich.text import Text
 
 from ..batch import record
+from ..errors import InvalidRequestError
 from ..events import Done
+from ..progress_lines import ProgressLines
 from ..protocol import worker_name
 from ..results import Stats
 from ..ui import LiveView, worker_colour
@@ -59,6 +61,9 @@ def register(sub) -> None:
 
 
 def execute(args: argparse.Namespace, engine=None) -> int:
+    if not args.problem.strip():
+        raise InvalidRequestError('the problem is empty: give its text in quotes, e.g. hogwild-ray run '
+                                  '"What is 17 * 23?" (or no problem at all for the built-in example)')
     options = session_options(args)  # checked before the load
     own = engine is None
     engine = load_engine(args, quiet=args.json or args.events) if own else engine
@@ -72,10 +77,12 @@ def execute(args: argparse.Namespace, engine=None) -> int:
 def show(args: argparse.Namespace, engine, options: dict) -> int:
     console = Console()
     view = LiveView(args.workers, console, enabled=not (args.json or args.no_live or args.events))
+    lines = ProgressLines(enabled=not view.enabled)  # a log file or pipe gets plain lines instead
     done = None
     with view:
         for event in engine.stream(args.problem, **options):
             view.feed(event)
+            lines.feed(event)
             if args.events:
                 print(json.dumps(event.to_json()), flush=True)
             if isinstance(event, Done):

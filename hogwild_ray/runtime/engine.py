@@ -27,6 +27,9 @@ import torch
 from ..engine import HogwildEngine, check_graphs, check_options
 from ..errors import InvalidRequestError
 from ..events import Event
+from ..model.loader import quick_spec
+from ..model.parallel import shard_plan
+from ..ray_address import check_reachable
 from ..results import SolveResult
 from .coordinator import Coordinator
 from .errors import ChannelTimeoutError, ClusterResourceError, CoordinatorFailedError, ShardFailedError
@@ -92,6 +95,9 @@ class RayHogwildEngine(HogwildEngine):
             check_graphs(cuda_graphs, attention, dev, None)
         options = dict(cache_tokens=cache_tokens, page_size=page_size, max_context=max_context, attention=attention,
                        cuda_graphs=cuda_graphs)
+        if tp > 1:  # the model's config says whether it splits, before Ray or any actor starts
+            shard_plan(quick_spec(path), 0, tp)
+        check_reachable(ray_address)
 
         t0 = time.perf_counter()
         if not ray.is_initialized():
