@@ -1,12 +1,14 @@
 """CPU benchmark: torch's threads on a quiet machine and on one shared with busy processes.
 
 A run beside other jobs is the common case for batch work, and the default thread setting
-must not collapse there. For each OpenMP wait policy (ACTIVE: idle threads spin, the
-behaviour torch users usually get; PASSIVE: they sleep, what hogwild-ray sets unless told
-otherwise) a child process loads the default model once and measures forward passes per
-second of a 2-worker greedy session with 1 thread and with the default (one per core),
-first on the machine as it is ("quiet") and then with BUSY processes spinning beside it
-("busy"). All in one run, side by side; ratios are against 1 thread in the same condition.
+must not collapse there. For each OpenMP wait policy (unset: libgomp spins a while, then
+sleeps, what plain torch gets; ACTIVE: idle threads spin; PASSIVE: they sleep) a child
+process loads the default model once and measures forward passes per second of a 2-worker
+greedy session with 1 thread, with one per core (torch's default) and with hogwild-ray's
+default, the thread governor (`auto`: the cores other processes leave free, re-decided
+every second), first on the machine as it is ("quiet") and then with BUSY processes
+spinning beside it ("busy"). All in one run, side by side; ratios are against 1 thread in
+the same condition.
 
     python benchmarks/threads_cpu.py                      # writes benchmarks/results/<date>-cpu-threads.*
     python benchmarks/threads_cpu.py --seconds 3 --out /tmp/bench
@@ -22,18 +24,23 @@ import sys
 import time
 from pathlib import Path
 
-POLICIES = ("ACTIVE", "PASSIVE")
+POLICIES = ("unset", "ACTIVE", "PASSIVE")  # unset: libgomp spins a while, then sleeps (plain torch)
 SPIN = "while True: pass"
 
 
-def measure(engine, threads: int, seconds: float, warmup: int) -> float:
-    """Forward passes per second of a 2-worker greedy session with `threads` threads."""
+def measure(engine, threads: int | str, seconds: float, warmup: int) -> float:
+    """Forward passes per second of a 2-worker greedy session with `threads` threads ("auto": the governor)."""
     import torch
 
     import hogwild_ray as hw
     from hogwild_ray.cli import EXAMPLE_PROBLEM
 
-    torch.set_num_threads(threads)
+    if threads == "auto":
+        torch.set_num_threads(len(os.sched_getaffinity(0)))
+        hw.set_threads(None)
+        warmup += 40  # the governor's first decisions take two intervals of a second
+    else:
+        hw.set_threads(threads)
     greedy = hw.SamplingParams(temperature=0.0)
     session = engine.start(EXAMPLE_PROBLEM, workers=2, sampling=greedy, max_tokens=None, finisher=False,
                            stop_on_answer=False)
@@ -55,15 +62,16 @@ def child(args: argparse.Namespace) -> None:
     import hogwild_ray as hw
 
     engine = hw.HogwildEngine.from_pretrained(args.model, device="cpu")
-    default = torch.get_num_threads()
+    default = len(os.sched_getaffinity(0))
     for busy in (0, args.busy):
         spinners = [subprocess.Popen([sys.executable, "-c", SPIN]) for _ in range(busy)]
         try:
             time.sleep(0.5 if busy else 0)
-            for threads in sorted({1, default}):
+            for threads in [*sorted({1, default}), "auto"]:
                 rate = max(measure(engine, threads, args.seconds, args.warmup) for _ in range(args.repeats))
-                print(json.dumps({"policy": os.environ["OMP_WAIT_POLICY"], "busy_processes": busy,
-                                  "threads": threads, "default_threads": default, "passes_per_s": rate}), flush=True)
+                print(json.dumps({"policy": os.environ.get("OMP_WAIT_POLICY", "unset"), "busy_processes": busy,
+                                  "threads": threads, "threads_at_end": torch.get_num_threads(),
+                                  "passes_per_s": rate}), flush=True)
         finally:
             for s in spinners:
                 s.kill()
@@ -91,7 +99,7 @@ def plot(rows: list[dict], title: str, path: Path) -> None:
     from common import save_figure
 
     labels = [f"{r['policy'].lower()}\n{r['threads']} thr" for r in rows if r["condition"] == "quiet"]
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, ax = plt.subplots(figsize=(11, 4))
     width = 0.38
     for k, (cond, colour) in enumerate((("quiet", "tab:blue"), ("busy", "tab:red"))):
         ys = [r["passes_per_s"] for r in rows if r["condition"] == cond]
@@ -124,8 +132,10 @@ def main() -> None:
 
     cells = []
     for policy in POLICIES:
-        env = {**os.environ, "OMP_WAIT_POLICY": policy}
-        env.pop("OMP_NUM_THREADS", None)
+        env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parents[1]), env.get("PYTHONPATH")]))
+        if policy != "unset":
+            env["OMP_WAIT_POLICY"] = policy
         cmd = [sys.executable, __file__, "--child", "--seconds", str(args.seconds), "--warmup", str(args.warmup),
                "--repeats", str(args.repeats), "--busy", str(args.busy)]
         if args.model:
@@ -144,9 +154,9 @@ def main() -> None:
     common.write_results(stem, meta, rows)
     title = f"threads on {meta['cpu']} ({meta['cores']} cores): quiet vs {args.busy} busy processes beside"
     plot(rows, title, Path(f"{stem}.png"))
-    common.print_table(title, ["policy", "condition", "threads", "passes/s", "vs 1 thread"],
-                       [[r["policy"], r["condition"], str(r["threads"]), f"{r['passes_per_s']:.2f}",
-                         f"x{r['vs_1_thread']:.2f}"] for r in rows])
+    common.print_table(title, ["policy", "condition", "threads", "in use at the end", "passes/s", "vs 1 thread"],
+                       [[r["policy"], r["condition"], str(r["threads"]), str(r["threads_at_end"]),
+                         f"{r['passes_per_s']:.2f}", f"x{r['vs_1_thread']:.2f}"] for r in rows])
     print(f"wrote {stem}.csv, .json, .png")
 
 

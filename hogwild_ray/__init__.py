@@ -1,9 +1,5 @@
 """hogwild-ray: Hogwild! Inference, several workers sharing one KV cache."""
 
-from .threads import prefer_passive_waiting
-
-prefer_passive_waiting()  # before torch loads: OpenMP reads its wait policy once
-
 from .engine import HogwildEngine
 from .errors import (
     CacheFullError, ContextLengthError, HogwildError, InvalidRequestError, ModelNotFoundError,
@@ -14,11 +10,12 @@ from .protocol import ProtocolOptions
 from .results import SolveResult, Stats
 from .sampling import SamplingParams
 from .session import Session
+from .threads import set_threads
 
 __version__ = "0.1.0"
 
 __all__ = [
     "LAYOUTS", "CacheFullError", "ContextLengthError", "HogwildEngine", "HogwildError",
     "InvalidRequestError", "ModelNotFoundError", "ProtocolOptions", "SamplingParams", "Session",
-    "SolveResult", "Stats", "UnsupportedModelError", "__version__",
+    "SolveResult", "Stats", "UnsupportedModelError", "__version__", "set_threads",
 ]

@@ -2,94 +2,27 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import torch
-from hogwild_kernels import QueryGroup, make_attention
-
+from . import threads
+from .config import check_attention, check_graphs, check_options, resolve_device, resolve_dtype
 from .cache import KVPool
 from .errors import InvalidRequestError
 from .events import Event
-from .executor import LocalExecutor
-from .layout import LAYOUTS, CacheLayout, PageAllocator, WriteStep
-from .model import Decoder, ForwardBatch, locate, spec_from_config
-from .model.graphs import DecodeGraphs, Staged
-from .model.loader import load_config, load_tokenizer, weight_reader
-from .model.parallel import TensorParallel, shard_plan
-from .model.weights import load_weights
+from .executor import Executor, LocalExecutor
+from .layout import LAYOUTS, PageAllocator
+from .model import Decoder, locate, spec_from_config
+from .model.graphs import DecodeGraphs
+from .model.loader import load_config, load_tokenizer
+from .model.parallel import TensorParallel
 from .protocol import ProtocolOptions
 from .results import SolveResult
-from .sampling import SampleTable, SamplingParams, sample_eagerly
+from .runner import ModelRunner
+from .sampling import SamplingParams
 from .session import Session
-from .transfer import to_device
 from .streaming import final_result, session_events
-
-ATTENTION_CHOICES = ("auto", "triton", "torch")
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise InvalidRequestError(f"device {device!r} is not a torch device (try 'cpu' or 'cuda')") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InvalidRequestError("device 'cuda' asked for, but torch sees no CUDA GPU; use device='cpu'")
-    return dev
-
-
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    if dtype is None:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
-        return dtype
-    if isinstance(dtype, str) and dtype in DTYPES:
-        return DTYPES[dtype]
-    raise InvalidRequestError(f"dtype must be one of {', '.join(DTYPES)} (or a torch dtype), got {dtype!r}")
-
-
-def check_attention(attention: str, device: torch.device) -> None:
-    """Triton needs a CUDA device, or its CPU interpreter (TRITON_INTERPRET=1)."""
-    if attention != "triton" and not (attention == "auto" and device.type == "cuda"):
-        return
-    try:
-        import triton  # noqa: F401
-    except ImportError as e:
-        raise InvalidRequestError("attention='triton' needs the triton package: pip install triton") from e
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise InvalidRequestError(
-            "attention='triton' on a CPU device runs only under the Triton interpreter: set TRITON_INTERPRET=1 "
-            "before starting Python, or use attention='torch'"
-        )
-
-
-def check_graphs(cuda_graphs: bool | None, attention: str, device: torch.device,
-                 parallel: TensorParallel | None) -> bool:
-    """Whether to capture decode passes in CUDA graphs; an explicit True that cannot be met is an error."""
-    if cuda_graphs is not None and not isinstance(cuda_graphs, bool):
-        raise InvalidRequestError(f"cuda_graphs must be True, False or None (auto), got {cuda_graphs!r}")
-    triton = attention == "triton" or (attention == "auto" and device.type == "cuda")
-    possible = device.type == "cuda" and triton
-    if cuda_graphs and not possible:
-        raise InvalidRequestError(
-            "cuda_graphs=True needs a CUDA device and Triton attention (attention='auto' or 'triton'); "
-            f"got device {device} and attention {attention!r}: drop cuda_graphs or change them"
-        )
-    if cuda_graphs is None:
-        return possible and (parallel is None or parallel.world == 1)
-    return cuda_graphs
-
-
-def check_options(attention: str, page_size: int, cache_tokens: int | None, max_context: int | None) -> None:
-    if attention not in ATTENTION_CHOICES:
-        raise InvalidRequestError(f"attention must be one of {', '.join(ATTENTION_CHOICES)}, got {attention!r}")
-    for name, v in (("page_size", page_size), ("cache_tokens", cache_tokens), ("max_context", max_context)):
-        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-            raise InvalidRequestError(f"{name} must be an integer >= 1, got {v!r}")
-
 
 def read_model(path, max_context: int | None, cache_tokens: int | None, page_size: int):
     """Checkpoint, config, spec, served context, tokenizer and the pool's page count (no weights)."""
@@ -106,16 +39,29 @@ def read_model(path, max_context: int | None, cache_tokens: int | None, page_siz
 class HogwildEngine:
     """Runs Hogwild! sessions of one model on one device."""
 
-    def __init__(self, spec, tokenizer, decoder: Decoder, cache: KVPool, allocator: PageAllocator,
-                 device: torch.device, max_context: int, label: str, cuda_graphs: bool = False) -> None:
-        self.spec, self.tokenizer, self.decoder = spec, tokenizer, decoder
-        self.cache, self.allocator, self.device = cache, allocator, device
+    def __init__(self, spec, tokenizer, runner: ModelRunner | None, allocator: PageAllocator,
+                 device: torch.device, max_context: int, label: str, executor: Executor | None = None) -> None:
+        self.spec, self.tokenizer, self.runner = spec, tokenizer, runner
+        self.allocator, self.device = allocator, device
         self.max_context, self.label = max_context, label
-        self.graphs = DecodeGraphs(decoder, cache, max_context) if cuda_graphs else None
+        self.executor = executor if executor is not None or runner is None else LocalExecutor(runner)
         eos = set(spec.eos_token_ids)
         if tokenizer.eos_token_id is not None:
             eos.add(int(tokenizer.eos_token_id))
         self.eos_ids = frozenset(eos)
+
+    # the runner's parts, for inspection and benchmarks (in-process engines)
+    @property
+    def decoder(self) -> Decoder | None:
+        return self.runner.decoder if self.runner is not None else None
+
+    @property
+    def cache(self) -> KVPool | None:
+        return self.runner.cache if self.runner is not None else None
+
+    @property
+    def graphs(self) -> DecodeGraphs | None:
+        return self.runner.graphs if self.runner is not None else None
 
     @classmethod
     def from_pretrained(
@@ -180,15 +126,13 @@ class HogwildEngine:
         graphs = check_graphs(cuda_graphs, attention, dev, parallel)
         dt = resolve_dtype(dtype, dev)
         ckpt, config, spec, context, tokenizer, pages = read_model(path, max_context, cache_tokens, page_size)
-        plan = shard_plan(spec, parallel.rank, parallel.world) if parallel and parallel.world > 1 else None
-        local = plan.local_spec(spec) if plan else spec  # this rank's head and MLP sizes
-        weights = load_weights(spec, weight_reader(ckpt, config), dev, dt, tp=plan)
-        cache = KVPool(spec.num_layers, pages, page_size, local.num_kv_heads, spec.head_dim, dt, dev)
         check_attention(attention, dev)
-        backend = make_attention(attention, dev, spec.inv_freq, spec.rope_scale, spec.sm_scale,
-                                 local.num_kv_heads)
-        return cls(spec, tokenizer, Decoder(local, weights, backend, parallel), cache,
-                   PageAllocator(pages, page_size), dev, context, ckpt.label, graphs)
+        if dev.type == "cpu":
+            threads.govern()  # unless the user fixed the count
+        runner = ModelRunner.load(ckpt, dev, dt, pages=pages, page_size=page_size, max_context=context,
+                                  attention=attention, cuda_graphs=graphs, parallel=parallel, config=config,
+                                  spec=spec)
+        return cls(spec, tokenizer, runner, PageAllocator(pages, page_size), dev, context, ckpt.label)
 
     def close(self) -> None:
         """Release what the engine holds (the Ray engine stops its shards); idempotent."""
@@ -277,49 +221,3 @@ class HogwildEngine:
         from .batch import run_batch
 
         return run_batch(lambda problem: self.solve(problem, **options), problems, out, progress)
-
-    # ---- the forward pass ------------------------------------------------------------------
-    def executor(self, layout: CacheLayout, params: list[SamplingParams]) -> LocalExecutor:
-        """Runs a session's passes (layout changes, forward, sampling) on this engine."""
-        return LocalExecutor(self, layout, params)
-
-    def run_forward(self, steps: list[WriteStep], table: SampleTable | None = None,
-                    staged: Staged | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One forward pass over the given writes: logits [len(steps), vocab] and, given a
-        sampling table, one sampled id per step (on the device). A decode pass replays a CUDA
-        graph, the sampling inside it, when the engine has them; staged: what `stage_decode`
-        returned for exactly this pass."""
-        groups, tokens, key_pos, slots, last = self._host_batch(steps)
-        if self.graphs is not None and self.graphs.serves(groups):
-            out = self.graphs.run(groups, tokens, key_pos, slots, table, staged)
-            if out is not None:
-                return out
-        logits = self.decoder.forward(self._device_batch(groups, tokens, key_pos, slots, last), self.cache)
-        return logits, None if table is None else sample_eagerly(logits, table)
-
-    def stage_decode(self, views: list[tuple[int, list]], mode: str | None) -> Staged | None:
-        """Load the attention plan of a predicted decode pass (one token per view: its position
-        and segments, from CacheLayout.preview) while the current pass runs; None without graphs."""
-        if self.graphs is None:
-            return None
-        return self.graphs.stage([QueryGroup(i, 1, pos, segs) for i, (pos, segs) in enumerate(views)], mode)
-
-    @staticmethod
-    def _host_batch(steps: list[WriteStep]) -> tuple[list[QueryGroup], list[int], list[int], list[int], list[int]]:
-        tokens, key_pos, slots, groups, last = [], [], [], [], []
-        for s in steps:
-            n = len(s.tokens)
-            # the layout's segment views serve as the kernels' segments: one block, one key
-            groups.append(QueryGroup(len(tokens), n, s.position, s.segments))
-            tokens.extend(s.tokens)
-            key_pos.extend(range(s.local_start, s.local_start + n))
-            slots.extend(s.slots)
-            last.append(len(tokens) - 1)
-        return groups, tokens, key_pos, slots, last
-
-    def _device_batch(self, groups: list[QueryGroup], tokens: list[int], key_pos: list[int], slots: list[int],
-                      last: list[int]) -> ForwardBatch:
-        """The pass's index tensors in one host-to-device copy (asynchronous on CUDA)."""
-        t, g = len(tokens), len(last)
-        tok, kpos, slot, rows = to_device(tokens + key_pos + slots + last, self.device).split([t, t, t, g])
-        return ForwardBatch(tok, kpos, slot, groups, rows)

@@ -77,7 +77,7 @@ class Session:
         self.max_tokens, self.max_steps = max_tokens, max_steps
         self.layout = CacheLayout(layout, workers, engine.allocator)
         self.params = per_worker(sampling, workers)
-        self.executor = engine.executor(self.layout, self.params)
+        self.executor = engine.executor.handle(self.layout, self.params)
         self.tok = engine.tokenizer
         self.prompt_ids = self._prompt_ids(problem)
         self._check_fits()
@@ -402,7 +402,7 @@ class Session:
         """A copy of this session that shares every K/V page with it (copy on write: nothing is
         copied now) and diverges from here; stepping either never changes the other. Close
         both. In-process engines only."""
-        if not hasattr(self.executor, "fork"):
+        if not self.executor.can_fork:
             raise InvalidRequestError("fork() needs an in-process engine (backend='local'); the Ray "
                                       "backend's shards serve one session at a time")
         if self.done and not self.layout.common.pages:

@@ -1,34 +1,134 @@
-"""CPU threads for torch: how idle ones wait, and how many there are.
+"""CPU threads for torch: as many as the machine has free, re-decided while a run goes on.
 
-On a machine that other jobs share, torch's OpenMP threads collapse a CPU run: a waiting
-thread spins (OMP_WAIT_POLICY=ACTIVE behaviour), taking the core from the thread that holds
-the work, so every one of the hundreds of parallel regions in a forward pass waits for a
-descheduled thread. Measured on 2 shared cores with two busy processes beside the run,
-2 spinning threads ran 4-10x slower than 1 thread; with idle threads asleep (PASSIVE) 2
-threads were as fast as 1 under contention and still used both cores when the machine
-was quiet (`benchmarks/threads_cpu.py` measures both). So the package asks OpenMP for
-passive waiting before torch loads, unless the user chose a policy.
+torch's default of one intra-op thread per core is the fastest on a quiet machine and
+collapses on one shared with other jobs: every one of the hundreds of parallel regions in a
+forward pass waits for a thread the OS has descheduled. No fixed setting is good in both
+(`benchmarks/threads_cpu.py` measures them side by side), so unless the user fixed the
+count (`--threads`, `OMP_NUM_THREADS`, or `set_threads`) a governor looks every second at
+how much CPU the rest of the machine is using (the kernel's counters in /proc/stat against
+this process's own CPU time) and gives torch the cores that are left, at least one.
 
-This module must not import torch at import time: the policy is read when torch loads.
+No torch import at module level; the kernel counters are read only on Linux and only where
+this process may use every CPU the kernel counts (elsewhere torch's default stays).
 """
 
 from __future__ import annotations
 
 import os
+import time
 
-WAIT_POLICY = "OMP_WAIT_POLICY"
+INTERVAL_S = 1.0  # between decisions: long enough to average a few forward passes
+STAT = "/proc/stat"
 
 
-def prefer_passive_waiting() -> None:
-    """Idle OpenMP threads sleep instead of spinning (kept as the user set it, if set)."""
-    os.environ.setdefault(WAIT_POLICY, "PASSIVE")
+def cpu_counters() -> tuple[float, float] | None:
+    """(idle, total) seconds summed over every CPU since boot, or None where the kernel does not say."""
+    try:
+        with open(STAT) as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu":
+        return None
+    ticks = [int(x) for x in fields[1:9]]  # user nice system idle iowait irq softirq steal
+    hz = os.sysconf("SC_CLK_TCK")
+    return (ticks[3] + ticks[4]) / hz, sum(ticks) / hz
+
+
+def machine_cpus() -> int | None:
+    """How many CPUs /proc/stat counts (the whole machine's, also inside a container)."""
+    try:
+        with open(STAT) as f:
+            return sum(1 for line in f if line.startswith("cpu") and line[3:4].isdigit())
+    except OSError:
+        return None
+
+
+def threads_for(cores: int, busy_elsewhere: float) -> int:
+    """The intra-op threads to use when other processes keep `busy_elsewhere` cores busy. Pure."""
+    return max(1, min(cores, round(cores - busy_elsewhere)))
+
+
+class ThreadGovernor:
+    """Sets torch's thread count to the cores other processes leave free; `tick()` after each pass."""
+
+    def __init__(self, interval_s: float = INTERVAL_S, clock=time.perf_counter, cpu_time=time.process_time,
+                 counters=cpu_counters) -> None:
+        self.clock, self.cpu_time, self.counters = clock, cpu_time, counters
+        self.cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        self.interval_s = interval_s
+        self.enabled = self.cores > 1 and machine_cpus() == self.cores
+        self.last: tuple[float, float, float, float] | None = None  # wall, own cpu, idle, total
+        self.pending: int | None = None  # a change seen once; made when seen twice in a row
+        self.decisions: list[int] = []
+
+    def tick(self) -> None:
+        if not self.enabled:
+            return
+        now = self.clock()
+        if self.last is not None and now - self.last[0] < self.interval_s:
+            return
+        counters = self.counters()
+        if counters is None:
+            self.enabled = False
+            return
+        sample = (now, self.cpu_time(), *counters)
+        if self.last is not None:
+            wall, own, idle, total = (b - a for a, b in zip(self.last, sample))
+            if wall > 0 and total > 0:
+                used = (total - idle) / total * self.cores  # cores busy on the whole machine
+                self.decide(threads_for(self.cores, max(0.0, used - own / wall)))
+        self.last = sample
+
+    def decide(self, target: int) -> None:
+        import torch
+
+        current = torch.get_num_threads()
+        if target == current:
+            self.pending = None
+        elif self.pending == target:
+            torch.set_num_threads(target)
+            self.decisions.append(target)
+            self.pending = None
+        else:
+            self.pending = target
+
+
+_governor: ThreadGovernor | None = None
+_fixed = False  # set_threads(n) was called: the user's count stays
 
 
 def set_threads(threads: int | None) -> int:
-    """Use `threads` intra-op threads (None: OMP_NUM_THREADS when set, else torch's default of
-    one per core); returns the number in use."""
+    """Fix torch's intra-op thread count in this process (`--threads`); None: OMP_NUM_THREADS when
+    set, else the governor decides. Returns the count in use now."""
     import torch
 
+    global _governor, _fixed
     if threads is not None:
+        if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
+            from .errors import InvalidRequestError
+
+            raise InvalidRequestError(f"threads must be an integer >= 1 or None, got {threads!r}")
         torch.set_num_threads(threads)
+        _governor, _fixed = None, True
+    else:
+        _fixed = False
+        govern()
     return torch.get_num_threads()
+
+
+def govern() -> None:
+    """Start the governor for CPU engines, unless the count was fixed (set_threads, OMP_NUM_THREADS)."""
+    global _governor
+    if _governor is None and not _fixed and not os.environ.get("OMP_NUM_THREADS"):
+        _governor = ThreadGovernor()
+
+
+def tick() -> None:
+    """Called after each CPU forward pass: lets the governor (when on) re-decide."""
+    if _governor is not None:
+        _governor.tick()
+
+
+def governor() -> ThreadGovernor | None:
+    return _governor

@@ -692,14 +692,14 @@ def test_every_layout_runs_and_frees_its_pages(engine, layout):
 
 def test_stats_are_consistent(engine):
     calls = []
-    real = engine.run_forward
-    engine.run_forward = lambda steps, *rest: (calls.append(len(steps)), real(steps, *rest))[1]
+    real = engine.runner.forward
+    engine.runner.forward = lambda steps, *rest: (calls.append(len(steps)), real(steps, *rest))[1]
     streams = [[], []]
     try:
         result = engine.solve(PROBLEM, workers=2, max_tokens=20, sampling=HOT, redundancy_every=6,
                               on_step=lambda s, new: [streams[w].extend(t) for w, t in new.items()])
     finally:
-        del engine.run_forward
+        del engine.runner.forward
     st = result.stats
     prefill = 3  # the prompt and the two constant headers
     assert st.forward_passes == len(calls) - prefill and all(n <= 2 for n in calls[prefill:])

@@ -178,24 +178,63 @@ def test_a_damaged_gguf_is_a_clear_error(tmp_path):
         read_header(tmp_path / "not.gguf")
 
 
-def test_threads_flag_and_passive_waiting(monkeypatch):
-    import os
-
+def test_threads_flag_fixes_the_count_and_stops_the_governor(monkeypatch):
     import torch
 
-    from hogwild_ray.threads import set_threads
+    from hogwild_ray import threads
 
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     before = torch.get_num_threads()
     try:
-        assert set_threads(1) == 1 and torch.get_num_threads() == 1
-        assert set_threads(None) == 1  # None keeps what is set
+        assert threads.set_threads(1) == 1 and torch.get_num_threads() == 1 and threads.governor() is None
+        with pytest.raises(InvalidRequestError, match="threads must be an integer >= 1"):
+            threads.set_threads(0)
+        threads.set_threads(None)  # back to the default: the governor decides
+        assert threads.governor() is not None or threads.machine_cpus() is None
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        threads._governor = None
+        threads.govern()
+        assert threads.governor() is None  # the user's OMP_NUM_THREADS stays
+    finally:
+        threads._governor, threads._fixed = None, False
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("cores, elsewhere, expected", [
+    (2, 0.0, 2), (2, 0.3, 2), (2, 1.0, 1), (2, 1.9, 1), (2, 2.0, 1), (8, 2.2, 6), (8, 7.6, 1), (1, 0.0, 1),
+])
+def test_threads_for_the_cores_left_free(cores, elsewhere, expected):
+    from hogwild_ray.threads import threads_for
+
+    assert threads_for(cores, elsewhere) == expected
+
+
+def test_the_governor_follows_the_machine_with_hysteresis():
+    import torch
+
+    from hogwild_ray import threads
+
+    before = torch.get_num_threads()
+    counters = iter([(0.0, 0.0), (0.0, 2.0), (0.0, 4.0), (0.0, 6.0), (2.0, 8.0), (4.0, 10.0)])  # (idle, total) s
+    own = iter([0.0, 1.0, 2.0, 3.0, 4.0, 5.0])  # this process: 1 core's worth each second
+    clock = iter([0.0, 1.0, 2.0, 3.0, 4.0, 5.0])
+    g = threads.ThreadGovernor(interval_s=1.0, clock=lambda: next(clock), cpu_time=lambda: next(own),
+                               counters=lambda: next(counters))
+    g.cores, g.enabled = 2, True
+    try:
+        torch.set_num_threads(2)
+        g.tick()  # first sample
+        g.tick()  # the machine is fully busy, we use 1 core: 1 core elsewhere -> 1 thread, seen once
+        assert torch.get_num_threads() == 2 and g.pending == 1
+        g.tick()  # seen twice: made
+        assert torch.get_num_threads() == 1 and g.decisions == [1]
+        g.tick()  # still busy: stays
+        g.tick()  # the others stopped (1 core idle, we use 1): 2 threads, seen once
+        assert torch.get_num_threads() == 1
+        g.tick()
+        assert torch.get_num_threads() == 2 and g.decisions == [1, 2]
     finally:
         torch.set_num_threads(before)
-    check = "import hogwild_ray, os; print(os.environ['OMP_WAIT_POLICY'])"
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    assert subprocess.check_output([sys.executable, "-c", check], env=env, text=True).strip() == "PASSIVE"
-    env["OMP_WAIT_POLICY"] = "ACTIVE"  # a user's choice is kept
-    assert subprocess.check_output([sys.executable, "-c", check], env=env, text=True).strip() == "ACTIVE"
 
 
 def test_the_threads_benchmark_writes_its_table(tmp_path):
@@ -205,8 +244,8 @@ def test_the_threads_benchmark_writes_its_table(tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads((tmp_path / "d-cpu-threads.json").read_text())["rows"]
-    assert {(r["policy"], r["condition"]) for r in rows} == {(p, c) for p in ("ACTIVE", "PASSIVE")
-                                                              for c in ("quiet", "busy")}
+    assert {(r["policy"], r["condition"], str(r["threads"])) for r in rows} >= {
+        (p, c, t) for p in ("unset", "ACTIVE", "PASSIVE") for c in ("quiet", "busy") for t in ("1", "auto")}
     assert all(r["passes_per_s"] > 0 for r in rows)
     assert (tmp_path / "d-cpu-threads.png").stat().st_size > 0 and (tmp_path / "d-cpu-threads.csv").exists()
 

@@ -106,14 +106,14 @@ def test_oracle_triton_bf16_on_gpu(random_model, family, rope, workers):
 
 def test_long_prompt_prefilled_in_chunks(random_model, monkeypatch):
     """A prompt longer than a prefill pass is written in several causal passes: the oracle holds."""
-    import hogwild_ray.executor as executor
+    import hogwild_ray.executor.local as executor
 
     path, hf_model = random_model("qwen3", "yarn")
     monkeypatch.setattr(executor, "PREFILL_CHUNK", 7)
     engine = hw.HogwildEngine.from_pretrained(path, "cpu", "float32", cache_tokens=4096)
     calls = []
-    real = engine.run_forward
-    monkeypatch.setattr(engine, "run_forward",
+    real = engine.runner.forward
+    monkeypatch.setattr(engine.runner, "forward",
                         lambda steps, *rest: (calls.append(len(steps[0].tokens)), real(steps, *rest))[1])
     worst, _, session = run_oracle(engine, hf_model, 2, "combined", steps=6)
     assert worst <= TOL

@@ -200,3 +200,58 @@ def test_bad_backend_arguments(llama):
     with pytest.raises(UnsupportedModelError, match="cannot be split over tp=3"):  # found before any shard starts
         ray_engine(llama[0], 3)
     assert_clean()
+
+
+def test_shards_run_several_sessions_in_one_pass(llama):
+    """The Ray executor's pass of three sessions (tp=2, gloo) equals the in-process executor's:
+    the shards replay every session's layout operations, in the coordinator's order."""
+    import random
+
+    from hogwild_ray.executor import LocalExecutor, SessionPass
+    from hogwild_ray.layout import CacheLayout
+    from hogwild_ray.runtime.placement import release, reserve
+    from hogwild_ray.runtime.sharded import ShardedEngine
+
+    options = dict(cache_tokens=2048, page_size=4, max_context=1024, attention="torch", cuda_graphs=False)
+    pg = reserve(2, False, 30)
+    sharded = None
+    try:
+        sharded = ShardedEngine.create(str(llama[0]), "cpu", "float32", options, tp=2, placement=pg,
+                                       step_timeout_s=60)
+        local = hw.HogwildEngine.from_pretrained(llama[0], "cpu", "float32", cache_tokens=2048, page_size=4,
+                                                 max_context=1024, attention="torch")
+        rng = random.Random(1)
+        vocab = local.spec.vocab_size
+        specs = [("combined", 3), ("interleaved", 2), ("contiguous", 2)]
+        params = [hw.SamplingParams(temperature=0.8, seed=7 + w) for w in range(3)]
+        pairs = []
+        for kind, workers in specs:
+            prompt = [rng.randrange(vocab) for _ in range(rng.randrange(4, 12))]
+            ids = []
+            for engine in (sharded, local):
+                layout = CacheLayout(kind, workers, engine.allocator)
+                sid = engine.executor.open(layout, params[:workers])
+                engine.executor.prefill(sid, layout.common, prompt)
+                ids.append(sid)
+            pairs.append((ids, workers))
+        for i in range(10):
+            if i == 5:
+                for engine, sid in ((sharded, pairs[0][0][0]), (local, pairs[0][0][1])):
+                    engine.executor.finish_steps(sid, [1])
+            feeds = [{w: [rng.randrange(vocab)] for w in range(workers)} for _, workers in pairs]
+            remote = sharded.executor.run([SessionPass(ids[0], fed) for (ids, _), fed in zip(pairs, feeds)])
+            mine = local.executor.run([SessionPass(ids[1], fed) for (ids, _), fed in zip(pairs, feeds)])
+            for ids, _ in pairs:
+                assert remote[ids[0]][1] == mine[ids[1]][1], i
+                assert [s.slots for s in remote[ids[0]][0]] == [s.slots for s in mine[ids[1]][0]]
+        for (ids, _) in pairs:
+            theirs, ours = sharded.executor.last_logits(ids[0]), local.executor.last_logits(ids[1])
+            assert torch.allclose(theirs, ours, atol=2e-4 * ours.abs().max().item())
+            sharded.executor.close(ids[0])
+            local.executor.close(ids[1])
+        assert sharded.allocator.free_pages == sharded.allocator.num_pages
+    finally:
+        if sharded is not None:
+            sharded.close()
+        release(pg)
+    assert_clean()

@@ -39,7 +39,7 @@ def test_multicast_off_keeps_explicit_values(monkeypatch):
 
 def test_shards_start_with_multicast_off():
     with ShardGroup(ModelShard, 2, args=("random:tiny", "cpu", None, {}, 2)) as group:
-        assert group.step({"op": "env"}) == NCCL_ENV
+        assert group.step(("env", ())) == NCCL_ENV
     assert_clean()
 
 

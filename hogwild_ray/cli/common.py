@@ -9,7 +9,7 @@ import re
 import sys
 from typing import Any
 
-from ..engine import DTYPES
+from ..config import DTYPES
 from ..errors import InvalidRequestError
 from ..layout import LAYOUTS
 from ..sampling import SamplingParams
@@ -73,8 +73,8 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_const", const=False, default=None,
                    help="launch every pass from Python (default on CUDA: decode passes replay CUDA graphs)")
     g.add_argument("--threads", type=at_least(1), default=None, metavar="N",
-                   help="CPU threads for torch in this process (default: OMP_NUM_THREADS when set, else one "
-                        "per core; idle threads sleep, so a machine shared with other jobs stays fast)")
+                   help="CPU threads for torch in this process (default: OMP_NUM_THREADS when set, else the "
+                        "cores other processes leave free, re-decided every second)")
 
 
 def add_session_flags(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -126,7 +126,7 @@ def preflight(args: argparse.Namespace) -> None:
     """Everything the flags, the model's files and its config can tell, in seconds and before any
     load: the backend, the device, the model's path and architecture, the tensor-parallel split,
     and whether a named Ray cluster answers."""
-    from ..engine import resolve_device
+    from ..config import resolve_device
     from ..model.loader import quick_spec
     from ..model.parallel import shard_plan
     from ..ray_address import check_reachable

@@ -24,7 +24,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from ..engine import HogwildEngine, check_graphs, check_options
+from ..config import check_graphs, check_options
+from ..engine import HogwildEngine
 from ..errors import InvalidRequestError
 from ..events import Event
 from ..model.loader import quick_spec
@@ -65,7 +66,7 @@ class RayHogwildEngine(HogwildEngine):
         self.device, self.tp, self.page_size, self.step_timeout_s = device, tp, page_size, step_timeout_s
         self.startup = startup  # seconds: ray_start, placement, coordinator_start, read_model, shard_start, weights
         self.placement = info.placement  # coordinator_node, shard_nodes (node ids), channel ("shm" or "socket")
-        self.decoder = self.cache = None
+        self.runner = self.executor = None
         self._tokenizer = None
         atexit.register(self.close)
 
@@ -191,12 +192,6 @@ class RayHogwildEngine(HogwildEngine):
         if on_step is not None:
             return super().solve(problem, workers, on_step=on_step, **options)
         return self._call("solve", problem, workers, options, messages=None)
-
-    def executor(self, layout: Any, params: Any) -> Any:
-        raise NotImplementedError("the Ray engine's sessions run in its coordinator; use start() or solve()")
-
-    def run_forward(self, steps: Any) -> torch.Tensor:
-        raise NotImplementedError("the Ray engine runs forward passes in its shards; use sessions")
 
     # ---- the end -----------------------------------------------------------------------------
     def close(self) -> None:

@@ -1,19 +1,22 @@
-"""RayExecutor: a session's passes run by the shard actors of a ShardedEngine.
+"""RayExecutor: sessions' passes run by the shard actors of a ShardedEngine.
 
-It has LocalExecutor's interface. The coordinator keeps its own copy of the layout and
+It implements the Executor seam. The coordinator keeps its own copy of every layout and
 does the bookkeeping (plans, relocations, page releases) here; every shard replays the same
-messages on its copy with its slice of the model, and rank 0 replies the sampled tokens.
+`(method, args)` messages on its copies with its slice of the model, and rank 0 replies
+the sampled tokens of every session in the pass.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import random
+from itertools import count
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
 
+from ..executor import Executor, SessionPass
 from ..layout import Block, CacheLayout, WriteStep
 from ..sampling import SamplingParams
 from .errors import ChannelTimeoutError, ShardFailedError
@@ -49,90 +52,112 @@ def _first_death(group, err: ShardFailedError) -> ShardFailedError:
                             f"from it; the first reported was: {err})", err.ranks)
 
 
-class RayExecutor:
+class RayExecutor(Executor):
     """Runs passes on the engine's shard group; the layout bookkeeping stays in this process."""
 
-    def __init__(self, engine: ShardedEngine, layout: CacheLayout, params: list[SamplingParams]) -> None:
-        self.engine, self.layout = engine, layout
-        self.params = concrete(params)
-        self.logits: torch.Tensor | None = None
-        self._finishing: list[int] = []
-        self._closed = False
-        self._call({"op": "start", "layout": layout.kind, "workers": layout.workers, "params": self.params})
+    def __init__(self, engine: ShardedEngine) -> None:
+        self.engine = engine
+        self.layouts: dict[int, CacheLayout] = {}
+        self.logits: dict[int, torch.Tensor] = {}
+        self._finishing: dict[int, list[int]] = {}  # finished steps the shards move with the next run
+        self._ids = count()
+        self._broken = False
 
-    def _call(self, msg: dict[str, Any], meanwhile: Callable[[], None] | None = None) -> Any:
-        """Send one message to every shard and gather rank 0's reply; a failed shard ends the group.
-
-        `meanwhile` runs here after the send, while the shards work."""
+    def _call(self, method: str, *args: Any, meanwhile: Callable[[], None] | None = None) -> Any:
+        """Send one `(method, args)` message to every shard and gather rank 0's reply; a failed
+        shard ends the group. `meanwhile` runs here after the send, while the shards work."""
         group = self.engine.group
         if group is None:
             raise ShardFailedError("the engine's shard group is closed (a shard failed earlier, or close() "
                                    "was called); open a new engine", [])
         try:
-            group.send(msg)
+            group.send((method, args))
             if meanwhile is not None:
                 meanwhile()
             return group.gather()
         except ShardFailedError as e:
             cause = _first_death(group, e)
-            self._closed = True
+            self._broken = True
             self.engine.close()  # nothing of a broken group is reusable
             if cause is e:
                 raise
             raise cause from e
         except ChannelTimeoutError:
-            self._closed = True
+            self._broken = True
             self.engine.close()
             raise
 
-    def prefill(self, block: Block, ids: list[int]) -> None:
-        """Write a shared constant block (the prompt, a header) once for everyone."""
-        self.layout.write_shared(block, ids)
-        self._call({"op": "prefill", "block": block.name, "ids": list(ids)})
+    def _pending(self) -> list[tuple[int, list[int]]]:
+        """The finished steps the shards have not moved yet, handed over (every message that may
+        take or give pages carries them first, so each copy of the allocator sees one order)."""
+        pending, self._finishing = list(self._finishing.items()), {}
+        return pending
 
-    def finish_steps(self, workers: list[int]) -> None:
+    def open(self, layout: CacheLayout, params: list[SamplingParams]) -> int:
+        sid = next(self._ids)
+        self._call("open", self._pending(), sid, layout.kind, layout.workers, concrete(params))
+        self.layouts[sid] = layout
+        return sid
+
+    def prefill(self, session: int, block: Block, ids: list[int]) -> None:
+        self.layouts[session].write_shared(block, ids)
+        self._call("prefill", self._pending(), session, block.name, list(ids))
+
+    def finish_steps(self, session: int, workers: list[int]) -> None:
         """Bookkeeping here; the shards move the K/V with the next run message."""
+        layout = self.layouts[session]
         for w in workers:
-            reloc = self.layout.finish_step(w)
+            reloc = layout.finish_step(w)
             if reloc is not None:
-                self.layout.release(reloc)
-        self._finishing.extend(workers)
+                layout.release(reloc)
+        if workers:
+            self._finishing.setdefault(session, []).extend(workers)
 
-    def run(self, fed: dict[int, list[int]], greedy: bool) -> tuple[list[WriteStep], list[int]]:
-        """One forward pass on every shard; the sampled token of each fed worker, in plan order.
+    def run(self, passes: list[SessionPass]) -> dict[int, tuple[list[WriteStep], list[int]]]:
+        """One forward pass on every shard for all the given sessions.
 
-        When the free pages surely cover this pass, this process plans its copy of the layout
+        When the free pages surely cover this pass, this process plans its copies of the layouts
         while the shards run it; otherwise it plans first, so that a full cache raises
-        CacheFullError here before any shard has seen the step."""
-        finishing, self._finishing = self._finishing, []
-        msg = {"op": "run", "finishing": finishing, "fed": {w: list(t) for w, t in fed.items()}, "greedy": greedy}
-        page = self.layout.allocator.page_size
-        worst_pages = sum(len(t) // page + 2 for t in fed.values())
-        planned: list[list[WriteStep]] = []
-        if worst_pages > self.layout.allocator.free_pages:
-            planned.append(self.layout.plan(fed))
-            tokens = self._call(msg)
-        else:
-            tokens = self._call(msg, meanwhile=lambda: planned.append(self.layout.plan(fed)))
-        self.logits = None
-        return planned[0], list(tokens)
+        CacheFullError here before any shard has seen the pass."""
+        finishing = self._pending()
+        wire = [(p.session, {w: list(t) for w, t in p.fed.items()}, p.greedy) for p in passes]
+        page = next(iter(self.layouts.values())).allocator.page_size if self.layouts else 1
+        worst_pages = sum(len(t) // page + 2 for p in passes for t in p.fed.values())
+        planned: dict[int, list[WriteStep]] = {}
 
-    def last_logits(self) -> torch.Tensor:
-        """[workers, vocab] from rank 0 (one message per worker); NaN rows for workers never fed."""
-        if self.logits is None:
-            rows = [torch.from_numpy(np.asarray(self._call({"op": "logits", "worker": w})))
-                    for w in range(self.layout.workers)]
-            self.logits = torch.stack(rows)
-        return self.logits
+        def plan() -> None:
+            for p in passes:
+                planned[p.session] = self.layouts[p.session].plan(p.fed)
+
+        free = self.layouts[passes[0].session].allocator.free_pages
+        if worst_pages > free:
+            plan()
+            tokens = self._call("run", finishing, wire)
+        else:
+            tokens = self._call("run", finishing, wire, meanwhile=plan)
+        for p in passes:
+            self.logits.pop(p.session, None)
+        return {p.session: (planned[p.session], list(tokens[p.session])) for p in passes}
+
+    def last_logits(self, session: int) -> torch.Tensor:
+        """From rank 0 (one message per worker); NaN rows for workers never fed."""
+        if session not in self.logits:
+            rows = [torch.from_numpy(np.asarray(self._call("logits", session, w)))
+                    for w in range(self.layouts[session].workers)]
+            self.logits[session] = torch.stack(rows)
+        return self.logits[session]
 
     def read_kv(self, pages: list[int]) -> np.ndarray:
         """Every KV head's stored K and V of `pages`: [2, layers, len(pages), page_size, kv heads, head_dim]
         (float32, gathered from the ranks on rank 0; for inspection and the oracle, not the hot path)."""
-        return np.asarray(self._call({"op": "kv", "pages": list(pages)}))
+        return np.asarray(self._call("kv", list(pages)))
 
-    def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            if self.engine.group is not None:
-                self._call({"op": "end"})
-        self.layout.close()
+    def close(self, session: int) -> torch.Tensor | None:
+        layout = self.layouts.pop(session, None)
+        final = self.logits.pop(session, None)
+        if layout is None:
+            return None
+        if not self._broken and self.engine.group is not None:
+            self._call("close", self._pending(), session)
+        layout.close()
+        return final

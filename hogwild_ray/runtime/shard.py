@@ -3,19 +3,13 @@
 Every rank replays the same messages on its own copy of the cache layout with its slice of
 the model, in lockstep; rank 0's replies carry the data (sampled tokens, logits, K/V).
 
-Messages (dicts, field "op"):
-  store     rank 0 opens the rendezvous TCPStore on port 0; reply "<ip>:<port>"
-  init      join the process group through the store at "store", load the model; reply None
-  start     open a session: "layout" kind, "workers", "params" (SamplingParams, concrete seeds)
-  prefill   write shared block "block" (a layout attribute name) with "ids"
-  run       finish the steps of "finishing", then one pass over "fed" (greedy flag); reply tokens
-  logits    reply row "worker" of the last logits (a float32 numpy array)
-  kv        reply every KV head's K and V of "pages" (float32 numpy, [2, layers, pages, page, heads, dim])
-  stall     rank "rank" sleeps "seconds" instead of running its next pass (fault injection for tests)
-  timing    "on": time the collectives from now on (or stop); reply None
-  collective_time  reply rank 0's (seconds in collectives, passes) since the last read, and reset both
-  env       reply rank 0's values of the NCCL_ENV variables (what the process group started with)
-  end       close the session
+Messages are `(method, args)` pairs, dispatched in one place (`_handle`) to the `op_`
+methods below; every rank runs them, only rank 0's reply carries data. A shard holds a
+ModelRunner (its slice of the model and of every K/V page) and the same LocalExecutor the
+in-process engine uses, which replays each session's layout operations on this rank's copy
+of the layout: sessions are opened, prefilled, stepped (any number of them per pass) and
+closed by id, in the order the coordinator did them, so every copy of the page allocator
+hands out the same pages.
 
 NVLink multicast (NVLS, symmetric-memory multicast, NVSHMEM's NVLS) stays off in every
 shard: `NCCL_ENV` is set in the actor's environment before the process group starts, unless
@@ -50,7 +44,7 @@ class ModelShard:
         self.path, self.device, self.dtype = path, device, dtype
         self.engine_kwargs, self.world = dict(engine_kwargs), world
         self.rendezvous_timeout_s, self.collective_timeout_s = rendezvous_timeout_s, collective_timeout_s
-        self.engine = self.layout = self.executor = self.store = self.parallel = None
+        self.runner = self.allocator = self.executor = self.store = self.parallel = None
         self.stall_s = 0.0
         self.timed, self.passes = False, 0  # passes run while the collectives are timed
         multicast_off()  # before anything can start NCCL
@@ -69,22 +63,34 @@ class ModelShard:
         import torch
         import torch.distributed as dist
 
-        from ..engine import HogwildEngine
+        from ..config import resolve_dtype
+        from ..executor import LocalExecutor
+        from ..layout import PageAllocator
         from ..model.parallel import TensorParallel
+        from ..runner import ModelRunner
 
-        if torch.device(self.device).type == "cpu":
-            torch.set_num_threads(1)
+        device = torch.device(self.device)
+        if device.type == "cpu":
+            from ..threads import set_threads
+
+            set_threads(1)  # ranks share the node's cores: one each, fixed
         if self.world > 1:
             if rank != 0:
                 host, port = store.rsplit(":", 1)
                 self.store = dist.TCPStore(host, int(port), self.world, is_master=False,
                                            timeout=datetime.timedelta(seconds=self.rendezvous_timeout_s))
-            backend = "nccl" if torch.device(self.device).type == "cuda" else "gloo"
+            backend = "nccl" if device.type == "cuda" else "gloo"
             dist.init_process_group(backend, store=self.store, rank=rank, world_size=self.world,
                                     timeout=datetime.timedelta(seconds=self.collective_timeout_s))
         self.parallel = TensorParallel(rank, self.world, None) if self.world > 1 else None
-        self.engine = HogwildEngine.from_pretrained(self.path, self.device, self.dtype, parallel=self.parallel,
-                                                    **self.engine_kwargs)
+        o = self.engine_kwargs
+        pages = o["cache_tokens"] // o["page_size"]
+        self.runner = ModelRunner.load(self.path, device, resolve_dtype(self.dtype, device), pages=pages,
+                                       page_size=o["page_size"], max_context=o["max_context"],
+                                       attention=o["attention"], cuda_graphs=bool(o["cuda_graphs"]),
+                                       parallel=self.parallel)
+        self.allocator = PageAllocator(pages, o["page_size"])
+        self.executor = LocalExecutor(self.runner)
 
     def _kv(self, rank: int, pages: list[int]) -> Any:
         """Every KV head's K/V of `pages`, gathered on rank 0 (replicated heads written once per copy)."""
@@ -92,7 +98,7 @@ class ModelShard:
 
         from ..model.parallel import shard_plan
 
-        cache, spec = self.engine.cache, self.engine.spec
+        cache, spec = self.runner.cache, self.runner.spec
         idx = torch.tensor(pages, dtype=torch.int64, device=cache.k.device)
         mine = torch.stack([cache.k[:, idx], cache.v[:, idx]]).float()  # [2, L, P, page, local heads, dim]
         if self.world == 1:
@@ -109,67 +115,82 @@ class ModelShard:
             full[..., heads.start:heads.stop, :] = part
         return full.cpu().numpy()
 
-    def _handle(self, rank: int, msg: dict[str, Any]) -> Any:
-        from ..executor import LocalExecutor
+    OPS = ("store", "init", "open", "prefill", "run", "logits", "kv", "close", "stall", "timing",
+           "collective_time", "env")
+
+    def _handle(self, rank: int, msg: tuple[str, tuple]) -> Any:
+        """Run one `(method, args)` message on this rank; rank 0's return value is the reply."""
+        method, args = msg
+        if method not in self.OPS:
+            raise ValueError(f"unknown shard method {method!r}")
+        out = getattr(self, "op_" + method)(rank, *args)
+        return out if rank == 0 else None
+
+    def op_store(self, rank: int) -> str | None:
+        return self._open_store() if rank == 0 and self.world > 1 else None
+
+    def op_init(self, rank: int, store: str | None) -> None:
+        self._init(rank, store)
+
+    def _finish(self, finishing: list[tuple[int, list[int]]]) -> None:
+        """Finished steps the coordinator moved since its last message, in its order."""
+        for sid, workers in finishing:
+            self.executor.finish_steps(sid, workers)
+
+    def op_open(self, rank: int, finishing: list, sid: int, kind: str, workers: int, params: list) -> None:
         from ..layout import CacheLayout
 
-        op = msg["op"]
-        if op == "store":
-            return self._open_store() if rank == 0 and self.world > 1 else None
-        if op == "init":
-            self._init(rank, msg["store"])
-            return None
-        if op == "start":
-            self._end()
-            self.layout = CacheLayout(msg["layout"], msg["workers"], self.engine.allocator)
-            self.executor = LocalExecutor(self.engine, self.layout, msg["params"])
-            return None
-        if op == "prefill":
-            self.executor.prefill(getattr(self.layout, msg["block"]), msg["ids"])
-            return None
-        if op == "run":
-            if self.stall_s:
-                stall, self.stall_s = self.stall_s, 0.0
-                time.sleep(stall)  # the other ranks wait for this one in their first collective
-            self.executor.finish_steps(msg["finishing"])
-            _, tokens = self.executor.run(msg["fed"], msg["greedy"])
-            if self.timed:
-                self.passes += 1
-                if self.parallel is not None:  # fold this pass's events in: none pile up
-                    self.parallel.collective_seconds(reset=False)
-            return tokens if rank == 0 else None
-        if op == "logits":
-            if rank != 0:
-                return None
-            return self.executor.last_logits()[msg["worker"]].float().cpu().numpy()
-        if op == "kv":
-            return self._kv(rank, msg["pages"])
-        if op == "stall":
-            if rank == msg["rank"]:
-                self.stall_s = float(msg["seconds"])
-            return None
-        if op == "timing":
-            self.timed = bool(msg["on"])
-            if self.parallel is not None:
-                self.parallel.timed = self.timed
-            return None
-        if op == "collective_time":
-            seconds = self.parallel.collective_seconds() if self.parallel is not None else 0.0
-            passes, self.passes = self.passes, 0
-            return (seconds, passes) if rank == 0 else None
-        if op == "env":
-            import os
+        self._finish(finishing)
+        self.executor.open(CacheLayout(kind, workers, self.allocator), params, session=sid)
 
-            return {k: os.environ.get(k) for k in NCCL_ENV} if rank == 0 else None
-        if op == "end":
-            self._end()
-            return None
-        raise ValueError(f"unknown op {op!r}")
+    def op_prefill(self, rank: int, finishing: list, sid: int, block: str, ids: list[int]) -> None:
+        self._finish(finishing)
+        layout = self.executor.sessions[sid].layout
+        self.executor.prefill(sid, getattr(layout, block), ids)
 
-    def _end(self) -> None:
-        if self.executor is not None:
-            self.executor.close()
-        self.executor = self.layout = None
+    def op_run(self, rank: int, finishing: list, passes: list[tuple]) -> dict[int, list[int]]:
+        """The finished steps first (in the coordinator's order), then one pass of every session."""
+        from ..executor import SessionPass
+
+        if self.stall_s:
+            stall, self.stall_s = self.stall_s, 0.0
+            time.sleep(stall)  # the other ranks wait for this one in their first collective
+        self._finish(finishing)
+        done = self.executor.run([SessionPass(sid, fed, greedy) for sid, fed, greedy in passes])
+        if self.timed:
+            self.passes += 1
+            if self.parallel is not None:  # fold this pass's events in: none pile up
+                self.parallel.collective_seconds(reset=False)
+        return {sid: tokens for sid, (_, tokens) in done.items()}
+
+    def op_logits(self, rank: int, sid: int, worker: int) -> Any:
+        return self.executor.last_logits(sid)[worker].float().cpu().numpy() if rank == 0 else None
+
+    def op_kv(self, rank: int, pages: list[int]) -> Any:
+        return self._kv(rank, pages)
+
+    def op_close(self, rank: int, finishing: list, sid: int) -> None:
+        self._finish(finishing)
+        self.executor.close(sid)
+
+    def op_stall(self, rank: int, target: int, seconds: float) -> None:
+        if rank == target:
+            self.stall_s = float(seconds)
+
+    def op_timing(self, rank: int, on: bool) -> None:
+        self.timed = bool(on)
+        if self.parallel is not None:
+            self.parallel.timed = self.timed
+
+    def op_collective_time(self, rank: int) -> tuple[float, int] | None:
+        seconds = self.parallel.collective_seconds() if self.parallel is not None else 0.0
+        passes, self.passes = self.passes, 0
+        return (seconds, passes) if rank == 0 else None
+
+    def op_env(self, rank: int) -> dict[str, str | None] | None:
+        import os
+
+        return {k: os.environ.get(k) for k in NCCL_ENV} if rank == 0 else None
 
     def run_loop(self, spec: ShmSpec | SocketSpec, rank: int) -> int:
         """Serve messages until the channel closes; the number served."""

@@ -13,9 +13,8 @@ from typing import Any
 import torch
 
 from ..engine import HogwildEngine, read_model
-from ..layout import CacheLayout, PageAllocator
+from ..layout import PageAllocator
 from ..model.parallel import shard_plan
-from ..sampling import SamplingParams
 from .ray_executor import RayExecutor
 
 
@@ -41,16 +40,17 @@ class ShardedEngine(HogwildEngine):
         if tp > 1:
             shard_plan(spec, 0, tp)  # UnsupportedModelError naming the valid degrees, before any actor starts
         kwargs = dict(options, cache_tokens=pages * options["page_size"], max_context=context)
-        engine = cls(spec, tokenizer, None, None, PageAllocator(pages, options["page_size"]), torch.device(device),
+        engine = cls(spec, tokenizer, None, PageAllocator(pages, options["page_size"]), torch.device(device),
                      context, ckpt.label)
+        engine.executor = RayExecutor(engine)
         t1 = time.perf_counter()
         engine.group = ShardGroup(ModelShard, tp, args=(path, device, dtype, kwargs, tp),
                                   use_gpu=torch.device(device).type == "cuda", placement=placement,
                                   start_timeout=start_timeout_s, step_timeout=step_timeout_s)
         t2 = time.perf_counter()
         try:
-            store = engine.group.step({"op": "store"})
-            engine.group.step({"op": "init", "store": store}, timeout=load_timeout_s)
+            store = engine.group.step(("store", ()))
+            engine.group.step(("init", (store,)), timeout=load_timeout_s)
         except BaseException:
             engine.close()
             raise
@@ -58,24 +58,17 @@ class ShardedEngine(HogwildEngine):
         engine.timings = {"read_model_s": t1 - t0, "shard_start_s": t2 - t1, "weights_s": time.perf_counter() - t2}
         return engine
 
-    def executor(self, layout: CacheLayout, params: list[SamplingParams]) -> RayExecutor:
-        """Runs a session's passes on the shard actors."""
-        return RayExecutor(self, layout, params)
-
-    def run_forward(self, steps: Any) -> torch.Tensor:
-        raise NotImplementedError("the Ray engine runs forward passes in its shards; use sessions")
-
     def stall(self, rank: int, seconds: float) -> None:
         """Fault injection for tests: rank `rank` sleeps instead of running its next pass."""
-        self.group.step({"op": "stall", "rank": rank, "seconds": seconds})
+        self.group.step(("stall", (rank, seconds)))
 
     def time_collectives(self, on: bool) -> None:
         """Time every rank's collectives from now on (or stop); see TensorParallel.timed."""
-        self.group.step({"op": "timing", "on": bool(on)})
+        self.group.step(("timing", (bool(on),)))
 
     def collective_time(self) -> tuple[float, int]:
         """Rank 0's (seconds in collectives, passes) since the last read; both reset."""
-        return tuple(self.group.step({"op": "collective_time"}))
+        return tuple(self.group.step(("collective_time", ())))
 
     def close(self) -> None:
         """Stop the shards and free their channel; idempotent (the placement group is the driver's)."""

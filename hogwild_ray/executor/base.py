@@ -1,0 +1,119 @@
+"""The executor seam: a forward pass carries the inputs of any number of sessions.
+
+Sessions decide what every worker feeds; an executor makes it happen. Each session's part
+of a pass is layout operations first (pure logic, replayed identically wherever a copy of
+the layout lives) and device work second. The order of those operations is fixed so that
+every copy of the page allocator hands out the same pages: a session's finished steps are
+moved when it reports them (`finish_steps`), and a pass then plans each session's writes
+in the order the pass lists them. `LocalExecutor` does it all in this process; the Ray
+executor sends the same operations to every shard, which replays them on its copies.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..layout import Block, CacheLayout, WriteStep
+    from ..sampling import SamplingParams
+
+
+@dataclass(frozen=True)
+class SessionPass:
+    """One session's part of a forward pass: each fed worker's tokens, and whether every
+    worker of it decodes greedily this pass (the finisher)."""
+
+    session: int
+    fed: dict[int, list[int]] = field(default_factory=dict)
+    greedy: bool = False
+
+
+class Executor(ABC):
+    """Runs the passes of every session of one engine."""
+
+    @abstractmethod
+    def open(self, layout: CacheLayout, params: list[SamplingParams]) -> int:
+        """Register a session's layout and per-worker sampling; its id."""
+
+    @abstractmethod
+    def prefill(self, session: int, block: Block, ids: list[int]) -> None:
+        """Write a shared constant block (the prompt, a header) once for all of a session's workers."""
+
+    @abstractmethod
+    def finish_steps(self, session: int, workers: list[int]) -> None:
+        """Move these workers' finished steps to the end of the session's shared history."""
+
+    @abstractmethod
+    def run(self, passes: list[SessionPass]) -> dict[int, tuple[list[WriteStep], list[int]]]:
+        """One forward pass for all the given sessions; per session, its planned writes and the
+        sampled token of each fed worker, in plan order."""
+
+    @abstractmethod
+    def last_logits(self, session: int) -> torch.Tensor:
+        """[workers, vocab]: each of the session's workers' logits from the last pass it was fed in."""
+
+    @abstractmethod
+    def close(self, session: int) -> torch.Tensor | None:
+        """Forget the session and give its pages back; its last logits where they are at hand."""
+
+    can_fork = False  # whether `fork` copies a session (the in-process executor)
+
+    def fork(self, session: int, layout: CacheLayout) -> int:
+        """Register a copy of a session over a forked layout (sharing its pages); the copy's id."""
+        from ..errors import InvalidRequestError
+
+        raise InvalidRequestError("fork() needs the in-process engine (backend='local')")
+
+    def read_kv(self, pages: list[int]):
+        """Every KV head's stored K and V of `pages` (float32 numpy), for inspection and the oracle."""
+        raise NotImplementedError
+
+    def handle(self, layout: CacheLayout, params: list[SamplingParams]) -> SessionHandle:
+        """Open a session and return the handle it runs its passes through."""
+        return SessionHandle(self, self.open(layout, params))
+
+
+class SessionHandle:
+    """One session's view of its engine's executor (a pass of this session alone)."""
+
+    def __init__(self, executor: Executor, session: int) -> None:
+        self.executor, self.session = executor, session
+        self.closed, self.final_logits = False, None  # what last_logits reads once closed
+
+    def prefill(self, block: Block, ids: list[int]) -> None:
+        self.executor.prefill(self.session, block, ids)
+
+    def finish_steps(self, workers: list[int]) -> None:
+        self.executor.finish_steps(self.session, workers)
+
+    def run(self, fed: dict[int, list[int]], greedy: bool) -> tuple[list[WriteStep], list[int]]:
+        return self.executor.run([SessionPass(self.session, fed, greedy)])[self.session]
+
+    def last_logits(self) -> torch.Tensor:
+        if self.closed:
+            if self.final_logits is None:
+                from ..errors import InvalidRequestError
+
+                raise InvalidRequestError("this session is closed; read last_logits before it ends")
+            return self.final_logits
+        return self.executor.last_logits(self.session)
+
+    @property
+    def can_fork(self) -> bool:
+        return self.executor.can_fork
+
+    def fork(self, layout: CacheLayout) -> SessionHandle:
+        """A handle for a forked layout: the same seeds, draw counts and last logits, then apart."""
+        return SessionHandle(self.executor, self.executor.fork(self.session, layout))
+
+    def read_kv(self, pages: list[int]):
+        return self.executor.read_kv(pages)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.final_logits = self.executor.close(self.session)

@@ -1,0 +1,161 @@
+"""LocalExecutor: every session's passes on one ModelRunner, in this process.
+
+Also what each Ray shard runs: the shard replays the coordinator's operations on its own
+copies of the layouts through this same class, with its slice of the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from itertools import count
+
+import numpy as np
+import torch
+
+from ..layout import Block, CacheLayout, WriteStep
+from ..model.graphs import Staged
+from ..runner import ModelRunner
+from ..sampling import SampleTable, Sampler, SamplingParams
+from ..transfer import to_device
+from .base import Executor, SessionPass
+
+PREFILL_CHUNK = 2048
+MODES = ("greedy", "sample", "filter")  # a pass's sampling mode: the most general of its sessions'
+
+
+@dataclass
+class Ahead:
+    """A staged guess: the workers of the next pass (one token each) and their view positions."""
+
+    workers: list[int]
+    positions: list[int]
+    ticket: Staged
+
+    def came_true(self, steps: list[WriteStep]) -> bool:
+        return ([s.worker for s in steps] == self.workers and all(len(s.tokens) == 1 for s in steps)
+                and [s.position for s in steps] == self.positions)
+
+
+@dataclass
+class SessionState:
+    """What the executor keeps of one session: its layout, its sampler and its last logits."""
+
+    layout: CacheLayout
+    sampler: Sampler
+    last: torch.Tensor  # [workers, vocab]
+    ahead: Ahead | None = field(default=None)  # the next pass's plan, staged on a guess
+
+
+def merge_tables(tables: list[SampleTable]) -> SampleTable:
+    """One table for a pass of several sessions: their rows side by side, the most general mode."""
+    if len(tables) == 1:
+        return tables[0]
+    mode = max((t.mode for t in tables), key=MODES.index)
+    return SampleTable(np.concatenate([t.values for t in tables], axis=1), mode)
+
+
+class LocalExecutor(Executor):
+    """Runs passes of any number of sessions on one runner."""
+
+    can_fork = True
+
+    def __init__(self, runner: ModelRunner) -> None:
+        self.runner = runner
+        self.sessions: dict[int, SessionState] = {}
+        self._ids = count()
+
+    def open(self, layout: CacheLayout, params: list[SamplingParams], session: int | None = None) -> int:
+        sid = next(self._ids) if session is None else session
+        vocab = self.runner.spec.vocab_size
+        last = torch.full((layout.workers, vocab), float("nan"), device=self.runner.device)
+        self.sessions[sid] = SessionState(layout, Sampler(params, self.runner.device), last)
+        return sid
+
+    def prefill(self, session: int, block: Block, ids: list[int]) -> None:
+        """In passes of at most PREFILL_CHUNK tokens (a long prompt's activations and attention
+        partials stay small)."""
+        st = self.sessions[session]
+        st.ahead = None
+        for start in range(0, len(ids), PREFILL_CHUNK):
+            step = st.layout.write_shared(block, ids[start : start + PREFILL_CHUNK])
+            self.runner.copy_pages(st.layout.take_copies())
+            self.runner.forward([step])
+
+    def finish_steps(self, session: int, workers: list[int]) -> None:
+        """Re-rotating keys once; the source pages are given back after the move."""
+        st = self.sessions[session]
+        if workers:
+            st.ahead = None
+        for w in workers:
+            reloc = st.layout.finish_step(w)
+            self.runner.copy_pages(st.layout.take_copies())
+            if reloc is not None:
+                self.runner.relocate(reloc)
+                st.layout.release(reloc)
+
+    def run(self, passes: list[SessionPass]) -> dict[int, tuple[list[WriteStep], list[int]]]:
+        """Plans every session's writes (in the order given), then one forward pass for all.
+
+        With one session in the pass, while the device runs it the next pass's attention plan is
+        staged on the guess that every worker fed now feeds one token next and nothing else
+        changes (the common decode step); the next pass uses it only if that came true."""
+        planned, tables, staged = [], [], None
+        for p in passes:
+            st = self.sessions[p.session]
+            ahead, st.ahead = st.ahead, None
+            steps = st.layout.plan(p.fed)
+            copies = st.layout.take_copies()
+            self.runner.copy_pages(copies)
+            if len(passes) == 1 and ahead is not None and not copies and ahead.came_true(steps):
+                staged = ahead.ticket
+            planned.append(steps)
+            tables.append(st.sampler.table([s.worker for s in steps], p.greedy))
+        table = merge_tables(tables)
+        logits, tokens = self.runner.forward([s for steps in planned for s in steps], table, staged)
+        out, row = {}, 0
+        for p, steps in zip(passes, planned):
+            st, n = self.sessions[p.session], len(steps)
+            order = to_device([s.worker for s in steps], self.runner.device)
+            st.last.index_copy_(0, order, logits[row : row + n])  # on the device, no sync
+            out[p.session] = steps
+            row += n
+        if len(passes) == 1:
+            self.sessions[passes[0].session].ahead = self._stage_next(self.sessions[passes[0].session],
+                                                                      planned[0], table.mode)
+        ids = tokens.tolist()  # the one host sync
+        result, row = {}, 0
+        for p in passes:
+            n = len(out[p.session])
+            result[p.session] = (out[p.session], ids[row : row + n])
+            row += n
+        return result
+
+    def _stage_next(self, st: SessionState, steps: list[WriteStep], mode: str) -> Ahead | None:
+        if self.runner.graphs is None or any(len(s.tokens) != 1 for s in steps):
+            return None
+        views = st.layout.preview([s.worker for s in steps])
+        if views is None:
+            return None
+        ticket = self.runner.stage_decode(views, mode)
+        if ticket is None:
+            return None
+        return Ahead([s.worker for s in steps], [pos for pos, _ in views], ticket)
+
+    def last_logits(self, session: int) -> torch.Tensor:
+        return self.sessions[session].last
+
+    def fork(self, session: int, layout: CacheLayout) -> int:
+        """The same seeds, draw counts and last logits, then apart."""
+        st = self.sessions[session]
+        st.ahead = None  # shared pages: this layout's next writes copy on write
+        sid = next(self._ids)
+        self.sessions[sid] = SessionState(layout, st.sampler.copy(), st.last.clone())
+        return sid
+
+    def close(self, session: int) -> torch.Tensor | None:
+        st = self.sessions.pop(session, None)
+        if st is None:
+            return None
+        st.ahead = None
+        st.layout.close()
+        return st.last

@@ -1,0 +1,108 @@
+"""ModelRunner: one rank's model, K/V pool, CUDA graphs and on-device sampling.
+
+It knows nothing of sessions, tokenizers or the protocol: a forward pass is a list of
+WriteSteps (whose writes, at which positions, reading which segments of the pool) and a
+sampling table, wherever the steps come from (one session or many). The in-process
+executor and every Ray shard drive this same class; the page copies of forked layouts and
+the relocations of finished steps are its other device work.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from hogwild_kernels import QueryGroup, make_attention
+
+from ..cache import KVPool
+from ..layout import Relocation, WriteStep
+from ..model import Decoder, ForwardBatch, ModelSpec
+from ..model.graphs import DecodeGraphs, Staged
+from ..model.loader import Checkpoint, load_config, locate, weight_reader
+from ..model.parallel import TensorParallel, shard_plan
+from ..model.spec import spec_from_config
+from ..model.weights import load_weights
+from ..sampling import SampleTable, sample_eagerly
+from ..transfer import to_device
+
+
+class ModelRunner:
+    """Runs forward passes of one rank's slice of the model over its slice of the K/V pool."""
+
+    def __init__(self, spec: ModelSpec, decoder: Decoder, cache: KVPool, device: torch.device, max_context: int,
+                 cuda_graphs: bool = False) -> None:
+        self.spec, self.decoder, self.cache, self.device = spec, decoder, cache, device
+        self.graphs = DecodeGraphs(decoder, cache, max_context) if cuda_graphs else None
+
+    @classmethod
+    def load(cls, path: str | Path | Checkpoint | None, device: torch.device, dtype: torch.dtype, *, pages: int,
+             page_size: int, max_context: int, attention: str, cuda_graphs: bool,
+             parallel: TensorParallel | None = None, config=None, spec: ModelSpec | None = None) -> ModelRunner:
+        """This rank's weights (its slice when `parallel` spans several ranks) and a pool of `pages`;
+        config and spec: the model's, when the caller has read them already."""
+        ckpt = path if isinstance(path, Checkpoint) else locate(path)
+        config = config if config is not None else load_config(ckpt)
+        spec = spec if spec is not None else spec_from_config(config)
+        plan = shard_plan(spec, parallel.rank, parallel.world) if parallel and parallel.world > 1 else None
+        local = plan.local_spec(spec) if plan else spec  # this rank's head and MLP sizes
+        weights = load_weights(spec, weight_reader(ckpt, config), device, dtype, tp=plan)
+        cache = KVPool(spec.num_layers, pages, page_size, local.num_kv_heads, spec.head_dim, dtype, device)
+        backend = make_attention(attention, device, spec.inv_freq, spec.rope_scale, spec.sm_scale,
+                                 local.num_kv_heads)
+        return cls(spec, Decoder(local, weights, backend, parallel), cache, device, max_context, cuda_graphs)
+
+    # ---- page moves --------------------------------------------------------------------------
+    def copy_pages(self, copies: list[tuple[int, int]]) -> None:
+        """Copy whole pages (src, dst): a forked layout's copy on write."""
+        self.cache.copy_pages(copies)
+
+    def relocate(self, reloc: Relocation) -> None:
+        """Move a finished step's K/V, its keys rotated once by the shift."""
+        self.cache.relocate(reloc, self.decoder.inv_freq)
+
+    # ---- the forward pass --------------------------------------------------------------------
+    def forward(self, steps: list[WriteStep], table: SampleTable | None = None,
+                staged: Staged | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One forward pass over the given writes: logits [len(steps), vocab] and, given a
+        sampling table, one sampled id per step (on the device). A decode pass replays a CUDA
+        graph, the sampling inside it, when the runner has them; staged: what `stage_decode`
+        returned for exactly this pass."""
+        groups, tokens, key_pos, slots, last = host_batch(steps)
+        if self.graphs is not None and self.graphs.serves(groups):
+            out = self.graphs.run(groups, tokens, key_pos, slots, table, staged)
+            if out is not None:
+                return out
+        logits = self.decoder.forward(self._device_batch(groups, tokens, key_pos, slots, last), self.cache)
+        if self.device.type == "cpu":
+            from .. import threads
+
+            threads.tick()  # the thread governor, when on, re-decides about once a second
+        return logits, None if table is None else sample_eagerly(logits, table)
+
+    def stage_decode(self, views: list[tuple[int, list]], mode: str | None) -> Staged | None:
+        """Load the attention plan of a predicted decode pass (one token per view: its position
+        and segments, from CacheLayout.preview) while the current pass runs; None without graphs."""
+        if self.graphs is None:
+            return None
+        return self.graphs.stage([QueryGroup(i, 1, pos, segs) for i, (pos, segs) in enumerate(views)], mode)
+
+    def _device_batch(self, groups: list[QueryGroup], tokens: list[int], key_pos: list[int], slots: list[int],
+                      last: list[int]) -> ForwardBatch:
+        """The pass's index tensors in one host-to-device copy (asynchronous on CUDA)."""
+        t, g = len(tokens), len(last)
+        tok, kpos, slot, rows = to_device(tokens + key_pos + slots + last, self.device).split([t, t, t, g])
+        return ForwardBatch(tok, kpos, slot, groups, rows)
+
+
+def host_batch(steps: list[WriteStep]) -> tuple[list[QueryGroup], list[int], list[int], list[int], list[int]]:
+    """The kernels' query groups and the flat token, key-position, slot and last-row lists of a pass."""
+    tokens, key_pos, slots, groups, last = [], [], [], [], []
+    for s in steps:
+        n = len(s.tokens)
+        # the layout's segment views serve as the kernels' segments: one block, one key
+        groups.append(QueryGroup(len(tokens), n, s.position, s.segments))
+        tokens.extend(s.tokens)
+        key_pos.extend(range(s.local_start, s.local_start + n))
+        slots.extend(s.slots)
+        last.append(len(tokens) - 1)
+    return groups, tokens, key_pos, slots, last

@@ -1,0 +1,78 @@
+"""Imports flow one way: the pure logic imports no torch, Ray or Triton, the model knows nothing
+of runners, the runner nothing of executors or sessions, the executor nothing of sessions or
+engines, and no Ray shard builds an engine. Read from the source (an AST walk), so a new
+import that breaks a layer fails here, not in a review."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "hogwild_ray"
+HEAVY = ("torch", "ray", "triton", "hogwild_kernels", "numpy")
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(PACKAGE.parent).with_suffix("")
+    parts = list(rel.parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports_of(path: Path) -> set[str]:
+    """Every module a file imports, relative imports resolved, at any depth of the file."""
+    here = module_name(path).split(".")
+    if path.name != "__init__.py":
+        here = here[:-1]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = here[: len(here) - node.level + 1] if node.level else []
+            mod = ".".join(base + ([node.module] if node.module else []))
+            found.add(mod)
+            found |= {f"{mod}.{a.name}" for a in node.names}
+    return found
+
+
+def files_of(*names: str) -> list[Path]:
+    out = []
+    for name in names:
+        p = PACKAGE / name
+        out += sorted(p.rglob("*.py")) if p.is_dir() else [p.with_suffix(".py")]
+    return out
+
+
+LAYERS = {  # files -> package modules they must never import
+    ("model",): ("hogwild_ray.runner", "hogwild_ray.executor", "hogwild_ray.session", "hogwild_ray.engine",
+                 "hogwild_ray.runtime", "hogwild_ray.cli"),
+    ("runner",): ("hogwild_ray.executor", "hogwild_ray.session", "hogwild_ray.engine", "hogwild_ray.runtime",
+                  "hogwild_ray.cli"),
+    ("executor",): ("hogwild_ray.session", "hogwild_ray.engine", "hogwild_ray.runtime", "hogwild_ray.cli"),
+    ("runtime/shard",): ("hogwild_ray.engine", "hogwild_ray.session"),
+}
+
+
+@pytest.mark.parametrize("layer, forbidden", list(LAYERS.items()), ids=["/".join(k) for k in LAYERS])
+def test_imports_flow_one_way(layer, forbidden):
+    bad = [(module_name(f), m) for f in files_of(*layer) for m in imports_of(f)
+           if any(m == x or m.startswith(x + ".") for x in forbidden)]
+    assert not bad, bad
+
+
+def test_the_walk_sees_relative_imports():
+    shard = imports_of(PACKAGE / "runtime" / "shard.py")
+    assert "hogwild_ray.runner.ModelRunner" in shard and "hogwild_ray.executor.LocalExecutor" in shard
+
+
+PURE = ("errors", "layout", "protocol", "detokenize", "events", "results", "ray_address", "progress_lines", "batch")
+
+
+@pytest.mark.parametrize("name", PURE)
+def test_pure_logic_imports_nothing_heavy(name):
+    heavy = [m for m in imports_of(PACKAGE / f"{name}.py") if m.split(".")[0] in HEAVY]
+    assert not heavy, heavy
