@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 import hogwild_ray as hw
-from hogwild_ray.protocol import worker_name
+from hogwild_ray.core.protocol import worker_name
 
 PROBLEM = "Tom has 3 boxes with 12 apples each. He gives away 10 apples. How many apples does he have left?"
 

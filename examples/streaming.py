@@ -8,8 +8,8 @@ from __future__ import annotations
 import argparse
 
 import hogwild_ray as hw
-from hogwild_ray.events import Answer, Done, StepFinished, WorkerText
-from hogwild_ray.protocol import worker_name
+from hogwild_ray.core.events import Answer, Done, StepFinished, WorkerText
+from hogwild_ray.core.protocol import worker_name
 
 PROBLEM = "A shop sells pens at $2 and notebooks at $5. Ann buys 3 pens and 2 notebooks. How much does she pay?"
 

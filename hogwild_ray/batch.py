@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from .errors import ContextLengthError, InvalidRequestError
-from .results import SolveResult
+from .core.results import SolveResult
 
 
 def normalize(problems: Iterable[str | dict]) -> list[tuple[str | int, str]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from hogwild_kernels import rotate_keys_by
 
-from .layout import Relocation
+from .core.layout import Relocation
 from .transfer import to_device
 
 

@@ -10,17 +10,17 @@ from . import threads
 from .config import check_attention, check_graphs, check_options, resolve_device, resolve_dtype
 from .cache import KVPool
 from .errors import InvalidRequestError
-from .events import Event
+from .core.events import Event
 from .executor import Executor, LocalExecutor
-from .layout import LAYOUTS, PageAllocator
+from .core.layout import LAYOUTS, PageAllocator
 from .model import Decoder, locate, spec_from_config
 from .model.graphs import DecodeGraphs
 from .model.loader import load_config, load_tokenizer
 from .model.parallel import TensorParallel
-from .protocol import ProtocolOptions
-from .results import SolveResult
+from .core.protocol import ProtocolOptions
+from .core.results import SolveResult
 from .runner import ModelRunner
-from .sampling import SamplingParams
+from .core.sampling_params import SamplingParams
 from .session import Session
 from .streaming import final_result, session_events
 
@@ -188,7 +188,7 @@ class HogwildEngine:
         on_step: Callable[[Session, dict[int, list[int]]], None] | None = None,
         **protocol_options,
     ) -> Iterator[Event]:
-        """Run a session, yielding its events (hogwild_ray.events) as it goes; the last is Done.
+        """Run a session, yielding its events (hogwild_ray.core.events) as it goes; the last is Done.
 
         The arguments are those of `solve`. Nothing runs until the first event is asked for;
         leaving the loop early closes the session."""

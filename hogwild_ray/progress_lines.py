@@ -11,8 +11,8 @@ import sys
 import time
 from typing import TextIO
 
-from .events import Done, Event, Progress
-from .protocol import worker_name
+from .core.events import Done, Event, Progress
+from .core.protocol import worker_name
 
 INTERVAL_S = 5.0
 

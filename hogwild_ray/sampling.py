@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass
 
@@ -10,67 +9,8 @@ import numpy as np
 import torch
 from hogwild_kernels.gumbel import gumbel_scores
 
-from .errors import InvalidRequestError
+from .core.sampling_params import SamplingParams
 from .transfer import to_device
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How one worker picks its next token. temperature=0 means greedy."""
-
-    temperature: float = 0.6
-    top_k: int = 0  # 0: no top-k cut
-    top_p: float = 1.0
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        if not _is_number(self.temperature) or not 0 <= self.temperature < math.inf:
-            raise InvalidRequestError(
-                f"temperature must be a finite number >= 0 (0 is greedy), got {self.temperature!r}"
-            )
-        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
-            raise InvalidRequestError(f"top_k must be an integer >= 0 (0 turns it off), got {self.top_k!r}")
-        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
-            raise InvalidRequestError(f"top_p must be in (0, 1] (1 turns it off), got {self.top_p!r}")
-        if self.seed is not None and (
-            not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**63
-        ):
-            raise InvalidRequestError(f"seed must be an integer in [0, 2**63) or None, got {self.seed!r}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
-
-def _is_number(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-GREEDY = SamplingParams(temperature=0.0)
-
-
-def per_worker(sampling: SamplingParams | list[SamplingParams] | None, workers: int) -> list[SamplingParams]:
-    """One SamplingParams per worker; a single one is shared, its seed offset per worker."""
-    if sampling is None:
-        sampling = SamplingParams()
-    if isinstance(sampling, SamplingParams):
-        return [
-            sampling if sampling.seed is None else SamplingParams(
-                sampling.temperature, sampling.top_k, sampling.top_p, sampling.seed + w
-            )
-            for w in range(workers)
-        ]
-    if not isinstance(sampling, (list, tuple)):
-        raise InvalidRequestError(
-            f"sampling must be one SamplingParams or a list of {workers} (one per worker), "
-            f"got {type(sampling).__name__}"
-        )
-    sampling = list(sampling)
-    if len(sampling) != workers or not all(isinstance(s, SamplingParams) for s in sampling):
-        raise InvalidRequestError(
-            f"sampling must be one SamplingParams or a list of {workers} (one per worker), got {len(sampling)} items"
-        )
-    return sampling
 
 
 TABLE_ROWS = 6  # seed low, seed high, draw number, top_k, temperature, top_p

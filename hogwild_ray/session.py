@@ -31,14 +31,14 @@ from typing import TYPE_CHECKING
 import torch
 
 from .errors import CacheFullError, ContextLengthError, InvalidRequestError
-from .detokenize import IncrementalText
-from .layout import CacheLayout, WriteStep
-from .protocol import (
+from .core.detokenize import IncrementalText
+from .core.layout import CacheLayout, WriteStep
+from .core.protocol import (
     FINISHER_PROMPT, HEADER_OTHERS, HEADER_OWN, HISTORY_HEADER, ProtocolOptions, WorkerProtocol,
     extract_boxed, is_step_boundary, system_prompt, think_prefix,
 )
-from .results import SolveResult, Stats
-from .sampling import SamplingParams, per_worker
+from .core.results import SolveResult, Stats
+from .core.sampling_params import SamplingParams, per_worker
 
 if TYPE_CHECKING:
     from .engine import HogwildEngine

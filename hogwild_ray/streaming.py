@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterator
 
-from .events import Answer, Done, Event, Progress, RedundancyCheck, StepFinished, WorkerText
-from .protocol import REDUNDANCY_QUESTION
+from .core.events import Answer, Done, Event, Progress, RedundancyCheck, StepFinished, WorkerText
+from .core.protocol import REDUNDANCY_QUESTION
 
 
 class TextTracker:

@@ -17,8 +17,8 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from .events import Done, Event, Progress, StepFinished, WorkerText
-from .protocol import step_header, worker_name
+from .core.events import Done, Event, Progress, StepFinished, WorkerText
+from .core.protocol import step_header, worker_name
 
 COLOURS = ("cyan", "magenta", "green", "yellow", "bright_blue", "red", "bright_cyan", "bright_magenta")
 MAX_COLUMNS = 3  # panes per row; more workers wrap onto further rows

@@ -15,7 +15,7 @@ import pytest
 import hogwild_ray as hw
 from hogwild_ray.batch import run_batch
 from hogwild_ray.errors import ContextLengthError
-from hogwild_ray.results import SolveResult, Stats
+from hogwild_ray.core.results import SolveResult, Stats
 
 ROOT = Path(__file__).resolve().parents[1]
 PROBLEMS = [{"id": f"p{i}", "problem": f"Compute {i} + {i}."} for i in range(5)]

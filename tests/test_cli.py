@@ -14,7 +14,7 @@ from rich.console import Console
 import hogwild_ray as hw
 from hogwild_ray.cli import main
 from hogwild_ray.cli.bench import BENCHMARKS
-from hogwild_ray.events import Done, from_json
+from hogwild_ray.core.events import Done, from_json
 from hogwild_ray.ui import LiveView
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from hogwild_ray.detokenize import IncrementalText
+from hogwild_ray.core.detokenize import IncrementalText
 
 TEXTS = [
     "Let me compute 12 * 7.\n\nFirst, 12 * 7 = 84. So the answer is \\boxed{84}.",

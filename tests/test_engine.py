@@ -20,9 +20,9 @@ from hogwild_ray.errors import (
     CacheFullError, ContextLengthError, HogwildError, InvalidRequestError, ModelNotFoundError,
     UnsupportedModelError,
 )
-from hogwild_ray.layout import PageAllocator
+from hogwild_ray.core.layout import PageAllocator
 from hogwild_ray.model.loader import default_checkpoint, locate
-from hogwild_ray.protocol import FINISHER_PROMPT, REDUNDANCY_QUESTION
+from hogwild_ray.core.protocol import FINISHER_PROMPT, REDUNDANCY_QUESTION
 
 GREEDY = hw.SamplingParams(temperature=0)
 HOT = hw.SamplingParams(temperature=1.0, seed=0)

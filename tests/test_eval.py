@@ -14,7 +14,7 @@ from hogwild_ray.devices import cpu_name, device_label
 from hogwild_ray.errors import InvalidRequestError
 from hogwild_ray.eval import experiment, runner
 from hogwild_ray.eval.runner import RunSpec, run_budgets
-from hogwild_ray.protocol import FINISHER_PROMPT
+from hogwild_ray.core.protocol import FINISHER_PROMPT
 
 HOT = hw.SamplingParams(temperature=1.0, seed=3)
 PROBLEM = "Compute 12 * 7 and explain."

@@ -11,7 +11,7 @@ import torch
 
 import hogwild_ray as hw
 from hogwild_ray.executor import LocalExecutor, SessionPass
-from hogwild_ray.layout import CacheLayout, PageAllocator
+from hogwild_ray.core.layout import CacheLayout, PageAllocator
 from hogwild_ray.runner import ModelRunner
 
 GREEDY = hw.SamplingParams(temperature=0)

@@ -17,7 +17,7 @@ import hogwild_ray as hw
 from hogwild_ray.cli import main
 from hogwild_ray.cli.common import as_flags
 from hogwild_ray.errors import InvalidRequestError, ModelNotFoundError
-from hogwild_ray.events import Done, Progress
+from hogwild_ray.core.events import Done, Progress
 from hogwild_ray.progress_lines import ProgressLines
 from hogwild_ray.ray_address import check_reachable, host_port
 

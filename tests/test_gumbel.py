@@ -11,7 +11,8 @@ import triton
 import triton.language as tl
 from hogwild_kernels.gumbel import gumbel_scores, philox_uniform, philox_words
 
-from hogwild_ray.sampling import Sampler, SamplingParams, sample_tokens
+from hogwild_ray.core.sampling_params import SamplingParams
+from hogwild_ray.sampling import Sampler, sample_tokens
 from hogwild_ray.transfer import to_device
 
 SEEDS = torch.tensor([0, 1, 2**62 + 12345, 2**40 - 7, 2**63 - 1], dtype=torch.int64)

@@ -69,10 +69,26 @@ def test_the_walk_sees_relative_imports():
     assert "hogwild_ray.runner.ModelRunner" in shard and "hogwild_ray.executor.LocalExecutor" in shard
 
 
-PURE = ("errors", "layout", "protocol", "detokenize", "events", "results", "ray_address", "progress_lines", "batch")
+PURE = [*files_of("core"), *files_of("errors", "ray_address", "progress_lines", "batch")]
 
 
-@pytest.mark.parametrize("name", PURE)
-def test_pure_logic_imports_nothing_heavy(name):
-    heavy = [m for m in imports_of(PACKAGE / f"{name}.py") if m.split(".")[0] in HEAVY]
-    assert not heavy, heavy
+@pytest.mark.parametrize("path", PURE, ids=lambda p: module_name(p))
+def test_pure_logic_imports_nothing_heavy(path):
+    heavy = [m for m in imports_of(path) if m.split(".")[0] in HEAVY]
+    inside = [m for m in imports_of(path) if m.startswith("hogwild_ray.") and not m.startswith(
+        ("hogwild_ray.core", "hogwild_ray.errors"))]
+    assert not heavy and (path.parent.name != "core" or not inside), (heavy, inside)
+
+
+def test_the_package_and_its_options_load_without_torch_triton_or_ray():
+    code = ("import sys\n"
+            "for name in ('torch', 'triton', 'ray', 'numpy', 'transformers'):\n"
+            "    sys.modules[name] = None  # any import of them fails\n"
+            "import hogwild_ray as hw\n"
+            "p = hw.SamplingParams(temperature=0.7, top_p=0.9, seed=1)\n"
+            "o = hw.ProtocolOptions(redundancy_every=None)\n"
+            "from hogwild_ray.core import events, layout, protocol\n"
+            "print(p.temperature, o.enabled, hw.LAYOUTS)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("0.7 True")

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hogwild_ray.errors import CacheFullError, InvalidRequestError
-from hogwild_ray.layout import LAYOUTS, CacheLayout, PageAllocator
+from hogwild_ray.core.layout import LAYOUTS, CacheLayout, PageAllocator
 
 
 class Model:

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hogwild_ray.errors import InvalidRequestError
-from hogwild_ray.protocol import (
+from hogwild_ray.core.protocol import (
     NAMES, REDUNDANCY_QUESTION, ProtocolOptions, WorkerProtocol, extract_boxed, imitated_header,
     is_step_boundary, open_fence, step_header, system_prompt, think_prefix, worker_name,
 )

@@ -208,7 +208,7 @@ def test_shards_run_several_sessions_in_one_pass(llama):
     import random
 
     from hogwild_ray.executor import LocalExecutor, SessionPass
-    from hogwild_ray.layout import CacheLayout
+    from hogwild_ray.core.layout import CacheLayout
     from hogwild_ray.runtime.placement import release, reserve
     from hogwild_ray.runtime.sharded import ShardedEngine
 

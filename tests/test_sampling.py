@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from hogwild_ray.errors import InvalidRequestError
-from hogwild_ray.sampling import GREEDY, Sampler, SamplingParams, per_worker, sample_one
+from hogwild_ray.core.sampling_params import GREEDY, SamplingParams, per_worker
+from hogwild_ray.sampling import Sampler, sample_one
 
 CPU = torch.device("cpu")
 LOGITS = torch.tensor([2.0, 1.0, 0.5, 0.0, -0.5, -1.0, 3.0, -2.0])  # top: 6, 0, 1, 2, ...

@@ -8,8 +8,8 @@ import json
 import pytest
 
 import hogwild_ray as hw
-from hogwild_ray.events import Answer, Done, Progress, RedundancyCheck, StepFinished, WorkerText, from_json
-from hogwild_ray.protocol import REDUNDANCY_QUESTION
+from hogwild_ray.core.events import Answer, Done, Progress, RedundancyCheck, StepFinished, WorkerText, from_json
+from hogwild_ray.core.protocol import REDUNDANCY_QUESTION
 from hogwild_ray.streaming import session_events
 
 KW = dict(cache_tokens=2048, attention="torch")

@@ -11,8 +11,8 @@ from typing import Any
 
 from ..config import DTYPES
 from ..errors import InvalidRequestError
-from ..layout import LAYOUTS
-from ..sampling import SamplingParams
+from ..core.layout import LAYOUTS
+from ..core.sampling_params import SamplingParams
 
 FORMATTER = argparse.RawDescriptionHelpFormatter
 MAX_STEPS_HELP = ("at most N forward passes in all, the finisher's included: without an answer by then, the "

@@ -8,8 +8,8 @@ import functools
 from pathlib import Path
 
 from ..errors import InvalidRequestError
-from ..layout import LAYOUTS
-from ..sampling import SamplingParams
+from ..core.layout import LAYOUTS
+from ..core.sampling_params import SamplingParams
 from .common import FORMATTER, add_model_flags, at_least, load_engine
 
 EXAMPLES = """\

@@ -11,10 +11,10 @@ from rich.text import Text
 
 from ..batch import record
 from ..errors import InvalidRequestError
-from ..events import Done
+from ..core.events import Done
 from ..progress_lines import ProgressLines
-from ..protocol import worker_name
-from ..results import Stats
+from ..core.protocol import worker_name
+from ..core.results import Stats
 from ..ui import LiveView, worker_colour
 from .common import FORMATTER, add_model_flags, add_session_flags, load_engine, session_options
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import ContextLengthError, HogwildError, InvalidRequestError
-from ..sampling import SamplingParams
+from ..core.sampling_params import SamplingParams
 from .runner import RunSpec, plan, run_budgets, worker_sampling
 
 RESULTS, SUMMARY, PLOT = "results.jsonl", "summary.md", "accuracy.png"

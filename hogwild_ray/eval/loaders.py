@@ -22,7 +22,7 @@ import json
 from pathlib import Path
 
 from ..errors import InvalidRequestError
-from ..protocol import extract_boxed
+from ..core.protocol import extract_boxed
 
 PROBLEM_FIELDS = ("problem", "question")
 ANSWER_FIELDS = ("answer", "solution")

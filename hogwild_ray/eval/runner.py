@@ -24,8 +24,8 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..protocol import extract_boxed
-from ..sampling import SamplingParams
+from ..core.protocol import extract_boxed
+from ..core.sampling_params import SamplingParams
 from .answers import answers_match
 from .stats import majority
 

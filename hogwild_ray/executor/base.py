@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-    from ..layout import Block, CacheLayout, WriteStep
-    from ..sampling import SamplingParams
+    from ..core.layout import Block, CacheLayout, WriteStep
+    from ..core.sampling_params import SamplingParams
 
 
 @dataclass(frozen=True)

@@ -12,10 +12,11 @@ from itertools import count
 import numpy as np
 import torch
 
-from ..layout import Block, CacheLayout, WriteStep
+from ..core.layout import Block, CacheLayout, WriteStep
 from ..model.graphs import Staged
 from ..runner import ModelRunner
-from ..sampling import SampleTable, Sampler, SamplingParams
+from ..core.sampling_params import SamplingParams
+from ..sampling import SampleTable, Sampler
 from ..transfer import to_device
 from .base import Executor, SessionPass
 

@@ -15,7 +15,7 @@ import torch
 from hogwild_kernels import QueryGroup, make_attention
 
 from ..cache import KVPool
-from ..layout import Relocation, WriteStep
+from ..core.layout import Relocation, WriteStep
 from ..model import Decoder, ForwardBatch, ModelSpec
 from ..model.graphs import DecodeGraphs, Staged
 from ..model.loader import Checkpoint, load_config, locate, weight_reader

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import InvalidRequestError
-from ..results import SolveResult, Stats
+from ..core.results import SolveResult, Stats
 from ..session import Session
 from .sharded import ShardedEngine
 

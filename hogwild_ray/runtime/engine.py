@@ -27,11 +27,11 @@ import torch
 from ..config import check_graphs, check_options
 from ..engine import HogwildEngine
 from ..errors import InvalidRequestError
-from ..events import Event
+from ..core.events import Event
 from ..model.loader import quick_spec
 from ..model.parallel import shard_plan
 from ..ray_address import check_reachable
-from ..results import SolveResult
+from ..core.results import SolveResult
 from .coordinator import Coordinator
 from .errors import ChannelTimeoutError, ClusterResourceError, CoordinatorFailedError, ShardFailedError
 from .placement import check_resources, cluster_summary, release, reserve

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from ..executor import Executor, SessionPass
-from ..layout import Block, CacheLayout, WriteStep
-from ..sampling import SamplingParams
+from ..core.layout import Block, CacheLayout, WriteStep
+from ..core.sampling_params import SamplingParams
 from .errors import ChannelTimeoutError, ShardFailedError
 
 if TYPE_CHECKING:

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..cache import KVPool
-from ..layout import WriteStep
-from ..results import SolveResult
+from ..core.layout import WriteStep
+from ..core.results import SolveResult
 
 if TYPE_CHECKING:
     from .coordinator import SessionState

@@ -65,7 +65,7 @@ class ModelShard:
 
         from ..config import resolve_dtype
         from ..executor import LocalExecutor
-        from ..layout import PageAllocator
+        from ..core.layout import PageAllocator
         from ..model.parallel import TensorParallel
         from ..runner import ModelRunner
 
@@ -138,7 +138,7 @@ class ModelShard:
             self.executor.finish_steps(sid, workers)
 
     def op_open(self, rank: int, finishing: list, sid: int, kind: str, workers: int, params: list) -> None:
-        from ..layout import CacheLayout
+        from ..core.layout import CacheLayout
 
         self._finish(finishing)
         self.executor.open(CacheLayout(kind, workers, self.allocator), params, session=sid)

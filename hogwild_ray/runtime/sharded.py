@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from ..engine import HogwildEngine, read_model
-from ..layout import PageAllocator
+from ..core.layout import PageAllocator
 from ..model.parallel import shard_plan
 from .ray_executor import RayExecutor
 

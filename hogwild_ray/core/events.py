@@ -14,7 +14,7 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar, Union
 
-from .errors import InvalidRequestError
+from ..errors import InvalidRequestError
 from .results import SolveResult, Stats
 
 

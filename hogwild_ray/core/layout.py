@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .errors import CacheFullError, InvalidRequestError
+from ..errors import CacheFullError, InvalidRequestError
 
 LAYOUTS = ("combined", "contiguous", "interleaved")
 
