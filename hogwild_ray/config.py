@@ -1,19 +1,24 @@
 """Engine options: resolved and checked once, with errors that name the fix.
 
-Device, dtype, attention backend and CUDA graphs are settled here before anything loads;
-the engine, the coordinator and every shard receive what these functions return.
+`EngineConfig.create` settles device, dtype, attention, CUDA graphs, the pool, the context,
+the backend and the placement before anything loads; the local engine, the coordinator and
+every shard receive that one frozen object (`sized` adds what the model decides).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 
 import torch
 
-from .errors import InvalidRequestError
+from .errors import InvalidRequestError, check_int
 from .model.parallel import TensorParallel
 
 ATTENTION_CHOICES = ("auto", "triton", "torch")
+BACKENDS = ("local", "ray")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
@@ -73,6 +78,122 @@ def check_graphs(cuda_graphs: bool | None, attention: str, device: torch.device,
 def check_options(attention: str, page_size: int, cache_tokens: int | None, max_context: int | None) -> None:
     if attention not in ATTENTION_CHOICES:
         raise InvalidRequestError(f"attention must be one of {', '.join(ATTENTION_CHOICES)}, got {attention!r}")
-    for name, v in (("page_size", page_size), ("cache_tokens", cache_tokens), ("max_context", max_context)):
-        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-            raise InvalidRequestError(f"{name} must be an integer >= 1, got {v!r}")
+    check_int("page_size", page_size, 1)
+    check_int("cache_tokens", cache_tokens, 1, none="")
+    check_int("max_context", max_context, 1, none="")
+
+
+RESERVED_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+
+
+def check_resources(name: str, resources: Mapping[str, float] | None) -> dict[str, float]:
+    """A copy of `resources` ({custom resource: amount > 0}), or InvalidRequestError naming what is wrong."""
+    if resources is None:
+        return {}
+    if not isinstance(resources, Mapping):
+        raise InvalidRequestError(f"{name} must be a dict of custom resource -> amount, got {resources!r}")
+    out = {}
+    for key, amount in resources.items():
+        if key in RESERVED_RESOURCES:
+            raise InvalidRequestError(
+                f"{name} names {key!r}, which the engine sets itself (1 CPU, and 1 GPU on CUDA, per shard); "
+                "give only custom resources, e.g. {'gpu_node': 1} for a node started with "
+                "ray start --resources='{\"gpu_node\": 8}'")
+        if not isinstance(key, str) or isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount <= 0:
+            raise InvalidRequestError(f"{name} must map resource names to amounts > 0, got {key!r}: {amount!r}")
+        out[key] = float(amount)
+    return out
+
+
+def check_seconds(name: str, value: object) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < float("inf"):
+        raise InvalidRequestError(f"{name} must be a number of seconds > 0, got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Every option of an engine, resolved and checked once (`create`), then handed as it is to
+    the local runner, or to the coordinator and every shard of the Ray backend. `sized` fills
+    in what the model decides (the served context and the pool's size) before any shard loads."""
+
+    model: str | None = None  # a path or random:NAME; None: the built-in model
+    device: str = "cpu"
+    dtype: str = "float32"
+    attention: str = "auto"
+    cuda_graphs: bool | None = None  # None: on where possible (decided per rank)
+    page_size: int = 16
+    cache_tokens: int | None = None  # None: 4 x the context, at most 65536 (see `sized`)
+    max_context: int | None = None  # None: the model's
+    backend: str = "local"
+    tp: int = 1
+    ray_address: str | None = None
+    placement_timeout_s: float = 30.0
+    step_timeout_s: float = 30.0
+    shard_resources: dict[str, float] = field(default_factory=dict)
+    coordinator_resources: dict[str, float] | None = None
+
+    @classmethod
+    def create(cls, model: str | Path | None = None, device: str | torch.device = "cpu",
+               dtype: str | torch.dtype | None = None, *, check_device: bool = True, **options) -> EngineConfig:
+        """Check every option; clear errors name the option and the fix. check_device: the device
+        must exist here (False where it only has to exist on the shards' nodes)."""
+        unknown = set(options) - {f.name for f in fields(cls)}
+        if unknown:
+            raise InvalidRequestError(f"unknown engine option(s) {', '.join(sorted(unknown))}")
+        backend = options.get("backend", "local")
+        if backend not in BACKENDS:
+            raise InvalidRequestError(f"backend must be 'local' or 'ray', got {backend!r}")
+        tp = options.get("tp", 1)
+        check_int("tp", tp, 1)
+        if backend == "local" and tp != 1:
+            raise InvalidRequestError(f"tp={tp} needs backend='ray' (the local backend runs one rank)")
+        if backend == "local" and (options.get("shard_resources") or options.get("coordinator_resources")):
+            raise InvalidRequestError("shard_resources and coordinator_resources place Ray actors: they need "
+                                      "backend='ray'")
+        attention = options.get("attention", "auto")
+        check_options(attention, options.get("page_size", 16), options.get("cache_tokens"),
+                      options.get("max_context"))
+        dev = resolve_device(device) if check_device or backend == "local" else parse_device(device)
+        graphs = options.get("cuda_graphs")
+        if graphs is not None:
+            check_graphs(graphs, attention, dev, None)
+        for name in ("placement_timeout_s", "step_timeout_s"):
+            if name in options:
+                options[name] = check_seconds(name, options[name])
+        options["shard_resources"] = check_resources("shard_resources", options.get("shard_resources"))
+        options["coordinator_resources"] = check_resources("coordinator_resources",
+                                                           options.get("coordinator_resources")) or None
+        name = dtype_name(resolve_dtype(dtype, dev))
+        return cls(None if model is None else str(model), str(dev), name, **options)
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.device)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def pages(self) -> int:
+        """The pool's pages (after `sized`)."""
+        return -(-self.cache_tokens // self.page_size)
+
+    def sized(self, model_context: int) -> EngineConfig:
+        """The served context (the model's, or less when asked) and the pool (default: 4 x the
+        context, at most 65536 tokens), in whole pages."""
+        context = min(self.max_context or model_context, model_context)
+        pages = -(-(self.cache_tokens or min(4 * context, 65536)) // self.page_size)
+        return replace(self, max_context=context, cache_tokens=pages * self.page_size)
+
+
+def parse_device(device: str | torch.device) -> torch.device:
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise InvalidRequestError(f"device {device!r} is not a torch device (try 'cpu' or 'cuda')") from e
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

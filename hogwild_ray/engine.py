@@ -7,7 +7,7 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 from . import threads
-from .config import check_attention, check_graphs, check_options, resolve_device, resolve_dtype
+from .config import EngineConfig, check_attention, check_graphs
 from .cache import KVPool
 from .errors import InvalidRequestError
 from .core.events import Event
@@ -24,16 +24,11 @@ from .core.sampling_params import SamplingParams
 from .session import Session
 from .streaming import final_result, session_events
 
-def read_model(path, max_context: int | None, cache_tokens: int | None, page_size: int):
-    """Checkpoint, config, spec, served context, tokenizer and the pool's page count (no weights)."""
+def read_model(path):
+    """Checkpoint, config, spec and tokenizer of a model (no weights)."""
     ckpt = locate(path)
     config = load_config(ckpt)
-    spec = spec_from_config(config)
-    context = min(max_context or spec.max_positions, spec.max_positions)
-    spec.check_context(context)
-    tokenizer = load_tokenizer(ckpt)
-    pages = -(-(cache_tokens or min(4 * context, 65536)) // page_size)
-    return ckpt, config, spec, context, tokenizer, pages
+    return ckpt, config, spec_from_config(config), load_tokenizer(ckpt)
 
 
 class HogwildEngine:
@@ -101,38 +96,34 @@ class HogwildEngine:
         cuda_graphs: replay decode passes from CUDA graphs (None: on for CUDA with Triton attention
         in one process; True needs both; False: every pass eager).
         """
-        if backend not in ("local", "ray"):
-            raise InvalidRequestError(f"backend must be 'local' or 'ray', got {backend!r}")
-        if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
-            raise InvalidRequestError(f"tp must be an integer >= 1, got {tp!r}")
-        if backend == "local" and tp != 1:
-            raise InvalidRequestError(f"tp={tp} needs backend='ray' (the local backend runs one rank)")
-        if backend == "local" and (shard_resources or coordinator_resources):
-            raise InvalidRequestError("shard_resources and coordinator_resources place Ray actors: they need "
-                                      "backend='ray'")
-        if backend == "ray":
+        config = EngineConfig.create(
+            path, device, dtype, check_device=backend != "ray", backend=backend, tp=tp, cache_tokens=cache_tokens,
+            page_size=page_size, max_context=max_context, attention=attention, cuda_graphs=cuda_graphs,
+            ray_address=ray_address, placement_timeout_s=placement_timeout_s, step_timeout_s=step_timeout_s,
+            shard_resources=shard_resources, coordinator_resources=coordinator_resources)
+        if config.backend == "ray":
             if parallel is not None:
                 raise InvalidRequestError("parallel= is for one rank of your own process group; "
                                           "backend='ray' builds its ranks itself (use tp=)")
             from .runtime.engine import RayHogwildEngine
 
-            return RayHogwildEngine.create(path, device, dtype, cache_tokens=cache_tokens, page_size=page_size,
-                                           max_context=max_context, attention=attention, tp=tp,
-                                           ray_address=ray_address, placement_timeout_s=placement_timeout_s,
-                                           step_timeout_s=step_timeout_s, shard_resources=shard_resources,
-                                           coordinator_resources=coordinator_resources, cuda_graphs=cuda_graphs)
-        check_options(attention, page_size, cache_tokens, max_context)
-        dev = resolve_device(device)
-        graphs = check_graphs(cuda_graphs, attention, dev, parallel)
-        dt = resolve_dtype(dtype, dev)
-        ckpt, config, spec, context, tokenizer, pages = read_model(path, max_context, cache_tokens, page_size)
-        check_attention(attention, dev)
+            return RayHogwildEngine.create(config)
+        return cls.load(config, parallel)
+
+    @classmethod
+    def load(cls, config: EngineConfig, parallel: TensorParallel | None = None) -> HogwildEngine:
+        """An in-process engine for a checked config (one rank's slice with `parallel`)."""
+        dev = config.torch_device
+        graphs = check_graphs(config.cuda_graphs, config.attention, dev, parallel)
+        ckpt, model_config, spec, tokenizer = read_model(config.model)
+        config = config.sized(spec.max_positions)
+        spec.check_context(config.max_context)
+        check_attention(config.attention, dev)
         if dev.type == "cpu":
             threads.govern()  # unless the user fixed the count
-        runner = ModelRunner.load(ckpt, dev, dt, pages=pages, page_size=page_size, max_context=context,
-                                  attention=attention, cuda_graphs=graphs, parallel=parallel, config=config,
-                                  spec=spec)
-        return cls(spec, tokenizer, runner, PageAllocator(pages, page_size), dev, context, ckpt.label)
+        runner = ModelRunner.load(config, graphs, parallel, ckpt=ckpt, model_config=model_config, spec=spec)
+        return cls(spec, tokenizer, runner, PageAllocator(config.pages, config.page_size), dev, config.max_context,
+                   ckpt.label)
 
     def close(self) -> None:
         """Release what the engine holds (the Ray engine stops its shards); idempotent."""

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .errors import CacheFullError, ContextLengthError, InvalidRequestError
+from .errors import CacheFullError, ContextLengthError, InvalidRequestError, check_int
 from .core.detokenize import IncrementalText
 from .core.layout import CacheLayout, WriteStep
 from .core.protocol import (
@@ -70,9 +70,8 @@ class Session:
     ) -> None:
         if not isinstance(problem, str) or not problem.strip():
             raise InvalidRequestError("problem must be a non-empty string")
-        for name, v in (("max_tokens", max_tokens), ("max_steps", max_steps)):
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-                raise InvalidRequestError(f"{name} must be an integer >= 1 or None, got {v!r}")
+        check_int("max_tokens", max_tokens, 1, none="")
+        check_int("max_steps", max_steps, 1, none="")
         self.engine, self.options = engine, options
         self.max_tokens, self.max_steps = max_tokens, max_steps
         self.layout = CacheLayout(layout, workers, engine.allocator)

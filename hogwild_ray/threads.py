@@ -105,10 +105,9 @@ def set_threads(threads: int | None) -> int:
 
     global _governor, _fixed
     if threads is not None:
-        if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
-            from .errors import InvalidRequestError
+        from .errors import check_int
 
-            raise InvalidRequestError(f"threads must be an integer >= 1 or None, got {threads!r}")
+        check_int("threads", threads, 1)
         torch.set_num_threads(threads)
         _governor, _fixed = None, True
     else:

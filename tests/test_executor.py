@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import hogwild_ray as hw
+from hogwild_ray.config import EngineConfig
 from hogwild_ray.executor import LocalExecutor, SessionPass
 from hogwild_ray.core.layout import CacheLayout, PageAllocator
 from hogwild_ray.runner import ModelRunner
@@ -26,8 +27,9 @@ def runner_pair(random_model):
     path, _ = random_model("qwen3", "yarn")
 
     def load() -> tuple[ModelRunner, PageAllocator]:
-        runner = ModelRunner.load(path, torch.device("cpu"), torch.float32, pages=512, page_size=4,
-                                  max_context=1024, attention="torch", cuda_graphs=False)
+        config = EngineConfig.create(path, "cpu", "float32", cache_tokens=2048, page_size=4, max_context=1024,
+                                     attention="torch").sized(4096)
+        runner = ModelRunner.load(config, cuda_graphs=False)
         return runner, PageAllocator(512, 4)
 
     return load(), load()

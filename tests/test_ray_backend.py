@@ -207,17 +207,19 @@ def test_shards_run_several_sessions_in_one_pass(llama):
     the shards replay every session's layout operations, in the coordinator's order."""
     import random
 
-    from hogwild_ray.executor import LocalExecutor, SessionPass
+    from hogwild_ray.config import EngineConfig
     from hogwild_ray.core.layout import CacheLayout
+    from hogwild_ray.executor import SessionPass
     from hogwild_ray.runtime.placement import release, reserve
     from hogwild_ray.runtime.sharded import ShardedEngine
 
-    options = dict(cache_tokens=2048, page_size=4, max_context=1024, attention="torch", cuda_graphs=False)
+    options = dict(cache_tokens=2048, page_size=4, max_context=1024, attention="torch", cuda_graphs=False,
+                   step_timeout_s=60)
     pg = reserve(2, False, 30)
     sharded = None
     try:
-        sharded = ShardedEngine.create(str(llama[0]), "cpu", "float32", options, tp=2, placement=pg,
-                                       step_timeout_s=60)
+        config = EngineConfig.create(str(llama[0]), "cpu", "float32", backend="ray", tp=2, **options)
+        sharded = ShardedEngine.create(config, pg)
         local = hw.HogwildEngine.from_pretrained(llama[0], "cpu", "float32", cache_tokens=2048, page_size=4,
                                                  max_context=1024, attention="torch")
         rng = random.Random(1)

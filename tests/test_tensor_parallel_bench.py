@@ -38,7 +38,10 @@ def test_multicast_off_keeps_explicit_values(monkeypatch):
 
 
 def test_shards_start_with_multicast_off():
-    with ShardGroup(ModelShard, 2, args=("random:tiny", "cpu", None, {}, 2)) as group:
+    from hogwild_ray.config import EngineConfig
+
+    config = EngineConfig.create("random:tiny", "cpu", backend="ray", tp=2).sized(2048)
+    with ShardGroup(ModelShard, 2, args=(config,)) as group:
         assert group.step(("env", ())) == NCCL_ENV
     assert_clean()
 

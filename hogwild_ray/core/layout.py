@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..errors import CacheFullError, InvalidRequestError
+from ..errors import CacheFullError, InvalidRequestError, check_int
 
 LAYOUTS = ("combined", "contiguous", "interleaved")
 
@@ -135,8 +135,7 @@ class CacheLayout:
     def __init__(self, kind: str, workers: int, allocator: PageAllocator) -> None:
         if kind not in LAYOUTS:
             raise InvalidRequestError(f"layout must be one of {', '.join(LAYOUTS)}, got {kind!r}")
-        if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
-            raise InvalidRequestError(f"workers must be an integer >= 1, got {workers!r}")
+        check_int("workers", workers, 1)
         self.kind, self.workers, self.allocator = kind, workers, allocator
         self.common = Block("common")
         self.hdr_others = Block("hdr_others")

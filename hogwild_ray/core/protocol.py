@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from ..errors import InvalidRequestError
+from ..errors import InvalidRequestError, check_int
 
 NAMES = (
     "Alice", "Bob", "Carol", "Dave", "Erin", "Frank", "Grace", "Heidi",
@@ -154,14 +154,8 @@ class ProtocolOptions:
     stop_on_answer: bool = True
 
     def __post_init__(self) -> None:
-        every = self.redundancy_every
-        if every is not None and (not isinstance(every, int) or isinstance(every, bool) or every < 1):
-            raise InvalidRequestError(
-                f"redundancy_every must be an integer >= 1 or None (off), got {self.redundancy_every!r}"
-            )
-        n = self.finisher_tokens
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise InvalidRequestError(f"finisher_tokens must be an integer >= 1, got {self.finisher_tokens!r}")
+        check_int("redundancy_every", self.redundancy_every, 1, none="off")
+        check_int("finisher_tokens", self.finisher_tokens, 1)
 
 
 @dataclass

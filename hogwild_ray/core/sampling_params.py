@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..errors import InvalidRequestError
+from ..errors import InvalidRequestError, check_int
 
 
 @dataclass(frozen=True)
@@ -22,14 +22,10 @@ class SamplingParams:
             raise InvalidRequestError(
                 f"temperature must be a finite number >= 0 (0 is greedy), got {self.temperature!r}"
             )
-        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
-            raise InvalidRequestError(f"top_k must be an integer >= 0 (0 turns it off), got {self.top_k!r}")
+        check_int("top_k", self.top_k, 0, hint="0 turns it off")
         if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
             raise InvalidRequestError(f"top_p must be in (0, 1] (1 turns it off), got {self.top_p!r}")
-        if self.seed is not None and (
-            not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**63
-        ):
-            raise InvalidRequestError(f"seed must be an integer in [0, 2**63) or None, got {self.seed!r}")
+        check_int("seed", self.seed, 0, 2**63, none="", hi_text="2**63")
 
     @property
     def greedy(self) -> bool:

@@ -9,12 +9,11 @@ the relocations of finished steps are its other device work.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from hogwild_kernels import QueryGroup, make_attention
 
 from ..cache import KVPool
+from ..config import EngineConfig
 from ..core.layout import Relocation, WriteStep
 from ..model import Decoder, ForwardBatch, ModelSpec
 from ..model.graphs import DecodeGraphs, Staged
@@ -35,21 +34,22 @@ class ModelRunner:
         self.graphs = DecodeGraphs(decoder, cache, max_context) if cuda_graphs else None
 
     @classmethod
-    def load(cls, path: str | Path | Checkpoint | None, device: torch.device, dtype: torch.dtype, *, pages: int,
-             page_size: int, max_context: int, attention: str, cuda_graphs: bool,
-             parallel: TensorParallel | None = None, config=None, spec: ModelSpec | None = None) -> ModelRunner:
-        """This rank's weights (its slice when `parallel` spans several ranks) and a pool of `pages`;
-        config and spec: the model's, when the caller has read them already."""
-        ckpt = path if isinstance(path, Checkpoint) else locate(path)
-        config = config if config is not None else load_config(ckpt)
-        spec = spec if spec is not None else spec_from_config(config)
+    def load(cls, config: EngineConfig, cuda_graphs: bool, parallel: TensorParallel | None = None, *,
+             ckpt: Checkpoint | None = None, model_config=None, spec: ModelSpec | None = None) -> ModelRunner:
+        """This rank's weights (its slice when `parallel` spans several ranks) and a pool of
+        `config.pages` (a sized config); ckpt, model_config, spec: the model's, when read already."""
+        ckpt = ckpt if ckpt is not None else locate(config.model)
+        model_config = model_config if model_config is not None else load_config(ckpt)
+        spec = spec if spec is not None else spec_from_config(model_config)
         plan = shard_plan(spec, parallel.rank, parallel.world) if parallel and parallel.world > 1 else None
         local = plan.local_spec(spec) if plan else spec  # this rank's head and MLP sizes
-        weights = load_weights(spec, weight_reader(ckpt, config), device, dtype, tp=plan)
-        cache = KVPool(spec.num_layers, pages, page_size, local.num_kv_heads, spec.head_dim, dtype, device)
-        backend = make_attention(attention, device, spec.inv_freq, spec.rope_scale, spec.sm_scale,
+        device, dtype = config.torch_device, config.torch_dtype
+        weights = load_weights(spec, weight_reader(ckpt, model_config), device, dtype, tp=plan)
+        cache = KVPool(spec.num_layers, config.pages, config.page_size, local.num_kv_heads, spec.head_dim, dtype,
+                       device)
+        backend = make_attention(config.attention, device, spec.inv_freq, spec.rope_scale, spec.sm_scale,
                                  local.num_kv_heads)
-        return cls(spec, Decoder(local, weights, backend, parallel), cache, device, max_context, cuda_graphs)
+        return cls(spec, Decoder(local, weights, backend, parallel), cache, device, config.max_context, cuda_graphs)
 
     # ---- page moves --------------------------------------------------------------------------
     def copy_pages(self, copies: list[tuple[int, int]]) -> None:

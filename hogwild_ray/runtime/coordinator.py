@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from ..config import EngineConfig
 from ..errors import InvalidRequestError
 from ..core.results import SolveResult, Stats
 from ..session import Session
@@ -66,11 +67,9 @@ class Coordinator:
     def ready(self) -> bool:
         return True
 
-    def load(self, path: str | None, device: str, dtype: str | None, options: dict[str, Any], tp: int,
-             placement: Any, step_timeout_s: float) -> EngineInfo:
+    def load(self, config: EngineConfig, placement: Any) -> EngineInfo:
         """Read the model, start the shards in `placement` (bundles 0..tp-1), load their weights."""
-        self.engine = ShardedEngine.create(path, device, dtype, options, tp=tp, placement=placement,
-                                           step_timeout_s=step_timeout_s)
+        self.engine = ShardedEngine.create(config, placement)
         e = self.engine
         return EngineInfo(e.spec, e.label, e.max_context, e.eos_ids, e.timings, self.placement())
 

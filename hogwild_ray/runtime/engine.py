@@ -19,14 +19,12 @@ from __future__ import annotations
 import atexit
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
 
-from ..config import check_graphs, check_options
+from ..config import EngineConfig
 from ..engine import HogwildEngine
-from ..errors import InvalidRequestError
 from ..core.events import Event
 from ..model.loader import quick_spec
 from ..model.parallel import shard_plan
@@ -34,7 +32,7 @@ from ..ray_address import check_reachable
 from ..core.results import SolveResult
 from .coordinator import Coordinator
 from .errors import ChannelTimeoutError, ClusterResourceError, CoordinatorFailedError, ShardFailedError
-from .placement import check_resources, cluster_summary, release, reserve
+from .placement import cluster_summary, release, reserve
 from .remote_session import RemoteSession
 
 CALL_GRACE_S = 10.0  # beyond the coordinator's own step timeouts, before its silence counts as a hang
@@ -71,54 +69,35 @@ class RayHogwildEngine(HogwildEngine):
         atexit.register(self.close)
 
     @classmethod
-    def create(
-        cls, path: str | Path | None, device: str | torch.device, dtype: str | torch.dtype | None, *,
-        cache_tokens: int | None, page_size: int, max_context: int | None, attention: str, tp: int,
-        ray_address: str | None, placement_timeout_s: float, step_timeout_s: float, load_timeout_s: float = 600.0,
-        shard_resources: dict[str, float] | None = None, coordinator_resources: dict[str, float] | None = None,
-        cuda_graphs: bool | None = None,
-    ) -> RayHogwildEngine:
+    def create(cls, config: EngineConfig, load_timeout_s: float = 600.0) -> RayHogwildEngine:
+        """Reserve the shards' placement group, start the coordinator in it and let it load the model."""
         import ray
 
-        check_options(attention, page_size, cache_tokens, max_context)
-        shard_resources = check_resources("shard_resources", shard_resources)
-        coordinator_resources = check_resources("coordinator_resources", coordinator_resources) or None
-        for name, v in (("placement_timeout_s", placement_timeout_s), ("step_timeout_s", step_timeout_s)):
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
-                raise InvalidRequestError(f"{name} must be a number of seconds > 0, got {v!r}")
-        try:
-            dev = torch.device(device)
-        except (RuntimeError, TypeError) as e:
-            raise InvalidRequestError(f"device {device!r} is not a torch device (try 'cpu' or 'cuda')") from e
-        if isinstance(dtype, torch.dtype):
-            dtype = str(dtype).removeprefix("torch.")
-        if cuda_graphs is not None:
-            check_graphs(cuda_graphs, attention, dev, None)
-        options = dict(cache_tokens=cache_tokens, page_size=page_size, max_context=max_context, attention=attention,
-                       cuda_graphs=cuda_graphs)
-        if tp > 1:  # the model's config says whether it splits, before Ray or any actor starts
-            shard_plan(quick_spec(path), 0, tp)
-        check_reachable(ray_address)
+        if config.tp > 1:  # the model's config says whether it splits, before Ray or any actor starts
+            shard_plan(quick_spec(config.model), 0, config.tp)
+        check_reachable(config.ray_address)
 
         t0 = time.perf_counter()
         if not ray.is_initialized():
-            ray.init(address=ray_address, log_to_driver=False)
+            ray.init(address=config.ray_address, log_to_driver=False)
         t1 = time.perf_counter()
-        pg = reserve(tp, dev.type == "cuda", placement_timeout_s, resources=shard_resources)
+        pg = reserve(config.tp, config.torch_device.type == "cuda", config.placement_timeout_s,
+                     resources=config.shard_resources)
         t2 = time.perf_counter()
         coordinator = None
         try:
-            coordinator = start_coordinator(pg, coordinator_resources, placement_timeout_s, load_timeout_s)
+            coordinator = start_coordinator(pg, config.coordinator_resources, config.placement_timeout_s,
+                                            load_timeout_s)
             t3 = time.perf_counter()
-            info = ray.get(coordinator.load.remote(None if path is None else str(path), str(dev), dtype, options, tp,
-                                                   pg, step_timeout_s), timeout=load_timeout_s)
+            info = ray.get(coordinator.load.remote(config, pg), timeout=load_timeout_s)
         except BaseException as e:
             if coordinator is not None:
                 ray.kill(coordinator)
             release(pg)
             raise _unwrap(e, "load", load_timeout_s) from e
         startup = {"ray_start_s": t1 - t0, "placement_s": t2 - t1, "coordinator_start_s": t3 - t2, **info.timings}
-        return cls(coordinator, pg, info, dev, tp, page_size, step_timeout_s, startup)
+        return cls(coordinator, pg, info, config.torch_device, config.tp, config.page_size, config.step_timeout_s,
+                   startup)
 
     # ---- calls to the coordinator ------------------------------------------------------------
     def _call(self, method: str, *args: Any, messages: int | None = 1) -> Any:

@@ -16,29 +16,9 @@ from typing import Mapping
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 
-from ..errors import InvalidRequestError
 from .errors import ClusterResourceError
 
 Resources = Mapping[str, float]
-
-
-def check_resources(name: str, resources: Resources | None) -> dict[str, float]:
-    """A copy of `resources` ({custom resource: amount > 0}), or InvalidRequestError naming what is wrong."""
-    if resources is None:
-        return {}
-    if not isinstance(resources, Mapping):
-        raise InvalidRequestError(f"{name} must be a dict of custom resource -> amount, got {resources!r}")
-    out = {}
-    for key, amount in resources.items():
-        if key in ("CPU", "GPU", "memory", "object_store_memory"):
-            raise InvalidRequestError(
-                f"{name} names {key!r}, which the engine sets itself (1 CPU, and 1 GPU on CUDA, per shard); "
-                "give only custom resources, e.g. {'gpu_node': 1} for a node started with "
-                "ray start --resources='{\"gpu_node\": 8}'")
-        if not isinstance(key, str) or isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount <= 0:
-            raise InvalidRequestError(f"{name} must map resource names to amounts > 0, got {key!r}: {amount!r}")
-        out[key] = float(amount)
-    return out
 
 
 def bundles(shards: int, use_gpu: bool, resources: Resources | None = None) -> list[dict[str, float]]:

@@ -23,6 +23,7 @@ import datetime
 import time
 from typing import Any
 
+from ..config import EngineConfig
 from .channel import ShmSpec, SocketSpec, connect
 from .errors import ChannelClosedError, ChannelTimeoutError
 
@@ -39,10 +40,9 @@ def multicast_off() -> dict[str, str]:
 class ModelShard:
     """Rank `rank` of `world`: loads its slice of the model on "init", then serves sessions."""
 
-    def __init__(self, path: str, device: str, dtype: str | None, engine_kwargs: dict[str, Any],
-                 world: int, rendezvous_timeout_s: float = 120.0, collective_timeout_s: float = 600.0) -> None:
-        self.path, self.device, self.dtype = path, device, dtype
-        self.engine_kwargs, self.world = dict(engine_kwargs), world
+    def __init__(self, config: EngineConfig, rendezvous_timeout_s: float = 120.0,
+                 collective_timeout_s: float = 600.0) -> None:
+        self.config, self.world = config, config.tp  # sized: the context and pool the coordinator settled
         self.rendezvous_timeout_s, self.collective_timeout_s = rendezvous_timeout_s, collective_timeout_s
         self.runner = self.allocator = self.executor = self.store = self.parallel = None
         self.stall_s = 0.0
@@ -60,16 +60,15 @@ class ModelShard:
         return f"{ip}:{self.store.port}"
 
     def _init(self, rank: int, store: str | None) -> None:
-        import torch
         import torch.distributed as dist
 
-        from ..config import resolve_dtype
+        from ..config import check_attention, check_graphs
         from ..executor import LocalExecutor
         from ..core.layout import PageAllocator
         from ..model.parallel import TensorParallel
         from ..runner import ModelRunner
 
-        device = torch.device(self.device)
+        config, device = self.config, self.config.torch_device
         if device.type == "cpu":
             from ..threads import set_threads
 
@@ -83,13 +82,10 @@ class ModelShard:
             dist.init_process_group(backend, store=self.store, rank=rank, world_size=self.world,
                                     timeout=datetime.timedelta(seconds=self.collective_timeout_s))
         self.parallel = TensorParallel(rank, self.world, None) if self.world > 1 else None
-        o = self.engine_kwargs
-        pages = o["cache_tokens"] // o["page_size"]
-        self.runner = ModelRunner.load(self.path, device, resolve_dtype(self.dtype, device), pages=pages,
-                                       page_size=o["page_size"], max_context=o["max_context"],
-                                       attention=o["attention"], cuda_graphs=bool(o["cuda_graphs"]),
-                                       parallel=self.parallel)
-        self.allocator = PageAllocator(pages, o["page_size"])
+        check_attention(config.attention, device)
+        graphs = check_graphs(config.cuda_graphs, config.attention, device, self.parallel)
+        self.runner = ModelRunner.load(config, graphs, self.parallel)
+        self.allocator = PageAllocator(config.pages, config.page_size)
         self.executor = LocalExecutor(self.runner)
 
     def _kv(self, rank: int, pages: list[int]) -> Any:

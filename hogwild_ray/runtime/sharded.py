@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from ..config import EngineConfig
 from ..engine import HogwildEngine, read_model
 from ..core.layout import PageAllocator
 from ..model.parallel import shard_plan
@@ -25,28 +26,25 @@ class ShardedEngine(HogwildEngine):
     timings: dict[str, float]
 
     @classmethod
-    def create(cls, path: str | None, device: str, dtype: str | None, options: dict[str, Any], *, tp: int,
-               placement: Any, step_timeout_s: float, start_timeout_s: float = 120.0,
+    def create(cls, config: EngineConfig, placement: Any, start_timeout_s: float = 120.0,
                load_timeout_s: float = 600.0) -> ShardedEngine:
-        """Read the model here, start its shards in bundles 0..tp-1 of `placement`, load their weights.
-
-        options: cache_tokens, page_size, max_context, attention (checked by the caller)."""
+        """Read the model here, start its shards in bundles 0..tp-1 of `placement`, load their weights."""
         from .shard import ModelShard
         from .supervisor import ShardGroup
 
         t0 = time.perf_counter()
-        ckpt, _, spec, context, tokenizer, pages = read_model(path, options["max_context"], options["cache_tokens"],
-                                                              options["page_size"])
-        if tp > 1:
-            shard_plan(spec, 0, tp)  # UnsupportedModelError naming the valid degrees, before any actor starts
-        kwargs = dict(options, cache_tokens=pages * options["page_size"], max_context=context)
-        engine = cls(spec, tokenizer, None, PageAllocator(pages, options["page_size"]), torch.device(device),
-                     context, ckpt.label)
+        ckpt, _, spec, tokenizer = read_model(config.model)
+        config = config.sized(spec.max_positions)
+        spec.check_context(config.max_context)
+        if config.tp > 1:
+            shard_plan(spec, 0, config.tp)  # UnsupportedModelError naming the valid degrees, before any actor starts
+        engine = cls(spec, tokenizer, None, PageAllocator(config.pages, config.page_size), config.torch_device,
+                     config.max_context, ckpt.label)
         engine.executor = RayExecutor(engine)
         t1 = time.perf_counter()
-        engine.group = ShardGroup(ModelShard, tp, args=(path, device, dtype, kwargs, tp),
-                                  use_gpu=torch.device(device).type == "cuda", placement=placement,
-                                  start_timeout=start_timeout_s, step_timeout=step_timeout_s)
+        engine.group = ShardGroup(ModelShard, config.tp, args=(config,),
+                                  use_gpu=config.torch_device.type == "cuda", placement=placement,
+                                  start_timeout=start_timeout_s, step_timeout=config.step_timeout_s)
         t2 = time.perf_counter()
         try:
             store = engine.group.step(("store", ()))
@@ -54,7 +52,7 @@ class ShardedEngine(HogwildEngine):
         except BaseException:
             engine.close()
             raise
-        engine.tp = tp
+        engine.tp = config.tp
         engine.timings = {"read_model_s": t1 - t0, "shard_start_s": t2 - t1, "weights_s": time.perf_counter() - t2}
         return engine
 
