@@ -92,3 +92,9 @@ def test_the_package_and_its_options_load_without_torch_triton_or_ray():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("0.7 True")
+
+
+def test_only_the_runtime_package_imports_ray():
+    outside = [f for f in PACKAGE.rglob("*.py") if "runtime" not in f.relative_to(PACKAGE).parts]
+    bad = [(module_name(f), m) for f in outside for m in imports_of(f) if m == "ray" or m.startswith("ray.")]
+    assert not bad, bad

@@ -50,33 +50,13 @@ def devices() -> list[dict[str, Any]]:
     return [{"type": "cpu", "name": cpu_name(), "cores": cpu_cores()}]
 
 
-def ray_cluster(address: str | None) -> dict[str, Any] | None:
-    """The cluster's nodes and resources; None when no address is given and none is running."""
-    import ray
-
-    was_connected = ray.is_initialized()
-    if not was_connected:
-        try:
-            ray.init(address=address or "auto", log_to_driver=False, logging_level="ERROR")
-        except ConnectionError:
-            if address is None:
-                return None
-            raise
-    try:
-        nodes = [{"node_ip": n["NodeManagerAddress"], "alive": n["Alive"], "resources": n["Resources"]}
-                 for n in ray.nodes()]
-        return {"address": ray.get_runtime_context().gcs_address, "resources": ray.cluster_resources(),
-                "available": ray.available_resources(), "nodes": nodes}
-    finally:
-        if not was_connected:
-            ray.shutdown()
-
-
 def execute(args: argparse.Namespace, engine=None) -> int:
     from ..errors import InvalidRequestError
     from ..ray_address import check_reachable
 
     check_reachable(args.address)
+    from ..runtime.cluster_info import ray_cluster
+
     try:
         cluster = ray_cluster(args.address)
     except ConnectionError as e:
