@@ -7,7 +7,6 @@ from __future__ import annotations
 import random
 
 import pytest
-import torch
 
 import hogwild_ray as hw
 from hogwild_ray.config import EngineConfig

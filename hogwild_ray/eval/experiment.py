@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 from ..errors import ContextLengthError, HogwildError, InvalidRequestError
 from ..core.sampling_params import SamplingParams
-from .runner import RunSpec, plan, run_budgets, worker_sampling
+from .runner import RunSpec, run_budgets, worker_sampling
 
 RESULTS, SUMMARY, PLOT = "results.jsonl", "summary.md", "accuracy.png"
 

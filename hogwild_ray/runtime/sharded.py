@@ -10,8 +10,6 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import torch
-
 from ..config import EngineConfig
 from ..engine import HogwildEngine, read_model
 from ..core.layout import PageAllocator
