@@ -3,26 +3,24 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import torch
+
 from . import threads
-from .config import EngineConfig, check_attention, check_graphs
 from .cache import KVPool
-from .errors import InvalidRequestError
-from .core.events import Event
-from .executor import Executor, LocalExecutor
+from .config import EngineConfig, check_attention, check_graphs
 from .core.layout import LAYOUTS, PageAllocator
+from .core.protocol import ProtocolOptions
+from .core.sampling_params import SamplingParams
+from .errors import InvalidRequestError
+from .executor import Executor, LocalExecutor
+from .front import EngineFront
 from .model import Decoder, locate, spec_from_config
 from .model.graphs import DecodeGraphs
 from .model.loader import load_config, load_tokenizer
 from .model.parallel import TensorParallel
-from .core.protocol import ProtocolOptions
-from .core.results import SolveResult
 from .runner import ModelRunner
-from .core.sampling_params import SamplingParams
 from .session import Session
-from .streaming import final_result, session_events
 
 def read_model(path):
     """Checkpoint, config, spec and tokenizer of a model (no weights)."""
@@ -31,8 +29,9 @@ def read_model(path):
     return ckpt, config, spec_from_config(config), load_tokenizer(ckpt)
 
 
-class HogwildEngine:
-    """Runs Hogwild! sessions of one model on one device."""
+class HogwildEngine(EngineFront):
+    """Runs Hogwild! sessions of one model in this process, over an executor: its own model
+    runner (the local backend), or the shard actors of a Ray cluster (inside the coordinator)."""
 
     def __init__(self, spec, tokenizer, runner: ModelRunner | None, allocator: PageAllocator,
                  device: torch.device, max_context: int, label: str, executor: Executor | None = None) -> None:
@@ -78,7 +77,7 @@ class HogwildEngine:
         shard_resources: dict[str, float] | None = None,
         coordinator_resources: dict[str, float] | None = None,
         cuda_graphs: bool | None = None,
-    ) -> HogwildEngine:
+    ) -> EngineFront:
         """Load a local HF directory or GGUF file (None: the built-in SmolLM2-135M-Instruct).
 
         cache_tokens: size of the preallocated K/V pool in tokens (all workers together);
@@ -96,19 +95,13 @@ class HogwildEngine:
         cuda_graphs: replay decode passes from CUDA graphs (None: on for CUDA with Triton attention
         in one process; True needs both; False: every pass eager).
         """
-        config = EngineConfig.create(
-            path, device, dtype, check_device=backend != "ray", backend=backend, tp=tp, cache_tokens=cache_tokens,
-            page_size=page_size, max_context=max_context, attention=attention, cuda_graphs=cuda_graphs,
-            ray_address=ray_address, placement_timeout_s=placement_timeout_s, step_timeout_s=step_timeout_s,
-            shard_resources=shard_resources, coordinator_resources=coordinator_resources)
-        if config.backend == "ray":
-            if parallel is not None:
-                raise InvalidRequestError("parallel= is for one rank of your own process group; "
-                                          "backend='ray' builds its ranks itself (use tp=)")
-            from .runtime.engine import RayHogwildEngine
+        from .api import from_pretrained  # the one place that picks the backend
 
-            return RayHogwildEngine.create(config)
-        return cls.load(config, parallel)
+        return from_pretrained(
+            path, device, dtype, cache_tokens=cache_tokens, page_size=page_size, max_context=max_context,
+            attention=attention, parallel=parallel, backend=backend, tp=tp, ray_address=ray_address,
+            placement_timeout_s=placement_timeout_s, step_timeout_s=step_timeout_s, shard_resources=shard_resources,
+            coordinator_resources=coordinator_resources, cuda_graphs=cuda_graphs)
 
     @classmethod
     def load(cls, config: EngineConfig, parallel: TensorParallel | None = None) -> HogwildEngine:
@@ -124,15 +117,6 @@ class HogwildEngine:
         runner = ModelRunner.load(config, graphs, parallel, ckpt=ckpt, model_config=model_config, spec=spec)
         return cls(spec, tokenizer, runner, PageAllocator(config.pages, config.page_size), dev, config.max_context,
                    ckpt.label)
-
-    def close(self) -> None:
-        """Release what the engine holds (the Ray engine stops its shards); idempotent."""
-
-    def __enter__(self) -> HogwildEngine:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # ---- sessions --------------------------------------------------------------------------
     def start(
@@ -166,49 +150,3 @@ class HogwildEngine:
             )
         return Session(self, problem, workers, sampling, layout, max_tokens, max_steps,
                        ProtocolOptions(**protocol_options))
-
-    def stream(
-        self,
-        problem: str,
-        workers: int = 2,
-        *,
-        max_tokens: int | None = 1024,
-        sampling: SamplingParams | list[SamplingParams] | None = None,
-        layout: str = "combined",
-        max_steps: int | None = None,
-        on_step: Callable[[Session, dict[int, list[int]]], None] | None = None,
-        **protocol_options,
-    ) -> Iterator[Event]:
-        """Run a session, yielding its events (hogwild_ray.core.events) as it goes; the last is Done.
-
-        The arguments are those of `solve`. Nothing runs until the first event is asked for;
-        leaving the loop early closes the session."""
-        session = self.start(problem, workers, sampling=sampling, layout=layout, max_tokens=max_tokens,
-                             max_steps=max_steps, **protocol_options)
-        yield from session_events(session, on_step)
-
-    def solve(
-        self,
-        problem: str,
-        workers: int = 2,
-        *,
-        max_tokens: int | None = 1024,
-        sampling: SamplingParams | list[SamplingParams] | None = None,
-        layout: str = "combined",
-        max_steps: int | None = None,
-        on_step: Callable[[Session, dict[int, list[int]]], None] | None = None,
-        **protocol_options,
-    ) -> SolveResult:
-        """Run a session to its end (by consuming `stream`); on_step(session, new_tokens) is
-        called after each pass."""
-        return final_result(self.stream(problem, workers, max_tokens=max_tokens, sampling=sampling,
-                                        layout=layout, max_steps=max_steps, on_step=on_step, **protocol_options))
-
-    def solve_many(self, problems: Iterable[str | dict], out: str | Path | None = None, *,
-                   progress: bool = True, **options) -> list[dict]:
-        """Solve each problem (a string, or a dict with `problem` and an optional `id`); one JSON
-        line per result appended to `out`, whose finished ids are skipped (a rerun resumes).
-        options: those of `solve`. Returns every problem's record, in input order."""
-        from .batch import run_batch
-
-        return run_batch(lambda problem: self.solve(problem, **options), problems, out, progress)

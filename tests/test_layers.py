@@ -54,6 +54,7 @@ LAYERS = {  # files -> package modules they must never import
                   "hogwild_ray.cli"),
     ("executor",): ("hogwild_ray.session", "hogwild_ray.engine", "hogwild_ray.runtime", "hogwild_ray.cli"),
     ("runtime/shard",): ("hogwild_ray.engine", "hogwild_ray.session"),
+    ("engine", "session", "front", "executor", "runner", "core"): ("hogwild_ray.runtime",),
 }
 
 
@@ -98,3 +99,15 @@ def test_only_the_runtime_package_imports_ray():
     outside = [f for f in PACKAGE.rglob("*.py") if "runtime" not in f.relative_to(PACKAGE).parts]
     bad = [(module_name(f), m) for f in outside for m in imports_of(f) if m == "ray" or m.startswith("ray.")]
     assert not bad, bad
+
+
+def test_the_backend_is_picked_in_one_place():
+    """Only api.py reaches for the Ray engine; no engine class inherits from another backend's."""
+    users = [module_name(f) for f in PACKAGE.rglob("*.py") if "runtime" not in f.relative_to(PACKAGE).parts
+             and any(m.startswith("hogwild_ray.runtime.engine") for m in imports_of(f))]
+    assert users == ["hogwild_ray.api"], users
+    from hogwild_ray.engine import HogwildEngine
+    from hogwild_ray.front import EngineFront
+    from hogwild_ray.runtime.engine import RayHogwildEngine
+
+    assert issubclass(RayHogwildEngine, EngineFront) and not issubclass(RayHogwildEngine, HogwildEngine)

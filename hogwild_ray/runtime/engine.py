@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from ..config import EngineConfig
-from ..engine import HogwildEngine
+from ..front import EngineFront
 from ..core.events import Event
 from ..model.loader import quick_spec
 from ..model.parallel import shard_plan
@@ -53,7 +53,7 @@ def _first_line(e: BaseException) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
-class RayHogwildEngine(HogwildEngine):
+class RayHogwildEngine(EngineFront):
     """Runs Hogwild! sessions on `tp` shard actors of one model (one placement group, one node)."""
 
     def __init__(self, coordinator: Any, pg: Any, info: Any, device: torch.device, tp: int, page_size: int,
@@ -64,7 +64,6 @@ class RayHogwildEngine(HogwildEngine):
         self.device, self.tp, self.page_size, self.step_timeout_s = device, tp, page_size, step_timeout_s
         self.startup = startup  # seconds: ray_start, placement, coordinator_start, read_model, shard_start, weights
         self.placement = info.placement  # coordinator_node, shard_nodes (node ids), channel ("shm" or "socket")
-        self.runner = self.executor = None
         self._tokenizer = None
         atexit.register(self.close)
 
