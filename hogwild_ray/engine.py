@@ -1,4 +1,5 @@
-"""HogwildEngine: a model, a tokenizer and a paged K/V pool on one device, in process."""
+"""HogwildEngine: sessions of one model in this process, over an executor (its own runner or,
+inside the Ray coordinator, the shard actors)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from .model.loader import load_config, load_tokenizer
 from .model.parallel import TensorParallel
 from .runner import ModelRunner
 from .session import Session
+
 
 def read_model(path):
     """Checkpoint, config, spec and tokenizer of a model (no weights)."""
