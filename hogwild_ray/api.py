@@ -21,6 +21,11 @@ def from_pretrained(path: str | Path | None = None, device: str | torch.device =
                     backend: str = "local", **options) -> EngineFront:
     """An engine for a checked EngineConfig (see HogwildEngine.from_pretrained for the options)."""
     config = EngineConfig.create(path, device, dtype, check_device=backend != "ray", backend=backend, **options)
+    return load(config, parallel)
+
+
+def load(config: EngineConfig, parallel: TensorParallel | None = None) -> EngineFront:
+    """The engine of the config's backend (`parallel`: one rank of your own process group, local only)."""
     if config.backend == "ray":
         if parallel is not None:
             raise InvalidRequestError("parallel= is for one rank of your own process group; "

@@ -24,10 +24,8 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise InvalidRequestError(f"device {device!r} is not a torch device (try 'cpu' or 'cuda')") from e
+    """A device that exists here (parse_device: one that parses)."""
+    dev = parse_device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise InvalidRequestError("device 'cuda' asked for, but torch sees no CUDA GPU; use device='cpu'")
     return dev

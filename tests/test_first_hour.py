@@ -32,7 +32,11 @@ def no_load(monkeypatch):
     def loaded(*a, **k):
         raise AssertionError("a model load or Ray start began before the error")
 
+    import hogwild_ray.api
+
     monkeypatch.setattr(hw.HogwildEngine, "from_pretrained", loaded)
+    monkeypatch.setattr(hw.HogwildEngine, "load", loaded)
+    monkeypatch.setattr(hogwild_ray.api, "load", loaded)
     monkeypatch.setattr(ray, "init", loaded)
 
 

@@ -113,53 +113,47 @@ def session_options(args: argparse.Namespace) -> dict[str, Any]:
                 redundancy_every=None if args.no_redundancy else args.redundancy_every)
 
 
-def backend_of(args: argparse.Namespace) -> str:
-    backend = args.backend or ("ray" if args.tp > 1 or args.address else "local")
-    if backend == "local" and args.address:
-        raise InvalidRequestError("--address names a Ray cluster: add --backend ray (or drop --address)")
-    if backend == "local" and args.tp > 1:
-        raise InvalidRequestError(f"--tp {args.tp} needs --backend ray (the local backend runs one rank)")
-    return backend
+def preflight(args: argparse.Namespace):
+    """The engine's EngineConfig, and everything the model's files and config can tell, in seconds
+    and before any load: the options (EngineConfig.create's checks), the model's path and
+    architecture, the tensor-parallel split, and whether a named Ray cluster answers."""
+    import torch
 
-
-def preflight(args: argparse.Namespace) -> None:
-    """Everything the flags, the model's files and its config can tell, in seconds and before any
-    load: the backend, the device, the model's path and architecture, the tensor-parallel split,
-    and whether a named Ray cluster answers."""
-    from ..config import resolve_device
+    from ..config import EngineConfig
     from ..model.loader import quick_spec
     from ..model.parallel import shard_plan
     from ..ray_address import check_reachable
 
-    backend = backend_of(args)
-    if args.device is not None:
-        resolve_device(args.device)
+    backend = args.backend or ("ray" if args.tp > 1 or args.address else "local")
+    if backend == "local" and args.address:
+        raise InvalidRequestError("--address names a Ray cluster: add --backend ray (or drop --address)")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    config = EngineConfig.create(args.model, device, args.dtype, check_device=args.device is not None or
+                                 backend == "local", backend=backend, tp=args.tp, ray_address=args.address,
+                                 cuda_graphs=getattr(args, "cuda_graphs", None))
     spec = quick_spec(args.model)
-    if args.tp > 1:
-        shard_plan(spec, 0, args.tp)
-    if backend == "ray":
-        check_reachable(args.address)
+    if config.tp > 1:
+        shard_plan(spec, 0, config.tp)
+    if config.backend == "ray":
+        check_reachable(config.ray_address)
+    return config
 
 
 def load_engine(args: argparse.Namespace, quiet: bool = False):
     """The engine the model flags describe (checked by `preflight` first); the caller closes it."""
-    import torch
     from rich.console import Console
 
     from ..engine import HogwildEngine
     from ..threads import set_threads
 
-    preflight(args)
+    config = preflight(args)
     set_threads(getattr(args, "threads", None))
-    backend = backend_of(args)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    err = Console(stderr=True)
     if not quiet:
-        where = f" on Ray (tp={args.tp})" if backend == "ray" else ""
-        err.print(f"loading {args.model or 'the built-in SmolLM2-135M-Instruct'} on {device}{where} ...",
-                  style="dim", highlight=False)
-    return HogwildEngine.from_pretrained(args.model, device, args.dtype, backend=backend, tp=args.tp,
-                                         ray_address=args.address, cuda_graphs=getattr(args, "cuda_graphs", None))
+        where = f" on Ray (tp={config.tp})" if config.backend == "ray" else ""
+        Console(stderr=True).print(f"loading {args.model or 'the built-in SmolLM2-135M-Instruct'} on "
+                                   f"{config.device}{where} ...", style="dim", highlight=False)
+    return HogwildEngine.from_pretrained(args.model, config.device, config.dtype, backend=config.backend,
+                                         tp=config.tp, ray_address=config.ray_address, cuda_graphs=config.cuda_graphs)
 
 
 # library argument names -> the flags that set them, for errors shown on the command line

@@ -113,23 +113,17 @@ class LocalExecutor(Executor):
             tables.append(st.sampler.table([s.worker for s in steps], p.greedy))
         table = merge_tables(tables)
         logits, tokens = self.runner.forward([s for steps in planned for s in steps], table, staged)
-        out, row = {}, 0
+        rows, row = [], 0  # each session's rows of the pass
         for p, steps in zip(passes, planned):
-            st, n = self.sessions[p.session], len(steps)
             order = to_device([s.worker for s in steps], self.runner.device)
-            st.last.index_copy_(0, order, logits[row : row + n])  # on the device, no sync
-            out[p.session] = steps
-            row += n
+            self.sessions[p.session].last.index_copy_(0, order, logits[row : row + len(steps)])  # no sync
+            rows.append(slice(row, row + len(steps)))
+            row += len(steps)
         if len(passes) == 1:
-            self.sessions[passes[0].session].ahead = self._stage_next(self.sessions[passes[0].session],
-                                                                      planned[0], table.mode)
+            st = self.sessions[passes[0].session]
+            st.ahead = self._stage_next(st, planned[0], table.mode)
         ids = tokens.tolist()  # the one host sync
-        result, row = {}, 0
-        for p in passes:
-            n = len(out[p.session])
-            result[p.session] = (out[p.session], ids[row : row + n])
-            row += n
-        return result
+        return {p.session: (steps, ids[r]) for p, steps, r in zip(passes, planned, rows)}
 
     def _stage_next(self, st: SessionState, steps: list[WriteStep], mode: str) -> Ahead | None:
         if self.runner.graphs is None or any(len(s.tokens) != 1 for s in steps):

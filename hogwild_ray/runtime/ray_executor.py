@@ -121,16 +121,15 @@ class RayExecutor(Executor):
         CacheFullError here before any shard has seen the pass."""
         finishing = self._pending()
         wire = [(p.session, {w: list(t) for w, t in p.fed.items()}, p.greedy) for p in passes]
-        page = next(iter(self.layouts.values())).allocator.page_size if self.layouts else 1
-        worst_pages = sum(len(t) // page + 2 for p in passes for t in p.fed.values())
+        pool = self.engine.allocator  # every session's layout takes its pages from it
+        worst_pages = sum(len(t) // pool.page_size + 2 for p in passes for t in p.fed.values())
         planned: dict[int, list[WriteStep]] = {}
 
         def plan() -> None:
             for p in passes:
                 planned[p.session] = self.layouts[p.session].plan(p.fed)
 
-        free = self.layouts[passes[0].session].allocator.free_pages
-        if worst_pages > free:
+        if worst_pages > pool.free_pages:
             plan()
             tokens = self._call("run", finishing, wire)
         else:
