@@ -1,7 +1,7 @@
 """Many problems, one JSON line each, resumable: the logic behind `solve_many` and `hogwild-ray batch`.
 
-Pure logic apart from the output file: the caller passes the function that solves one
-problem. Results are appended one line at a time (flushed), so an interrupted run leaves
+Pure logic apart from the output file: the caller passes what solves the problems (one at a
+time, or many at once, each result handed over as it finishes). Results are appended one line at a time (flushed), so an interrupted run leaves
 every finished result in the file; a rerun reads the ids already there and skips them. A
 line cut short by the interruption is dropped before anything is appended.
 """
@@ -12,7 +12,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator, Union
 
 from .errors import ContextLengthError, InvalidRequestError
 from .core.results import SolveResult
@@ -120,25 +120,44 @@ class Reporter:
                        f"{failed} failed{where}")
 
 
-def run_batch(solve: Callable[[str], SolveResult], problems: Iterable[str | dict], out: str | Path | None = None,
-              progress: bool = True) -> list[dict]:
-    """Solve every problem whose id is not in `out` yet, appending its record; every record, input order.
+Outcome = Union[SolveResult, Exception]
+SolveAll = Callable[[list[tuple[Union[str, int], str]]], Iterator[tuple[Union[str, int], Outcome]]]
 
-    A problem too long for the context is recorded with an `error` and the run goes on; any other
-    error stops the run (the records written so far stay, and a rerun resumes after them)."""
+
+def one_at_a_time(solve: Callable[[str], SolveResult]) -> SolveAll:
+    """A SolveAll that solves the problems one after another with `solve(problem)`."""
+
+    def solve_all(todo: list[tuple[str | int, str]]) -> Iterator[tuple[str | int, Outcome]]:
+        for pid, text in todo:
+            try:
+                yield pid, solve(text)
+            except ContextLengthError as e:
+                yield pid, e
+
+    return solve_all
+
+
+def run_batch(solve_all: SolveAll, problems: Iterable[str | dict], out: str | Path | None = None,
+              progress: bool = True) -> list[dict]:
+    """Solve every problem whose id is not in `out` yet, appending its record as it finishes;
+    every record, input order. solve_all([(id, problem), ...]) yields (id, result) in the order
+    they finish, or (id, error) for a problem that cannot run (too long for the context, or more
+    than the cache could ever hold): recorded with an `error`, and the run goes on. An exception
+    it raises stops the run (the records written so far stay, and a rerun resumes after them)."""
     items = normalize(problems)
     path = Path(out) if out is not None else None
     finished = read_finished(path) if path is not None else {}
     todo = [(pid, text) for pid, text in items if pid not in finished]
+    texts = dict(todo)
     reporter = Reporter(len(items), len(items) - len(todo), path, progress)
     failed = 0
     sink = path.open("a", encoding="utf-8") if path is not None else None
     try:
-        for pid, text in todo:
-            try:
-                rec = record(text, solve(text), pid)
-            except ContextLengthError as e:
-                rec, failed = {"id": pid, "problem": text, "error": str(e)}, failed + 1
+        for pid, outcome in solve_all(todo):
+            if isinstance(outcome, Exception):
+                rec, failed = {"id": pid, "problem": texts[pid], "error": str(outcome)}, failed + 1
+            else:
+                rec = record(texts[pid], outcome, pid)
             finished[pid] = rec
             if sink is not None:
                 sink.write(json.dumps(rec) + "\n")

@@ -3,6 +3,7 @@ inside the Ray coordinator, the shard actors)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -21,7 +22,11 @@ from .model.graphs import DecodeGraphs
 from .model.loader import load_config, load_tokenizer
 from .model.parallel import TensorParallel
 from .runner import ModelRunner
-from .session import Session
+from .core.metrics import PassCounters
+from .core.scheduling import session_pages
+from .errors import check_int
+from .scheduler import Scheduler
+from .session import Session, check_prompt, prompt_ids, step_sessions
 
 
 def read_model(path):
@@ -45,6 +50,8 @@ class HogwildEngine(EngineFront):
         if tokenizer.eos_token_id is not None:
             eos.add(int(tokenizer.eos_token_id))
         self.eos_ids = frozenset(eos)
+        self.counters = PassCounters()
+        self.schedulers: list[Scheduler] = []  # those running now (what metrics() counts as running and waiting)
 
     # the runner's parts, for inspection and benchmarks (in-process engines)
     @property
@@ -130,6 +137,7 @@ class HogwildEngine(EngineFront):
         layout: str = "combined",
         max_tokens: int | None = 1024,
         max_steps: int | None = None,
+        write_prompt: bool = True,
         **protocol_options,
     ) -> Session:
         """Open a session; protocol_options are the fields of ProtocolOptions
@@ -138,17 +146,64 @@ class HogwildEngine(EngineFront):
         max_tokens: tokens each worker may generate. max_steps: a hard cap on the session's
         forward passes, the finisher's included (the workers stop `finisher_tokens` passes
         early while an answer is still missing, so that the finisher ends by pass max_steps;
-        they always get at least one pass). None: no limit."""
-        if layout not in LAYOUTS:
-            raise InvalidRequestError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
-        if "protocol" in protocol_options:
-            protocol_options["enabled"] = protocol_options.pop("protocol")
-        known = set(ProtocolOptions.__dataclass_fields__)
-        unknown = set(protocol_options) - known
-        if unknown:
-            raise InvalidRequestError(
-                f"unknown option(s) {', '.join(sorted(unknown))}; protocol options are protocol, "
-                f"{', '.join(sorted(known - {'enabled'}))}"
-            )
-        return Session(self, problem, workers, sampling, layout, max_tokens, max_steps,
-                       ProtocolOptions(**protocol_options))
+        they always get at least one pass). None: no limit. write_prompt=False: the prompt is
+        written by the session's first passes, a chunk at a time (how the scheduler starts a
+        session; the cache's free pages are then not checked here)."""
+        options = protocol_from(layout, protocol_options)
+        return Session(self, problem, workers, sampling, layout, max_tokens, max_steps, options, write_prompt)
+
+    def step(self, sessions: Sequence[Session], inject: dict[Session, dict[int, str]] | None = None
+             ) -> dict[Session, dict[int, list[int]]]:
+        """One forward pass for all the given sessions of this engine; each one's new tokens per
+        worker (as `session.step()` returns them). inject: {session: {worker: text}}. A session
+        whose writes do not fit the cache is closed and its error raised after the pass (the
+        others advanced)."""
+        return step_sessions(list(sessions), inject)
+
+    def request_pages(self, problem: str, workers: int = 2, *, layout: str = "combined",
+                      max_tokens: int | None = 1024, forced_tokens: int = 0, **protocol_options) -> int:
+        """The most K/V pages a session of this problem may hold at once (what the scheduler
+        reserves for it); ContextLengthError when its prompt does not fit the context."""
+        options = protocol_from(layout, protocol_options)
+        check_int("workers", workers, 1)
+        ids = prompt_ids(self.tokenizer, problem, workers, options)
+        check_prompt(len(ids), self.max_context)
+        return session_pages(layout, workers, len(ids), max_tokens, self.max_context, self.allocator.page_size,
+                             forced_tokens)
+
+    def _stream_many(self, items, workers, max_concurrent, options):
+        """The scheduler runs every problem in shared passes, admitting as pages free up."""
+        from .many import scheduled_events
+
+        yield from scheduled_events(self, items, workers, max_concurrent, options)
+
+    def metrics(self) -> dict:
+        """A snapshot: sessions running and waiting (in the engine's schedulers), the passes (count,
+        rows and sessions per pass, tokens generated, prompt tokens written, pass times) and the
+        K/V pages (used, free, shared by more than one session)."""
+        pool = self.allocator
+        return {
+            "sessions_running": sum(len(s.running) for s in self.schedulers),
+            "sessions_waiting": sum(s.waiting for s in self.schedulers),
+            **self.counters.snapshot(),
+            "pages_total": pool.num_pages, "pages_free": pool.free_pages,
+            "pages_used": pool.num_pages - pool.free_pages, "pages_shared": pool.shared_pages,
+            "page_size": pool.page_size,
+        }
+
+
+def protocol_from(layout: str, protocol_options: dict) -> ProtocolOptions:
+    """Checked ProtocolOptions from a start() call's keyword options."""
+    if layout not in LAYOUTS:
+        raise InvalidRequestError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    protocol_options = dict(protocol_options)
+    if "protocol" in protocol_options:
+        protocol_options["enabled"] = protocol_options.pop("protocol")
+    known = set(ProtocolOptions.__dataclass_fields__)
+    unknown = set(protocol_options) - known
+    if unknown:
+        raise InvalidRequestError(
+            f"unknown option(s) {', '.join(sorted(unknown))}; protocol options are protocol, "
+            f"{', '.join(sorted(known - {'enabled'}))}"
+        )
+    return ProtocolOptions(**protocol_options)

@@ -26,6 +26,12 @@ class SampleTable:
     values: np.ndarray  # [TABLE_ROWS, rows]
     mode: str  # "greedy" (argmax only), "sample" (Gumbel draws) or "filter" (draws after top-k / top-p)
 
+    def after_rows(self, n: int) -> SampleTable:
+        """This table behind n greedy rows whose samples nobody reads (a pass's prompt chunks)."""
+        if n == 0:
+            return self
+        return SampleTable(np.concatenate([np.zeros((TABLE_ROWS, n)), self.values], axis=1), self.mode)
+
 
 class Sampler:
     """Each worker's sampling params, seed and count of draws; the draws themselves are

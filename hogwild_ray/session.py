@@ -39,6 +39,8 @@ from .core.protocol import (
 )
 from .core.results import SolveResult, Stats
 from .core.sampling_params import SamplingParams, per_worker
+from .core.scheduling import PREFILL_CHUNK, take_chunks
+from .executor import SessionPass
 
 if TYPE_CHECKING:
     from .engine import HogwildEngine
@@ -58,6 +60,35 @@ class WorkerState:
     status: str = "active"  # active | eos | budget | idle
 
 
+def encode_text(tok, text: str) -> list[int]:
+    return tok(text, add_special_tokens=False)["input_ids"] if text else []
+
+
+def prompt_ids(tok, problem: str, workers: int, o: ProtocolOptions) -> list[int]:
+    """The token ids of a session's prompt (the system prompt, the problem, the history header)."""
+    if not o.enabled and not o.chat_template:
+        return list(tok(problem)["input_ids"])
+    template = getattr(tok, "chat_template", None)
+    system = system_prompt(workers)
+    if o.chat_template and template:
+        msgs = [{"role": "user", "content": problem}]
+        if o.enabled:
+            msgs.insert(0, {"role": "system", "content": system})
+        text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        text += think_prefix(template, text)
+    else:
+        text = (system + "\n\n" if o.enabled else "") + f"Problem: {problem}\n\nSolution:\n\n"
+    if o.enabled:
+        text += HISTORY_HEADER
+    return encode_text(tok, text)
+
+
+def check_prompt(tokens: int, max_context: int) -> None:
+    if tokens >= max_context:
+        raise ContextLengthError(f"the prompt is {tokens} tokens, the context holds {max_context}; "
+                                 "shorten the problem or load the model with a larger max_context")
+
+
 class Session:
     """Use `HogwildEngine.start`; this holds the layout, the workers and the stopping rules.
 
@@ -67,6 +98,7 @@ class Session:
     def __init__(
         self, engine: HogwildEngine, problem: str, workers: int, sampling: SamplingParams | list | None,
         layout: str, max_tokens: int | None, max_steps: int | None, options: ProtocolOptions,
+        write_prompt: bool = True,
     ) -> None:
         if not isinstance(problem, str) or not problem.strip():
             raise InvalidRequestError("problem must be a non-empty string")
@@ -78,8 +110,11 @@ class Session:
         self.params = per_worker(sampling, workers)
         self.executor = engine.executor.handle(self.layout, self.params)
         self.tok = engine.tokenizer
-        self.prompt_ids = self._prompt_ids(problem)
-        self._check_fits()
+        self.prompt_ids = prompt_ids(self.tok, problem, workers, options)
+        if write_prompt:  # a scheduled session's pages were reserved when it was admitted
+            self._check_fits()
+        else:
+            self._check_context()
         self.workers = [WorkerState(WorkerProtocol(w, options)) for w in range(workers)]
         self.answer: str | None = None
         self.done = False
@@ -91,14 +126,23 @@ class Session:
         self._forced: dict[int, str | None] = {}  # forced worker -> its answer, once it has one
         self.auto_close = True  # False: a finished run keeps its pages (fork it, then close() it)
         self._t0 = time.perf_counter()
-        try:
-            self._prefill()
-        except BaseException:
-            self.close()
-            raise
+        self._new: dict[int, list[int]] = {}  # the pass in flight: each worker's new tokens so far
+        self._unwritten = self._prompt_chunks()  # the shared blocks' tokens, in write order
+        if write_prompt:  # else the passes write them (a scheduled session), a chunk at a time
+            try:
+                while self._unwritten:
+                    block, ids = self._unwritten.pop(0)
+                    self.executor.prefill(getattr(self.layout, block), ids)
+            except BaseException:
+                self.close()
+                raise
+            self._prompt_written()
+
+    def _prompt_written(self) -> None:
+        """The shared blocks are in the cache: every worker opens its first step."""
         for ws in self.workers:
             self._open_step(ws)
-        if not options.enabled:
+        if not self.options.enabled:
             # No header to feed: each worker feeds the prompt's last token itself (held back
             # from the prefill), so its first pass yields the first token. Not reported as new.
             for ws in self.workers:
@@ -106,33 +150,14 @@ class Session:
 
     # ---- setup -------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
-        return self.tok(text, add_special_tokens=False)["input_ids"] if text else []
+        return encode_text(self.tok, text)
 
-    def _prompt_ids(self, problem: str) -> list[int]:
-        o = self.options
-        if not o.enabled and not o.chat_template:
-            return list(self.tok(problem)["input_ids"])
-        template = getattr(self.tok, "chat_template", None)
-        system = system_prompt(self.layout.workers)
-        if o.chat_template and template:
-            msgs = [{"role": "user", "content": problem}]
-            if o.enabled:
-                msgs.insert(0, {"role": "system", "content": system})
-            text = self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-            text += think_prefix(template, text)
-        else:
-            text = (system + "\n\n" if o.enabled else "") + f"Problem: {problem}\n\nSolution:\n\n"
-        if o.enabled:
-            text += HISTORY_HEADER
-        return self.encode(text)
+    def _check_context(self) -> None:
+        check_prompt(len(self.prompt_ids), self.engine.max_context)
 
     def _check_fits(self) -> None:
         eng, n = self.engine, self.layout.workers
-        if len(self.prompt_ids) >= eng.max_context:
-            raise ContextLengthError(
-                f"the prompt is {len(self.prompt_ids)} tokens, the context holds {eng.max_context}; "
-                "shorten the problem or load the model with a larger max_context"
-            )
+        self._check_context()
         if self.max_tokens is not None:
             per_worker_tokens = self.max_tokens + self.max_tokens // 4 + 64  # + headers and chunks
             need = len(self.prompt_ids) + 128 + n * per_worker_tokens
@@ -144,9 +169,10 @@ class Session:
                     "cache_tokens= to from_pretrained, or lower workers or max_tokens"
                 )
 
-    def _prefill(self) -> None:
-        """Write the prompt and the two constant headers once, shared by every worker."""
-        lay = self.layout
+    def _prompt_chunks(self) -> list[tuple[str, list[int]]]:
+        """The prompt and the two constant headers, written once and shared by every worker:
+        (block name, ids) in write order."""
+        lay, out = self.layout, []
         texts = {id(lay.common): None, id(lay.hdr_others): HEADER_OTHERS, id(lay.hdr_own): HEADER_OWN}
         for block in lay.shared_prefix_blocks():
             text = texts[id(block)]
@@ -155,7 +181,8 @@ class Session:
             else:
                 ids = self.encode(text) if self.options.enabled else []
             if ids:
-                self.executor.prefill(block, ids)
+                out.append((block.name, list(ids)))
+        return out
 
     def _open_step(self, ws: WorkerState) -> None:
         """Queue the forced prefix of the worker's next step (its header)."""
@@ -187,17 +214,25 @@ class Session:
 
     # ---- the step ----------------------------------------------------------------------
     def step(self, inject: dict[int, str] | None = None) -> dict[int, list[int]]:
-        """One forward pass of all active workers; returns each worker's new tokens."""
-        if self.done:
-            raise InvalidRequestError("this session is done; start a new one")
-        inject = inject or {}
-        if not isinstance(inject, dict):
-            raise InvalidRequestError(f"inject must be a dict {{worker: text}}, got {type(inject).__name__}")
-        for w, text in inject.items():
-            if not isinstance(w, int) or isinstance(w, bool) or not 0 <= w < len(self.workers):
-                raise InvalidRequestError(f"inject names worker {w!r}; workers are 0..{len(self.workers) - 1}")
-            if not isinstance(text, str):
-                raise InvalidRequestError(f"inject[{w}] must be a string (text to feed), got {type(text).__name__}")
+        """One forward pass of all active workers (this session alone); each worker's new tokens.
+
+        A session the scheduler admitted may still have prompt chunks to write: such a pass
+        writes the next chunk and returns no tokens."""
+        return step_sessions([self], {self: inject} if inject else None)[self]
+
+    @property
+    def prefilling(self) -> bool:
+        """Prompt chunks are still to be written (a scheduled session's first passes)."""
+        return bool(self._unwritten)
+
+    def begin_pass(self, inject: dict[int, str] | None = None, prefill_budget: int = PREFILL_CHUNK
+                   ) -> SessionPass | None:
+        """This session's part of the next pass: prompt chunks of at most prefill_budget tokens
+        while the prompt is unwritten (an empty part when the budget is 0), else what every
+        active worker feeds. None: nothing to feed, the run ends (see end_without_pass)."""
+        inject = self.check_inject(inject)
+        if self._unwritten:
+            return SessionPass(self.executor.session, prefill=take_chunks(self._unwritten, prefill_budget))
         try:  # a failure part way (e.g. a full cache) ends the session and gives its pages back
             extras = {w: self.encode(text) for w, text in inject.items()}
             finishing, self._finishing = self._finishing, []
@@ -219,13 +254,43 @@ class Session:
             new[w].extend(chunk[ws.reported:])
             fed[w] = chunk
         fed = self._enforce_context(fed, new)
+        self._new = new
         if not fed:
-            return self._finish_run(new)
-        try:
-            steps, sampled = self.executor.run(fed, greedy=bool(self._finishers))
-        except BaseException:
+            return None
+        return SessionPass(self.executor.session, fed, greedy=bool(self._finishers))
+
+    def check_inject(self, inject: dict[int, str] | None) -> dict[int, str]:
+        """A valid `inject` for the next pass of this session (which must not be done)."""
+        if self.done:
+            raise InvalidRequestError("this session is done; start a new one")
+        inject = inject or {}
+        if not isinstance(inject, dict):
+            raise InvalidRequestError(f"inject must be a dict {{worker: text}}, got {type(inject).__name__}")
+        for w, text in inject.items():
+            if not isinstance(w, int) or isinstance(w, bool) or not 0 <= w < len(self.workers):
+                raise InvalidRequestError(f"inject names worker {w!r}; workers are 0..{len(self.workers) - 1}")
+            if not isinstance(text, str):
+                raise InvalidRequestError(f"inject[{w}] must be a string (text to feed), got {type(text).__name__}")
+        if inject and self._unwritten:
+            raise InvalidRequestError("this session is still writing its prompt; inject once it has begun")
+        return inject
+
+    def end_without_pass(self) -> dict[int, list[int]]:
+        """After begin_pass returned None: the run's end."""
+        return self._finish_run(self._new)
+
+    def end_pass(self, part: SessionPass, out: tuple[list[WriteStep], list[int]] | Exception) -> dict[int, list[int]]:
+        """Take this session's results of a pass (or the error that kept it out: it closes and
+        raises); each worker's new tokens."""
+        if isinstance(out, Exception):
             self.close()
-            raise
+            raise out
+        if part.prefill:
+            if not self._unwritten:
+                self._prompt_written()
+            return {w: [] for w in range(len(self.workers))}
+        steps, sampled = out
+        new, fed = self._new, part.fed
         for s in steps:
             self._last_steps[s.worker] = s
         self.stats.forward_passes += 1
@@ -429,3 +494,61 @@ class Session:
         transcript = "\n\n".join(t.strip() for t in [history, *live] if t.strip())
         texts = [self.tok.decode(ws.stream) for ws in self.workers]
         return SolveResult(self.answer, texts, transcript, self.stats)
+
+
+def run_pass(sessions: Sequence[Session], inject: dict[Session, dict[int, str]] | None = None,
+             prefill_budget: int = PREFILL_CHUNK) -> dict[Session, dict[int, list[int]] | Exception]:
+    """One forward pass for the given sessions of one engine: each one's new tokens, or the
+    error that ended it (it is closed; the others ran). Prompt chunks share `prefill_budget`
+    tokens, first come first served; a session left without budget waits (no new tokens)."""
+    if len({id(s) for s in sessions}) != len(sessions):
+        raise InvalidRequestError("a session is listed twice; list each session once")
+    if len({id(s.executor.executor) for s in sessions}) > 1:
+        raise InvalidRequestError("these sessions belong to different engines; step each engine's sessions apart")
+    inject = inject or {}
+    for s in sessions:
+        s.check_inject(inject.get(s))
+    out: dict[Session, dict[int, list[int]] | Exception] = {}
+    parts: list[tuple[Session, SessionPass]] = []
+    for s in sessions:
+        try:
+            part = s.begin_pass(inject.get(s), prefill_budget)
+        except Exception as e:  # the session closed itself
+            out[s] = e
+            continue
+        if part is None:
+            out[s] = s.end_without_pass()
+        elif part.prefill or part.fed:
+            prefill_budget -= sum(len(ids) for _, ids in part.prefill)
+            parts.append((s, part))
+        else:
+            out[s] = {w: [] for w in range(len(s.workers))}  # its prompt waits for room in a pass
+    if parts:
+        t0 = time.perf_counter()
+        before = sum(sum(s.stats.generated_per_worker) for s, _ in parts)
+        try:
+            results = parts[0][0].executor.executor.run([part for _, part in parts])
+        except BaseException:
+            for s, _ in parts:
+                s.close()
+            raise
+        for s, part in parts:
+            try:
+                out[s] = s.end_pass(part, results[part.session])
+            except Exception as e:
+                out[s] = e
+        generated = sum(sum(s.stats.generated_per_worker) for s, _ in parts) - before
+        prompt = sum(len(ids) for _, part in parts for _, ids in part.prefill)
+        parts[0][0].engine.counters.record(sum(part.rows for _, part in parts), len(parts), generated, prompt,
+                                           time.perf_counter() - t0)
+    return out
+
+
+def step_sessions(sessions: Sequence[Session], inject: dict[Session, dict[int, str]] | None = None,
+                  prefill_budget: int = PREFILL_CHUNK) -> dict[Session, dict[int, list[int]]]:
+    """`run_pass`, raising the first session's error after the pass (the others advanced)."""
+    out = run_pass(sessions, inject, prefill_budget)
+    for value in out.values():
+        if isinstance(value, Exception):
+            raise value
+    return out  # type: ignore[return-value]

@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterator
 
 from .core.events import Answer, Done, Event, Progress, RedundancyCheck, StepFinished, WorkerText
 from .core.protocol import REDUNDANCY_QUESTION
+from .jobs import Job, NeedPass, run_alone
 
 
 class TextTracker:
@@ -49,18 +50,26 @@ class TextTracker:
 
 def session_events(session: Any, on_step: Callable[[Any, dict[int, list[int]]], None] | None = None
                    ) -> Iterator[Event]:
-    """Step `session` to its end, yielding its events; closes it however the loop ends."""
+    """Step `session` to its end by itself, yielding its events; closes it however the loop ends."""
+    return run_alone(event_job(session, on_step))
+
+
+def event_job(session: Any, on_step: Callable[[Any, dict[int, list[int]]], None] | None = None) -> Job:
+    """The job (hogwild_ray.jobs) that runs `session` to its end, yielding its events; the last
+    is Done. It asks for one pass at a time; closes the session however it ends."""
     trackers = [TextTracker(session.tok) for _ in session.workers]
     seen = [len(ws.stream) for ws in session.workers]  # tokens before the first step (none today)
     finished = list(session.stats.steps_per_worker)
     answered = False
     try:
         while not session.done:
-            new = session.step()
+            new = yield NeedPass(session)
             if on_step is not None:
                 on_step(session, new)
             st = session.stats
             n = st.forward_passes
+            if n == 0:
+                continue  # a pass that wrote prompt chunks: nothing to tell yet
             for w, (ws, tr) in enumerate(zip(session.workers, trackers)):
                 delta = tr.feed(ws.stream[seen[w]:])
                 seen[w] = len(ws.stream)

@@ -419,20 +419,32 @@ def test_forced_step_boundary_moves_into_history(engine):
     session.close()
 
 
+def rig_samples(session, change) -> None:
+    """Let change(pass number (1-based), worker order, sampled tokens) rewrite the session's
+    samples of every pass (the engine's executor is patched: engines here live for one test)."""
+    executor, sid = session.executor.executor, session.executor.session
+    run, passes = executor.run, [0]
+
+    def rigged(parts):
+        out = run(parts)
+        if sid in out and not isinstance(out[sid], Exception) and out[sid][0]:
+            steps, tokens = out[sid]
+            passes[0] += 1
+            change(passes[0], [s.worker for s in steps], tokens)
+        return out
+
+    executor.run = rigged
+
+
 def force_samples(session, worker: int, ids: list[int], start: int = 1) -> None:
     """Make `worker` sample ids[0], ids[1], ... at passes start, start + 1, ... (1-based): text the
     model writes itself, one token a pass, each fed in the pass after it was sampled."""
-    run, passes = session.executor.run, [0]
 
-    def forced(fed, greedy):
-        steps, out = run(fed, greedy)
-        passes[0] += 1
-        order, i = [s.worker for s in steps], passes[0] - start
-        if 0 <= i < len(ids) and worker in order:
-            out[order.index(worker)] = ids[i]
-        return steps, out
+    def change(n, order, tokens):
+        if 0 <= n - start < len(ids) and worker in order:
+            tokens[order.index(worker)] = ids[n - start]
 
-    session.executor.run = forced
+    rig_samples(session, change)
 
 
 @pytest.mark.parametrize("imitation", ["\n**Bob [13]:**", " **Alice [2]:**"])
@@ -589,18 +601,13 @@ def test_forced_answers_are_not_capped_by_max_steps(engine):
 def force_eos(session, when: dict[int, int]):
     """Make worker w sample an EOS token at pass number when[w] (1-based)."""
     eos = min(session.engine.eos_ids)
-    run, passes = session.executor.run, [0]
 
-    def forced(fed, greedy):
-        steps, out = run(fed, greedy)
-        order = [s.worker for s in steps]
-        passes[0] += 1
+    def change(n, order, tokens):
         for w, at in when.items():
-            if at == passes[0] and w in order:
-                out[order.index(w)] = eos
-        return steps, out
+            if at == n and w in order:
+                tokens[order.index(w)] = eos
 
-    session.executor.run = forced
+    rig_samples(session, change)
     return eos
 
 

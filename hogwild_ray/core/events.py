@@ -110,8 +110,23 @@ class Done(_Event):
                 "transcript": self.transcript, "stats": self.stats.to_dict()}
 
 
-Event = Union[WorkerText, StepFinished, RedundancyCheck, Answer, Progress, Done]
-KINDS: dict[str, type] = {c.kind: c for c in (WorkerText, StepFinished, RedundancyCheck, Answer, Progress, Done)}
+@dataclass
+class Error(_Event):
+    """A problem of a batch that could not run (too long for the context, or more than the
+    cache could ever hold); the others go on. error: the exception's class name."""
+
+    kind: ClassVar[str] = "error"
+    error: str
+    message: str
+
+    @classmethod
+    def of(cls, exc: BaseException) -> Error:
+        return cls(type(exc).__name__, str(exc))
+
+
+Event = Union[WorkerText, StepFinished, RedundancyCheck, Answer, Progress, Done, Error]
+KINDS: dict[str, type] = {c.kind: c for c in (WorkerText, StepFinished, RedundancyCheck, Answer, Progress, Done,
+                                             Error)}
 
 
 def from_json(data: dict[str, Any] | str) -> Event:

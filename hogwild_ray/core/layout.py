@@ -50,6 +50,11 @@ class PageAllocator:
     def free_pages(self) -> int:
         return len(self._free)
 
+    @property
+    def shared_pages(self) -> int:
+        """Pages with more than one owner (forks, shared prompts)."""
+        return sum(1 for r in self._refs if r > 1)
+
     def alloc(self, n: int) -> list[int]:
         if n > len(self._free):
             raise CacheFullError(

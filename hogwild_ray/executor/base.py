@@ -24,12 +24,25 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class SessionPass:
-    """One session's part of a forward pass: each fed worker's tokens, and whether every
+    """One session's part of a forward pass: chunks of its shared prompt blocks still to write
+    (block name, ids; written first, in order), each fed worker's tokens, and whether every
     worker of it decodes greedily this pass (the finisher)."""
 
     session: int
     fed: dict[int, list[int]] = field(default_factory=dict)
     greedy: bool = False
+    prefill: tuple[tuple[str, tuple[int, ...]], ...] = ()
+
+    @property
+    def rows(self) -> int:
+        """Query tokens this part adds to the pass."""
+        return sum(len(ids) for _, ids in self.prefill) + sum(len(t) for t in self.fed.values())
+
+
+def plan_session(layout: CacheLayout, p: SessionPass) -> tuple[list[WriteStep], list[WriteStep]]:
+    """A session's writes of a pass, planned on its layout: the prompt chunks, then the workers'."""
+    shared = [layout.write_shared(getattr(layout, block), list(ids)) for block, ids in p.prefill]
+    return shared, layout.plan(p.fed) if p.fed else []
 
 
 class Executor(ABC):
@@ -48,9 +61,10 @@ class Executor(ABC):
         """Move these workers' finished steps to the end of the session's shared history."""
 
     @abstractmethod
-    def run(self, passes: list[SessionPass]) -> dict[int, tuple[list[WriteStep], list[int]]]:
-        """One forward pass for all the given sessions; per session, its planned writes and the
-        sampled token of each fed worker, in plan order."""
+    def run(self, passes: list[SessionPass]) -> dict[int, tuple[list[WriteStep], list[int]] | Exception]:
+        """One forward pass for all the given sessions; per session, its planned worker writes
+        and the sampled token of each fed worker, in plan order; or the error that kept it out
+        of the pass (a full cache while planning its writes: the others run, it must close)."""
 
     @abstractmethod
     def last_logits(self, session: int) -> torch.Tensor:
@@ -91,7 +105,10 @@ class SessionHandle:
         self.executor.finish_steps(self.session, workers)
 
     def run(self, fed: dict[int, list[int]], greedy: bool) -> tuple[list[WriteStep], list[int]]:
-        return self.executor.run([SessionPass(self.session, fed, greedy)])[self.session]
+        out = self.executor.run([SessionPass(self.session, fed, greedy)])[self.session]
+        if isinstance(out, Exception):
+            raise out
+        return out
 
     def last_logits(self) -> torch.Tensor:
         if self.closed:

@@ -13,14 +13,15 @@ import numpy as np
 import torch
 
 from ..core.layout import Block, CacheLayout, WriteStep
+from ..core.scheduling import PREFILL_CHUNK
 from ..model.graphs import Staged
 from ..runner import ModelRunner
 from ..core.sampling_params import SamplingParams
 from ..sampling import SampleTable, Sampler
 from ..transfer import to_device
-from .base import Executor, SessionPass
+from ..errors import CacheFullError
+from .base import Executor, SessionPass, plan_session
 
-PREFILL_CHUNK = 2048
 MODES = ("greedy", "sample", "filter")  # a pass's sampling mode: the most general of its sessions'
 
 
@@ -94,36 +95,51 @@ class LocalExecutor(Executor):
                 self.runner.relocate(reloc)
                 st.layout.release(reloc)
 
-    def run(self, passes: list[SessionPass]) -> dict[int, tuple[list[WriteStep], list[int]]]:
+    def run(self, passes: list[SessionPass]) -> dict[int, tuple[list[WriteStep], list[int]] | Exception]:
         """Plans every session's writes (in the order given), then one forward pass for all.
 
-        With one session in the pass, while the device runs it the next pass's attention plan is
-        staged on the guess that every worker fed now feeds one token next and nothing else
-        changes (the common decode step); the next pass uses it only if that came true."""
-        planned, tables, staged = [], [], None
+        A session whose writes do not fit the cache is left out of the pass (its error is its
+        result); the others run. With one session in the pass, while the device runs it the next
+        pass's attention plan is staged on the guess that every worker fed now feeds one token
+        next and nothing else changes (the common decode step); the next pass uses it only if
+        that came true."""
+        planned, tables, staged, failed = [], [], None, {}
         for p in passes:
             st = self.sessions[p.session]
             ahead, st.ahead = st.ahead, None
-            steps = st.layout.plan(p.fed)
+            try:
+                shared, steps = plan_session(st.layout, p)
+            except CacheFullError as e:
+                st.layout.take_copies()  # nothing of a failed plan reaches the pool
+                failed[p.session] = e
+                continue
             copies = st.layout.take_copies()
             self.runner.copy_pages(copies)
-            if len(passes) == 1 and ahead is not None and not copies and ahead.came_true(steps):
+            if len(passes) == 1 and ahead is not None and not copies and not shared and ahead.came_true(steps):
                 staged = ahead.ticket
-            planned.append(steps)
-            tables.append(st.sampler.table([s.worker for s in steps], p.greedy))
+            planned.append((p, shared, steps))
+            tables.append(st.sampler.table([s.worker for s in steps], p.greedy).after_rows(len(shared)))
+        if not planned:
+            return dict(failed)
         table = merge_tables(tables)
-        logits, tokens = self.runner.forward([s for steps in planned for s in steps], table, staged)
-        rows, row = [], 0  # each session's rows of the pass
-        for p, steps in zip(passes, planned):
-            order = to_device([s.worker for s in steps], self.runner.device)
-            self.sessions[p.session].last.index_copy_(0, order, logits[row : row + len(steps)])  # no sync
+        logits, tokens = self.runner.forward([s for _, shared, steps in planned for s in shared + steps], table,
+                                             staged)
+        rows, row = [], 0  # each session's worker rows of the pass
+        for p, shared, steps in planned:
+            row += len(shared)  # a prompt chunk's row: its logits and sample are not used
+            if steps:
+                order = to_device([s.worker for s in steps], self.runner.device)
+                self.sessions[p.session].last.index_copy_(0, order, logits[row : row + len(steps)])  # no sync
             rows.append(slice(row, row + len(steps)))
             row += len(steps)
-        if len(passes) == 1:
+        if len(passes) == 1 and len(planned) == 1 and not planned[0][1]:
             st = self.sessions[passes[0].session]
-            st.ahead = self._stage_next(st, planned[0], table.mode)
+            st.ahead = self._stage_next(st, planned[0][2], table.mode)
         ids = tokens.tolist()  # the one host sync
-        return {p.session: (steps, ids[r]) for p, steps, r in zip(passes, planned, rows)}
+        out: dict[int, tuple[list[WriteStep], list[int]] | Exception] = dict(failed)
+        for (p, _, steps), r in zip(planned, rows):
+            out[p.session] = (steps, ids[r])
+        return out
 
     def _stage_next(self, st: SessionState, steps: list[WriteStep], mode: str) -> Ahead | None:
         if self.runner.graphs is None or any(len(s.tokens) != 1 for s in steps):

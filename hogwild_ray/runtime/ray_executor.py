@@ -16,7 +16,9 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 import torch
 
+from ..errors import CacheFullError
 from ..executor import Executor, SessionPass
+from ..executor.base import plan_session
 from ..core.layout import Block, CacheLayout, WriteStep
 from ..core.sampling_params import SamplingParams
 from .errors import ChannelTimeoutError, ShardFailedError
@@ -113,21 +115,28 @@ class RayExecutor(Executor):
         if workers:
             self._finishing.setdefault(session, []).extend(workers)
 
-    def run(self, passes: list[SessionPass]) -> dict[int, tuple[list[WriteStep], list[int]]]:
+    def run(self, passes: list[SessionPass]) -> dict[int, tuple[list[WriteStep], list[int]] | Exception]:
         """One forward pass on every shard for all the given sessions.
 
         When the free pages surely cover this pass, this process plans its copies of the layouts
-        while the shards run it; otherwise it plans first, so that a full cache raises
-        CacheFullError here before any shard has seen the pass."""
+        while the shards run it; otherwise it plans first, so that a session whose writes do not
+        fit is known here (each shard's copy fails the same way and leaves it out too)."""
         finishing = self._pending()
-        wire = [(p.session, {w: list(t) for w, t in p.fed.items()}, p.greedy) for p in passes]
+        wire = [(p.session, {w: list(t) for w, t in p.fed.items()}, p.greedy,
+                 [(block, list(ids)) for block, ids in p.prefill]) for p in passes]
         pool = self.engine.allocator  # every session's layout takes its pages from it
         worst_pages = sum(len(t) // pool.page_size + 2 for p in passes for t in p.fed.values())
-        planned: dict[int, list[WriteStep]] = {}
+        worst_pages += sum(len(ids) // pool.page_size + 2 for p in passes for _, ids in p.prefill)
+        planned: dict[int, list[WriteStep] | Exception] = {}
 
         def plan() -> None:
             for p in passes:
-                planned[p.session] = self.layouts[p.session].plan(p.fed)
+                layout = self.layouts[p.session]
+                try:
+                    planned[p.session] = plan_session(layout, p)[1]
+                except CacheFullError as e:
+                    planned[p.session] = e
+                layout.take_copies()  # the shards make their own copies of the pages
 
         if worst_pages > pool.free_pages:
             plan()
@@ -136,7 +145,11 @@ class RayExecutor(Executor):
             tokens = self._call("run", finishing, wire, meanwhile=plan)
         for p in passes:
             self.logits.pop(p.session, None)
-        return {p.session: (planned[p.session], list(tokens[p.session])) for p in passes}
+        out: dict[int, tuple[list[WriteStep], list[int]] | Exception] = {}
+        for p in passes:
+            steps = planned[p.session]
+            out[p.session] = steps if isinstance(steps, Exception) else (steps, list(tokens[p.session]))
+        return out
 
     def last_logits(self, session: int) -> torch.Tensor:
         """From rank 0 (one message per worker); NaN rows for workers never fed."""

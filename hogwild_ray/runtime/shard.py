@@ -152,12 +152,13 @@ class ModelShard:
             stall, self.stall_s = self.stall_s, 0.0
             time.sleep(stall)  # the other ranks wait for this one in their first collective
         self._finish(finishing)
-        done = self.executor.run([SessionPass(sid, fed, greedy) for sid, fed, greedy in passes])
+        done = self.executor.run([SessionPass(sid, fed, greedy, tuple((b, tuple(ids)) for b, ids in prefill))
+                                  for sid, fed, greedy, prefill in passes])
         if self.timed:
             self.passes += 1
             if self.parallel is not None:  # fold this pass's events in: none pile up
                 self.parallel.collective_seconds(reset=False)
-        return {sid: tokens for sid, (_, tokens) in done.items()}
+        return {sid: out[1] for sid, out in done.items() if not isinstance(out, Exception)}
 
     def op_logits(self, rank: int, sid: int, worker: int) -> Any:
         return self.executor.last_logits(sid)[worker].float().cpu().numpy() if rank == 0 else None
