@@ -41,6 +41,7 @@ from .core.results import SolveResult, Stats
 from .core.sampling_params import SamplingParams, per_worker
 from .core.scheduling import PREFILL_CHUNK, take_chunks
 from .executor import SessionPass
+from .jobs import Job, NeedPass, result_of
 
 if TYPE_CHECKING:
     from .engine import HogwildEngine
@@ -430,6 +431,11 @@ class Session:
         `\\boxed{` (or writes `finisher_tokens` tokens); the fork is then closed. This session
         is unchanged: it goes on as if this was never called. Works with the protocol on or
         off, on a running session or on a finished one that kept its pages (`auto_close`)."""
+        return result_of(self.forced_answers_job(workers))
+
+    def forced_answers_job(self, workers: Sequence[int] | None = None) -> Job:
+        """`force_answers` as a job (hogwild_ray.jobs): it asks for the fork's passes, so that a
+        scheduler runs them beside other sessions; its value is the answers. Checked now."""
         workers = list(range(len(self.workers))) if workers is None else list(workers)
         if not workers or len(set(workers)) != len(workers) or any(
                 not isinstance(w, int) or isinstance(w, bool) or not 0 <= w < len(self.workers) for w in workers):
@@ -437,13 +443,16 @@ class Session:
                                       f"got {workers!r}")
         if self.finishing:
             raise InvalidRequestError("the finisher is already running; step the session to its end instead")
+        return self._forced_answers(workers)
+
+    def _forced_answers(self, workers: list[int]) -> Job:
         twin = self.fork()
         try:
             twin.auto_close, twin.done = False, False
             twin.max_steps = None  # the session's pass cap is not the fork's
             twin._start_finisher(workers)
             while not twin.done:
-                twin.step()
+                yield NeedPass(twin)
             return [twin._forced.get(w) for w in workers]
         finally:
             twin.close()

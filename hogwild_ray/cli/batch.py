@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..errors import InvalidRequestError
+from ..errors import InvalidRequestError, check_int
 from .common import FORMATTER, add_model_flags, add_session_flags, load_engine, session_options
 
 EXAMPLES = """\
@@ -29,8 +29,9 @@ def register(sub) -> None:
     p = sub.add_parser(
         "batch", formatter_class=FORMATTER, epilog=EXAMPLES,
         help="solve every problem of a JSONL file, one JSON line per result (resumable)",
-        description="Solve many problems, one after another, on one loaded model. Each result is\n"
-                    "appended to the output as one JSON line; an interrupted run resumes.",
+        description="Solve many problems on one loaded model, concurrently in shared forward passes.\n"
+                    "Each result is appended to the output as one JSON line as it finishes; an\n"
+                    "interrupted run resumes.",
     )
     g = p.add_argument_group("files")
     g.add_argument("--input", required=True, type=Path, metavar="IN.jsonl",
@@ -40,6 +41,9 @@ def register(sub) -> None:
     g.add_argument("--json", action="store_true",
                    help="also print every problem's record (input order) as JSON lines on stdout at the end")
     g.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    g.add_argument("--max-concurrent", type=int, default=None, metavar="N",
+                   help="problems in flight at once, sharing forward passes (default: as many as the K/V "
+                        "cache holds; a finished problem's pages go to the next at once)")
     add_model_flags(p)
     add_session_flags(p, max_tokens=256)
     p.set_defaults(execute=execute)
@@ -67,6 +71,7 @@ def execute(args: argparse.Namespace, engine=None) -> int:
     from ..batch import normalize, read_finished
 
     options = session_options(args)  # checked before the load
+    check_int("--max-concurrent", args.max_concurrent, 1, none="(as many as fit)")
     problems = read_problems(args.input)
     items = normalize(problems)  # bad lines fail before the model loads
     finished = read_finished(args.output)
@@ -82,7 +87,8 @@ def execute(args: argparse.Namespace, engine=None) -> int:
     own = engine is None
     engine = load_engine(args, quiet=args.quiet) if own else engine
     try:
-        records = engine.solve_many(problems, out=args.output, progress=not args.quiet, **options)
+        records = engine.solve_many(problems, out=args.output, progress=not args.quiet,
+                                    max_concurrent=args.max_concurrent, **options)
     finally:
         if own:
             engine.close()
