@@ -180,7 +180,8 @@ class HogwildEngine(EngineFront):
     def metrics(self) -> dict:
         """A snapshot: sessions running and waiting (in the engine's schedulers), the passes (count,
         rows and sessions per pass, tokens generated, prompt tokens written, pass times) and the
-        K/V pages (used, free, shared by more than one session)."""
+        K/V pages (used, free, shared by more than one session or fork, prompt pages taken from
+        other prompts instead of computed)."""
         pool = self.allocator
         return {
             "sessions_running": sum(len(s.running) for s in self.schedulers),
@@ -188,6 +189,7 @@ class HogwildEngine(EngineFront):
             **self.counters.snapshot(),
             "pages_total": pool.num_pages, "pages_free": pool.free_pages,
             "pages_used": pool.num_pages - pool.free_pages, "pages_shared": pool.shared_pages,
+            "prompt_pages_reused": pool.prefix_reused,
             "page_size": pool.page_size,
         }
 

@@ -37,6 +37,20 @@ class PageAllocator:
         self.num_pages, self.page_size = num_pages, page_size
         self._free = list(range(num_pages - 1, -1, -1))
         self._refs = [0] * num_pages
+        self._prefix: dict[tuple, int] = {}  # (previous page or None, the page's tokens) -> a full prompt page
+        self._prefix_key: dict[int, tuple] = {}
+        self.prefix_reused = 0  # prompt pages attached instead of computed, since the start
+
+    def remember(self, previous: int | None, tokens: tuple[int, ...], page: int) -> None:
+        """A full page of prompt K/V that a later prompt starting with the same tokens may share
+        (previous: the page before it in its block, which pins everything before)."""
+        key = (previous, tokens)
+        if key not in self._prefix and page not in self._prefix_key:
+            self._prefix[key], self._prefix_key[page] = page, key
+
+    def lookup(self, previous: int | None, tokens: tuple[int, ...]) -> int | None:
+        """A live page holding exactly these prompt tokens after `previous`, if any."""
+        return self._prefix.get((previous, tokens))
 
     def share(self, pages: list[int]) -> None:
         """One more owner for each of `pages`."""
@@ -74,6 +88,9 @@ class PageAllocator:
             self._refs[p] -= 1
             if self._refs[p] == 0:
                 freed.append(p)
+                key = self._prefix_key.pop(p, None)
+                if key is not None:
+                    del self._prefix[key]
         self._free.extend(reversed(freed))
 
 
@@ -215,10 +232,40 @@ class CacheLayout:
             offset += length
         return WriteStep(worker, block, list(tokens), start, position, slots, segments)
 
-    def write_shared(self, block: Block, tokens: list[int]) -> WriteStep:
-        """Fill a shared constant block; it attends to the shared blocks before it."""
+    def write_shared(self, block: Block, tokens: list[int]) -> WriteStep | None:
+        """Fill a shared constant block; it attends to the shared blocks before it. The prompt
+        block first takes the full pages another prompt with the same leading tokens already
+        holds (their K/V are the same: keys sit at block-local positions, and a page's content
+        depends only on the tokens up to its end); None when nothing is left to compute."""
         order = self.shared_prefix_blocks()
-        return self._write(None, block, tokens, order[: order.index(block) + 1])
+        before = len(block)
+        if block is self.common:
+            tokens = self._reuse_prompt_pages(tokens)
+            if not tokens:
+                return None
+        step = self._write(None, block, tokens, order[: order.index(block) + 1])
+        if block is self.common:
+            self._offer_prompt_pages(before)
+        return step
+
+    def _reuse_prompt_pages(self, tokens: list[int]) -> list[int]:
+        b, ps, pool = self.common, self.page_size, self.allocator
+        while len(b) % ps == 0 and len(tokens) >= ps:
+            page = pool.lookup(b.pages[-1] if b.pages else None, tuple(tokens[:ps]))
+            if page is None:
+                break
+            pool.share([page])
+            pool.prefix_reused += 1
+            b.pages.append(page)
+            b.tokens.extend(tokens[:ps])
+            tokens = tokens[ps:]
+        return tokens
+
+    def _offer_prompt_pages(self, before: int) -> None:
+        """Every prompt page this write filled up, for later prompts to share."""
+        b, ps = self.common, self.page_size
+        for i in range(before // ps, len(b) // ps):
+            self.allocator.remember(b.pages[i - 1] if i else None, tuple(b.tokens[i * ps:(i + 1) * ps]), b.pages[i])
 
     def plan(self, fed: dict[int, list[int]]) -> list[WriteStep]:
         """Append every worker's fed tokens; each worker sees the others as they were

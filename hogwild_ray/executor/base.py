@@ -42,7 +42,7 @@ class SessionPass:
 def plan_session(layout: CacheLayout, p: SessionPass) -> tuple[list[WriteStep], list[WriteStep]]:
     """A session's writes of a pass, planned on its layout: the prompt chunks, then the workers'."""
     shared = [layout.write_shared(getattr(layout, block), list(ids)) for block, ids in p.prefill]
-    return shared, layout.plan(p.fed) if p.fed else []
+    return [s for s in shared if s is not None], layout.plan(p.fed) if p.fed else []
 
 
 class Executor(ABC):

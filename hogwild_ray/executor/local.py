@@ -81,7 +81,8 @@ class LocalExecutor(Executor):
         for start in range(0, len(ids), PREFILL_CHUNK):
             step = st.layout.write_shared(block, ids[start : start + PREFILL_CHUNK])
             self.runner.copy_pages(st.layout.take_copies())
-            self.runner.forward([step])
+            if step is not None:  # else another prompt's pages hold it all
+                self.runner.forward([step])
 
     def finish_steps(self, session: int, workers: list[int]) -> None:
         """Re-rotating keys once; the source pages are given back after the move."""
@@ -119,11 +120,11 @@ class LocalExecutor(Executor):
                 staged = ahead.ticket
             planned.append((p, shared, steps))
             tables.append(st.sampler.table([s.worker for s in steps], p.greedy).after_rows(len(shared)))
-        if not planned:
-            return dict(failed)
+        writes = [s for _, shared, steps in planned for s in shared + steps]
+        if not writes:  # nothing to compute: failures, or prompt chunks that other prompts' pages held
+            return {**failed, **{p.session: ([], []) for p, _, _ in planned}}
         table = merge_tables(tables)
-        logits, tokens = self.runner.forward([s for _, shared, steps in planned for s in shared + steps], table,
-                                             staged)
+        logits, tokens = self.runner.forward(writes, table, staged)
         rows, row = [], 0  # each session's worker rows of the pass
         for p, shared, steps in planned:
             row += len(shared)  # a prompt chunk's row: its logits and sample are not used
