@@ -4,6 +4,8 @@ fast and clearly, and leave nothing behind."""
 
 from __future__ import annotations
 
+import itertools
+
 import time
 
 import pytest
@@ -105,6 +107,29 @@ class TestOneEngine:
             session.step()
         newer.close()
         assert newer.done
+
+    def test_solve_many_batches_in_the_coordinator(self, llama, tp2_engine):
+        """solve_many through the Ray engine runs its problems in shared passes on the shards (the
+        coordinator's scheduler, shared prompt pages included): the same records as the in-process
+        engine's; stream_many left early frees every page."""
+        problems = [{"id": f"q{i}", "problem": f"Compute {i} + {i + 5}."} for i in range(4)]
+        ask = dict(workers=2, max_tokens=10, sampling=hw.SamplingParams(temperature=0), progress=False)
+        local = hw.HogwildEngine.from_pretrained(llama[0], **KW)
+        theirs = local.solve_many(problems, **ask)
+        before = tp2_engine.metrics()
+        ours = tp2_engine.solve_many(problems, **ask)
+        after = tp2_engine.metrics()
+        key = lambda r: (r["id"], r["worker_texts"], r["answer"], r["stats"]["forward_passes"])  # noqa: E731
+        assert [key(r) for r in ours] == [key(r) for r in theirs]
+        passes = after["passes"] - before["passes"]
+        in_passes = after["sessions_per_pass"] * after["passes"] - before["sessions_per_pass"] * before["passes"]
+        assert in_passes / passes > 1.5 and after["prompt_pages_reused"] > before["prompt_pages_reused"]
+        stream = tp2_engine.stream_many(problems, workers=2, max_tokens=50)
+        seen = {pid for pid, _ in itertools.islice(stream, 12)}
+        assert seen <= {p["id"] for p in problems}
+        stream.close()
+        pages = tp2_engine.allocator
+        assert pages.free_pages == pages.num_pages
 
     def test_oracle_tp2(self, llama, tp2_engine):
         check_oracle(tp2_engine, llama[1])

@@ -56,13 +56,16 @@ class SessionState:
 
 
 class Coordinator:
-    """One engine's sessions and shard group; one session at a time (the shards hold one layout)."""
+    """One engine's sessions and shard group: one session the driver steps, or one run of many
+    problems (stream_many, solve_many) that the engine's scheduler batches in shared passes;
+    starting either ends what ran before."""
 
     def __init__(self) -> None:
         self.engine: ShardedEngine | None = None
         self.session: Session | None = None
         self.sid = 0
         self._reported: list[int] = []
+        self.many: Any = None  # a run of many problems (stream_many), while one goes on
 
     def ready(self) -> bool:
         return True
@@ -90,6 +93,9 @@ class Coordinator:
         group = self._engine().group
         return list(group.actors) if group is not None else []
 
+    def metrics(self) -> dict[str, Any]:
+        return self._engine().metrics()
+
     def pages(self) -> tuple[int, int]:
         """(free pages, all pages) of the K/V pool."""
         a = self._engine().allocator
@@ -99,6 +105,7 @@ class Coordinator:
     def start(self, problem: str, workers: int, kwargs: dict[str, Any]) -> tuple[int, list[int], SessionState]:
         """Open a session (closing the previous one); its id, prompt ids and first state."""
         self._close_session()
+        self._close_many()
         self.session = self._engine().start(problem, workers, **kwargs)
         self.sid += 1
         self._reported = [0] * workers
@@ -144,9 +151,42 @@ class Coordinator:
         self._close_session()
         return self._state()
 
+    # ---- many problems in shared passes ------------------------------------------------------
+    def start_many(self, items: list[tuple[str | int, str]], workers: int, max_concurrent: int | None,
+                   options: dict[str, Any]) -> None:
+        """Begin running many problems through the engine's scheduler (closing what ran before);
+        `advance_many` moves them on and hands over their events."""
+        self._close_session()
+        self._close_many()
+        self.many = self._engine()._stream_many(items, workers, max_concurrent, options)
+
+    def advance_many(self, seconds: float) -> tuple[list[tuple[str | int, Any]], bool]:
+        """Run passes for about `seconds` (at least until one event); the (id, event) pairs they
+        gave, and whether every problem has ended."""
+        if self.many is None:
+            raise InvalidRequestError("no run of many problems is going on; start one with stream_many")
+        events: list[tuple[str | int, Any]] = []
+        end = time.perf_counter() + seconds
+        for pair in self.many:
+            events.append(pair)
+            if time.perf_counter() >= end:
+                return events, False
+        self.many = None
+        return events, True
+
+    def close_many(self) -> None:
+        """Stop a run of many problems (its sessions give their pages back)."""
+        self._close_many()
+
+    def _close_many(self) -> None:
+        many, self.many = self.many, None
+        if many is not None:
+            many.close()
+
     def solve(self, problem: str, workers: int, kwargs: dict[str, Any]) -> SolveResult:
         """A whole session in this actor: one driver call, the steps through the channel only."""
         self._close_session()
+        self._close_many()
         return self._engine().solve(problem, workers, **kwargs)
 
     def stall(self, rank: int, seconds: float) -> None:
@@ -164,6 +204,7 @@ class Coordinator:
         """Close the session and stop the shards cleanly (channel closed, shared memory unlinked)."""
         try:
             self._close_session()
+            self._close_many()
         finally:
             if self.engine is not None:
                 self.engine.close()

@@ -37,6 +37,7 @@ from .remote_session import RemoteSession
 
 CALL_GRACE_S = 10.0  # beyond the coordinator's own step timeouts, before its silence counts as a hang
 SHUTDOWN_GRACE_S = 5.0  # for a clean stop of the shards (channel closed, shared memory unlinked)
+ADVANCE_S = 0.2  # how long one coordinator call of a stream_many run goes on before handing over its events
 FATAL = (ShardFailedError, ChannelTimeoutError)  # the shard group is gone: nothing of the engine is reusable
 
 
@@ -153,7 +154,8 @@ class RayHogwildEngine(EngineFront):
     # ---- sessions ----------------------------------------------------------------------------
     def start(self, problem: str, workers: int = 2, **options: Any) -> RemoteSession:
         """Open a session in the coordinator; the arguments of HogwildEngine.start. One session at a
-        time: starting another closes the previous one."""
+        time: starting another closes the previous one (and a stream_many run); use stream_many or
+        solve_many to run many sessions in shared passes."""
         sid, prompt_ids, state = self._call("start", problem, workers, options, messages=4)
         return RemoteSession(self, sid, prompt_ids, state)
 
@@ -170,6 +172,25 @@ class RayHogwildEngine(EngineFront):
         if on_step is not None:
             return super().solve(problem, workers, on_step=on_step, **options)
         return self._call("solve", problem, workers, options, messages=None)
+
+    def _stream_many(self, items: list[tuple[str | int, str]], workers: int, max_concurrent: int | None,
+                     options: dict[str, Any]) -> Iterator[tuple[str | int, Event]]:
+        """The coordinator's scheduler runs the problems in shared passes on the shards; this
+        fetches their events about every ADVANCE_S seconds (one actor call each). Ends what the
+        coordinator ran before (one session or one run at a time)."""
+        self._call("start_many", items, workers, max_concurrent, options, messages=4)
+        done = False
+        try:
+            while not done:
+                events, done = self._call("advance_many", ADVANCE_S, messages=2)
+                yield from events
+        finally:
+            if not done and self.coordinator is not None:
+                self._call("close_many")
+
+    def metrics(self) -> dict[str, Any]:
+        """The coordinator's engine metrics (see HogwildEngine.metrics)."""
+        return self._call("metrics")
 
     # ---- the end -----------------------------------------------------------------------------
     def close(self) -> None:
