@@ -164,3 +164,36 @@ def test_staged_plans_survive_other_sessions_and_forks(random_model):
         if graphs:
             assert engine.graphs.staged_hits >= 20, engine.graphs.staged_hits
     assert runs[True] == runs[False]
+
+
+@gpu
+def test_batched_decode_passes_replay_graphs_with_staged_plans(random_model):
+    """Several sessions (layouts, worker counts, sampling, protocol on and off) in shared passes:
+    decode passes replay CUDA graphs, most with their plan staged during the previous pass; the
+    tokens equal an eager engine's and the oracle holds for every session."""
+    from oracle import oracle_check
+
+    path, hf_model = random_model("qwen3", "yarn")
+    runs = {}
+    for graphs in (False, True):
+        engine = hw.HogwildEngine.from_pretrained(path, "cuda", "float32", cache_tokens=16384, cuda_graphs=graphs)
+        sessions = [
+            engine.start("Compute 12 * 7 and explain.", workers=3, max_tokens=400, redundancy_every=None,
+                         sampling=hw.SamplingParams(temperature=0.9, seed=11), stop_on_answer=False),
+            engine.start("Name three primes.", workers=2, layout="interleaved", max_tokens=400, protocol=False,
+                         sampling=hw.SamplingParams(temperature=0)),
+            engine.start("What is 2 + 2?", workers=4, layout="contiguous", max_tokens=400, write_prompt=False,
+                         sampling=hw.SamplingParams(temperature=0.7, top_k=20, seed=5), stop_on_answer=False),
+        ]
+        tokens = []
+        for _ in range(40):
+            out = engine.step(sessions)
+            tokens.append([out[s] for s in sessions])
+        if graphs:
+            assert engine.graphs.replays >= 25 and engine.executor.staged_passes >= 15, \
+                (engine.graphs.replays, engine.executor.staged_passes)
+            assert all(oracle_check(s, hf_model) <= TOL for s in sessions)
+        for s in sessions:
+            s.close()
+        runs[graphs] = tokens
+    assert runs[True] == runs[False]

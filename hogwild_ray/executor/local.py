@@ -6,7 +6,7 @@ copies of the layouts through this same class, with its slice of the model.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import count
 
 import numpy as np
@@ -27,15 +27,19 @@ MODES = ("greedy", "sample", "filter")  # a pass's sampling mode: the most gener
 
 @dataclass
 class Ahead:
-    """A staged guess: the workers of the next pass (one token each) and their view positions."""
+    """A staged guess: the sessions of the next pass, in order, with their workers (one token
+    each) and those workers' view positions."""
 
-    workers: list[int]
-    positions: list[int]
+    sessions: list[int]
+    workers: list[list[int]]
+    positions: list[list[int]]
     ticket: Staged
 
-    def came_true(self, steps: list[WriteStep]) -> bool:
-        return ([s.worker for s in steps] == self.workers and all(len(s.tokens) == 1 for s in steps)
-                and [s.position for s in steps] == self.positions)
+    def came_true(self, planned: list[tuple[SessionPass, list[WriteStep], list[WriteStep]]]) -> bool:
+        return ([p.session for p, _, _ in planned] == self.sessions
+                and all(not shared and all(len(s.tokens) == 1 for s in steps)
+                        and [s.worker for s in steps] == workers and [s.position for s in steps] == positions
+                        for (_, shared, steps), workers, positions in zip(planned, self.workers, self.positions)))
 
 
 @dataclass
@@ -45,7 +49,6 @@ class SessionState:
     layout: CacheLayout
     sampler: Sampler
     last: torch.Tensor  # [workers, vocab]
-    ahead: Ahead | None = field(default=None)  # the next pass's plan, staged on a guess
 
 
 def merge_tables(tables: list[SampleTable]) -> SampleTable:
@@ -65,6 +68,8 @@ class LocalExecutor(Executor):
         self.runner = runner
         self.sessions: dict[int, SessionState] = {}
         self._ids = count()
+        self.ahead: Ahead | None = None  # the next pass's attention plan, staged on a guess
+        self.staged_passes = 0  # passes that found their plan staged
 
     def open(self, layout: CacheLayout, params: list[SamplingParams], session: int | None = None) -> int:
         sid = next(self._ids) if session is None else session
@@ -77,7 +82,7 @@ class LocalExecutor(Executor):
         """In passes of at most PREFILL_CHUNK tokens (a long prompt's activations and attention
         partials stay small)."""
         st = self.sessions[session]
-        st.ahead = None
+        self.ahead = None
         for start in range(0, len(ids), PREFILL_CHUNK):
             step = st.layout.write_shared(block, ids[start : start + PREFILL_CHUNK])
             self.runner.copy_pages(st.layout.take_copies())
@@ -88,7 +93,7 @@ class LocalExecutor(Executor):
         """Re-rotating keys once; the source pages are given back after the move."""
         st = self.sessions[session]
         if workers:
-            st.ahead = None
+            self.ahead = None  # the views change: a staged plan no longer holds
         for w in workers:
             reloc = st.layout.finish_step(w)
             self.runner.copy_pages(st.layout.take_copies())
@@ -100,14 +105,14 @@ class LocalExecutor(Executor):
         """Plans every session's writes (in the order given), then one forward pass for all.
 
         A session whose writes do not fit the cache is left out of the pass (its error is its
-        result); the others run. With one session in the pass, while the device runs it the next
-        pass's attention plan is staged on the guess that every worker fed now feeds one token
-        next and nothing else changes (the common decode step); the next pass uses it only if
-        that came true."""
-        planned, tables, staged, failed = [], [], None, {}
+        result); the others run. While the device runs a decode pass, the next pass's attention
+        plan is staged on the guess that every worker fed now feeds one token next, in the same
+        sessions, and nothing else changes (the common decode step); the next pass uses it only
+        if that came true."""
+        planned, tables, failed, copied = [], [], {}, False
+        ahead, self.ahead = self.ahead, None
         for p in passes:
             st = self.sessions[p.session]
-            ahead, st.ahead = st.ahead, None
             try:
                 shared, steps = plan_session(st.layout, p)
             except CacheFullError as e:
@@ -115,11 +120,12 @@ class LocalExecutor(Executor):
                 failed[p.session] = e
                 continue
             copies = st.layout.take_copies()
+            copied = copied or bool(copies)
             self.runner.copy_pages(copies)
-            if len(passes) == 1 and ahead is not None and not copies and not shared and ahead.came_true(steps):
-                staged = ahead.ticket
             planned.append((p, shared, steps))
             tables.append(st.sampler.table([s.worker for s in steps], p.greedy).after_rows(len(shared)))
+        staged = ahead.ticket if ahead is not None and not copied and not failed and ahead.came_true(planned) else None
+        self.staged_passes += staged is not None
         writes = [s for _, shared, steps in planned for s in shared + steps]
         if not writes:  # nothing to compute: failures, or prompt chunks that other prompts' pages held
             return {**failed, **{p.session: ([], []) for p, _, _ in planned}}
@@ -133,25 +139,32 @@ class LocalExecutor(Executor):
                 self.sessions[p.session].last.index_copy_(0, order, logits[row : row + len(steps)])  # no sync
             rows.append(slice(row, row + len(steps)))
             row += len(steps)
-        if len(passes) == 1 and len(planned) == 1 and not planned[0][1]:
-            st = self.sessions[passes[0].session]
-            st.ahead = self._stage_next(st, planned[0][2], table.mode)
+        self.ahead = self._stage_next(planned, table.mode)
         ids = tokens.tolist()  # the one host sync
         out: dict[int, tuple[list[WriteStep], list[int]] | Exception] = dict(failed)
         for (p, _, steps), r in zip(planned, rows):
             out[p.session] = (steps, ids[r])
         return out
 
-    def _stage_next(self, st: SessionState, steps: list[WriteStep], mode: str) -> Ahead | None:
-        if self.runner.graphs is None or any(len(s.tokens) != 1 for s in steps):
+    def _stage_next(self, planned: list[tuple[SessionPass, list[WriteStep], list[WriteStep]]],
+                    mode: str) -> Ahead | None:
+        """While the device runs this pass, stage the next one's plan on the guess that every
+        worker fed now feeds one token next in the same sessions and nothing else changes."""
+        if self.runner.graphs is None or any(shared or any(len(s.tokens) != 1 for s in steps)
+                                             for _, shared, steps in planned):
             return None
-        views = st.layout.preview([s.worker for s in steps])
-        if views is None:
-            return None
-        ticket = self.runner.stage_decode(views, mode)
+        views, workers, positions = [], [], []
+        for p, _, steps in planned:
+            mine = self.sessions[p.session].layout.preview([s.worker for s in steps])
+            if mine is None:
+                return None
+            views += mine
+            workers.append([s.worker for s in steps])
+            positions.append([pos for pos, _ in mine])
+        ticket = self.runner.stage_decode(views, mode) if views else None
         if ticket is None:
             return None
-        return Ahead([s.worker for s in steps], [pos for pos, _ in views], ticket)
+        return Ahead([p.session for p, _, _ in planned], workers, positions, ticket)
 
     def last_logits(self, session: int) -> torch.Tensor:
         return self.sessions[session].last
@@ -159,7 +172,7 @@ class LocalExecutor(Executor):
     def fork(self, session: int, layout: CacheLayout) -> int:
         """The same seeds, draw counts and last logits, then apart."""
         st = self.sessions[session]
-        st.ahead = None  # shared pages: this layout's next writes copy on write
+        self.ahead = None  # shared pages: this layout's next writes copy on write
         sid = next(self._ids)
         self.sessions[sid] = SessionState(layout, st.sampler.copy(), st.last.clone())
         return sid
@@ -168,6 +181,6 @@ class LocalExecutor(Executor):
         st = self.sessions.pop(session, None)
         if st is None:
             return None
-        st.ahead = None
+        self.ahead = None
         st.layout.close()
         return st.last
