@@ -1,18 +1,21 @@
 """Evaluation with models: forced answers from a fork never change the session, every page comes
 back, the runs of each mode, `hogwild-ray eval` end to end on the default model (files, resume),
-over worker processes, and its one-line errors."""
+its runs concurrent in shared passes with the records of one run at a time (an interruption
+resumes, runs that cannot run are recorded), and its one-line errors."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import astuple
 
 import pytest
 
 import hogwild_ray as hw
+from hogwild_ray import scheduler
 from hogwild_ray.cli import main
 from hogwild_ray.devices import cpu_name, device_label
 from hogwild_ray.errors import InvalidRequestError
-from hogwild_ray.eval import experiment, runner
+from hogwild_ray.eval import arithmetic_problems, experiment, runner
 from hogwild_ray.eval.runner import RunSpec, run_budgets
 from hogwild_ray.core.protocol import FINISHER_PROMPT
 
@@ -105,8 +108,8 @@ def test_automatic_finisher_is_worker_zero_alone(engine):
 def test_run_budgets_per_mode(engine, spec, monkeypatch):
     problem = {"id": "p", "problem": PROBLEM, "answer": "84"}
     forced = []
-    real = hw.Session.force_answers
-    monkeypatch.setattr(hw.Session, "force_answers", lambda s, w=None: forced.append(list(w)) or real(s, w))
+    real = hw.Session.forced_answers_job
+    monkeypatch.setattr(hw.Session, "forced_answers_job", lambda s, w=None: forced.append(list(w)) or real(s, w))
     recs = run_budgets(engine, problem, spec, [3, 7], HOT, finisher_tokens=3)
     assert [r["budget"] for r in recs] == [3, 7]
     for r in recs:
@@ -155,7 +158,11 @@ def assert_one_line_error(capsys, words: str) -> None:
     (["--budgets", "64,64"], "budgets must increase"),
     (["--modes", "single,solo"], "unknown mode 'solo'"),
     (["--layouts", "diagonal"], "unknown layout 'diagonal'; choose from combined"),
-    (["--processes", "0"], "--processes"),
+    (["--processes", "8"], "--processes is gone: eval runs its runs concurrently in one engine's shared "
+                           "forward passes; use --concurrency N"),
+    (["--processes"], "use --concurrency N"),
+    (["--concurrency", "0"], "--concurrency"),
+    (["--concurrency", "x"], "--concurrency"),
     (["--modes", "independent", "--workers", "1"], "independent needs --workers with a count of 2"),
     (["--backend", "ray"], "drop --backend ray"),
     (["--tp", "2"], "drop --backend ray"),
@@ -216,8 +223,8 @@ def test_eval_end_to_end_on_the_default_model(default_engine, tmp_path, capsys, 
     lines = (out / "results.jsonl").read_text().splitlines(keepends=True)
     (out / "results.jsonl").write_text("".join(lines[:-2]) + lines[-2][:20])  # and a half-written line
     calls = []
-    real = experiment.run_budgets
-    monkeypatch.setattr(experiment, "run_budgets", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    real = experiment.budgets_job
+    monkeypatch.setattr(experiment, "budgets_job", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
     assert main(argv, default_engine) == 0
     assert calls == [RunSpec("hogwild", 2, "combined")]
     again = read(out / "results.jsonl")
@@ -227,23 +234,137 @@ def test_eval_end_to_end_on_the_default_model(default_engine, tmp_path, capsys, 
     assert sorted(p.name for p in out.iterdir()) == ["accuracy.png", "results.jsonl", "summary.md"]
 
 
-def test_eval_processes_merge_to_the_same_results(random_model, engine, tmp_path, capsys):
-    path, _ = random_model("llama", "default")
-    common = ["eval", "--model", str(path), "--generated", "4", "--modes", "single,hogwild", "--workers", "2",
-              "--budgets", "2,4", "--finisher-tokens", "3", "--temperature", "1", "--quiet"]
-    assert main([*common, "--out", str(tmp_path / "one")], engine) == 0
-    assert main([*common, "--out", str(tmp_path / "two"), "--processes", "2"]) == 0
-    one, two = read(tmp_path / "one" / "results.jsonl"), read(tmp_path / "two" / "results.jsonl")
-    assert len(one) == 4 * 2 * 2
+# ---- concurrent runs -----------------------------------------------------------------------------
 
-    def strip(rs):
-        return [{k: v for k, v in r.items() if k != "seconds"} for r in rs]
+def strip(recs: list[dict]) -> list[dict]:
+    """Records without their wall-clock seconds."""
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in recs]
 
-    assert strip(two) == strip(one)  # same seeds per problem, whichever process ran it
-    for out in ("one", "two"):
-        assert sorted(p.name for p in (tmp_path / out).iterdir()) == ["accuracy.png", "results.jsonl", "summary.md"]
-    import torch
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"  # what the worker processes load on
-    assert f"- device: {device_label(device)}" in (tmp_path / "two" / "summary.md").read_text()
-    assert "2 processes" in (tmp_path / "two" / "summary.md").read_text()
+def sharing(engine, run) -> float:
+    """Mean sessions per forward pass while run() runs (forks count as sessions)."""
+    c = engine.counters
+    passes, sessions = c.passes, c.sessions_in_passes
+    run()
+    return (c.sessions_in_passes - sessions) / max(c.passes - passes, 1)
+
+
+CONCURRENT = ["eval", "--generated", "4", "--modes", "single,independent,hogwild", "--workers", "2",
+              "--layouts", "combined,interleaved", "--budgets", "2,5,9", "--finisher-tokens", "3",
+              "--temperature", "1", "--quiet"]  # 4 problems x 4 configurations, sampled and seeded
+
+
+@pytest.fixture(scope="module")
+def one_at_a_time(engine, random_model, tmp_path_factory):
+    """The reference: CONCURRENT with --concurrency 1 (every pass holds one session, run or fork)."""
+    out = tmp_path_factory.mktemp("one") / "eval"
+    argv = [*CONCURRENT, "--model", str(random_model("llama", "default")[0]), "--out", str(out),
+            "--concurrency", "1"]
+    per_pass = sharing(engine, lambda: main(argv, engine))
+    assert per_pass == 1
+    return out, read(out / "results.jsonl")
+
+
+def test_concurrent_runs_share_passes_and_match_one_at_a_time(engine, random_model, one_at_a_time, tmp_path):
+    ref_out, ref = one_at_a_time
+    assert len(ref) == 4 * 4 * 3 and any(r["forward_passes"] == 9 for r in ref)
+    free = engine.allocator.free_pages
+    argv = [*CONCURRENT, "--model", str(random_model("llama", "default")[0]), "--out", str(tmp_path)]
+    per_pass = sharing(engine, lambda: main(argv, engine))
+    assert per_pass > 4  # 16 runs (and their forks) together in a pass, not one after another
+    assert engine.allocator.free_pages == free and engine.schedulers == []
+    recs = read(tmp_path / "results.jsonl")
+    fields = ("id", "mode", "workers", "layout", "budget", "answer", "worker_answers", "tokens_per_worker",
+              "forward_passes", "ended", "correct")
+    assert [[r[k] for k in fields] for r in recs] == [[r[k] for k in fields] for r in ref]
+    assert strip(recs) == strip(ref)  # sampled at temperature 1: per-problem seeds, not the run's company
+    assert len({tuple(r["tokens_per_worker"]) for r in recs}) > 4  # the runs really differ
+    problem, spec = arithmetic_problems(4, 0)[1], RunSpec("hogwild", 2, "interleaved")  # and as a run alone
+    sampling = runner.worker_sampling(hw.SamplingParams(1.0, 0, 0.95), 0, 1)
+    alone = run_budgets(engine, problem, spec, [2, 5, 9], sampling, finisher_tokens=3, redundancy_every=128)
+    assert strip(alone) == strip([r for r in ref if experiment.run_key(r) == (problem["id"], *astuple(spec))])
+    ref_summary, summary = (ref_out / "summary.md").read_text(), (tmp_path / "summary.md").read_text()
+    assert "; one engine, one run at a time (--concurrency 1)" in ref_summary
+    note = next(line for line in summary.splitlines() if line.startswith("- device: "))
+    assert "; runs in shared forward passes of one engine, as many at once as fit in the K/V cache, " in note
+    assert int(note.split("K/V cache, ")[1].split()[0]) > 4 and note.endswith(
+        " at the peak; wall s: each run's time, sharing passes with the others")
+    def drop(text: str) -> list[str]:  # all but the device line and the table's wall seconds
+        return [line.rsplit("|", 2)[0] for line in text.splitlines() if not line.startswith("- device: ")]
+
+    assert drop(summary) == drop(ref_summary)
+
+
+def test_concurrency_caps_the_runs_at_once(engine, random_model, one_at_a_time, tmp_path):
+    argv = [*CONCURRENT, "--model", str(random_model("llama", "default")[0]), "--out", str(tmp_path),
+            "--concurrency", "3", "--modes", "hogwild", "--layouts", "combined"]
+    most, real = [], scheduler.run_pass
+    with pytest.MonkeyPatch.context() as m:  # every running run asks for one session's pass (its own or a fork's)
+        m.setattr(scheduler, "run_pass", lambda sessions, **k: most.append(len(sessions)) or real(sessions, **k))
+        assert main(argv, engine) == 0
+    assert max(most) == 3
+    assert "engine, up to 3 at once (--concurrency 3), 3 at the peak; wall s" in (tmp_path / "summary.md").read_text()
+    ref = [r for r in strip(one_at_a_time[1]) if r["mode"] == "hogwild" and r["layout"] == "combined"]
+    assert strip(read(tmp_path / "results.jsonl")) == ref
+
+
+def test_interrupted_concurrent_eval_resumes(engine, random_model, one_at_a_time, tmp_path, capsys, monkeypatch):
+    """Killed after three runs finished (others were mid-way): their records are kept, the rerun
+    runs the rest only, and the results are those of an uninterrupted run."""
+    argv = [*CONCURRENT, "--model", str(random_model("llama", "default")[0]), "--out", str(tmp_path),
+            "--modes", "single,hogwild", "--layouts", "interleaved"]  # 8 of the 16 runs
+    argv.remove("--quiet")
+    free = engine.allocator.free_pages
+    advance, done = experiment.Progress.advance, []
+
+    def interrupt_after_three(self, recs):
+        advance(self, recs)
+        done.append(experiment.run_key(recs[0]))
+        if len(done) == 3:
+            raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(experiment.Progress, "advance", interrupt_after_three)
+        assert main(argv, engine) == 130
+    assert engine.allocator.free_pages == free and engine.schedulers == []  # the running runs closed
+    assert "[3/8] id=" in capsys.readouterr().err  # progress lines: one per finished run
+    part = tmp_path / "parts" / "part-0.jsonl"
+    assert [experiment.run_key(r) for r in read(part)[::3]] == done  # one write per run, 3 budgets each
+    with part.open("a") as f:
+        f.write('{"id": "arith-0-3", "mode": "hog')  # a line cut short by a kill
+    calls = []
+    real = experiment.budgets_job
+    monkeypatch.setattr(experiment, "budgets_job", lambda *a, **k: calls.append((a[2].mode, a[2].layout)) or real(
+        *a, **k))
+    assert main(argv, engine) == 0
+    assert len(calls) == 8 - 3
+    err = capsys.readouterr().err
+    assert "eval: 8 runs, 3 already in" in err and "5 to run" in err and "[8/8] id=" in err
+    ref = [r for r in strip(one_at_a_time[1]) if r["mode"] == "single" or r["layout"] == "interleaved"]
+    assert strip(read(tmp_path / "results.jsonl")) == ref
+    assert not (tmp_path / "parts").exists()  # part-0 and the rerun's own part-1 are merged
+
+
+def test_runs_that_cannot_run_are_recorded_and_the_others_go_on(engine, random_model, tmp_path):
+    data = tmp_path / "data.jsonl"
+    problems = [{"id": "short", "problem": "Compute 1 + 1.", "answer": "2"},
+                {"id": "long", "problem": "Compute 1 + 1. " * 400, "answer": "2"},
+                {"id": "short2", "problem": "Compute 2 + 2.", "answer": "4"}]
+    data.write_text("".join(json.dumps(p) + "\n" for p in problems))
+    argv = ["eval", "--model", str(random_model("llama", "default")[0]), "--data", str(data), "--modes",
+            "single,hogwild", "--workers", "2", "--budgets", "2,3", "--finisher-tokens", "3", "--quiet",
+            "--out", str(tmp_path / "out")]
+    assert main(argv, engine) == 0
+    recs = read(tmp_path / "out" / "results.jsonl")
+    assert [(r["id"], r["mode"], r["budget"]) for r in recs] == [
+        (p, m, b) for p in ("short", "long", "short2") for m in ("single", "hogwild") for b in (2, 3)]
+    for r in recs:
+        assert ("error" in r) == (r["id"] == "long")
+    assert "tokens" in recs[4]["error"] and recs[4]["answer"] is None and not recs[4]["correct"]
+    # too big for the whole cache (8192 tokens): recorded as well, before anything runs
+    big = [*argv[:-1], str(tmp_path / "big"), "--workers", "8", "--modes", "hogwild", "--layouts", "interleaved",
+           "--budgets", "2,4000"]
+    assert main(big, engine) == 0
+    recs = read(tmp_path / "big" / "results.jsonl")
+    assert len(recs) == 6 and all("error" in r for r in recs)
+    assert all(("pages" in r["error"]) == (r["id"] != "long") for r in recs), recs[0]["error"]

@@ -235,8 +235,12 @@ def test_device_label(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: asked.append(d) or "NVIDIA H200")
     assert devices.device_label("cuda:1") == "NVIDIA H200" == devices.device_label(torch.device("cuda"))
     assert asked == [torch.device("cuda:1"), torch.device("cuda")]
-    assert device_note("cuda:1", 1) == "NVIDIA H200 (cuda:1)"
-    assert device_note("cpu", 4) == f"{cpu}; 4 processes, one engine each"
+    assert device_note("cuda:1", 1) == "NVIDIA H200 (cuda:1); one engine, one run at a time (--concurrency 1)"
+    assert device_note("cpu", None, 12) == (f"{cpu}; runs in shared forward passes of one engine, as many at once as fit "
+                                            "in the K/V cache, 12 at the peak; wall s: each run's time, sharing passes "
+                                            "with the others")
+    assert device_note("cpu", 4) == (f"{cpu}; runs in shared forward passes of one engine, up to 4 at once "
+                                     "(--concurrency 4); wall s: each run's time, sharing passes with the others")
     tree = ast.parse(Path(devices.__file__).read_text())  # torch only inside functions: cheap to import
     top = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
     assert not [n for n in top if "torch" in ast.dump(n)]

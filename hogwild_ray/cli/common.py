@@ -148,7 +148,11 @@ def load_engine(args: argparse.Namespace, quiet: bool = False):
 
     config = preflight(args)
     set_threads(getattr(args, "threads", None))
-    if not quiet:
+    if quiet:  # transformers' GGUF conversion bars too
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    else:
         where = f" on Ray (tp={config.tp})" if config.backend == "ray" else ""
         Console(stderr=True).print(f"loading {args.model or 'the built-in SmolLM2-135M-Instruct'} on "
                                    f"{config.device}{where} ...", style="dim", highlight=False)

@@ -1,5 +1,6 @@
 """`hogwild-ray eval`: accuracy against the budget of sequential forward passes, Hogwild! against
-one worker and against independent workers; resumable, optionally over several processes."""
+one worker and against independent workers; resumable; the runs go concurrently through one
+engine's shared forward passes."""
 
 from __future__ import annotations
 
@@ -24,11 +25,15 @@ majority answer), hogwild (N workers sharing the cache, each --layouts layout). 
 output in --out: results.jsonl (one line per problem, mode, workers, layout and budget),
 summary.md (accuracy with a 95% Wilson interval), accuracy.png. Rerunning resumes.
 
+concurrency: the runs (problem, mode, workers, layout) share one engine's forward passes, as
+many at once as fit in the K/V cache (--concurrency N caps them); each problem has its own
+seeds, so the records are the same at any concurrency.
+
 examples:
   hogwild-ray eval --generated 20 --workers 2 --budgets 64,128 --out runs/quick
   hogwild-ray eval --model ./Qwen3-8B --device cuda --data gsm8k_test.jsonl --limit 200 \\
       --workers 1,2,4 --budgets 256,512,1024,2048 --layouts combined,interleaved --out runs/gsm8k
-  hogwild-ray eval --generated 100 --device cuda --processes 8 --out runs/arith   # 8 processes, one GPU
+  hogwild-ray eval --generated 100 --device cuda --concurrency 8 --out runs/arith   # 8 runs at a time
 """
 
 
@@ -107,12 +112,13 @@ def register(sub) -> None:
     g.add_argument("--seed", type=int, default=0, metavar="S",
                    help="seed of the generated problems and of sampling (each problem and worker gets its "
                         "own, the same in every mode) (default: %(default)s)")
-    g = p.add_argument_group("output and processes")
+    g = p.add_argument_group("output and concurrency")
     g.add_argument("--out", type=Path, required=True, metavar="DIR",
                    help="output directory; a rerun with the same DIR skips the runs already there")
-    g.add_argument("--processes", type=at_least(1), default=1, metavar="P",
-                   help="P worker processes, each with its own engine on --device, taking every P-th "
-                        "problem (default: %(default)s)")
+    g.add_argument("--concurrency", type=at_least(1), default=None, metavar="N",
+                   help="the most runs at once, sharing forward passes in one engine (default: as many as "
+                        "fit in the K/V cache; a finished run's pages go to the next at once)")
+    g.add_argument("--processes", nargs="?", const="", default=None, help=argparse.SUPPRESS)  # gone: a clear error
     g.add_argument("--quiet", action="store_true", help="no progress on stderr")
     add_model_flags(p)
     p.set_defaults(execute=execute)
@@ -134,9 +140,9 @@ def load_data(args: argparse.Namespace) -> tuple[list[dict], str]:
 
 
 def run_device(args: argparse.Namespace, engine=None) -> str:
-    """The device the runs use: the given engine's (one process), else the one `load_engine`
-    picks from --device (cuda when a GPU is visible, else cpu)."""
-    if engine is not None and args.processes == 1:
+    """The device the runs use: the given engine's, else the one `load_engine` picks from
+    --device (cuda when a GPU is visible, else cpu)."""
+    if engine is not None:
         return str(engine.device)
     if args.device:
         return str(args.device)
@@ -145,8 +151,12 @@ def run_device(args: argparse.Namespace, engine=None) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def device_note(device: str, processes: int) -> str:
-    """The summary's device line, e.g. "NVIDIA H200 (cuda:0)" or "cpu: Intel(R) Xeon(R) ..., 2 cores"."""
+def device_note(device: str, concurrency: int | None = None, peak: int = 0) -> str:
+    """The summary's device line, e.g. "NVIDIA H200 (cuda:0); runs in shared forward passes of one
+    engine, as many at once as fit in the K/V cache, 12 at the peak; wall s: each run's time,
+    sharing passes with the others" or "cpu: Intel(R) Xeon(R) ..., 2 cores; one engine, one run
+    at a time (--concurrency 1)".
+    concurrency: the cap (None: the cache's); peak: the most runs that ran at once (0: none ran)."""
     from ..devices import device_label
 
     try:
@@ -155,7 +165,12 @@ def device_note(device: str, processes: int) -> str:
         label = f"{device} (name unknown: {type(e).__name__})"
     if device.startswith("cuda"):
         label = f"{label} ({device})"
-    return label + (f"; {processes} processes, one engine each" if processes > 1 else "")
+    if concurrency == 1:
+        return f"{label}; one engine, one run at a time (--concurrency 1)"
+    cap = "as many at once as fit in the K/V cache" if concurrency is None else \
+        f"up to {concurrency} at once (--concurrency {concurrency})"
+    return (f"{label}; runs in shared forward passes of one engine, {cap}" + (f", {peak} at the peak" if peak else "")
+            + "; wall s: each run's time, sharing passes with the others")
 
 
 def execute(args: argparse.Namespace, engine=None) -> int:
@@ -163,9 +178,13 @@ def execute(args: argparse.Namespace, engine=None) -> int:
     from ..eval.report import plot, summarise, summary_page
     from ..eval.runner import plan
 
+    if args.processes is not None:
+        raise InvalidRequestError("--processes is gone: eval runs its runs concurrently in one engine's shared "
+                                  "forward passes; use --concurrency N to cap how many run at once (default: "
+                                  "as many as fit in the K/V cache)")
     if args.backend == "ray" or args.tp > 1 or args.address:
         raise InvalidRequestError("eval forks running sessions, which needs the in-process engine: drop "
-                                  "--backend ray/--tp/--address (use --processes to run several engines)")
+                                  "--backend ray/--tp/--address")
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p)  # checked before any load
     specs = plan(args.modes, args.workers, args.layouts)
     if not specs:
@@ -177,11 +196,11 @@ def execute(args: argparse.Namespace, engine=None) -> int:
                "redundancy_every": None if args.no_redundancy else args.redundancy_every}
     exp = Experiment(problems, specs, args.budgets, args.out, sampling, args.seed, options)
     load = functools.partial(load_engine, args, True)
-    records = run_experiment(exp, load, args.processes, engine, progress=not args.quiet)
+    records, peak = run_experiment(exp, load, args.concurrency, engine, progress=not args.quiet)
     rows = summarise(records, specs)
     model = args.model or "SmolLM2-135M-Instruct (built-in)"
     notes = [f"- model: {model}",
-             f"- device: {device_note(run_device(args, engine), args.processes)}",
+             f"- device: {device_note(run_device(args, engine), args.concurrency, peak)}",
              f"- data: {data}",
              f"- sampling: temperature {args.temperature}, top-p {args.top_p}, top-k {args.top_k}, seed {args.seed}; "
              f"forced answers: greedy, at most {args.finisher_tokens} tokens",

@@ -1,35 +1,40 @@
-"""An evaluation on disk: which runs are left, running them (in this process or in P worker
-processes), merging their lines and writing the summary, resumably.
+"""An evaluation on disk: which runs are left, running them concurrently in one engine's shared
+forward passes, merging their lines and writing the summary, resumably.
 
-Every run (problem id, mode, workers, layout) appends its records (one per budget) to a
-part file of the output directory (`parts/`) in one write; `results.jsonl` is the merge of
-them all, in problem and configuration order, after which `parts/` is removed. A rerun
-into the same directory skips the runs whose every budget is already there, in
-results.jsonl or in a part file left by an interrupted run. With P processes, process k
-takes the problems i with i % P == k and loads its own engine on the same device.
+Every run (problem id, mode, workers, layout) is a job (runner.budgets_job) of one scheduler
+(hogwild_ray.scheduler): up to `concurrency` runs at once (default: as many as their page
+reservations let into the K/V cache), their sessions and forced-answer forks stepped together,
+one pass at a time. Each run gets its problem's own seeds (runner.worker_sampling), so its
+records do not depend on what ran beside it. A run that finishes appends its records (one per
+budget) to this invocation's part file of the output directory (`parts/`) in one write;
+`results.jsonl` is the merge of them all, in problem and configuration order, after which
+`parts/` is removed. A rerun into the same directory skips the runs whose every budget is
+already there, in results.jsonl or in a part file left by an interrupted run.
 """
 
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
-import queue
+import re
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import ContextLengthError, HogwildError, InvalidRequestError
 from ..core.sampling_params import SamplingParams
-from .runner import RunSpec, run_budgets, worker_sampling
+from ..errors import CacheFullError, ContextLengthError, InvalidRequestError, check_int
+from ..scheduler import Failed, Finished, Scheduler
+from .runner import RunSpec, budgets_job, error_records, forced_tokens, start_options, worker_sampling
 
+SKIPPABLE = (ContextLengthError, CacheFullError)  # a run that cannot run: recorded, the others go on
 RESULTS, SUMMARY, PLOT = "results.jsonl", "summary.md", "accuracy.png"
 
 
 @dataclass
 class Experiment:
-    """What to evaluate and where; plain data (it travels to worker processes)."""
+    """What to evaluate and where; plain data."""
 
     problems: list[dict]
     specs: list[RunSpec]
@@ -65,7 +70,19 @@ def read_lines(path: Path) -> list[dict]:
 
 
 def part_files(out: Path) -> list[Path]:
-    return sorted((out / "parts").glob("part-*.jsonl"))
+    """The part files, oldest first (part-N.jsonl by N)."""
+    def number(path: Path) -> tuple:
+        m = re.fullmatch(r"part-(\d+)\.jsonl", path.name)
+        return (0, int(m.group(1))) if m else (1, path.name)
+
+    return sorted((out / "parts").glob("part-*.jsonl"), key=number)
+
+
+def new_part(out: Path) -> Path:
+    """A part file of its own for this invocation (a part file that an interrupted run left,
+    perhaps with a half-written last line, is only read)."""
+    taken = [int(m.group(1)) for p in part_files(out) if (m := re.fullmatch(r"part-(\d+)\.jsonl", p.name))]
+    return out / "parts" / f"part-{max(taken, default=-1) + 1}.jsonl"
 
 
 def existing(out: Path) -> dict[tuple, dict]:
@@ -83,23 +100,55 @@ def todo(exp: Experiment, done: dict[tuple, dict]) -> list[tuple[int, dict, RunS
             if any((p["id"], s.mode, s.workers, s.layout, b) not in done for b in exp.budgets)]
 
 
-def run_part(engine, exp: Experiment, runs: list[tuple[int, dict, RunSpec]], part: int,
-             report: Callable[[list[dict]], None]) -> None:
-    """Run these runs, appending each one's records to part file `part` and reporting them."""
-    path = exp.out / "parts" / f"part-{part}.jsonl"
+def run_all(engine, exp: Experiment, runs: list[tuple[int, dict, RunSpec]], concurrency: int | None,
+            report: Callable[[list[dict]], None]) -> int:
+    """Run these runs concurrently on `engine`, at most `concurrency` at once (None: as many as
+    fit the K/V cache), appending each finished run's records to a new part file and reporting
+    them. A run that cannot run (its prompt is longer than the context, it could never fit the
+    cache) gets error records instead. Returns the most runs that ran at once."""
+    path = new_part(exp.out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a", encoding="utf-8") as sink:
-        for i, problem, spec in runs:
-            sampling = worker_sampling(exp.sampling, exp.seed, i)
-            try:
-                recs = run_budgets(engine, problem, spec, exp.budgets, sampling, **exp.options)
-            except ContextLengthError as e:  # a problem too long for the model: recorded, the run goes on
-                recs = [{"id": problem["id"], "mode": spec.mode, "workers": spec.workers, "layout": spec.layout,
-                         "budget": b, "answer": None, "reference": problem["answer"], "correct": False,
-                         "error": str(e)} for b in exp.budgets]
-            sink.write("".join(json.dumps(r) + "\n" for r in recs))
-            sink.flush()
-            report(recs)
+    scheduler = Scheduler(engine, concurrency)
+    running, peak = [0], [0]
+    by_key = {}
+
+    def start(i: int, problem: dict, spec: RunSpec):
+        running[0] += 1
+        peak[0] = max(peak[0], running[0])
+        sampling = worker_sampling(exp.sampling, exp.seed, i)
+        return budgets_job(engine, problem, spec, exp.budgets, sampling, write_prompt=False, **exp.options)
+
+    engine.schedulers.append(scheduler)
+    try:
+        with path.open("a", encoding="utf-8") as sink:
+            def record(recs: list[dict]) -> None:
+                sink.write("".join(json.dumps(r) + "\n" for r in recs))
+                sink.flush()
+                report(recs)
+
+            for i, problem, spec in runs:
+                key = (i, spec)
+                by_key[key] = problem, spec
+                options = start_options(spec, exp.budgets, exp.options)
+                try:
+                    pages = engine.request_pages(problem["problem"], spec.workers,
+                                                 forced_tokens=forced_tokens(exp.options), **options)
+                    scheduler.submit(key, partial(start, i, problem, spec), pages)
+                except SKIPPABLE as e:  # a problem too long for the model, a run too big for the cache
+                    record(error_records(problem, spec, exp.budgets, e))
+            for key, item in scheduler:
+                if isinstance(item, Finished):
+                    running[0] -= 1
+                    record(item.value)
+                elif isinstance(item, Failed):
+                    running[0] -= 1
+                    if not isinstance(item.error, SKIPPABLE):
+                        raise item.error
+                    record(error_records(*by_key[key], exp.budgets, item.error))
+    finally:
+        scheduler.close()  # an interruption: the running runs' sessions give their pages back
+        engine.schedulers.remove(scheduler)
+    return peak[0]
 
 
 def merge(exp: Experiment) -> list[dict]:
@@ -177,76 +226,26 @@ class Progress:
             self.line(f"eval: {self.count}/{self.total} runs done in {time.perf_counter() - self.t0:.1f} s")
 
 
-def run_experiment(exp: Experiment, load: Callable[[], Any], processes: int = 1, engine=None,
-                   progress: bool = True) -> list[dict]:
-    """Run what is left of `exp` and merge; `load()` makes an engine (in each worker process when
-    processes > 1, so it must pickle); `engine`: one already loaded, for processes == 1."""
+def run_experiment(exp: Experiment, load: Callable[[], Any], concurrency: int | None = None, engine=None,
+                   progress: bool = True) -> tuple[list[dict], int]:
+    """Run what is left of `exp` concurrently in one engine and merge; `load()` makes the engine
+    when none is given (and only if a run is left). concurrency: the most runs at once (None:
+    as many as fit the K/V cache). Returns this experiment's records and the most runs that ran
+    at once (0 when none was left)."""
+    check_int("concurrency", concurrency, 1, none="(as many as fit)")
     exp.out.mkdir(parents=True, exist_ok=True)
     left = todo(exp, existing(exp.out))
     bar = Progress(len(exp.runs()), len(exp.runs()) - len(left), exp.out, progress)
+    peak = 0
     try:
-        if left and processes == 1:
+        if left:
             own = engine is None
             engine = load() if own else engine
             try:
-                run_part(engine, exp, left, 0, bar.advance)
+                peak = run_all(engine, exp, left, concurrency, bar.advance)
             finally:
                 if own:
                     engine.close()
-        elif left:
-            run_processes(exp, left, load, processes, bar.advance)
     finally:
         bar.close()
-    return merge(exp)
-
-
-def _child(exp: Experiment, runs: list, load: Callable[[], Any], part: int, events) -> None:
-    """A worker process: its own engine, its share of the runs, its own part file."""
-    try:
-        try:
-            from transformers.utils import logging as hf_logging
-
-            hf_logging.disable_progress_bar()
-        except ImportError:
-            pass
-        engine = load()
-        try:
-            run_part(engine, exp, runs, part, lambda recs: events.put(("run", recs)))
-        finally:
-            engine.close()
-        events.put(("done", part))
-    except BaseException as e:  # reported by the parent as one line
-        events.put(("error", f"process {part}: {type(e).__name__}: {e}"))
-        raise SystemExit(1) from None
-
-
-def run_processes(exp: Experiment, left: list, load: Callable[[], Any], processes: int,
-                  report: Callable[[list[dict]], None]) -> None:
-    """Spread the runs over worker processes by problem index (i % processes) and wait for them."""
-    ctx = mp.get_context("spawn")
-    events = ctx.Queue()
-    shares = {k: [r for r in left if r[0] % processes == k] for k in range(processes)}
-    procs = [ctx.Process(target=_child, args=(exp, runs, load, k, events), daemon=True)
-             for k, runs in shares.items() if runs]
-    for p in procs:
-        p.start()
-    errors = []
-    try:
-        while any(p.is_alive() for p in procs) or not events.empty():
-            try:
-                kind, payload = events.get(timeout=0.5)
-            except queue.Empty:
-                continue
-            if kind == "run":
-                report(payload)
-            elif kind == "error":
-                errors.append(payload)
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.terminate()
-            p.join()
-    failed = [p for p in procs if p.exitcode not in (0, None)]
-    if errors or failed:
-        first = errors[0] if errors else f"a worker process exited with code {failed[0].exitcode}"
-        raise HogwildError(f"{first}; finished runs are kept, run the same command again to resume")
+    return merge(exp), peak

@@ -2,9 +2,11 @@
 
 A budget is a number of sequential forward passes (`session.stats.forward_passes`). A run
 steps ONE session up to its largest budget. At each budget the answer comes from a fork
-(`session.force_answers`): the fork is told "final answer now" and finishes greedily,
-while the session itself goes on untouched. A session that ended before a budget (it
-found its answer, or every worker stopped) answers the later budgets from its final state.
+(`session.forced_answers_job`): the fork is told "final answer now" and finishes greedily,
+while the session itself goes on untouched. A session that ended before a budget (it found
+its answer, or every worker stopped) answers the later budgets from its final state. A run is
+a job (hogwild_ray.jobs: `budgets_job`), so that a scheduler runs many runs, their forks
+included, in shared forward passes; `run_budgets` runs one by itself.
 
 Modes:
 * `single`: one worker, a plain prompt (protocol off).
@@ -24,8 +26,9 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..core.protocol import extract_boxed
+from ..core.protocol import ProtocolOptions, extract_boxed
 from ..core.sampling_params import SamplingParams
+from ..jobs import Job, NeedPass, result_of
 from .answers import answers_match
 from .stats import majority
 
@@ -70,40 +73,59 @@ def worker_sampling(base: SamplingParams, seed: int | None, index: int) -> Sampl
     return SamplingParams(base.temperature, base.top_k, base.top_p, run_seed)
 
 
-def answers_now(session: Session, protocol: bool) -> list[str | None]:
-    """Each answering worker's answer at this point (see the module docstring)."""
+def answers_job(session: Session, protocol: bool) -> Job:
+    """Each answering worker's answer at this point (see the module docstring), as a job: the
+    forced fork's passes are NeedPass(fork), so a scheduler runs them beside other sessions."""
     if protocol:
         if session.done:
             return [session.answer]
-        return session.force_answers([0])
+        return (yield from session.forced_answers_job([0]))
     own = [extract_boxed(session.text(w)) for w in range(len(session.workers))]
     missing = [w for w, a in enumerate(own) if a is None]
     if missing:
-        for w, a in zip(missing, session.force_answers(missing)):
+        forced = yield from session.forced_answers_job(missing)
+        for w, a in zip(missing, forced):
             own[w] = a
     return own
 
 
-def run_budgets(engine: HogwildEngine, problem: dict, spec: RunSpec, budgets: list[int],
-                sampling: SamplingParams, **options) -> list[dict]:
-    """One record per budget for one problem ({"id", "problem", "answer"}) in one configuration.
+def start_options(spec: RunSpec, budgets: list[int], options: dict) -> dict:
+    """The keyword options of `engine.start` (and `engine.request_pages`) for a run of `spec`.
+
+    options: protocol options (redundancy_every, finisher_tokens, ...)."""
+    protocol = spec.mode == "hogwild"
+    if not protocol:
+        options = {k: v for k, v in options.items() if k != "redundancy_every"}
+    return {"layout": spec.layout if protocol else "interleaved",
+            "max_tokens": budgets[-1] + 1,  # never binds first: the budgets (passes) end a run
+            "protocol": protocol, **options}
+
+
+def forced_tokens(options: dict) -> int:
+    """What a forced-answer fork may add per worker: the finisher prompt and the answer."""
+    return options.get("finisher_tokens", ProtocolOptions().finisher_tokens) + 64
+
+
+def budgets_job(engine: HogwildEngine, problem: dict, spec: RunSpec, budgets: list[int],
+                sampling: SamplingParams, write_prompt: bool = True, **options) -> Job:
+    """One run as a job (hogwild_ray.jobs): it opens its session when first advanced, asks for
+    its passes and its forced forks' passes, and returns one record per budget for one problem
+    ({"id", "problem", "answer"}) in one configuration. A scheduler runs many of them in shared
+    passes (write_prompt=False: the session's first passes write its prompt, as a scheduled
+    session's do; budgets count forward passes, which such passes are not).
 
     options: protocol options of `engine.start` (redundancy_every, finisher_tokens, ...)."""
     protocol = spec.mode == "hogwild"
-    layout = spec.layout if protocol else "interleaved"
-    if not protocol:
-        options = {k: v for k, v in options.items() if k != "redundancy_every"}
     t0 = time.perf_counter()
-    session = engine.start(problem["problem"], spec.workers, sampling=sampling, layout=layout,
-                           max_tokens=budgets[-1] + 1,  # never binds first; checks the cache up front
-                           protocol=protocol, **options)
+    session = engine.start(problem["problem"], spec.workers, sampling=sampling, write_prompt=write_prompt,
+                           **start_options(spec, budgets, options))
     session.auto_close = False  # a run that ends early still answers later budgets from its pages
     records = []
     try:
         for budget in budgets:
             while not session.done and (session.stats.forward_passes < budget or session.finishing):
-                session.step()
-            given = answers_now(session, protocol)
+                yield NeedPass(session)
+            given = yield from answers_job(session, protocol)
             answer = given[0] if protocol else majority(given)
             records.append({
                 "id": problem["id"], "mode": spec.mode, "workers": spec.workers, "layout": spec.layout,
@@ -116,3 +138,18 @@ def run_budgets(engine: HogwildEngine, problem: dict, spec: RunSpec, budgets: li
     finally:
         session.close()
     return records
+
+
+def run_budgets(engine: HogwildEngine, problem: dict, spec: RunSpec, budgets: list[int],
+                sampling: SamplingParams, **options) -> list[dict]:
+    """`budgets_job` alone, its session stepped by itself: one record per budget.
+
+    options: protocol options of `engine.start` (redundancy_every, finisher_tokens, ...)."""
+    return result_of(budgets_job(engine, problem, spec, budgets, sampling, **options))
+
+
+def error_records(problem: dict, spec: RunSpec, budgets: list[int], error: BaseException) -> list[dict]:
+    """The records of a run that could not run (its prompt is too long, it cannot fit the cache)."""
+    return [{"id": problem["id"], "mode": spec.mode, "workers": spec.workers, "layout": spec.layout,
+             "budget": b, "answer": None, "reference": problem["answer"], "correct": False, "error": str(error)}
+            for b in budgets]
