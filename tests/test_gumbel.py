@@ -9,7 +9,7 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from hogwild_kernels.gumbel import gumbel_scores, philox_uniform, philox_words
+from hogwild_kernels.gumbel import gumbel_scores, philox_uniform, philox_words, philox_words_numpy
 
 from hogwild_ray.core.sampling_params import SamplingParams
 from hogwild_ray.sampling import Sampler, sample_tokens
@@ -37,6 +37,14 @@ def test_torch_philox_equals_tritons():
     # and it is Philox4x32-10: the published known-answer vector (Random123, kat_vectors)
     key = torch.tensor([0], dtype=torch.int64)
     assert philox_words(key, torch.tensor([0]), 1).item() == 0x6627E8D5
+
+
+def test_numpy_philox_equals_torchs():
+    """The CPU's fast path (one 64-bit multiply per round) gives the same words bit for bit."""
+    seeds = torch.cat([SEEDS, torch.tensor([0, 2**63 - 1, 2**32 - 1, 2**32])])
+    draws = torch.cat([DRAWS, torch.tensor([0, 2**40 + 5, 2**32 - 1, 7])])
+    assert torch.equal(philox_words_numpy(seeds, draws, 777), philox_words(seeds, draws, 777))
+    assert philox_words_numpy(torch.tensor([0]), torch.tensor([0]), 1).item() == 0x6627E8D5
 
 
 def test_uniforms_are_uniform_and_distinct_per_draw():

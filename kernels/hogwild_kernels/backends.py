@@ -30,7 +30,8 @@ def _flat(pool: torch.Tensor) -> torch.Tensor:
 
 
 class TorchAttention:
-    """The engine's path without a GPU: exact, vectorized per worker.
+    """The engine's path without a GPU: exact, vectorized per worker (the one-query workers
+    of a pass, the common decode step of many sessions, all in one attention per layer).
 
     Equivalent to `concurrent_attention_reference` (the query rotated per block) by
     R(a) R(b) = R(a + b): here each gathered key is moved by its block's offset and the
@@ -53,32 +54,63 @@ class TorchAttention:
         _flat(k_pool)[meta.slots] = apply_rope(k, cos, sin).to(k_pool.dtype)
         _flat(v_pool)[meta.slots] = v.to(v_pool.dtype)
 
-    def _views(self, groups: list[QueryGroup], page_size: int, device: torch.device) -> list[tuple]:
-        """Per worker, once per pass: key slots, key and query rotations, the mask."""
-        views = []
+    def _views(self, groups: list[QueryGroup], page_size: int, device: torch.device) -> dict:
+        """Once per pass: the decode groups (one query each) side by side, padded to the longest
+        view, and per other group its key slots, key and query rotations and causal mask."""
         steps = torch.arange(page_size, device=device)
-        for g in groups:
-            slots, offsets = [], []
+
+        def keys(g: QueryGroup) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            """The view's key slots, each key's block offset, and its view position."""
+            slots, offsets, local = [], [], []
             for seg in g.segments:
                 if seg.length:
                     pages = torch.as_tensor(seg.pages, dtype=torch.int64, device=device)
                     slots.append((pages[:, None] * page_size + steps).flatten()[: seg.length])
                     offsets.append(torch.full((seg.length,), seg.offset, dtype=torch.int64, device=device))
-            slot = torch.cat(slots)
+                    local.append(torch.arange(seg.length, device=device))
             offset = torch.cat(offsets)
-            kpos = offset + torch.cat([torch.arange(len(o), device=device) for o in offsets])
+            return torch.cat(slots), offset, offset + torch.cat(local)
+
+        decode = [g for g in groups if g.count == 1]
+        out: dict = {"decode": None, "others": []}
+        if decode:
+            per = [keys(g) for g in decode]
+            width = max(len(slot) for slot, _, _ in per)
+            slot = torch.zeros(len(decode), width, dtype=torch.int64, device=device)
+            offset = torch.zeros(len(decode), width, dtype=torch.int64, device=device)
+            valid = torch.zeros(len(decode), width, dtype=torch.bool, device=device)
+            for i, (sl, off, _) in enumerate(per):
+                slot[i, : len(sl)], offset[i, : len(sl)], valid[i, : len(sl)] = sl, off, True
+            rows = torch.as_tensor([g.start for g in decode], dtype=torch.int64, device=device)
+            qpos = torch.as_tensor([g.position for g in decode], dtype=torch.int64, device=device)
+            out["decode"] = (rows, slot.flatten(), *rope_cos_sin(offset.flatten(), self.inv_freq),
+                             *rope_cos_sin(qpos, self.inv_freq, self.rope_scale), valid)
+        for g in groups:
+            if g.count == 1:
+                continue
+            slot, offset, kpos = keys(g)
             qpos = g.position + torch.arange(g.count, device=device)
-            views.append((slot, *rope_cos_sin(offset, self.inv_freq), *rope_cos_sin(qpos, self.inv_freq,
-                          self.rope_scale), kpos[None, :] > qpos[:, None]))
-        return views
+            out["others"].append((g, slot, *rope_cos_sin(offset, self.inv_freq),
+                                  *rope_cos_sin(qpos, self.inv_freq, self.rope_scale), kpos[None, :] > qpos[:, None]))
+        return out
 
     def attend(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, meta: PassMeta) -> torch.Tensor:
         if meta.extra["views"] is None:
             meta.extra["views"] = self._views(meta.groups, k_pool.shape[1], q.device)
+        views = meta.extra["views"]
         out = torch.zeros_like(q)
         t, hq, d = q.shape
         hkv = k_pool.shape[2]
-        for g, (slot, kcos, ksin, qcos, qsin, hidden) in zip(meta.groups, meta.extra["views"]):
+        if views["decode"] is not None:  # every one-query worker at once: no causal mask, only padding
+            rows, slot, kcos, ksin, qcos, qsin, valid = views["decode"]
+            n, width = valid.shape
+            k = apply_rope(_flat(k_pool)[slot].to(torch.float32), kcos, ksin).view(n, width, hkv, d)
+            v = _flat(v_pool)[slot].to(torch.float32).view(n, width, hkv, d)
+            qr = apply_rope(q[rows].to(torch.float32), qcos, qsin).view(n, hkv, hq // hkv, d)
+            s = torch.einsum("gkrd,glkd->gkrl", qr, k) * self.sm_scale
+            p = torch.softmax(s.masked_fill(~valid[:, None, None, :], float("-inf")), dim=-1)
+            out[rows] = torch.einsum("gkrl,glkd->gkrd", p, v).reshape(n, hq, d).to(q.dtype)
+        for g, slot, kcos, ksin, qcos, qsin, hidden in views["others"]:
             k = apply_rope(_flat(k_pool)[slot].to(torch.float32), kcos, ksin)  # keys moved by block offset
             v = _flat(v_pool)[slot].to(torch.float32)
             qr = apply_rope(q[g.start : g.start + g.count].to(torch.float32), qcos, qsin)

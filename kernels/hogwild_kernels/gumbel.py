@@ -12,6 +12,7 @@ arithmetic in torch elsewhere; the two give the same uniforms bit for bit.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -37,7 +38,7 @@ def gumbel_scores(x: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tenso
 
 def philox_uniform(seeds: torch.Tensor, draws: torch.Tensor, n: int) -> torch.Tensor:
     """Uniforms [rows, n] in [0, 1) from `philox_words`, mapped to floats as Triton's tl.rand maps them."""
-    word = philox_words(seeds, draws, n)
+    word = philox_words_numpy(seeds, draws, n) if seeds.device.type == "cpu" else philox_words(seeds, draws, n)
     signed = torch.where(word >= 2**31, word - 2**32, word)  # the word read as an int32
     folded = torch.where(signed < 0, -signed - 1, signed)
     return folded.to(torch.float32) * torch.tensor(_SCALE, dtype=torch.float32)
@@ -60,6 +61,24 @@ def philox_words(seeds: torch.Tensor, draws: torch.Tensor, n: int) -> torch.Tens
         c0, c2, c1, c3 = hi_b ^ c1 ^ k0, hi_a ^ c3 ^ k1, lo_b, lo_a
         k0, k1 = (k0 + _KEY_A) & _M32, (k1 + _KEY_B) & _M32
     return c0
+
+
+def philox_words_numpy(seeds: torch.Tensor, draws: torch.Tensor, n: int) -> torch.Tensor:
+    """`philox_words` in numpy's unsigned 64-bit arithmetic (a 32 x 32-bit product fits, so each
+    round is one multiply): the same words bit for bit, several times faster on the CPU."""
+    m32 = np.uint64(_M32)
+    s = seeds.numpy().astype(np.uint64)
+    rows = s.shape[0]
+    c0 = np.broadcast_to(np.arange(n, dtype=np.uint64), (rows, n))
+    c1 = np.broadcast_to((draws.numpy().astype(np.uint64) & m32)[:, None], (rows, n))
+    c2 = c3 = np.zeros((rows, n), dtype=np.uint64)
+    k0, k1 = (s & m32)[:, None], ((s >> np.uint64(32)) & m32)[:, None]
+    round_a, round_b, key_a, key_b, shift = (np.uint64(v) for v in (_ROUND_A, _ROUND_B, _KEY_A, _KEY_B, 32))
+    for _ in range(10):
+        pb, pa = round_b * c2, round_a * c0
+        c0, c2, c1, c3 = (pb >> shift) ^ c1 ^ k0, (pa >> shift) ^ c3 ^ k1, pb & m32, pa & m32
+        k0, k1 = (k0 + key_a) & m32, (k1 + key_b) & m32
+    return torch.from_numpy(c0.astype(np.int64))
 
 
 def _mul32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
