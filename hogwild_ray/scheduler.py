@@ -1,7 +1,10 @@
 """The scheduler: many jobs' sessions advance together, one shared forward pass at a time.
 
 Requests queue with the pages they may need (hogwild_ray.core.scheduling.Admission: first
-come, first served, reservations); an admitted request's job starts at once, and its
+come, first served, reservations; a session that outgrows its reservation, e.g. by many
+short steps and their headers, has it raised, and a newcomer must also fit the pool's free
+pages beyond what the running sessions may still take); an admitted request's job starts
+at once, and its
 session writes its prompt in chunks that share a per-pass budget with the other newcomers,
 so a long prompt stalls the running sessions for at most one chunk per pass. Every pass
 holds one part of every running job that asked for one (its decode rows, or a prompt
@@ -14,9 +17,14 @@ from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Iterator
 
 from .core.scheduling import PREFILL_CHUNK, Admission
-from .errors import check_int
+from .errors import CacheFullError, check_int
 from .jobs import Job, NeedPass
 from .session import run_pass
+
+
+def pages_held(session: Any) -> int:
+    """The pages a session's layout holds now (those it shares counted too)."""
+    return sum(len(b.pages) for b in session.layout.blocks())
 
 
 @dataclass(frozen=True)
@@ -67,20 +75,37 @@ class Scheduler:
             entry[0].close()
         self.admission.drop(key)
 
+    def _free_beyond_reservations(self) -> int:
+        """The pool's free pages less what the running sessions may still take."""
+        held = sum(pages_held(entry[1].session) for entry in self.running.values())
+        return self.engine.allocator.free_pages - max(0, self.admission.reserved - held)
+
     def __iter__(self) -> Iterator[tuple[Hashable, Any]]:
+        try:
+            yield from self._run()
+        finally:
+            self.close()
+
+    def _run(self) -> Iterator[tuple[Hashable, Any]]:
         while self.running or self.admission.queue:
-            for key in self.admission.admit():
+            for key in self.admission.admit(self._free_beyond_reservations()):
                 yield from self._advance(key, None, first=True)
             if not self.running:
                 if self.admission.queue:  # nothing runs and the head does not fit: pages held elsewhere
                     head = self.admission.queue[0]
-                    raise RuntimeError(f"request {head.key!r} cannot start: {head.pages} pages reserved for it "
-                                       f"do not fit beside the engine's other sessions")
+                    free = self.engine.allocator.free_pages
+                    self.starts.pop(head.key, None)
+                    self.admission.drop(head.key)
+                    yield head.key, Failed(CacheFullError(
+                        f"this request may need {head.pages} pages and the cache has {free} free beside the "
+                        "engine's other sessions; close them, or lower workers or max_tokens"))
+                    continue
                 break
             keys = list(self.running)
             sessions = [self.running[k][1].session for k in keys]
             results = run_pass(sessions, prefill_budget=self.prefill_chunk)
             for key, session in zip(keys, sessions):
+                self.admission.grow(key, pages_held(session) + len(session.workers) + 3)
                 if key in self.running:  # still there (no earlier job of this pass cancelled it)
                     yield from self._advance(key, results[session])
 

@@ -520,8 +520,10 @@ def run_pass(sessions: Sequence[Session], inject: dict[Session, dict[int, str]] 
     out: dict[Session, dict[int, list[int]] | Exception] = {}
     parts: list[tuple[Session, SessionPass]] = []
     for s in sessions:
+        page = s.layout.page_size  # whole pages while a prompt is long: its pages can be shared
+        budget = prefill_budget if prefill_budget >= page else 0
         try:
-            part = s.begin_pass(inject.get(s), prefill_budget)
+            part = s.begin_pass(inject.get(s), budget - budget % page)
         except Exception as e:  # the session closed itself
             out[s] = e
             continue

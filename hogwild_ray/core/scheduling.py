@@ -84,17 +84,27 @@ class Admission(Generic[K]):
                 "cache_tokens= to from_pretrained, or lower workers or max_tokens")
         self.queue.append(Waiting(key, pages))
 
-    def admit(self) -> list[K]:
-        """The requests that start now, in arrival order."""
+    def admit(self, free_pages: int | None = None) -> list[K]:
+        """The requests that start now, in arrival order. free_pages: what the pool has free
+        beyond what the running requests may still take (a bound besides the reservations,
+        for pages held elsewhere and for requests that outgrew their reservation)."""
         started = []
         while self.queue and (self.max_running is None or len(self.running) < self.max_running):
             head = self.queue[0]
-            if self.reserved + head.pages > self.capacity:
+            if self.reserved + head.pages > self.capacity or (free_pages is not None and head.pages > free_pages):
                 break
+            if free_pages is not None:
+                free_pages -= head.pages
             self.queue.popleft()
             self.running[head.key] = head.pages
             started.append(head.key)
         return started
+
+    def grow(self, key: K, pages: int) -> None:
+        """A running request holds more than it reserved: its reservation follows, so later
+        requests wait for those pages too."""
+        if key in self.running and pages > self.running[key]:
+            self.running[key] = pages
 
     def finish(self, key: K) -> None:
         """A running request ended: its reservation returns."""
