@@ -17,6 +17,7 @@ BENCHMARKS = {
     "overhead": "the share of a step spent outside the GPU, in process and through Ray",
     "ray_overhead": "the Ray path's per-step control overhead and start-up time",
     "scaling": "step time, tokens/s and GB/s vs workers and view length, against the roofline and transformers",
+    "throughput": "many sessions per pass: S problems x W workers batched vs one at a time vs transformers",
     "tensor_parallel": "multi-GPU: step time, tokens/s and all-reduce share vs tp (--check: tp=N tokens vs tp=1)",
     "workers_cpu": "forward passes and tokens/s of the default model with 1, 2, 4 workers on the CPU",
     "threads_cpu": "CPU threads (1 and the default) on a quiet machine and beside busy processes",
@@ -55,5 +56,5 @@ def execute(args: argparse.Namespace, engine=None) -> int:
 
         if not torch.cuda.is_available():
             return fail(f"benchmark {args.name} needs a CUDA GPU and torch sees none; on the CPU, "
-                        "`hogwild-ray bench workers_cpu` (or threads_cpu, scaling, overhead) runs")
+                        "`hogwild-ray bench workers_cpu` (or threads_cpu, scaling, overhead, throughput) runs")
     return subprocess.call([sys.executable, str(script), *args.args])
