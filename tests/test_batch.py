@@ -47,7 +47,8 @@ def test_solve_many_writes_one_line_per_problem(random_model, tmp_path, capsys):
         assert {"id", "problem", "answer", "worker_texts", "transcript", "stats"} <= set(r)
         assert len(r["worker_texts"]) == 2 and r["stats"]["forward_passes"] > 0
     err = capsys.readouterr().err  # not a terminal: plain progress lines
-    assert "batch: 2 problems, 0 done" in err and "[1/2] id=0" in err and "[2/2] id=two" in err
+    assert "batch: 2 problems, 0 done" in err and "[1/2] id=" in err and "[2/2] id=" in err
+    assert "/2] id=0 " in err and "/2] id=two " in err  # in the order they finished
     again = engine.solve_many(["Compute 1 + 1.", {"problem": "Compute 2 + 2.", "id": "two"}], out=out)
     assert again == records and len(lines(out)) == 2  # everything was done: nothing rerun
 
