@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import pytest
+
+from bench_files import saved_results
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
@@ -18,10 +19,7 @@ def test_scaling_writes_consistent_results(tmp_path):
                         "--warmup", "1", "--hf-new-tokens", "3", "--hf-repeats", "1", "--out", str(tmp_path),
                         "--date", "2000-01-01", "--naive-max-view", "16"])
     stem = tmp_path / "2000-01-01-cpu-scaling"
-    for ext in ("csv", "json", "png"):
-        assert Path(f"{stem}.{ext}").stat().st_size > 0
-    saved = json.loads(Path(f"{stem}.json").read_text())
-    assert saved["rows"] == json.loads(json.dumps(out["rows"]))
+    saved = saved_results(stem, out)
     assert {r["section"] for r in saved["rows"]} == {"eager", "independent", "transformers"}
     reasons = {(s["section"], s["workers"]): s["reason"] for s in saved["skipped"]}
     assert "CUDA" in reasons[("graphs", 1)] and "naive" in reasons[("naive", 2)]
@@ -48,9 +46,7 @@ def test_overhead_writes_results(tmp_path):
     out = overhead.main(["--shape", "tiny", "--device", "cpu", "--workers", "1,2", "--view", "16", "--steps", "3",
                          "--warmup", "1", "--no-ray", "--out", str(tmp_path), "--date", "2000-01-01"])
     stem = tmp_path / "2000-01-01-cpu-overhead"
-    for ext in ("csv", "json", "png"):
-        assert Path(f"{stem}.{ext}").stat().st_size > 0
-    saved = json.loads(Path(f"{stem}.json").read_text())
+    saved = saved_results(stem)
     assert [(r["path"], r["workers"]) for r in saved["rows"]] == [("in process", 1), ("in process", 2)]
     assert all(r["wall_ms"] > 0 and r["gpu_ms"] is None and r["outside_pct"] is None for r in saved["rows"])
     assert saved["ray"] == "not run (--no-ray)" and out["targets"][0]["status"] == "not measured"

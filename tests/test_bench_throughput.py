@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import csv
-import json
 import sys
 from pathlib import Path
 
 import pytest
+
+from bench_files import saved_results
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
@@ -20,10 +21,7 @@ def test_throughput_writes_consistent_results(tmp_path):
                            "--probe-steps", "2", "--hf-new-tokens", "8", "--hf-repeats", "2", "--out", str(tmp_path),
                            "--date", "2000-01-01"])
     stem = tmp_path / "2000-01-01-cpu-throughput"
-    for ext in ("csv", "json", "png"):
-        assert Path(f"{stem}.{ext}").stat().st_size > 0
-    saved = json.loads(Path(f"{stem}.json").read_text())
-    assert saved["rows"] == json.loads(json.dumps(out["rows"]))
+    saved = saved_results(stem, out)
     assert saved["benchmark"] == "throughput" and saved["device_name"] and saved["roofline_bandwidth_gbs"] > 0
     assert len(saved["copy_samples_gbs"]) == len(saved["read_samples_gbs"]) == 3  # start, after each section
     assert saved["roofline_bandwidth_gbs"] == pytest.approx(max(saved["copy_samples_gbs"] + saved["read_samples_gbs"]),
