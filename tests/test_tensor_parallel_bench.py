@@ -3,7 +3,6 @@ the shards' NCCL environment, and the oracle at tp=2/4/8 on CUDA in bf16 where t
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
