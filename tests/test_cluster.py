@@ -98,7 +98,8 @@ def batch_command(d: Path, model: Path, out: str) -> list[str]:
 
 
 def check_results(path: Path) -> None:
-    records = [json.loads(line) for line in path.read_text().splitlines()]
+    order = {p["id"]: i for i, p in enumerate(PROBLEMS)}  # the lines come as the problems finish
+    records = sorted((json.loads(line) for line in path.read_text().splitlines()), key=lambda r: order[r["id"]])
     assert [r["id"] for r in records] == [p["id"] for p in PROBLEMS]
     for r, p in zip(records, PROBLEMS):
         assert r["problem"] == p["problem"] and isinstance(r["answer"], str) and r["stats"]
