@@ -92,7 +92,7 @@ class Executor(ABC):
 
 
 class SessionHandle:
-    """One session's view of its engine's executor (a pass of this session alone)."""
+    """One session's view of its engine's executor (its passes go through `session.run_pass`)."""
 
     def __init__(self, executor: Executor, session: int) -> None:
         self.executor, self.session = executor, session
@@ -103,12 +103,6 @@ class SessionHandle:
 
     def finish_steps(self, workers: list[int]) -> None:
         self.executor.finish_steps(self.session, workers)
-
-    def run(self, fed: dict[int, list[int]], greedy: bool) -> tuple[list[WriteStep], list[int]]:
-        out = self.executor.run([SessionPass(self.session, fed, greedy)])[self.session]
-        if isinstance(out, Exception):
-            raise out
-        return out
 
     def last_logits(self) -> torch.Tensor:
         if self.closed:
