@@ -113,7 +113,7 @@ class Decoder:
     def forward(self, b: ForwardBatch, cache: KVPool) -> torch.Tensor:
         """Logits [G, vocab] (fp32) at each group's last token; K/V of all tokens stored."""
         x = self._embed(b.tokens)
-        meta = self.attention.prepare(b.groups, b.slots, b.key_positions, plan=b.plan)
+        meta = self.attention.prepare(b.groups, b.slots, b.key_positions, plan=b.plan, page_size=cache.page_size)
         delta = None  # the last block's output, added to the residual stream by the next norm
         for i, lw in enumerate(self.w.layers):
             x, h = self._add_norm(x, delta, lw.ln_attn)

@@ -135,7 +135,7 @@ class DecodeGraphs:
     def _entry(self, groups: list[QueryGroup], t: int, mode: str | None) -> tuple[_Graph | None, dict]:
         """The graph for this pass's shape (made if new, not captured) and its host plan;
         None when the plan does not fit the graph's buffers."""
-        host = build_plan(groups, t, self.attention.chunk_rule(self.device, capped=False))
+        host = build_plan(groups, t, self.attention.chunk_rule(self.device, capped=False), self.cache.page_size)
         items = _pow2(host["tables"].shape[0])
         key = (t, items, mode)
         entry = self.graphs.get(key)

@@ -44,7 +44,7 @@ class TorchAttention:
         self.inv_freq, self.rope_scale, self.sm_scale = inv_freq, rope_scale, sm_scale
 
     def prepare(self, groups: list[QueryGroup], slots: torch.Tensor, key_positions: torch.Tensor,
-                plan=None) -> PassMeta:
+                plan=None, page_size: int | None = None) -> PassMeta:
         extra = {"append": rope_cos_sin(key_positions, self.inv_freq, self.rope_scale), "views": None}
         return PassMeta(groups, slots, key_positions, extra)
 
@@ -147,14 +147,17 @@ class TritonAttention:
             self.launch = {"num_warps": 4, "num_stages": 3, **self.launch}
         self.block_n = block_n or (16 if interpret else 64)
         self.block_m = block_m or (16 if interpret else None)  # None: sized to the readers per pass
+        self.wide = "split"  # units that many sessions share: see plan_attention
 
     def prepare(self, groups: list[QueryGroup], slots: torch.Tensor, key_positions: torch.Tensor,
-                plan=None) -> PassMeta:
-        """plan: a prebuilt (static) plan, as a captured CUDA graph reads; None: built here."""
+                plan=None, page_size: int | None = None) -> PassMeta:
+        """plan: a prebuilt (static) plan, as a captured CUDA graph reads; None: built here.
+        page_size: the pool's, so that blocks sharing pages (prompts, forks) are read once."""
         from .plan import plan_attention
 
         if plan is None:
-            plan = plan_attention(groups, int(slots.numel()), self.chunk_rule(slots.device), slots.device)
+            plan = plan_attention(groups, int(slots.numel()), self.chunk_rule(slots.device), slots.device,
+                                  page_size, self.wide)
         # every rotation of this pass, once for all layers: readers by (position - block offset),
         # new keys by their block-local position (fp32, as the reference computes them)
         plan.pair_cos, plan.pair_sin = self._cos_sin(plan.pair_delta)
@@ -209,10 +212,6 @@ class TritonAttention:
         t, hq, d = q.shape
         hkv = k_pool.shape[2]
         rep = hq // hkv
-        # pack every reader of a unit into one row tile when it fits, so K/V is read once
-        block_m = max(self.block_m or min(128, max(16, _next_pow2(plan.max_pairs * rep))), _next_pow2(rep))
-        block_r = max(1, block_m // rep)
-        launch = self.launch or {"num_warps": 4 if block_m <= 64 else 8, "num_stages": 3}  # best swept on an H100
         out = torch.empty_like(q)  # the merge writes every row (zeros where a token sees nothing)
         npairs = int(plan.pair_tok.numel())
         if npairs == 0:
@@ -221,25 +220,47 @@ class TritonAttention:
         # partials in the input's precision (as vLLM's paged attention v2); fp32 inputs stay exact
         o_part = torch.empty((npairs, hq, d), dtype=self.partial_dtype or q.dtype, device=q.device)
         lse_part = torch.empty((npairs, hq), dtype=torch.float32, device=q.device)
-        grid = (int(plan.unit_item.numel()), hkv, -(-plan.max_pairs // block_r))
-        _rope_shift_partial_kernel[grid](
-            q, kp, vp,
-            plan.unit_item, plan.unit_kstart, plan.unit_kend, plan.unit_pair, plan.unit_npairs,
-            plan.pair_tok, plan.pair_cos, plan.pair_sin, plan.pair_limit, plan.tables,
-            o_part, lse_part,
-            q.stride(0), q.stride(1), kp.stride(0), kp.stride(1), plan.tables.stride(0),
-            o_part.stride(0), o_part.stride(1), lse_part.stride(0),
-            float(self.sm_scale * LOG2E),
-            PAGE=k_pool.shape[1], REP=rep, BLOCK_R=block_r, BLOCK_M=block_m,
-            HALF=d // 2, HALFP=max(16, _next_pow2(d // 2)), BLOCK_N=self.block_n,
-            IEEE=q.dtype == torch.float32, LOOP_WHILE=self.interpret, **launch,
-        )
+        for unit0, units, max_pairs, block_m in self._launches(plan, rep):
+            # pack every reader of a unit into one row tile when it fits, so K/V is read once
+            block_r = max(1, block_m // rep)
+            launch = self.launch or {"num_warps": 4 if block_m <= 64 else 8, "num_stages": 3}  # best on an H100
+            _rope_shift_partial_kernel[(units, hkv, -(-max_pairs // block_r))](
+                q, kp, vp,
+                plan.unit_item, plan.unit_kstart, plan.unit_kend, plan.unit_pair, plan.unit_npairs,
+                plan.pair_tok, plan.pair_cos, plan.pair_sin, plan.pair_limit, plan.tables,
+                o_part, lse_part, unit0,
+                q.stride(0), q.stride(1), kp.stride(0), kp.stride(1), plan.tables.stride(0),
+                o_part.stride(0), o_part.stride(1), lse_part.stride(0),
+                float(self.sm_scale * LOG2E),
+                PAGE=k_pool.shape[1], REP=rep, BLOCK_R=block_r, BLOCK_M=block_m,
+                HALF=d // 2, HALFP=max(16, _next_pow2(d // 2)), BLOCK_N=self.block_n,
+                IEEE=q.dtype == torch.float32, LOOP_WHILE=self.interpret, **launch,
+            )
         _merge_partials_kernel[(t, hq)](
             o_part, lse_part, plan.tok_start, plan.tok_parts, out,
             o_part.stride(0), o_part.stride(1), lse_part.stride(0), out.stride(0), out.stride(1),
             D=d, DP=_next_pow2(d), P_BLOCK=min(64, max(2, _next_pow2(plan.max_parts))),
         )
         return out
+
+
+    def _block_m(self, pairs: int, rep: int) -> int:
+        """Rows of a tile: every reader of a unit (x its query heads) when that fits in 128."""
+        return max(self.block_m or min(128, max(16, _next_pow2(pairs * rep))), _next_pow2(rep))
+
+    def _launches(self, plan, rep: int) -> list[tuple[int, int, int, int]]:
+        """(first unit, units, most pairs of one, tile rows) per kernel launch: one per class of
+        units that gets its own tile size, neighbouring classes of one size in one launch."""
+        classes = plan.classes if plan.classes is not None else [(0, int(plan.unit_item.numel()), plan.max_pairs)]
+        out: list[list[int]] = []
+        for unit0, units, max_pairs in classes:
+            block_m = self._block_m(max_pairs, rep)
+            if out and out[-1][3] == block_m:
+                out[-1][1] += units
+                out[-1][2] = max(out[-1][2], max_pairs)
+            else:
+                out.append([unit0, units, max_pairs, block_m])
+        return [tuple(x) for x in out if x[1]]
 
 
 def make_attention(kind: str, device: torch.device, inv_freq: torch.Tensor, rope_scale: float, sm_scale: float,

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .reference import QueryGroup
+from .sharing import shared_runs
 
 FIELDS = ("unit_item", "unit_kstart", "unit_kend", "unit_pair", "unit_npairs",
           "pair_tok", "pair_delta", "pair_limit", "tok_start", "tok_parts")
@@ -43,6 +44,9 @@ class AttentionPlan:
     max_parts: int  # the most partials of one token (sets the merge tile)
     pair_cos: torch.Tensor | None = None  # fp32 [pairs, head_dim / 2] set by the backend per pass
     pair_sin: torch.Tensor | None = None
+    # (first unit, units, most pairs of one) per class of units read by about as many pairs, in
+    # order; None: one class (a static plan, whose pair counts are unknown on the host)
+    classes: list[tuple[int, int, int]] | None = None
 
 
 @dataclass(frozen=True)
@@ -71,41 +75,56 @@ def _pages(pages) -> np.ndarray:
     return np.asarray(pages, dtype=np.int32)
 
 
-def build_plan(groups: list[QueryGroup], num_tokens: int, chunk: int | Callable[[int], int]) -> dict:
+def build_plan(groups: list[QueryGroup], num_tokens: int, chunk: int | Callable[[int], int],
+               page_size: int | None = None) -> dict:
     """The plan's arrays (numpy int32) and sizes. chunk: the keys per unit, or a function of the
-    total keys to read (each block counted once) that picks it."""
+    total keys to read (each block counted once) that picks it. page_size: the pool's; given,
+    stretches where blocks of different ids hold the same pages (shared prompts, forks) are
+    read once for all of them too (see `sharing`)."""
     segs = [seg for g in groups for seg in g.segments]
     keys = [seg.block if seg.block is not None else ("segment", id(seg)) for seg in segs]
-    index: dict = {}
-    seg_item = [index.setdefault(k, len(index)) for k in keys]
-    tables: list = [()] * len(index)  # each item's page table: its longest segment's pages
-    for item, seg in zip(seg_item, segs):
-        pages = seg.pages
-        if len(pages) > len(tables[item]):
-            tables[item] = pages
-    seg_off = [seg.offset for seg in segs]
-    seg_len = [seg.length for seg in segs]
-    seg_pos = [g.position for g in groups for _ in g.segments]
-    seg_start = [g.start for g in groups for _ in g.segments]
-    seg_count = [g.count for g in groups for _ in g.segments]
-    counts = np.asarray(seg_count, dtype=np.int64)
-    # one row per (query token, segment): token i of a group is at position + i
-    rep = lambda x: np.repeat(np.asarray(x, dtype=np.int64), counts)  # noqa: E731
+    block_pages = dict(zip(keys, (seg.pages for seg in segs)))  # one page table per block
+    index = {k: i for i, k in enumerate(block_pages)}
+    seg_block = np.asarray([index[k] for k in keys], dtype=np.int64)
+    # per segment: its group's position - its offset, its length, its group's first row and count
+    fields = np.asarray([x for g in groups for s in g.segments for x in (g.position - s.offset, s.length, g.start,
+                                                                          g.count)], dtype=np.int64).reshape(-1, 4)
+    used = np.zeros(len(index), dtype=np.int64)  # the most keys any segment of a block shows
+    np.maximum.at(used, seg_block, fields[:, 1])
+    items = _items([_pages(p) for p in block_pages.values()], used, page_size)
+    # one row per (segment, piece of its block), then one per query token of the segment's group
+    seg_rows = items.pieces[seg_block]
+    row_seg = np.repeat(np.arange(len(segs)), seg_rows)
+    piece = np.arange(len(row_seg)) - np.repeat(np.cumsum(seg_rows) - seg_rows, seg_rows)
+    piece += items.first_piece[seg_block[row_seg]]
+    rel, length, first_row, counts = fields[row_seg].T
+    rep = lambda x: np.repeat(x, counts)  # noqa: E731
+    # token i of a group is at position + i; a row of piece [base, end) sees keys [base, limit)
     i = np.arange(int(counts.sum())) - rep(np.cumsum(counts) - counts)
-    delta = rep(seg_pos) + i - rep(seg_off)
-    limit = np.minimum(rep(seg_len), delta + 1)
-    keep = limit > 0
-    tok, item, delta, limit = (rep(seg_start) + i)[keep], rep(seg_item)[keep], delta[keep], limit[keep]
-    n_items = max(1, len(tables))
-    kmax = np.zeros(n_items, dtype=np.int64)
+    delta = rep(rel) + i
+    limit = np.minimum(np.minimum(rep(length), delta + 1), rep(items.piece_end[piece]))
+    keep = limit > rep(items.piece_base[piece])
+    tok = (rep(first_row) + i)[keep]
+    item, delta, limit = rep(items.piece_item[piece])[keep], delta[keep], limit[keep]
+    # items nobody reads (a block whose every visible page is in runs) are dropped
+    kmax = items.base.copy()
     np.maximum.at(kmax, item, limit)
+    read = kmax > items.base
+    renumber = np.cumsum(read) - 1
+    item, base, kmax = renumber[item], items.base[read], kmax[read]
+    kept_tables = [t for t, r in zip(items.tables, read.tolist()) if r]
+    item_shared = (np.arange(len(items.tables)) >= len(index))[read]  # runs that several blocks read
+    n_items = max(1, len(kept_tables))
+    if not kept_tables:
+        base = kmax = np.zeros(1, dtype=np.int64)
+    span = kmax - base
     if callable(chunk):
-        chunk = chunk(int(kmax.sum()))
-    chunks = -(-kmax // chunk)  # units per item
+        chunk = chunk(int(span.sum()))
+    chunks = -(-span // chunk)  # units per item
     first_unit = np.cumsum(chunks) - chunks
     units = int(chunks.sum())
-    # every pair reads chunks 0..ceil(limit / chunk) - 1 of its item: one expanded pair each
-    reps = -(-limit // chunk)
+    # every pair reads chunks 0..ceil((limit - base) / chunk) - 1 of its item: one expanded pair each
+    reps = -(-(limit - base[item]) // chunk)
     src = np.repeat(np.arange(len(tok)), reps)
     j = np.arange(len(src)) - np.repeat(np.cumsum(reps) - reps, reps)
     unit = first_unit[item[src]] + j
@@ -113,13 +132,13 @@ def build_plan(groups: list[QueryGroup], num_tokens: int, chunk: int | Callable[
     src, unit = src[order], unit[order]
     npairs = np.bincount(unit, minlength=units)
     unit_item = np.repeat(np.arange(n_items), chunks)
-    kstart = (np.arange(units) - first_unit[unit_item]) * chunk
+    kstart = base[unit_item] + (np.arange(units) - first_unit[unit_item]) * chunk
     pair_tok = tok[src]
     by_tok = np.argsort(pair_tok, kind="stable")
-    width = max(1, max((len(t) for t in tables), default=1))
+    width = max(1, max((len(t) for t in kept_tables), default=1))
     table = np.zeros((n_items, width), dtype=np.int32)
-    for row, pages in enumerate(tables):
-        table[row, : len(pages)] = _pages(pages)
+    for row, pages in enumerate(kept_tables):
+        table[row, : len(pages)] = pages
     per_tok = np.bincount(pair_tok, minlength=num_tokens)
     i32 = lambda x: np.asarray(x, dtype=np.int32)  # noqa: E731
     return {
@@ -130,21 +149,108 @@ def build_plan(groups: list[QueryGroup], num_tokens: int, chunk: int | Callable[
         "pair_tok": i32(pair_tok), "pair_delta": i32(delta[src]), "pair_limit": i32(limit[src]),
         "tok_start": i32(np.concatenate([[0], np.cumsum(per_tok)])), "tok_parts": i32(by_tok),
         "num_tokens": num_tokens, "max_pairs": int(npairs.max(initial=0)), "max_parts": int(per_tok.max(initial=0)),
-        "chunk": chunk,
+        "chunk": chunk, "item_shared": item_shared,
     }
 
 
+@dataclass
+class _Items:
+    """The plan's items and how each block's keys split over them (pieces, in key indexes)."""
+
+    tables: list[np.ndarray]  # each item's page table
+    base: np.ndarray  # each item's first key
+    pieces: np.ndarray  # pieces per block
+    first_piece: np.ndarray  # each block's first piece
+    piece_item: np.ndarray
+    piece_base: np.ndarray  # the piece covers keys [base, end) of its block
+    piece_end: np.ndarray
+
+
+_NO_END = np.iinfo(np.int32).max
+
+
+def _items(tables: list[np.ndarray], used: list[int], page_size: int | None) -> _Items:
+    """One item per block, or, where blocks share leading pages and the page size is known,
+    one item per shared run plus each block's remaining keys."""
+    n = len(tables)
+    runs, own = shared_runs([(t, -(-k // page_size)) for t, k in zip(tables, used)]) if page_size else ([], [0] * n)
+    if not runs:
+        ones, zeros = np.ones(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
+        return _Items(tables, zeros, ones, np.arange(n), np.arange(n), zeros, np.full(n, _NO_END))
+    # a piece for each (run, reader), then each block's own rest; grouped by block
+    reader = np.concatenate([np.asarray(run.readers, dtype=np.int64) for run in runs])
+    run_of = np.repeat(np.arange(len(runs)), [len(run.readers) for run in runs])
+    first, stop = (np.asarray(col, dtype=np.int64) * page_size for col in zip(*((r.first, r.stop) for r in runs)))
+    own_base = np.asarray(own, dtype=np.int64) * page_size
+    block = np.concatenate([reader, np.arange(n)])
+    order = np.argsort(block, kind="stable")
+    pieces = np.bincount(block, minlength=n)
+    return _Items(tables + [tables[run.readers[0]] for run in runs], np.concatenate([own_base, first]),
+                  pieces, np.cumsum(pieces) - pieces, np.concatenate([n + run_of, np.arange(n)])[order],
+                  np.concatenate([first[run_of], own_base])[order],
+                  np.concatenate([stop[run_of], np.full(n, _NO_END)])[order])
+
+
 def plan_attention(groups: list[QueryGroup], num_tokens: int, chunk: int | Callable[[int], int],
-                   device: torch.device) -> AttentionPlan:
-    """A plan of exactly the pass's size, on `device` (one host-to-device copy)."""
-    host = build_plan(groups, num_tokens, chunk)
+                   device: torch.device, page_size: int | None = None, wide: str = "split") -> AttentionPlan:
+    """A plan of exactly the pass's size, on `device` (one host-to-device copy). wide: how units
+    that many sessions share are read: "split" cuts them into units of as many readers as the
+    widest unshared one (one launch, one tile size; the copies read the same keys at the same
+    time, from L2); "tile" gives them a launch with a wider row tile."""
+    host = build_plan(groups, num_tokens, chunk, page_size)
+    classes = None
+    if wide == "split":
+        _split_wide_units(host)
+    elif wide == "tile":
+        classes = _sort_by_readers(host)
+    else:
+        raise ValueError(f"wide must be 'split' or 'tile', got {wide!r}")
     flat = [host["tables"].reshape(-1)] + [host[f] for f in FIELDS]
     packed = torch.from_numpy(np.concatenate(flat))
     if device.type == "cuda":
         packed = packed.pin_memory().to(device, non_blocking=True)
     parts = packed.split([len(x) for x in flat])
     return AttentionPlan(parts[0].view(host["tables"].shape), *parts[1:], host["num_tokens"],
-                         host["max_pairs"], host["max_parts"])
+                         host["max_pairs"], host["max_parts"], classes=classes)
+
+
+UNIT_FIELDS = ("unit_item", "unit_kstart", "unit_kend", "unit_pair", "unit_npairs")
+
+
+def _split_wide_units(host: dict) -> None:
+    """Cut each unit of a shared run into units of at most as many pairs as the widest unit of a
+    block of its own (pairs keep their places; each new unit takes a slice of them)."""
+    npairs, shared = host["unit_npairs"].astype(np.int64), host["item_shared"][host["unit_item"]]
+    if not shared.any() or shared.all():
+        return
+    most = int(npairs[~shared].max())
+    cuts = np.where(shared, -(-npairs // most), 1)
+    if (cuts == 1).all():
+        return
+    j = np.arange(int(cuts.sum())) - np.repeat(np.cumsum(cuts) - cuts, cuts)
+    for f in ("unit_item", "unit_kstart", "unit_kend"):
+        host[f] = np.repeat(host[f], cuts)
+    host["unit_pair"] = (np.repeat(host["unit_pair"], cuts) + j * most).astype(np.int32)
+    host["unit_npairs"] = np.minimum(most, np.repeat(npairs, cuts) - j * most).astype(np.int32)
+    host["max_pairs"] = most
+
+
+def _sort_by_readers(host: dict) -> list[tuple[int, int, int]]:
+    """Order the units by their pairs (power-of-two classes, fewest first) and return each
+    class's (first unit, units, most pairs): a unit of a prompt that 32 sessions share and a
+    worker's own block read by 4 then each get a row tile of their size, instead of every unit
+    the widest one's (pairs keep their places; only the units move)."""
+    npairs = host["unit_npairs"].astype(np.int64)
+    if len(npairs) == 0:
+        return []
+    width = np.left_shift(1, np.ceil(np.log2(np.maximum(npairs, 1))).astype(np.int64))
+    order = np.argsort(width, kind="stable")
+    for f in UNIT_FIELDS:
+        host[f] = host[f][order]
+    width, npairs = width[order], npairs[order]
+    starts = np.flatnonzero(np.concatenate([[True], width[1:] != width[:-1]]))
+    ends = np.concatenate([starts[1:], [len(width)]])
+    return [(int(a), int(b - a), int(npairs[a:b].max())) for a, b in zip(starts, ends)]
 
 
 class StaticPlan:

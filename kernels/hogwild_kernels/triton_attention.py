@@ -79,6 +79,7 @@ def _rope_shift_partial_kernel(
     unit_item_ptr, unit_kstart_ptr, unit_kend_ptr, unit_pair_ptr, unit_npairs_ptr,
     pair_tok_ptr, pair_cos_ptr, pair_sin_ptr, pair_limit_ptr, tables_ptr,
     o_part_ptr, lse_part_ptr,
+    unit0,
     stride_qt, stride_qh,
     stride_kslot, stride_kh,
     stride_table,
@@ -95,7 +96,7 @@ def _rope_shift_partial_kernel(
     Each reader's rotation (cos/sin of its delta, rope attention factor included) comes
     precomputed per pair, once per forward pass for all layers.
     """
-    u = tl.program_id(0)
+    u = unit0 + tl.program_id(0)
     h = tl.program_id(1)
     rt = tl.program_id(2)
     npairs = tl.load(unit_npairs_ptr + u)
