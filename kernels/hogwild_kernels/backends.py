@@ -147,17 +147,20 @@ class TritonAttention:
             self.launch = {"num_warps": 4, "num_stages": 3, **self.launch}
         self.block_n = block_n or (16 if interpret else 64)
         self.block_m = block_m or (16 if interpret else None)  # None: sized to the readers per pass
-        self.wide = "split"  # units that many sessions share: see plan_attention
+        # pages several sessions share, read once per pass: "auto" where it pays (plan.WORTH_MERGING),
+        # "always", or "never" (once per session)
+        self.shared_reads = "auto"
 
     def prepare(self, groups: list[QueryGroup], slots: torch.Tensor, key_positions: torch.Tensor,
                 plan=None, page_size: int | None = None) -> PassMeta:
         """plan: a prebuilt (static) plan, as a captured CUDA graph reads; None: built here.
         page_size: the pool's, so that blocks sharing pages (prompts, forks) are read once."""
-        from .plan import plan_attention
+        from .plan import WORTH_MERGING, plan_attention
 
         if plan is None:
+            worth = {"auto": WORTH_MERGING, "always": (0.0, 0)}.get(self.shared_reads)
             plan = plan_attention(groups, int(slots.numel()), self.chunk_rule(slots.device), slots.device,
-                                  page_size, self.wide)
+                                  page_size if worth else None, worth or (0.0, 0))
         # every rotation of this pass, once for all layers: readers by (position - block offset),
         # new keys by their block-local position (fp32, as the reference computes them)
         plan.pair_cos, plan.pair_sin = self._cos_sin(plan.pair_delta)

@@ -75,12 +75,21 @@ def _pages(pages) -> np.ndarray:
     return np.asarray(pages, dtype=np.int32)
 
 
+# Merging pages that several sessions share into items of their own pays when it saves at least
+# this share of the keys a pass reads and this many keys (an eager pass then runs the wider units
+# in a launch of their own): measured on an H200 by benchmarks/shared_prompts.py, where the passes
+# that met both ran 0.97-1.57x the speed of reading per session (1.14-1.57x from 16 sessions on)
+# and the others would have run 0.72-0.97x.
+WORTH_MERGING = (0.5, 8192)
+
+
 def build_plan(groups: list[QueryGroup], num_tokens: int, chunk: int | Callable[[int], int],
-               page_size: int | None = None) -> dict:
+               page_size: int | None = None, worth: tuple[float, int] = (0.0, 0)) -> dict:
     """The plan's arrays (numpy int32) and sizes. chunk: the keys per unit, or a function of the
     total keys to read (each block counted once) that picks it. page_size: the pool's; given,
     stretches where blocks of different ids hold the same pages (shared prompts, forks) are
-    read once for all of them too (see `sharing`)."""
+    read once for all of them too (see `sharing`), where that saves at least `worth` (a share of
+    the keys read and a number of keys)."""
     segs = [seg for g in groups for seg in g.segments]
     keys = [seg.block if seg.block is not None else ("segment", id(seg)) for seg in segs]
     block_pages = dict(zip(keys, (seg.pages for seg in segs)))  # one page table per block
@@ -91,7 +100,7 @@ def build_plan(groups: list[QueryGroup], num_tokens: int, chunk: int | Callable[
                                                                           g.count)], dtype=np.int64).reshape(-1, 4)
     used = np.zeros(len(index), dtype=np.int64)  # the most keys any segment of a block shows
     np.maximum.at(used, seg_block, fields[:, 1])
-    items = _items([_pages(p) for p in block_pages.values()], used, page_size)
+    items = _items([_pages(p) for p in block_pages.values()], used, page_size, worth)
     # one row per (segment, piece of its block), then one per query token of the segment's group
     seg_rows = items.pieces[seg_block]
     row_seg = np.repeat(np.arange(len(segs)), seg_rows)
@@ -113,7 +122,6 @@ def build_plan(groups: list[QueryGroup], num_tokens: int, chunk: int | Callable[
     renumber = np.cumsum(read) - 1
     item, base, kmax = renumber[item], items.base[read], kmax[read]
     kept_tables = [t for t, r in zip(items.tables, read.tolist()) if r]
-    item_shared = (np.arange(len(items.tables)) >= len(index))[read]  # runs that several blocks read
     n_items = max(1, len(kept_tables))
     if not kept_tables:
         base = kmax = np.zeros(1, dtype=np.int64)
@@ -149,7 +157,7 @@ def build_plan(groups: list[QueryGroup], num_tokens: int, chunk: int | Callable[
         "pair_tok": i32(pair_tok), "pair_delta": i32(delta[src]), "pair_limit": i32(limit[src]),
         "tok_start": i32(np.concatenate([[0], np.cumsum(per_tok)])), "tok_parts": i32(by_tok),
         "num_tokens": num_tokens, "max_pairs": int(npairs.max(initial=0)), "max_parts": int(per_tok.max(initial=0)),
-        "chunk": chunk, "item_shared": item_shared,
+        "chunk": chunk,
     }
 
 
@@ -169,11 +177,14 @@ class _Items:
 _NO_END = np.iinfo(np.int32).max
 
 
-def _items(tables: list[np.ndarray], used: list[int], page_size: int | None) -> _Items:
-    """One item per block, or, where blocks share leading pages and the page size is known,
-    one item per shared run plus each block's remaining keys."""
+def _items(tables: list[np.ndarray], used: np.ndarray, page_size: int | None, worth: tuple[float, int]) -> _Items:
+    """One item per block, or, where blocks share leading pages (the page size known) and merging
+    them saves `worth`, one item per shared run plus each block's remaining keys."""
     n = len(tables)
     runs, own = shared_runs([(t, -(-k // page_size)) for t, k in zip(tables, used)]) if page_size else ([], [0] * n)
+    saved = sum((len(r.readers) - 1) * (r.stop - r.first) for r in runs) * (page_size or 0)
+    if runs and (saved < worth[1] or saved < worth[0] * int(used.sum())):
+        runs, own = [], [0] * n
     if not runs:
         ones, zeros = np.ones(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
         return _Items(tables, zeros, ones, np.arange(n), np.arange(n), zeros, np.full(n, _NO_END))
@@ -192,19 +203,13 @@ def _items(tables: list[np.ndarray], used: list[int], page_size: int | None) -> 
 
 
 def plan_attention(groups: list[QueryGroup], num_tokens: int, chunk: int | Callable[[int], int],
-                   device: torch.device, page_size: int | None = None, wide: str = "split") -> AttentionPlan:
-    """A plan of exactly the pass's size, on `device` (one host-to-device copy). wide: how units
-    that many sessions share are read: "split" cuts them into units of as many readers as the
-    widest unshared one (one launch, one tile size; the copies read the same keys at the same
-    time, from L2); "tile" gives them a launch with a wider row tile."""
-    host = build_plan(groups, num_tokens, chunk, page_size)
-    classes = None
-    if wide == "split":
-        _split_wide_units(host)
-    elif wide == "tile":
-        classes = _sort_by_readers(host)
-    else:
-        raise ValueError(f"wide must be 'split' or 'tile', got {wide!r}")
+                   device: torch.device, page_size: int | None = None,
+                   worth: tuple[float, int] = WORTH_MERGING) -> AttentionPlan:
+    """A plan of exactly the pass's size, on `device` (one host-to-device copy). Its units are
+    sorted by how many pairs read them, so that each class gets a row tile of its size (see
+    `_sort_by_readers`); worth: see `build_plan`."""
+    host = build_plan(groups, num_tokens, chunk, page_size, worth)
+    classes = _sort_by_readers(host)
     flat = [host["tables"].reshape(-1)] + [host[f] for f in FIELDS]
     packed = torch.from_numpy(np.concatenate(flat))
     if device.type == "cuda":
@@ -215,24 +220,6 @@ def plan_attention(groups: list[QueryGroup], num_tokens: int, chunk: int | Calla
 
 
 UNIT_FIELDS = ("unit_item", "unit_kstart", "unit_kend", "unit_pair", "unit_npairs")
-
-
-def _split_wide_units(host: dict) -> None:
-    """Cut each unit of a shared run into units of at most as many pairs as the widest unit of a
-    block of its own (pairs keep their places; each new unit takes a slice of them)."""
-    npairs, shared = host["unit_npairs"].astype(np.int64), host["item_shared"][host["unit_item"]]
-    if not shared.any() or shared.all():
-        return
-    most = int(npairs[~shared].max())
-    cuts = np.where(shared, -(-npairs // most), 1)
-    if (cuts == 1).all():
-        return
-    j = np.arange(int(cuts.sum())) - np.repeat(np.cumsum(cuts) - cuts, cuts)
-    for f in ("unit_item", "unit_kstart", "unit_kend"):
-        host[f] = np.repeat(host[f], cuts)
-    host["unit_pair"] = (np.repeat(host["unit_pair"], cuts) + j * most).astype(np.int32)
-    host["unit_npairs"] = np.minimum(most, np.repeat(npairs, cuts) - j * most).astype(np.int32)
-    host["max_pairs"] = most
 
 
 def _sort_by_readers(host: dict) -> list[tuple[int, int, int]]:
