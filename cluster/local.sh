@@ -8,7 +8,8 @@
 # The nodes differ by custom resources, so placement can tell them apart:
 #   head:  {"hw_head": 1}   (put the coordinator there: coordinator_resources={"hw_head": 1})
 #   node2: {"hw_node2": N}  (put the shards there:      shard_resources={"hw_node2": 1})
-# Connect with ray.init(address="127.0.0.1:$HW_RAY_PORT"); submit jobs to http://127.0.0.1:$HW_DASHBOARD_PORT.
+# Connect with ray.init(address="127.0.0.1:$HW_RAY_PORT"); submit jobs to http://127.0.0.1:$HW_DASHBOARD_PORT;
+# both with RAY_AUTH_MODE=token in the client's environment (token authentication, below).
 #
 # Two raylets on one host need their own ports and temp dirs. Every port is set here (from
 # HW_PORT_BASE) and the temp dirs live under HW_RAY_TMP, which also keeps this cluster's
@@ -29,11 +30,35 @@ NODE2_CPUS=${HW_NODE2_CPUS:-2}
 NODE2_SLOTS=${HW_NODE2_SLOTS:-2}
 ADDRESS=127.0.0.1:$PORT
 
-# Token authentication: off by default for this loopback-only cluster, because Ray turns it on
-# for a head whenever ~/.ray/auth_token exists, while joining nodes, drivers and `ray job submit`
-# only send the token when RAY_AUTH_MODE=token is set in their environment too. To use it:
-# export RAY_AUTH_MODE=token before `up` and in every client.
-export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
+# Token authentication, always on: anyone who can reach the head's ports (the GCS on $PORT, the
+# job server on $DASH) could otherwise run any code as this user, and "loopback only" still means
+# every local account and every process that can be tricked into a request to 127.0.0.1. Every
+# process of this cluster (head, node2, the job server, job drivers, workers) inherits these.
+# The token is Ray's own: RAY_AUTH_TOKEN if set, else the file RAY_AUTH_TOKEN_PATH, else
+# ~/.ray/auth_token; `up` makes the file (mode 600) when there is none. Clients need the same:
+#   export RAY_AUTH_MODE=token   (plus RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH if they were set here)
+# Without it, `ray job submit` and ray.init() send no token and the cluster refuses them.
+export RAY_AUTH_MODE=token
+
+token_file() { echo "${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}"; }
+
+# A token before the head starts: `ray start` with RAY_AUTH_MODE=token refuses to run without one.
+# A Ray without token authentication (before 2.52) would ignore RAY_AUTH_MODE and start an open
+# cluster; `ray get-auth-token` came with it, so its absence stops us first.
+ensure_token() {
+  if ! ray get-auth-token --help >/dev/null 2>&1; then
+    echo "local.sh: this Ray has no token authentication (needs Ray >= 2.52); not starting an open cluster" >&2
+    exit 1
+  fi
+  [ -n "${RAY_AUTH_TOKEN:-}" ] && return 0
+  local f
+  f=$(token_file)
+  [ -s "$f" ] && return 0
+  # 256 random bits as hex, as `ray get-auth-token --generate` makes, but also for a
+  # RAY_AUTH_TOKEN_PATH file (that command only writes ~/.ray/auth_token) and unreadable to others
+  (umask 077 && mkdir -p "$(dirname "$f")" && od -An -tx1 -N32 /dev/urandom | tr -d ' \n' >"$f")
+  echo "local.sh: made an auth token in $f" >&2
+}
 
 # Ports of one node: node manager, object manager, dashboard agent (http, grpc), runtime-env
 # agent, metrics, and a 100-port range for its workers; node $1 (0 or 1) gets block $1.
@@ -63,6 +88,7 @@ up() {
     exit 1
   fi
   mkdir -p "$TMP/head" "$TMP/node2"
+  ensure_token
   ray start --head --node-ip-address=127.0.0.1 --port="$PORT" --temp-dir="$TMP/head" \
     --include-dashboard=true --dashboard-host=127.0.0.1 --dashboard-port="$DASH" \
     --num-cpus="$HEAD_CPUS" --num-gpus=0 \
@@ -77,6 +103,9 @@ up() {
     sleep 0.5
   done
   echo "local Ray cluster up: 2 nodes, address $ADDRESS, dashboard and jobs at http://127.0.0.1:$DASH"
+  local source=RAY_AUTH_TOKEN
+  [ -n "${RAY_AUTH_TOKEN:-}" ] || source=$(token_file)
+  echo "token authentication on: clients need RAY_AUTH_MODE=token and the token (from $source)"
 }
 
 down() {

@@ -2,20 +2,32 @@
 server; `hogwild-ray batch` submitted as a Ray job by CLI and by JobSubmissionClient; an engine
 with its coordinator on the head and its shards on the other node passing the oracle; the
 launcher YAML against Ray's schema and the KubeRay manifests against KubeRay's required fields.
+Security: every cluster file and script runs Ray with token authentication (and the local
+cluster refuses clients without the token), dashboards are not bound to every interface, the
+project is never installed by its bare (unregistered) name, and what is shipped to a cluster or
+an image leaves out secrets, virtualenvs and weights.
 
-The cluster uses its own ports and temp dir (see local.sh), so other test modules' ray.init()
-start their own clusters; it is stopped at module teardown and must leave no process behind.
+The cluster uses its own ports, temp dir and token file (see local.sh), so other test modules'
+ray.init() start their own clusters; it is stopped at module teardown and must leave no process behind.
 """
 
 from __future__ import annotations
 
+import fnmatch
+import importlib.util
 import json
 import os
+import re
+import shlex
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -30,6 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 LOCAL_SH = ROOT / "cluster" / "local.sh"
 CODE = Path(hw.__file__).resolve().parent.parent  # the checkout the test imports; jobs and actors use it too
 PROBLEMS = [{"id": "p1", "problem": "Compute 2 + 3."}, {"id": "p2", "problem": "Compute 4 * 5."}]
+AUTH_VARS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
 
 
 def free_port_block(size: int = 500) -> int:
@@ -58,22 +71,31 @@ def cluster_processes(tmp: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """cluster/local.sh up on ports and a temp dir of our own; down (and checked empty) at the end."""
+    """cluster/local.sh up on ports, a temp dir and a token file of our own; down (and checked empty) at the end.
+
+    local.sh gets no RAY_AUTH_MODE: it must turn token authentication on by itself. It makes the
+    token file (RAY_AUTH_TOKEN_PATH, absent before). Clients use "client_env": the same plus
+    RAY_AUTH_MODE=token, without which Ray clients send no token.
+    """
     if shutil.which("ray") is None:
         pytest.skip("the `ray` command is not installed")
     try:
         import aiohttp  # noqa: F401  (ray[default]: the dashboard and job server)
     except ImportError:
         pytest.skip("ray[default] is not installed (no job server): pip install 'ray[default]'")
+    if importlib.util.find_spec("ray._private.authentication") is None:
+        pytest.skip("this Ray has no token authentication (Ray >= 2.52), and local.sh starts no open cluster")
     tmp = Path(f"/tmp/hwt{os.getpid()}")  # short: Ray's socket paths must stay under 108 bytes
-    env = dict(os.environ, HW_RAY_TMP=str(tmp), HW_RAY_PORT=str(free_port()),
-               HW_DASHBOARD_PORT=str(free_port()), HW_PORT_BASE=str(free_port_block()))
-    env.pop("RAY_ADDRESS", None)
+    token_path = tmp_path_factory.mktemp("auth") / "token"
+    env = {k: v for k, v in os.environ.items() if k not in AUTH_VARS and k != "RAY_ADDRESS"}
+    env.update(HW_RAY_TMP=str(tmp), HW_RAY_PORT=str(free_port()), HW_DASHBOARD_PORT=str(free_port()),
+               HW_PORT_BASE=str(free_port_block()), RAY_AUTH_TOKEN_PATH=str(token_path))
     up = subprocess.run([str(LOCAL_SH), "up"], env=env, capture_output=True, text=True, timeout=180)
-    info = {"env": env, "tmp": tmp, "address": f"127.0.0.1:{env['HW_RAY_PORT']}",
-            "dashboard": f"http://127.0.0.1:{env['HW_DASHBOARD_PORT']}"}
+    info = {"env": env, "client_env": dict(env, RAY_AUTH_MODE="token"), "tmp": tmp, "token_path": token_path,
+            "address": f"127.0.0.1:{env['HW_RAY_PORT']}", "dashboard": f"http://127.0.0.1:{env['HW_DASHBOARD_PORT']}"}
     try:
         assert up.returncode == 0, up.stdout + up.stderr
+        info["token"] = token_path.read_text().strip()
         yield info
     finally:
         if ray.is_initialized():
@@ -83,6 +105,28 @@ def cluster(tmp_path_factory):
         subprocess.run(["rm", "-rf", str(tmp)])
         assert down.returncode == 0 and not left, f"{down.stdout}{down.stderr}\nstill running: {left}"
         assert "RAY_ADDRESS" not in os.environ
+
+
+@pytest.fixture
+def driver_auth(cluster):
+    """This process as a client of the cluster: its auth mode and token in the environment. Ray reads
+    both once and caches them, so they are reloaded now and again after the test, when the
+    environment is put back (other modules' ray.init() start clusters with their own token)."""
+    from ray._private.authentication_test_utils import reset_auth_token_state
+
+    saved = {k: os.environ.get(k) for k in AUTH_VARS}
+    os.environ.pop("RAY_AUTH_TOKEN", None)
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(cluster["token_path"]))
+    reset_auth_token_state()
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        reset_auth_token_state()
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +166,7 @@ def test_batch_job_by_cli(cluster, job_inputs):
     cmd = ["ray", "job", "submit", "--address", cluster["dashboard"], "--working-dir", str(CODE),
            "--runtime-env-json", json.dumps({"excludes": env["excludes"], "env_vars": env["env_vars"]}),
            "--", *batch_command(d, model, "cli.jsonl")]
-    run = subprocess.run(cmd, env=cluster["env"], capture_output=True, text=True, timeout=240)
+    run = subprocess.run(cmd, env=cluster["client_env"], capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "succeeded" in (run.stdout + run.stderr).lower()
     assert "[2/2] id=" in run.stdout and "batch: 2/2 done" in run.stdout  # progress, through the job's logs
@@ -130,7 +174,8 @@ def test_batch_job_by_cli(cluster, job_inputs):
 
 
 def test_batch_job_by_job_submission_client(cluster, job_inputs):
-    """examples/submit_job.py: JobSubmissionClient, wait for success, print the logs; results where asked."""
+    """examples/submit_job.py: JobSubmissionClient, wait for success, print the logs; results where asked.
+    Run without RAY_AUTH_MODE in its environment: the script sends the token by itself."""
     d, model = job_inputs
     out = d / "client.jsonl"
     run = subprocess.run([sys.executable, str(ROOT / "examples" / "submit_job.py"), "--address", cluster["dashboard"],
@@ -145,7 +190,7 @@ def test_batch_job_by_job_submission_client(cluster, job_inputs):
 
 # ----------------------------------------------------------------------------- two nodes
 
-def test_coordinator_on_the_head_and_shards_on_the_other_node_pass_the_oracle(cluster, random_model):
+def test_coordinator_on_the_head_and_shards_on_the_other_node_pass_the_oracle(cluster, driver_auth, random_model):
     """tp=2 shards forced onto node2 by its custom resource, the coordinator onto the head by its own:
     the step channel must be the socket one, and the oracle must pass through it."""
     path, hf_model = random_model("llama", "default")
@@ -230,5 +275,243 @@ def test_kuberay_rayjob_carries_the_required_fields():
     assert (doc["apiVersion"], doc["kind"]) == ("ray.io/v1", "RayJob") and doc["metadata"]["name"]
     spec = doc["spec"]
     assert spec["entrypoint"].startswith("hogwild-ray batch --input ") and "--output " in spec["entrypoint"]
-    assert "hogwild-ray" in yaml.safe_load(spec["runtimeEnvYAML"])["pip"]
+    assert "pip" not in yaml.safe_load(spec["runtimeEnvYAML"])  # the project comes in the image
     check_cluster_spec(spec["rayClusterSpec"])
+
+
+# ----------------------------------------------------------------------------- security
+
+CLUSTER_DIR = ROOT / "cluster"
+KUBERAY = CLUSTER_DIR / "kuberay"
+LAUNCHER = CLUSTER_DIR / "gpu-cluster.yaml"
+SUBMIT_JOB = ROOT / "examples" / "submit_job.py"
+
+
+def load_submit_job():
+    sys.path.insert(0, str(ROOT / "examples"))
+    import submit_job
+
+    return submit_job
+
+
+def kuberay_cluster_specs() -> dict[str, dict]:
+    """The RayClusterSpec of each KubeRay manifest (a RayJob's is its rayClusterSpec)."""
+    docs = {p.name: yaml.safe_load(p.read_text()) for p in (KUBERAY / "raycluster.yaml", KUBERAY / "rayjob.yaml")}
+    return {name: d["spec"].get("rayClusterSpec", d["spec"]) for name, d in docs.items()}
+
+
+def ray_containers(spec: dict) -> list[dict]:
+    groups = [spec["headGroupSpec"], *spec.get("workerGroupSpecs", [])]
+    return [c for g in groups for c in g["template"]["spec"]["containers"]]
+
+
+def start_commands(config: dict) -> list[str]:
+    keys = ("head_start_ray_commands", "worker_start_ray_commands")
+    return [c for key in keys for c in config[key] if "ray start" in c]
+
+
+@pytest.mark.reliability
+def test_every_cluster_file_and_script_runs_ray_with_token_authentication():
+    """Without RAY_AUTH_MODE=token on every node, anyone who reaches the GCS or the job API runs code there."""
+    shipped = {p.relative_to(CLUSTER_DIR).as_posix() for p in CLUSTER_DIR.rglob("*") if p.is_file()}
+    checked = {"gpu-cluster.yaml", "local.sh", "kuberay/raycluster.yaml", "kuberay/rayjob.yaml", "kuberay/Dockerfile",
+               "kuberay/Dockerfile.dockerignore"}  # the last: no Ray in it (see the excludes test)
+    assert shipped <= checked, f"a cluster file this test does not check: {sorted(shipped - checked)}"
+
+    config = yaml.safe_load(LAUNCHER.read_text())  # launcher: the container's env, each ray start, the token file
+    assert "-e RAY_AUTH_MODE=token" in config["docker"]["run_options"]
+    assert len(start_commands(config)) == 2
+    for cmd in start_commands(config):
+        assert re.search(r"(^|[;&\s])RAY_AUTH_MODE=token ray start ", cmd), cmd
+    assert config["file_mounts"].get("~/.ray/auth_token") == "~/.ray/auth_token"
+
+    for name, spec in kuberay_cluster_specs().items():  # KubeRay: the operator's token Secret, and the mode
+        assert spec.get("authOptions", {}).get("mode") == "token", name
+        assert tuple(map(int, spec["rayVersion"].split(".")[:2])) >= (2, 52), name  # authOptions needs it
+        for c in ray_containers(spec):
+            assert {"name": "RAY_AUTH_MODE", "value": "token"} in c.get("env", []), (name, c["name"])
+    assert re.search(r"^ENV RAY_AUTH_MODE=token$", (KUBERAY / "Dockerfile").read_text(), re.M)
+
+    local = LOCAL_SH.read_text()  # local.sh: on whatever the caller's environment says
+    assert re.search(r"^export RAY_AUTH_MODE=token$", local, re.M)
+    assert not re.search(r"RAY_AUTH_MODE=\S*disabled", local)
+
+    source = SUBMIT_JOB.read_text()  # the job client: sends the token whatever the caller's environment says
+    assert 'os.environ["RAY_AUTH_MODE"] = "token"' in source
+    assert source.index('os.environ["RAY_AUTH_MODE"] = "token"') < source.index("from ray.job_submission import")
+
+
+@pytest.mark.reliability
+def test_dashboards_are_not_bound_to_every_interface():
+    """The launcher's dashboard on the head's loopback (reached by `ray dashboard`'s SSH tunnel), the local
+    cluster's too; KubeRay's behind a ClusterIP service only (the operator and submitter reach it in-cluster)."""
+    config = yaml.safe_load(LAUNCHER.read_text())
+    hosts = [m for c in start_commands(config) for m in re.findall(r"--dashboard-host[= ](\S+)", c)]
+    assert hosts == ["127.0.0.1"]
+    assert re.findall(r"--dashboard-host[= ](\S+)", LOCAL_SH.read_text()) == ["127.0.0.1"]
+    for name, spec in kuberay_cluster_specs().items():
+        head = spec["headGroupSpec"]
+        assert head["rayStartParams"].get("dashboard-host", "unset") not in ("0.0.0.0", "::", "[::]"), name
+        assert head.get("serviceType") == "ClusterIP", name
+    for path in [LAUNCHER, LOCAL_SH, *KUBERAY.iterdir(), SUBMIT_JOB]:
+        assert not re.search(r"dashboard.host\W+0\.0\.0\.0", path.read_text()), path
+
+
+BARE_PROJECT = re.compile(r"^hogwild[-_.]ray(\[[^\]]*\])?([<>=!~].*)?$", re.I)
+
+
+def pip_install_targets(text: str) -> list[str]:
+    """The arguments of every `pip install` in `text` (commands and comments alike), quotes removed,
+    up to the end of that command (; && || |)."""
+    targets = []
+    for line in text.splitlines():
+        for m in re.finditer(r"pip3? install\s+(.*)", line):
+            try:
+                lexer = shlex.shlex(m.group(1), posix=True, punctuation_chars=";&|")
+                lexer.whitespace_split, lexer.commenters = True, "#"
+                words = list(lexer)
+            except ValueError:
+                words = m.group(1).split()
+            for w in words:
+                if w and set(w) <= set(";&|"):
+                    break
+                if not w.startswith("-"):
+                    targets.append(w)
+    return targets
+
+
+@pytest.mark.reliability
+def test_no_file_installs_the_project_by_its_bare_name():
+    """hogwild-ray is not on PyPI: installing it by name runs whatever someone registers under it, on every node."""
+    files = [p for p in CLUSTER_DIR.rglob("*") if p.is_file()] + sorted((ROOT / "examples").glob("*.py"))
+    for path in files:
+        text = path.read_text()
+        bare = [t for t in pip_install_targets(text) if BARE_PROJECT.match(t.strip("'\""))]
+        assert not bare, f"{path}: pip install {bare}"
+        for doc in (yaml.safe_load_all(text) if path.suffix == ".yaml" else []):
+            env = yaml.safe_load(doc["spec"].get("runtimeEnvYAML", "{}")) if (doc or {}).get("kind") == "RayJob" else {}
+            assert not [r for r in env.get("pip", []) if BARE_PROJECT.match(r.replace(" ", ""))], path
+    config = yaml.safe_load(LAUNCHER.read_text())  # the launcher installs the mounted checkout
+    assert config["file_mounts"].get("~/hogwild-ray") == "."
+    assert pip_install_targets("\n".join(config["setup_commands"])) == ["~/hogwild-ray"]
+
+    submit_job = load_submit_job()  # --pip: the project pinned to code the user controls, or refused
+    sha, digest = "0123456789abcdef" * 2 + "01234567", "ab" * 32
+    for spec in ["hogwild-ray", "hogwild_ray==0.1.0", "Hogwild.Ray>=0.1", "hogwild-ray[test]",
+                 "git+https://github.com/OWNER/hogwild-ray@COMMIT", f"git+https://github.com/OWNER/hogwild-ray@{sha}",
+                 "hogwild-ray @ git+https://github.com/me/hogwild-ray@main", "https://example.org/hogwild_ray.whl",
+                 "--extra-index-url https://example.org/simple"]:
+        with pytest.raises(ValueError):
+            submit_job.check_pip(spec)
+        with pytest.raises(ValueError):
+            submit_job.runtime_env(ROOT, [spec])
+    for spec in [f"hogwild-ray @ git+https://github.com/me/hogwild-ray@{sha}", "/opt/wheels/hogwild_ray-0.1.0.whl",
+                 f"https://example.org/hogwild_ray-0.1.0-py3-none-any.whl#sha256={digest}", "numpy>=1.26"]:
+        assert submit_job.runtime_env(ROOT, [spec])["pip"] == [spec]
+    with pytest.raises(SystemExit):  # refused at the command line, before anything is submitted
+        submit_job.main(["--input", "x", "--output", "/y", "--pip", "hogwild-ray"])
+
+
+# Paths that must never leave the machine with the code, and paths the code needs.
+SECRET_OR_BULKY = [".venv/bin/python", ".git/config", ".env", ".env.local", "hogwild_ray/.env",
+                   "model.safetensors", "models/m.gguf", "weights/pytorch_model.bin", "hogwild_ray/x.safetensors",
+                   "benchmarks/results/run.json", "hogwild_ray/__pycache__/engine.cpython-311.pyc"]
+NEEDED = ["pyproject.toml", "README.md", "hogwild_ray/__init__.py", "hogwild_ray/core/results.py",
+          "kernels/hogwild_kernels/__init__.py"]
+
+
+def docker_ignored(path: str, lines: list[str]) -> bool:
+    """Docker's .dockerignore rule: patterns from the context root (** any depth), each tried on the
+    path and its parents, the last one that matches decides (! re-includes)."""
+    parts = path.split("/")
+    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    ignored = False
+    for line in lines:
+        if not line.strip() or line.startswith("#"):
+            continue
+        negate, pattern = line.startswith("!"), line.lstrip("!").strip().strip("/")
+        rx = re.escape(pattern).replace(r"\*\*/", "(?:.*/)?").replace(r"\*\*", ".*").replace(r"\*", "[^/]*")
+        if any(re.fullmatch(rx.replace(r"\?", "[^/]"), p) for p in prefixes):
+            ignored = not negate
+    return ignored
+
+
+def rsync_excluded(path: str, patterns: list[str]) -> bool:
+    """rsync --exclude: a pattern without / matches a name at any depth, one with / a path's tail; a
+    trailing / only directories; an excluded directory takes its contents with it."""
+    parts = path.split("/")
+    for i in range(len(parts)):
+        is_dir = i < len(parts) - 1
+        for pat in patterns:
+            p = pat.rstrip("/")
+            if pat.endswith("/") and not is_dir:
+                continue
+            n = p.count("/") + 1
+            tail = "/".join(parts[max(0, i + 1 - n): i + 1])
+            if fnmatch.fnmatchcase(tail, p):
+                return True
+    return False
+
+
+@pytest.mark.reliability
+def test_what_is_shipped_leaves_out_secrets_environments_and_weights(tmp_path):
+    """The job's working_dir (zipped by Ray itself with EXCLUDES), the launcher's file mounts (rsync_exclude)
+    and the image's build context (the Dockerfile's ignore file) carry the code, never .env, .venv, weights..."""
+    from ray._private.runtime_env.packaging import _zip_files
+
+    tree = tmp_path / "checkout"
+    for rel in SECRET_OR_BULKY + NEEDED:
+        (tree / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tree / rel).write_text("x")
+    zipped = tmp_path / "working_dir.zip"
+    _zip_files(str(tree), load_submit_job().EXCLUDES, str(zipped), include_gitignore=False)
+    assert sorted(zipfile.ZipFile(zipped).namelist()) == sorted(NEEDED)
+
+    rsync_exclude = yaml.safe_load(LAUNCHER.read_text())["rsync_exclude"]
+    assert [p for p in SECRET_OR_BULKY if not rsync_excluded(p, rsync_exclude)] == []
+    assert [p for p in NEEDED if rsync_excluded(p, rsync_exclude)] == []
+
+    ignore = KUBERAY / "Dockerfile.dockerignore"  # BuildKit's ignore file for -f cluster/kuberay/Dockerfile
+    lines = ignore.read_text().splitlines()
+    assert [p for p in SECRET_OR_BULKY if not docker_ignored(p, lines)] == []
+    assert [p for p in NEEDED if docker_ignored(p, lines)] == []
+    copies = re.findall(r"^COPY (?:--\S+ )*(.+) \S+$", (KUBERAY / "Dockerfile").read_text(), re.M)
+    sources = [s for c in copies for s in c.split()]
+    assert "." not in sources and sources and not [s for s in sources if docker_ignored(s, lines)]
+
+
+def http_status(url: str, token: str | None) -> int:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(request, timeout=20) as response:
+            return response.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+@pytest.mark.reliability
+def test_local_cluster_refuses_clients_without_its_token(cluster):
+    """The job API and the GCS of cluster/local.sh: no token or a wrong one is refused (and runs
+    nothing), the cluster's token is let in. The token file is the user's alone."""
+    assert stat.S_IMODE(cluster["token_path"].stat().st_mode) == 0o600
+    jobs = f"{cluster['dashboard']}/api/jobs/"
+    assert http_status(jobs, None) == 401
+    assert http_status(jobs, "0" * 64) == 403
+    assert http_status(jobs, cluster["token"]) == 200
+
+    no_token = {k: v for k, v in cluster["env"].items() if k not in AUTH_VARS}
+    no_token["HOME"] = str(cluster["token_path"].parent)  # and no ~/.ray/auth_token to fall back on
+    marker = f"refused-{os.getpid()}"
+    run = subprocess.run(["ray", "job", "submit", "--address", cluster["dashboard"], "--no-wait", "--", "echo", marker],
+                         env=no_token, capture_output=True, text=True, timeout=60)
+    assert run.returncode != 0 and "Authentication" in run.stderr, run.stdout + run.stderr
+    with urllib.request.urlopen(urllib.request.Request(jobs, headers={"Authorization": f"Bearer {cluster['token']}"}),
+                                timeout=20) as response:
+        assert marker not in response.read().decode()  # refused before it ran
+    for env in (no_token, dict(no_token, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="f" * 64)):
+        run = subprocess.run(["ray", "status", "--address", cluster["address"]], env=env,
+                             capture_output=True, text=True, timeout=60)
+        assert run.returncode != 0 and "InvalidAuthToken" in run.stderr, run.stdout + run.stderr
+    run = subprocess.run(["ray", "status", "--address", cluster["address"]], env=cluster["client_env"],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0 and "node_" in run.stdout, run.stdout + run.stderr
