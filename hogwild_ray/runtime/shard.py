@@ -24,7 +24,7 @@ import time
 from typing import Any
 
 from ..config import EngineConfig
-from .channel import ShmSpec, SocketSpec, connect
+from .channel import ShmSpec, SocketSpec, connect, listen_on
 from .errors import ChannelClosedError, ChannelTimeoutError
 
 NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
@@ -35,6 +35,21 @@ def multicast_off() -> dict[str, str]:
     import os
 
     return {k: os.environ.setdefault(k, v) for k, v in NCCL_ENV.items()}
+
+
+def listening_store(host: str, world: int, timeout_s: float) -> Any:
+    """A master TCPStore that listens on `host` alone: given no socket, torch binds every interface."""
+    import torch.distributed as dist
+
+    sock = listen_on(host)
+    try:
+        store = dist.TCPStore(host, sock.getsockname()[1], world, is_master=True, wait_for_workers=False,
+                              timeout=datetime.timedelta(seconds=timeout_s), master_listen_fd=sock.fileno())
+    except BaseException:
+        sock.close()
+        raise
+    sock.detach()  # the store's server owns the descriptor now, and closes it
+    return store
 
 
 class ModelShard:
@@ -50,13 +65,11 @@ class ModelShard:
         multicast_off()  # before anything can start NCCL
 
     def _open_store(self) -> str:
-        """Rank 0's TCPStore on a port the OS picks and keeps bound: no free-port race."""
+        """Rank 0's TCPStore on this node's address, at a port the OS picks and keeps bound: no free-port race."""
         import ray
-        import torch.distributed as dist
 
         ip = ray.util.get_node_ip_address()
-        self.store = dist.TCPStore(ip, 0, self.world, is_master=True, wait_for_workers=False,
-                                   timeout=datetime.timedelta(seconds=self.rendezvous_timeout_s))
+        self.store = listening_store(ip, self.world, self.rendezvous_timeout_s)
         return f"{ip}:{self.store.port}"
 
     def _init(self, rank: int, store: str | None) -> None:
