@@ -1,21 +1,26 @@
 """Many problems, one JSON line each, resumable: the logic behind `solve_many` and `hogwild-ray batch`.
 
 Pure logic apart from the output file: the caller passes what solves the problems (one at a
-time, or many at once, each result handed over as it finishes). Results are appended one line at a time (flushed), so an interrupted run leaves
-every finished result in the file; a rerun reads the ids already there and skips them. A
-line cut short by the interruption is dropped before anything is appended.
+time, or many at once, each result handed over as it finishes). Results are appended one line
+at a time, straight to the file, so an interrupted run leaves every finished result in it; a
+rerun reads the ids already there and skips them. A line cut short by the interruption is
+truncated away before anything is appended; finished lines are never rewritten (hogwild_ray.jsonl).
 """
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Union
 
+from . import jsonl
 from .errors import ContextLengthError, InvalidRequestError
 from .core.results import SolveResult
+from .output_paths import file_problem
+from .utf8 import check_text
+
+FIX = "remove that line, or write to another output file"
 
 
 def normalize(problems: Iterable[str | dict]) -> list[tuple[str | int, str]]:
@@ -31,6 +36,7 @@ def normalize(problems: Iterable[str | dict]) -> list[tuple[str | int, str]]:
                                       "with 'problem' (and optionally 'id')")
         if not isinstance(text, str) or not text.strip():
             raise InvalidRequestError(f"problem {i} (id {pid!r}) has no text: give a non-empty 'problem' string")
+        check_text(text, f"problem {i} (id {pid!r})")
         if not isinstance(pid, (str, int)) or isinstance(pid, bool):
             raise InvalidRequestError(f"problem {i} has id {pid!r}; ids must be strings or integers")
         if pid in seen:
@@ -49,26 +55,12 @@ def record(problem: str, result: SolveResult, pid: str | int | None = None) -> d
             "transcript": result.transcript, "stats": result.stats.to_dict()}
 
 
-def read_finished(out: Path) -> dict[str | int, dict]:
-    """The records already in `out`, by id; a last line cut short is removed from the file."""
-    if not out.exists():
-        return {}
-    data = out.read_bytes()
-    if data and not data.endswith(b"\n"):  # interrupted mid-line: drop the partial record
-        data = data[: data.rfind(b"\n") + 1]
-        out.write_bytes(data)
-    done = {}
-    for n, line in enumerate(data.decode().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InvalidRequestError(f"{out}:{n} is not a JSON line ({e.msg}); fix or remove that line, "
-                                      "or write to another output file") from e
-        if isinstance(rec, dict) and "id" in rec:
-            done[rec["id"]] = rec
-    return done
+def read_finished(out: Path, repair: bool = False) -> dict[str | int, dict]:
+    """The records already in `out`, by id; a last line cut short by a kill is left out, and
+    with `repair` truncated away so that appending starts on a fresh line."""
+    lines = jsonl.resume(out, FIX) if repair else jsonl.scan(out, FIX).records
+    return {rec["id"]: rec for _, rec in lines
+            if isinstance(rec.get("id"), (str, int)) and not isinstance(rec["id"], bool)}
 
 
 class Reporter:
@@ -146,12 +138,14 @@ def run_batch(solve_all: SolveAll, problems: Iterable[str | dict], out: str | Pa
     it raises stops the run (the records written so far stay, and a rerun resumes after them)."""
     items = normalize(problems)
     path = Path(out) if out is not None else None
-    finished = read_finished(path) if path is not None else {}
+    if path is not None and (problem := file_problem(path)):
+        raise InvalidRequestError(f"out: {problem}")
+    finished = read_finished(path, repair=True) if path is not None else {}
     todo = [(pid, text) for pid, text in items if pid not in finished]
     texts = dict(todo)
     reporter = Reporter(len(items), len(items) - len(todo), path, progress)
     failed = 0
-    sink = path.open("a", encoding="utf-8") if path is not None else None
+    sink = jsonl.Appender(path) if path is not None else None
     try:
         for pid, outcome in solve_all(todo):
             if isinstance(outcome, Exception):
@@ -160,8 +154,7 @@ def run_batch(solve_all: SolveAll, problems: Iterable[str | dict], out: str | Pa
                 rec = record(texts[pid], outcome, pid)
             finished[pid] = rec
             if sink is not None:
-                sink.write(json.dumps(rec) + "\n")
-                sink.flush()
+                sink.write([rec])
             reporter.advance(rec)
     finally:
         if sink is not None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -126,3 +128,132 @@ def test_cli_batch_killed_then_rerun(random_model, tmp_path):
     assert f"{len(before)} done already in {out}" in rerun.stderr  # finished problems were skipped
     rest = [pid for pid in after if pid not in before]  # run concurrently: they finish in any order
     assert all(f"/12] id={pid} " in rerun.stderr for pid in rest) and f"[{len(before) + 1}/12] id=" in rerun.stderr
+
+
+# ---- a kill at any moment of a resume ------------------------------------------------------------
+
+KILLED_RESUMES = """
+import base64, json, os, resource, signal, sys
+import rich.console  # imported once here, not again in every child (the progress reporter's)
+from hogwild_ray.batch import one_at_a_time, run_batch
+from hogwild_ray.core.results import SolveResult, Stats
+
+out, problems = sys.argv[1], [{"id": f"p{i}", "problem": f"Compute {i} + {i}."} for i in range(int(sys.argv[2]))]
+solve = lambda p: SolveResult(p[-3:], [p, p], p, Stats(forward_passes=1, seconds=0.5))
+
+def resume(limit):
+    pid = os.fork()
+    if pid == 0:  # the process dies the moment a write would take the file past `limit` bytes
+        try:
+            if limit >= 0:
+                signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
+                resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+            run_batch(one_at_a_time(solve), problems, out, progress=False)
+        except BaseException:
+            os._exit(1)
+        os._exit(0)
+    status = os.waitpid(pid, 0)[1]
+    return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+
+for step, arg in json.load(sys.stdin):
+    if step == "write":
+        with open(out, "wb") as f:
+            f.write(base64.b64decode(arg))
+    else:
+        code = resume(arg)
+        with open(out, "rb") as f:
+            print(json.dumps([code, base64.b64encode(f.read()).decode()]), flush=True)
+"""
+KILL_PROBLEMS = 7
+ALL_IDS = [f"p{i}" for i in range(KILL_PROBLEMS)]
+
+
+def killed_resumes(out: Path, steps: list) -> list[tuple[int, bytes]]:
+    """Steps ("write", bytes): set the file; ("resume", limit): resume the batch into `out` in a
+    process of its own, killed (SIGXFSZ) when a write would take the file past `limit` bytes
+    (-1: never). The exit status and the file after each resume. (One Python, forking: fast.)"""
+    steps = [(s, base64.b64encode(a).decode() if s == "write" else a) for s, a in steps]
+    run = subprocess.run([sys.executable, "-c", KILLED_RESUMES, str(out), str(KILL_PROBLEMS)], cwd=ROOT,
+                         input=json.dumps(steps), capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    answers = [json.loads(line) for line in run.stdout.splitlines()]
+    assert all(code in (0, -signal.SIGXFSZ) for code, _ in answers), answers
+    return [(code, base64.b64decode(data)) for code, data in answers]
+
+
+def complete_part(data: bytes) -> bytes:
+    return data[:data.rfind(b"\n") + 1]
+
+
+def ids_of(data: bytes) -> list:
+    return [json.loads(line)["id"] for line in complete_part(data).splitlines()]
+
+
+@pytest.mark.reliability
+def test_a_kill_at_any_byte_of_a_resume_loses_no_finished_record(tmp_path):
+    """Four records finished and a fifth cut short by a kill. The resume is killed the moment a
+    write would take the file past N bytes, for every N that matters (inside the finished lines,
+    where rewriting them would die half-way; at, before and after every line end of the appends;
+    inside each appended line) and random ones: the finished lines stay byte for byte, no id is
+    there twice, and the next resume, past the line this kill cut, ends with every id once."""
+    out = tmp_path / "out.jsonl"
+    run_batch(one_at_a_time(fake_solve([])), [{"id": f"p{i}", "problem": f"Compute {i} + {i}."} for i in range(4)],
+              out, progress=False)
+    finished = out.read_bytes()
+    start = finished + b'{"id": "p4", "problem": "Comp'
+    [(code, full)] = killed_resumes(out, [("write", start), ("resume", -1)])
+    assert code == 0 and full.startswith(finished) and ids_of(full) == ALL_IDS and full.endswith(b"\n")
+    ends = [i + 1 for i, byte in enumerate(full) if byte == ord("\n")]
+    limits = {0, 1, len(finished) - 1, len(finished), len(start) - 1, len(start), len(start) + 1}
+    limits |= {e + d for e in ends for d in (-1, 1)} | {(a + b) // 2 for a, b in zip(ends, ends[1:])}
+    limits = sorted(x for x in limits | set(random.Random(0).sample(range(len(full)), 8)) if 0 <= x < len(full))
+    answers = killed_resumes(out, [step for limit in limits for step in (("write", start), ("resume", limit),
+                                                                         ("resume", -1))])
+    for limit, (code, after), (again, final) in zip(limits, answers[::2], answers[1::2]):
+        assert code == -signal.SIGXFSZ, limit
+        assert after.startswith(finished), (limit, after[:len(finished) + 40])  # no finished line touched
+        assert len(set(ids_of(after))) == len(ids_of(after)), (limit, ids_of(after))
+        assert again == 0 and final.startswith(complete_part(after))  # the next resume, past a line cut here
+        assert sorted(ids_of(final)) == ALL_IDS and final.endswith(b"\n"), limit
+
+
+@pytest.mark.reliability
+def test_kills_one_after_another_lose_nothing(tmp_path):
+    """A batch killed at a random byte again and again, each rerun resuming the last one's
+    file: no line once complete is ever lost or changed, and the end has every id once."""
+    [(_, full)] = killed_resumes(tmp_path / "whole.jsonl", [("resume", -1)])
+    rng = random.Random(1)  # every kill before the end: some before any append can fit, most inside one
+    answers = killed_resumes(tmp_path / "out.jsonl", [("resume", rng.randrange(len(full))) for _ in range(30)]
+                             + [("resume", -1)])
+    kept = b""
+    for code, data in answers:
+        assert data.startswith(kept)
+        kept = complete_part(data)
+    assert all(code != 0 for code, _ in answers[:-1]) and answers[-1][0] == 0
+    assert sorted(ids_of(answers[-1][1])) == ALL_IDS
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("middle", [
+    b'{"id": "p1", "problem": "Comp{"id": "p2", "problem": "x"}\n',  # a cut line another write went on from
+    b'{"id": "p1", "problem": "Caf\xc3{"id": "p2", "problem": "x"}\n',  # cut inside a UTF-8 character
+    b'\xff\xfe\n',
+    b'[1, 2]\n',
+])
+def test_a_bad_line_inside_the_output_is_an_error_naming_it(tmp_path, middle):
+    out = tmp_path / "out.jsonl"
+    good = b'{"id": "p0", "problem": "a"}\n'
+    out.write_bytes(good + middle + b'{"id": "p3", "problem": "b"}\n')
+    with pytest.raises(hw.InvalidRequestError, match=r"out\.jsonl:2 .*remove that line"):
+        run_batch(one_at_a_time(fake_solve([])), PROBLEMS, out, progress=False)
+    assert out.read_bytes() == good + middle + b'{"id": "p3", "problem": "b"}\n'  # left as it was
+
+
+@pytest.mark.reliability
+def test_an_output_that_is_a_directory_or_has_no_directory_is_refused(tmp_path):
+    """(A FIFO or a device: tests/test_cli.py, in a process of its own that may block or run out of memory.)"""
+    (tmp_path / "out").mkdir()
+    for out, words in ((tmp_path / "out", "out is a directory, not a regular file"),
+                       (tmp_path / "nowhere" / "out.jsonl", "nowhere does not exist; create it")):
+        with pytest.raises(hw.InvalidRequestError, match=words):
+            run_batch(one_at_a_time(fake_solve([])), PROBLEMS, out, progress=False)

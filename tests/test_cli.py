@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -216,3 +217,89 @@ def test_cuda_graphs_flag_reaches_the_engine(monkeypatch):
     for argv, want in ((["run", "--no-cuda-graphs"], False), (["run"], None)):
         load_engine(build_parser().parse_args(argv), quiet=True)
         assert seen["cuda_graphs"] is want
+
+
+# ---- outputs that cannot be results files, input that is not UTF-8: one-line errors, no load -----
+
+BAD_OUTPUTS = r"""
+import contextlib, io, json, sys
+import hogwild_ray as hw
+from hogwild_ray.cli import main
+
+def loaded(*a, **k):
+    raise SystemExit("the model began to load")
+
+hw.HogwildEngine.from_pretrained = loaded
+answers = []
+for out in sys.argv[2:]:
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(["batch", "--input", sys.argv[1], "--output", out])
+    answers.append([code, err.getvalue()])
+print(json.dumps(answers))
+"""
+
+
+def limit_memory() -> None:
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (3 << 30, resource.RLIM_INFINITY))  # reading a device forever fails fast
+
+
+@pytest.mark.reliability
+def test_an_output_that_is_not_a_regular_file_is_refused_before_the_load(tmp_path):
+    """A device (never ends: read back, it used to eat all memory), a directory, a FIFO (a read
+    blocks), a socket, a missing directory: exit 2 and one line naming --output and the fix, and
+    no model load. In a process of its own, with its memory capped and a time limit."""
+    import socket
+
+    (tmp_path / "in.jsonl").write_text('{"id": "a", "problem": "1+1?"}\n')
+    (tmp_path / "dir").mkdir()
+    os.mkfifo(tmp_path / "fifo")
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(tmp_path / "sock"))
+    cases = {"/dev/full": "/dev/full is a character device, not a regular file; give the path of a file",
+             str(tmp_path / "dir"): "dir is a directory, not a regular file",
+             str(tmp_path / "sock"): "sock is a socket, not a regular file",
+             str(tmp_path / "no" / "out.jsonl"): "does not exist; create it (mkdir -p",
+             str(tmp_path / "fifo"): "fifo is a FIFO, not a regular file"}
+    try:
+        run = subprocess.run([sys.executable, "-c", BAD_OUTPUTS, str(tmp_path / "in.jsonl"), *cases], cwd=ROOT,
+                             capture_output=True, text=True, timeout=120, preexec_fn=limit_memory)
+    finally:
+        sock.close()
+    assert run.returncode == 0, run.stderr[-3000:]
+    for (out, words), (code, err) in zip(cases.items(), json.loads(run.stdout)):
+        assert code == 2 and err.startswith(f"error: --output {out}") and err.count("\n") == 1, err
+        assert words in err and "Traceback" not in err
+
+
+@pytest.fixture
+def no_load(monkeypatch):
+    """A model load fails the test: the error must come before it."""
+    def loaded(*a, **k):
+        raise AssertionError("the model began to load before the error")
+
+    monkeypatch.setattr(hw.HogwildEngine, "from_pretrained", loaded)
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("data, words", [
+    (b'{"id": "a", "problem": "1+1?"}\n{"id": "b", "problem": "Caf\xe9?"}\n',
+     "in.jsonl:2 is not UTF-8 text (byte 0xe9); save it as UTF-8"),
+    (b'{"id": "a", "problem": "1+1?"}\n{"id": "b", "problem": "\\udcff?"}\n',
+     "problem 1 (id 'b') is not valid UTF-8 text (byte 0xff at character 0)"),
+    (b'"1+1?"\n"\\ud83d and more"\n', "problem 1 (id 1) is not valid UTF-8 text (lone surrogate \\ud83d"),
+])
+def test_batch_input_that_is_not_utf8_is_a_one_line_error(tmp_path, capsys, no_load, data, words):
+    (tmp_path / "in.jsonl").write_bytes(data)
+    assert main(["batch", "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl")]) == 2
+    assert_one_line_error(capsys, words)
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+@pytest.mark.reliability
+def test_a_problem_argument_that_is_not_utf8_is_a_one_line_error(capsys, no_load):
+    """Python keeps an argument's bytes that are not UTF-8 as surrogates, as here."""
+    assert main(["run", os.fsdecode(b"What is 2 \xff 3?")]) == 2
+    assert_one_line_error(capsys, "the problem is not valid UTF-8 text (byte 0xff at character 10)")

@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 from ..errors import InvalidRequestError, check_int
+from ..output_paths import file_problem
+from ..utf8 import decode
 from .common import FORMATTER, add_model_flags, add_session_flags, load_engine, session_options
 
 EXAMPLES = """\
@@ -37,7 +39,8 @@ def register(sub) -> None:
     g.add_argument("--input", required=True, type=Path, metavar="IN.jsonl",
                    help="problems, one JSON object (or string) per line")
     g.add_argument("--output", required=True, type=Path, metavar="OUT.jsonl",
-                   help="results, one JSON line per problem, appended; its ids are skipped on a rerun")
+                   help="results, one JSON line per problem, appended; its ids are skipped on a rerun (a "
+                        "regular file, made if missing, in a directory that exists)")
     g.add_argument("--json", action="store_true",
                    help="also print every problem's record (input order) as JSON lines on stdout at the end")
     g.add_argument("--quiet", action="store_true", help="no progress on stderr")
@@ -53,8 +56,12 @@ def read_problems(path: Path) -> list:
     """The problems of a JSONL file (objects or strings; blank lines skipped)."""
     if not path.is_file():
         raise InvalidRequestError(f"--input {path} is not a file; give a JSONL file of problems")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise InvalidRequestError(f"--input {path} cannot be read ({e.strerror}); give a file you can read") from None
     problems = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(decode(data, path).splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -67,11 +74,22 @@ def read_problems(path: Path) -> list:
     return problems
 
 
+def check_output(output: Path, source: Path) -> None:
+    """--output must be a regular file (or one that can be made) other than --input: it is read
+    back on a rerun and appended to."""
+    problem = file_problem(output)
+    if problem:
+        raise InvalidRequestError(f"--output {problem}")
+    if output.exists() and source.exists() and output.samefile(source):
+        raise InvalidRequestError(f"--output {output} is the --input file; write the results to another file")
+
+
 def execute(args: argparse.Namespace, engine=None) -> int:
     from ..batch import normalize, read_finished
 
     options = session_options(args)  # checked before the load
     check_int("--max-concurrent", args.max_concurrent, 1, none="(as many as fit)")
+    check_output(args.output, args.input)
     problems = read_problems(args.input)
     items = normalize(problems)  # bad lines fail before the model loads
     finished = read_finished(args.output)
@@ -83,7 +101,6 @@ def execute(args: argparse.Namespace, engine=None) -> int:
             for pid, _ in items:
                 print(json.dumps(finished[pid]))
         return 0
-    args.output.parent.mkdir(parents=True, exist_ok=True)
     own = engine is None
     engine = load_engine(args, quiet=args.quiet) if own else engine
     try:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..errors import InvalidRequestError
 from ..core.layout import LAYOUTS
+from ..output_paths import directory_problem
 from ..core.sampling_params import SamplingParams
 from .common import FORMATTER, add_model_flags, at_least, load_engine
 
@@ -190,8 +191,9 @@ def execute(args: argparse.Namespace, engine=None) -> int:
     if not specs:
         raise InvalidRequestError("nothing to run: independent needs --workers with a count of 2 or more")
     problems, data = load_data(args)
-    if args.out.exists() and not args.out.is_dir():
-        raise InvalidRequestError(f"--out {args.out} is a file; give a directory")
+    problem = directory_problem(args.out)
+    if problem:
+        raise InvalidRequestError(f"--out {problem}")
     options = {"finisher_tokens": args.finisher_tokens,
                "redundancy_every": None if args.no_redundancy else args.redundancy_every}
     exp = Experiment(problems, specs, args.budgets, args.out, sampling, args.seed, options)

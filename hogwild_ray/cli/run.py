@@ -16,6 +16,7 @@ from ..progress_lines import ProgressLines
 from ..core.protocol import worker_name
 from ..core.results import Stats
 from ..ui import LiveView, worker_colour
+from ..utf8 import check_text
 from .common import FORMATTER, add_model_flags, add_session_flags, load_engine, session_options
 
 EXAMPLE_PROBLEM = (
@@ -64,6 +65,7 @@ def execute(args: argparse.Namespace, engine=None) -> int:
     if not args.problem.strip():
         raise InvalidRequestError('the problem is empty: give its text in quotes, e.g. hogwild-ray run '
                                   '"What is 17 * 23?" (or no problem at all for the built-in example)')
+    check_text(args.problem, "the problem")
     options = session_options(args)  # checked before the load
     own = engine is None
     engine = load_engine(args, quiet=args.json or args.events) if own else engine

@@ -6,15 +6,16 @@ Every run (problem id, mode, workers, layout) is a job (runner.budgets_job) of o
 reservations let into the K/V cache), their sessions and forced-answer forks stepped together,
 one pass at a time. Each run gets its problem's own seeds (runner.worker_sampling), so its
 records do not depend on what ran beside it. A run that finishes appends its records (one per
-budget) to this invocation's part file of the output directory (`parts/`) in one write;
-`results.jsonl` is the merge of them all, in problem and configuration order, after which
-`parts/` is removed. A rerun into the same directory skips the runs whose every budget is
-already there, in results.jsonl or in a part file left by an interrupted run.
+budget) to this invocation's own part file of the output directory (`parts/`, made new and
+never appended to again) in one write; `results.jsonl` is the merge of them all, in problem
+and configuration order, replaced in one rename, after which `parts/` is removed. A rerun into
+the same directory skips the runs whose every budget is already there, in results.jsonl or in
+a part file left by an interrupted run (its last line, if a kill cut it short, is left out:
+hogwild_ray.jsonl reads them all).
 """
 
 from __future__ import annotations
 
-import json
 import re
 import sys
 import time
@@ -23,6 +24,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
+from .. import jsonl
 from ..core.sampling_params import SamplingParams
 from ..errors import CacheFullError, ContextLengthError, InvalidRequestError, check_int
 from ..scheduler import Failed, Finished, Scheduler
@@ -30,6 +32,8 @@ from .runner import RunSpec, budgets_job, error_records, forced_tokens, start_op
 
 SKIPPABLE = (ContextLengthError, CacheFullError)  # a run that cannot run: recorded, the others go on
 RESULTS, SUMMARY, PLOT = "results.jsonl", "summary.md", "accuracy.png"
+KEY_FIELDS = ("id", "mode", "workers", "layout", "budget")
+FIX = "remove that line (or that file), or use another --out"
 
 
 @dataclass
@@ -53,19 +57,14 @@ def run_key(rec: dict) -> tuple:
 
 
 def read_lines(path: Path) -> list[dict]:
-    """The JSON records of a file; a last line cut short by an interruption is ignored."""
-    if not path.exists():
-        return []
-    lines = path.read_text(encoding="utf-8").split("\n")
+    """The records of a results or part file; a last line cut short by an interruption is left
+    out, any other line that is not an evaluation record is an error naming it."""
     out = []
-    for n, line in enumerate(lines[:-1], 1):  # the text after the last newline is unfinished
-        if not line.strip():
-            continue
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise InvalidRequestError(f"{path}:{n} is not a JSON line ({e.msg}); remove that line or use "
-                                      "another --out") from e
+    for n, rec in jsonl.scan(path, FIX).records:
+        if not all(isinstance(rec.get(k, ()), (str, int, type(None))) for k in KEY_FIELDS):
+            raise InvalidRequestError(f"{path}:{n} is not an evaluation record (it needs {', '.join(KEY_FIELDS)}); "
+                                      f"{FIX}")
+        out.append(rec)
     return out
 
 
@@ -78,11 +77,17 @@ def part_files(out: Path) -> list[Path]:
     return sorted((out / "parts").glob("part-*.jsonl"), key=number)
 
 
-def new_part(out: Path) -> Path:
-    """A part file of its own for this invocation (a part file that an interrupted run left,
-    perhaps with a half-written last line, is only read)."""
+def new_part(out: Path) -> jsonl.Appender:
+    """A part file of this invocation's own, made new (never one that an interrupted run left,
+    perhaps with a line cut short, nor one that another run into the same directory took)."""
+    (out / "parts").mkdir(parents=True, exist_ok=True)
     taken = [int(m.group(1)) for p in part_files(out) if (m := re.fullmatch(r"part-(\d+)\.jsonl", p.name))]
-    return out / "parts" / f"part-{max(taken, default=-1) + 1}.jsonl"
+    n = max(taken, default=-1) + 1
+    while True:
+        try:
+            return jsonl.Appender(out / "parts" / f"part-{n}.jsonl", exclusive=True)
+        except FileExistsError:
+            n += 1
 
 
 def existing(out: Path) -> dict[tuple, dict]:
@@ -106,8 +111,6 @@ def run_all(engine, exp: Experiment, runs: list[tuple[int, dict, RunSpec]], conc
     fit the K/V cache), appending each finished run's records to a new part file and reporting
     them. A run that cannot run (its prompt is longer than the context, it could never fit the
     cache) gets error records instead. Returns the most runs that ran at once."""
-    path = new_part(exp.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
     scheduler = Scheduler(engine, concurrency)
     running, peak = [0], [0]
     by_key = {}
@@ -120,10 +123,9 @@ def run_all(engine, exp: Experiment, runs: list[tuple[int, dict, RunSpec]], conc
 
     engine.schedulers.append(scheduler)
     try:
-        with path.open("a", encoding="utf-8") as sink:
+        with new_part(exp.out) as sink:
             def record(recs: list[dict]) -> None:
-                sink.write("".join(json.dumps(r) + "\n" for r in recs))
-                sink.flush()
+                sink.write(recs)
                 report(recs)
 
             for i, problem, spec in runs:
@@ -165,9 +167,7 @@ def merge(exp: Experiment) -> list[dict]:
                 mode, workers, str(layout), budget)
 
     keys = sorted(recs, key=rank)
-    tmp = exp.out / (RESULTS + ".tmp")
-    tmp.write_text("".join(json.dumps(recs[k]) + "\n" for k in keys), encoding="utf-8")
-    tmp.replace(exp.out / RESULTS)
+    jsonl.replace_atomically(exp.out / RESULTS, (recs[k] for k in keys))
     for path in part_files(exp.out):
         path.unlink()
     try:  # the output holds results.jsonl, summary.md and accuracy.png only; a rerun makes parts/ again
@@ -233,7 +233,11 @@ def run_experiment(exp: Experiment, load: Callable[[], Any], concurrency: int | 
     as many as fit the K/V cache). Returns this experiment's records and the most runs that ran
     at once (0 when none was left)."""
     check_int("concurrency", concurrency, 1, none="(as many as fit)")
-    exp.out.mkdir(parents=True, exist_ok=True)
+    try:
+        exp.out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InvalidRequestError(f"--out {exp.out} cannot be made ({e.strerror}); give a directory you can "
+                                  "write") from None
     left = todo(exp, existing(exp.out))
     bar = Progress(len(exp.runs()), len(exp.runs()) - len(left), exp.out, progress)
     peak = 0

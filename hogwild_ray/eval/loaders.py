@@ -23,6 +23,7 @@ from pathlib import Path
 
 from ..errors import InvalidRequestError
 from ..core.protocol import extract_boxed
+from ..utf8 import check_text, decode
 
 PROBLEM_FIELDS = ("problem", "question")
 ANSWER_FIELDS = ("answer", "solution")
@@ -57,6 +58,7 @@ def parse_row(row: object, index: int, where: str) -> dict:
         have = ", ".join(map(str, row)) or "none"
         lacks = "a problem" if problem is None else "an answer"
         raise InvalidRequestError(f"{where} fits no known shape: it lacks {lacks} (its fields: {have}); give {SHAPES}")
+    check_text(problem, f"{where}'s problem")
     pid = next((fields[k] for k in ID_FIELDS if fields.get(k) is not None), index)
     if isinstance(pid, bool) or not isinstance(pid, (str, int)):
         raise InvalidRequestError(f"{where} has id {pid!r}; ids must be strings or integers")
@@ -68,7 +70,11 @@ def load_problems(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise InvalidRequestError(f"--data {path} is not a file; give a JSONL file with one problem per line")
-    text = path.read_text(encoding="utf-8")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise InvalidRequestError(f"--data {path} cannot be read ({e.strerror}); give a file you can read") from None
+    text = decode(data, path)
     if text.lstrip().startswith("["):
         try:
             rows = [(f"{path} item {i}", row) for i, row in enumerate(json.loads(text))]
