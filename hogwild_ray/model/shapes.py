@@ -118,6 +118,8 @@ def tensor_shapes(config) -> dict[str, tuple[int, ...]]:
     d = getattr(config, "head_dim", None) or h // config.num_attention_heads
     q, kv = config.num_attention_heads * d, (config.num_key_value_heads or config.num_attention_heads) * d
     bias = config.model_type == "qwen2" or bool(getattr(config, "attention_bias", False))
+    o_bias = bias and config.model_type in ("llama", "qwen3")  # Qwen2 biases q/k/v only
+    mlp_bias = bool(getattr(config, "mlp_bias", False))  # Llama's option (spec_from_config refuses it)
     out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,)}
     if not config.tie_word_embeddings:
         out["lm_head.weight"] = (v, h)
@@ -129,6 +131,10 @@ def tensor_shapes(config) -> dict[str, tuple[int, ...]]:
                 p + "mlp.down_proj.weight": (h, i)}
         if bias:
             out |= {a + "q_proj.bias": (q,), a + "k_proj.bias": (kv,), a + "v_proj.bias": (kv,)}
+        if o_bias:
+            out[a + "o_proj.bias"] = (h,)
+        if mlp_bias:
+            out |= {p + "mlp.gate_proj.bias": (i,), p + "mlp.up_proj.bias": (i,), p + "mlp.down_proj.bias": (h,)}
         if config.model_type == "qwen3":
             out |= {a + "q_norm.weight": (d,), a + "k_norm.weight": (d,)}
     return out

@@ -112,6 +112,9 @@ def spec_from_config(cfg) -> ModelSpec:
     act = getattr(cfg, "hidden_act", "silu")
     if act not in ("silu", "swish"):
         raise UnsupportedModelError(f"activation {act!r} is not supported (only SiLU-gated MLPs)")
+    if getattr(cfg, "mlp_bias", False):
+        raise UnsupportedModelError("MLP biases (mlp_bias=true in config.json) are not supported; "
+                                    "hogwild-ray serves bias-free SiLU-gated MLPs")
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
     if cfg.num_attention_heads % kv_heads:

@@ -66,6 +66,37 @@ def _cuts(tp: ShardPlan, d: int) -> dict[str, Callable[[torch.Tensor], torch.Ten
     }
 
 
+def check_finite(name: str, placed: torch.Tensor, source: torch.Tensor) -> None:
+    """Refuse NaN or infinite weights by name: they would run and sample garbage silently.
+
+    One min/max pass over the placed tensor, where it lives (aminmax propagates NaN and needs no
+    mask tensor: about 8x cheaper than isfinite().all() on a CPU); the source is looked at only to
+    word the error (a damaged file, or values a narrower dtype cannot hold)."""
+    if not placed.is_floating_point() or placed.numel() == 0 or _finite(placed):
+        return
+    if source.is_floating_point() and bool(torch.isfinite(source).all()):
+        raise ModelNotFoundError(f"tensor {name!r} holds values beyond the range of {placed.dtype} (they become "
+                                 "infinite); load the model with dtype=bfloat16 or float32")
+    what = "NaN" if bool(torch.isnan(source).any()) else "infinite"
+    raise ModelNotFoundError(f"tensor {name!r} holds {what} values; the weights are damaged: "
+                             "download or save the model again")
+
+
+def _finite(t: torch.Tensor) -> bool:
+    """On a CPU in one thread: the pass is memory-bound, and on a busy machine a pool's barrier per
+    tensor cost 20x more than the pass itself (1.6 s against 0.08 s for the built-in model)."""
+    if t.device.type == "cpu":
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            lo, hi = torch.aminmax(t)
+        finally:
+            torch.set_num_threads(threads)
+    else:
+        lo, hi = torch.aminmax(t)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
 def load_weights(
     spec: ModelSpec, read: Callable[[str], torch.Tensor | None], device: torch.device, dtype: torch.dtype,
     tp: ShardPlan | None = None,
@@ -74,20 +105,21 @@ def load_weights(
 
     tp: this rank's slices only (sliced before the copy to the device); None: the whole model."""
 
-    def place(t: torch.Tensor, cut: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
-        if cut is None:
-            return t.to(device=device, dtype=dtype)
-        return cut(t).to(device=device, dtype=dtype, copy=True)  # a copy: the full tensor is freed
+    def place(name: str, t: torch.Tensor, cut: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
+        part = t if cut is None else cut(t)
+        out = part.to(device=device, dtype=dtype, copy=cut is not None)  # a copy: the full tensor is freed
+        check_finite(name, out, part)
+        return out
 
     def need(name: str, cut: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         t = read(name)
         if t is None:
             raise ModelNotFoundError(f"the checkpoint lacks tensor {name!r}; is it a complete {spec.family} model?")
-        return place(t, cut)
+        return place(name, t, cut)
 
     def maybe(name: str, cut: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor | None:
         t = read(name)
-        return None if t is None else place(t, cut)
+        return None if t is None else place(name, t, cut)
 
     cut = _cuts(tp, spec.head_dim) if tp is not None else {}
     layers = []
