@@ -17,6 +17,10 @@ refuse the group.
 With `coordinator_resources` (see RayHogwildEngine.create) the driver schedules it by those
 resources instead, outside the group: then it may sit on another node than the shards, and
 the shard group's "auto" channel finds that out and uses the socket channel.
+
+Heartbeats: the actor has a second thread (the "health" concurrency group) that answers
+`heartbeat()` while a call runs on the first, so the driver can tell a long call that makes
+progress from a stuck or stopped coordinator (see RayHogwildEngine).
 """
 
 from __future__ import annotations
@@ -69,6 +73,14 @@ class Coordinator:
 
     def ready(self) -> bool:
         return True
+
+    def heartbeat(self) -> int:
+        """Shard steps answered so far. The driver asks on the actor's "health" thread while a long
+        call runs on the main one: a count that moves is a slow call, one that stands still a stuck
+        one, and no answer a stopped or wedged process."""
+        engine = self.engine
+        group = engine.group if engine is not None else None
+        return group.gathered if group is not None else -1
 
     def load(self, config: EngineConfig, placement: Any) -> EngineInfo:
         """Read the model, start the shards in `placement` (bundles 0..tp-1), load their weights."""

@@ -8,6 +8,18 @@ coordinator in one call. The driver owns the placement group and the coordinator
 `close()` (also on a failure, at `with` exit and at interpreter exit) always frees both;
 the shards die with either.
 
+Hangs: no driver wait is unbounded, yet a long healthy call (a whole `solve`, a batch) is
+never cut. While a call runs, the driver asks the coordinator's "health" thread for a
+heartbeat every `heartbeat_s` (its count of shard steps answered). The coordinator bounds
+each shard step itself (`step_timeout_s`) and names a silent rank, so a healthy one either
+moves its count or fails within that; a call whose count stands still for `hang_timeout_s`
+(default step_timeout_s + CALL_GRACE_S), with or without heartbeat answers, is a hung
+coordinator: the engine kills it, removes the placement group and raises
+CoordinatorFailedError naming it. Both are attributes, set them on the engine.
+
+Sessions dropped without close() give their pages back: a RemoteSession's finalizer sends
+the coordinator a close (one fire-and-forget call, never awaited).
+
 Placement across nodes: `shard_resources` (custom resources added to every shard's bundle)
 pins the shards to the nodes that advertise them; `coordinator_resources` schedules the
 coordinator by its own resources instead of into rank 0's bundle (e.g. on the head node),
@@ -35,7 +47,8 @@ from .errors import ChannelTimeoutError, ClusterResourceError, CoordinatorFailed
 from .placement import cluster_summary, release, reserve
 from .remote_session import RemoteSession
 
-CALL_GRACE_S = 10.0  # beyond the coordinator's own step timeouts, before its silence counts as a hang
+CALL_GRACE_S = 10.0  # beyond the coordinator's own step timeout, before a call without progress counts as a hang
+HEARTBEAT_S = 1.0  # how often the driver asks a running call's coordinator for its progress
 SHUTDOWN_GRACE_S = 5.0  # for a clean stop of the shards (channel closed, shared memory unlinked)
 ADVANCE_S = 0.2  # how long one coordinator call of a stream_many run goes on before handing over its events
 FATAL = (ShardFailedError, ChannelTimeoutError)  # the shard group is gone: nothing of the engine is reusable
@@ -66,6 +79,10 @@ class RayHogwildEngine(EngineFront):
         self.startup = startup  # seconds: ray_start, placement, coordinator_start, read_model, shard_start, weights
         self.placement = info.placement  # coordinator_node, shard_nodes (node ids), channel ("shm" or "socket")
         self._tokenizer = None
+        self.hang_timeout_s = step_timeout_s + CALL_GRACE_S  # a call without progress this long is a hang
+        self.heartbeat_s = HEARTBEAT_S
+        self._calling = False  # a coordinator call is being awaited: abandoned sessions' closes wait for its end
+        self._abandoned: list[int] = []
         atexit.register(self.close)
 
     @classmethod
@@ -100,26 +117,91 @@ class RayHogwildEngine(EngineFront):
                    startup)
 
     # ---- calls to the coordinator ------------------------------------------------------------
-    def _call(self, method: str, *args: Any, messages: int | None = 1) -> Any:
-        """One coordinator call; errors arrive as themselves, and a fatal one closes the engine.
-
-        messages: how many channel round trips the call makes (each bounded by step_timeout_s
-        in the coordinator); None for a whole session (no bound: the coordinator bounds each step)."""
-        import ray
-
+    def _call(self, method: str, *args: Any) -> Any:
+        """One coordinator call, awaited under the heartbeat watch (see the module docstring);
+        errors arrive as themselves, and a fatal one closes the engine."""
         if self.coordinator is None:
             raise CoordinatorFailedError("this engine is closed (close() was called, or its coordinator or a shard "
                                          "failed); open a new engine with HogwildEngine.from_pretrained")
-        timeout = None if messages is None else messages * self.step_timeout_s + CALL_GRACE_S
+        calling, self._calling = self._calling, True
         try:
-            return ray.get(getattr(self.coordinator, method).remote(*args), timeout=timeout)
+            return self._await(getattr(self.coordinator, method).remote(*args), method)
         except BaseException as e:
-            err = _unwrap(e, method, timeout)
+            err = _unwrap(e, method, self.hang_timeout_s)
             if isinstance(err, (*FATAL, CoordinatorFailedError)):
                 self._release(grace_s=0.0)
             if err is e:
                 raise
             raise err from e
+        finally:
+            self._calling = calling
+            if not calling:
+                self._close_abandoned()
+
+    def _await(self, ref: Any, method: str) -> Any:
+        """ray.get of a coordinator call's ref, bounded by progress: CoordinatorFailedError once the
+        coordinator's heartbeat count stood still (or went unanswered) for hang_timeout_s."""
+        import ray
+        from ray.exceptions import GetTimeoutError
+
+        hang = max(float(self.hang_timeout_s), 1e-3)
+        every = min(max(float(self.heartbeat_s), 1e-3), hang)
+        start = last_move = time.monotonic()
+        beat, beat_sent, count = None, start, None
+        while True:
+            try:
+                return ray.get(ref, timeout=every)  # a short call costs this one wait, no heartbeat
+            except GetTimeoutError:
+                pass
+            now = time.monotonic()
+            if beat is not None and ray.wait([beat], timeout=0)[0]:
+                try:
+                    seen = ray.get(beat, timeout=0)
+                except Exception:  # the actor died: the call's own ref says how, next round
+                    seen = count
+                if count is not None and seen != count:
+                    last_move = now
+                count, beat = seen, None
+            if now - last_move > hang:
+                silent = now - beat_sent if beat is not None else 0.0
+                raise self._hung(method, hang, silent)
+            if beat is None:
+                beat, beat_sent = self.coordinator.heartbeat.options(concurrency_group="health").remote(), now
+
+    def _hung(self, method: str, hang: float, silent: float) -> CoordinatorFailedError:
+        """The error for a coordinator call that made no progress for `hang` seconds (fatal: `_call`
+        then lets go of the coordinator, its shards and the placement group)."""
+        from .supervisor import actor_where
+
+        where = actor_where(self.coordinator)
+        if silent > 0:
+            what = f"did not answer a heartbeat for {silent:.0f} s (its process is stopped or wedged)"
+        else:
+            what = f"answered heartbeats but finished no shard step for {hang:g} s (the call is stuck inside it)"
+        return CoordinatorFailedError(
+            f"the coordinator ({where}) {what} during {method}(); the engine killed it and released its shards and "
+            "placement group: find why in its log (ray logs actor --id ...) and open a new engine (raise "
+            "engine.hang_timeout_s if it is only overloaded)")
+
+    # ---- sessions dropped without close() -----------------------------------------------------
+    def _abandon(self, sid: int) -> None:
+        """A RemoteSession was collected open: have the coordinator close it (fire and forget; while a
+        call is awaited, after it, so the finalizer never re-enters Ray mid-call)."""
+        if self.coordinator is None:
+            return
+        self._abandoned.append(sid)
+        if not self._calling:
+            self._close_abandoned()
+
+    def _close_abandoned(self) -> None:
+        while self._abandoned:
+            sid = self._abandoned.pop()
+            if self.coordinator is None:
+                continue
+            try:
+                self.coordinator.close_session.remote(sid)  # not awaited: a finalizer must not block
+            except Exception:  # Ray is going away: the coordinator and its pages go with it
+                pass
 
     @property
     def tokenizer(self) -> Any:
@@ -156,7 +238,7 @@ class RayHogwildEngine(EngineFront):
         """Open a session in the coordinator; the arguments of HogwildEngine.start. One session at a
         time: starting another closes the previous one (and a stream_many run); use stream_many or
         solve_many to run many sessions in shared passes."""
-        sid, prompt_ids, state = self._call("start", problem, workers, options, messages=4)
+        sid, prompt_ids, state = self._call("start", problem, workers, options)
         return RemoteSession(self, sid, prompt_ids, state)
 
     def stream(self, problem: str, workers: int = 2, **options: Any) -> Iterator[Event]:
@@ -171,18 +253,18 @@ class RayHogwildEngine(EngineFront):
         steps the proxy from here."""
         if on_step is not None:
             return super().solve(problem, workers, on_step=on_step, **options)
-        return self._call("solve", problem, workers, options, messages=None)
+        return self._call("solve", problem, workers, options)
 
     def _stream_many(self, items: list[tuple[str | int, str]], workers: int, max_concurrent: int | None,
                      options: dict[str, Any]) -> Iterator[tuple[str | int, Event]]:
         """The coordinator's scheduler runs the problems in shared passes on the shards; this
         fetches their events about every ADVANCE_S seconds (one actor call each). Ends what the
         coordinator ran before (one session or one run at a time)."""
-        self._call("start_many", items, workers, max_concurrent, options, messages=4)
+        self._call("start_many", items, workers, max_concurrent, options)
         done = False
         try:
             while not done:
-                events, done = self._call("advance_many", ADVANCE_S, messages=2)
+                events, done = self._call("advance_many", ADVANCE_S)
                 yield from events
         finally:
             if not done and self.coordinator is not None:
@@ -226,11 +308,13 @@ def start_coordinator(pg: Any, resources: dict[str, float] | None, placement_tim
     import ray
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+    from .supervisor import HEALTH  # a thread for heartbeats beside the one that runs the calls
+
     if resources is None:
         options = dict(scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0))
     else:
         options = dict(resources=resources)
-    coordinator = ray.remote(Coordinator).options(num_cpus=0, **options).remote()
+    coordinator = ray.remote(concurrency_groups=HEALTH)(Coordinator).options(num_cpus=0, **options).remote()
     ready = coordinator.ready.remote()
     if resources is not None and not ray.wait([ready], timeout=placement_timeout_s)[0]:
         ray.kill(coordinator)
@@ -256,5 +340,5 @@ def _unwrap(e: BaseException, method: str, timeout: float | None = None) -> Base
     if isinstance(e, GetTimeoutError):
         return CoordinatorFailedError(
             f"the coordinator did not answer {method}() within {timeout or 0:g} s (it is hung or overloaded); the "
-            "engine released its shards and placement group: open a new engine (or raise step_timeout_s)")
+            "engine released its shards and placement group: open a new engine")
     return e

@@ -4,11 +4,16 @@ It implements the Executor seam. The coordinator keeps its own copy of every lay
 does the bookkeeping (plans, relocations, page releases) here; every shard replays the same
 `(method, args)` messages on its copies with its slice of the model, and rank 0 replies
 the sampled tokens of every session in the pass.
+
+Every operation runs inside the engine's `executor_operation`: a session collected without
+close() is closed (its pages released, a "close" message sent) between operations, never in
+the middle of one, so every shard's copy of the allocator sees the coordinator's order.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import random
 from itertools import count
 from typing import TYPE_CHECKING, Any, Callable
@@ -54,6 +59,15 @@ def _first_death(group, err: ShardFailedError) -> ShardFailedError:
                             f"from it; the first reported was: {err})", err.ranks)
 
 
+def _operation(method: Callable) -> Callable:
+    """Run `method` inside the engine's executor_operation (no page release interleaves with it)."""
+    @functools.wraps(method)
+    def run(self: RayExecutor, *args: Any, **kwargs: Any) -> Any:
+        with self.engine.executor_operation():
+            return method(self, *args, **kwargs)
+    return run
+
+
 class RayExecutor(Executor):
     """Runs passes on the engine's shard group; the layout bookkeeping stays in this process."""
 
@@ -95,16 +109,19 @@ class RayExecutor(Executor):
         pending, self._finishing = list(self._finishing.items()), {}
         return pending
 
+    @_operation
     def open(self, layout: CacheLayout, params: list[SamplingParams]) -> int:
         sid = next(self._ids)
         self._call("open", self._pending(), sid, layout.kind, layout.workers, concrete(params))
         self.layouts[sid] = layout
         return sid
 
+    @_operation
     def prefill(self, session: int, block: Block, ids: list[int]) -> None:
         self.layouts[session].write_shared(block, ids)
         self._call("prefill", self._pending(), session, block.name, list(ids))
 
+    @_operation
     def finish_steps(self, session: int, workers: list[int]) -> None:
         """Bookkeeping here; the shards move the K/V with the next run message."""
         layout = self.layouts[session]
@@ -115,6 +132,7 @@ class RayExecutor(Executor):
         if workers:
             self._finishing.setdefault(session, []).extend(workers)
 
+    @_operation
     def run(self, passes: list[SessionPass]) -> dict[int, tuple[list[WriteStep], list[int]] | Exception]:
         """One forward pass on every shard for all the given sessions.
 
@@ -151,6 +169,7 @@ class RayExecutor(Executor):
             out[p.session] = steps if isinstance(steps, Exception) else (steps, list(tokens[p.session]))
         return out
 
+    @_operation
     def last_logits(self, session: int) -> torch.Tensor:
         """From rank 0 (one message per worker); NaN rows for workers never fed."""
         if session not in self.logits:
@@ -159,11 +178,13 @@ class RayExecutor(Executor):
             self.logits[session] = torch.stack(rows)
         return self.logits[session]
 
+    @_operation
     def read_kv(self, pages: list[int]) -> np.ndarray:
         """Every KV head's stored K and V of `pages`: [2, layers, len(pages), page_size, kv heads, head_dim]
         (float32, gathered from the ranks on rank 0; for inspection and the oracle, not the hot path)."""
         return np.asarray(self._call("kv", list(pages)))
 
+    @_operation
     def close(self, session: int) -> torch.Tensor | None:
         layout = self.layouts.pop(session, None)
         final = self.logits.pop(session, None)

@@ -4,10 +4,13 @@ It has a Session's surface (step, last_views, last_steps, last_logits, text, sta
 workers, done, answer, result, close). Each `step()` is one actor call whose reply carries
 the new tokens and what changed (stats, statuses, the workers' new stream tokens), so
 progress displays read a local mirror; views and logits are fetched once per step, on demand.
+A session dropped without close() is closed in the coordinator by a finalizer (which holds
+the engine and the id, never the session): its pages do not stay taken.
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -38,23 +41,27 @@ class RemoteSession:
         self.workers = [WorkerView() for _ in state.statuses]
         self._views: tuple[list[list[int]], dict[int, WriteStep]] | None = None
         self._logits: torch.Tensor | None = None
+        self._finalizer = weakref.finalize(self, _abandoned, engine, sid)
+        self._finalizer.atexit = False  # at exit the engine's own close() frees everything
         self._apply(state)
 
     def _apply(self, state: SessionState) -> None:
         self.done, self.answer, self.stats = state.done, state.answer, state.stats
+        if self.done:  # the coordinator closed it: nothing left to give back
+            self._finalizer.detach()
         for ws, status, tail in zip(self.workers, state.statuses, state.stream_tails):
             ws.status = status
             ws.stream.extend(tail)
 
-    def _call(self, method: str, *args: Any, messages: int = 1) -> Any:
-        return self.engine._call(method, self.sid, *args, messages=messages)
+    def _call(self, method: str, *args: Any) -> Any:
+        return self.engine._call(method, self.sid, *args)
 
     # ---- the step ----------------------------------------------------------------------
     def step(self, inject: dict[int, str] | None = None) -> dict[int, list[int]]:
         """One forward pass of all active workers (in the coordinator); each worker's new tokens."""
         self._views = self._logits = None
         try:
-            new, state = self._call("step", inject, messages=2)
+            new, state = self._call("step", inject)
         except BaseException:
             try:
                 self._refresh()
@@ -68,7 +75,7 @@ class RemoteSession:
         """Up to `steps` steps in the coordinator with one call (no driver round trip per step);
         each step's seconds there. For batch use and for timing the coordinator's own loop."""
         self._views = self._logits = None
-        times, state = self._call("run_steps", steps, messages=None)
+        times, state = self._call("run_steps", steps)
         self._apply(state)
         return times
 
@@ -99,7 +106,7 @@ class RemoteSession:
     def last_logits(self) -> torch.Tensor:
         """[workers, vocab]: each worker's logits from the last pass it was fed in."""
         if self._logits is None:
-            self._logits = self._call("logits", messages=len(self.workers))
+            self._logits = self._call("logits")
         return self._logits
 
     def stored_kv(self) -> KVPool:
@@ -128,8 +135,17 @@ class RemoteSession:
 
     def close(self) -> None:
         """Give the session's cache pages back (idempotent; a no-op once the engine is closed)."""
+        self._finalizer.detach()
         if self.engine.coordinator is not None:
             state = self._call("close_session")
             if state is not None:
                 self._apply(state)
         self.done = True
+
+
+def _abandoned(engine: RayHogwildEngine, sid: int) -> None:
+    """A RemoteSession's finalizer: the coordinator closes session `sid` (a newer one is left alone)."""
+    try:
+        engine._abandon(sid)
+    except Exception:  # a finalizer must not raise; at worst the next start() frees the pages
+        pass

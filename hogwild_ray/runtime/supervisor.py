@@ -3,8 +3,11 @@
 Each actor's `run_loop(spec, rank)` is called once and runs until the channel closes;
 steps then cost no Ray calls at all. Those loop refs are the group's health signal:
 a ref that resolves early means the actor died or its loop raised, and `check()` turns
-that into an error naming the rank. `close()` leaves nothing behind (actors, placement
-group, shared memory), however the group ended.
+that into an error naming the rank. A rank that stops answering (a stopped or wedged
+process) leaves the others waiting on it in a collective, so all of them miss the step's
+deadline; each actor therefore has a "health" thread that answers a cheap ping, and a step
+that times out names only the ranks whose process does not answer it. `close()` leaves
+nothing behind (actors, placement group, shared memory), however the group ended.
 """
 
 from __future__ import annotations
@@ -19,8 +22,35 @@ from ray.util.placement_group import PlacementGroup
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from .channel import ShmChannel, SocketChannel, StepChannel
-from .errors import ShardFailedError
+from .errors import ChannelTimeoutError, ShardFailedError
 from .placement import release, reserve
+
+HEALTH = {"health": 1}  # a concurrency group of its own: pings are answered while run_loop runs
+PING_TIMEOUT_S = 2.0  # a live process answers a ping in milliseconds, whatever its loop is doing
+
+
+def actor_where(actor: ActorHandle) -> str:
+    """'actor <id>, pid <pid>' for error messages (the pid where the GCS table has it)."""
+    actor_id = actor._actor_id.hex()
+    try:
+        pid = ray._private.state.actors(actor_id=actor_id).get("Pid")
+    except Exception:  # a private table: the id alone still finds the log (ray logs actor --id)
+        pid = None
+    return f"actor {actor_id}" + (f", pid {pid}" if pid else "")
+
+
+def unresponsive(actors: dict[int, ActorHandle], timeout: float = PING_TIMEOUT_S) -> list[int]:
+    """The keys of `actors` whose process does not answer a ping on its health thread within `timeout`."""
+    pings = {actor.__ray_ready__.options(concurrency_group="health").remote(): key for key, actor in actors.items()}
+    done, _ = ray.wait(list(pings), num_returns=len(pings), timeout=timeout)
+    answered = set()
+    for ref in done:
+        try:
+            ray.get(ref, timeout=0)
+            answered.add(pings[ref])
+        except Exception:  # died meanwhile: it does not answer either
+            pass
+    return sorted(set(actors) - answered)
 
 
 class ShardGroup:
@@ -42,13 +72,15 @@ class ShardGroup:
         self.actors: list[ActorHandle] = []
         self.loops: dict[ray.ObjectRef, int] = {}  # loop ref -> rank
         self.channel: StepChannel | None = None
+        self.gathered = 0  # steps every rank answered: the progress a coordinator's heartbeat reports
         self._closed = False
         self._owns_pg = placement is None
+        self._pingable = not isinstance(actor_cls, ActorClass)  # a caller's remote class has no health thread
         self.pg = reserve(shards, use_gpu, reserve_timeout, resources=resources) if placement is None else placement
         atexit.register(self.close)
         try:
             self.channel = self._make_channel(channel, capacity)
-            remote = actor_cls if isinstance(actor_cls, ActorClass) else ray.remote(actor_cls)
+            remote = ray.remote(concurrency_groups=HEALTH)(actor_cls) if self._pingable else actor_cls
             for rank in range(shards):
                 actor = remote.options(
                     num_cpus=1, num_gpus=1 if use_gpu else 0,
@@ -85,7 +117,32 @@ class ShardGroup:
         self._open_channel().send(msg)
 
     def gather(self, timeout: float | None = None) -> Any:
-        return self._open_channel().gather(self.step_timeout if timeout is None else timeout, watch=self.check)
+        timeout = self.step_timeout if timeout is None else timeout
+        try:
+            out = self._open_channel().gather(timeout, watch=self.check)
+        except ChannelTimeoutError as e:
+            narrowed = self._hung(e, timeout)
+            if narrowed is e:
+                raise
+            raise narrowed from e
+        self.gathered += 1
+        return out
+
+    def _hung(self, err: ChannelTimeoutError, timeout: float) -> ChannelTimeoutError:
+        """The silent ranks narrowed to those whose process does not answer a ping (the others
+        are alive, waiting on them in a collective); `err` itself when that tells nothing more."""
+        silent = [r for r in err.ranks if 0 <= r < len(self.actors)]
+        if not self._pingable or len(silent) < 2:
+            return err
+        dead = unresponsive({r: self.actors[r] for r in silent})
+        if not dead or len(dead) == len(silent):
+            return err
+        waiting = sorted(set(silent) - set(dead))
+        where = "; ".join(f"rank {r}: {actor_where(self.actors[r])}" for r in dead)
+        return ChannelTimeoutError(
+            f"shard rank(s) {dead} did not answer within {timeout:g} s and do not answer a ping either: the "
+            f"process is stopped or wedged ({where}); rank(s) {waiting} are alive and wait on it. Find why in "
+            "its log (ray logs actor --id ...), then open a new engine", dead)
 
     def _open_channel(self) -> StepChannel:
         if self._closed or self.channel is None:
