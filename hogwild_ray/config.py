@@ -77,9 +77,18 @@ def check_options(attention: str, page_size: int, cache_tokens: int | None, max_
     if attention not in ATTENTION_CHOICES:
         raise InvalidRequestError(f"attention must be one of {', '.join(ATTENTION_CHOICES)}, got {attention!r}")
     check_int("page_size", page_size, 1)
+    if page_size > MAX_PAGE_SIZE:
+        raise InvalidRequestError(f"page_size must be at most {MAX_PAGE_SIZE} tokens, got {page_size} "
+                                  "(16, the default, suits every model)")
     check_int("cache_tokens", cache_tokens, 1, none="")
+    if cache_tokens is not None and cache_tokens >= MAX_SLOTS:
+        raise InvalidRequestError(f"cache_tokens must be below {MAX_SLOTS:,} (the slots a pool can address), got "
+                                  f"{cache_tokens:,}; unset it for 4 x the context, at most 65536 tokens")
     check_int("max_context", max_context, 1, none="")
 
+
+MAX_SLOTS = 2**31  # pool slots are 32-bit indices in the kernels and the plans
+MAX_PAGE_SIZE = 1024  # a page is the unit of sharing and of the kernels' tables: larger only wastes memory
 
 RESERVED_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
 

@@ -3,7 +3,10 @@ inside the Ray coordinator, the shard actors)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+from collections import deque
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -23,7 +26,7 @@ from .model.loader import load_config, load_tokenizer
 from .model.parallel import TensorParallel
 from .runner import ModelRunner
 from .core.metrics import PassCounters
-from .core.scheduling import session_pages
+from .core.scheduling import check_workers, session_pages
 from .errors import check_int
 from .scheduler import Scheduler
 from .session import Session, check_prompt, prompt_ids, step_sessions
@@ -38,7 +41,8 @@ def read_model(path):
 
 class HogwildEngine(EngineFront):
     """Runs Hogwild! sessions of one model in this process, over an executor: its own model
-    runner (the local backend), or the shard actors of a Ray cluster (inside the coordinator)."""
+    runner (the local backend), or the shard actors of a Ray cluster (inside the coordinator).
+    A session collected without close() gives its pages back (its finalizer calls `_orphaned`)."""
 
     def __init__(self, spec, tokenizer, runner: ModelRunner | None, allocator: PageAllocator,
                  device: torch.device, max_context: int, label: str, executor: Executor | None = None) -> None:
@@ -52,6 +56,9 @@ class HogwildEngine(EngineFront):
         self.eos_ids = frozenset(eos)
         self.counters = PassCounters()
         self.schedulers: list[Scheduler] = []  # those running now (what metrics() counts as running and waiting)
+        self._orphans: deque = deque()  # executor handles of sessions collected without close()
+        self._executor_lock = threading.RLock()  # held by an executor operation that must not be interleaved
+        self._busy = 0  # executor operations in progress (on the thread holding the lock)
 
     # the runner's parts, for inspection and benchmarks (in-process engines)
     @property
@@ -127,6 +134,47 @@ class HogwildEngine(EngineFront):
         return cls(spec, tokenizer, runner, PageAllocator(config.pages, config.page_size), dev, config.max_context,
                    ckpt.label)
 
+    # ---- sessions dropped without close() ------------------------------------------------------
+    def _orphaned(self, handle) -> None:
+        """A session was collected open (its finalizer calls this): close its executor handle, now
+        if no executor operation is under way, else when the operation ends."""
+        self._orphans.append(handle)
+        self._reap()
+
+    @contextmanager
+    def executor_operation(self) -> Iterator[None]:
+        """Marks an executor operation that a page release must not interleave with (the Ray
+        executor: every shard replays the coordinator's allocator operations in its order)."""
+        try:
+            with self._executor_lock:
+                self._busy += 1
+                try:
+                    yield
+                finally:
+                    self._busy -= 1
+        finally:
+            self._reap()
+
+    def _reap(self) -> None:
+        """Close the handles of collected sessions, unless an executor operation is under way."""
+        if not self._orphans or not self._executor_lock.acquire(blocking=False):
+            return  # another thread is inside an operation: its end reaps
+        try:
+            if self._busy:  # collected during an operation on this thread: its end reaps
+                return
+            self._busy += 1  # a close's own operation does not reap again
+            try:
+                while self._orphans:
+                    handle = self._orphans.popleft()
+                    try:
+                        handle.close()
+                    except Exception:  # a broken engine: its close() frees everything
+                        pass
+            finally:
+                self._busy -= 1
+        finally:
+            self._executor_lock.release()
+
     # ---- sessions --------------------------------------------------------------------------
     def start(
         self,
@@ -150,6 +198,7 @@ class HogwildEngine(EngineFront):
         written by the session's first passes, a chunk at a time (how the scheduler starts a
         session; the cache's free pages are then not checked here)."""
         options = protocol_from(layout, protocol_options)
+        check_workers(workers, self.allocator)
         return Session(self, problem, workers, sampling, layout, max_tokens, max_steps, options, write_prompt)
 
     def step(self, sessions: Sequence[Session], inject: dict[Session, dict[int, str]] | None = None

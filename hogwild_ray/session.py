@@ -23,8 +23,12 @@ least one pass; a finisher that reaches `max_steps` stops there, with what it wr
 from __future__ import annotations
 
 import copy
+import re
+import threading
 import time
-from collections.abc import Sequence
+import uuid
+import weakref
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -52,7 +56,9 @@ class WorkerState:
     proto: WorkerProtocol
     pending: list[int] = field(default_factory=list)  # tokens to feed in the next pass
     reported: int = 0  # how many of `pending` step() already returned (the sampled token)
+    sampled: bool = False  # pending[0] is the worker's own last sample (the rest is forced text)
     step_ids: list[int] = field(default_factory=list)  # the current step's tokens, header first
+    written: list[list[int]] = field(default_factory=list)  # the step's sampled tokens, in runs forced text splits
     step_text: IncrementalText = field(default_factory=IncrementalText)  # their text, decoded as they come
     header_text: str = ""
     stream: list[int] = field(default_factory=list)  # everything this worker wrote
@@ -61,33 +67,109 @@ class WorkerState:
     status: str = "active"  # active | eos | budget | idle
 
 
-def encode_text(tok, text: str) -> list[int]:
-    return tok(text, add_special_tokens=False)["input_ids"] if text else []
+_TOKENIZER = threading.Lock()  # fast tokenizers keep split_special_tokens as state: one encode at a time
+
+
+def _encode(tok, text: str, *, as_text: bool, add_special_tokens: bool = False) -> list[int]:
+    """`tok(text)`'s ids; as_text: special-token strings in `text` are encoded as text."""
+    with _TOKENIZER:
+        return list(tok(text, add_special_tokens=add_special_tokens, split_special_tokens=as_text)["input_ids"])
+
+
+def special_pattern(tok) -> re.Pattern | None:
+    """A regex matching the text of the tokenizer's special tokens (`<|im_start|>`, `<|endoftext|>`,
+    ...), longest first as the tokenizer matches them; None when it has none."""
+    added = getattr(tok, "added_tokens_decoder", None) or {}
+    strings = {t.content for t in added.values() if getattr(t, "special", False)}
+    strings |= set(getattr(tok, "all_special_tokens", None) or ())
+    strings = sorted((s for s in strings if s), key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, strings))) if strings else None
+
+
+def encode_text(tok, text: str, add_special_tokens: bool = False) -> list[int]:
+    """The ids of text from outside (a problem, an injection) or of forced text. Special-token
+    strings in it are encoded as text, so that no text can open a chat turn or end the text;
+    text without them gets the ids the tokenizer always gave it."""
+    if not text and not add_special_tokens:
+        return []
+    return _encode(tok, text, as_text=True, add_special_tokens=add_special_tokens)
+
+
+def chat_ids(tok, render: Callable[[str], str], user: str) -> list[int]:
+    """The ids of `render(user)`, a prompt rendered by a chat template around user text: the
+    template's control tokens are special tokens, while special-token strings in `user` are text.
+
+    User text without such strings is encoded with the rest, as the tokenizer always did. Else
+    they are hidden behind markers while the template renders (so it treats the text as it
+    would, e.g. trims it); the rendered text is split at the template's own control tokens and
+    the text between them, the user's strings restored, is encoded as text."""
+    specials = special_pattern(tok)
+    if specials is None or not specials.search(user):
+        return _encode(tok, render(user), as_text=False)
+    nonce = uuid.uuid4().hex
+    hidden: dict[str, str] = {}
+
+    def hide(m: re.Match) -> str:  # letters and digits only: templates that escape or trim keep them as they are
+        key = f"hw{nonce}x{len(hidden)}x"
+        hidden[key] = m.group(0)
+        return key
+
+    rendered = render(specials.sub(hide, user))
+    if any(rendered.count(key) != 1 for key in hidden):
+        raise InvalidRequestError("the problem holds special-token text (such as <|im_start|>) and the model's chat "
+                                  "template does not write the problem exactly once, so that text cannot be kept "
+                                  "apart from the template's; remove it from the problem, or pass chat_template=False")
+    markers = re.compile("|".join(map(re.escape, hidden)))
+
+    def as_text(piece: str) -> list[int]:
+        return encode_text(tok, markers.sub(lambda m: hidden[m.group(0)], piece))
+
+    ids, pos = [], 0
+    for m in specials.finditer(rendered):  # only the template's: the user's are hidden
+        ids += as_text(rendered[pos:m.start()]) + _encode(tok, m.group(0), as_text=False)
+        pos = m.end()
+    return ids + as_text(rendered[pos:])
 
 
 def prompt_ids(tok, problem: str, workers: int, o: ProtocolOptions) -> list[int]:
-    """The token ids of a session's prompt (the system prompt, the problem, the history header)."""
+    """The token ids of a session's prompt (the system prompt, the problem, the history header).
+    Special-token strings in the problem are text (see `encode_text`, `chat_ids`)."""
     if not o.enabled and not o.chat_template:
-        return list(tok(problem)["input_ids"])
+        return encode_text(tok, problem, add_special_tokens=True)
     template = getattr(tok, "chat_template", None)
     system = system_prompt(workers)
     if o.chat_template and template:
-        msgs = [{"role": "user", "content": problem}]
-        if o.enabled:
-            msgs.insert(0, {"role": "system", "content": system})
-        text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        text += think_prefix(template, text)
-    else:
-        text = (system + "\n\n" if o.enabled else "") + f"Problem: {problem}\n\nSolution:\n\n"
+        def render(content: str) -> str:
+            msgs = [{"role": "user", "content": content}]
+            if o.enabled:
+                msgs.insert(0, {"role": "system", "content": system})
+            text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+            return text + think_prefix(template, text) + (HISTORY_HEADER if o.enabled else "")
+
+        return chat_ids(tok, render, problem)
+    text = (system + "\n\n" if o.enabled else "") + f"Problem: {problem}\n\nSolution:\n\n"
     if o.enabled:
         text += HISTORY_HEADER
     return encode_text(tok, text)
 
 
+def add_written(runs: list[list[int]], chunk: list[int], sampled: bool) -> None:
+    """Record a fed chunk in a step's runs of sampled tokens: its first token when the worker
+    sampled it (the rest of a chunk is forced text: a header, an injection, a prompt), and a
+    break where forced text follows (each run decodes by itself)."""
+    if sampled:
+        if not runs:
+            runs.append([])
+        runs[-1].append(chunk[0])
+    if len(chunk) > sampled and runs and runs[-1]:
+        runs.append([])
+
+
 def check_prompt(tokens: int, max_context: int) -> None:
     if tokens >= max_context:
-        raise ContextLengthError(f"the prompt is {tokens} tokens, the context holds {max_context}; "
-                                 "shorten the problem or load the model with a larger max_context")
+        raise ContextLengthError(f"the prompt is {tokens} tokens (the problem and the collaboration prompt, "
+                                 f"which grows with the workers), the context holds {max_context}; shorten the "
+                                 "problem, use fewer workers, or load the model with a larger max_context")
 
 
 class Session:
@@ -110,6 +192,7 @@ class Session:
         self.layout = CacheLayout(layout, workers, engine.allocator)
         self.params = per_worker(sampling, workers)
         self.executor = engine.executor.handle(self.layout, self.params)
+        _watch(self)
         self.tok = engine.tokenizer
         self.prompt_ids = prompt_ids(self.tok, problem, workers, options)
         if write_prompt:  # a scheduled session's pages were reserved when it was admitted
@@ -190,7 +273,7 @@ class Session:
         prefix = ws.proto.next_step_prefix()
         ids = self.encode(prefix)
         ws.pending, ws.reported = ids, 0
-        ws.step_ids, ws.step_text, ws.header_text = [], IncrementalText(), prefix
+        ws.step_ids, ws.written, ws.step_text, ws.header_text = [], [], IncrementalText(), prefix
         self.stats.redundancy_checks = sum(w.proto.checks for w in self.workers)
 
     # ---- views -------------------------------------------------------------------------
@@ -217,8 +300,11 @@ class Session:
     def step(self, inject: dict[int, str] | None = None) -> dict[int, list[int]]:
         """One forward pass of all active workers (this session alone); each worker's new tokens.
 
-        A session the scheduler admitted may still have prompt chunks to write: such a pass
-        writes the next chunk and returns no tokens."""
+        inject: {worker: text} fed to a worker after its pending tokens, as text (special-token
+        strings in it stay text; only what the worker samples itself can give the answer). Text
+        that would not fit the worker's view raises ContextLengthError and nothing is fed: the
+        session goes on. A session the scheduler admitted may still have prompt chunks to write:
+        such a pass writes the next chunk and returns no tokens."""
         return step_sessions([self], {self: inject} if inject else None)[self]
 
     @property
@@ -234,13 +320,14 @@ class Session:
         inject = self.check_inject(inject)
         if self._unwritten:
             return SessionPass(self.executor.session, prefill=take_chunks(self._unwritten, prefill_budget))
+        extras = {w: self.encode(text) for w, text in inject.items()}
         try:  # a failure part way (e.g. a full cache) ends the session and gives its pages back
-            extras = {w: self.encode(text) for w, text in inject.items()}
             finishing, self._finishing = self._finishing, []
             self.executor.finish_steps(finishing)
         except BaseException:
             self.close()
             raise
+        self._check_room(extras)  # with the views as this pass sees them; refused, the session goes on
         new: dict[int, list[int]] = {w: [] for w in range(len(self.workers))}
         fed: dict[int, list[int]] = {}
         for w, ws in enumerate(self.workers):
@@ -303,10 +390,28 @@ class Session:
             self._close_run()
         return new
 
+    def _view_limit(self) -> tuple[int, int]:
+        """(the most tokens a worker's view may hold now, the part of the context kept for the
+        finisher while it may still run)."""
+        reserve = (self.options.finisher_tokens + 32) if not self._finishers and self.options.enabled else 0
+        return self.engine.max_context - reserve, reserve
+
+    def _check_room(self, extras: dict[int, list[int]]) -> None:
+        """Refuse an injection that would push its worker's view past the limit: fed, it would stop
+        the worker and be dropped unseen (see `_enforce_context`)."""
+        limit, reserve = self._view_limit()
+        why = f" (max_context {self.engine.max_context} less {reserve} kept for the finisher)" if reserve else ""
+        for w, ids in extras.items():
+            used = self.layout.view_length(w) + len(self.workers[w].pending)
+            if used + len(ids) > limit:
+                raise ContextLengthError(
+                    f"inject[{w}] is {len(ids)} tokens, but worker {w}'s view has room for {max(limit - used, 0)} "
+                    f"more: it holds {used} of the {limit} tokens a view may hold{why}; inject a shorter text, "
+                    "or load the model with a larger max_context")
+
     def _enforce_context(self, fed: dict[int, list[int]], new: dict[int, list[int]]) -> dict[int, list[int]]:
         """Stop a worker whose view would outgrow the context (keeping room for the finisher)."""
-        reserve = (self.options.finisher_tokens + 32) if not self._finishers and self.options.enabled else 0
-        limit = self.engine.max_context - reserve
+        limit, _ = self._view_limit()
         for w in list(fed):
             if self.layout.view_length(w) + len(fed[w]) > limit:
                 self.workers[w].status = "budget"
@@ -319,6 +424,8 @@ class Session:
         ws.stream.extend(chunk[ws.reported:])
         ws.unfed = []
         ws.step_ids.extend(chunk)
+        add_written(ws.written, chunk, ws.sampled)
+        ws.sampled = False
         self.stats.tokens_per_worker[w] = len(ws.stream)
         if w in self._finishers:
             self._after_finisher_pass(ws, tok, new)
@@ -326,15 +433,15 @@ class Session:
         if self.options.enabled and is_step_boundary(ws.step_text.update(self.tok, ws.step_ids), ws.header_text):
             ws.proto.finished_steps += 1
             self.stats.steps_per_worker[w] = ws.proto.finished_steps
-            self._found_answer(self.tok.decode(ws.step_ids))
+            self._found_answer(self._written(ws))
             self._finishing.append(w)
             self._open_step(ws)  # the sample after a step's end is dropped: a header comes next
             return
         if tok in self.engine.eos_ids:
-            self._found_answer(self.tok.decode(ws.step_ids))
+            self._found_answer(self._written(ws))
             ws.status, ws.pending, ws.reported = "eos", [], 0
             return
-        ws.pending, ws.reported = [tok], 1
+        ws.pending, ws.reported, ws.sampled = [tok], 1, True
         ws.generated += 1
         ws.proto.since_check += 1
         self.stats.generated_per_worker[w] = ws.generated
@@ -344,6 +451,11 @@ class Session:
         self.stats.tokens_per_worker[w] = len(ws.stream)
         if self.max_tokens is not None and ws.generated >= self.max_tokens:
             ws.status = "budget"
+
+    def _written(self, ws: WorkerState) -> str:
+        """The text of the worker's current step that it sampled itself, run by run: forced text
+        (its header, injections) is left out, so that only the model's own words give the answer."""
+        return "".join(self.tok.decode(run) for run in ws.written if run)
 
     def _found_answer(self, text: str) -> None:
         ans = extract_boxed(text)
@@ -408,7 +520,7 @@ class Session:
         eos = tok in self.engine.eos_ids
         if not eos:
             ids.append(tok)
-            ws.pending, ws.reported = [tok], 1
+            ws.pending, ws.reported, ws.sampled = [tok], 1, True
             ws.stream.append(tok)
             ws.unfed = [tok]
             new[w].append(tok)
@@ -416,7 +528,7 @@ class Session:
         ans = extract_boxed("\\boxed{" + text)
         if eos or ans is not None or len(ids) >= self.options.finisher_tokens or self._out_of_passes():
             self._forced[w] = ans if ans is not None else (text.split("}")[0].strip() or None)
-            ws.status, ws.pending = "idle", []
+            ws.status, ws.pending, ws.sampled = "idle", [], False
         if len(self._forced) == len(self._finishers):
             first = next(iter(self._finishers))
             self.answer = self.answer if self.answer is not None else self._forced[first]
@@ -487,6 +599,7 @@ class Session:
                 setattr(twin, name, copy.deepcopy(value))
         twin.layout = self.layout.fork()
         twin.executor = self.executor.fork(twin.layout)
+        _watch(twin)
         return twin
 
     def close(self) -> None:
@@ -505,11 +618,28 @@ class Session:
         return SolveResult(self.answer, texts, transcript, self.stats)
 
 
+def _watch(session: Session) -> None:
+    """Give the session's pages back if it is collected without close(): the finalizer holds its
+    engine and executor handle, never the session; a closed handle makes it a no-op, and it does
+    not run at interpreter exit (the process's pool goes with it)."""
+    weakref.finalize(session, _collected, session.engine, session.executor).atexit = False
+
+
+def _collected(engine: HogwildEngine, handle) -> None:
+    try:
+        if not handle.closed:
+            orphaned = getattr(engine, "_orphaned", None)
+            orphaned(handle) if orphaned is not None else handle.close()
+    except Exception:  # a finalizer must not raise (e.g. the engine's executor is already gone)
+        pass
+
+
 def run_pass(sessions: Sequence[Session], inject: dict[Session, dict[int, str]] | None = None,
              prefill_budget: int = PREFILL_CHUNK) -> dict[Session, dict[int, list[int]] | Exception]:
     """One forward pass for the given sessions of one engine: each one's new tokens, or the
-    error that ended it (it is closed; the others ran). Prompt chunks share `prefill_budget`
-    tokens, first come first served; a session left without budget waits (no new tokens)."""
+    error that ended it (it is closed; the others ran), or that refused its inject (it goes on,
+    nothing fed). Prompt chunks share `prefill_budget` tokens, first come first served; a
+    session left without budget waits (no new tokens)."""
     if len({id(s) for s in sessions}) != len(sessions):
         raise InvalidRequestError("a session is listed twice; list each session once")
     if len({id(s.executor.executor) for s in sessions}) > 1:
@@ -524,7 +654,7 @@ def run_pass(sessions: Sequence[Session], inject: dict[Session, dict[int, str]] 
         budget = prefill_budget if prefill_budget >= page else 0
         try:
             part = s.begin_pass(inject.get(s), budget - budget % page)
-        except Exception as e:  # the session closed itself
+        except Exception as e:  # the session closed itself, or refused its inject (it goes on)
             out[s] = e
             continue
         if part is None:

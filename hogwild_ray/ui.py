@@ -5,13 +5,19 @@ workers read each other and split the work. Being fed events (not a session), th
 works the same for the local engine, the Ray engine, or events read back from JSON.
 Refreshes are throttled (the model, not the terminal, should use the CPU), and nothing
 is drawn when the console is not a terminal.
+
+Model text may hold terminal control sequences (a title change, a cleared screen, a
+hyperlink): the panes, and everything printed as text on the view's console afterwards (the
+plain output), show it with them removed (`terminal_safe`). JSON output is not printed there.
 """
 
 from __future__ import annotations
 
+import re
 import time
+import weakref
 
-from rich.console import Console, Group, RenderableType
+from rich.console import Console, ConsoleRenderable, Group, RenderableType, RenderHook
 from rich.live import Live
 from rich.panel import Panel
 from rich.table import Table
@@ -25,20 +31,72 @@ MAX_COLUMNS = 3  # panes per row; more workers wrap onto further rows
 KEEP_CHARS = 20_000  # of each worker's text: more than any pane shows
 
 
+# ESC or 8-bit CSI sequences, string sequences (OSC, DCS, SOS, PM, APC) up to their terminator
+# (BEL or ST; else the line's end), any other escape, then every C0/C1 control but \n and \t.
+_SEQUENCE = re.compile(
+    r"(?:\x1b\[|\x9b)[0-?]*[ -/]*[@-~]"
+    r"|(?:\x1b[\]PX^_]|[\x90\x98\x9d\x9e\x9f])[^\x07\x1b\x9c\n]*(?:\x07|\x1b\\|\x9c)?"
+    r"|\x1b[ -/]*[0-~]?"
+)
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+_UNSAFE = re.compile(f"{_SEQUENCE.pattern}|{_CONTROL.pattern}")
+
+
+def terminal_safe(text: str) -> str:
+    """`text` without terminal control sequences or control characters (newline and tab kept):
+    model text must not move the cursor, retitle the window or clear the screen."""
+    return _UNSAFE.sub("", text)
+
+
+def safe_text(text: Text) -> Text:
+    """A rich Text with `terminal_safe` applied, its styles kept on the characters that stay."""
+    cuts = [m.span() for m in _UNSAFE.finditer(text.plain)]
+    if not cuts:
+        return text
+    out, pos = text.blank_copy(), 0
+    for start, end in [*cuts, (len(text), len(text))]:
+        out.append_text(text[pos:start])
+        pos = end
+    return out
+
+
+class StripControls(RenderHook):
+    """Applies `safe_text` to every Text printed on a console (strings print as Text)."""
+
+    def process_renderables(self, renderables: list[ConsoleRenderable]) -> list[ConsoleRenderable]:
+        return [safe_text(r) if isinstance(r, Text) else r for r in renderables]
+
+
+_GUARDED: weakref.WeakSet[Console] = weakref.WeakSet()
+
+
+def guard(console: Console) -> Console:
+    """Make `console` strip control sequences from the text printed on it from now on (see
+    `StripControls`); idempotent. Call it before a Live starts on the console: a Live pops the
+    last render hook when it stops."""
+    if console not in _GUARDED:
+        console.push_render_hook(StripControls())
+        _GUARDED.add(console)
+    return console
+
+
 def worker_colour(w: int) -> str:
     return COLOURS[w % len(COLOURS)]
 
 
 def tail_lines(text: str, width: int, lines: int, console: Console) -> list[Text]:
-    """The last `lines` lines of `text` once wrapped to `width` columns."""
-    return list(Text(text.replace("\t", "    ")).wrap(console, max(width, 8)))[-lines:]
+    """The last `lines` lines of `text` once wrapped to `width` columns, control sequences removed."""
+    return list(Text(terminal_safe(text).replace("\t", "    ")).wrap(console, max(width, 8)))[-lines:]
 
 
 class LiveView:
-    """Context manager whose `feed(event)` keeps each worker's pane, redrawn ~`fps` times a second."""
+    """Context manager whose `feed(event)` keeps each worker's pane, redrawn ~`fps` times a second.
+
+    It guards its console (see `guard`): what is printed there after the view, such as the
+    workers' texts and the answer, shows no control sequences either."""
 
     def __init__(self, workers: int, console: Console | None = None, fps: float = 8.0, enabled: bool = True) -> None:
-        self.console = console or Console()
+        self.console = guard(console or Console())
         self.enabled = enabled and self.console.is_terminal
         self.interval = 1.0 / fps
         self.live: Live | None = None

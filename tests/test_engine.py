@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from dictation import dictate
 
 import hogwild_ray as hw
 from hogwild_ray.errors import (
@@ -483,12 +484,20 @@ def test_a_step_header_written_by_the_worker_ends_its_step(llama, engine, imitat
     session.close()
 
 
-def test_boxed_answer_stops_the_session(engine):
+def test_boxed_answer_stops_the_session(engine, monkeypatch):
     session = engine.start(PROBLEM, workers=2, sampling=HOT, max_tokens=60)
     session.step()
-    session.step(inject={0: "Adding them: 2 + 3 = 5"})
-    assert not session.done and session.answer is None  # no paragraph break yet: not a finished step
-    session.step(inject={0: ", so the answer is \\boxed{42}.\n\n"})
+    text = "Adding them: 2 + 3 = 5, so the answer is \\boxed{42}.\n\n"
+    dictate(monkeypatch, session, 0, text)  # worker 0 writes it itself (an injected box is no answer)
+    # Its n tokens are sampled in passes 2 .. n + 1, each fed the pass after: the last one, the
+    # paragraph break, is fed in pass n + 2, and only then is the step finished and its box the answer
+    end = len(session.encode(text)) + 2
+    while session.stats.forward_passes < end - 1:
+        session.step()
+        assert not session.done and session.answer is None  # no paragraph break yet: not a finished step
+    assert session.text(0).endswith(text)  # the break is sampled, not yet fed
+    session.step()
+    assert session.stats.forward_passes == end
     assert session.done and session.answer == "42" and session.stats.stop_reason == "answer"
     assert pages_free(engine)
     result = session.result()

@@ -9,6 +9,7 @@ import json
 from dataclasses import astuple
 
 import pytest
+from dictation import dictate
 
 import hogwild_ray as hw
 from hogwild_ray import scheduler
@@ -18,6 +19,7 @@ from hogwild_ray.errors import InvalidRequestError
 from hogwild_ray.eval import arithmetic_problems, experiment, runner
 from hogwild_ray.eval.runner import RunSpec, run_budgets
 from hogwild_ray.core.protocol import FINISHER_PROMPT
+from hogwild_ray.session import encode_text
 
 HOT = hw.SamplingParams(temperature=1.0, seed=3)
 PROBLEM = "Compute 12 * 7 and explain."
@@ -128,18 +130,26 @@ def test_run_budgets_per_mode(engine, spec, monkeypatch):
 
 def test_a_run_that_ends_early_answers_later_budgets_from_its_end(engine, monkeypatch):
     problem = {"id": "p", "problem": PROBLEM, "answer": "42"}
-    step = hw.Session.step
+    text = " so it is \\boxed{42}.\n\n"
+    # After pass 2 worker 0 writes a finished step with a boxed answer: it samples the text's n
+    # tokens in passes 3 .. n + 2, each fed the pass after; its last one, the paragraph break, is
+    # fed in pass n + 3, which finishes the step with the answer and ends the run. The budgets
+    # are placed around that end as [2, 5, 9] were around pass 3 (one before it, two after).
+    end = len(encode_text(engine.tokenizer, text)) + 3
+    step, dictated = hw.Session.step, []
 
-    def answer_at_pass_2(session, inject=None):  # worker 0 writes a finished step with a boxed answer
-        if session.stats.forward_passes == 2 and not session.finishing:  # not in the forced forks
-            inject = {0: " so it is \\boxed{42}.\n\n"}
+    def answer_from_pass_3(session, inject=None):  # the run's session, not its forced forks
+        if session.stats.forward_passes == 2 and not session.finishing and not dictated:
+            dictated.append(session)
+            dictate(monkeypatch, session, 0, text)
         return step(session, inject)
 
-    monkeypatch.setattr(hw.Session, "step", answer_at_pass_2)
-    recs = run_budgets(engine, problem, RunSpec("hogwild", 2, "combined"), [2, 5, 9], HOT)
+    monkeypatch.setattr(hw.Session, "step", answer_from_pass_3)
+    recs = run_budgets(engine, problem, RunSpec("hogwild", 2, "combined"), [2, end + 2, end + 6], HOT)
+    assert len(dictated) == 1
     assert [r["ended"] for r in recs] == [False, True, True]
     assert [r["answer"] for r in recs][1:] == ["42", "42"] and recs[2]["correct"]
-    assert recs[1]["forward_passes"] == recs[2]["forward_passes"] == 3
+    assert recs[1]["forward_passes"] == recs[2]["forward_passes"] == end
     assert pages_back(engine)
 
 
@@ -368,3 +378,60 @@ def test_runs_that_cannot_run_are_recorded_and_the_others_go_on(engine, random_m
     recs = read(tmp_path / "big" / "results.jsonl")
     assert len(recs) == 6 and all("error" in r for r in recs)
     assert all(("pages" in r["error"]) == (r["id"] != "long") for r in recs), recs[0]["error"]
+
+
+# ---- damaged output files, bad data: one-line errors before any load -----------------------------
+
+@pytest.fixture
+def no_load(monkeypatch):
+    """A model load fails the test: the error must come before it."""
+    def loaded(*a, **k):
+        raise AssertionError("the model began to load before the error")
+
+    monkeypatch.setattr(hw.HogwildEngine, "from_pretrained", loaded)
+
+
+def eval_record(pid: str, budget: int) -> bytes:
+    return json.dumps({"id": pid, "mode": "single", "workers": 1, "layout": None, "budget": budget,
+                       "answer": "1", "reference": "1", "correct": True}).encode() + b"\n"
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("middle", [
+    b'{"id": "arith-0-1", "mode": "sin' + eval_record("arith-0-1", 4),  # a cut line another write went on from
+    b'{"id": "arith-0-1", "answer": "Caf\xc3' + eval_record("arith-0-1", 4),  # cut inside a UTF-8 character
+    b'{"id": "arith-0-1"}\n',  # JSON, but no evaluation record
+])
+def test_a_bad_line_inside_a_part_file_is_a_one_line_error(tmp_path, capsys, no_load, middle):
+    out = tmp_path / "out"
+    (out / "parts").mkdir(parents=True)
+    part = out / "parts" / "part-0.jsonl"
+    part.write_bytes(eval_record("arith-0-0", 2) + middle + eval_record("arith-0-0", 4) + b'{"id": "arith-0-1", "mo')
+    assert main(["eval", "--generated", "2", "--modes", "single", "--budgets", "2,4", "--out", str(out)]) == 2
+    assert_one_line_error(capsys, "part-0.jsonl:2 ")
+    assert part.read_bytes().endswith(b'{"id": "arith-0-1", "mo')  # read only, never rewritten
+
+
+@pytest.mark.reliability
+def test_a_part_file_another_run_took_is_never_shared(tmp_path, monkeypatch):
+    """Two runs into one directory: each appends to a part file of its own, even when both
+    looked for a free name before either made its file."""
+    with experiment.new_part(tmp_path) as first:
+        monkeypatch.setattr(experiment, "part_files", lambda out: [])
+        with experiment.new_part(tmp_path) as second:
+            assert first.path != second.path
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("data, words", [
+    (b'{"problem": "p", "answer": 1}\n{"problem": "Caf\xe9?", "answer": 2}\n',
+     "data.jsonl:2 is not UTF-8 text (byte 0xe9); save it as UTF-8"),
+    (b'{"problem": "p", "answer": 1}\n{"problem": "\\ud800?", "answer": 2}\n',
+     "data.jsonl:2's problem is not valid UTF-8 text (lone surrogate \\ud800 at character 0)"),
+    (b'[{"problem": "p", "answer": 1},\n {"problem": "\xff", "answer": 2}]',
+     "data.jsonl:2 is not UTF-8 text (byte 0xff)"),
+])
+def test_data_that_is_not_utf8_is_a_one_line_error(tmp_path, capsys, no_load, data, words):
+    (tmp_path / "data.jsonl").write_bytes(data)
+    assert main(["eval", "--data", str(tmp_path / "data.jsonl"), "--out", str(tmp_path / "out")]) == 2
+    assert_one_line_error(capsys, words)

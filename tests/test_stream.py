@@ -6,6 +6,7 @@ import dataclasses
 import json
 
 import pytest
+from dictation import dictate
 
 import hogwild_ray as hw
 from hogwild_ray.core.events import Answer, Done, Progress, RedundancyCheck, StepFinished, WorkerText, from_json
@@ -48,12 +49,17 @@ def without_seconds(stats: hw.Stats) -> dict:
     return {k: v for k, v in dataclasses.asdict(stats).items() if k != "seconds"}
 
 
-def test_event_order_and_content(engine):
+def test_event_order_and_content(engine, monkeypatch):
     """Finished steps, the redundancy question and the answer appear as events, in order, and the
     workers' text pieces add up to their whole texts."""
     session = engine.start("Compute 3 + 4.", workers=2, max_tokens=64, sampling=GREEDY, redundancy_every=2)
-    script = {3: {0: "First part done.\n\n"}, 8: {1: "So the sum is \\boxed{7}.\n\n"}}
-    events = list(session_events(Steered(session, script)))
+    answer = "So the sum is \\boxed{7}.\n\n"
+    dictate(monkeypatch, session, 1, answer)  # Bob writes it himself (an injected box is no answer)
+    # Bob samples its n tokens in passes 1 .. n, each fed the pass after: the last one, the
+    # paragraph break, is fed in pass n + 1, which finishes his step 1 with the answer
+    end = len(session.encode(answer)) + 1
+    assert end > 4  # after Alice's finished step (pass 3) and her redundancy question (pass 4)
+    events = list(session_events(Steered(session, {3: {0: "First part done.\n\n"}})))
 
     assert isinstance(events[-1], Done) and sum(isinstance(e, Done) for e in events) == 1
     done = events[-1]
@@ -69,13 +75,13 @@ def test_event_order_and_content(engine):
         assert events[last] is p
 
     finished = [e for e in events if isinstance(e, StepFinished)]
-    assert [(e.worker, e.step_index, e.step) for e in finished] == [(0, 1, 3), (1, 1, 8)]
+    assert [(e.worker, e.step_index, e.step) for e in finished] == [(0, 1, 3), (1, 1, end)]
     assert finished[0].text.startswith("**Alice [1]:** ") and finished[0].text.endswith("First part done.\n\n")
-    assert finished[1].text.startswith("**Bob [1]:** ") and "\\boxed{7}" in finished[1].text
+    assert finished[1].text.startswith("**Bob [1]:** ") and finished[1].text.endswith(answer)
     checks = [e for e in events if isinstance(e, RedundancyCheck)]
     assert [(e.worker, e.step) for e in checks] == [(0, 4)] and checks[0].question == REDUNDANCY_QUESTION
     answers = [e for e in events if isinstance(e, Answer)]
-    assert [(a.text, a.step) for a in answers] == [("7", 8)]
+    assert [(a.text, a.step) for a in answers] == [("7", end)]
     assert events.index(answers[0]) > events.index(finished[1])
 
     assert texts_of(events, 2) == done.worker_texts

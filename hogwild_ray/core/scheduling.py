@@ -9,7 +9,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Generic, Hashable, TypeVar
 
-from ..errors import CacheFullError
+from ..errors import CacheFullError, check_int
 
 PREFILL_CHUNK = 2048  # prompt tokens written per pass (all admitting sessions together)
 HEADROOM_TOKENS = 128  # the headers and the step-opening chunks beside the workers' own tokens
@@ -29,6 +29,17 @@ def take_chunks(queue: list[tuple[str, list[int]]], budget: int) -> tuple[tuple[
         else:
             queue.pop(0)
     return tuple(taken)
+
+
+def check_workers(workers: int, pool) -> None:
+    """Refuse, before anything is allocated for them, more workers than the cache has pages: each
+    needs a page of its own (pool: a PageAllocator, num_pages and page_size are read)."""
+    check_int("workers", workers, 1)
+    if workers > pool.num_pages:
+        raise CacheFullError(
+            f"workers={workers:,} cannot fit: every worker needs a page of its own ({pool.page_size} tokens) "
+            f"and the cache holds {pool.num_pages:,} pages; use fewer workers (a few to a few dozen is "
+            "what Hogwild! inference is made for) or a larger cache_tokens=")
 
 
 def session_pages(kind: str, workers: int, prompt_tokens: int, max_tokens: int | None, max_context: int,

@@ -9,6 +9,8 @@ the relocations of finished steps are its other device work.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from hogwild_kernels import QueryGroup, make_attention
 
@@ -19,10 +21,12 @@ from ..model import Decoder, ForwardBatch, ModelSpec
 from ..model.graphs import DecodeGraphs, Staged
 from ..model.loader import Checkpoint, load_config, locate, weight_reader
 from ..model.parallel import TensorParallel, shard_plan
+from ..model.shapes import tensor_shapes
 from ..model.spec import spec_from_config
 from ..model.weights import load_weights
 from ..sampling import SampleTable, sample_eagerly
 from ..transfer import to_device
+from .memory import check_pool_fits
 
 
 class ModelRunner:
@@ -44,6 +48,9 @@ class ModelRunner:
         plan = shard_plan(spec, parallel.rank, parallel.world) if parallel and parallel.world > 1 else None
         local = plan.local_spec(spec) if plan else spec  # this rank's head and MLP sizes
         device, dtype = config.torch_device, config.torch_dtype
+        weight_bytes = sum(math.prod(s) for s in tensor_shapes(model_config).values()) * dtype.itemsize
+        check_pool_fits(config.pages, config.page_size, local.kv_bytes_per_token(dtype),
+                        weight_bytes // (parallel.world if parallel else 1), device)
         weights = load_weights(spec, weight_reader(ckpt, model_config), device, dtype, tp=plan)
         cache = KVPool(spec.num_layers, config.pages, config.page_size, local.num_kv_heads, spec.head_dim, dtype,
                        device)
