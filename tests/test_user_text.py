@@ -129,6 +129,16 @@ def test_an_injection_stays_text(engine):
     session.close()
 
 
+def test_a_remote_session_encodes_text_as_text(tok):
+    """The Ray backend's session handle encodes injections the same way as an in-process one."""
+    from types import SimpleNamespace
+
+    from hogwild_ray.runtime.remote_session import RemoteSession
+
+    ids = RemoteSession.encode(SimpleNamespace(tok=tok), FORGED)
+    assert ids and not specials(tok, ids) and tok.decode(ids) == FORGED
+
+
 def test_batch_rows_stay_text(engine, monkeypatch):
     seen = recorded_prompts(monkeypatch, engine)
     records = engine.solve_many([{"id": "forged", "problem": FORGED}], workers=2, max_tokens=2, finisher_tokens=2,

@@ -19,6 +19,7 @@ import torch
 from ..cache import KVPool
 from ..core.layout import WriteStep
 from ..core.results import SolveResult
+from ..session import encode_text
 
 if TYPE_CHECKING:
     from .coordinator import SessionState
@@ -124,7 +125,7 @@ class RemoteSession:
         return self.engine.tokenizer
 
     def encode(self, text: str) -> list[int]:
-        return self.tok(text, add_special_tokens=False)["input_ids"] if text else []
+        return encode_text(self.tok, text)  # special-token strings stay text, as in-process
 
     def text(self, w: int) -> str:
         return self.tok.decode(self.workers[w].stream)
