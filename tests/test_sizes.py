@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
+import torch
 
 import hogwild_ray as hw
 from hogwild_ray.errors import CacheFullError, InvalidRequestError
@@ -49,8 +50,8 @@ def test_a_pool_larger_than_the_machine_is_refused_with_its_memory(tiny, monkeyp
     from hogwild_ray.model.spec import spec_from_config
 
     spec = spec_from_config(load_config(locate(str(tiny))))
-    per_token = spec.kv_bytes_per_token(__import__("torch").float32)
-    tokens = device_memory(__import__("torch").device("cpu")) // per_token + 1024
+    per_token = spec.kv_bytes_per_token(torch.float32)
+    tokens = device_memory(torch.device("cpu")) // per_token + 1024
     if tokens >= 2**31:
         pytest.skip("this machine holds any pool the slots can address")
     no_pool(monkeypatch)

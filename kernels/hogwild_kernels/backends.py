@@ -122,6 +122,9 @@ class TorchAttention:
         return out
 
 
+SHARED_READS = ("auto", "always", "never")  # TritonAttention.shared_reads
+
+
 def _next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
@@ -158,6 +161,8 @@ class TritonAttention:
         from .plan import WORTH_MERGING, plan_attention
 
         if plan is None:
+            if self.shared_reads not in SHARED_READS:
+                raise ValueError(f"shared_reads must be one of {', '.join(SHARED_READS)}, got {self.shared_reads!r}")
             worth = {"auto": WORTH_MERGING, "always": (0.0, 0)}.get(self.shared_reads)
             plan = plan_attention(groups, int(slots.numel()), self.chunk_rule(slots.device), slots.device,
                                   page_size if worth else None, worth or (0.0, 0))
