@@ -32,19 +32,21 @@ KEEP_CHARS = 20_000  # of each worker's text: more than any pane shows
 
 
 # ESC or 8-bit CSI sequences, string sequences (OSC, DCS, SOS, PM, APC) up to their terminator
-# (BEL or ST; else the line's end), any other escape, then every C0/C1 control but \n and \t.
+# (BEL or ST; else the line's end), any other escape, then every C0/C1 control but \n and \t, and
+# the bidirectional embeddings, overrides and isolates (shown text reordered: "Trojan Source").
 _SEQUENCE = re.compile(
     r"(?:\x1b\[|\x9b)[0-?]*[ -/]*[@-~]"
     r"|(?:\x1b[\]PX^_]|[\x90\x98\x9d\x9e\x9f])[^\x07\x1b\x9c\n]*(?:\x07|\x1b\\|\x9c)?"
     r"|\x1b[ -/]*[0-~]?"
 )
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 _UNSAFE = re.compile(f"{_SEQUENCE.pattern}|{_CONTROL.pattern}")
 
 
 def terminal_safe(text: str) -> str:
-    """`text` without terminal control sequences or control characters (newline and tab kept):
-    model text must not move the cursor, retitle the window or clear the screen."""
+    """`text` without terminal control sequences, control characters (newline and tab kept) or
+    bidirectional overrides: model text must not move the cursor, retitle the window, clear the
+    screen or show its characters in another order than the one they have."""
     return _UNSAFE.sub("", text)
 
 

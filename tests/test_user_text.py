@@ -208,6 +208,8 @@ def test_an_injection_too_long_for_the_view_is_refused_and_the_session_goes_on(e
     ("\x1bPq#0\x1b\\ok\x1bc", "ok"),  # DCS (sixel), then a reset
     ("bell\x07 cr\r\nkeep\ttab del\x7f nul\x00 lone\x1b", "bell cr\nkeep\ttab del nul lone"),
     ("plain é 漢字 🙂\x1b[0m \\boxed{5}", "plain é 漢字 🙂 \\boxed{5}"),  # the rest is kept as it is
+    ("\\boxed{1\u202e0\u202c} a\u2066b\u2069c", "\\boxed{10} abc"),  # bidi overrides and isolates
+    ("שלום \u200fabc", "שלום \u200fabc"),  # right-to-left text and marks are text
 ])
 def test_terminal_safe(raw, shown):
     from hogwild_ray.ui import terminal_safe
@@ -220,7 +222,7 @@ def test_terminal_safe(raw, shown):
 def test_terminal_safe_leaves_no_control(text):
     from hogwild_ray.ui import terminal_safe
 
-    assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]", terminal_safe(text))
+    assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]", terminal_safe(text))
 
 
 def test_live_panes_show_no_control_sequences():

@@ -15,6 +15,7 @@ import time
 import ray
 
 from .echo import EchoShard
+from .ray_init import init_ray
 from .supervisor import ShardGroup
 
 
@@ -57,7 +58,7 @@ def main() -> None:
     ap.add_argument("--shards", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--steps", type=int, default=2000)
     args = ap.parse_args()
-    ray.init(num_cpus=max(args.shards) + 1, include_dashboard=False, log_to_driver=False)
+    init_ray(None, num_cpus=max(args.shards) + 1, include_dashboard=False, log_to_driver=False)
     print(f"{'shards':>6} {'shm ms':>8} {'socket ms':>10} {'actor call ms':>14}")
     for n in args.shards:
         shm, sock = channel_step_s(n, "shm", args.steps), channel_step_s(n, "socket", args.steps)

@@ -45,6 +45,7 @@ from ..core.results import SolveResult
 from .coordinator import Coordinator
 from .errors import ChannelTimeoutError, ClusterResourceError, CoordinatorFailedError, ShardFailedError
 from .placement import cluster_summary, release, reserve
+from .ray_init import init_ray
 from .remote_session import RemoteSession
 
 CALL_GRACE_S = 10.0  # beyond the coordinator's own step timeout, before a call without progress counts as a hang
@@ -96,7 +97,7 @@ class RayHogwildEngine(EngineFront):
 
         t0 = time.perf_counter()
         if not ray.is_initialized():
-            ray.init(address=config.ray_address, log_to_driver=False)
+            init_ray(config.ray_address, log_to_driver=False)
         t1 = time.perf_counter()
         pg = reserve(config.tp, config.torch_device.type == "cuda", config.placement_timeout_s,
                      resources=config.shard_resources)
@@ -334,9 +335,12 @@ def _unwrap(e: BaseException, method: str, timeout: float | None = None) -> Base
     if isinstance(e, RayTaskError) and isinstance(e.cause, BaseException):
         return e.cause
     if isinstance(e, RayActorError):
+        from .supervisor import actor_where
+
+        where = f" ({actor_where(e.actor_id)})" if getattr(e, "actor_id", None) else ""
         return CoordinatorFailedError(
-            f"the coordinator actor died during {method}() ({_first_line(e)}); the engine released its shards and "
-            "placement group: open a new engine")
+            f"the coordinator actor{where} died during {method}() ({_first_line(e)}); the engine released its shards "
+            "and placement group: find why in its log (ray logs actor --id ...) and open a new engine")
     if isinstance(e, GetTimeoutError):
         return CoordinatorFailedError(
             f"the coordinator did not answer {method}() within {timeout or 0:g} s (it is hung or overloaded); the "

@@ -29,9 +29,10 @@ HEALTH = {"health": 1}  # a concurrency group of its own: pings are answered whi
 PING_TIMEOUT_S = 2.0  # a live process answers a ping in milliseconds, whatever its loop is doing
 
 
-def actor_where(actor: ActorHandle) -> str:
-    """'actor <id>, pid <pid>' for error messages (the pid where the GCS table has it)."""
-    actor_id = actor._actor_id.hex()
+def actor_where(actor: ActorHandle | str) -> str:
+    """'actor <id>, pid <pid>' for error messages (the pid where the GCS table has it); `actor`: a
+    handle or an actor id in hex."""
+    actor_id = actor if isinstance(actor, str) else actor._actor_id.hex()
     try:
         pid = ray._private.state.actors(actor_id=actor_id).get("Pid")
     except Exception:  # a private table: the id alone still finds the log (ray logs actor --id)
