@@ -213,12 +213,18 @@ class HogwildEngine(EngineFront):
                       max_tokens: int | None = 1024, forced_tokens: int = 0, **protocol_options) -> int:
         """The most K/V pages a session of this problem may hold at once (what the scheduler
         reserves for it); ContextLengthError when its prompt does not fit the context."""
+        return self.request_size(problem, workers, layout=layout, max_tokens=max_tokens, forced_tokens=forced_tokens,
+                                 **protocol_options)[1]
+
+    def request_size(self, problem: str, workers: int = 2, *, layout: str = "combined",
+                     max_tokens: int | None = 1024, forced_tokens: int = 0, **protocol_options) -> tuple[int, int]:
+        """(prompt tokens, the most K/V pages it may hold at once) of a session of this problem."""
         options = protocol_from(layout, protocol_options)
         check_int("workers", workers, 1)
         ids = prompt_ids(self.tokenizer, problem, workers, options)
         check_prompt(len(ids), self.max_context)
-        return session_pages(layout, workers, len(ids), max_tokens, self.max_context, self.allocator.page_size,
-                             forced_tokens)
+        return len(ids), session_pages(layout, workers, len(ids), max_tokens, self.max_context,
+                                       self.allocator.page_size, forced_tokens)
 
     def _stream_many(self, items, workers, max_concurrent, options):
         """The scheduler runs every problem in shared passes, admitting as pages free up."""

@@ -88,26 +88,30 @@ class Scheduler:
 
     def _run(self) -> Iterator[tuple[Hashable, Any]]:
         while self.running or self.admission.queue:
-            for key in self.admission.admit(self._free_beyond_reservations()):
-                yield from self._advance(key, None, first=True)
-            if not self.running:
-                if self.admission.queue:  # nothing runs and the head does not fit: pages held elsewhere
-                    head = self.admission.queue[0]
-                    free = self.engine.allocator.free_pages
-                    self.starts.pop(head.key, None)
-                    self.admission.drop(head.key)
-                    yield head.key, Failed(CacheFullError(
-                        f"this request may need {head.pages} pages and the cache has {free} free beside the "
-                        "engine's other sessions; close them, or lower workers or max_tokens"))
-                    continue
-                break
-            keys = list(self.running)
-            sessions = [self.running[k][1].session for k in keys]
-            results = run_pass(sessions, prefill_budget=self.prefill_chunk)
-            for key, session in zip(keys, sessions):
-                self.admission.grow(key, pages_held(session) + len(session.workers) + 3)
-                if key in self.running:  # still there (no earlier job of this pass cancelled it)
-                    yield from self._advance(key, results[session])
+            yield from self.round()
+
+    def round(self) -> Iterator[tuple[Hashable, Any]]:
+        """Admit what fits, then run one shared pass of every running job (nothing when idle).
+        A server calls it again and again, submitting and cancelling between rounds."""
+        for key in self.admission.admit(self._free_beyond_reservations()):
+            yield from self._advance(key, None, first=True)
+        if not self.running:
+            if self.admission.queue:  # nothing runs and the head does not fit: pages held elsewhere
+                head = self.admission.queue[0]
+                free = self.engine.allocator.free_pages
+                self.starts.pop(head.key, None)
+                self.admission.drop(head.key)
+                yield head.key, Failed(CacheFullError(
+                    f"this request may need {head.pages} pages and the cache has {free} free beside the "
+                    "engine's other sessions; close them, or lower workers or max_tokens"))
+            return
+        keys = list(self.running)
+        sessions = [self.running[k][1].session for k in keys]
+        results = run_pass(sessions, prefill_budget=self.prefill_chunk)
+        for key, session in zip(keys, sessions):
+            self.admission.grow(key, pages_held(session) + len(session.workers) + 3)
+            if key in self.running:  # still there (no earlier job of this pass cancelled it)
+                yield from self._advance(key, results[session])
 
     def _advance(self, key: Hashable, value: Any, first: bool = False) -> Iterator[tuple[Hashable, Any]]:
         """Resume a job with its pass's result (or start it) until it asks for the next pass or ends."""

@@ -11,11 +11,11 @@ import sys
 
 from .. import __version__
 from ..errors import HogwildError
-from . import batch, bench, eval, info, run
+from . import batch, bench, eval, info, run, serve
 from .common import FORMATTER, Parser, as_flags
 from .run import EXAMPLE_PROBLEM  # the benchmarks' problem too
 
-COMMANDS = (run, batch, eval, bench, info)
+COMMANDS = (run, batch, eval, serve, bench, info)
 
 EPILOG = """\
 examples:
@@ -24,6 +24,7 @@ examples:
   hogwild-ray run "What is 2 + 3?" --temperature 0 --json > result.json
   hogwild-ray batch --input problems.jsonl --output results.jsonl --workers 2
   hogwild-ray eval --generated 20 --workers 1,2 --budgets 64,128 --out runs/quick
+  hogwild-ray serve --replicas 2 --api-key "$KEY"        # OpenAI-compatible, http://127.0.0.1:8000/v1
   hogwild-ray bench workers_cpu
   hogwild-ray info --json
 

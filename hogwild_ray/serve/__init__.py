@@ -1,0 +1,1 @@
+"""Serving hogwild-ray over HTTP: an OpenAI-compatible endpoint on Ray Serve."""

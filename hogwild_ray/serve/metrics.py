@@ -1,0 +1,107 @@
+"""The server's Prometheus metrics: vLLM's names where they mean the same, under `hogwild:`.
+
+Request metrics (running, waiting, time to first token, inter-token latency, end-to-end
+latency, tokens) are observed by the HTTP front, which sees every request. Engine metrics
+(forward passes, rows per pass, K/V cache use, shared pages) come from the engine replicas'
+own counters, which travel with their answers: the front keeps each replica's latest
+snapshot and reports their sum, so an existing vLLM dashboard reads the same series.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+disable_created_metrics()  # no `_created` series beside each counter and histogram (as vLLM's)
+
+PREFIX = "hogwild:"
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+                   40.0, 80.0, 160.0, 640.0, 2560.0)
+ITL_BUCKETS = (0.001, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5,
+               0.75, 1.0, 2.5, 5.0, 10.0)
+WORKER_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+
+
+class EngineSnapshots(Collector):
+    """The replicas' latest engine counters (engine.metrics()), summed into Prometheus series."""
+
+    def __init__(self) -> None:
+        self._latest: dict[str, dict[str, Any]] = {}
+        self._lock = threading.Lock()
+
+    def update(self, replica: str, metrics: dict[str, Any]) -> None:
+        with self._lock:
+            self._latest[replica] = dict(metrics)
+
+    def totals(self) -> dict[str, float]:
+        with self._lock:
+            snaps = list(self._latest.values())
+        passes = sum(s["passes"] for s in snaps)
+        rows = sum(s["rows_per_pass"] * s["passes"] for s in snaps)
+        sessions = sum(s["sessions_per_pass"] * s["passes"] for s in snaps)
+        total = sum(s["pages_total"] for s in snaps)
+        return {
+            "replicas": len(snaps), "passes": passes, "rows": rows, "sessions": sessions,
+            "rows_per_pass": rows / passes if passes else 0.0,
+            "max_rows_per_pass": max((s["max_rows_per_pass"] for s in snaps), default=0),
+            "pages_used": sum(s["pages_used"] for s in snaps), "pages_total": total,
+            "kv_cache_usage": sum(s["pages_used"] for s in snaps) / total if total else 0.0,
+            "pages_shared": sum(s["pages_shared"] for s in snaps),
+            "prompt_pages_reused": sum(s["prompt_pages_reused"] for s in snaps),
+        }
+
+    def collect(self) -> Iterator[Any]:
+        t = self.totals()
+        yield CounterMetricFamily(PREFIX + "forward_passes", "Forward passes run by the engines.", t["passes"])
+        yield CounterMetricFamily(PREFIX + "pass_rows", "Query rows (tokens) over all forward passes.", t["rows"])
+        yield CounterMetricFamily(PREFIX + "pass_sessions", "Sessions summed over all forward passes.",
+                                  t["sessions"])
+        yield GaugeMetricFamily(PREFIX + "rows_per_pass", "Mean query rows per forward pass.", t["rows_per_pass"])
+        yield GaugeMetricFamily(PREFIX + "max_rows_per_pass", "Most query rows in one forward pass.",
+                                t["max_rows_per_pass"])
+        yield GaugeMetricFamily(PREFIX + "kv_cache_usage_perc", "Fraction of the K/V cache pages in use (1 = full).",
+                                t["kv_cache_usage"])
+        yield GaugeMetricFamily(PREFIX + "kv_cache_pages_used", "K/V cache pages in use.", t["pages_used"])
+        yield GaugeMetricFamily(PREFIX + "kv_cache_pages_total", "K/V cache pages of all engines.",
+                                t["pages_total"])
+        yield GaugeMetricFamily(PREFIX + "shared_prompt_pages",
+                                "K/V pages held by more than one session or fork (read once per pass for all).",
+                                t["pages_shared"])
+        yield CounterMetricFamily(PREFIX + "prompt_pages_reused",
+                                  "Prompt pages taken from other sessions' prompts instead of computed.",
+                                  t["prompt_pages_reused"])
+        yield GaugeMetricFamily(PREFIX + "engine_replicas", "Engine replicas that have reported.", t["replicas"])
+
+
+class ServerMetrics:
+    """Every series the front exposes, in a registry of its own (not the process-global one)."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.running = Gauge(PREFIX + "num_requests_running", "Requests whose sessions are running.", registry=r)
+        self.waiting = Gauge(PREFIX + "num_requests_waiting", "Requests waiting for K/V pages.", registry=r)
+        self.ttft = Histogram(PREFIX + "time_to_first_token_seconds", "Time to the first generated text.",
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram(PREFIX + "inter_token_latency_seconds", "Time between text pieces of one worker.",
+                             buckets=ITL_BUCKETS, registry=r)
+        self.e2e = Histogram(PREFIX + "e2e_request_latency_seconds", "Request latency, arrival to end.",
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prompt tokens of finished sessions.", registry=r)
+        self.generation_tokens = Counter(PREFIX + "generation_tokens", "Tokens the workers generated.", registry=r)
+        self.success = Counter(PREFIX + "request_success", "Requests finished, by finish reason.",
+                               ["finished_reason"], registry=r)
+        self.failed = Counter(PREFIX + "request_failure", "Requests refused or failed, by HTTP status.",
+                              ["status"], registry=r)
+        self.workers = Histogram(PREFIX + "workers_per_request", "Workers per session of a request.",
+                                 buckets=WORKER_BUCKETS, registry=r)
+        self.steps = Counter(PREFIX + "steps_finished", "Hogwild! steps the workers finished.", registry=r)
+        self.engines = EngineSnapshots()
+        r.register(self.engines)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

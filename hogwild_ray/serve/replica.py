@@ -1,0 +1,111 @@
+"""An engine replica of the server: one engine, its serving loop, and one method that streams
+a session's progress as plain dicts.
+
+Ray Serve places, health-checks, scales and shuts down these replicas; the HTTP front
+(hogwild_ray.serve.front) calls `generate` through a deployment handle, one call per session,
+and cancels the call when its client goes away, which ends the session before the next pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any, AsyncIterator
+
+from ..core.events import Done, StepFinished, WorkerText
+from ..errors import CacheFullError, ContextLengthError, HogwildError, InvalidRequestError
+from ..scheduler import Failed, Finished
+from .engine_loop import Admitted, ServingLoop
+
+CLIENT_ERRORS = (InvalidRequestError, ContextLengthError, CacheFullError)  # the request's fault: HTTP 400
+
+
+class EngineReplica:
+    """One engine of the server (wrapped by serve.deployment in hogwild_ray.serve.app)."""
+
+    def __init__(self, engine_options: dict, max_concurrent: int | None = None) -> None:
+        import torch
+
+        from .. import HogwildEngine
+
+        options = dict(engine_options)
+        if options.get("device") is None:  # the replica's own device: the GPU Ray gave it, if any
+            options["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+        self.engine = HogwildEngine.from_pretrained(**options)
+        self.loop = ServingLoop(self.engine, max_concurrent)
+        self.replica = _replica_id()
+
+    async def generate(self, problem: str, workers: int, options: dict) -> AsyncIterator[dict]:
+        """One session, streamed: {"type": "queued", prompt_tokens, replica} first (or "error"),
+        then "admitted", "text" (worker, text), "step" (worker), "done" (the Done event), and
+        "end" with the engine's counters; "error" (status, message) if it fails."""
+        events: asyncio.Queue = asyncio.Queue()
+        aio = asyncio.get_running_loop()
+        key = uuid.uuid4().hex
+        try:
+            size = await asyncio.to_thread(self.loop.size, problem, workers, options)
+            self.loop.submit(key, problem, workers, options, size.pages,
+                             lambda item: aio.call_soon_threadsafe(events.put_nowait, item))
+        except HogwildError as e:
+            yield _error(e)
+            return
+        ended = False
+        try:
+            yield {"type": "queued", "prompt_tokens": size.prompt_tokens, "replica": self.replica}
+            while True:
+                item = await events.get()
+                if isinstance(item, Admitted):
+                    yield {"type": "admitted", "metrics": self.metrics()}
+                elif isinstance(item, WorkerText):
+                    yield {"type": "text", "worker": item.worker, "text": item.text}
+                elif isinstance(item, StepFinished):
+                    yield {"type": "step", "worker": item.worker}
+                elif isinstance(item, Done):
+                    yield {"type": "done", "event": item.to_json()}
+                elif isinstance(item, Finished):
+                    ended = True
+                    yield {"type": "end", "metrics": self.metrics()}
+                    return
+                elif isinstance(item, Failed):
+                    ended = True
+                    yield _error(item.error)
+                    return
+        finally:
+            if not ended:  # cancelled (the client went away) or closed early: end the session now
+                self.loop.cancel(key)
+
+    def metrics(self) -> dict:
+        return {"replica": self.replica, **self.engine.metrics()}
+
+    async def ping(self) -> dict:
+        """The /health probe and the front's first look at this replica."""
+        self.check_health()
+        return self.metrics()
+
+    def check_health(self) -> None:
+        """Ray Serve's health check: a replica whose loop stopped is replaced."""
+        if not self.loop.alive:
+            raise RuntimeError(f"the serving loop stopped: {self.loop.error!r}")
+
+    def __del__(self) -> None:  # Ray Serve's graceful shutdown
+        loop = getattr(self, "loop", None)
+        if loop is not None:
+            loop.close()
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.close()
+
+
+def _error(e: BaseException) -> dict:
+    status = 400 if isinstance(e, CLIENT_ERRORS) else 500
+    return {"type": "error", "status": status, "message": str(e).splitlines()[0] if str(e) else type(e).__name__,
+            "error": type(e).__name__}
+
+
+def _replica_id() -> str:
+    try:
+        from ray import serve
+
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # outside Serve (tests of the class itself)
+        return uuid.uuid4().hex[:8]
