@@ -19,6 +19,7 @@ from .openai_protocol import ServeDefaults
 
 API_KEY_ENV = "HOGWILD_API_KEY"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"  # the built-in default model, as /v1/models names it
+FRONT = "OpenAIFront"  # the front deployment's name (the engine replicas report their counters to it)
 ONGOING_PER_REPLICA = 256  # sessions one replica takes at once (its own scheduler queues them by pages)
 
 
@@ -98,11 +99,11 @@ def build_app(settings: ServeSettings) -> Any:
     engine = serve.deployment(EngineReplica, name="HogwildEngine").options(
         ray_actor_options=settings.replica_actor_options(), max_ongoing_requests=ONGOING_PER_REPLICA,
         health_check_period_s=10, health_check_timeout_s=60, graceful_shutdown_timeout_s=30, **scaling,
-    ).bind(settings.engine_options(), settings.max_concurrent)
+    ).bind(settings.engine_options(), settings.max_concurrent, FRONT)
     defaults = ServeDefaults(model=settings.model_name, workers=settings.workers, max_workers=settings.max_workers,
                              max_tokens=settings.max_tokens)
     api_key = settings.api_key or os.environ.get(API_KEY_ENV) or None
-    front = serve.deployment(OpenAIIngress, name="OpenAIFront").options(
+    front = serve.deployment(OpenAIIngress, name=FRONT).options(
         num_replicas=1, ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=4096)
     return front.bind(engine, defaults, api_key, settings.max_waiting)
 

@@ -152,6 +152,10 @@ class OpenAIFront:
                                 status_code=503)
         return JSONResponse({"status": "ok"})
 
+    def report(self, metrics: dict) -> None:
+        """An engine replica's counters (engine.metrics() and its replica id), sent every half second."""
+        self.metrics.engines.update(metrics["replica"], metrics)
+
     # ---- requests ------------------------------------------------------------------------
     async def _answer(self, request: Request, make: Callable[[], Any]) -> Response:
         """Check the key, then answer; every failure in OpenAI's error shape, never a traceback."""
@@ -199,7 +203,8 @@ class OpenAIFront:
             raise
         prompt = [f["prompt_tokens"] for f in firsts]
         if req.stream:
-            return StreamingResponse(self._events(req, request_id, created, streams, calls, prompt),
+            replicas = [f["replica"] for f in firsts]
+            return StreamingResponse(self._events(req, request_id, created, streams, calls, prompt, replicas),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         results: list[SolveResult | None] = [None] * req.n
         try:
@@ -212,10 +217,13 @@ class OpenAIFront:
         finally:
             _end(streams, calls)
         build = chat_response if req.kind == "chat" else completion_response
-        return JSONResponse(build(req, request_id, created, results, prompt))
+        body = build(req, request_id, created, results, prompt)
+        for choice, first in zip(body["choices"], firsts):
+            choice["hogwild"]["replica"] = first["replica"]  # which engine replica ran the session
+        return JSONResponse(body)
 
     async def _events(self, req: GenerateRequest, request_id: str, created: int, streams: list, calls: list,
-                      prompt: list[int]) -> AsyncIterator[bytes]:
+                      prompt: list[int], replicas: list[str]) -> AsyncIterator[bytes]:
         """The server-sent events of a streamed request; a closed connection ends its sessions."""
         chunks = StreamChunks(req, request_id, created)
         results: list[SolveResult | None] = [None] * req.n
@@ -231,7 +239,9 @@ class OpenAIFront:
                     yield sse(chunks.worker_text(i, msg["worker"], msg["text"]))
                 elif kind == "end":
                     results[i] = calls[i].result
-                    yield sse(chunks.finish(i, results[i]))
+                    chunk = chunks.finish(i, results[i])
+                    chunk["choices"][0]["hogwild"]["replica"] = replicas[i]
+                    yield sse(chunk)
                 elif kind == "error":
                     yield sse_error(RequestError(msg["status"], msg["message"], type="server_error"))
                     return

@@ -9,6 +9,7 @@ and cancels the call when its client goes away, which ends the session before th
 from __future__ import annotations
 
 import asyncio
+import threading
 import uuid
 from typing import Any, AsyncIterator
 
@@ -18,12 +19,13 @@ from ..scheduler import Failed, Finished
 from .engine_loop import Admitted, ServingLoop
 
 CLIENT_ERRORS = (InvalidRequestError, ContextLengthError, CacheFullError)  # the request's fault: HTTP 400
+REPORT_EVERY_S = 0.5  # how fresh the front's view of this engine's counters is (pages freed, passes)
 
 
 class EngineReplica:
     """One engine of the server (wrapped by serve.deployment in hogwild_ray.serve.app)."""
 
-    def __init__(self, engine_options: dict, max_concurrent: int | None = None) -> None:
+    def __init__(self, engine_options: dict, max_concurrent: int | None = None, front: str | None = None) -> None:
         import torch
 
         from .. import HogwildEngine
@@ -34,6 +36,23 @@ class EngineReplica:
         self.engine = HogwildEngine.from_pretrained(**options)
         self.loop = ServingLoop(self.engine, max_concurrent)
         self.replica = _replica_id()
+        self._stop = threading.Event()
+        if front is not None:  # the front's /metrics sees this engine's counters within REPORT_EVERY_S
+            threading.Thread(target=self._report, args=(front,), name="hogwild-metrics-report", daemon=True).start()
+
+    def _report(self, front: str) -> None:
+        from ray import serve
+
+        handle = serve.get_deployment_handle(front, serve.get_replica_context().app_name)
+        last = None
+        while not self._stop.wait(REPORT_EVERY_S):
+            now = self.metrics()
+            if now != last:
+                try:
+                    handle.report.remote(now)
+                    last = now
+                except Exception:  # the front is restarting: the next round tries again
+                    pass
 
     async def generate(self, problem: str, workers: int, options: dict) -> AsyncIterator[dict]:
         """One session, streamed: {"type": "queued", prompt_tokens, replica} first (or "error"),
@@ -88,6 +107,9 @@ class EngineReplica:
             raise RuntimeError(f"the serving loop stopped: {self.loop.error!r}")
 
     def __del__(self) -> None:  # Ray Serve's graceful shutdown
+        stop = getattr(self, "_stop", None)
+        if stop is not None:
+            stop.set()
         loop = getattr(self, "loop", None)
         if loop is not None:
             loop.close()
