@@ -55,6 +55,8 @@ LAYERS = {  # files -> package modules they must never import
     ("executor",): ("hogwild_ray.session", "hogwild_ray.engine", "hogwild_ray.runtime", "hogwild_ray.cli"),
     ("runtime/shard",): ("hogwild_ray.engine", "hogwild_ray.session"),
     ("engine", "session", "front", "executor", "runner", "core"): ("hogwild_ray.runtime",),
+    ("engine", "session", "front", "executor", "runner", "core", "runtime", "model", "scheduler", "many"):
+        ("hogwild_ray.serve",),
 }
 
 
@@ -70,7 +72,7 @@ def test_the_walk_sees_relative_imports():
     assert "hogwild_ray.runner.ModelRunner" in shard and "hogwild_ray.executor.LocalExecutor" in shard
 
 
-PURE = [*files_of("core"), *files_of("errors", "ray_address", "progress_lines", "batch")]
+PURE = [*files_of("core"), *files_of("errors", "ray_address", "progress_lines", "batch", "serve/openai_protocol")]
 
 
 @pytest.mark.parametrize("path", PURE, ids=lambda p: module_name(p))
@@ -78,7 +80,7 @@ def test_pure_logic_imports_nothing_heavy(path):
     heavy = [m for m in imports_of(path) if m.split(".")[0] in HEAVY]
     inside = [m for m in imports_of(path) if m.startswith("hogwild_ray.") and not m.startswith(
         ("hogwild_ray.core", "hogwild_ray.errors"))]
-    assert not heavy and (path.parent.name != "core" or not inside), (heavy, inside)
+    assert not heavy and (path.parent.name not in ("core", "serve") or not inside), (heavy, inside)
 
 
 def test_the_package_and_its_options_load_without_torch_triton_or_ray():
@@ -95,9 +97,15 @@ def test_the_package_and_its_options_load_without_torch_triton_or_ray():
     assert out.stdout.startswith("0.7 True")
 
 
-def test_only_the_runtime_package_imports_ray():
-    outside = [f for f in PACKAGE.rglob("*.py") if "runtime" not in f.relative_to(PACKAGE).parts]
-    bad = [(module_name(f), m) for f in outside for m in imports_of(f) if m == "ray" or m.startswith("ray.")]
+RAY_FREE_SERVING = ("serve/openai_protocol", "serve/engine_loop", "serve/metrics")  # testable without Ray
+
+
+def test_only_the_ray_packages_import_ray():
+    """runtime/ (the engine on Ray) and serve/ (the server on Ray Serve) import ray; nothing else,
+    and not serve/'s request parsing, serving loop or metrics either."""
+    outside = [f for f in PACKAGE.rglob("*.py") if not {"runtime", "serve"} & set(f.relative_to(PACKAGE).parts)]
+    bad = [(module_name(f), m) for f in [*outside, *files_of(*RAY_FREE_SERVING)] for m in imports_of(f)
+           if m == "ray" or m.startswith("ray.")]
     assert not bad, bad
 
 

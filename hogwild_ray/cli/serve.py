@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import signal
-import threading
 
 from ..config import DTYPES
 from .common import FORMATTER, at_least
@@ -82,32 +80,12 @@ def settings_from(args: argparse.Namespace):
 
 
 def execute(args: argparse.Namespace, engine=None) -> int:
-    from ..ray_address import check_reachable
+    from ..serve.launch import serve_forever
 
     settings = settings_from(args)  # every flag checked before Ray or a model starts
-    check_reachable(args.address)
-    from ray import serve
 
-    from ..runtime.ray_init import init_ray
-    from ..serve.app import build_app
+    def ready(url: str) -> None:
+        print(f"serving {settings.model_name} on {url}/v1 (metrics: {url}/metrics); Ctrl-C stops", flush=True)
 
-    import ray
-
-    if not ray.is_initialized():
-        init_ray(args.address, log_to_driver=True)
-    stop = threading.Event()
-    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    try:
-        serve.start(http_options={"host": args.host, "port": args.port})
-        serve.run(build_app(settings), name="hogwild", route_prefix="/")
-        where = f"http://{args.host}:{args.port}"
-        print(f"serving {settings.model_name} on {where}/v1 (metrics: {where}/metrics); Ctrl-C stops", flush=True)
-        while not stop.wait(0.5):
-            pass
-    except KeyboardInterrupt:
-        pass
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        print("shutting down", flush=True)
-        serve.shutdown()
+    serve_forever(settings, args.host, args.port, args.address, ready, lambda: print("shutting down", flush=True))
     return 0

@@ -130,6 +130,8 @@ def _coerce(name: str, value: Any) -> Any:
     """Serve passes `key=value` arguments as strings: turn them into the field's type."""
     if not isinstance(value, str):
         return tuple(value) if name == "autoscale" and isinstance(value, list) else value
+    if name == "autoscale":
+        return parse_autoscale(value)
     try:
         if name in INT_FIELDS:
             return int(value)
@@ -137,10 +139,9 @@ def _coerce(name: str, value: Any) -> Any:
             return float(value)
         if name == "cuda_graphs":
             return {"true": True, "false": False, "auto": None}[value.lower()]
-        if name == "autoscale":
-            return parse_autoscale(value)
-    except (ValueError, KeyError) as e:
-        raise InvalidRequestError(f"{name}={value!r} is not a valid value for {name}") from e
+    except (ValueError, KeyError):
+        wanted = {"cpus_per_replica": "a number", "cuda_graphs": "true, false or auto"}.get(name, "an integer")
+        raise InvalidRequestError(f"{name}={value!r} is not a valid value for {name}: give {wanted}") from None
     return value
 
 
