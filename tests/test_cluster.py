@@ -279,6 +279,64 @@ def test_kuberay_rayjob_carries_the_required_fields():
     check_cluster_spec(spec["rayClusterSpec"])
 
 
+def mappings(obj) -> list[dict]:
+    """Every mapping in a parsed YAML document, nested ones included."""
+    if isinstance(obj, dict):
+        return [obj, *(m for v in obj.values() for m in mappings(v))]
+    return [m for v in obj for m in mappings(v)] if isinstance(obj, list) else []
+
+
+def test_kuberay_rayservice_carries_the_required_fields():
+    """The RayService: token auth, one Serve app built by app_builder with args ServeSettings takes, GPU
+    workers, the API key from a Secret (never in the file), every service ClusterIP, the proxy on the pod IP."""
+    from hogwild_ray.serve.app import API_KEY_ENV, ServeSettings, _coerce
+
+    text = (KUBERAY / "rayservice.yaml").read_text()
+    doc = yaml.safe_load(text)
+    assert (doc["apiVersion"], doc["kind"]) == ("ray.io/v1", "RayService") and doc["metadata"]["name"]
+    spec = doc["spec"]
+    # RayServiceSpec (rayservice_types.go): the cluster is rayClusterConfig; the unhealthy-second
+    # thresholds are deprecated and unused since KubeRay v1.1.0
+    assert "rayClusterSpec" not in spec and not {"serviceUnhealthySecondThreshold",
+                                                 "deploymentUnhealthySecondThreshold"} & set(spec)
+    cluster = spec["rayClusterConfig"]
+    check_cluster_spec(cluster)
+    assert cluster["authOptions"]["mode"] == "token"
+
+    serve = yaml.safe_load(spec["serveConfigV2"])  # a YAML document in a string
+    assert serve["http_options"]["host"] == "0.0.0.0" and serve["http_options"].get("port", 8000) == 8000
+    [app] = serve["applications"]
+    assert (app["name"], app["route_prefix"]) == ("hogwild", "/")
+    assert app["import_path"] == "hogwild_ray.serve.app:app_builder"
+    assert not {"pip", "working_dir"} & set(app.get("runtime_env", {}))  # the project comes in the image
+    args = app["args"]
+    assert set(args) <= set(ServeSettings.__dataclass_fields__), set(args) - set(ServeSettings.__dataclass_fields__)
+    assert all(isinstance(v, str) for v in args.values())  # as `serve run key=value` passes them
+    settings = ServeSettings(**{k: _coerce(k, v) for k, v in args.items()})  # app_builder's own check
+    assert settings.model and settings.model.startswith("/models/") and settings.device == "cuda"
+    assert settings.workers == 4 and (settings.autoscale or (settings.replicas, settings.replicas))[1] >= 1
+    assert settings.api_key is None and "api_key" not in args  # the key comes from the Secret
+
+    head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert {"containerPort": 8000, "name": "serve"} in head["ports"]  # KubeRay's serve service needs the name
+    models = [m for g in cluster["workerGroupSpecs"] for c in g["template"]["spec"]["containers"]
+              for m in c.get("volumeMounts", []) if m["mountPath"] == "/models"]
+    assert models and all(m.get("readOnly") for m in models)
+    for c in ray_containers(cluster):  # the key on every Ray container, by reference only
+        [env] = [e for e in c["env"] if e["name"] == API_KEY_ENV]
+        assert "value" not in env, c["name"]
+        assert env["valueFrom"]["secretKeyRef"] == {"name": "hogwild-api-key", "key": "api-key"}, c["name"]
+    for m in [*mappings(doc), *mappings(serve)]:  # no literal key or token anywhere, in env or elsewhere
+        assert not ({"name", "value"} <= set(m) and re.search(r"KEY|TOKEN", str(m["name"]), re.I)), m
+        assert not [k for k in m if re.fullmatch(r"(hogwild_)?api[_-]?key", str(k), re.I)], m
+    made = re.findall(r"kubectl create secret generic hogwild-api-key --from-literal=api-key=(\S+)", text)
+    assert made and all(v.startswith(('"$(', "$(")) for v in made)  # how to make it, with a generated key
+
+    assert cluster["headGroupSpec"]["serviceType"] == "ClusterIP"  # the serve service takes the head's type
+    assert spec.get("serveService", {}).get("spec", {}).get("type", "ClusterIP") == "ClusterIP"
+    assert not re.search(r"LoadBalancer|NodePort", re.sub(r"#.*", "", text))
+
+
 # ----------------------------------------------------------------------------- security
 
 CLUSTER_DIR = ROOT / "cluster"
@@ -295,9 +353,12 @@ def load_submit_job():
 
 
 def kuberay_cluster_specs() -> dict[str, dict]:
-    """The RayClusterSpec of each KubeRay manifest (a RayJob's is its rayClusterSpec)."""
-    docs = {p.name: yaml.safe_load(p.read_text()) for p in (KUBERAY / "raycluster.yaml", KUBERAY / "rayjob.yaml")}
-    return {name: d["spec"].get("rayClusterSpec", d["spec"]) for name, d in docs.items()}
+    """The RayClusterSpec of each KubeRay manifest (a RayJob's is its rayClusterSpec, a RayService's its
+    rayClusterConfig)."""
+    docs = {p.name: yaml.safe_load(p.read_text())
+            for p in (KUBERAY / "raycluster.yaml", KUBERAY / "rayjob.yaml", KUBERAY / "rayservice.yaml")}
+    return {name: d["spec"].get("rayClusterSpec") or d["spec"].get("rayClusterConfig") or d["spec"]
+            for name, d in docs.items()}
 
 
 def ray_containers(spec: dict) -> list[dict]:
@@ -314,7 +375,8 @@ def start_commands(config: dict) -> list[str]:
 def test_every_cluster_file_and_script_runs_ray_with_token_authentication():
     """Without RAY_AUTH_MODE=token on every node, anyone who reaches the GCS or the job API runs code there."""
     shipped = {p.relative_to(CLUSTER_DIR).as_posix() for p in CLUSTER_DIR.rglob("*") if p.is_file()}
-    checked = {"gpu-cluster.yaml", "local.sh", "kuberay/raycluster.yaml", "kuberay/rayjob.yaml", "kuberay/Dockerfile",
+    checked = {"gpu-cluster.yaml", "local.sh", "kuberay/raycluster.yaml", "kuberay/rayjob.yaml",
+               "kuberay/rayservice.yaml", "kuberay/Dockerfile",
                "kuberay/Dockerfile.dockerignore"}  # the last: no Ray in it (see the excludes test)
     assert shipped <= checked, f"a cluster file this test does not check: {sorted(shipped - checked)}"
 
@@ -389,8 +451,13 @@ def test_no_file_installs_the_project_by_its_bare_name():
         bare = [t for t in pip_install_targets(text) if BARE_PROJECT.match(t.strip("'\""))]
         assert not bare, f"{path}: pip install {bare}"
         for doc in (yaml.safe_load_all(text) if path.suffix == ".yaml" else []):
-            env = yaml.safe_load(doc["spec"].get("runtimeEnvYAML", "{}")) if (doc or {}).get("kind") == "RayJob" else {}
-            assert not [r for r in env.get("pip", []) if BARE_PROJECT.match(r.replace(" ", ""))], path
+            kind = (doc or {}).get("kind")
+            envs = [yaml.safe_load(doc["spec"].get("runtimeEnvYAML", "{}"))] if kind == "RayJob" else []
+            if kind == "RayService":  # each Serve application's runtime_env
+                serve = yaml.safe_load(doc["spec"].get("serveConfigV2", "{}"))
+                envs = [a.get("runtime_env", {}) for a in serve.get("applications", [])]
+            for env in envs:
+                assert not [r for r in env.get("pip", []) if BARE_PROJECT.match(r.replace(" ", ""))], path
     config = yaml.safe_load(LAUNCHER.read_text())  # the launcher installs the mounted checkout
     assert config["file_mounts"].get("~/hogwild-ray") == "."
     assert pip_install_targets("\n".join(config["setup_commands"])) == ["~/hogwild-ray"]

@@ -73,7 +73,9 @@ class ServeSettings:
         return {k: v for k, v in options.items() if v is not None or k == "path"}
 
     def replica_actor_options(self) -> dict[str, Any]:
-        gpus = 1 if self.device in (None, "auto", "cuda") and _cuda_nodes() else 0
+        # device cuda: a GPU each, even before the GPU nodes joined (KubeRay deploys the app as soon as the
+        # head is up); no device given: a GPU where the cluster has any
+        gpus = 1 if self.device == "cuda" or (self.device is None and _cuda_nodes()) else 0
         return {"num_cpus": self.cpus_per_replica, "num_gpus": gpus}
 
 
