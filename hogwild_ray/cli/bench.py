@@ -22,6 +22,8 @@ BENCHMARKS = {
     "tensor_parallel": "multi-GPU: step time, tokens/s and all-reduce share vs tp (--check: tp=N tokens vs tp=1)",
     "workers_cpu": "forward passes and tokens/s of the default model with 1, 2, 4 workers on the CPU",
     "threads_cpu": "CPU threads (1 and the default) on a quiet machine and beside busy processes",
+    "serve": "the OpenAI-compatible server under load: requests/s, time to first token and inter-token latency "
+             "at concurrency 1, 8, 32 vs one request at a time",
 }
 
 

@@ -1,0 +1,41 @@
+"""The server load benchmark end to end: `benchmarks/serve.py --quick` starts a real local Ray Serve
+with the built-in model on the CPU, loads it at C=1 and C=4 with the openai client, and writes
+its CSV, JSON and PNG."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("ray.serve")
+pytest.importorskip("openai")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.serve
+def test_serve_benchmark_quick(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "benchmarks/serve.py", "--quick", "--out", str(tmp_path)], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    [csv_path] = tmp_path.glob("*-serve.csv")
+    stem = str(csv_path)[: -len(".csv")]
+    with open(csv_path) as f:
+        rows = {int(r["concurrency"]): r for r in csv.DictReader(f)}
+    assert set(rows) == {1, 4}
+    for c, r in rows.items():
+        assert int(r["requests"]) == 4 and int(r["failed"]) == 0, r
+        assert float(r["requests_per_s"]) > 0 and float(r["ttft_p50_ms"]) > 0, r
+        assert float(r["tokens_per_s"]) > 0 and int(r["completion_tokens"]) > 0
+        assert float(r["itl_p50_ms"]) > 0 and float(r["sessions_per_pass"]) > 0.99
+    assert float(rows[1]["x_requests_per_s"]) == 1.0 and float(rows[1]["x_tokens_per_s"]) == 1.0
+    saved = json.loads(Path(f"{stem}.json").read_text())
+    assert saved["benchmark"] == "serve" and saved["device_name"] and saved["device"] in ("cpu", "cuda")
+    assert Path(f"{stem}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
