@@ -8,7 +8,7 @@ step time (median), tokens/s, all-reduce time per step (rank 0's collectives, ti
 CUDA events: `RayHogwildEngine.time_collectives`) and its fraction of the step, and the step
 time against tp=1 for the same workers. A tp that the model does not split into, that needs
 more GPUs than are visible, or whose weights and K/V do not fit on one GPU (estimated) is
-skipped with the reason. Issue 8's targets: tp=2 <= 0.6x and tp=4 <= 0.35x of tp=1's step
+skipped with the reason. The targets: tp=2 <= 0.6x and tp=4 <= 0.35x of tp=1's step
 time, all-reduce < 15% of the step at tp=8; each is reported met, missed or not measured.
 
 NVLink multicast stays off: the shards set NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1
