@@ -31,10 +31,8 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import socket
 import sys
 import time
-import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -123,30 +121,13 @@ def requests_for(args, c: int) -> int:
 
 
 # ---- the server ------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_ready(url: str, timeout: float = 900) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if urllib.request.urlopen(url, timeout=10).status == 200:
-                return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"{url} never became healthy in {timeout:.0f} s")
-
-
 def start_server(args) -> tuple[str, str]:
     """A local Ray and Serve with the app at /; (base URL, the served model's name)."""
     from ray import serve
 
     from hogwild_ray.runtime.ray_init import init_ray
     from hogwild_ray.serve.app import ServeSettings, build_app
+    from hogwild_ray.serve.launch import free_port, wait_healthy
 
     settings = ServeSettings(model=args.model, device=args.device.type, cache_tokens=args.cache_tokens,
                              workers=args.workers, max_tokens=args.max_tokens, replicas=args.replicas,
@@ -158,7 +139,7 @@ def start_server(args) -> tuple[str, str]:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(settings), name="hogwild-bench", route_prefix="/")
     base = f"http://127.0.0.1:{port}"
-    wait_ready(f"{base}/health")
+    wait_healthy(f"{base}/health", timeout=900)
     return base, settings.model_name
 
 

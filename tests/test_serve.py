@@ -28,18 +28,13 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 from ray_state import assert_clean  # noqa: E402
 
 from hogwild_ray.serve.app import DEFAULT_MODEL_NAME, ServeSettings, build_app  # noqa: E402
+from hogwild_ray.serve.launch import free_port, wait_healthy  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "sk-test-0123456789"
 MODEL = DEFAULT_MODEL_NAME
 PROBLEM = "What is 17 * 23?"
 SMALL_CACHE = 1024  # tokens (64 pages): one session of the small app (59 pages) at a time
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -53,22 +48,10 @@ def server():
               route_prefix="/", blocking=False)
     serve.run(build_app(ServeSettings(workers=2, max_tokens=96, cache_tokens=SMALL_CACHE, max_waiting=1,
                                       served_model_name="small")), name="small", route_prefix="/small")
-    wait_ready(f"http://127.0.0.1:{port}/health")
+    wait_healthy(f"http://127.0.0.1:{port}/health")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
     ray.shutdown()
-
-
-def wait_ready(url: str, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if urllib.request.urlopen(url, timeout=10).status == 200:
-                return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"{url} never became healthy")
 
 
 @pytest.fixture(scope="module")

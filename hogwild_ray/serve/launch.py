@@ -4,7 +4,11 @@ deploy the application, wait for Ctrl-C or SIGTERM, shut Serve down gracefully."
 from __future__ import annotations
 
 import signal
+import socket
 import threading
+import time
+import urllib.error
+import urllib.request
 from typing import Callable
 
 from ..ray_address import check_reachable
@@ -36,3 +40,23 @@ def serve_forever(settings: ServeSettings, host: str, port: int, address: str | 
         signal.signal(signal.SIGTERM, previous)
         on_stop()
         serve.shutdown()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on now (for tests and benchmarks that start a server)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, timeout: float = 300.0) -> None:
+    """Wait until GET `url` answers 200 (the server's /health), or raise TimeoutError."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if urllib.request.urlopen(url, timeout=10).status == 200:
+                return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer 200 within {timeout:.0f} s")
