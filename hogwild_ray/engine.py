@@ -232,6 +232,12 @@ class HogwildEngine(EngineFront):
 
         yield from scheduled_events(self, items, workers, max_concurrent, options)
 
+    def serving_loop(self, max_concurrent: int | None = None):
+        """A ServingLoop (hogwild_ray.serving_loop) running this engine's requests on a thread of its own."""
+        from .serving_loop import ServingLoop
+
+        return ServingLoop(self, max_concurrent)
+
     def metrics(self) -> dict:
         """A snapshot: sessions running and waiting (in the engine's schedulers), the passes (count,
         rows and sessions per pass, tokens generated, prompt tokens written, pass times) and the

@@ -97,7 +97,7 @@ def test_the_package_and_its_options_load_without_torch_triton_or_ray():
     assert out.stdout.startswith("0.7 True")
 
 
-RAY_FREE_SERVING = ("serve/openai_protocol", "serve/engine_loop", "serve/metrics")  # testable without Ray
+RAY_FREE_SERVING = ("serve/openai_protocol", "serve/metrics")  # testable without Ray
 
 
 def test_only_the_ray_packages_import_ray():

@@ -42,7 +42,7 @@ def server():
     """The main app (2 engine replicas, an API key) at /, and a small one (a cache that holds one
     session, at most one waiting) at /small, on one local Serve instance."""
     port = free_port()
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)  # logical CPUs: room for a tp=2 app too
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(ServeSettings(workers=2, max_tokens=24, replicas=2, api_key=KEY)), name="main",
               route_prefix="/", blocking=False)
@@ -285,10 +285,48 @@ def test_the_waiting_limit_answers_503_with_retry_after(server):
     assert status == 400 and "cache" in answer["error"]["message"], answer
 
 
+# ----------------------------------------------------------------------------- tensor parallel
+
+def test_a_tensor_parallel_replica_serves_the_tokens_of_one_engine(server, random_model):
+    """A replica with tp=2 (two shard actors and a coordinator, gloo on the CPU) serves greedy
+    requests with exactly the tokens of the in-process engine; deleting the app releases them."""
+    import hogwild_ray as hw
+
+    path = random_model("llama")[0]
+    serve.run(build_app(ServeSettings(model=str(path), served_model_name="tp2", tp=2, device="cpu", workers=2,
+                                      max_tokens=16)), name="tp2", route_prefix="/tp2")
+    tp2 = openai.OpenAI(base_url=f"{server}/tp2/v1", api_key="none", max_retries=0, timeout=300)
+    problems = ["Compute 12 * 7.", "Compute 3 + 4."]
+    answers: dict[str, list[str]] = {}
+
+    def ask(problem: str) -> None:
+        r = tp2.chat.completions.create(model="tp2", messages=[{"role": "user", "content": problem}], max_tokens=16,
+                                        temperature=0)
+        answers[problem] = r.choices[0].model_extra["hogwild"]["worker_texts"]
+
+    threads = [threading.Thread(target=ask, args=(p,)) for p in problems]  # concurrent: shared passes
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    local = hw.HogwildEngine.from_pretrained(str(path), "cpu")
+    for problem in problems:
+        expected = local.solve(problem, workers=2, max_tokens=16, sampling=hw.SamplingParams(temperature=0))
+        assert answers[problem] == expected.worker_texts, problem
+    m = metrics(f"{server}/tp2")
+    assert m["hogwild:pass_sessions_total"] > m["hogwild:forward_passes_total"]  # the two shared passes
+    serve.delete("tp2")
+    deadline = time.monotonic() + 30
+    while [g for g in ray.util.placement_group_table().values() if g["state"] != "REMOVED"] and \
+            time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert [g for g in ray.util.placement_group_table().values() if g["state"] != "REMOVED"] == []
+
+
 # ----------------------------------------------------------------------------- the command
 
 def test_cli_flags_are_checked_before_anything_starts():
-    for flags, words in ((["--tp", "2"], "--tp 2"), (["--autoscale", "3"], "MIN,MAX"),
+    for flags, words in ((["--tp", "0"], "--tp"), (["--autoscale", "3"], "MIN,MAX"),
                          (["--autoscale", "3,1"], "autoscale maximum"), (["--api-key", " "], "--api-key is empty")):
         run = subprocess.run([sys.executable, "-m", "hogwild_ray", "serve", *flags], cwd=ROOT, capture_output=True,
                              text=True, timeout=120)

@@ -28,6 +28,9 @@ def test_app_builder_turns_serve_run_arguments_into_settings():
     assert engine.init_args[0]["cuda_graphs"] is False
     defaults, key, waiting = d["OpenAIFront"].init_args[1:]
     assert (defaults.model, defaults.workers, defaults.max_tokens, waiting) == ("m", 3, 64, 7)
+    sharded = deployments(app_builder({"tp": "2", "device": "cuda"}))["HogwildEngine"]
+    assert sharded.ray_actor_options["num_gpus"] == 0  # the shards hold the GPUs, not the replica
+    assert (sharded.init_args[0]["backend"], sharded.init_args[0]["tp"]) == ("ray", 2)
     fixed = deployments(app_builder({"replicas": 2}))["HogwildEngine"]
     assert fixed.num_replicas == 2 and fixed._deployment_config.autoscaling_config is None
 
@@ -38,7 +41,7 @@ def test_app_builder_turns_serve_run_arguments_into_settings():
     ({"workers": "0"}, "workers must be an integer >= 1"),
     ({"autoscale": "4"}, "give MIN,MAX"),
     ({"autoscale": "3,1"}, "autoscale maximum must be an integer >= 3"),
-    ({"tp": "2"}, "tp=1"),
+    ({"tp": "0"}, "tp must be an integer >= 1"),
     ({"max_workers": "1", "workers": "2"}, "max_workers must be an integer >= 2"),
     ({"api_key": " "}, "--api-key is empty"),
     ({"cuda_graphs": "maybe"}, "cuda_graphs='maybe'"),

@@ -25,7 +25,9 @@ progress from a stuck or stopped coordinator (see RayHogwildEngine).
 
 from __future__ import annotations
 
+import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,6 +72,9 @@ class Coordinator:
         self.sid = 0
         self._reported: list[int] = []
         self.many: Any = None  # a run of many problems (stream_many), while one goes on
+        self.serving: Any = None  # a ServingLoop, while this engine serves requests (hogwild_ray.serve)
+        self._served: deque = deque()  # (key, item) the serving loop gave, until serve_poll takes them
+        self._served_ready = threading.Condition()
 
     def ready(self) -> bool:
         return True
@@ -118,6 +123,7 @@ class Coordinator:
         """Open a session (closing the previous one); its id, prompt ids and first state."""
         self._close_session()
         self._close_many()
+        self._close_serving()
         self.session = self._engine().start(problem, workers, **kwargs)
         self.sid += 1
         self._reported = [0] * workers
@@ -170,6 +176,7 @@ class Coordinator:
         `advance_many` moves them on and hands over their events."""
         self._close_session()
         self._close_many()
+        self._close_serving()
         self.many = self._engine()._stream_many(items, workers, max_concurrent, options)
 
     def advance_many(self, seconds: float) -> tuple[list[tuple[str | int, Any]], bool]:
@@ -195,10 +202,59 @@ class Coordinator:
         if many is not None:
             many.close()
 
+    # ---- serving: requests that come and go (hogwild_ray.runtime.remote_serving) -----------------
+    def serve_open(self, max_concurrent: int | None) -> None:
+        """Start serving: a ServingLoop on this engine (ending what ran before); its events queue
+        here until serve_poll takes them."""
+        self._close_session()
+        self._close_many()
+        self._close_serving()
+        self.serving = self._engine().serving_loop(max_concurrent)
+
+    def serve_size(self, problem: str, workers: int, options: dict[str, Any]) -> tuple[int, int]:
+        size = self._serving().size(problem, workers, options)
+        return size.prompt_tokens, size.pages
+
+    def serve_submit(self, key: str, problem: str, workers: int, options: dict[str, Any], pages: int) -> None:
+        self._serving().submit(key, problem, workers, options, pages, lambda item: self._queue_served(key, item))
+
+    def serve_cancel(self, key: str) -> None:
+        self._serving().cancel(key)
+
+    def serve_poll(self, wait_s: float) -> tuple[list[tuple[str, Any]], bool]:
+        """The served requests' items since the last poll (waiting up to `wait_s` for one), and
+        whether the loop still runs."""
+        loop = self._serving()
+        with self._served_ready:
+            if not self._served:
+                self._served_ready.wait(wait_s)
+            items = list(self._served)
+            self._served.clear()
+        return items, loop.alive
+
+    def serve_close(self) -> None:
+        self._close_serving()
+
+    def _queue_served(self, key: str, item: Any) -> None:
+        with self._served_ready:
+            self._served.append((key, item))
+            self._served_ready.notify()
+
+    def _serving(self) -> Any:
+        if self.serving is None:
+            raise InvalidRequestError("this engine is not serving; call serve_open first")
+        return self.serving
+
+    def _close_serving(self) -> None:
+        serving, self.serving = self.serving, None
+        if serving is not None:
+            serving.close()
+
     def solve(self, problem: str, workers: int, kwargs: dict[str, Any]) -> SolveResult:
         """A whole session in this actor: one driver call, the steps through the channel only."""
         self._close_session()
         self._close_many()
+        self._close_serving()
         return self._engine().solve(problem, workers, **kwargs)
 
     def stall(self, rank: int, seconds: float) -> None:
@@ -217,6 +273,7 @@ class Coordinator:
         try:
             self._close_session()
             self._close_many()
+            self._close_serving()
         finally:
             if self.engine is not None:
                 self.engine.close()

@@ -271,6 +271,13 @@ class RayHogwildEngine(EngineFront):
             if not done and self.coordinator is not None:
                 self._call("close_many")
 
+    def serving_loop(self, max_concurrent: int | None = None) -> Any:
+        """A serving loop (hogwild_ray.serving_loop's interface) run by the coordinator beside the
+        shards: requests come and go while passes run (hogwild_ray.serve's engine replicas)."""
+        from .remote_serving import RemoteServingLoop
+
+        return RemoteServingLoop(self, max_concurrent)
+
     def metrics(self) -> dict[str, Any]:
         """The coordinator's engine metrics (see HogwildEngine.metrics)."""
         return self._call("metrics")

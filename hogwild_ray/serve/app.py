@@ -46,10 +46,6 @@ class ServeSettings:
 
     def __post_init__(self) -> None:
         check_int("tp", self.tp, 1)
-        if self.tp > 1:
-            raise InvalidRequestError(
-                f"--tp {self.tp}: a served replica runs one engine in its own process (tp=1) for now; for a "
-                "model larger than one GPU, run `hogwild-ray batch --backend ray --tp N` instead")
         check_int("workers", self.workers, 1)
         check_int("max_workers", self.max_workers, self.workers, hi_text=None)
         check_int("max_tokens", self.max_tokens, 1)
@@ -70,12 +66,16 @@ class ServeSettings:
     def engine_options(self) -> dict[str, Any]:
         options = {"path": self.model, "device": self.device, "dtype": self.dtype,
                    "cache_tokens": self.cache_tokens, "cuda_graphs": self.cuda_graphs}
+        if self.tp > 1:  # the replica drives `tp` shard actors (one GPU each) through a coordinator
+            options.update(backend="ray", tp=self.tp, device=self.device or ("cuda" if _cuda_nodes() else "cpu"))
         return {k: v for k, v in options.items() if v is not None or k == "path"}
 
     def replica_actor_options(self) -> dict[str, Any]:
         # device cuda: a GPU each, even before the GPU nodes joined (KubeRay deploys the app as soon as the
         # head is up); no device given: a GPU where the cluster has any
         gpus = 1 if self.device == "cuda" or (self.device is None and _cuda_nodes()) else 0
+        if self.tp > 1:  # the shards hold the GPUs, in a placement group of their own
+            gpus = 0
         return {"num_cpus": self.cpus_per_replica, "num_gpus": gpus}
 
 

@@ -16,7 +16,7 @@ from typing import Any, AsyncIterator
 from ..core.events import Done, StepFinished, WorkerText
 from ..errors import CacheFullError, ContextLengthError, HogwildError, InvalidRequestError
 from ..scheduler import Failed, Finished
-from .engine_loop import Admitted, ServingLoop
+from ..serving_loop import Admitted
 
 CLIENT_ERRORS = (InvalidRequestError, ContextLengthError, CacheFullError)  # the request's fault: HTTP 400
 REPORT_EVERY_S = 0.5  # how fresh the front's view of this engine's counters is (pages freed, passes)
@@ -34,7 +34,7 @@ class EngineReplica:
         if options.get("device") is None:  # the replica's own device: the GPU Ray gave it, if any
             options["device"] = "cuda" if torch.cuda.is_available() else "cpu"
         self.engine = HogwildEngine.from_pretrained(**options)
-        self.loop = ServingLoop(self.engine, max_concurrent)
+        self.loop = self.engine.serving_loop(max_concurrent)  # in this process, or in the Ray coordinator
         self.replica = _replica_id()
         self._stop = threading.Event()
         if front is not None:  # the front's /metrics sees this engine's counters within REPORT_EVERY_S

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, Hashable
 
-from ..errors import CacheFullError, HogwildError
-from ..many import start_events
-from ..scheduler import Failed, Finished, Scheduler
+from .errors import CacheFullError, HogwildError
+from .many import start_events
+from .scheduler import Failed, Finished, Scheduler
 
 Sink = Callable[[Any], None]
 
