@@ -45,7 +45,7 @@ def register(sub) -> None:
                    help="each replica's K/V pool in tokens, all sessions together (default: the engine's)")
     g.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_const", const=False, default=None,
                    help="run every forward pass eagerly (default: CUDA graphs on GPUs)")
-    g.add_argument("--tp", type=at_least(1), default=1, metavar="N", help="tensor-parallel ranks per replica (1)")
+    g.add_argument("--tp", type=at_least(1), default=1, metavar="N", help="tensor-parallel ranks per replica: N shard actors, one GPU each (default: 1, the replica's own device)")
     g = p.add_argument_group("the server")
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine only)")
     g.add_argument("--port", type=at_least(1), default=8000, help="port (default: %(default)s)")
