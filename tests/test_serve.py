@@ -235,6 +235,25 @@ def test_malformed_bodies_answer_400(server, raw):
     assert status == 400 and answer["error"]["type"] == "invalid_request_error", answer
 
 
+def test_a_body_too_large_is_refused_before_it_is_read(server):
+    """A request that declares 17 MiB is answered 413 from its headers, before any body is sent."""
+    import http.client
+
+    host, port = server.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    try:
+        conn.putrequest("POST", "/v1/chat/completions")
+        conn.putheader("Content-Type", "application/json")
+        conn.putheader("Authorization", f"Bearer {KEY}")
+        conn.putheader("Content-Length", str(17 << 20))
+        conn.endheaders()  # and no body
+        response = conn.getresponse()
+        answer = json.loads(response.read())
+    finally:
+        conn.close()
+    assert response.status == 413 and answer["error"]["code"] == "request_too_large", answer
+
+
 def test_the_openai_client_sees_a_bad_request_error(client):
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": PROBLEM}],

@@ -55,7 +55,8 @@ def register(sub) -> None:
     g.add_argument("--api-key", metavar="KEY", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1 routes (default: $HOGWILD_API_KEY, else none)")
     g.add_argument("--max-waiting", type=at_least(0), default=256, metavar="M",
-                   help="sessions that may wait for K/V pages; more answer 503 with Retry-After (default: 256)")
+                   help="sessions that may wait for K/V pages; more answer 503 with Retry-After (an idle server "
+                        "takes any request; default: 256)")
     g.add_argument("--address", metavar="ADDR", default=None,
                    help="Ray cluster to run on (default: a running one, else a new local one)")
     g = p.add_argument_group("request defaults")

@@ -31,6 +31,7 @@ from .openai_protocol import (
 
 RETRY_AFTER_S = 1
 HEALTH_TIMEOUT_S = 10.0
+MAX_BODY_BYTES = 16 << 20  # a request body larger than this is refused before it is read (memory)
 
 http = FastAPI(title="hogwild-ray", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -180,8 +181,8 @@ class OpenAIFront:
                                     "the server's --api-key", type="invalid_request_error", code="invalid_api_key")
 
     async def _generate(self, request: Request, parse: Callable, prefix: str) -> Response:
-        req: GenerateRequest = parse(decode_json(await request.body()), self.defaults)
-        if self.waiting + req.n > self.max_waiting:
+        req: GenerateRequest = parse(decode_json(await read_body(request)), self.defaults)
+        if self.waiting and self.waiting + req.n > self.max_waiting:  # an idle server takes any request
             raise RequestError(503, f"{self.waiting} requests are waiting for the engines (the server's "
                                     f"--max-waiting is {self.max_waiting}); retry after {RETRY_AFTER_S} s",
                                type="server_error", code="overloaded")
@@ -256,6 +257,23 @@ class OpenAIFront:
 # class's routes into FastAPI routes of `http` at this point, and a replica imports this module
 # rather than receiving `http` by value.
 OpenAIIngress = serve.ingress(http)(OpenAIFront)
+
+
+async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
+    """The body, read only up to `limit` bytes: a larger one is a 413 (by its Content-Length, or
+    as it arrives), so no client can make the front hold gigabytes."""
+    too_big = RequestError(413, f"the request body is larger than {limit >> 20} MiB; send a shorter problem",
+                           code="request_too_large")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_big
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_big
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 async def _response(ref: Any) -> Any:
