@@ -92,8 +92,7 @@ class SessionCall:
             m.success.labels(finished_reason=finish_reason(self.result.stats) if self.result else "abort").inc()
             m.workers.observe(self.workers)
             self._move("ended")
-        elif kind == "error":
-            m.failed.labels(status=str(msg["status"])).inc()
+        elif kind == "error":  # counted once per request where it is answered (_answer, _events)
             self._move("ended")
 
     def close(self) -> None:
@@ -243,7 +242,8 @@ class OpenAIFront:
                     chunk = chunks.finish(i, results[i])
                     chunk["choices"][0]["hogwild"]["replica"] = replicas[i]
                     yield sse(chunk)
-                elif kind == "error":
+                elif kind == "error":  # the 200 head is out: the error goes in the stream
+                    self.metrics.failed.labels(status=str(msg["status"])).inc()
                     yield sse_error(RequestError(msg["status"], msg["message"], type="server_error"))
                     return
             if req.include_usage:

@@ -63,13 +63,18 @@ class EngineReplica:
         key = uuid.uuid4().hex
         try:
             size = await asyncio.to_thread(self.loop.size, problem, workers, options)
-            self.loop.submit(key, problem, workers, options, size.pages,
-                             lambda item: aio.call_soon_threadsafe(events.put_nowait, item))
         except HogwildError as e:
             yield _error(e)
             return
         ended = False
         try:
+            try:
+                await asyncio.to_thread(self.loop.submit, key, problem, workers, options, size.pages,
+                                        lambda item: aio.call_soon_threadsafe(events.put_nowait, item))
+            except HogwildError as e:
+                ended = True
+                yield _error(e)
+                return
             yield {"type": "queued", "prompt_tokens": size.prompt_tokens, "replica": self.replica}
             while True:
                 item = await events.get()
