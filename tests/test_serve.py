@@ -44,8 +44,8 @@ def server():
     port = free_port()
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)  # logical CPUs: room for a tp=2 app too
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(ServeSettings(workers=2, max_tokens=24, replicas=2, api_key=KEY)), name="main",
-              route_prefix="/", blocking=False)
+    main = ServeSettings(workers=2, max_tokens=24, replicas=2, api_key=KEY, cache_tokens=16384)  # 16k: room to spare
+    serve.run(build_app(main), name="main", route_prefix="/", blocking=False)
     serve.run(build_app(ServeSettings(workers=2, max_tokens=96, cache_tokens=SMALL_CACHE, max_waiting=1,
                                       served_model_name="small")), name="small", route_prefix="/small")
     wait_healthy(f"http://127.0.0.1:{port}/health")
@@ -368,9 +368,9 @@ def test_hogwild_ray_serve_runs_until_sigterm(tmp_path):
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     env = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.Popen([sys.executable, "-m", "hogwild_ray", "serve", "--port", str(port), "--max-tokens", "8",
-                             "--address", "local"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    command = [sys.executable, "-m", "hogwild_ray", "serve", "--port", str(port), "--max-tokens", "8",
+               "--cache-tokens", "4096", "--address", "local"]
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()
         assert line.startswith(f"serving {MODEL} on http://127.0.0.1:{port}/v1"), (line, proc.stderr.read()[-3000:]
