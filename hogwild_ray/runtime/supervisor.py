@@ -133,17 +133,18 @@ class ShardGroup:
         """The silent ranks narrowed to those whose process does not answer a ping (the others
         are alive, waiting on them in a collective); `err` itself when that tells nothing more."""
         silent = [r for r in err.ranks if 0 <= r < len(self.actors)]
-        if not self._pingable or len(silent) < 2:
+        if not self._pingable or not silent:
             return err
         dead = unresponsive({r: self.actors[r] for r in silent})
-        if not dead or len(dead) == len(silent):
+        if not dead:  # every silent rank is alive: slow or stuck in its step, not stopped
             return err
         waiting = sorted(set(silent) - set(dead))
         where = "; ".join(f"rank {r}: {actor_where(self.actors[r])}" for r in dead)
+        others = f"; rank(s) {waiting} are alive and wait on it" if waiting else ""
         return ChannelTimeoutError(
             f"shard rank(s) {dead} did not answer within {timeout:g} s and do not answer a ping either: the "
-            f"process is stopped or wedged ({where}); rank(s) {waiting} are alive and wait on it. Find why in "
-            "its log (ray logs actor --id ...), then open a new engine", dead)
+            f"process is stopped or wedged ({where}){others}. Find why in its log (ray logs actor --id ...), "
+            "then open a new engine", dead)
 
     def _open_channel(self) -> StepChannel:
         if self._closed or self.channel is None:
