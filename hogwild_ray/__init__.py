@@ -20,11 +20,12 @@ from .errors import (
 if TYPE_CHECKING:
     from .engine import HogwildEngine
     from .session import Session
+    from .replicated import solve_many
     from .threads import set_threads
 
 __version__ = "0.1.0"
 
-_LAZY = {"HogwildEngine": "engine", "Session": "session", "set_threads": "threads"}
+_LAZY = {"HogwildEngine": "engine", "Session": "session", "set_threads": "threads", "solve_many": "replicated"}
 
 
 def __getattr__(name: str) -> Any:
@@ -40,5 +41,5 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "LAYOUTS", "CacheFullError", "ContextLengthError", "HogwildEngine", "HogwildError",
     "InvalidRequestError", "ModelNotFoundError", "ProtocolOptions", "SamplingParams", "Session",
-    "SolveResult", "Stats", "UnsupportedModelError", "__version__", "set_threads",
+    "SolveResult", "Stats", "UnsupportedModelError", "__version__", "set_threads", "solve_many",
 ]

@@ -9,8 +9,7 @@ truncated away before anything is appended; finished lines are never rewritten (
 
 from __future__ import annotations
 
-import sys
-import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Union
 
@@ -18,6 +17,7 @@ from . import jsonl
 from .errors import ContextLengthError, InvalidRequestError
 from .core.results import SolveResult
 from .output_paths import file_problem
+from .run_progress import RunProgress
 from .utf8 import check_text
 
 FIX = "remove that line, or write to another output file"
@@ -63,56 +63,30 @@ def read_finished(out: Path, repair: bool = False) -> dict[str | int, dict]:
             if isinstance(rec.get("id"), (str, int)) and not isinstance(rec["id"], bool)}
 
 
-class Reporter:
-    """Progress on stderr: a rich bar on a terminal, plain lines otherwise (a Ray job's log)."""
-
-    def __init__(self, total: int, skipped: int, out: Path | None, enabled: bool = True) -> None:
-        from rich.console import Console
-
-        self.total, self.count, self.out, self.t0 = total, skipped, out, time.perf_counter()
-        self.console = Console(stderr=True)
-        self.enabled, self.bar = enabled, None
-        if not enabled:
-            return
-        if self.console.is_terminal:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-            from rich.progress import TimeRemainingColumn
-
-            self.bar = Progress(TextColumn("[bold]batch"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                                TimeRemainingColumn(), TextColumn("{task.description}"), console=self.console)
-            self.task = self.bar.add_task("", total=total, completed=skipped)
-            self.bar.start()
-        else:
-            where = f" already in {out}" if out else ""
-            self._line(f"batch: {total} problems, {skipped} done{where}, {total - skipped} to run")
-
-    def _line(self, text: str) -> None:
-        print(text, file=sys.stderr, flush=True)
-
-    def advance(self, rec: dict) -> None:
-        self.count += 1
-        if not self.enabled:
-            return
-        if "error" in rec:
-            what = f"error: {rec['error']}"
-        else:
-            st = rec["stats"]
-            what = f"answer={rec['answer']!r} ({st['seconds']:.1f} s, {st['tokens_per_second']:.1f} tokens/s)"
-        if self.bar is not None:
-            self.bar.update(self.task, completed=self.count, description=f"id={rec['id']} {what}")
-        else:
-            self._line(f"[{self.count}/{self.total}] id={rec['id']} {what}")
-
-    def close(self, failed: int) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-        if self.enabled:
-            where = f", results in {self.out}" if self.out else ""
-            self._line(f"batch: {self.count}/{self.total} done in {time.perf_counter() - self.t0:.1f} s, "
-                       f"{failed} failed{where}")
+def describe(rec: dict) -> str:
+    """A finished record in one progress line: its id and answer (or error)."""
+    if "error" in rec:
+        return f"id={rec['id']} error: {rec['error']}"
+    st = rec["stats"]
+    return f"id={rec['id']} answer={rec['answer']!r} ({st['seconds']:.1f} s, {st['tokens_per_second']:.1f} tokens/s)"
 
 
-Outcome = Union[SolveResult, Exception]
+@dataclass(frozen=True)
+class OnReplica:
+    """An outcome and the replica that produced it (a run over several engine replicas)."""
+
+    outcome: SolveResult | Exception
+    replica: str
+
+
+@dataclass(frozen=True)
+class Retried:
+    """The problem was lost with its replica (the process or its node died) and runs again."""
+
+    why: str
+
+
+Outcome = Union[SolveResult, Exception, OnReplica, Retried]
 SolveAll = Callable[[list[tuple[Union[str, int], str]]], Iterator[tuple[Union[str, int], Outcome]]]
 
 
@@ -133,7 +107,8 @@ def run_batch(solve_all: SolveAll, problems: Iterable[str | dict], out: str | Pa
               progress: bool = True) -> list[dict]:
     """Solve every problem whose id is not in `out` yet, appending its record as it finishes;
     every record, input order. solve_all([(id, problem), ...]) yields (id, result) in the order
-    they finish, or (id, error) for a problem that cannot run (too long for the context, or more
+    they finish (an OnReplica result names its replica; Retried says a problem runs again
+    elsewhere), or (id, error) for a problem that cannot run (too long for the context, or more
     than the cache could ever hold): recorded with an `error`, and the run goes on. An exception
     it raises stops the run (the records written so far stay, and a rerun resumes after them)."""
     items = normalize(problems)
@@ -143,21 +118,28 @@ def run_batch(solve_all: SolveAll, problems: Iterable[str | dict], out: str | Pa
     finished = read_finished(path, repair=True) if path is not None else {}
     todo = [(pid, text) for pid, text in items if pid not in finished]
     texts = dict(todo)
-    reporter = Reporter(len(items), len(items) - len(todo), path, progress)
-    failed = 0
+    reporter = RunProgress("batch", len(items), len(items) - len(todo), path, progress)
     sink = jsonl.Appender(path) if path is not None else None
     try:
         for pid, outcome in solve_all(todo):
+            if isinstance(outcome, Retried):
+                reporter.retry(f"id={pid} {outcome.why}")
+                continue
+            replica = outcome.replica if isinstance(outcome, OnReplica) else None
+            outcome = outcome.outcome if isinstance(outcome, OnReplica) else outcome
+            if pid in finished or pid not in texts:
+                raise RuntimeError(f"problem id {pid!r} was answered twice")  # never written twice
             if isinstance(outcome, Exception):
-                rec, failed = {"id": pid, "problem": texts[pid], "error": str(outcome)}, failed + 1
+                rec = {"id": pid, "problem": texts[pid], "error": str(outcome)}
             else:
                 rec = record(texts[pid], outcome, pid)
             finished[pid] = rec
             if sink is not None:
                 sink.write([rec])
-            reporter.advance(rec)
+            tokens = 0 if isinstance(outcome, Exception) else sum(outcome.stats.generated_per_worker)
+            reporter.advance(describe(rec), "error" in rec, tokens, replica)
     finally:
         if sink is not None:
             sink.close()
-        reporter.close(failed)
+        reporter.close()
     return [finished[pid] for pid, _ in items]

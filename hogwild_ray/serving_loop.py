@@ -18,6 +18,7 @@ from functools import partial
 from typing import Any, Callable, Hashable
 
 from .errors import CacheFullError, HogwildError
+from .jobs import Job
 from .many import start_events
 from .scheduler import Failed, Finished, Scheduler
 
@@ -66,10 +67,15 @@ class ServingLoop:
         """Queue one session's request (options: those of engine.start). From the loop's thread,
         `sink` gets Admitted, then every event of the session (hogwild_ray.core.events), then
         Finished or Failed (hogwild_ray.scheduler), and nothing after that."""
+        self.submit_job(key, partial(start_events, self.engine, problem, workers, options), pages, sink)
+
+    def submit_job(self, key: Hashable, start: Callable[[], Job], pages: int, sink: Sink) -> None:
+        """Queue any job of the scheduler (hogwild_ray.jobs), e.g. an evaluation run with its
+        forks: `start()` makes it in the loop's thread when its `pages` fit; `sink` hears as in
+        `submit` (Finished carries the job's result)."""
         if self._closed.is_set():
             raise HogwildError("the serving loop is closed")
-        start = partial(self._start, key, sink, problem, workers, options)
-        self._commands.put(("submit", key, start, pages, sink))
+        self._commands.put(("submit", key, partial(self._start, sink, start), pages, sink))
 
     def cancel(self, key: Hashable) -> None:
         """End a request: it leaves the queue, or its sessions close before the next pass."""
@@ -86,9 +92,10 @@ class ServingLoop:
         self._thread.join(timeout)
 
     # ---- the loop's thread -----------------------------------------------------------------
-    def _start(self, key: Hashable, sink: Sink, problem: str, workers: int, options: dict):
+    @staticmethod
+    def _start(sink: Sink, start: Callable[[], Job]) -> Job:
         sink(Admitted())
-        return start_events(self.engine, problem, workers, options)
+        return start()
 
     def _loop(self) -> None:
         try:

@@ -49,7 +49,7 @@ def test_solve_many_writes_one_line_per_problem(random_model, tmp_path, capsys):
         assert {"id", "problem", "answer", "worker_texts", "transcript", "stats"} <= set(r)
         assert len(r["worker_texts"]) == 2 and r["stats"]["forward_passes"] > 0
     err = capsys.readouterr().err  # not a terminal: plain progress lines
-    assert "batch: 2 problems, 0 done" in err and "[1/2] id=" in err and "[2/2] id=" in err
+    assert "batch: 2 problems, 0 already in" in err and "[1/2] id=" in err and "[2/2] id=" in err
     assert "/2] id=0 " in err and "/2] id=two " in err  # in the order they finished
     again = engine.solve_many(["Compute 1 + 1.", {"problem": "Compute 2 + 2.", "id": "two"}], out=out)
     assert again == records and len(lines(out)) == 2  # everything was done: nothing rerun
@@ -125,7 +125,7 @@ def test_cli_batch_killed_then_rerun(random_model, tmp_path):
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     after = [r["id"] for r in lines(out)]
     assert after[:len(before)] == before and sorted(after) == sorted(p["id"] for p in problems)
-    assert f"{len(before)} done already in {out}" in rerun.stderr  # finished problems were skipped
+    assert f"{len(before)} already in {out}" in rerun.stderr  # finished problems were skipped
     rest = [pid for pid in after if pid not in before]  # run concurrently: they finish in any order
     assert all(f"/12] id={pid} " in rerun.stderr for pid in rest) and f"[{len(before) + 1}/12] id=" in rerun.stderr
 

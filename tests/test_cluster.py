@@ -20,6 +20,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import socket
 import stat
 import subprocess
@@ -169,7 +170,7 @@ def test_batch_job_by_cli(cluster, job_inputs):
     run = subprocess.run(cmd, env=cluster["client_env"], capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "succeeded" in (run.stdout + run.stderr).lower()
-    assert "[2/2] id=" in run.stdout and "batch: 2/2 done" in run.stdout  # progress, through the job's logs
+    assert "[2/2] id=" in run.stdout and "batch: 2/2 problems done" in run.stdout  # progress, through the job's logs
     check_results(d / "cli.jsonl")
 
 
@@ -183,7 +184,7 @@ def test_batch_job_by_job_submission_client(cluster, job_inputs):
                           "--max-tokens", "16", "--working-dir", str(CODE), "--timeout", "200"],
                          env=cluster["env"], capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert "SUCCEEDED" in run.stderr and "batch: 2/2 done" in run.stdout
+    assert "SUCCEEDED" in run.stderr and "batch: 2/2 problems done" in run.stdout
     assert "[1/2] id=" in run.stdout and all(f"/2] id={pid} " in run.stdout for pid in ("p1", "p2"))  # any order
     check_results(out)
 
@@ -216,6 +217,74 @@ def test_placement_options_are_checked():
         hw.HogwildEngine.from_pretrained(None, backend="ray", tp=2, shard_resources={"CPU": 2})
     with pytest.raises(hw.errors.InvalidRequestError, match="need backend='ray'"):
         hw.HogwildEngine.from_pretrained(None, coordinator_resources={"hw_head": 1})
+
+
+# ----------------------------------------------------------------------------- replicas on both nodes
+
+def serve_replicas(cluster) -> dict[str, str]:
+    """The engine replicas of batch and eval runs alive on the cluster now: actor id -> node id."""
+    from ray.util.state import list_actors
+
+    actors = list_actors(address=cluster["address"], filters=[("state", "=", "ALIVE")], raise_on_missing_output=False)
+    return {a.actor_id: a.node_id for a in actors if a.class_name.startswith("ServeReplica:hogwild-batch-")}
+
+
+def batch_apps() -> list[str]:
+    from ray import serve
+
+    return [name for name in serve.status().applications if name.startswith("hogwild-batch-")]
+
+
+def wait_for(what, timeout: float, step: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = what()
+        if value:
+            return value
+        time.sleep(step)
+    return what()
+
+
+def eval_records(path: Path) -> list[dict]:
+    return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in path.read_text().splitlines()]
+
+
+def test_eval_over_replicas_on_both_nodes_ends_with_its_driver_resumes_and_equals_one_engine(
+        cluster, driver_auth, random_model, tmp_path):
+    """eval --replicas 2 on the two-node cluster: a replica on each node; the driver SIGKILLed
+    mid-run takes its replicas with it (their lease ends); the rerun resumes, and the results
+    equal one in-process engine's, record for record (each problem has its own seeds)."""
+    model = random_model("llama", "default")[0]
+    flags = ["--generated", "8", "--workers", "2", "--budgets", "8,24", "--modes", "single,hogwild",
+             "--model", str(model), "--temperature", "1"]
+    one = subprocess.run(["hogwild-ray", "eval", *flags, "--out", str(tmp_path / "one"), "--quiet"],
+                         env={k: v for k, v in cluster["env"].items() if not k.startswith("RAY_")},
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr
+    command = ["hogwild-ray", "eval", *flags, "--out", str(tmp_path / "rep"), "--address", cluster["address"],
+               "--replicas", "2"]
+    ray.init(address=cluster["address"], log_to_driver=False)
+    try:
+        driver = subprocess.Popen(command, env=cluster["client_env"], stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)
+        try:
+            placed = wait_for(lambda: len(set(serve_replicas(cluster).values())) == 2, 240, step=0.5)
+            assert placed, f"the replicas are not on both nodes: {serve_replicas(cluster)}"
+            parts = tmp_path / "rep" / "parts"
+            assert wait_for(lambda: any(p.read_text().count("\n") >= 4 for p in parts.glob("*.jsonl")), 240)
+        finally:
+            driver.kill()
+            driver.wait()
+        gone = wait_for(lambda: not serve_replicas(cluster) and not batch_apps(), 60, step=0.5)
+        assert gone, f"replicas outlived their driver: {serve_replicas(cluster)} {batch_apps()}"
+        rerun = subprocess.run(command, env=cluster["client_env"], capture_output=True, text=True, timeout=400)
+        assert rerun.returncode == 0, rerun.stderr[-3000:]
+        skipped = int(rerun.stderr.split("eval: 16 runs, ", 1)[1].split(" ", 1)[0])
+        assert 2 <= skipped < 16  # resumed after the runs the killed driver had written
+        assert eval_records(tmp_path / "rep" / "results.jsonl") == eval_records(tmp_path / "one" / "results.jsonl")
+        assert wait_for(lambda: not serve_replicas(cluster) and not batch_apps(), 30)
+    finally:
+        ray.shutdown()
 
 
 # ----------------------------------------------------------------------------- manifests
@@ -582,3 +651,48 @@ def test_local_cluster_refuses_clients_without_its_token(cluster):
     run = subprocess.run(["ray", "status", "--address", cluster["address"]], env=cluster["client_env"],
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 0 and "node_" in run.stdout, run.stdout + run.stderr
+
+
+# ----------------------------------------------------------------------------- last: a node dies
+
+def test_batch_over_replicas_loses_nothing_when_a_nodes_raylet_is_killed(cluster, driver_auth, random_model,
+                                                                        tmp_path):
+    """batch --replicas 2 with a replica on each node; node2's raylet SIGKILLed mid-run (the node
+    and its replica die): the problems it held run again on the head, every id is in the output
+    exactly once, the summary counts the retries, and nothing is left running. Last in the module:
+    node2 stays down."""
+    model = random_model("llama", "default")[0]
+    problems = [{"id": f"n{i}", "problem": f"Compute {i} * {i + 2}."} for i in range(24)]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(p) + "\n" for p in problems))
+    out = tmp_path / "out.jsonl"
+    command = ["hogwild-ray", "batch", "--input", str(tmp_path / "in.jsonl"), "--output", str(out), "--model",
+               str(model), "--address", cluster["address"], "--replicas", "2", "--max-tokens", "64",
+               "--temperature", "0"]
+    ray.init(address=cluster["address"], log_to_driver=False)
+    try:
+        driver = subprocess.Popen(command, env=cluster["client_env"], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+        try:
+            placed = wait_for(lambda: len(set(serve_replicas(cluster).values())) == 2, 240, step=0.5)
+            assert placed, f"the replicas are not on both nodes: {serve_replicas(cluster)}"
+            assert wait_for(lambda: out.exists() and out.read_text().count("\n") >= 1, 240)
+            raylets = [line.split(None, 1)[0] for line in subprocess.run(
+                ["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout.splitlines()
+                if "raylet" in line and f"{cluster['tmp']}/node2" in line]
+            assert raylets, "node2's raylet is not running"
+            for pid in raylets:
+                os.kill(int(pid), signal.SIGKILL)
+            _, err = driver.communicate(timeout=400)
+        finally:
+            if driver.poll() is None:
+                driver.kill()
+                driver.wait()
+        assert driver.returncode == 0, err[-3000:]
+        ids = [json.loads(line)["id"] for line in out.read_text().splitlines()]
+        assert sorted(ids) == sorted(p["id"] for p in problems)  # every id exactly once, no line cut or lost
+        done = next(line for line in err.splitlines() if line.startswith("batch: 24/24 problems done"))
+        retried = int(done.split(" retried")[0].rsplit(" ", 1)[1])
+        assert retried >= 1 and err.count("running it again") == retried, err[-3000:]
+        assert wait_for(lambda: not serve_replicas(cluster) and not batch_apps(), 60)
+    finally:
+        ray.shutdown()

@@ -10,7 +10,8 @@ from pathlib import Path
 from ..errors import InvalidRequestError, check_int
 from ..output_paths import file_problem
 from ..utf8 import decode
-from .common import FORMATTER, add_model_flags, add_session_flags, load_engine, session_options
+from .common import FORMATTER, add_model_flags, add_replica_flag, add_session_flags, load_engine, replicas_for
+from .common import session_options
 
 EXAMPLES = """\
 input: one problem per line, {"id": "q1", "problem": "What is 17 * 23?"} (id optional: the line's
@@ -24,6 +25,7 @@ examples:
   hogwild-ray batch --input problems.jsonl --output results.jsonl --workers 2 --max-tokens 256
   hogwild-ray batch --input in.jsonl --output out.jsonl --model ./Qwen3-8B --device cuda --tp 2
   ray job submit --working-dir . -- hogwild-ray batch --input in.jsonl --output /shared/out.jsonl --backend ray
+  hogwild-ray batch --input in.jsonl --output out.jsonl --address head:6379 --device cuda --replicas 8
 """
 
 
@@ -47,6 +49,7 @@ def register(sub) -> None:
     g.add_argument("--max-concurrent", type=int, default=None, metavar="N",
                    help="problems in flight at once, sharing forward passes (default: as many as the K/V "
                         "cache holds; a finished problem's pages go to the next at once)")
+    add_replica_flag(g)
     add_model_flags(p)
     add_session_flags(p, max_tokens=256)
     p.set_defaults(execute=execute)
@@ -101,14 +104,22 @@ def execute(args: argparse.Namespace, engine=None) -> int:
             for pid, _ in items:
                 print(json.dumps(finished[pid]))
         return 0
-    own = engine is None
-    engine = load_engine(args, quiet=args.quiet) if own else engine
-    try:
-        records = engine.solve_many(problems, out=args.output, progress=not args.quiet,
-                                    max_concurrent=args.max_concurrent, **options)
-    finally:
-        if own:
-            engine.close()
+    replicas = replicas_for(args) if engine is None else None
+    if replicas is not None:
+        from ..replicated import replica_settings, run_on_replicas
+
+        settings = replica_settings(args.model, args.device, args.dtype, args.tp, None, args.cuda_graphs,
+                                    args.max_concurrent)
+        records = run_on_replicas(problems, args.output, settings, replicas, args.address, not args.quiet, options)
+    else:
+        own = engine is None
+        engine = load_engine(args, quiet=args.quiet) if own else engine
+        try:
+            records = engine.solve_many(problems, out=args.output, progress=not args.quiet,
+                                        max_concurrent=args.max_concurrent, **options)
+        finally:
+            if own:
+                engine.close()
     if args.json:
         for rec in records:
             print(json.dumps(rec))

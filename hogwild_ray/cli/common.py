@@ -77,6 +77,23 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
                         "cores other processes leave free, re-decided every second)")
 
 
+def add_replica_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--replicas", type=at_least(1), default=None, metavar="R",
+                   help="R engine replicas placed by Ray (the cluster of --address, else a new local one), "
+                        "each batching its share, a problem lost with its replica run again elsewhere "
+                        "(default: on a Ray cluster with GPUs, one replica per --tp GPUs; otherwise one "
+                        "engine in this process)")
+
+
+def replicas_for(args: argparse.Namespace) -> int | None:
+    """The replicas the flags ask for (hogwild_ray.replicated.default_replicas when none); None: one engine."""
+    from ..replicated import default_replicas
+
+    if args.replicas is not None:
+        return args.replicas
+    return default_replicas(args.address, args.backend, args.device, args.tp)
+
+
 def add_session_flags(p: argparse.ArgumentParser, max_tokens: int) -> None:
     g = p.add_argument_group("the run")
     g.add_argument("--workers", type=at_least(1), default=2, metavar="N",

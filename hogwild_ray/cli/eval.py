@@ -12,7 +12,7 @@ from ..errors import InvalidRequestError
 from ..core.layout import LAYOUTS
 from ..output_paths import directory_problem
 from ..core.sampling_params import SamplingParams
-from .common import FORMATTER, add_model_flags, at_least, load_engine
+from .common import FORMATTER, add_model_flags, add_replica_flag, at_least, load_engine, replicas_for
 
 EXAMPLES = """\
 data: --data FILE.jsonl, one problem per line: {"id": "q1", "problem": "...", "answer": "42"}, or
@@ -28,13 +28,14 @@ summary.md (accuracy with a 95% Wilson interval), accuracy.png. Rerunning resume
 
 concurrency: the runs (problem, mode, workers, layout) share one engine's forward passes, as
 many at once as fit in the K/V cache (--concurrency N caps them); each problem has its own
-seeds, so the records are the same at any concurrency.
+seeds, so the records are the same at any concurrency and on any number of --replicas.
 
 examples:
   hogwild-ray eval --generated 20 --workers 2 --budgets 64,128 --out runs/quick
   hogwild-ray eval --model ./Qwen3-8B --device cuda --data gsm8k_test.jsonl --limit 200 \\
       --workers 1,2,4 --budgets 256,512,1024,2048 --layouts combined,interleaved --out runs/gsm8k
   hogwild-ray eval --generated 100 --device cuda --concurrency 8 --out runs/arith   # 8 runs at a time
+  hogwild-ray eval --data gsm8k_test.jsonl --model ./Qwen3-8B --address head:6379 --out runs/gsm8k  # a replica per GPU
 """
 
 
@@ -120,6 +121,7 @@ def register(sub) -> None:
                    help="the most runs at once, sharing forward passes in one engine (default: as many as "
                         "fit in the K/V cache; a finished run's pages go to the next at once)")
     g.add_argument("--processes", nargs="?", const="", default=None, help=argparse.SUPPRESS)  # gone: a clear error
+    add_replica_flag(g)
     g.add_argument("--quiet", action="store_true", help="no progress on stderr")
     add_model_flags(p)
     p.set_defaults(execute=execute)
@@ -152,12 +154,16 @@ def run_device(args: argparse.Namespace, engine=None) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def device_note(device: str, concurrency: int | None = None, peak: int = 0) -> str:
+def device_note(device: str, concurrency: int | None = None, peak: int = 0, replicas: int | None = None) -> str:
     """The summary's device line, e.g. "NVIDIA H200 (cuda:0); runs in shared forward passes of one
     engine, as many at once as fit in the K/V cache, 12 at the peak; wall s: each run's time,
     sharing passes with the others" or "cpu: Intel(R) Xeon(R) ..., 2 cores; one engine, one run
     at a time (--concurrency 1)".
-    concurrency: the cap (None: the cache's); peak: the most runs that ran at once (0: none ran)."""
+    concurrency: the cap (None: the cache's); peak: the most runs that ran at once (0: none ran);
+    replicas: the engine replicas on Ray (None: one engine in this process)."""
+    if replicas is not None:
+        return (f"{replicas} engine replica(s) placed by Ray ({device}), each running its share of the runs in "
+                "shared forward passes; wall s: each run's time, sharing passes with the others")
     from ..devices import device_label
 
     try:
@@ -182,10 +188,10 @@ def execute(args: argparse.Namespace, engine=None) -> int:
     if args.processes is not None:
         raise InvalidRequestError("--processes is gone: eval runs its runs concurrently in one engine's shared "
                                   "forward passes; use --concurrency N to cap how many run at once (default: "
-                                  "as many as fit in the K/V cache)")
-    if args.backend == "ray" or args.tp > 1 or args.address:
-        raise InvalidRequestError("eval forks running sessions, which needs the in-process engine: drop "
-                                  "--backend ray/--tp/--address")
+                                  "as many as fit in the K/V cache), and --replicas R for R engines")
+    if args.tp > 1:
+        raise InvalidRequestError("eval forks running sessions, which needs an engine in one process: drop --tp "
+                                  "(for more devices, --replicas R runs R engines, one device each)")
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p)  # checked before any load
     specs = plan(args.modes, args.workers, args.layouts)
     if not specs:
@@ -198,11 +204,20 @@ def execute(args: argparse.Namespace, engine=None) -> int:
                "redundancy_every": None if args.no_redundancy else args.redundancy_every}
     exp = Experiment(problems, specs, args.budgets, args.out, sampling, args.seed, options)
     load = functools.partial(load_engine, args, True)
-    records, peak = run_experiment(exp, load, args.concurrency, engine, progress=not args.quiet)
+    replicas = None if engine is not None else replicas_for(args) or (1 if args.address or args.backend == "ray"
+                                                                      else None)
+    execute = None
+    if replicas is not None:
+        from ..replicated import replica_settings
+        from ..serve.replica_runs import eval_execute
+
+        settings = replica_settings(args.model, args.device, args.dtype, 1, None, args.cuda_graphs, args.concurrency)
+        execute = eval_execute(settings, replicas, args.address, args.concurrency, quiet=args.quiet)
+    records, peak = run_experiment(exp, load, args.concurrency, engine, progress=not args.quiet, execute=execute)
     rows = summarise(records, specs)
     model = args.model or "SmolLM2-135M-Instruct (built-in)"
     notes = [f"- model: {model}",
-             f"- device: {device_note(run_device(args, engine), args.concurrency, peak)}",
+             f"- device: {device_note(run_device(args, engine), args.concurrency, peak, replicas)}",
              f"- data: {data}",
              f"- sampling: temperature {args.temperature}, top-p {args.top_p}, top-k {args.top_k}, seed {args.seed}; "
              f"forced answers: greedy, at most {args.finisher_tokens} tokens",

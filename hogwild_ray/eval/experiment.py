@@ -17,8 +17,6 @@ hogwild_ray.jsonl reads them all).
 from __future__ import annotations
 
 import re
-import sys
-import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -28,7 +26,8 @@ from .. import jsonl
 from ..core.sampling_params import SamplingParams
 from ..errors import CacheFullError, ContextLengthError, InvalidRequestError, check_int
 from ..scheduler import Failed, Finished, Scheduler
-from .runner import RunSpec, budgets_job, error_records, forced_tokens, start_options, worker_sampling
+from ..run_progress import RunProgress
+from .runner import RunSpec, error_records, run_request, worker_sampling
 
 SKIPPABLE = (ContextLengthError, CacheFullError)  # a run that cannot run: recorded, the others go on
 RESULTS, SUMMARY, PLOT = "results.jsonl", "summary.md", "accuracy.png"
@@ -105,48 +104,44 @@ def todo(exp: Experiment, done: dict[tuple, dict]) -> list[tuple[int, dict, RunS
             if any((p["id"], s.mode, s.workers, s.layout, b) not in done for b in exp.budgets)]
 
 
+Record = Callable[..., None]  # record(records of one run, replica=None): the output and the progress hear them
+
+
 def run_all(engine, exp: Experiment, runs: list[tuple[int, dict, RunSpec]], concurrency: int | None,
-            report: Callable[[list[dict]], None]) -> int:
+            record: Record) -> int:
     """Run these runs concurrently on `engine`, at most `concurrency` at once (None: as many as
-    fit the K/V cache), appending each finished run's records to a new part file and reporting
-    them. A run that cannot run (its prompt is longer than the context, it could never fit the
-    cache) gets error records instead. Returns the most runs that ran at once."""
+    fit the K/V cache), handing each finished run's records to `record`. A run that cannot run
+    (its prompt is longer than the context, it could never fit the cache) gets error records
+    instead. Returns the most runs that ran at once."""
     scheduler = Scheduler(engine, concurrency)
     running, peak = [0], [0]
     by_key = {}
 
-    def start(i: int, problem: dict, spec: RunSpec):
+    def start(job: Callable):
         running[0] += 1
         peak[0] = max(peak[0], running[0])
-        sampling = worker_sampling(exp.sampling, exp.seed, i)
-        return budgets_job(engine, problem, spec, exp.budgets, sampling, write_prompt=False, **exp.options)
+        return job()
 
     engine.schedulers.append(scheduler)
     try:
-        with new_part(exp.out) as sink:
-            def record(recs: list[dict]) -> None:
-                sink.write(recs)
-                report(recs)
-
-            for i, problem, spec in runs:
-                key = (i, spec)
-                by_key[key] = problem, spec
-                options = start_options(spec, exp.budgets, exp.options)
-                try:
-                    pages = engine.request_pages(problem["problem"], spec.workers,
-                                                 forced_tokens=forced_tokens(exp.options), **options)
-                    scheduler.submit(key, partial(start, i, problem, spec), pages)
-                except SKIPPABLE as e:  # a problem too long for the model, a run too big for the cache
-                    record(error_records(problem, spec, exp.budgets, e))
-            for key, item in scheduler:
-                if isinstance(item, Finished):
-                    running[0] -= 1
-                    record(item.value)
-                elif isinstance(item, Failed):
-                    running[0] -= 1
-                    if not isinstance(item.error, SKIPPABLE):
-                        raise item.error
-                    record(error_records(*by_key[key], exp.budgets, item.error))
+        for i, problem, spec in runs:
+            key = (i, spec)
+            by_key[key] = problem, spec
+            sampling = worker_sampling(exp.sampling, exp.seed, i)
+            try:
+                pages, job = run_request(engine, problem, spec, exp.budgets, sampling, exp.options)
+                scheduler.submit(key, partial(start, job), pages)
+            except SKIPPABLE as e:  # a problem too long for the model, a run too big for the cache
+                record(error_records(problem, spec, exp.budgets, e))
+        for key, item in scheduler:
+            if isinstance(item, Finished):
+                running[0] -= 1
+                record(item.value)
+            elif isinstance(item, Failed):
+                running[0] -= 1
+                if not isinstance(item.error, SKIPPABLE):
+                    raise item.error
+                record(error_records(*by_key[key], exp.budgets, item.error))
     finally:
         scheduler.close()  # an interruption: the running runs' sessions give their pages back
         engine.schedulers.remove(scheduler)
@@ -178,60 +173,25 @@ def merge(exp: Experiment) -> list[dict]:
     return [recs[k] for k in keys if k in wanted]
 
 
-class Progress:
-    """Progress on stderr: a rich bar on a terminal, plain lines otherwise (a job's log)."""
+def describe(recs: list[dict]) -> str:
+    """A finished run in one progress line: its id, configuration and answers (or error)."""
+    r = recs[-1]
+    spec = RunSpec(r["mode"], r["workers"], r["layout"]).label
+    marks = "".join("+" if x["correct"] else "-" for x in recs)
+    what = f"error: {r['error']}" if "error" in r else f"answer={r['answer']!r} ref={r['reference']!r} {marks}"
+    return f"id={r['id']} {spec}: {what} ({r.get('seconds', 0):.1f} s)"
 
-    def __init__(self, total: int, skipped: int, out: Path, enabled: bool = True) -> None:
-        from rich.console import Console
 
-        self.total, self.count, self.t0, self.enabled, self.bar = total, skipped, time.perf_counter(), enabled, None
-        console = Console(stderr=True)
-        if not enabled:
-            return
-        if console.is_terminal:
-            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
-            from rich.progress import Progress as Bar
-            from rich.progress import TimeRemainingColumn
-
-            self.bar = Bar(TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                           TimeRemainingColumn(), TextColumn("{task.description}"), console=console)
-            self.task = self.bar.add_task("", total=total, completed=skipped)
-            self.bar.start()
-        else:
-            self.line(f"eval: {total} runs, {skipped} already in {out}, {total - skipped} to run")
-
-    @staticmethod
-    def line(text: str) -> None:
-        print(text, file=sys.stderr, flush=True)
-
-    def advance(self, recs: list[dict]) -> None:
-        self.count += 1
-        if not self.enabled:
-            return
-        r = recs[-1]
-        spec = RunSpec(r["mode"], r["workers"], r["layout"]).label
-        marks = "".join("+" if x["correct"] else "-" for x in recs)
-        what = f"error: {r['error']}" if "error" in r else f"answer={r['answer']!r} ref={r['reference']!r} {marks}"
-        if self.bar is not None:
-            from rich.markup import escape
-
-            self.bar.update(self.task, completed=self.count, description=escape(f"id={r['id']} {spec} {what}"))
-        else:
-            self.line(f"[{self.count}/{self.total}] id={r['id']} {spec}: {what} ({r.get('seconds', 0):.1f} s)")
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-        if self.enabled:
-            self.line(f"eval: {self.count}/{self.total} runs done in {time.perf_counter() - self.t0:.1f} s")
+Execute = Callable[[Experiment, list, Record, RunProgress], int]
 
 
 def run_experiment(exp: Experiment, load: Callable[[], Any], concurrency: int | None = None, engine=None,
-                   progress: bool = True) -> tuple[list[dict], int]:
+                   progress: bool = True, execute: Execute | None = None) -> tuple[list[dict], int]:
     """Run what is left of `exp` concurrently in one engine and merge; `load()` makes the engine
     when none is given (and only if a run is left). concurrency: the most runs at once (None:
-    as many as fit the K/V cache). Returns this experiment's records and the most runs that ran
-    at once (0 when none was left)."""
+    as many as fit the K/V cache). execute(exp, runs, record, progress), when given, runs them
+    instead (e.g. over engine replicas on a Ray cluster) and returns the most at once. Returns
+    this experiment's records and the most runs that ran at once (0 when none was left)."""
     check_int("concurrency", concurrency, 1, none="(as many as fit)")
     try:
         exp.out.mkdir(parents=True, exist_ok=True)
@@ -239,17 +199,29 @@ def run_experiment(exp: Experiment, load: Callable[[], Any], concurrency: int | 
         raise InvalidRequestError(f"--out {exp.out} cannot be made ({e.strerror}); give a directory you can "
                                   "write") from None
     left = todo(exp, existing(exp.out))
-    bar = Progress(len(exp.runs()), len(exp.runs()) - len(left), exp.out, progress)
-    peak = 0
+    bar = RunProgress("eval", len(exp.runs()), len(exp.runs()) - len(left), exp.out, progress, unit="runs")
+    peak, part = 0, []
     try:
         if left:
-            own = engine is None
-            engine = load() if own else engine
-            try:
-                peak = run_all(engine, exp, left, concurrency, bar.advance)
-            finally:
-                if own:
-                    engine.close()
+            def record(recs: list[dict], replica: str | None = None) -> None:
+                if not part:  # made at the first finished run: an engine that fails to load leaves no file
+                    part.append(new_part(exp.out))
+                part[0].write(recs)  # one write per run: a kill never leaves half a run
+                tokens = sum(recs[-1].get("tokens_per_worker") or [])
+                bar.advance(describe(recs), "error" in recs[-1], tokens, replica)
+
+            if execute is not None:
+                peak = execute(exp, left, record, bar)
+            else:
+                own = engine is None
+                engine = load() if own else engine
+                try:
+                    peak = run_all(engine, exp, left, concurrency, record)
+                finally:
+                    if own:
+                        engine.close()
     finally:
+        if part:
+            part[0].close()
         bar.close()
     return merge(exp), peak

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from functools import partial
+from typing import TYPE_CHECKING, Callable
 
 from ..core.protocol import ProtocolOptions, extract_boxed
 from ..core.sampling_params import SamplingParams
@@ -138,6 +139,16 @@ def budgets_job(engine: HogwildEngine, problem: dict, spec: RunSpec, budgets: li
     finally:
         session.close()
     return records
+
+
+def run_request(engine: HogwildEngine, problem: dict, spec: RunSpec, budgets: list[int], sampling: SamplingParams,
+                options: dict) -> tuple[int, Callable[[], Job]]:
+    """What a scheduler needs to run one run: the K/V pages it may hold at once (its forks'
+    included) and what starts its job (see `budgets_job`). Raises ContextLengthError for a
+    prompt longer than the context."""
+    pages = engine.request_pages(problem["problem"], spec.workers, forced_tokens=forced_tokens(options),
+                                 **start_options(spec, budgets, options))
+    return pages, partial(budgets_job, engine, problem, spec, budgets, sampling, False, **options)
 
 
 def run_budgets(engine: HogwildEngine, problem: dict, spec: RunSpec, budgets: list[int],

@@ -25,7 +25,8 @@ REPORT_EVERY_S = 0.5  # how fresh the front's view of this engine's counters is 
 class EngineReplica:
     """One engine of the server (wrapped by serve.deployment in hogwild_ray.serve.app)."""
 
-    def __init__(self, engine_options: dict, max_concurrent: int | None = None, front: str | None = None) -> None:
+    def __init__(self, engine_options: dict, max_concurrent: int | None = None, front: str | None = None,
+                 lease: Any = None) -> None:
         import torch
 
         from .. import HogwildEngine
@@ -36,7 +37,10 @@ class EngineReplica:
         self.engine = HogwildEngine.from_pretrained(**options)
         self.loop = self.engine.serving_loop(max_concurrent)  # in this process, or in the Ray coordinator
         self.replica = _replica_id()
+        self.node = _node_id()
         self._stop = threading.Event()
+        if lease is not None:  # a batch's replicas end with the driver that started them (hogwild_ray.serve.pool)
+            threading.Thread(target=watch_lease, args=(lease, self._stop), name="hogwild-lease", daemon=True).start()
         if front is not None:  # the front's /metrics sees this engine's counters within REPORT_EVERY_S
             threading.Thread(target=self._report, args=(front,), name="hogwild-metrics-report", daemon=True).start()
 
@@ -98,6 +102,64 @@ class EngineReplica:
             if not ended:  # cancelled (the client went away) or closed early: end the session now
                 self.loop.cancel(key)
 
+    async def solve(self, problem: str, workers: int, options: dict) -> dict:
+        """One session to its end, unstreamed (a batch's problem): {"type": "done", "event": the Done
+        event, "replica", "node"}, or {"type": "error", ...} for one that cannot run."""
+        last: dict = {"type": "error", "status": 500, "message": "the session ended without a result",
+                      "error": "HogwildError"}
+        async for message in self.generate(problem, workers, options):
+            if message["type"] in ("done", "error"):
+                last = message
+        return {**last, "replica": self.replica, "node": self.node}
+
+    async def evaluate(self, problem: dict, spec: dict, budgets: list[int], sampling: dict, options: dict) -> dict:
+        """One evaluation run (hogwild_ray.eval.runner) in this engine's shared passes: {"records":
+        one per budget, "replica", "node"}; a run that cannot run gets error records."""
+        from ..core.sampling_params import SamplingParams
+        from ..eval.runner import RunSpec, error_records, run_request
+
+        run = RunSpec(**spec)
+        done: asyncio.Future = asyncio.get_running_loop().create_future()
+        aio = asyncio.get_running_loop()
+        key = uuid.uuid4().hex
+
+        def sink(item: Any) -> None:
+            if isinstance(item, (Finished, Failed)):
+                aio.call_soon_threadsafe(lambda: done.done() or done.set_result(item))
+
+        ended = False
+        try:
+            try:
+                pages, job = await asyncio.to_thread(run_request, self.engine, problem, run, budgets,
+                                                     SamplingParams(**sampling), options)
+                await asyncio.to_thread(self.loop.submit_job, key, job, pages, sink)
+                item = await done
+            except (ContextLengthError, CacheFullError) as e:
+                item = Failed(e)
+            ended = True
+            if isinstance(item, Failed):
+                if not isinstance(item.error, (ContextLengthError, CacheFullError)):
+                    raise item.error
+                records = error_records(problem, run, budgets, item.error)
+            else:
+                records = item.value
+            return {"records": records, "replica": self.replica, "node": self.node}
+        finally:
+            if not ended:  # the driver went away: the run's sessions end now
+                self.loop.cancel(key)
+
+    async def capacity(self, problems: list[str], workers: int, options: dict, forced_tokens: int = 0) -> int:
+        """How many sessions like the longest of `problems` that fits fit in the cache at once (at least 1)."""
+        fit = {k: v for k, v in options.items() if k not in ("sampling", "max_steps")}
+        for problem in sorted(problems, key=len, reverse=True):
+            try:
+                pages = await asyncio.to_thread(self.engine.request_pages, problem, workers,
+                                                forced_tokens=forced_tokens, **fit)
+            except (ContextLengthError, CacheFullError):
+                continue
+            return max(1, self.engine.allocator.num_pages // max(pages, 1))
+        return 1
+
     def metrics(self) -> dict:
         return {"replica": self.replica, **self.engine.metrics()}
 
@@ -127,6 +189,34 @@ def _error(e: BaseException) -> dict:
     status = 400 if isinstance(e, CLIENT_ERRORS) else 500
     return {"type": "error", "status": status, "message": str(e).splitlines()[0] if str(e) else type(e).__name__,
             "error": type(e).__name__}
+
+
+LEASE_EVERY_S = 2.0
+
+
+def watch_lease(lease: Any, stop: threading.Event) -> None:
+    """Ping the driver's lease actor; when it is gone (the driver exited or was killed), delete
+    this replica's application, so that no replica outlives its batch."""
+    import ray
+    from ray import serve
+
+    while not stop.wait(LEASE_EVERY_S):
+        try:
+            ray.get(lease.ping.remote(), timeout=30)
+        except ray.exceptions.GetTimeoutError:
+            continue
+        except ray.exceptions.RayError:
+            serve.delete(serve.get_replica_context().app_name, _blocking=False)
+            return
+
+
+def _node_id() -> str:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+    except Exception:  # outside Ray
+        return "local"
 
 
 def _replica_id() -> str:

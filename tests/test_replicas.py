@@ -1,0 +1,102 @@
+"""Many problems over engine replicas on a real local Ray with Ray Serve (hogwild_ray.solve_many
+with replicas=R): every id exactly once when a replica is killed mid-run, the resume, progress
+per replica, a replica that cannot start as a one-line error, and nothing left running after.
+The two-node cases (a node's raylet killed, eval across nodes) are in test_cluster.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+pytestmark = pytest.mark.serve
+ray = pytest.importorskip("ray")
+pytest.importorskip("ray.serve")
+from ray_state import assert_clean  # noqa: E402
+
+import hogwild_ray as hw  # noqa: E402
+from hogwild_ray.serve.pool import NoReplicaError  # noqa: E402
+
+PROBLEMS = [{"id": f"q{i}", "problem": f"Compute {i} + {i + 3}."} for i in range(16)]
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """This process as the driver of a local Ray (so that what the pool leaves can be seen)."""
+    ray.init(num_cpus=3, include_dashboard=True, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def replica_pids() -> list[int]:
+    from ray.util.state import list_actors
+
+    return [a.pid for a in list_actors(filters=[("state", "=", "ALIVE")]) if a.class_name.startswith("ServeReplica:")]
+
+
+def lines(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_a_replica_killed_mid_run_loses_nothing_and_the_rerun_resumes(local_ray, random_model, tmp_path, capfd):
+    model = random_model("llama", "default")[0]
+    out = tmp_path / "out.jsonl"
+    killed = []
+
+    def kill_one_replica_after_the_first_results():
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not (out.exists() and len(out.read_text().splitlines()) >= 2):
+            time.sleep(0.05)
+        pids = replica_pids()
+        if pids:
+            os.kill(pids[0], signal.SIGKILL)
+            killed.append(pids[0])
+
+    killer = threading.Thread(target=kill_one_replica_after_the_first_results)
+    killer.start()
+    records = hw.solve_many(PROBLEMS, out, replicas=2, model=model, cache_tokens=4096, workers=2, max_tokens=48,
+                            sampling=hw.SamplingParams(temperature=0))
+    killer.join()
+    assert killed, "no replica was running to kill"
+    err = capfd.readouterr().err
+    written = lines(out)
+    assert sorted(r["id"] for r in written) == sorted(p["id"] for p in PROBLEMS)  # every id exactly once
+    assert [r["id"] for r in records] == [p["id"] for p in PROBLEMS] and all("answer" in r for r in records)
+    done = [line for line in err.splitlines() if line.startswith("batch: 16/16 problems done in")]
+    assert done and " 0 failed, " in done[0]
+    retried = int(done[0].split(" retried")[0].rsplit(" ", 1)[1])
+    assert retried >= 1 and err.count("running it again") == retried  # the killed replica's problems ran again
+    assert len({line.split("(replica ")[1] for line in err.splitlines() if "(replica " in line}) >= 2
+    # greedy: a problem run again (on the other replica) gives what one engine gives
+    engine = hw.HogwildEngine.from_pretrained(model, cache_tokens=4096)
+    try:
+        alone = engine.solve(PROBLEMS[0]["problem"], 2, max_tokens=48, sampling=hw.SamplingParams(temperature=0))
+    finally:
+        engine.close()
+    assert records[0]["worker_texts"] == alone.worker_texts
+    assert_clean()  # the pool deleted its replicas, its lease and the Serve it started
+    again = hw.solve_many(PROBLEMS, out, replicas=2, model=model, cache_tokens=4096, max_tokens=48)
+    assert again == records and lines(out) == written  # all there: nothing runs, no replica starts
+    assert "starting" not in capfd.readouterr().err
+
+
+def test_replicas_that_cannot_start_are_one_clear_error_and_leave_nothing(local_ray, random_model, tmp_path):
+    model = random_model("llama", "default")[0]
+    with pytest.raises(NoReplicaError) as caught:  # far beyond this machine's memory: refused on the replica
+        hw.solve_many(PROBLEMS[:2], tmp_path / "out.jsonl", replicas=1, model=model, cache_tokens=2**30)
+    assert "cache" in str(caught.value) and "\n" not in str(caught.value)
+    assert not (tmp_path / "out.jsonl").exists() or not (tmp_path / "out.jsonl").read_text()
+    assert_clean()
+
+
+def test_more_replicas_than_the_cluster_holds_is_refused_before_anything_starts(local_ray, random_model):
+    model = random_model("llama", "default")[0]
+    with pytest.raises(hw.InvalidRequestError, match="replicas=5 needs 5 CPUs .* the Ray cluster has 3"):
+        hw.solve_many(PROBLEMS[:2], replicas=5, model=model)
+    with pytest.raises(hw.InvalidRequestError, match="replicas must be an integer >= 1"):
+        hw.solve_many(PROBLEMS[:2], replicas=0, model=model)
+    assert_clean()
