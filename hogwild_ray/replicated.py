@@ -12,24 +12,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterable
 
-from .errors import InvalidRequestError, check_int
+from .errors import check_int
 
 
-def default_replicas(address: str | None, backend: str | None, device: str | None, tp: int) -> int | None:
+def default_replicas(address: str | None, device: str | None, tp: int) -> int | None:
     """The replicas a run gets when none are asked for: None (one engine, no replicas) unless a Ray
     cluster is named and has GPUs for two or more replicas (then that many)."""
-    if not (address or backend == "ray") or (device or "cuda").startswith("cpu"):
+    if not address or (device or "cuda").startswith("cpu"):
         return None
-    import ray
-
     from .core.replica_plan import plan_replicas
-    from .ray_address import check_reachable
-    from .runtime.ray_init import init_ray
+    from .serve.pool import cluster_resources
 
-    if not ray.is_initialized():
-        check_reachable(address)
-        init_ray(address, log_to_driver=False)
-    resources = ray.cluster_resources()
+    resources = cluster_resources(address)
     if resources.get("GPU", 0) < 2 * tp:
         return None
     return plan_replicas(None, "cuda", tp, resources["GPU"], resources.get("CPU", 0))
@@ -48,7 +42,7 @@ def solve_many(problems: Iterable[str | dict], out: str | Path | None = None, *,
     options). Returns every problem's record, in input order."""
     check_int("replicas", replicas, 1, none="(what the cluster holds)")
     if replicas is None:
-        replicas = default_replicas(address, "ray" if address else None, device, tp)
+        replicas = default_replicas(address, device, tp)
     if replicas is None:
         from .api import from_pretrained
 

@@ -79,6 +79,8 @@ def assert_one_line_error(capsys, words: str) -> None:
     (["batch", "--input", "{dup}", "--output", "o.jsonl"], "appears twice"),
     (["batch", "--input", "{good}", "--output", "o.jsonl", "--workers", "x"], "--workers"),
     (["batch", "--input", "{good}", "--output", "o.jsonl", "--backend", "local", "--address", "h:1"], "--address"),
+    (["batch", "--input", "{good}", "--output", "o.jsonl", "--backend", "local", "--replicas", "2"],
+     "--replicas runs engines on Ray: drop --backend local"),
     (["bench", "nope"], "NAME"),
     (["bench"], "NAME"),
     (["info", "--bogus"], "--bogus"),

@@ -66,7 +66,7 @@ def free_port() -> int:
 
 def cluster_processes(tmp: Path) -> list[str]:
     """Command lines of live processes that belong to the cluster under `tmp` (raylet, gcs, ...)."""
-    out = subprocess.run(["ps", "-eo", "args="], capture_output=True, text=True).stdout
+    out = subprocess.run(["ps", "-wweo", "args="], capture_output=True, text=True).stdout
     return [line for line in out.splitlines() if str(tmp) + "/" in line]
 
 
@@ -662,11 +662,11 @@ def test_batch_over_replicas_loses_nothing_when_a_nodes_raylet_is_killed(cluster
     exactly once, the summary counts the retries, and nothing is left running. Last in the module:
     node2 stays down."""
     model = random_model("llama", "default")[0]
-    problems = [{"id": f"n{i}", "problem": f"Compute {i} * {i + 2}."} for i in range(24)]
+    problems = [{"id": f"n{i}", "problem": f"Compute {i} * {i + 2}."} for i in range(32)]
     (tmp_path / "in.jsonl").write_text("".join(json.dumps(p) + "\n" for p in problems))
     out = tmp_path / "out.jsonl"
     command = ["hogwild-ray", "batch", "--input", str(tmp_path / "in.jsonl"), "--output", str(out), "--model",
-               str(model), "--address", cluster["address"], "--replicas", "2", "--max-tokens", "64",
+               str(model), "--address", cluster["address"], "--replicas", "2", "--max-tokens", "400",
                "--temperature", "0"]
     ray.init(address=cluster["address"], log_to_driver=False)
     try:
@@ -676,10 +676,12 @@ def test_batch_over_replicas_loses_nothing_when_a_nodes_raylet_is_killed(cluster
             placed = wait_for(lambda: len(set(serve_replicas(cluster).values())) == 2, 240, step=0.5)
             assert placed, f"the replicas are not on both nodes: {serve_replicas(cluster)}"
             assert wait_for(lambda: out.exists() and out.read_text().count("\n") >= 1, 240)
+            [node2] = [n for n in ray.nodes() if n["Alive"] and "hw_node2" in n["Resources"]]
+            node_id = f"--node_id={node2['NodeID']}"
             raylets = [line.split(None, 1)[0] for line in subprocess.run(
-                ["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout.splitlines()
-                if "raylet" in line and f"{cluster['tmp']}/node2" in line]
-            assert raylets, "node2's raylet is not running"
+                ["ps", "-wweo", "pid=,args="], capture_output=True, text=True).stdout.splitlines()
+                if "/raylet " in line and node_id in line.split()]
+            assert raylets, f"node2's raylet ({node_id}) is not running"
             for pid in raylets:
                 os.kill(int(pid), signal.SIGKILL)
             _, err = driver.communicate(timeout=400)
@@ -690,7 +692,7 @@ def test_batch_over_replicas_loses_nothing_when_a_nodes_raylet_is_killed(cluster
         assert driver.returncode == 0, err[-3000:]
         ids = [json.loads(line)["id"] for line in out.read_text().splitlines()]
         assert sorted(ids) == sorted(p["id"] for p in problems)  # every id exactly once, no line cut or lost
-        done = next(line for line in err.splitlines() if line.startswith("batch: 24/24 problems done"))
+        done = next(line for line in err.splitlines() if line.startswith("batch: 32/32 problems done"))
         retried = int(done.split(" retried")[0].rsplit(" ", 1)[1])
         assert retried >= 1 and err.count("running it again") == retried, err[-3000:]
         assert wait_for(lambda: not serve_replicas(cluster) and not batch_apps(), 60)

@@ -174,8 +174,8 @@ def assert_one_line_error(capsys, words: str) -> None:
     (["--concurrency", "0"], "--concurrency"),
     (["--concurrency", "x"], "--concurrency"),
     (["--modes", "independent", "--workers", "1"], "independent needs --workers with a count of 2"),
-    (["--backend", "ray"], "drop --backend ray"),
-    (["--tp", "2"], "drop --backend ray"),
+    (["--tp", "2"], "drop --tp (for more devices, --replicas R runs R engines"),
+    (["--replicas", "0"], "--replicas"),
     (["--top-p", "2"], "--top-p must be in (0, 1]"),
     (["--data", "{missing}"], "missing.jsonl is not a file"),
     (["--data", "{bad}"], "bad.jsonl:2 fits no known shape"),
@@ -233,8 +233,8 @@ def test_eval_end_to_end_on_the_default_model(default_engine, tmp_path, capsys, 
     lines = (out / "results.jsonl").read_text().splitlines(keepends=True)
     (out / "results.jsonl").write_text("".join(lines[:-2]) + lines[-2][:20])  # and a half-written line
     calls = []
-    real = experiment.budgets_job
-    monkeypatch.setattr(experiment, "budgets_job", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    real = runner.budgets_job
+    monkeypatch.setattr(runner, "budgets_job", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
     assert main(argv, default_engine) == 0
     assert calls == [RunSpec("hogwild", 2, "combined")]
     again = read(out / "results.jsonl")
@@ -325,26 +325,26 @@ def test_interrupted_concurrent_eval_resumes(engine, random_model, one_at_a_time
             "--modes", "single,hogwild", "--layouts", "interleaved"]  # 8 of the 16 runs
     argv.remove("--quiet")
     free = engine.allocator.free_pages
-    advance, done = experiment.Progress.advance, []
+    describe, done = experiment.describe, []
 
-    def interrupt_after_three(self, recs):
-        advance(self, recs)
+    def interrupt_after_three(recs):  # each finished run is written, then described for its progress line
         done.append(experiment.run_key(recs[0]))
         if len(done) == 3:
             raise KeyboardInterrupt
+        return describe(recs)
 
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(experiment.Progress, "advance", interrupt_after_three)
+        m.setattr(experiment, "describe", interrupt_after_three)
         assert main(argv, engine) == 130
     assert engine.allocator.free_pages == free and engine.schedulers == []  # the running runs closed
-    assert "[3/8] id=" in capsys.readouterr().err  # progress lines: one per finished run
+    assert "[2/8] id=" in capsys.readouterr().err  # progress lines: one per finished run
     part = tmp_path / "parts" / "part-0.jsonl"
     assert [experiment.run_key(r) for r in read(part)[::3]] == done  # one write per run, 3 budgets each
     with part.open("a") as f:
         f.write('{"id": "arith-0-3", "mode": "hog')  # a line cut short by a kill
     calls = []
-    real = experiment.budgets_job
-    monkeypatch.setattr(experiment, "budgets_job", lambda *a, **k: calls.append((a[2].mode, a[2].layout)) or real(
+    real = runner.budgets_job
+    monkeypatch.setattr(runner, "budgets_job", lambda *a, **k: calls.append((a[2].mode, a[2].layout)) or real(
         *a, **k))
     assert main(argv, engine) == 0
     assert len(calls) == 8 - 3

@@ -100,3 +100,28 @@ def test_more_replicas_than_the_cluster_holds_is_refused_before_anything_starts(
     with pytest.raises(hw.InvalidRequestError, match="replicas must be an integer >= 1"):
         hw.solve_many(PROBLEMS[:2], replicas=0, model=model)
     assert_clean()
+
+
+def test_the_replicas_benchmark_compares_one_engine_with_one_and_two_replicas(local_ray, tmp_path):
+    import sys
+    from pathlib import Path
+
+    from bench_files import saved_results
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import replicas
+
+    out = replicas.main(["--model", "random:tiny", "--device", "cpu", "--problems", "6", "--tokens", "4",
+                         "--cache-tokens", "2048", "--out", str(tmp_path), "--date", "2000-01-01"])
+    saved = saved_results(tmp_path / "2000-01-01-cpu-replicas", out)
+    assert saved["benchmark"] == "replicas" and saved["device_name"] and saved["tokens_per_worker"] == 4
+    rows = {r["replicas"]: r for r in saved["rows"]}
+    assert sorted(rows) == [0, 1, 2]  # one engine in process, then 1 and 2 replicas
+    for r in rows.values():
+        assert r["problems"] == 6 and 0 < r["tokens"] == rows[0]["tokens"] <= 6 * 2 * 4  # the same work
+        assert r["same_as_engine"] is True  # greedy: every worker's text equals the in-process engine's
+        assert r["problems_per_s"] == pytest.approx(6 / r["run_s"], rel=0.01)
+        assert r["x_engine"] == pytest.approx(r["problems_per_s"] / rows[0]["problems_per_s"], rel=0.01)
+    assert rows[0]["x_engine"] == 1 and rows[0]["x_1_replica"] is None and rows[1]["x_1_replica"] == 1
+    assert rows[2]["x_1_replica"] == pytest.approx(rows[2]["problems_per_s"] / rows[1]["problems_per_s"], rel=0.01)
+    assert_clean()  # each row's replicas were deleted

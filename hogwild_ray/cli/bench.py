@@ -22,6 +22,8 @@ BENCHMARKS = {
     "tensor_parallel": "multi-GPU: step time, tokens/s and all-reduce share vs tp (--check: tp=N tokens vs tp=1)",
     "workers_cpu": "forward passes and tokens/s of the default model with 1, 2, 4 workers on the CPU",
     "threads_cpu": "CPU threads (1 and the default) on a quiet machine and beside busy processes",
+    "replicas": "many problems over 1, 2, ... engine replicas on Ray Serve vs one engine in process: "
+                "problems/s, tokens/s, start-up, same answers",
     "serve": "the OpenAI-compatible server under load: requests/s, time to first token and inter-token latency "
              "at concurrency 1, 8, 32 vs one request at a time",
 }
@@ -59,5 +61,5 @@ def execute(args: argparse.Namespace, engine=None) -> int:
 
         if not torch.cuda.is_available():
             return fail(f"benchmark {args.name} needs a CUDA GPU and torch sees none; on the CPU, "
-                        "`hogwild-ray bench workers_cpu` (or threads_cpu, scaling, overhead, throughput) runs")
+                        "`hogwild-ray bench workers_cpu` (or threads_cpu, scaling, overhead, throughput, replicas) runs")
     return subprocess.call([sys.executable, str(script), *args.args])

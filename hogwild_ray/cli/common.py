@@ -89,9 +89,13 @@ def replicas_for(args: argparse.Namespace) -> int | None:
     """The replicas the flags ask for (hogwild_ray.replicated.default_replicas when none); None: one engine."""
     from ..replicated import default_replicas
 
+    if args.backend == "local" and args.address:
+        raise InvalidRequestError("--address names a Ray cluster: add --backend ray (or drop --address)")
+    if args.backend == "local" and args.replicas is not None:
+        raise InvalidRequestError("--replicas runs engines on Ray: drop --backend local")
     if args.replicas is not None:
         return args.replicas
-    return default_replicas(args.address, args.backend, args.device, args.tp)
+    return default_replicas(args.address, args.device, args.tp)
 
 
 def add_session_flags(p: argparse.ArgumentParser, max_tokens: int) -> None:

@@ -48,8 +48,9 @@ def _lease_class():
 
     @ray.remote(num_cpus=0)
     class PoolLease:
-        """Owned by the driver: it dies with the driver, and the replicas that ping it then delete
-        their application (hogwild_ray.serve.replica.watch_lease)."""
+        """Owned by the driver and placed on its node: it dies with the driver (and with no other
+        node), and the replicas that ping it then delete their application
+        (hogwild_ray.serve.replica.watch_lease)."""
 
         def ping(self) -> bool:
             return True
@@ -90,8 +91,11 @@ class ReplicaPool:
                                           resources.get("CPU", 0), self.settings.cpus_per_replica)
             settings = ServeSettings(**{**self.settings.__dict__, "device": device, "replicas": self.replicas})
             self._own_serve = not _serve_running()
-            serve.start(http_options={"location": "NoServer"})
-            self._lease = _lease_class().remote()
+            serve.start(proxy_location="Disabled")
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+            self._lease = _lease_class().options(scheduling_strategy=here).remote()  # dies with this driver only
             if not self.quiet:
                 print(f"starting {self.replicas} engine replica(s) on the Ray cluster ({device}"
                       f"{f', tp={settings.tp} each' if settings.tp > 1 else ''}) ...", file=sys.stderr, flush=True)
@@ -106,7 +110,8 @@ class ReplicaPool:
                 self.handle = serve.run(engine.bind(settings.engine_options(), settings.max_concurrent, None,
                                                     self._lease), name=self.app, route_prefix=None)
             except RuntimeError as e:  # Serve gave up on the replicas' constructor
-                raise NoReplicaError(f"the engine replicas failed to start: {failure_line(str(e))}") from None
+                why = failure_line(self._deployment_message() or str(e))
+                raise NoReplicaError(f"the engine replicas failed to start: {why}") from None
         except BaseException:
             self.close()
             raise
@@ -176,12 +181,23 @@ class ReplicaPool:
                 loop.run_until_complete(asyncio.gather(*calls, return_exceptions=True))
             loop.close()
 
+    def _deployment_message(self) -> str:
+        """What Serve says about the deployment (a failed replica's traceback), or ''."""
+        from ray import serve
+
+        app = serve.status().applications.get(self.app)
+        deployment = app.deployments.get(DEPLOYMENT) if app else None
+        return (deployment.message if deployment else "") or (app.message if app else "")
+
     def _check_replicas(self, none_since: float | None) -> float | None:
         """When no replica has been running for no_replica_timeout_s, NoReplicaError; returns since when none has."""
         from ray import serve
 
         app = serve.status().applications.get(self.app)
-        deployment = app.deployments.get(DEPLOYMENT) if app else None
+        if app is None or app.status == "DELETING":
+            raise NoReplicaError("the engine replicas' application was deleted (`serve delete`, `serve shutdown`, "
+                                 "or its replicas lost this driver's lease); run the command again to resume")
+        deployment = app.deployments.get(DEPLOYMENT)
         running = deployment.replica_states.get("RUNNING", 0) if deployment else 0
         if running:
             return None
@@ -189,7 +205,7 @@ class ReplicaPool:
         if none_since is None:
             return now
         if now - none_since >= self.no_replica_timeout_s:
-            message = (deployment.message if deployment else "") or "its application is gone"
+            message = (deployment.message if deployment else "") or app.message or "no reason given"
             raise NoReplicaError(f"no engine replica has run for {now - none_since:.0f} s ({message}); the cluster "
                                  "has no room for one (add nodes, or lower --tp), or every start fails (see the "
                                  "replicas' logs: `ray logs`)")
@@ -198,6 +214,23 @@ class ReplicaPool:
     def call_one(self, method: str, *args: Any) -> Any:
         """One call on any replica, waited for (e.g. asking how many sessions fit)."""
         return getattr(self.handle, method).remote(*args).result()
+
+
+def cluster_resources(address: str) -> dict[str, float]:
+    """What the Ray cluster at `address` holds (CPU, GPU, ...); a connection made for asking is closed."""
+    import ray
+
+    from ..ray_address import check_reachable
+    from ..runtime.ray_init import init_ray
+
+    if ray.is_initialized():
+        return ray.cluster_resources()
+    check_reachable(address)
+    init_ray(address, log_to_driver=False)
+    try:
+        return ray.cluster_resources()
+    finally:
+        ray.shutdown()
 
 
 def failure_line(text: str) -> str:

@@ -203,8 +203,8 @@ def watch_lease(lease: Any, stop: threading.Event) -> None:
     while not stop.wait(LEASE_EVERY_S):
         try:
             ray.get(lease.ping.remote(), timeout=30)
-        except ray.exceptions.GetTimeoutError:
-            continue
+        except (ray.exceptions.GetTimeoutError, ray.exceptions.ActorUnavailableError):
+            continue  # slow or briefly unreachable: the lease only ends when its actor is dead
         except ray.exceptions.RayError:
             serve.delete(serve.get_replica_context().app_name, _blocking=False)
             return
