@@ -352,8 +352,8 @@ def _gguf_reader(ckpt: Checkpoint, config) -> Callable[[str], torch.Tensor | Non
     """GGUF tensors, dequantized and renamed by transformers (it knows each format)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(
-        str(ckpt.directory), gguf_file=ckpt.gguf_file, dtype=torch.float32, trust_remote_code=False
+    model = AutoModelForCausalLM.from_pretrained(  # the config given: parsing the file's metadata again takes seconds
+        str(ckpt.directory), gguf_file=ckpt.gguf_file, config=config, dtype=torch.float32, trust_remote_code=False
     )
     state = {k: v.detach() for k, v in model.state_dict().items()}
     del model

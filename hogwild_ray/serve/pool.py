@@ -104,7 +104,7 @@ class ReplicaPool:
             engine = serve.deployment(EngineReplica, name=DEPLOYMENT).options(
                 num_replicas=self.replicas, ray_actor_options=settings.replica_actor_options(),
                 max_ongoing_requests=1_000_000, health_check_period_s=10, health_check_timeout_s=60,
-                graceful_shutdown_timeout_s=5)
+                graceful_shutdown_timeout_s=5, max_constructor_retry_count=self.replicas)  # one failed start each
             self._deployed = True
             try:
                 self.handle = serve.run(engine.bind(settings.engine_options(), settings.max_concurrent, None,
