@@ -17,6 +17,7 @@ one is joined, its applications left alone).
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 import time
 import uuid
@@ -71,6 +72,8 @@ class ReplicaPool:
         self.handle: Any = None
         self._own_ray = self._own_serve = self._deployed = False
         self._lease: Any = None
+        self._serve_log = logging.getLogger("ray.serve")
+        self._serve_level = self._serve_log.level
 
     # ---- setting up and tearing down ----------------------------------------------------
     def __enter__(self) -> ReplicaPool:
@@ -80,6 +83,7 @@ class ReplicaPool:
         from ..ray_address import check_reachable
         from ..runtime.ray_init import init_ray
 
+        self._serve_log.setLevel(logging.WARNING)  # Serve's own start and stop lines, on the run's stderr
         if not ray.is_initialized():
             check_reachable(self.address)
             init_ray(self.address, log_to_driver=False)
@@ -135,6 +139,7 @@ class ReplicaPool:
                 ray.kill(self._lease)
                 self._lease = None
         finally:
+            self._serve_log.setLevel(self._serve_level)
             if self._own_ray:
                 self._own_ray = False
                 ray.shutdown()
