@@ -165,6 +165,15 @@ def add_written(runs: list[list[int]], chunk: list[int], sampled: bool) -> None:
         runs.append([])
 
 
+def check_unicode(name: str, text: str) -> None:
+    """Text a tokenizer can take: no lone surrogate (what a bad decode with surrogateescape leaves)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidRequestError(f"{name} is not valid Unicode text: {text[e.start:e.end]!a} at character "
+                                  f"{e.start} is a lone surrogate; decode its bytes as UTF-8 (errors='replace')") from None
+
+
 def check_prompt(tokens: int, max_context: int) -> None:
     if tokens >= max_context:
         raise ContextLengthError(f"the prompt is {tokens} tokens (the problem and the collaboration prompt, "
@@ -185,6 +194,7 @@ class Session:
     ) -> None:
         if not isinstance(problem, str) or not problem.strip():
             raise InvalidRequestError("problem must be a non-empty string")
+        check_unicode("problem", problem)
         check_int("max_tokens", max_tokens, 1, none="")
         check_int("max_steps", max_steps, 1, none="")
         self.engine, self.options = engine, options

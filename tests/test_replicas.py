@@ -49,7 +49,7 @@ def test_a_replica_killed_mid_run_loses_nothing_and_the_rerun_resumes(local_ray,
 
     def kill_one_replica_after_the_first_results():
         deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and not (out.exists() and len(out.read_text().splitlines()) >= 2):
+        while time.monotonic() < deadline and not (out.exists() and len(out.read_text().splitlines()) >= 4):
             time.sleep(0.05)
         pids = replica_pids()
         if pids:
@@ -59,7 +59,7 @@ def test_a_replica_killed_mid_run_loses_nothing_and_the_rerun_resumes(local_ray,
     killer = threading.Thread(target=kill_one_replica_after_the_first_results)
     killer.start()
     records = hw.solve_many(PROBLEMS, out, replicas=2, model=model, cache_tokens=4096, workers=2, max_tokens=48,
-                            sampling=hw.SamplingParams(temperature=0))
+                            sampling=hw.SamplingParams(temperature=0), max_concurrent=2)  # in waves: work to the end
     killer.join()
     assert killed, "no replica was running to kill"
     err = capfd.readouterr().err

@@ -181,7 +181,8 @@ def load_config(ckpt: Checkpoint):
         return shapes.build_config(ckpt.shape)
     check_config_file(ckpt)
     kwargs = {"gguf_file": ckpt.gguf_file} if ckpt.gguf_file else {}
-    config = AutoConfig.from_pretrained(str(ckpt.directory), trust_remote_code=False, **kwargs)
+    config = _from_gguf_cache(ckpt, "config", lambda: AutoConfig.from_pretrained(
+        str(ckpt.directory), trust_remote_code=False, **kwargs), AutoConfig)
     if ckpt.gguf_file:
         check_tensors(file_tensors(ckpt), config, GGUF_SOURCE, GGUF_FIX)
     else:
@@ -308,9 +309,25 @@ def load_tokenizer(ckpt: Checkpoint):
         return shapes.FoldedTokenizer(_builtin_tokenizer())
     kwargs = {"gguf_file": ckpt.gguf_file} if ckpt.gguf_file else {}
     try:
-        return AutoTokenizer.from_pretrained(str(ckpt.directory), trust_remote_code=False, **kwargs)
+        return _from_gguf_cache(ckpt, "tokenizer", lambda: AutoTokenizer.from_pretrained(
+            str(ckpt.directory), trust_remote_code=False, **kwargs), AutoTokenizer)
     except Exception as e:  # transformers raises many kinds here
         raise ModelNotFoundError(f"could not load a tokenizer from {ckpt.label!r}: {e}") from e
+
+
+def _from_gguf_cache(ckpt: Checkpoint, kind: str, parse: Callable, auto_class):
+    """parse() for a Hugging Face directory; for a GGUF file, its saved copy when there is one
+    (hogwild_ray.model.gguf_cache: parsing the metadata takes seconds)."""
+    if not ckpt.gguf_file:
+        return parse()
+    from . import gguf_cache
+
+    def reload(where: Path):
+        value = auto_class.from_pretrained(str(where), trust_remote_code=False)
+        value.name_or_path = str(ckpt.directory)  # as read from the file itself
+        return value
+
+    return gguf_cache.cached(ckpt.directory / ckpt.gguf_file, kind, parse, reload)
 
 
 @functools.lru_cache(maxsize=1)
