@@ -362,14 +362,16 @@ def test_shutdown_leaves_nothing_running(server):
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
 
 
-def test_hogwild_ray_serve_runs_until_sigterm(tmp_path):
+def test_hogwild_ray_serve_runs_until_sigterm(tmp_path, random_model):
     """The command itself: serves on the port it is given, answers, and exits 0 on SIGTERM with
-    its Ray processes gone."""
+    its Ray processes gone (a small random model under the built-in model's name: the command's
+    machinery, not the model, is what is tested here)."""
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     env = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}
     command = [sys.executable, "-m", "hogwild_ray", "serve", "--port", str(port), "--max-tokens", "8",
-               "--cache-tokens", "4096", "--address", "local"]
+               "--cache-tokens", "4096", "--address", "local", "--model", str(random_model("llama")[0]),
+               "--served-model-name", MODEL]
     proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()
