@@ -1,4 +1,4 @@
-"""What the benchmarks share: device names, versions, the copy bandwidth, model bytes, result files."""
+"""What the benchmarks share: device names, versions, model bytes, result files (the bandwidth: bandwidth.py)."""
 
 from __future__ import annotations
 
@@ -56,30 +56,23 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def step_walls(session, warmup: int, steps: int) -> list[float]:
+    """Wall seconds of each of `steps` steps of a session, after `warmup` untimed ones."""
+    for _ in range(warmup):
+        session.step()
+    walls = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        session.step()
+        walls.append(time.perf_counter() - t)
+    return walls
+
+
 def free_memory(device: torch.device) -> None:
     """Give back what deleted engines and models held, before the next section allocates."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-
-
-def copy_bandwidth(device: torch.device, nbytes: int | None = None, iters: int = 20) -> float:
-    """Bytes read plus written per second by a large device-to-device copy (the median run):
-    the memory bandwidth a step can hope for on this device."""
-    nbytes = nbytes or ((1 << 30) if device.type == "cuda" else (64 << 20))
-    x = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    y = torch.empty_like(x)
-    y.copy_(x)
-    times = []
-    for _ in range(iters):
-        sync(device)
-        t = time.perf_counter()
-        y.copy_(x)
-        sync(device)
-        times.append(time.perf_counter() - t)
-    del x, y
-    free_memory(device)
-    return 2 * nbytes / statistics.median(times)
 
 
 def weight_bytes_read(config, dtype: torch.dtype) -> int:

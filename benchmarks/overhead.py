@@ -63,13 +63,7 @@ def open_session(engine, model: Model, workers: int):
 def in_process(engine, model: Model, workers: int, args) -> dict:
     session = open_session(engine, model, workers)
     try:
-        for _ in range(args.warmup):
-            session.step()
-        walls = []
-        for _ in range(args.steps):
-            t = time.perf_counter()
-            session.step()
-            walls.append(time.perf_counter() - t)
+        walls = common.step_walls(session, args.warmup, args.steps)
         gpu, method = gpu_seconds(engine, session, args)
     finally:
         session.close()

@@ -2,9 +2,10 @@
 
 For a model path or a named random shape (bf16 on CUDA), for every (workers N, view L)
 cell: step latency, tokens/s in total and per worker, and the bandwidth a step achieves,
-(weight bytes + K/V bytes read per step) / step time, against the device-to-device copy
-bandwidth measured in the same run; the roofline step time is those bytes over that
-bandwidth. A view of L tokens is a prompt of about L tokens shared by all the workers.
+(weight bytes + K/V bytes read per step) / step time, against the device's bandwidth
+measured in the same run (bandwidth.py: plain copies and reads, no CUDA graph); the
+roofline step time is those bytes over that bandwidth. A view of L tokens is a prompt of
+about L tokens shared by all the workers.
 Side by side, one section each (`--sections`):
 
 * graphs: our engine, decode passes replayed from CUDA graphs (CUDA only);
@@ -35,6 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import common  # noqa: E402
+from bandwidth import measure as measure_bandwidth  # noqa: E402
 import scaling_plot  # noqa: E402
 import scaling_runs  # noqa: E402
 
@@ -78,8 +80,9 @@ def main(argv: list[str] | None = None) -> dict:
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     path = args.model or f"random:{args.shape or ('qwen3-8b' if device.type == 'cuda' else 'tiny')}"
     model = scaling_runs.Model(path, device, dtype)
-    bandwidth = common.copy_bandwidth(device)
-    print(f"{path} ({dtype}) on {common.device_name(device)}: copy bandwidth {bandwidth / 1e9:.0f} GB/s, "
+    floor = measure_bandwidth(device)
+    bandwidth = floor.value
+    print(f"{path} ({dtype}) on {common.device_name(device)}: bandwidth {floor.gbs:.0f} GB/s, "
           f"weights read per step {model.weight_bytes / 1e9:.2f} GB", flush=True)
     rows: list[dict] = []
     skipped: list[dict] = []
@@ -98,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
     targets = scaling_runs.targets(rows)
     meta = {"benchmark": "scaling", "date": args.date, "device": device.type,
             "device_name": common.device_name(device), **common.versions(), "model": path,
-            "dtype": str(dtype).removeprefix("torch."), "copy_bandwidth_gbs": round(bandwidth / 1e9, 1),
+            "dtype": str(dtype).removeprefix("torch."), **floor.meta(),
             "weight_bytes_read_per_step": model.weight_bytes, "kv_bytes_per_token": model.kv_per_token,
             "workers": args.workers, "views": args.views, "steps": args.steps, "warmup": args.warmup,
             "sections": args.sections, "seconds": round(time.perf_counter() - t0, 1),

@@ -40,7 +40,7 @@ def plot(meta: dict, rows: list[dict], path: Path) -> None:
            title=f"{ours}: step time (dashed: roofline)")
     ax.legend(fontsize=7)
     common.save_figure(fig, path, f"hogwild-ray scaling: {meta['model']} ({meta['dtype']}) on {meta['device_name']}, "
-                       f"copy {meta['copy_bandwidth_gbs']:.0f} GB/s")
+                       f"bandwidth {meta['floor_bandwidth_gbs']:.0f} GB/s")
 
 
 def table(meta: dict, rows: list[dict], skipped: list[dict], targets: list[dict]) -> None:
@@ -50,8 +50,8 @@ def table(meta: dict, rows: list[dict], skipped: list[dict], targets: list[dict]
              f"{r['tokens_per_s_per_worker']:.1f}", f"{r['achieved_gbs']:.3g}", f"{r['roofline_ms']:.2f}",
              f"{r['vs_roofline']:.2f}", "-" if r["vs_1_worker"] is None else f"{r['vs_1_worker']:.2f}"]
             for r in rows]
-    common.print_table(f"{meta['model']} ({meta['dtype']}) on {meta['device_name']}, copy bandwidth "
-                       f"{meta['copy_bandwidth_gbs']:.0f} GB/s, torch {meta['torch']}", cols, body)
+    common.print_table(f"{meta['model']} ({meta['dtype']}) on {meta['device_name']}, bandwidth "
+                       f"{meta['floor_bandwidth_gbs']:.0f} GB/s, torch {meta['torch']}", cols, body)
     for s in skipped:
         print(f"skipped {s['section']} workers={s['workers']} view={s['view']}: {s['reason']}")
     for t in targets:

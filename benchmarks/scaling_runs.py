@@ -25,7 +25,7 @@ NOTES = {
     "kv_tokens_read": "distinct K/V tokens a step reads (a block shared by several views counted once; "
                       "independent sequences and transformers: the sum of all views)",
     "weight_bytes": "every matrix once per step; of an untied embedding table only the fed rows (ignored)",
-    "roofline_ms": "(weight bytes + K/V bytes read) / copy bandwidth of this run",
+    "roofline_ms": "(weight bytes + K/V bytes read) / the bandwidth of this run (bandwidth.py)",
     "transformers": "generate(), static cache, SDPA, greedy, min_new_tokens forced; "
                     "step = (t(K new) - t(1 new)) / (K - 1), best of --hf-repeats",
 }

@@ -17,8 +17,8 @@ where that saves at least half of the keys and 8192 of them: `plan.WORTH_MERGING
 this benchmark's results; the shared units then run in a launch of their own with a row tile
 wide enough for all their readers). Times are per layer, from CUDA graphs over
 several layers' K/V (more than the L2 cache), as in `attention_kernels.py`. The floor is the
-unique K/V bytes of the pass (each page once) over the device-to-device copy bandwidth
-measured with plain copies (`common.copy_bandwidth`); `pct_floor` above 100% would be a bug.
+unique K/V bytes of the pass (each page once) over the device's bandwidth measured with
+plain copies and reads (`bandwidth.py`); `pct_floor` above 100% would be a bug.
 
     python benchmarks/shared_prompts.py
     python benchmarks/shared_prompts.py --sessions 4,32 --prompts 4096 --modes prompt
@@ -36,6 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import common  # noqa: E402
+from bandwidth import measure as measure_bandwidth  # noqa: E402
 from attention_kernels import L2_BYTES, SHAPES, bench  # noqa: E402
 from hogwild_kernels import QueryGroup, Segment, TritonAttention  # noqa: E402
 
@@ -90,7 +91,7 @@ def build_case(mode: str, sessions: int, workers: int, prompt: int) -> tuple[lis
 
 
 def measure(mode: str, sessions: int, workers: int, prompt: int, shape: str, device: torch.device,
-            copy_bw: float) -> dict:
+            floor_bw: float) -> dict:
     hq, hkv, d = SHAPES[shape]
     groups, n_pages, unique_keys = build_case(mode, sessions, workers, prompt)
     for g in groups:
@@ -118,7 +119,7 @@ def measure(mode: str, sessions: int, workers: int, prompt: int, shape: str, dev
         row[f"{name}_keys_read"] = int((meta.extra[0].unit_kend - meta.extra[0].unit_kstart).sum())
         seconds = bench([lambda k=k, v=v, m=meta: tri.attend(q, k, v, m) for k, v in pools])
         row[f"{name}_us"] = seconds * 1e6
-        row[f"{name}_pct_floor"] = 100 * unique_bytes / copy_bw / seconds
+        row[f"{name}_pct_floor"] = 100 * unique_bytes / floor_bw / seconds
         outs[name] = tri.attend(q, *pools[0], meta).float()
     tri.shared_reads = "auto"  # what the engine does: merge where plan.WORTH_MERGING says it pays
     auto = tri.prepare(groups, slots, slots, page_size=PAGE).extra[0]
@@ -127,7 +128,7 @@ def measure(mode: str, sessions: int, workers: int, prompt: int, shape: str, dev
     row["speedup"] = row["per_session_us"] / row["once_us"]
     row["auto_speedup"] = row["per_session_us"] / row["auto_us"]
     row["max_abs_diff"] = (outs["once"] - outs["per_session"]).abs().max().item()
-    row["copy_GBps"] = copy_bw / 1e9
+    row["floor_GBps"] = floor_bw / 1e9
     del pools
     common.free_memory(device)
     return row
@@ -172,12 +173,12 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         p.error("this benchmark times the Triton kernel on a CUDA GPU and torch sees none")
     device = torch.device("cuda")
-    copy_bw = common.copy_bandwidth(device)
+    floor = measure_bandwidth(device)
     rows = []
     for mode in modes:
         for prompt in args.prompts:
             for sessions in args.sessions:
-                rows.append(measure(mode, sessions, args.workers, prompt, args.shape, device, copy_bw))
+                rows.append(measure(mode, sessions, args.workers, prompt, args.shape, device, floor.value))
     name = common.device_name(device)
     common.print_table(
         f"Shared pages read once vs once per session, one {args.shape} attention layer, bf16, {name}",
@@ -191,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     if over := [r for r in rows if r["once_pct_floor"] > 100 or r["per_session_pct_floor"] > 100]:
         print(f"warning: {len(over)} rows above 100% of the floor: the measurement is wrong")
     stem = args.out / f"{args.date}-{common.file_tag(device)}-shared_prompts"
-    meta = {"device": name, "date": args.date, "copy_GBps": copy_bw / 1e9, "versions": common.versions(),
+    meta = {"device": name, "date": args.date, **floor.meta(), "versions": common.versions(),
             "page_size": PAGE, "workers": args.workers, "shape": args.shape}
     common.write_results(stem, meta, rows)
     plot(rows, Path(f"{stem}.png"), f"Shared pages read once vs per session ({args.shape} layer, {name})")

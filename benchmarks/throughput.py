@@ -24,10 +24,10 @@ engine (`--sections`):
   tokens generate streams is used instead, and a note says so). When the one-shot prefill
   would not fit, the prefill is chunked (`prefill_chunk_size`).
 
-Roofline of a pass: (weight bytes + unique K/V bytes read in the pass) / the device-to-device
-copy bandwidth measured in the same run (plain copies, no CUDA graph; sampled at the start
-and after each section, the best kept; on the CPU the larger of that and a read-only sum, see
-Bandwidth). Unique K/V: every page a pass reads counted once (a session's prompt is shared
+Roofline of a pass: (weight bytes + unique K/V bytes read in the pass) / the device's
+bandwidth measured in the same run by bandwidth.py (the largest of a plain copy and
+read-only kernels, no CUDA graph; sampled at the start and after each section, the best
+kept). Unique K/V: every page a pass reads counted once (a session's prompt is shared
 by its workers, and every worker sees every other's tokens), per session its prompt plus all
 its workers' tokens, each token layers x 2 x kv_heads x head_dim x dtype bytes. `pct_roofline` = roofline time /
 measured pass time; above 100% the measurement would be wrong (a warning is printed).
@@ -55,6 +55,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import common  # noqa: E402
+from bandwidth import Bandwidth  # noqa: E402
+from bandwidth import measure as measure_bandwidth  # noqa: E402
 import scaling_runs  # noqa: E402
 
 import hogwild_ray as hw  # noqa: E402
@@ -86,9 +88,8 @@ NOTES = {
     "kv_tokens_read": "distinct K/V tokens the probe's passes read (mean of its first and last timed pass): "
                       "per session its prompt and all its workers' tokens, every page once (the problems differ "
                       "from their first token, so no prompt page is shared between sessions: prefix_pages_reused)",
-    "roofline_ms": "(weight bytes + kv_tokens_read x K/V bytes per token) / copy bandwidth of this run (the best "
-                   "sample; on the CPU the larger of copy and read-only bandwidth: a CPU copy also reads what it "
-                   "writes, so it understates what a pass that only reads can stream)",
+    "roofline_ms": "(weight bytes + kv_tokens_read x K/V bytes per token) / the bandwidth of this run (bandwidth.py: "
+                   "the largest of a plain copy and read-only kernels, best sample)",
     "pct_roofline": "roofline_ms / decode_ms (transformers: / step_ms) x 100; never above 100 if measured right",
     "decode_gpu_ms": "CUDA graphs: the probe's last pass replayed 10 times back to back (forward and sampling, no "
                      "host work between replays): the pass's GPU time; decode_ms - decode_gpu_ms is host time",
@@ -520,48 +521,11 @@ def hf_step_ms(hf, model: scaling_runs.Model, batch: int, prompt: int, k: int, r
     return step, compile_, "; ".join(notes), chunk, gap
 
 
-class Bandwidth:
-    """The roofline's bandwidth: common.copy_bandwidth (plain copies, no CUDA graph), sampled at the
-    start and after each section and the best kept (a shared CPU's load comes and goes).
-
-    On the CPU the copy is about the size of the weights a pass streams (1 MiB to 256 MiB: a model
-    whose weights sit in the cache is held to the cache's speed), and a read-only pass (the sum
-    of as many bytes) is sampled beside it: a CPU copy also reads every line it writes
-    (write-allocate), so its 2-bytes-per-byte count understates what a pass that only reads
-    weights can stream; the larger of the two is the CPU's bandwidth. On a GPU: the copy alone."""
-
-    def __init__(self, device: torch.device, model: scaling_runs.Model) -> None:
-        self.device = device
-        self.nbytes = (1 << 30) if device.type == "cuda" else min(max(model.weight_bytes, 1 << 20), 256 << 20)
-        self.copies: list[float] = []
-        self.reads: list[float] = []
-
-    def sample(self) -> None:
-        self.copies.append(common.copy_bandwidth(self.device, self.nbytes))
-        if self.device.type != "cuda":
-            self.reads.append(read_bandwidth(self.device, self.nbytes))
-
-    @property
-    def value(self) -> float:
-        return max(self.copies + self.reads)
-
-    def meta(self) -> dict:
-        gbs = lambda xs: [round(x / 1e9, 2) for x in xs]  # noqa: E731
-        return {"roofline_bandwidth_gbs": round(self.value / 1e9, 1), "copy_bytes": self.nbytes,
-                "copy_samples_gbs": gbs(self.copies), "read_samples_gbs": gbs(self.reads) or None}
-
-
-def read_bandwidth(device: torch.device, nbytes: int, iters: int = 10) -> float:
-    """Bytes per second of summing a buffer of nbytes (the median run): a pass that only reads."""
-    x = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
-    x.sum()
-    times = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        x.sum()
-        times.append(time.perf_counter() - t)
-    del x
-    return nbytes / statistics.median(times)
+def roofline_bandwidth(device: torch.device, model: scaling_runs.Model) -> Bandwidth:
+    """bandwidth.py's measurement; on the CPU over about the bytes a pass streams (1 MiB to 256 MiB:
+    a model whose weights sit in the cache is held to the cache's speed)."""
+    nbytes = None if device.type == "cuda" else min(max(model.weight_bytes, 1 << 20), 256 << 20)
+    return measure_bandwidth(device, nbytes)
 
 
 # ---- rates, ratios, targets ------------------------------------------------------------------
@@ -646,7 +610,7 @@ def table(meta: dict, rows: list[dict], skipped: list[dict], target_rows: list[d
              fmt(r["pct_roofline"], ".0f"), fmt(r.get("x_sequential"), ".2f"), fmt(r.get("x_sequential_decode"), ".2f"),
              fmt(r.get("x_transformers"), ".2f")] for r in rows]
     common.print_table(f"{meta['model']} ({meta['dtype']}) on {meta['device_name']}, {meta['tokens']} tokens per "
-                       f"worker, temperature {meta['temperature']}, bandwidth {meta['roofline_bandwidth_gbs']:.0f} "
+                       f"worker, temperature {meta['temperature']}, bandwidth {meta['floor_bandwidth_gbs']:.0f} "
                        f"GB/s; sequential: {meta['sequential']}", cols, body)
     for s in skipped:
         print(f"skipped {s['section']} S={s['sessions']} W={s['workers']} P={s['prompt']}: {s['reason']}")
@@ -711,7 +675,7 @@ def plot(meta: dict, rows: list[dict], path: Path) -> None:
     axis(ax, "% of roofline (decode pass)", "batched decode pass vs roofline", log_y=False)
     common.save_figure(fig, path, f"hogwild-ray throughput: {meta['model']} ({meta['dtype']}) on "
                                   f"{meta['device_name']}\n{meta['tokens']} tokens per worker, temperature "
-                                  f"{meta['temperature']}, roofline at {meta['roofline_bandwidth_gbs']:.0f} GB/s")
+                                  f"{meta['temperature']}, roofline at {meta['floor_bandwidth_gbs']:.0f} GB/s")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -721,8 +685,7 @@ def main(argv: list[str] | None = None) -> dict:
     model = scaling_runs.Model(args.model, device, dtype)
     label = args.model or "built-in SmolLM2-135M-Instruct"
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    bw = Bandwidth(device, model)
-    bw.sample()
+    bw = roofline_bandwidth(device, model)
     bandwidth = bw.value
     context = context_for(args, model.spec)
     cells, skipped, pool = fit_cells(model, args, context)

@@ -24,7 +24,7 @@ def test_scaling_writes_consistent_results(tmp_path):
     reasons = {(s["section"], s["workers"]): s["reason"] for s in saved["skipped"]}
     assert "CUDA" in reasons[("graphs", 1)] and "naive" in reasons[("naive", 2)]
     assert len(saved["targets"]) == 6 and all(t["status"] == "not measured" for t in saved["targets"])
-    assert saved["copy_bandwidth_gbs"] > 0 and saved["transformers"] and saved["torch"]
+    assert saved["floor_bandwidth_gbs"] > 0 and saved["bandwidth_method"] and saved["transformers"] and saved["torch"]
     for r in saved["rows"]:
         s = r["step_ms"] / 1e3
         assert r["tokens_per_s"] == pytest.approx(r["workers"] / s)

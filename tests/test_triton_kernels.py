@@ -277,6 +277,40 @@ def test_fused_norms_and_activation_match_torch(dtype):
     same, hq = add_rms_norm(q, None, wq, 1e-6)
     assert same is q
     torch.testing.assert_close(hq, rms_norm(q, wq, 1e-6), **tol)
+    # q and k heads in one launch, each with its own weight: the two separate calls, bit for bit
+    from hogwild_kernels.fused import qk_rms_norm
+
+    k = qkv[:, 4 * 32: 6 * 32].view(5, 2, 32)
+    wk = (1 + 0.1 * torch.randn(32, generator=g)).to(dtype).to(DEVICE)
+    q_normed, k_normed = qk_rms_norm(qkv, wq, wk, 4, 2, 32, 1e-6)
+    assert torch.equal(q_normed, hq) and torch.equal(k_normed, add_rms_norm(k, None, wk, 1e-6)[1])
     gu = torch.randn(3, 2 * 1500, generator=g).to(dtype).to(DEVICE)
     gate, up = gu.chunk(2, dim=-1)
     torch.testing.assert_close(silu_mul(gu), F.silu(gate) * up, **tol)
+
+
+SKINNY_DTYPES = [torch.float16] + ([torch.bfloat16] if DEVICE.type == "cuda" else [])  # the interpreter lacks bf16 dots
+
+
+@pytest.mark.parametrize("dtype", SKINNY_DTYPES)
+@pytest.mark.parametrize("rows,n,k,bias,config", [
+    (1, 48, 512, False, (16, 256, 4, 2)),  # one worker, whole K blocks
+    (5, 40, 768, True, (16, 512, 4, 2)),  # a ragged last strip and a ragged last K block, with a bias
+    (16, 64, 256, False, (32, 256, 4, 3)),  # a full tile of rows
+])
+def test_skinny_products_match_an_fp32_product(dtype, rows, n, k, bias, config):
+    """The decode products' kernel: every output element written, within half-precision rounding
+    of the fp32 product (one rounding of an fp32 sum, as cuBLAS)."""
+    from hogwild_kernels.skinny import skinny_linear, supported
+
+    g = torch.Generator().manual_seed(rows * n + k)
+    x = torch.randn(rows, k, generator=g).to(DEVICE, dtype)
+    w = (torch.randn(n, k, generator=g) / k**0.5).to(DEVICE, dtype)
+    b = torch.randn(n, generator=g).to(DEVICE, dtype) if bias else None
+    assert supported(x, w)
+    got = skinny_linear(x, w, b, config=config)
+    ref = torch.nn.functional.linear(x.float(), w.float(), None if b is None else b.float())
+    assert got.shape == (rows, n) and got.dtype == dtype and torch.isfinite(got).all()
+    assert ((got.float() - ref).norm() / ref.norm()).item() < 4e-3
+    assert not supported(torch.randn(17, k).to(DEVICE, dtype), w)  # more rows than a tile: cuBLAS
+    assert not supported(x.float(), w.float())  # fp32 stays exact on cuBLAS

@@ -51,6 +51,34 @@ class Decoder:
         self.attention = attention or TorchAttention(self.inv_freq, spec.rope_scale, spec.sm_scale)
         # with the Triton attention, the norms and the MLP activation run as fused Triton kernels too
         self.fused = getattr(self.attention, "name", "") == "triton"
+        # and the products of a decode pass's few half-precision rows run, weight shape by weight
+        # shape, on whichever of cuBLAS and the skinny kernel was faster on this GPU at start
+        # (cuBLAS splits some of them over K and adds a reduction kernel)
+        self.products: dict = {}
+        if self.fused and weights.embed.is_cuda and weights.embed.dtype in (torch.bfloat16, torch.float16):
+            from hogwild_kernels.skinny import choose
+
+            self.products = choose(self._weights_by_shape())
+
+    def _weights_by_shape(self, copies: int = 4) -> dict[tuple[int, int], list[torch.Tensor]]:
+        """Each decode product's weight shape, with a few layers' weights of it."""
+        out: dict[tuple[int, int], list[torch.Tensor]] = {}
+        for lw in self.w.layers:
+            for w in (lw.w_qkv, lw.w_o, lw.w_gate_up, lw.w_down):
+                same = out.setdefault(tuple(w.shape), [])
+                if len(same) < copies:
+                    same.append(w)
+        out.setdefault(tuple(self.w.lm_head.shape), [self.w.lm_head])
+        return out
+
+    def _linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.products:
+            from hogwild_kernels.skinny import bucket, skinny_linear, supported
+
+            config = self.products.get((*weight.shape, bucket(x.shape[0]))) if supported(x, weight) else None
+            if config is not None:
+                return skinny_linear(x, weight, bias, config=config)
+        return F.linear(x, weight, bias)
 
     def _add_norm(self, x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor
                   ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,20 +94,24 @@ class Decoder:
     def _attention_block(self, lw: LayerWeights, h: torch.Tensor, meta: PassMeta, cache: KVPool,
                          layer: int) -> torch.Tensor:
         s = self.spec
-        qkv = F.linear(h, lw.w_qkv, lw.b_qkv)
+        qkv = self._linear(h, lw.w_qkv, lw.b_qkv)
         q_size, kv_size = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         q = q.view(-1, s.num_heads, s.head_dim)
         k = k.view(-1, s.num_kv_heads, s.head_dim)
         v = v.view(-1, s.num_kv_heads, s.head_dim)
-        if lw.q_norm is not None:
+        if lw.q_norm is not None and self.fused:
+            from hogwild_kernels.fused import qk_rms_norm
+
+            q, k = qk_rms_norm(qkv, lw.q_norm, lw.k_norm, s.num_heads, s.num_kv_heads, s.head_dim, s.rms_eps)
+        elif lw.q_norm is not None:
             q = self._add_norm(q, None, lw.q_norm)[1]
             k = self._add_norm(k, None, lw.k_norm)[1]
         self.attention.append(cache.k[layer], cache.v[layer], k, v, meta)
         o = self.attention.attend(q, cache.k[layer], cache.v[layer], meta)
         if self.tp is None:
-            return F.linear(o.reshape(h.shape[0], -1), lw.w_o, lw.b_o)
-        out = self.tp.all_reduce(F.linear(o.reshape(h.shape[0], -1), lw.w_o))
+            return self._linear(o.reshape(h.shape[0], -1), lw.w_o, lw.b_o)
+        out = self.tp.all_reduce(self._linear(o.reshape(h.shape[0], -1), lw.w_o))
         return out if lw.b_o is None else out + lw.b_o  # the bias once, after the sum
 
     def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -92,13 +124,13 @@ class Decoder:
         return self.tp.all_reduce(x)
 
     def _lm_head(self, x: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(x, self.w.lm_head)
+        logits = self._linear(x, self.w.lm_head)
         if self.tp is None:
             return logits.to(torch.float32)
         return self.tp.all_gather_last_dim(logits)[:, :self.spec.vocab_size].to(torch.float32)
 
     def _mlp_block(self, lw: LayerWeights, h: torch.Tensor) -> torch.Tensor:
-        gate_up = F.linear(h, lw.w_gate_up)
+        gate_up = self._linear(h, lw.w_gate_up)
         if self.fused:
             from hogwild_kernels.fused import silu_mul
 
@@ -106,7 +138,7 @@ class Decoder:
         else:
             gate, up = gate_up.chunk(2, dim=-1)
             act = F.silu(gate) * up
-        out = F.linear(act, lw.w_down)
+        out = self._linear(act, lw.w_down)
         return out if self.tp is None else self.tp.all_reduce(out)
 
     @torch.inference_mode()

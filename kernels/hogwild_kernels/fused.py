@@ -15,10 +15,11 @@ import triton.language as tl
 
 
 @triton.jit
-def _add_rms_norm_kernel(x_ptr, delta_ptr, w_ptr, sum_ptr, out_ptr, heads, eps,
+def _add_rms_norm_kernel(x_ptr, delta_ptr, w_ptr, w2_ptr, sum_ptr, out_ptr, heads, split, eps,
                          stride_xt, stride_xh, stride_dt, stride_dh, stride_st, stride_ot, stride_oh,
                          N: tl.constexpr, BLOCK: tl.constexpr, HAS_DELTA: tl.constexpr):
-    """One row (token t, head h): sum = x + delta (stored), out = w * norm(sum)."""
+    """One row (token t, head h): sum = x + delta (stored), out = w * norm(sum); heads from
+    `split` on take their weight from w2 (the key heads of a q/k norm in the same launch)."""
     row = tl.program_id(0)
     t = row // heads
     h = row % heads
@@ -32,7 +33,10 @@ def _add_rms_norm_kernel(x_ptr, delta_ptr, w_ptr, sum_ptr, out_ptr, heads, eps,
     xf = x.to(tl.float32)
     inv = 1.0 / tl.sqrt(tl.sum(xf * xf, 0) / N + eps)
     normed = (xf * inv).to(x_ptr.dtype.element_ty).to(tl.float32)
-    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if h < split:
+        w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        w = tl.load(w2_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + t * stride_ot + h * stride_oh + offs, (normed * w).to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -61,12 +65,28 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tens
     if delta is not None and heads != 1:
         raise ValueError("a residual delta is added to [T, N] rows only")
     _add_rms_norm_kernel[(t * heads,)](
-        x3, d3, weight, total, out, heads, eps,
+        x3, d3, weight, weight, total, out, heads, heads, eps,
         x3.stride(0), x3.stride(1), d3.stride(0), d3.stride(1), total.stride(0), out.stride(0), out.stride(1),
         N=n, BLOCK=triton.next_power_of_2(n), HAS_DELTA=delta is not None,
     )
     total = total if delta is not None else x
     return total, out.view(x.shape)
+
+
+def qk_rms_norm(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, q_heads: int, kv_heads: int,
+                head_dim: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-head RMSNorms of q and k (Qwen3's q_norm and k_norm) read from a fused QKV
+    output [T, (Hq + 2 Hkv) * D], in one launch: (q [T, Hq, D], k [T, Hkv, D])."""
+    t = qkv.shape[0]
+    heads = q_heads + kv_heads
+    qk = qkv[:, :heads * head_dim].view(t, heads, head_dim)  # the q heads, then the k heads
+    out = torch.empty(t, heads, head_dim, dtype=qkv.dtype, device=qkv.device)
+    _add_rms_norm_kernel[(t * heads,)](
+        qk, qk, q_weight, k_weight, qk, out, heads, q_heads, eps,
+        qk.stride(0), qk.stride(1), qk.stride(0), qk.stride(1), qk.stride(0), out.stride(0), out.stride(1),
+        N=head_dim, BLOCK=triton.next_power_of_2(head_dim), HAS_DELTA=False,
+    )
+    return out[:, :q_heads], out[:, q_heads:]
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:

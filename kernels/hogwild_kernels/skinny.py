@@ -1,0 +1,125 @@
+"""Matrix products with few rows (a decode pass: one row per worker), at memory speed.
+
+A decode pass multiplies a handful of rows by every weight matrix once, so each product
+is bound by reading the weight. cuBLAS picks kernels tuned for large products and reads
+the smaller projections (attention's QKV and output) well below the bandwidth. Here each
+program streams a strip of BLOCK_N weight rows through shared memory (several loads in
+flight) and multiplies all the pass's rows against it with the tensor cores, accumulating in
+fp32 and rounding once, as cuBLAS does; the weights are read exactly once.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_ROWS = 16  # one tensor-core tile of rows; larger passes go to cuBLAS
+# (BLOCK_N, BLOCK_K, num_warps, num_stages): few strips per SM, each with ~64 KB in flight
+CONFIGS = [(16, 512, 4, 4), (32, 256, 4, 4), (32, 512, 4, 3), (64, 256, 4, 3), (16, 256, 4, 6)]
+
+
+@triton.jit
+def _skinny_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, stride_xm, stride_wn, stride_om, K: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr):
+    pid = tl.program_id(0)
+    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tl.arange(0, BLOCK_M)
+    rk = tl.arange(0, BLOCK_K)
+    n_ok = rn < N
+    m_ok = rm < M
+    w_ptrs = w_ptr + rn[:, None] * stride_wn + rk[None, :]
+    x_ptrs = x_ptr + rm[:, None] * stride_xm + rk[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            w = tl.load(w_ptrs, mask=n_ok[:, None], other=0.0)
+            x = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)
+        else:
+            k_ok = (k0 + rk) < K
+            w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        acc += tl.dot(x, tl.trans(w))
+        w_ptrs += BLOCK_K
+        x_ptrs += BLOCK_K
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & n_ok[None, :])
+
+
+def supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Half-precision rows (the tensor cores' inputs) of at most MAX_ROWS, contiguous weights."""
+    return (x.dim() == 2 and 0 < x.shape[0] <= MAX_ROWS and x.dtype in (torch.bfloat16, torch.float16)
+            and weight.dtype == x.dtype and weight.is_contiguous() and x.stride(-1) == 1)
+
+
+def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                  config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias) for x of at most MAX_ROWS rows: [M, K] @ [N, K]^T -> [M, N]."""
+    m, k = x.shape
+    n = weight.shape[0]
+    block_n, block_k, warps, stages = config or pick(n, k)
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    _skinny_kernel[(triton.cdiv(n, block_n),)](
+        x, weight, bias if bias is not None else weight, out, m, n, x.stride(0), weight.stride(0), out.stride(0), K=k,
+        BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0,
+        num_warps=warps, num_stages=stages)
+    return out
+
+
+_PICKED: dict[tuple[int, int], tuple[int, int, int, int]] = {}
+
+
+def pick(n: int, k: int) -> tuple[int, int, int, int]:
+    """A launch shape for an [n, k] weight when none was measured: strips of 32 rows (64 for
+    the LM head's long vocab), 256-wide K steps, four loads in flight (best or near it for
+    every Qwen3-8B weight on an H200, benchmarks/skinny_gemm.py)."""
+    if (n, k) not in _PICKED:
+        _PICKED[(n, k)] = (64, 256, 4, 3) if n > 65536 else (32, 256, 4, 4)
+    return _PICKED[(n, k)]
+
+
+CANDIDATES = [(32, 256, 4, 4), (32, 512, 4, 3), (64, 256, 4, 3)]
+FEW_ROWS = 4  # passes of up to this many rows are timed as one row, larger ones as MAX_ROWS
+
+
+def bucket(rows: int) -> int:
+    return 1 if rows <= FEW_ROWS else MAX_ROWS
+
+
+def choose(weights: dict[tuple[int, int], list[torch.Tensor]], repeats: int = 3
+           ) -> dict[tuple[int, int, int], tuple[int, int, int, int] | None]:
+    """For each weight shape [n, k] and row bucket: the fastest of cuBLAS (None) and each launch
+    shape in CANDIDATES, timed on this GPU with CUDA events over that shape's weights in turn
+    (several layers' copies: read from memory, not the L2 cache). Once per engine, before any
+    graph is captured; cuBLAS wins where it is as fast, so nothing gets slower."""
+    import torch.nn.functional as F
+
+    out: dict[tuple[int, int, int], tuple[int, int, int, int] | None] = {}
+    for (n, k), ws in weights.items():
+        for rows in (1, MAX_ROWS):
+            x = torch.randn(rows, k, dtype=ws[0].dtype, device=ws[0].device)
+            runs = {None: lambda w: F.linear(x, w)}
+            runs.update({c: (lambda w, c=c: skinny_linear(x, w, config=c)) for c in CANDIDATES})
+            best = {c: _seconds(fn, ws, repeats) for c, fn in runs.items()}
+            fastest = min(best, key=lambda c: best[c])
+            out[(n, k, rows)] = fastest if best[fastest] < 0.97 * best[None] else None
+    return out
+
+
+def _seconds(fn, ws: list[torch.Tensor], repeats: int) -> float:
+    for w in ws:
+        fn(w)  # compiles on first use
+    times = []
+    for _ in range(repeats):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(2):
+            for w in ws:
+                fn(w)
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return min(times)
