@@ -393,3 +393,82 @@ def test_preview_declines_a_shared_last_page():
     assert lay.preview([0, 1]) is None and twin.preview([1]) is None  # the next write copies on write
     twin.close()
     lay.close()
+
+
+def step_facts(steps) -> list[tuple]:
+    return [(s.worker, s.block.name, s.tokens, s.local_start, s.position, s.slots,
+             [(seg.block.name, seg.length, seg.offset) for seg in s.segments]) for s in steps]
+
+
+@st.composite
+def preview_scenarios(draw):
+    workers = draw(st.integers(1, 5))
+    page_size = draw(st.integers(1, 8))
+    worker = st.integers(0, workers - 1)
+    plan = st.dictionaries(worker, st.integers(0, 2), min_size=1).map(lambda d: ("plan", d))
+    preview = st.lists(worker, unique=True).map(lambda ws: ("preview", ws))
+    foreseen = st.lists(worker, unique=True, min_size=1).map(lambda ws: ("foreseen", ws))  # a preview come true
+    ops = draw(st.lists(st.one_of(plan, preview, foreseen, foreseen, worker.map(lambda w: ("finish", w)),
+                                  st.just(("fork", None)), st.just(("drop forks", None))), max_size=40))
+    return workers, page_size, ops
+
+
+@pytest.mark.parametrize("kind", LAYOUTS)
+@settings(max_examples=100, deadline=None)
+@given(preview_scenarios())
+def test_a_plan_that_reuses_a_preview_equals_one_built_afresh(kind, scenario):
+    """Two layouts driven alike, one previewing before its plans: every plan hands out the same
+    writes, slots and views, whatever happened between the preview and the plan (other
+    workers fed, steps finished, pages shared by a fork and copied on write)."""
+    workers, page_size, ops = scenario
+    alloc_a, alloc_b = PageAllocator(4096, page_size), PageAllocator(4096, page_size)
+    a, b = CacheLayout(kind, workers, alloc_a), CacheLayout(kind, workers, alloc_b)
+    for lay in (a, b):
+        lay.write_shared(lay.common, [1, 2, 3])
+        lay.write_shared(lay.hdr_own, [4, 5])
+        if workers > 1 and kind != "interleaved":
+            lay.write_shared(lay.hdr_others, [6])
+    forks, ids = [], itertools.count(100)
+    for op, arg in ops:
+        if op == "plan":
+            fed = {w: [next(ids) for _ in range(n)] for w, n in arg.items()}
+            assert step_facts(a.plan(fed)) == step_facts(b.plan(fed))
+            assert a.take_copies() == b.take_copies()
+        elif op == "preview":
+            a.preview(arg)
+        elif op == "foreseen":
+            a.preview(arg)
+            fed = {w: [next(ids)] for w in arg}
+            assert step_facts(a.plan(fed)) == step_facts(b.plan(fed))
+            assert a.take_copies() == b.take_copies()
+        elif op == "finish":
+            ra, rb = a.finish_step(arg), b.finish_step(arg)
+            assert (ra is None) == (rb is None)
+            if ra is not None:
+                assert (ra.src_slots, ra.dst_slots, ra.delta) == (rb.src_slots, rb.dst_slots, rb.delta)
+                a.release(ra)
+                b.release(rb)
+        elif op == "fork":
+            forks.append((a.fork(), b.fork()))
+        else:
+            for fa, fb in forks:
+                fa.close()
+                fb.close()
+            forks.clear()
+
+
+def test_a_foreseen_step_takes_the_previewed_views():
+    lay = CacheLayout("combined", 3, PageAllocator(64, 8))
+    lay.write_shared(lay.common, [1, 2, 3])
+    lay.plan({0: [10], 1: [11], 2: [12]})
+    foreseen = lay.preview([0, 1, 2])
+    steps = lay.plan({0: [20], 1: [21], 2: [22]})
+    assert lay.previews_used == 1 and [s.segments for s in steps] == [segs for _, segs in foreseen]
+    assert [s.position for s in steps] == [pos for pos, _ in foreseen]
+    lay.preview([0, 1, 2])
+    lay.plan({0: [30], 1: [31]})  # worker 2 fed nothing: not what was foreseen
+    lay.preview([0, 1])
+    lay.finish_step(0)  # a block moved since the preview
+    lay.plan({0: [40], 1: [41]})
+    assert lay.previews_used == 1
+

@@ -149,9 +149,10 @@ class LocalExecutor(Executor):
     def _stage_next(self, planned: list[tuple[SessionPass, list[WriteStep], list[WriteStep]]],
                     mode: str) -> Ahead | None:
         """While the device runs this pass, stage the next one's plan on the guess that every
-        worker fed now feeds one token next in the same sessions and nothing else changes."""
-        if self.runner.graphs is None or any(shared or any(len(s.tokens) != 1 for s in steps)
-                                             for _, shared, steps in planned):
+        worker fed now feeds one token next in the same sessions and nothing else changes:
+        each layout's views (which its next `plan` reuses if the guess comes true) and, with
+        CUDA graphs, the attention plan."""
+        if any(shared or any(len(s.tokens) != 1 for s in steps) for _, shared, steps in planned):
             return None
         views, workers, positions = [], [], []
         for p, _, steps in planned:
@@ -161,6 +162,8 @@ class LocalExecutor(Executor):
             views += mine
             workers.append([s.worker for s in steps])
             positions.append([pos for pos, _ in mine])
+        if self.runner.graphs is None:
+            return None
         ticket = self.runner.stage_decode(views, mode) if views else None
         if ticket is None:
             return None
