@@ -2,7 +2,7 @@
 
 Going through transformers (`from_pretrained(gguf_file=...)`) parses the whole metadata, token
 strings included, builds a full Hugging Face model and copies every tensor into it: about 12 s
-for the built-in model on a busy 2-core machine, against about 1.5 s here. The result is the same
+for the built-in model on a busy 2-core machine, against about 1 s here. The result is the same
 tensors: the gguf package's own dequantizers, and llama's query/key rows put back in Hugging
 Face's rotary order as llama.cpp's converter permuted them (what transformers undoes too).
 """

@@ -15,8 +15,10 @@ import triton
 import triton.language as tl
 
 MAX_ROWS = 16  # one tensor-core tile of rows; larger passes go to cuBLAS
-# (BLOCK_N, BLOCK_K, num_warps, num_stages): few strips per SM, each with ~64 KB in flight
-CONFIGS = [(16, 512, 4, 4), (32, 256, 4, 4), (32, 512, 4, 3), (64, 256, 4, 3), (16, 256, 4, 6)]
+# (BLOCK_N, BLOCK_K, num_warps, num_stages): few strips per SM, each with ~64 KB in flight. The
+# engine times CANDIDATES at start; benchmarks/skinny_gemm.py sweeps all of CONFIGS.
+CANDIDATES = [(32, 256, 4, 4), (32, 512, 4, 3), (64, 256, 4, 3)]
+CONFIGS = CANDIDATES + [(16, 512, 4, 4), (16, 256, 4, 6)]
 
 
 @triton.jit
@@ -69,19 +71,13 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return out
 
 
-_PICKED: dict[tuple[int, int], tuple[int, int, int, int]] = {}
-
-
 def pick(n: int, k: int) -> tuple[int, int, int, int]:
     """A launch shape for an [n, k] weight when none was measured: strips of 32 rows (64 for
     the LM head's long vocab), 256-wide K steps, four loads in flight (best or near it for
     every Qwen3-8B weight on an H200, benchmarks/skinny_gemm.py)."""
-    if (n, k) not in _PICKED:
-        _PICKED[(n, k)] = (64, 256, 4, 3) if n > 65536 else (32, 256, 4, 4)
-    return _PICKED[(n, k)]
+    return (64, 256, 4, 3) if n > 65536 else (32, 256, 4, 4)
 
 
-CANDIDATES = [(32, 256, 4, 4), (32, 512, 4, 3), (64, 256, 4, 3)]
 FEW_ROWS = 4  # passes of up to this many rows are timed as one row, larger ones as MAX_ROWS
 
 
