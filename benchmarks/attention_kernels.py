@@ -10,7 +10,13 @@ Side by side in the same run:
   worker of the same length: what N independent sequences cost;
 * naive: re-rotating every block's keys for every worker each step, then SDPA (what a
   first Hogwild! engine does);
-* torch: the engine's own torch path (the reference it is tested against, vectorized).
+* torch: the engine's own torch path (the reference it is tested against, vectorized);
+* `--variants`: the same kernel with other knobs or pages laid out another way, in the same
+  run (before/after comparisons): each gets a `<name>_us` column and `<name>_x`, its time
+  over the kernel's.
+
+K/V pages are token-major in memory ([page, token, kv_head, dim]), as the engine's pool keeps
+them; a variant with "page_layout": "head" reads head-major pages ([page, kv_head, token, dim]).
 
 The floor is the unique K/V bytes (each block once per KV head) over the device's bandwidth
 measured in this run with plain copies and reads (bandwidth.py, no CUDA graph); `x_floor` is
@@ -19,6 +25,7 @@ time is per layer, from CUDA graphs that run the call for several layers back to
 each layer with its own K/V (more than the L2 cache in all), as in a real decode step.
 
     python benchmarks/attention_kernels.py --workers 1,2,4,8,16 --views 1024,4096,16384,65536
+    python benchmarks/attention_kernels.py --variants '{"no_pdl": {"pdl": false}, "head_major": {"page_layout": "head"}}'
 """
 
 from __future__ import annotations
@@ -76,8 +83,19 @@ def bench(fns: list, calls: int = 8, iters: int = 30) -> float:
     return sorted(times)[len(times) // 2]
 
 
+PAGE_LAYOUTS = ("token", "head")
+
+
+def laid_out(pool: torch.Tensor, layout: str) -> torch.Tensor:
+    """The pool [pages, page_size, kv_heads, dim] with its pages head-major or token-major in memory."""
+    if layout == "head":
+        return pool.transpose(1, 2).contiguous().transpose(1, 2)
+    return pool.contiguous()
+
+
 def build_case(workers, view, hq, hkv, d, dtype, device, page=16, layers=1):
-    """Pools (one per layer), packed queries and every worker's segments for one decode step."""
+    """Pools (one per layer, pages token-major as the engine's), packed queries and every
+    worker's segments for one decode step."""
     cur = min(CUR, max(1, (view - sum(HEADERS)) // (2 * workers)))  # short views: common keeps half
     common = view - sum(HEADERS) - workers * cur
     lengths = [common, *HEADERS] + [cur] * workers
@@ -112,11 +130,10 @@ class NaiveRerotate(TorchAttention):
         if meta.extra["views"] is None:
             meta.extra["views"] = self._views(meta.groups, k_pool.shape[1], q.device)
         out = torch.empty_like(q)
-        flat_k = k_pool.view(-1, k_pool.shape[-2], k_pool.shape[-1])
-        flat_v = v_pool.view(-1, v_pool.shape[-2], v_pool.shape[-1])
+        page = k_pool.shape[1]
         for g, (slot, kcos, ksin, qcos, qsin, _) in zip(meta.groups, meta.extra["views"]):
-            k = apply_rope(flat_k[slot], kcos, ksin).transpose(0, 1)[None]
-            v = flat_v[slot].transpose(0, 1)[None]
+            k = apply_rope(k_pool[slot // page, slot % page], kcos, ksin).transpose(0, 1)[None]
+            v = v_pool[slot // page, slot % page].transpose(0, 1)[None]
             qr = apply_rope(q[g.start:g.start + g.count], qcos, qsin).transpose(0, 1)[None]
             o = F.scaled_dot_product_attention(qr, k, v, scale=self.sm_scale, enable_gqa=True)
             out[g.start:g.start + g.count] = o[0].transpose(0, 1)
@@ -136,6 +153,15 @@ def measure(w, view, shape, args, dev, dtype) -> dict:
     plan_ms = (time.perf_counter() - t0) * 1e3
     t_tri = bench([lambda k=k, v=v: tri.attend(q, k, v, meta) for k, v in pools])
     row = {"shape": shape, "workers": w, "view": view, "triton_us": t_tri * 1e6}
+    for name, spec in args.variants.items():
+        knobs = {**args.kernel, **spec}
+        layout = knobs.pop("page_layout", "token")
+        impl = TritonAttention(inv_freq, 1.0, d**-0.5, kv_heads=hkv, **knobs)
+        m = impl.prepare(groups, slots, slots)
+        other = [(laid_out(k, layout), laid_out(v, layout)) for k, v in pools]
+        row[f"{name}_us"] = bench([lambda k=k, v=v: impl.attend(q, k, v, m) for k, v in other]) * 1e6
+        row[f"{name}_x"] = row[f"{name}_us"] / row["triton_us"]
+        del other
     # SDPA over one contiguous, already-rotated cache per worker (independent sequences)
     sd_layers = max(1, min(8, -(-L2_BYTES // (per_layer * w))))
     caches = [(torch.randn(w, hkv, view, d, dtype=dtype, device=dev),
@@ -230,7 +256,7 @@ def save(rows, floor: Bandwidth, args, out: Path, facts: dict) -> None:
     device = facts["device"]
     stem = out / f"{args.date}-{device.replace(' ', '_')}-attention"
     meta = {**facts, "dtype": args.dtype, "shapes": {s: SHAPES[s] for s in args.shapes}, **floor.meta(),
-            "kernel_knobs": args.kernel, "targets": targets(rows)}
+            "kernel_knobs": args.kernel, "variants": args.variants, "targets": targets(rows)}
     Path(f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     with open(f"{stem}.csv", "w", newline="") as f:
         wr = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -246,6 +272,9 @@ def save(rows, floor: Bandwidth, args, out: Path, facts: dict) -> None:
             ax_t.plot(ws, [x["sdpa_us"] for x in r], "x--", color=c, label=f"SDPA per worker, {view}")
             if "naive_us" in r[0]:
                 ax_t.plot(ws, [x["naive_us"] for x in r], ":", color=c, label=f"naive re-rotation, {view}")
+            for j, name in enumerate(args.variants):
+                ax_t.plot(ws, [x[f"{name}_us"] for x in r], "s" + ("-.", ":", "--")[j % 3], color=c, alpha=0.6,
+                          label=f"{name}, {view}")
             ax_f.plot(ws, [x["x_floor"] for x in r], "o-", color=c, label=f"{view} view")
         ax_f.axhline(1.3, color="gray", lw=0.8, ls="--")
         ax_t.set(xlabel="workers", ylabel="µs per layer", xscale="log", yscale="log",
@@ -272,9 +301,16 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     p.add_argument("--kernel", default="{}", type=json.loads,
                    help='TritonAttention knobs as JSON, e.g. \'{"block_n": 128, "num_warps": 8}\'')
+    p.add_argument("--variants", default="{}", type=json.loads,
+                   help='other kernels to time side by side, as JSON {name: knobs}; knobs are TritonAttention\'s '
+                        'plus "page_layout" ("token" or "head"), e.g. \'{"no_pdl": {"pdl": false}, '
+                        '"head_major": {"page_layout": "head"}}\'')
     p.add_argument("--no-baselines", action="store_true", help="skip the naive and torch paths (slow)")
     p.add_argument("--no-save", action="store_true")
     args = p.parse_args()
+    for name, spec in args.variants.items():
+        if spec.get("page_layout", "token") not in PAGE_LAYOUTS:
+            raise SystemExit(f"variant {name!r}: page_layout must be one of {', '.join(PAGE_LAYOUTS)}")
     if not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA GPU")
     unknown = set(args.shapes) - set(SHAPES)
@@ -284,12 +320,14 @@ def main() -> None:
     print(f"\n{torch.cuda.get_device_name()}, {args.dtype}; µs per layer; bandwidth {floor.gbs:.0f} GB/s "
           f"(copy {max(floor.copies) / 1e9:.0f}, read {max(floor.reads) / 1e9:.0f}, SDPA here "
           f"{floor.seen.get('sdpa decode', 0) / 1e9:.0f})")
+    names = list(args.variants)  # each variant's time over the kernel's
     print(f"{'shape':>9} {'workers':>7} {'view':>6} {'triton':>8} {'sdpa':>8} {'naive':>8} "
-          f"{'torch':>8} {'x sdpa':>7} {'floor':>7} {'x floor':>7}")
+          f"{'torch':>8} {'x sdpa':>7} {'floor':>7} {'x floor':>7}" + "".join(f" {n[:10]:>10}" for n in names))
     for r in rows:
         print(f"{r['shape']:>9} {r['workers']:>7} {r['view']:>6} {r['triton_us']:8.1f} "
               f"{r['sdpa_us']:8.1f} {r.get('naive_us', float('nan')):8.1f} {r.get('torch_us', float('nan')):8.1f} "
-              f"{r['speedup_vs_sdpa']:7.2f} {r['floor_us']:7.1f} {r['x_floor']:7.2f}")
+              f"{r['speedup_vs_sdpa']:7.2f} {r['floor_us']:7.1f} {r['x_floor']:7.2f}"
+              + "".join(f" {r[n + '_x']:9.2f}x" for n in names))
     print("\n".join(["", "targets:", *targets(rows)]))
     if not args.no_save:
         save(rows, floor, args, args.out, run_facts())

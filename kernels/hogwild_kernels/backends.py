@@ -25,8 +25,17 @@ class PassMeta:
     extra: Any = None  # backend-specific: cos/sin tables or the Triton plan
 
 
-def _flat(pool: torch.Tensor) -> torch.Tensor:
-    return pool.view(-1, pool.shape[-2], pool.shape[-1])
+def _at(pool: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index of slots (page * page_size + token) into a pool [pages, page_size, heads, dim],
+    whichever way its pages are laid out in memory."""
+    return slots // pool.shape[1], slots % pool.shape[1]
+
+
+def _pool_strides(pool: torch.Tensor) -> tuple[int, int, int]:
+    """(page, token, head) strides of a pool whose head dim is contiguous."""
+    if pool.stride(3) != 1:
+        raise ValueError(f"the K/V pool's head dim must be contiguous, got strides {pool.stride()}")
+    return pool.stride(0), pool.stride(1), pool.stride(2)
 
 
 class TorchAttention:
@@ -51,8 +60,8 @@ class TorchAttention:
     def append(self, k_pool: torch.Tensor, v_pool: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                meta: PassMeta) -> None:
         cos, sin = meta.extra["append"]
-        _flat(k_pool)[meta.slots] = apply_rope(k, cos, sin).to(k_pool.dtype)
-        _flat(v_pool)[meta.slots] = v.to(v_pool.dtype)
+        k_pool[_at(k_pool, meta.slots)] = apply_rope(k, cos, sin).to(k_pool.dtype)
+        v_pool[_at(v_pool, meta.slots)] = v.to(v_pool.dtype)
 
     def _views(self, groups: list[QueryGroup], page_size: int, device: torch.device) -> dict:
         """Once per pass: the decode groups (one query each) side by side, padded to the longest
@@ -104,15 +113,15 @@ class TorchAttention:
         if views["decode"] is not None:  # every one-query worker at once: no causal mask, only padding
             rows, slot, kcos, ksin, qcos, qsin, valid = views["decode"]
             n, width = valid.shape
-            k = apply_rope(_flat(k_pool)[slot].to(torch.float32), kcos, ksin).view(n, width, hkv, d)
-            v = _flat(v_pool)[slot].to(torch.float32).view(n, width, hkv, d)
+            k = apply_rope(k_pool[_at(k_pool, slot)].to(torch.float32), kcos, ksin).view(n, width, hkv, d)
+            v = v_pool[_at(v_pool, slot)].to(torch.float32).view(n, width, hkv, d)
             qr = apply_rope(q[rows].to(torch.float32), qcos, qsin).view(n, hkv, hq // hkv, d)
             s = torch.einsum("gkrd,glkd->gkrl", qr, k) * self.sm_scale
             p = torch.softmax(s.masked_fill(~valid[:, None, None, :], float("-inf")), dim=-1)
             out[rows] = torch.einsum("gkrl,glkd->gkrd", p, v).reshape(n, hq, d).to(q.dtype)
         for g, slot, kcos, ksin, qcos, qsin, hidden in views["others"]:
-            k = apply_rope(_flat(k_pool)[slot].to(torch.float32), kcos, ksin)  # keys moved by block offset
-            v = _flat(v_pool)[slot].to(torch.float32)
+            k = apply_rope(k_pool[_at(k_pool, slot)].to(torch.float32), kcos, ksin)  # keys moved by block offset
+            v = v_pool[_at(v_pool, slot)].to(torch.float32)
             qr = apply_rope(q[g.start : g.start + g.count].to(torch.float32), qcos, qsin)
             qr = qr.view(g.count, hkv, hq // hkv, d)
             s = torch.einsum("nkrd,lkd->krnl", qr, k) * self.sm_scale
@@ -137,13 +146,16 @@ class TritonAttention:
     def __init__(self, inv_freq: torch.Tensor, rope_scale: float, sm_scale: float, chunk: int | None = None,
                  block_n: int | None = None, block_m: int | None = None, kv_heads: int = 8,
                  num_warps: int | None = None, num_stages: int | None = None, programs_per_sm: int = 2,
-                 partial_dtype: torch.dtype | None = None) -> None:
+                 partial_dtype: torch.dtype | None = None, pdl: bool | None = None) -> None:
         self.inv_freq = inv_freq.to(torch.float32).contiguous()
         self.rope_scale, self.sm_scale, self.kv_heads = rope_scale, sm_scale, kv_heads
         interpret = self.interpret = os.environ.get("TRITON_INTERPRET") == "1"
         self.chunk = chunk  # None: sized per pass so that every SM gets work
         self.programs_per_sm, self.partial_dtype = programs_per_sm, partial_dtype
         self._sms: int | None = None
+        # the merge launched as a programmatic dependent of the partials (Hopper and later):
+        # None: wherever the device supports it
+        self.pdl = pdl
         knobs = {"num_warps": num_warps, "num_stages": num_stages}
         self.launch = {} if interpret else {k: v for k, v in knobs.items() if v is not None}
         if self.launch:
@@ -205,12 +217,14 @@ class TritonAttention:
         from .triton_attention import _kv_append_kernel
 
         t, h, d = k.shape
-        kp, vp = _flat(k_pool), _flat(v_pool)
+        strides = _pool_strides(k_pool)
+        if _pool_strides(v_pool) != strides:
+            raise ValueError("the K and V pools must share one memory layout")
         _, key_cos, key_sin = meta.extra
         _kv_append_kernel[(t, h)](
-            k, v, key_cos, key_sin, meta.slots, kp, vp,
-            k.stride(0), k.stride(1), v.stride(0), v.stride(1), kp.stride(0), kp.stride(1),
-            HALF=d // 2, HALFP=max(16, _next_pow2(d // 2)),
+            k, v, key_cos, key_sin, meta.slots, k_pool, v_pool,
+            k.stride(0), k.stride(1), v.stride(0), v.stride(1), *strides,
+            PAGE=k_pool.shape[1], HALF=d // 2, HALFP=max(16, _next_pow2(d // 2)),
         )
 
     def attend(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, meta: PassMeta) -> torch.Tensor:
@@ -224,7 +238,10 @@ class TritonAttention:
         npairs = int(plan.pair_tok.numel())
         if npairs == 0:
             return out.zero_()
-        kp, vp = _flat(k_pool), _flat(v_pool)
+        strides = _pool_strides(k_pool)
+        if _pool_strides(v_pool) != strides:
+            raise ValueError("the K and V pools must share one memory layout")
+        pdl = self._pdl(q.device)
         # partials in the input's precision (as vLLM's paged attention v2); fp32 inputs stay exact
         o_part = torch.empty((npairs, hq, d), dtype=self.partial_dtype or q.dtype, device=q.device)
         lse_part = torch.empty((npairs, hq), dtype=torch.float32, device=q.device)
@@ -233,23 +250,32 @@ class TritonAttention:
             block_r = max(1, block_m // rep)
             launch = self.launch or {"num_warps": 4 if block_m <= 64 else 8, "num_stages": 3}  # best on an H100
             _rope_shift_partial_kernel[(units, hkv, -(-max_pairs // block_r))](
-                q, kp, vp,
+                q, k_pool, v_pool,
                 plan.unit_item, plan.unit_kstart, plan.unit_kend, plan.unit_pair, plan.unit_npairs,
-                plan.pair_tok, plan.pair_cos, plan.pair_sin, plan.pair_limit, plan.tables,
+                plan.pair_tok, plan.pair_cos, plan.pair_sin, plan.pair_limit, plan.pair_part, plan.tables,
                 o_part, lse_part, unit0,
-                q.stride(0), q.stride(1), kp.stride(0), kp.stride(1), plan.tables.stride(0),
+                q.stride(0), q.stride(1), *strides, plan.tables.stride(0),
                 o_part.stride(0), o_part.stride(1), lse_part.stride(0),
                 float(self.sm_scale * LOG2E),
                 PAGE=k_pool.shape[1], REP=rep, BLOCK_R=block_r, BLOCK_M=block_m,
                 HALF=d // 2, HALFP=max(16, _next_pow2(d // 2)), BLOCK_N=self.block_n,
-                IEEE=q.dtype == torch.float32, LOOP_WHILE=self.interpret, **launch,
+                IEEE=q.dtype == torch.float32, LOOP_WHILE=self.interpret, PDL=pdl, **launch,
             )
         _merge_partials_kernel[(t, hq)](
-            o_part, lse_part, plan.tok_start, plan.tok_parts, out,
+            o_part, lse_part, plan.tok_start, out,
             o_part.stride(0), o_part.stride(1), lse_part.stride(0), out.stride(0), out.stride(1),
-            D=d, DP=_next_pow2(d), P_BLOCK=min(64, max(2, _next_pow2(plan.max_parts))),
+            D=d, DP=_next_pow2(d), P_BLOCK=min(64, max(2, _next_pow2(plan.max_parts))), PDL=pdl,
+            **({"launch_pdl": True} if pdl else {}),
         )
         return out
+
+    def _pdl(self, device: torch.device) -> bool:
+        """Programmatic dependent launch: a CUDA device of compute capability 9 or more."""
+        if self.interpret or device.type != "cuda":
+            return False
+        if self.pdl is None:
+            self.pdl = torch.cuda.get_device_capability(device)[0] >= 9
+        return self.pdl
 
 
     def _block_m(self, pairs: int, rep: int) -> int:

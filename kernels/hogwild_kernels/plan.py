@@ -23,7 +23,7 @@ from .reference import QueryGroup
 from .sharing import shared_runs
 
 FIELDS = ("unit_item", "unit_kstart", "unit_kend", "unit_pair", "unit_npairs",
-          "pair_tok", "pair_delta", "pair_limit", "tok_start", "tok_parts")
+          "pair_tok", "pair_delta", "pair_limit", "pair_part", "tok_start")
 
 
 @dataclass
@@ -37,8 +37,8 @@ class AttentionPlan:
     pair_tok: torch.Tensor  # int32 [pairs] query row in q
     pair_delta: torch.Tensor  # int32 [pairs] query position - block offset
     pair_limit: torch.Tensor  # int32 [pairs] keys [0, limit) are visible
-    tok_start: torch.Tensor  # int32 [T + 1] CSR of each token's partials
-    tok_parts: torch.Tensor  # int32 [pairs] partial rows, grouped by token
+    pair_part: torch.Tensor  # int32 [pairs] the pair's partial row: rows grouped by token
+    tok_start: torch.Tensor  # int32 [T + 1] each token's partial rows are [start, next start)
     num_tokens: int
     max_pairs: int  # the most pairs in one unit (sets the row-tile grid)
     max_parts: int  # the most partials of one token (sets the merge tile)
@@ -66,7 +66,7 @@ class PlanCaps:
         u, p = self.units, self.pairs
         return {"tables": self.items * self.pages, "unit_item": u, "unit_kstart": u, "unit_kend": u,
                 "unit_pair": u, "unit_npairs": u, "pair_tok": p, "pair_delta": p, "pair_limit": p,
-                "tok_start": self.tokens + 1, "tok_parts": p}
+                "pair_part": p, "tok_start": self.tokens + 1}
 
 
 def _pages(pages) -> np.ndarray:
@@ -142,7 +142,9 @@ def build_plan(groups: list[QueryGroup], num_tokens: int, chunk: int | Callable[
     unit_item = np.repeat(np.arange(n_items), chunks)
     kstart = base[unit_item] + (np.arange(units) - first_unit[unit_item]) * chunk
     pair_tok = tok[src]
-    by_tok = np.argsort(pair_tok, kind="stable")
+    # partial rows grouped by token, so that the merge reads each token's rows as one run
+    pair_part = np.empty(len(pair_tok), dtype=np.int64)
+    pair_part[np.argsort(pair_tok, kind="stable")] = np.arange(len(pair_tok))
     width = max(1, max((len(t) for t in kept_tables), default=1))
     table = np.zeros((n_items, width), dtype=np.int32)
     for row, pages in enumerate(kept_tables):
@@ -155,7 +157,7 @@ def build_plan(groups: list[QueryGroup], num_tokens: int, chunk: int | Callable[
         "unit_kend": i32(np.minimum(kstart + chunk, kmax[unit_item])),
         "unit_pair": i32(np.cumsum(npairs) - npairs), "unit_npairs": i32(npairs),
         "pair_tok": i32(pair_tok), "pair_delta": i32(delta[src]), "pair_limit": i32(limit[src]),
-        "tok_start": i32(np.concatenate([[0], np.cumsum(per_tok)])), "tok_parts": i32(by_tok),
+        "pair_part": i32(pair_part), "tok_start": i32(np.concatenate([[0], np.cumsum(per_tok)])),
         "num_tokens": num_tokens, "max_pairs": int(npairs.max(initial=0)), "max_parts": int(per_tok.max(initial=0)),
         "chunk": chunk,
     }

@@ -17,7 +17,7 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _attend_tile(k0, kend, item, h, k_ptr, v_ptr, tables_ptr, stride_table, stride_kslot, stride_kh,
+def _attend_tile(k0, kend, item, h, k_ptr, v_ptr, tables_ptr, stride_table, stride_kpage, stride_ktok, stride_kh,
                  qr1, qr2, limit, d, dmask, m_i, l_i, acc1, acc2,
                  PAGE: tl.constexpr, HALF: tl.constexpr, HALFP: tl.constexpr, BLOCK_N: tl.constexpr,
                  IEEE: tl.constexpr, MASKED: tl.constexpr):
@@ -33,8 +33,10 @@ def _attend_tile(k0, kend, item, h, k_ptr, v_ptr, tables_ptr, stride_table, stri
         page = tl.load(tables_ptr + item * stride_table + offs // PAGE, mask=kmask, other=0)
     else:
         page = tl.load(tables_ptr + item * stride_table + offs // PAGE)
-    slot = page.to(tl.int64) * PAGE + offs % PAGE
-    kv_off = slot[:, None] * stride_kslot + h * stride_kh + d[None, :]
+    # token-major pages ([page, token, head, dim]) or head-major ones ([page, head, token, dim],
+    # one contiguous run per head and page): the strides say which
+    row_off = page.to(tl.int64) * stride_kpage + (offs % PAGE) * stride_ktok
+    kv_off = row_off[:, None] + h * stride_kh + d[None, :]
     kvmask = kmask[:, None] & dmask[None, :]
     if MASKED or HALF != HALFP:
         k1 = tl.load(k_ptr + kv_off, mask=kvmask, other=0.0)
@@ -77,18 +79,18 @@ def _attend_tile(k0, kend, item, h, k_ptr, v_ptr, tables_ptr, stride_table, stri
 def _rope_shift_partial_kernel(
     q_ptr, k_ptr, v_ptr,
     unit_item_ptr, unit_kstart_ptr, unit_kend_ptr, unit_pair_ptr, unit_npairs_ptr,
-    pair_tok_ptr, pair_cos_ptr, pair_sin_ptr, pair_limit_ptr, tables_ptr,
+    pair_tok_ptr, pair_cos_ptr, pair_sin_ptr, pair_limit_ptr, pair_part_ptr, tables_ptr,
     o_part_ptr, lse_part_ptr,
     unit0,
     stride_qt, stride_qh,
-    stride_kslot, stride_kh,
+    stride_kpage, stride_ktok, stride_kh,
     stride_table,
     stride_ot, stride_oh,
     stride_lt,
     qk_scale,
     PAGE: tl.constexpr, REP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
     HALF: tl.constexpr, HALFP: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
-    LOOP_WHILE: tl.constexpr,
+    LOOP_WHILE: tl.constexpr, PDL: tl.constexpr,
 ):
     """Partial attention of one unit (a chunk of one block) for one KV head and BLOCK_R readers.
 
@@ -96,6 +98,8 @@ def _rope_shift_partial_kernel(
     Each reader's rotation (cos/sin of its delta, rope attention factor included) comes
     precomputed per pair, once per forward pass for all layers.
     """
+    if PDL:  # the merge may be scheduled now; it waits for this grid's stores before it reads
+        tl.extra.cuda.gdc_launch_dependents()
     u = unit0 + tl.program_id(0)
     h = tl.program_id(1)
     rt = tl.program_id(2)
@@ -139,26 +143,27 @@ def _rope_shift_partial_kernel(
         k0 = kstart
         while k0 < full:
             m_i, l_i, acc1, acc2 = _attend_tile(
-                k0, kend, item, h, k_ptr, v_ptr, tables_ptr, stride_table, stride_kslot, stride_kh,
+                k0, kend, item, h, k_ptr, v_ptr, tables_ptr, stride_table, stride_kpage, stride_ktok, stride_kh,
                 qr1, qr2, limit, d, dmask, m_i, l_i, acc1, acc2, PAGE, HALF, HALFP, BLOCK_N, IEEE, False)
             k0 += BLOCK_N
         while k0 < kend:
             m_i, l_i, acc1, acc2 = _attend_tile(
-                k0, kend, item, h, k_ptr, v_ptr, tables_ptr, stride_table, stride_kslot, stride_kh,
+                k0, kend, item, h, k_ptr, v_ptr, tables_ptr, stride_table, stride_kpage, stride_ktok, stride_kh,
                 qr1, qr2, limit, d, dmask, m_i, l_i, acc1, acc2, PAGE, HALF, HALFP, BLOCK_N, IEEE, True)
             k0 += BLOCK_N
     else:
         for k0 in range(kstart, full, BLOCK_N):
             m_i, l_i, acc1, acc2 = _attend_tile(
-                k0, kend, item, h, k_ptr, v_ptr, tables_ptr, stride_table, stride_kslot, stride_kh,
+                k0, kend, item, h, k_ptr, v_ptr, tables_ptr, stride_table, stride_kpage, stride_ktok, stride_kh,
                 qr1, qr2, limit, d, dmask, m_i, l_i, acc1, acc2, PAGE, HALF, HALFP, BLOCK_N, IEEE, False)
         for k0 in range(full, kend, BLOCK_N):
             m_i, l_i, acc1, acc2 = _attend_tile(
-                k0, kend, item, h, k_ptr, v_ptr, tables_ptr, stride_table, stride_kslot, stride_kh,
+                k0, kend, item, h, k_ptr, v_ptr, tables_ptr, stride_table, stride_kpage, stride_ktok, stride_kh,
                 qr1, qr2, limit, d, dmask, m_i, l_i, acc1, acc2, PAGE, HALF, HALFP, BLOCK_N, IEEE, True)
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    out_row = pair.to(tl.int64)  # one partial row per (unit, pair); 64-bit: long prefills have many
+    # one partial row per (unit, pair), grouped by token; 64-bit: long prefills have many
+    out_row = tl.load(pair_part_ptr + pair, mask=valid, other=0).to(tl.int64)
     o_base = o_part_ptr + out_row[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
     ty = o_part_ptr.dtype.element_ty
     tl.store(o_base, (acc1 / l_safe[:, None]).to(ty), mask=qmask)
@@ -169,11 +174,17 @@ def _rope_shift_partial_kernel(
 
 @triton.jit
 def _merge_partials_kernel(
-    o_part_ptr, lse_part_ptr, tok_start_ptr, tok_parts_ptr, out_ptr,
+    o_part_ptr, lse_part_ptr, tok_start_ptr, out_ptr,
     stride_ot, stride_oh, stride_lt, stride_outt, stride_outh,
-    D: tl.constexpr, DP: tl.constexpr, P_BLOCK: tl.constexpr,
+    D: tl.constexpr, DP: tl.constexpr, P_BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):
-    """Log-sum-exp merge of one query head's partials, P_BLOCK of them per load."""
+    """Log-sum-exp merge of one query head's partials (rows [start, next start) of its
+    token: no indirection), P_BLOCK of them per load.
+
+    PDL: launched as a programmatic dependent of the partial kernel, so its launch overlaps
+    that kernel's tail; it waits for the partials before touching them."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
     t = tl.program_id(0)
     head = tl.program_id(1)
     start = tl.load(tok_start_ptr + t)
@@ -187,7 +198,7 @@ def _merge_partials_kernel(
     i = start
     while i < end:
         pmask = i + p < end
-        part = tl.load(tok_parts_ptr + i + p, mask=pmask, other=0).to(tl.int64)
+        part = (i + p).to(tl.int64)
         lse = tl.load(lse_part_ptr + part * stride_lt + head, mask=pmask, other=float("-inf"))
         o = tl.load(o_part_ptr + part[:, None] * stride_ot + head * stride_oh + d[None, :],
                     mask=pmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
@@ -206,8 +217,8 @@ def _merge_partials_kernel(
 @triton.jit
 def _kv_append_kernel(
     k_ptr, v_ptr, cos_ptr, sin_ptr, slot_ptr, k_pool_ptr, v_pool_ptr,
-    stride_kt, stride_kh, stride_vt, stride_vh, stride_pslot, stride_ph,
-    HALF: tl.constexpr, HALFP: tl.constexpr,
+    stride_kt, stride_kh, stride_vt, stride_vh, stride_ppage, stride_ptok, stride_ph,
+    PAGE: tl.constexpr, HALF: tl.constexpr, HALFP: tl.constexpr,
 ):
     """Rotate one new key at its block-local position (cos/sin precomputed per pass) and store K and V."""
     t = tl.program_id(0)
@@ -220,7 +231,7 @@ def _kv_append_kernel(
     kb = k_ptr + t * stride_kt + h * stride_kh + d
     k1 = tl.load(kb, mask=dmask, other=0.0).to(tl.float32)
     k2 = tl.load(kb + HALF, mask=dmask, other=0.0).to(tl.float32)
-    pb = slot * stride_pslot + h * stride_ph + d
+    pb = (slot // PAGE) * stride_ppage + (slot % PAGE) * stride_ptok + h * stride_ph + d
     ty = k_pool_ptr.dtype.element_ty
     tl.store(k_pool_ptr + pb, (k1 * cos - k2 * sin).to(ty), mask=dmask)
     tl.store(k_pool_ptr + pb + HALF, (k2 * cos + k1 * sin).to(ty), mask=dmask)
