@@ -10,6 +10,7 @@ import platform
 import statistics
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -56,14 +57,15 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def step_walls(session, warmup: int, steps: int) -> list[float]:
-    """Wall seconds of each of `steps` steps of a session, after `warmup` untimed ones."""
+def step_walls(step: Callable[[], object], warmup: int, steps: int) -> list[float]:
+    """Wall seconds of each of `steps` calls of step (a session's, or a batched pass's), after
+    `warmup` untimed ones."""
     for _ in range(warmup):
-        session.step()
+        step()
     walls = []
     for _ in range(steps):
         t = time.perf_counter()
-        session.step()
+        step()
         walls.append(time.perf_counter() - t)
     return walls
 

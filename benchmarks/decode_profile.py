@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -60,29 +61,79 @@ def kernel_counts(graph) -> int:
 
 
 def measure(engine, model: scaling_runs.Model, workers: int, args, bw: float) -> dict:
-    sampling = [hw.SamplingParams(temperature=1.0, seed=w) for w in range(workers)]
-    session = engine.start(model.text(args.view), workers, layout="combined", sampling=sampling, protocol=False,
-                           chat_template=False, stop_on_answer=False, finisher=False, redundancy_every=None,
-                           max_tokens=None)
+    """One step of --sessions sessions of `workers` workers each, in one batched pass."""
+    from hogwild_ray.session import step_sessions
+
+    sessions = []
     try:
-        walls = common.step_walls(session, args.warmup, args.steps)
-        kv_tokens, _ = scaling_runs.read_per_step(session)
-        host = host_profile(session, args.steps) if args.host_profile else None
+        for i in range(args.sessions):
+            sampling = [hw.SamplingParams(temperature=1.0, seed=1000 * i + w) for w in range(workers)]
+            text = f"Problem {i}.\n{model.text(args.view)}" if args.sessions > 1 else model.text(args.view)
+            sessions.append(engine.start(text, workers, layout="combined", sampling=sampling,
+                                         protocol=args.protocol, chat_template=False, stop_on_answer=False,
+                                         finisher=False, redundancy_every=None, max_tokens=None))
+
+        def step() -> None:
+            step_sessions(sessions)
+
+        walls = common.step_walls(step, args.warmup, args.steps)
+        split = host_split(engine, step, args.steps)
+        kv_tokens = sum(scaling_runs.read_per_step(s)[0] for s in sessions)
+        host = host_profile(step, args.steps) if args.host_profile else None
         gpu = engine.graphs.replay_last(args.replays)
         graph = engine.graphs.last.graph
         kernels = kernel_times(graph, args.replays)
         count = kernel_counts(graph)
     finally:
-        session.close()
+        for s in sessions:
+            s.close()
     wall = statistics.median(walls)
     roofline = (model.weight_bytes + kv_tokens * model.kv_per_token) / bw
-    return {"workers": workers, "view": args.view, "step_ms": wall * 1e3, "gpu_ms": gpu * 1e3,
-            "host_pct": 100 * max(wall - gpu, 0) / wall, "roofline_ms": roofline * 1e3, "x_roofline": wall / roofline,
-            "gpu_x_roofline": gpu / roofline, "kernels_per_pass": count, "kernel_us": kernels, "host_top": host}
+    return {"sessions": args.sessions, "protocol": args.protocol, "workers": workers, "view": args.view, "step_ms": wall * 1e3,
+            "gpu_ms": gpu * 1e3, "host_pct": 100 * max(wall - gpu, 0) / wall, "roofline_ms": roofline * 1e3,
+            "x_roofline": wall / roofline, "gpu_x_roofline": gpu / roofline, "kernels_per_pass": count, **split,
+            "kernel_us": kernels, "host_top": host}
 
 
-def host_profile(session, steps: int, top: int = 16) -> list[str]:
-    """The host functions that take the most time of `steps` steps (own time, cProfile)."""
+def host_split(engine, step, steps: int) -> dict[str, float]:
+    """Median ms per step of the host's work while the device waits for it: from one pass's
+    sampled tokens reaching the host to the next pass's executor call (the sessions' protocol,
+    detokenization, the next pass's plan of writes), from there to the forward (the layouts'
+    plan, the sampling table), and the forward call itself (inputs and the graph's launch).
+    Timed by wrapping the executor's and the runner's entry points on this engine."""
+    stamps: list[tuple[str, float]] = []
+    executor, runner = engine.executor, engine.runner
+
+    def timed(obj, name: str):
+        inner = getattr(obj, name)
+
+        def wrapper(*a, **k):
+            stamps.append((f"{name}>", time.perf_counter()))
+            try:
+                return inner(*a, **k)
+            finally:
+                stamps.append((f"{name}<", time.perf_counter()))
+        setattr(obj, name, wrapper)
+
+    timed(executor, "run")
+    timed(runner, "forward")
+    try:
+        for _ in range(steps):
+            step()
+    finally:
+        del executor.run, runner.forward  # the class's methods again
+    ends = [t for n, t in stamps if n == "run<"]
+    starts = [t for n, t in stamps if n == "run>"]
+    f_in = [t for n, t in stamps if n == "forward>"]
+    f_out = [t for n, t in stamps if n == "forward<"]
+    med = lambda xs: 1e3 * statistics.median(xs) if xs else float("nan")  # noqa: E731
+    return {"host_between_passes_ms": med([b - a for a, b in zip(ends, starts[1:])]),
+            "host_plan_ms": med([b - a for a, b in zip(starts, f_in)]),
+            "host_forward_call_ms": med([b - a for a, b in zip(f_in, f_out)])}
+
+
+def host_profile(step, steps: int, top: int = 24) -> list[str]:
+    """The host functions that take the most time of `steps` steps (own, then cumulative; cProfile)."""
     import cProfile
     import io
     import pstats
@@ -90,11 +141,15 @@ def host_profile(session, steps: int, top: int = 16) -> list[str]:
     prof = cProfile.Profile()
     prof.enable()
     for _ in range(steps):
-        session.step()
+        step()
     prof.disable()
     text = io.StringIO()
-    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(top)
-    return [line for line in text.getvalue().splitlines() if line.strip()][-top - 1:]
+    out = []
+    for order in ("tottime", "cumulative"):
+        text = io.StringIO()
+        pstats.Stats(prof, stream=text).sort_stats(order).print_stats(top)
+        out += [f"by {order}:"] + [line for line in text.getvalue().splitlines() if line.strip()][-top - 1:]
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shape", default="qwen3-8b")
     p.add_argument("--workers", type=ints, default=[1, 16])
     p.add_argument("--view", type=int, default=4096)
+    p.add_argument("--sessions", type=int, default=1, help="sessions of --workers workers each, in one batched pass")
+    p.add_argument("--protocol", action="store_true",
+                   help="the workers' protocol on (steps end at paragraphs: relocations, changing views)")
     p.add_argument("--skinny", default="on,off", help="on, off or both (the decode products' kernel)")
     p.add_argument("--host-profile", action="store_true", help="also profile the host's work (cProfile)")
     p.add_argument("--warmup", type=int, default=8)
@@ -119,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for setting in args.skinny.split(","):
         engine = hw.HogwildEngine.from_pretrained(model.path, dev, torch.bfloat16, cuda_graphs=True,
-                                                  cache_tokens=max(args.workers) * 512 + args.view + 4096)
+                                                  cache_tokens=args.sessions * (max(args.workers) * 512 + args.view + 4096))
         engine.eos_ids = frozenset()
         chosen = {f"{n}x{k} rows<={r}": str(c) for (n, k, r), c in engine.decoder.products.items()}
         if setting != "on":
@@ -128,9 +186,11 @@ def main(argv: list[str] | None = None) -> int:
             r = {"skinny": setting, **measure(engine, model, w, args, floor.value)}
             r["products"] = chosen if setting == "on" else "cuBLAS"
             rows.append(r)
-            print(f"skinny {setting}, {w} workers: step {r['step_ms']:.2f} ms, GPU {r['gpu_ms']:.2f} ms, roofline "
+            print(f"skinny {setting}, {args.sessions} x {w} workers: step {r['step_ms']:.2f} ms, GPU {r['gpu_ms']:.2f} ms, roofline "
                   f"{r['roofline_ms']:.2f} ms (x{r['x_roofline']:.2f}), host {r['host_pct']:.1f}%, "
-                  f"{r['kernels_per_pass']} kernels", flush=True)
+                  f"{r['kernels_per_pass']} kernels; host on the critical path: between passes "
+                  f"{r['host_between_passes_ms']:.3f} ms, plan {r['host_plan_ms']:.3f} ms, forward call "
+                  f"{r['host_forward_call_ms']:.3f} ms", flush=True)
         del engine
         common.free_memory(dev)
     name = common.device_name(dev)

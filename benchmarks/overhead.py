@@ -63,7 +63,7 @@ def open_session(engine, model: Model, workers: int):
 def in_process(engine, model: Model, workers: int, args) -> dict:
     session = open_session(engine, model, workers)
     try:
-        walls = common.step_walls(session, args.warmup, args.steps)
+        walls = common.step_walls(session.step, args.warmup, args.steps)
         gpu, method = gpu_seconds(engine, session, args)
     finally:
         session.close()

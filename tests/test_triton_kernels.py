@@ -122,6 +122,20 @@ def test_head_major_pages_give_the_same_output(workers, q_heads, kv_heads, head_
                                reference(ref, q, k_pool, v_pool, groups), atol=2e-5, rtol=2e-5)
 
 
+def test_long_units_in_longer_tiles_give_the_same_output():
+    """Units of at least `long_unit` keys read in tiles of `long_block_n` keys (longer than the
+    plan's chunk rounding: the tail runs masked): the same attention as the reference."""
+    q, k_pool, v_pool, groups = random_case(random.Random(31), 2, 8, 2, 64, shared=3)
+    groups = to_device(groups)
+    ref, tri = backends(64, chunk=16)
+    tri.long_block_n, tri.long_unit = 32, 16
+    s = torch.zeros(q.shape[0], dtype=torch.int64, device=DEVICE)
+    meta = tri.prepare(groups, s, s)
+    assert meta.extra[0].chunk == 16
+    torch.testing.assert_close(tri.attend(q, k_pool, v_pool, meta), reference(ref, q, k_pool, v_pool, groups),
+                               atol=2e-4, rtol=2e-4)
+
+
 def test_single_token_views_and_decode():
     """Every worker's view is just its own one token (empty shared blocks)."""
     q_heads, kv_heads, d = 4, 2, 64

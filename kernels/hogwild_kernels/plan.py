@@ -47,6 +47,7 @@ class AttentionPlan:
     # (first unit, units, most pairs of one) per class of units read by about as many pairs, in
     # order; None: one class (a static plan, whose pair counts are unknown on the host)
     classes: list[tuple[int, int, int]] | None = None
+    chunk: int = 0  # keys per unit (most units; 0: not known)
 
 
 @dataclass(frozen=True)
@@ -218,7 +219,7 @@ def plan_attention(groups: list[QueryGroup], num_tokens: int, chunk: int | Calla
         packed = packed.pin_memory().to(device, non_blocking=True)
     parts = packed.split([len(x) for x in flat])
     return AttentionPlan(parts[0].view(host["tables"].shape), *parts[1:], host["num_tokens"],
-                         host["max_pairs"], host["max_parts"], classes=classes)
+                         host["max_pairs"], host["max_parts"], classes=classes, chunk=int(host["chunk"]))
 
 
 UNIT_FIELDS = ("unit_item", "unit_kstart", "unit_kend", "unit_pair", "unit_npairs")
@@ -280,3 +281,4 @@ class StaticPlan:
             hv[f][:n] = host[f]
             hv[f][n:] = 0
         self.device_buf.copy_(self.hosts[self.turn], non_blocking=True)
+        self.plan.chunk = int(host["chunk"])  # what a capture picks its key tile by
