@@ -258,17 +258,21 @@ def test_full_size_on_gpu(dtype, workers, view, q_heads, kv_heads, head_dim, chu
     assert err <= tol, f"max error {err:.2e} of the largest output (tolerance {tol:g})"
 
 
-@pytest.mark.parametrize("workers,seed,layout_items", [(1, 10, 4), (3, 11, 8), (6, 12, 16)])
-def test_static_plan_with_padding_matches_reference(workers, seed, layout_items):
+@pytest.mark.parametrize("workers,seed,layout_items,unit_pairs", [(1, 10, 4, None), (3, 11, 8, None),
+                                                                  (6, 12, 16, None), (6, 13, 16, 8)])
+def test_static_plan_with_padding_matches_reference(workers, seed, layout_items, unit_pairs):
     """A CUDA graph's plan: fixed-size buffers (padding units without pairs, wider page
-    tables, stale entries from an earlier pass) give the same attention as the reference."""
+    tables, stale entries from an earlier pass; row tiles sized for at most `unit_pairs`
+    readers of a unit) give the same attention as the reference."""
     from hogwild_kernels.plan import PlanCaps, StaticPlan, build_plan
 
     rng = random.Random(seed)
     ref, tri = backends(64, chunk=None)
     tri.block_n = 16
-    caps = PlanCaps(tokens=workers, items=layout_items, pages=40, units=tri.target_units(DEVICE) + layout_items)
+    caps = PlanCaps(tokens=workers, items=layout_items, pages=40, units=tri.target_units(DEVICE) + layout_items,
+                    unit_pairs=unit_pairs)
     static = StaticPlan(caps, DEVICE)
+    assert static.plan.max_pairs == min(workers, unit_pairs or workers)
     for _ in range(2):  # the second pass overwrites the first one's buffers
         q, k_pool, v_pool, groups = random_case(rng, workers, 8, 2, 64, max_chunk=1)
         groups = to_device(groups)
@@ -278,6 +282,36 @@ def test_static_plan_with_padding_matches_reference(workers, seed, layout_items)
         slots = torch.zeros(workers, dtype=torch.int64, device=DEVICE)
         got = tri.attend(q, k_pool, v_pool, tri.prepare(groups, slots, slots, plan=static.plan))
         torch.testing.assert_close(got, reference(ref, q, k_pool, v_pool, groups), atol=2e-4, rtol=2e-4)
+
+
+def test_static_plan_of_several_sessions_with_narrow_row_tiles_matches_reference():
+    """Two sessions of 3 workers in one pass: no unit has more than 3 readers, so a graph's
+    plan sized for 4 per unit (not all 6 tokens) computes narrower tiles; the same attention.
+    A pass with a unit read by more than that does not fit it."""
+    from hogwild_kernels.plan import PlanCaps, StaticPlan, build_plan
+
+    rng = random.Random(14)
+    ref, tri = backends(64, chunk=None)
+    tri.block_n = 16
+    (q1, k1, v1, g1), (q2, k2, v2, g2) = (random_case(rng, 3, 8, 2, 64, max_chunk=1) for _ in range(2))
+    for g in g2:  # the second session: its own pages, rows and block ids
+        g.start += q1.shape[0]
+        for s in g.segments:
+            s.pages, s.block = s.pages + k1.shape[0], s.block + 1000
+    q, k_pool, v_pool = torch.cat([q1, q2]), torch.cat([k1, k2]), torch.cat([v1, v2])
+    groups = to_device(g1 + g2)
+    host = build_plan(groups, 6, tri.chunk_rule(DEVICE, capped=False))
+    assert host["max_pairs"] <= 3
+    static = StaticPlan(PlanCaps(tokens=6, items=16, pages=40, units=tri.target_units(DEVICE) + 16, unit_pairs=4),
+                        DEVICE)
+    assert static.fits(host) and static.plan.max_pairs == 4
+    static.load(host)
+    slots = torch.zeros(6, dtype=torch.int64, device=DEVICE)
+    got = tri.attend(q, k_pool, v_pool, tri.prepare(groups, slots, slots, plan=static.plan))
+    torch.testing.assert_close(got, reference(ref, q, k_pool, v_pool, groups), atol=2e-4, rtol=2e-4)
+    one = StaticPlan(PlanCaps(tokens=6, items=16, pages=40, units=tri.target_units(DEVICE) + 16, unit_pairs=2),
+                     DEVICE)
+    assert not one.fits(host)
 
 
 def test_plan_reads_each_block_once_per_chunk():

@@ -137,11 +137,13 @@ class DecodeGraphs:
         None when the plan does not fit the graph's buffers."""
         host = build_plan(groups, t, self.attention.chunk_rule(self.device, capped=False), self.cache.page_size)
         items = _pow2(host["tables"].shape[0])
-        key = (t, items, mode)
+        pairs = min(t, _pow2(max(1, host["max_pairs"])))  # a graph per power of two of a unit's readers
+        key = (t, items, pairs, mode)
         entry = self.graphs.get(key)
         if entry is None:
             units = self.attention.target_units(self.device) + items
-            entry = self.graphs[key] = _Graph(PlanCaps(t, items, self.max_pages, units), mode, self.device)
+            caps = PlanCaps(t, items, self.max_pages, units, unit_pairs=pairs)
+            entry = self.graphs[key] = _Graph(caps, mode, self.device)
         return (entry if entry.plan.fits(host) else None), host
 
     def _capture(self, entry: _Graph) -> None:

@@ -58,6 +58,14 @@ class PlanCaps:
     items: int
     pages: int  # pages of the longest block
     units: int
+    # the most pairs of one unit (the readers of one block: a session's workers, or every
+    # session sharing a prompt); None: tokens. Sizes the captured row tiles, so a batch of
+    # many small sessions does not compute tiles as wide as all of its tokens
+    unit_pairs: int | None = None
+
+    @property
+    def most_pairs(self) -> int:
+        return min(self.tokens, self.unit_pairs or self.tokens)
 
     @property
     def pairs(self) -> int:
@@ -262,12 +270,13 @@ class StaticPlan:
         self._host_views = [dict(zip(sizes, np.split(h.numpy(), cuts))) for h in self.hosts]
         views = dict(zip(sizes, self.device_buf.split(list(sizes.values()))))
         self.plan = AttentionPlan(views["tables"].view(caps.items, caps.pages), *(views[f] for f in FIELDS),
-                                  caps.tokens, caps.tokens, caps.units)
+                                  caps.tokens, caps.most_pairs, caps.units)
 
     def fits(self, host: dict) -> bool:
         t = host["tables"]
         return (host["num_tokens"] == self.caps.tokens and t.shape[0] <= self.caps.items
-                and t.shape[1] <= self.caps.pages and len(host["unit_item"]) <= self.caps.units)
+                and t.shape[1] <= self.caps.pages and len(host["unit_item"]) <= self.caps.units
+                and host["max_pairs"] <= self.caps.most_pairs)
 
     def load(self, host: dict) -> None:
         """Copy a pass's plan (from `build_plan`) into the buffers; padding units get no pairs."""
