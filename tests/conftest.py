@@ -10,31 +10,12 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# a fixed thread count: results must not depend on what else the machine runs (no thread governor);
-# under pytest-xdist the test processes share the cores
-_PROCESSES = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // _PROCESSES)))
+# a fixed thread count: results must not depend on what else the machine runs (no thread governor)
+os.environ.setdefault("OMP_NUM_THREADS", str(len(os.sched_getaffinity(0))))
 if not os.environ.get("CUDA_VISIBLE_DEVICES") and not Path("/dev/nvidia0").exists():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run on the CPU interpreter in CI
 
 from models import save_random_model  # noqa: E402
-
-
-# Suites that start Ray, Ray Serve, a cluster, or our shared-memory channels (whose leak checks
-# look at the whole machine): under pytest-xdist they run one after another in one process
-# (`--dist loadgroup`), beside the others.
-ONE_AT_A_TIME = {
-    "test_bench_serve", "test_channel_security", "test_cli", "test_cluster", "test_examples", "test_fault_sweep",
-    "test_first_hour", "test_gpu_leaks", "test_own_ray", "test_ray_backend", "test_replicas",
-    "test_runtime_infra", "test_serve", "test_serve_settings", "test_session_lifetime", "test_stream",
-    "test_tensor_parallel_bench",
-}
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if item.module.__name__.rpartition(".")[2] in ONE_AT_A_TIME:
-            item.add_marker(pytest.mark.xdist_group("ray"))
 
 
 @pytest.fixture(scope="session")
