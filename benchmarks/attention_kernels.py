@@ -308,7 +308,14 @@ def main() -> None:
     p.add_argument("--no-baselines", action="store_true", help="skip the naive and torch paths (slow)")
     p.add_argument("--no-save", action="store_true")
     args = p.parse_args()
+    import inspect
+
+    knobs = set(inspect.signature(TritonAttention).parameters) - {"inv_freq", "rope_scale", "sm_scale", "kv_heads"}
     for name, spec in args.variants.items():
+        unknown_knobs = set(spec) - knobs - {"page_layout"}
+        if unknown_knobs:
+            raise SystemExit(f"variant {name!r}: unknown knob(s) {sorted(unknown_knobs)}; choose from "
+                             f"{sorted(knobs | {'page_layout'})}")
         if spec.get("page_layout", "token") not in PAGE_LAYOUTS:
             raise SystemExit(f"variant {name!r}: page_layout must be one of {', '.join(PAGE_LAYOUTS)}")
     if not torch.cuda.is_available():

@@ -29,6 +29,7 @@ import scaling_runs  # noqa: E402
 from bandwidth import measure as measure_bandwidth  # noqa: E402
 
 import hogwild_ray as hw  # noqa: E402
+from hogwild_ray.cli.common import at_least  # noqa: E402
 
 
 def kernel_times(graph, replays: int) -> dict[str, float]:
@@ -158,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shape", default="qwen3-8b")
     p.add_argument("--workers", type=ints, default=[1, 16])
     p.add_argument("--view", type=int, default=4096)
-    p.add_argument("--sessions", type=int, default=1, help="sessions of --workers workers each, in one batched pass")
+    p.add_argument("--sessions", type=at_least(1), default=1,
+                   help="sessions of --workers workers each, in one batched pass")
     p.add_argument("--protocol", action="store_true",
                    help="the workers' protocol on (steps end at paragraphs: relocations, changing views)")
     p.add_argument("--skinny", default="on,off", help="on, off or both (the decode products' kernel)")
