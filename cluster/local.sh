@@ -70,9 +70,10 @@ node_ports() {
     --min-worker-port=$((b + 100)) --max-worker-port=$((b + 199))
 }
 
-# PIDs of this cluster: processes whose command line names $TMP, and all their descendants.
+# PIDs of this cluster: processes whose command line names $TMP, and all their descendants
+# (-ww: whole command lines, however wide; a cut one could hide $TMP).
 cluster_pids() {
-  ps -eo pid=,ppid=,args= | HW_MATCH="$TMP/" awk '
+  ps -wweo pid=,ppid=,args= | HW_MATCH="$TMP/" awk '
     { pid[NR] = $1; ppid[NR] = $2; if (index($0, ENVIRON["HW_MATCH"])) mine[$1] = 1 }
     END {
       do { grew = 0
