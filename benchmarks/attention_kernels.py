@@ -25,13 +25,15 @@ time is per layer, from CUDA graphs that run the call for several layers back to
 each layer with its own K/V (more than the L2 cache in all), as in a real decode step.
 
     python benchmarks/attention_kernels.py --workers 1,2,4,8,16 --views 1024,4096,16384,65536
-    python benchmarks/attention_kernels.py --variants '{"no_pdl": {"pdl": false}, "head_major": {"page_layout": "head"}}'
+    python benchmarks/attention_kernels.py --variants \
+        '{"no_pdl": {"pdl": false}, "head_major": {"page_layout": "head"}}'
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import inspect
 import json
 import random
 import time
@@ -308,8 +310,6 @@ def main() -> None:
     p.add_argument("--no-baselines", action="store_true", help="skip the naive and torch paths (slow)")
     p.add_argument("--no-save", action="store_true")
     args = p.parse_args()
-    import inspect
-
     knobs = set(inspect.signature(TritonAttention).parameters) - {"inv_freq", "rope_scale", "sm_scale", "kv_heads"}
     for name, spec in args.variants.items():
         unknown_knobs = set(spec) - knobs - {"page_layout"}

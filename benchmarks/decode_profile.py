@@ -90,9 +90,10 @@ def measure(engine, model: scaling_runs.Model, workers: int, args, bw: float) ->
             s.close()
     wall = statistics.median(walls)
     roofline = (model.weight_bytes + kv_tokens * model.kv_per_token) / bw
-    return {"sessions": args.sessions, "protocol": args.protocol, "workers": workers, "view": args.view, "step_ms": wall * 1e3,
-            "gpu_ms": gpu * 1e3, "host_pct": 100 * max(wall - gpu, 0) / wall, "roofline_ms": roofline * 1e3,
-            "x_roofline": wall / roofline, "gpu_x_roofline": gpu / roofline, "kernels_per_pass": count, **split,
+    return {"sessions": args.sessions, "protocol": args.protocol, "workers": workers, "view": args.view,
+            "step_ms": wall * 1e3, "gpu_ms": gpu * 1e3, "host_pct": 100 * max(wall - gpu, 0) / wall,
+            "roofline_ms": roofline * 1e3, "x_roofline": wall / roofline, "gpu_x_roofline": gpu / roofline,
+            "kernels_per_pass": count, **split,
             "kernel_us": kernels, "host_top": host}
 
 
@@ -179,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for setting in args.skinny.split(","):
         engine = hw.HogwildEngine.from_pretrained(model.path, dev, torch.bfloat16, cuda_graphs=True,
-                                                  cache_tokens=args.sessions * (max(args.workers) * 512 + args.view + 4096))
+                                                  cache_tokens=args.sessions * (max(args.workers) * 512
+                                                                                + args.view + 4096))
         engine.eos_ids = frozenset()
         chosen = {f"{n}x{k} rows<={r}": str(c) for (n, k, r), c in engine.decoder.products.items()}
         if setting != "on":
@@ -188,8 +190,9 @@ def main(argv: list[str] | None = None) -> int:
             r = {"skinny": setting, **measure(engine, model, w, args, floor.value)}
             r["products"] = chosen if setting == "on" else "cuBLAS"
             rows.append(r)
-            print(f"skinny {setting}, {args.sessions} x {w} workers: step {r['step_ms']:.2f} ms, GPU {r['gpu_ms']:.2f} ms, roofline "
-                  f"{r['roofline_ms']:.2f} ms (x{r['x_roofline']:.2f}), host {r['host_pct']:.1f}%, "
+            print(f"skinny {setting}, {args.sessions} x {w} workers: step {r['step_ms']:.2f} ms, "
+                  f"GPU {r['gpu_ms']:.2f} ms, roofline {r['roofline_ms']:.2f} ms (x{r['x_roofline']:.2f}), "
+                  f"host {r['host_pct']:.1f}%, "
                   f"{r['kernels_per_pass']} kernels; host on the critical path: between passes "
                   f"{r['host_between_passes_ms']:.3f} ms, plan {r['host_plan_ms']:.3f} ms, forward call "
                   f"{r['host_forward_call_ms']:.3f} ms", flush=True)

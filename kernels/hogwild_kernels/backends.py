@@ -31,11 +31,13 @@ def _at(pool: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return slots // pool.shape[1], slots % pool.shape[1]
 
 
-def _pool_strides(pool: torch.Tensor) -> tuple[int, int, int]:
-    """(page, token, head) strides of a pool whose head dim is contiguous."""
-    if pool.stride(3) != 1:
-        raise ValueError(f"the K/V pool's head dim must be contiguous, got strides {pool.stride()}")
-    return pool.stride(0), pool.stride(1), pool.stride(2)
+def _pool_strides(k_pool: torch.Tensor, v_pool: torch.Tensor) -> tuple[int, int, int]:
+    """(page, token, head) strides of K and V pools laid out alike, head dim contiguous."""
+    if k_pool.stride(3) != 1:
+        raise ValueError(f"the K/V pool's head dim must be contiguous, got strides {k_pool.stride()}")
+    if v_pool.stride() != k_pool.stride():
+        raise ValueError("the K and V pools must share one memory layout")
+    return k_pool.stride(0), k_pool.stride(1), k_pool.stride(2)
 
 
 class TorchAttention:
@@ -224,9 +226,7 @@ class TritonAttention:
         from .triton_attention import _kv_append_kernel
 
         t, h, d = k.shape
-        strides = _pool_strides(k_pool)
-        if _pool_strides(v_pool) != strides:
-            raise ValueError("the K and V pools must share one memory layout")
+        strides = _pool_strides(k_pool, v_pool)
         _, key_cos, key_sin = meta.extra
         _kv_append_kernel[(t, h)](
             k, v, key_cos, key_sin, meta.slots, k_pool, v_pool,
@@ -245,9 +245,7 @@ class TritonAttention:
         npairs = int(plan.pair_tok.numel())
         if npairs == 0:
             return out.zero_()
-        strides = _pool_strides(k_pool)
-        if _pool_strides(v_pool) != strides:
-            raise ValueError("the K and V pools must share one memory layout")
+        strides = _pool_strides(k_pool, v_pool)
         pdl = self._pdl(q.device) and t <= PDL_MAX_TOKENS
         # partials in the input's precision (as vLLM's paged attention v2); fp32 inputs stay exact
         o_part = torch.empty((npairs, hq, d), dtype=self.partial_dtype or q.dtype, device=q.device)
