@@ -28,13 +28,15 @@ def test_graphs_need_cuda_and_triton(random_model):
     assert hw.HogwildEngine.from_pretrained(path, "cpu").graphs is None
 
 
-def _run(engine, workers: int, steps: int):
+def _run(engine, workers: int, steps: int, before_step=None):
     session = engine.start("Compute 12 * 7 and explain.", workers=workers, max_tokens=400,
                            sampling=hw.SamplingParams(temperature=0.0), redundancy_every=15, stop_on_answer=False)
     tokens, logits = [], []
     for i in range(steps):
         if session.done:
             break
+        if before_step is not None:
+            before_step(engine, i)
         new = session.step(inject={w: t for w, t in FORCED.get(i, {}).items() if w < workers})
         tokens.append(new)
         logits.append(session.last_logits.clone())
@@ -54,6 +56,30 @@ def test_graph_decode_equals_eager(random_model, family, rope, workers):
         runs[graphs] = _run(engine, workers, 60)
         if graphs:
             assert engine.graphs.replays >= 20 and len(engine.graphs.graphs) <= 4
+    (tok_e, log_e), (tok_g, log_g) = runs[False], runs[True]
+    assert tok_g == tok_e
+    for a, b in zip(log_e, log_g):
+        ok = ~torch.isnan(a)
+        torch.testing.assert_close(b[ok], a[ok], atol=2e-4 * a[ok].abs().max().item(), rtol=0)
+
+
+@gpu
+def test_graphs_are_kept_per_key_tile(random_model):
+    """Units long enough for the longer key tile get graphs of their own: a graph keeps the
+    tile it was captured with. Halfway through, every unit becomes long enough; the passes
+    after it replay new graphs, and the tokens stay the eager engine's."""
+    path, _ = random_model("qwen3", "yarn")
+
+    def halfway_long(engine, i):
+        engine.decoder.attention.long_unit = 10**9 if i < 30 else 1
+
+    runs = {}
+    for graphs in (False, True):
+        engine = hw.HogwildEngine.from_pretrained(path, "cuda", "float32", cache_tokens=8192, cuda_graphs=graphs)
+        runs[graphs] = _run(engine, 3, 60, halfway_long)
+        if graphs:
+            tiles = {key[3] for key, entry in engine.graphs.graphs.items() if entry.graph is not None}
+            assert tiles == {False, True}, engine.graphs.graphs.keys()
     (tok_e, log_e), (tok_g, log_g) = runs[False], runs[True]
     assert tok_g == tok_e
     for a, b in zip(log_e, log_g):

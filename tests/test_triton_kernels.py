@@ -131,7 +131,7 @@ def test_long_units_in_longer_tiles_give_the_same_output():
     tri.long_block_n, tri.long_unit = 32, 16
     s = torch.zeros(q.shape[0], dtype=torch.int64, device=DEVICE)
     meta = tri.prepare(groups, s, s)
-    assert meta.extra[0].chunk == 16
+    assert meta.extra[0].chunk == 16 and tri.long_keys(16) and not tri.long_keys(15)
     torch.testing.assert_close(tri.attend(q, k_pool, v_pool, meta), reference(ref, q, k_pool, v_pool, groups),
                                atol=2e-4, rtol=2e-4)
 

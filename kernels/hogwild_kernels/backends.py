@@ -137,6 +137,12 @@ SHARED_READS = ("auto", "always", "never")  # TritonAttention.shared_reads
 # the merge as a programmatic dependent pays for passes of a few query tokens: on an H200,
 # 1-4 workers 1.02-1.12x; 8 workers 0.95-1.07x, 16 workers over a 1k view 0.92x (wide merge grids)
 PDL_MAX_TOKENS = 4
+# the partial kernel's software pipeline: with Triton 3.6 two and three stages both keep one K/V
+# tile in flight per program (three stage the page ids through shared memory), and two took
+# 0.89-1.04x three's time on an H200 (attention_kernels --variants); five (two tiles in flight,
+# 72 KB of shared memory a program) took 0.93-1.38x, slower at short views. Four warps for every
+# row tile: eight (for 128 rows) took 1.03-1.15x their time with 16 workers of 5 query heads each
+PARTIAL_STAGES = 2
 
 
 def _next_pow2(x: int) -> int:
@@ -162,9 +168,8 @@ class TritonAttention:
         # None: wherever the device supports it
         self.pdl = pdl
         knobs = {"num_warps": num_warps, "num_stages": num_stages}
+        # knobs given override the per-launch defaults (attend) one by one
         self.launch = {} if interpret else {k: v for k, v in knobs.items() if v is not None}
-        if self.launch:
-            self.launch = {"num_warps": 4, "num_stages": 3, **self.launch}
         self.block_n = block_n or (16 if interpret else 64)
         # long units (a long view over few readers) stream faster in tiles twice as long: on an
         # H200, 1-8 workers over a 64k view 1.12-1.16x (attention_kernels --variants); short
@@ -253,8 +258,8 @@ class TritonAttention:
         for unit0, units, max_pairs, block_m in self._launches(plan, rep):
             # pack every reader of a unit into one row tile when it fits, so K/V is read once
             block_r = max(1, block_m // rep)
-            long = self.long_block_n is not None and plan.chunk >= self.long_unit and block_m <= 32
-            launch = self.launch or {"num_warps": 4 if block_m <= 64 else 8, "num_stages": 3}  # best on an H100
+            long = self.long_keys(plan.chunk) and block_m <= 32
+            launch = {"num_warps": 4, "num_stages": PARTIAL_STAGES, **self.launch}
             _rope_shift_partial_kernel[(units, hkv, -(-max_pairs // block_r))](
                 q, k_pool, v_pool,
                 plan.unit_item, plan.unit_kstart, plan.unit_kend, plan.unit_pair, plan.unit_npairs,
@@ -274,6 +279,11 @@ class TritonAttention:
             **({"launch_pdl": True} if pdl else {}),
         )
         return out
+
+    def long_keys(self, chunk: int) -> bool:
+        """Whether units of `chunk` keys are read in the longer key tile. A captured graph keeps
+        the tile it was captured with, so the graphs are keyed by this too."""
+        return self.long_block_n is not None and chunk >= self.long_unit
 
     def _pdl(self, device: torch.device) -> bool:
         """Programmatic dependent launch: a CUDA device of compute capability 9 or more."""
