@@ -50,17 +50,23 @@ def test_graph_decode_equals_eager(random_model, family, rope, workers):
     """Greedy runs with headers, interjections and finished steps (eager passes between the
     graphed ones): the same tokens, logits within fp32 rounding."""
     path, _ = random_model(family, rope)
+    engine = _eager_and_graphed_agree(path, workers)
+    assert engine.graphs.replays >= 20 and len(engine.graphs.graphs) <= 4
+
+
+def _eager_and_graphed_agree(path, workers: int, before_step=None):
+    """Run eagerly, then with graphs: the same tokens, logits within fp32 rounding. Returns
+    the graphed engine."""
     runs = {}
     for graphs in (False, True):
         engine = hw.HogwildEngine.from_pretrained(path, "cuda", "float32", cache_tokens=8192, cuda_graphs=graphs)
-        runs[graphs] = _run(engine, workers, 60)
-        if graphs:
-            assert engine.graphs.replays >= 20 and len(engine.graphs.graphs) <= 4
+        runs[graphs] = _run(engine, workers, 60, before_step)
     (tok_e, log_e), (tok_g, log_g) = runs[False], runs[True]
     assert tok_g == tok_e
     for a, b in zip(log_e, log_g):
         ok = ~torch.isnan(a)
         torch.testing.assert_close(b[ok], a[ok], atol=2e-4 * a[ok].abs().max().item(), rtol=0)
+    return engine
 
 
 @gpu
@@ -73,18 +79,9 @@ def test_graphs_are_kept_per_key_tile(random_model):
     def halfway_long(engine, i):
         engine.decoder.attention.long_unit = 10**9 if i < 30 else 1
 
-    runs = {}
-    for graphs in (False, True):
-        engine = hw.HogwildEngine.from_pretrained(path, "cuda", "float32", cache_tokens=8192, cuda_graphs=graphs)
-        runs[graphs] = _run(engine, 3, 60, halfway_long)
-        if graphs:
-            tiles = {key[3] for key, entry in engine.graphs.graphs.items() if entry.graph is not None}
-            assert tiles == {False, True}, engine.graphs.graphs.keys()
-    (tok_e, log_e), (tok_g, log_g) = runs[False], runs[True]
-    assert tok_g == tok_e
-    for a, b in zip(log_e, log_g):
-        ok = ~torch.isnan(a)
-        torch.testing.assert_close(b[ok], a[ok], atol=2e-4 * a[ok].abs().max().item(), rtol=0)
+    engine = _eager_and_graphed_agree(path, 3, halfway_long)
+    tiles = {key[3] for key, entry in engine.graphs.graphs.items() if entry.graph is not None}
+    assert tiles == {False, True}, engine.graphs.graphs.keys()
 
 
 @gpu
