@@ -6,7 +6,10 @@ pass's graph replayed back to back, no host work), the roofline ((weight bytes +
 the pass reads) / the device's bandwidth from bandwidth.py), and torch.profiler's kernels of
 those replays grouped by name. With `--skinny on,off` the decode products run on what the
 engine chose at start (per weight shape, the faster of cuBLAS and the skinny kernel) or on
-cuBLAS alone, side by side in one run (one engine each). `--host-profile` adds the host's
+cuBLAS alone, side by side in one run (one engine each); `unchained` is `on` with every
+kernel waiting for the one before to end (no programmatic dependent launches; on Hopper the
+engine chains a layer's kernels and runs every decode product on the skinny kernel).
+`--host-profile` adds the host's
 hottest functions over more steps (cProfile, after the timed ones).
 
     python benchmarks/decode_profile.py --shape qwen3-8b --workers 1,16 --view 4096
@@ -164,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="sessions of --workers workers each, in one batched pass")
     p.add_argument("--protocol", action="store_true",
                    help="the workers' protocol on (steps end at paragraphs: relocations, changing views)")
-    p.add_argument("--skinny", default="on,off", help="on, off or both (the decode products' kernel)")
+    p.add_argument("--skinny", default="on,off",
+                   help="on, off, unchained (on, without the PDL chain) or several (the decode products' kernel)")
     p.add_argument("--host-profile", action="store_true", help="also profile the host's work (cProfile)")
     p.add_argument("--warmup", type=int, default=8)
     p.add_argument("--steps", type=int, default=30)
@@ -172,23 +176,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=common.RESULTS)
     p.add_argument("--date", default=common.today())
     args = p.parse_args(argv)
+    settings = args.skinny.split(",")
+    if unknown := set(settings) - {"on", "off", "unchained"}:
+        p.error(f"--skinny: unknown setting(s) {sorted(unknown)}; choose from on, off, unchained")
     if not torch.cuda.is_available():
         p.error("this benchmark profiles CUDA graphs and torch sees no GPU")
     dev = torch.device("cuda")
     floor = measure_bandwidth(dev)
     model = scaling_runs.Model(f"random:{args.shape}", dev, torch.bfloat16)
     rows = []
-    for setting in args.skinny.split(","):
+    for setting in settings:
         engine = hw.HogwildEngine.from_pretrained(model.path, dev, torch.bfloat16, cuda_graphs=True,
                                                   cache_tokens=args.sessions * (max(args.workers) * 512
                                                                                 + args.view + 4096))
         engine.eos_ids = frozenset()
         chosen = {f"{n}x{k} rows<={r}": str(c) for (n, k, r), c in engine.decoder.products.items()}
-        if setting != "on":
+        if setting == "unchained":  # each kernel waits for the one before to end (no PDL chain)
+            engine.decoder.set_chained(False)
+        elif setting != "on":
             engine.decoder.products = {}
         for w in args.workers:
             r = {"skinny": setting, **measure(engine, model, w, args, floor.value)}
-            r["products"] = chosen if setting == "on" else "cuBLAS"
+            r["products"] = "cuBLAS" if setting == "off" else chosen
+            r["chained"] = engine.decoder.chained
             rows.append(r)
             print(f"skinny {setting}, {args.sessions} x {w} workers: step {r['step_ms']:.2f} ms, "
                   f"GPU {r['gpu_ms']:.2f} ms, roofline {r['roofline_ms']:.2f} ms (x{r['x_roofline']:.2f}), "

@@ -85,6 +85,29 @@ def test_graphs_are_kept_per_key_tile(random_model):
 
 
 @gpu
+def test_chained_kernels_give_the_same_bits(random_model):
+    """A layer's kernels launched as programmatic dependents, one of the other (Hopper and
+    later): bit for bit the tokens and logits of kernels that each wait for the one before to
+    end, every decode product on the skinny kernel in both."""
+    from hogwild_kernels import pdl
+    from hogwild_kernels.skinny import pick
+
+    if not pdl.supported(torch.device("cuda")):
+        pytest.skip("programmatic dependent launch needs compute capability 9 or more")
+    path, _ = random_model("qwen3", "yarn")
+    runs = {}
+    for chained in (False, True):
+        engine = hw.HogwildEngine.from_pretrained(path, "cuda", "bfloat16", cache_tokens=8192, cuda_graphs=True)
+        engine.decoder.set_chained(chained)
+        engine.decoder.products = {key: pick(*key[:2]) for key in engine.decoder.products}
+        runs[chained] = _run(engine, 4, 40)
+        assert engine.graphs.replays >= 15
+    assert runs[True][0] == runs[False][0]
+    for a, b in zip(runs[False][1], runs[True][1]):
+        torch.testing.assert_close(b, a, rtol=0, atol=0, equal_nan=True)
+
+
+@gpu
 def test_oracle_through_graphs(random_model):
     path, hf_model = random_model("qwen3", "yarn")
     engine = hw.HogwildEngine.from_pretrained(path, "cuda", "float32", cache_tokens=4096, cuda_graphs=True)

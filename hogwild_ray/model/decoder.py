@@ -59,6 +59,17 @@ class Decoder:
             from hogwild_kernels.skinny import choose
 
             self.products = choose(self._weights_by_shape())
+        self.chained = False
+        if self.fused and weights.embed.is_cuda:
+            from hogwild_kernels import pdl
+
+            self.set_chained(pdl.supported(weights.embed.device))
+
+    def set_chained(self, on: bool) -> None:
+        """Launch the layers' Triton kernels as programmatic dependents, one of the other
+        (hogwild_kernels/pdl.py; Hopper and later), the decode products all on the skinny
+        kernel so that they join the chain. Before any CUDA graph is captured."""
+        self.chained = self.attention.chained = on
 
     def _weights_by_shape(self, copies: int = 4) -> dict[tuple[int, int], list[torch.Tensor]]:
         """Each decode product's weight shape, with a few layers' weights of it."""
@@ -75,9 +86,10 @@ class Decoder:
         if self.products:
             from hogwild_kernels.skinny import bucket, skinny_linear, supported
 
-            config = self.products.get((*weight.shape, bucket(x.shape[0]))) if supported(x, weight) else None
-            if config is not None:
-                return skinny_linear(x, weight, bias, config=config)
+            if supported(x, weight):
+                config = self.products.get((*weight.shape, bucket(x.shape[0])))
+                if config is not None or self.chained:
+                    return skinny_linear(x, weight, bias, config=config, chained=self.chained)
         return F.linear(x, weight, bias)
 
     def _add_norm(self, x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor
@@ -86,7 +98,7 @@ class Decoder:
         if self.fused:
             from hogwild_kernels.fused import add_rms_norm
 
-            return add_rms_norm(x, delta, weight, self.spec.rms_eps)
+            return add_rms_norm(x, delta, weight, self.spec.rms_eps, chained=self.chained)
         if delta is not None:
             x = x + delta
         return x, rms_norm(x, weight, self.spec.rms_eps)
@@ -103,7 +115,8 @@ class Decoder:
         if lw.q_norm is not None and self.fused:
             from hogwild_kernels.fused import qk_rms_norm
 
-            q, k = qk_rms_norm(qkv, lw.q_norm, lw.k_norm, s.num_heads, s.num_kv_heads, s.head_dim, s.rms_eps)
+            q, k = qk_rms_norm(qkv, lw.q_norm, lw.k_norm, s.num_heads, s.num_kv_heads, s.head_dim, s.rms_eps,
+                               chained=self.chained)
         elif lw.q_norm is not None:
             q = self._add_norm(q, None, lw.q_norm)[1]
             k = self._add_norm(k, None, lw.k_norm)[1]
@@ -134,7 +147,7 @@ class Decoder:
         if self.fused:
             from hogwild_kernels.fused import silu_mul
 
-            act = silu_mul(gate_up)
+            act = silu_mul(gate_up, chained=self.chained)
         else:
             gate, up = gate_up.chunk(2, dim=-1)
             act = F.silu(gate) * up

@@ -167,6 +167,9 @@ class TritonAttention:
         # the merge launched as a programmatic dependent of the partials (Hopper and later):
         # None: wherever the device supports it
         self.pdl = pdl
+        # every kernel launched as a programmatic dependent of the one before (pdl.py): set by a
+        # decoder that chains its layers' kernels
+        self.chained = False
         knobs = {"num_warps": num_warps, "num_stages": num_stages}
         # knobs given override the per-launch defaults (attend) one by one
         self.launch = {} if interpret else {k: v for k, v in knobs.items() if v is not None}
@@ -228,6 +231,7 @@ class TritonAttention:
 
     def append(self, k_pool: torch.Tensor, v_pool: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                meta: PassMeta) -> None:
+        from .pdl import launch as pdl_launch
         from .triton_attention import _kv_append_kernel
 
         t, h, d = k.shape
@@ -236,10 +240,12 @@ class TritonAttention:
         _kv_append_kernel[(t, h)](
             k, v, key_cos, key_sin, meta.slots, k_pool, v_pool,
             k.stride(0), k.stride(1), v.stride(0), v.stride(1), *strides,
-            PAGE=k_pool.shape[1], HALF=d // 2, HALFP=max(16, _next_pow2(d // 2)),
+            PAGE=k_pool.shape[1], HALF=d // 2, HALFP=max(16, _next_pow2(d // 2)), CHAINED=self.chained,
+            **pdl_launch(self.chained),
         )
 
     def attend(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, meta: PassMeta) -> torch.Tensor:
+        from .pdl import launch as pdl_launch
         from .triton_attention import LOG2E, _merge_partials_kernel, _rope_shift_partial_kernel
 
         plan = meta.extra[0]
@@ -270,13 +276,14 @@ class TritonAttention:
                 float(self.sm_scale * LOG2E),
                 PAGE=k_pool.shape[1], REP=rep, BLOCK_R=block_r, BLOCK_M=block_m,
                 HALF=d // 2, HALFP=max(16, _next_pow2(d // 2)), BLOCK_N=self.long_block_n if long else self.block_n,
-                IEEE=q.dtype == torch.float32, LOOP_WHILE=self.interpret, PDL=pdl, **launch,
+                IEEE=q.dtype == torch.float32, LOOP_WHILE=self.interpret, PDL=pdl, CHAINED=self.chained,
+                **launch, **pdl_launch(self.chained),
             )
         _merge_partials_kernel[(t, hq)](
             o_part, lse_part, plan.tok_start, out,
             o_part.stride(0), o_part.stride(1), lse_part.stride(0), out.stride(0), out.stride(1),
-            D=d, DP=_next_pow2(d), P_BLOCK=min(64, max(2, _next_pow2(plan.max_parts))), PDL=pdl,
-            **({"launch_pdl": True} if pdl else {}),
+            D=d, DP=_next_pow2(d), P_BLOCK=min(64, max(2, _next_pow2(plan.max_parts))), PDL=pdl or self.chained,
+            CHAINED=self.chained, **pdl_launch(pdl or self.chained),
         )
         return out
 

@@ -13,13 +13,16 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import chain_start, launch
+
 
 @triton.jit
 def _add_rms_norm_kernel(x_ptr, delta_ptr, w_ptr, w2_ptr, sum_ptr, out_ptr, heads, split, eps,
                          stride_xt, stride_xh, stride_dt, stride_dh, stride_st, stride_ot, stride_oh,
-                         N: tl.constexpr, BLOCK: tl.constexpr, HAS_DELTA: tl.constexpr):
+                         N: tl.constexpr, BLOCK: tl.constexpr, HAS_DELTA: tl.constexpr, CHAINED: tl.constexpr):
     """One row (token t, head h): sum = x + delta (stored), out = w * norm(sum); heads from
     `split` on take their weight from w2 (the key heads of a q/k norm in the same launch)."""
+    chain_start(CHAINED)
     row = tl.program_id(0)
     t = row // heads
     h = row % heads
@@ -41,7 +44,8 @@ def _add_rms_norm_kernel(x_ptr, delta_ptr, w_ptr, w2_ptr, sum_ptr, out_ptr, head
 
 
 @triton.jit
-def _silu_mul_kernel(gu_ptr, out_ptr, stride_gt, stride_ot, inter, BLOCK: tl.constexpr):
+def _silu_mul_kernel(gu_ptr, out_ptr, stride_gt, stride_ot, inter, BLOCK: tl.constexpr, CHAINED: tl.constexpr):
+    chain_start(CHAINED)
     t = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < inter
@@ -53,10 +57,11 @@ def _silu_mul_kernel(gu_ptr, out_ptr, stride_gt, stride_ot, inter, BLOCK: tl.con
 
 
 def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
-                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+                 eps: float, chained: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(x + delta, rms_norm(x + delta) * weight) over the last dim, in one launch.
 
-    x: [T, N] or [T, H, N] (rows may be strided, e.g. q or k sliced from a fused QKV)."""
+    x: [T, N] or [T, H, N] (rows may be strided, e.g. q or k sliced from a fused QKV).
+    chained: launched as a programmatic dependent of the kernel before it (pdl.py)."""
     x3 = x if x.dim() == 3 else x[:, None, :]
     t, heads, n = x3.shape
     out = torch.empty(t, heads, n, dtype=x.dtype, device=x.device)
@@ -67,14 +72,14 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tens
     _add_rms_norm_kernel[(t * heads,)](
         x3, d3, weight, weight, total, out, heads, heads, eps,
         x3.stride(0), x3.stride(1), d3.stride(0), d3.stride(1), total.stride(0), out.stride(0), out.stride(1),
-        N=n, BLOCK=triton.next_power_of_2(n), HAS_DELTA=delta is not None,
+        N=n, BLOCK=triton.next_power_of_2(n), HAS_DELTA=delta is not None, CHAINED=chained, **launch(chained),
     )
     total = total if delta is not None else x
     return total, out.view(x.shape)
 
 
 def qk_rms_norm(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, q_heads: int, kv_heads: int,
-                head_dim: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+                head_dim: int, eps: float, chained: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The per-head RMSNorms of q and k (Qwen3's q_norm and k_norm) read from a fused QKV
     output [T, (Hq + 2 Hkv) * D], in one launch: (q [T, Hq, D], k [T, Hkv, D])."""
     t = qkv.shape[0]
@@ -84,17 +89,17 @@ def qk_rms_norm(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tenso
     _add_rms_norm_kernel[(t * heads,)](
         qk, qk, q_weight, k_weight, qk, out, heads, q_heads, eps,
         qk.stride(0), qk.stride(1), qk.stride(0), qk.stride(1), qk.stride(0), out.stride(0), out.stride(1),
-        N=head_dim, BLOCK=triton.next_power_of_2(head_dim), HAS_DELTA=False,
+        N=head_dim, BLOCK=triton.next_power_of_2(head_dim), HAS_DELTA=False, CHAINED=chained, **launch(chained),
     )
     return out[:, :q_heads], out[:, q_heads:]
 
 
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+def silu_mul(gate_up: torch.Tensor, chained: bool = False) -> torch.Tensor:
     """SiLU(gate) * up for gate_up = [gate | up] along the last dim: [T, 2I] -> [T, I]."""
     t, two_i = gate_up.shape
     inter = two_i // 2
     out = torch.empty(t, inter, dtype=gate_up.dtype, device=gate_up.device)
     block = 1024
     _silu_mul_kernel[(t, triton.cdiv(inter, block))](gate_up, out, gate_up.stride(0), out.stride(0), inter,
-                                                      BLOCK=block)
+                                                      BLOCK=block, CHAINED=chained, **launch(chained))
     return out

@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import chain_start, launch
+
 MAX_ROWS = 16  # one tensor-core tile of rows; larger passes go to cuBLAS
 # (BLOCK_N, BLOCK_K, num_warps, num_stages): few strips per SM, each with ~64 KB in flight. The
 # engine times CANDIDATES at start; benchmarks/skinny_gemm.py sweeps all of CONFIGS.
@@ -22,11 +24,25 @@ CONFIGS = CANDIDATES + [(16, 512, 4, 4), (16, 256, 4, 6)]
 
 
 @triton.jit
+def _prefetch_l2(ptrs):
+    """Ask the L2 cache for these addresses' lines; no registers wait for them."""
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
+@triton.jit
 def _skinny_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, stride_xm, stride_wn, stride_om, K: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr):
+                   HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, CHAINED: tl.constexpr, PREFETCH: tl.constexpr):
+    """CHAINED: a programmatic dependent (pdl.py); while the kernel before it runs, the strip's
+    first PREFETCH 128-byte lines of each row are requested into the L2 cache (weights: no
+    kernel writes them)."""
     pid = tl.program_id(0)
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    if PREFETCH > 0:
+        line = tl.arange(0, PREFETCH) * (1024 // w_ptr.dtype.element_ty.primitive_bitwidth)  # elements a line
+        _prefetch_l2(w_ptr + tl.minimum(rn, N - 1)[:, None] * stride_wn + line[None, :])
+    chain_start(CHAINED)
     rm = tl.arange(0, BLOCK_M)
     rk = tl.arange(0, BLOCK_K)
     n_ok = rn < N
@@ -58,8 +74,9 @@ def supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                  config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias) for x of at most MAX_ROWS rows: [M, K] @ [N, K]^T -> [M, N]."""
+                  config: tuple[int, int, int, int] | None = None, chained: bool = False) -> torch.Tensor:
+    """F.linear(x, weight, bias) for x of at most MAX_ROWS rows: [M, K] @ [N, K]^T -> [M, N].
+    chained: launched as a programmatic dependent of the kernel before it (pdl.py)."""
     m, k = x.shape
     n = weight.shape[0]
     block_n, block_k, warps, stages = config or pick(n, k)
@@ -67,8 +84,18 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     _skinny_kernel[(triton.cdiv(n, block_n),)](
         x, weight, bias if bias is not None else weight, out, m, n, x.stride(0), weight.stride(0), out.stride(0), K=k,
         BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0,
-        num_warps=warps, num_stages=stages)
+        CHAINED=chained, PREFETCH=_prefetch_lines(k, weight.element_size()) if chained else 0,
+        num_warps=warps, num_stages=stages, **launch(chained))
     return out
+
+
+PREFETCH_BYTES = 2048  # of each weight row, requested while the kernel before runs (chained)
+
+
+def _prefetch_lines(k: int, element_size: int) -> int:
+    """128-byte lines of a row to prefetch: a power of two, within the row."""
+    lines = min(PREFETCH_BYTES, k * element_size) // 128
+    return 1 << (lines.bit_length() - 1) if lines else 0
 
 
 def pick(n: int, k: int) -> tuple[int, int, int, int]:

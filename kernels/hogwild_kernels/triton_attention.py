@@ -13,6 +13,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .pdl import chain_start
+
 LOG2E = 1.4426950408889634
 
 
@@ -90,14 +92,17 @@ def _rope_shift_partial_kernel(
     qk_scale,
     PAGE: tl.constexpr, REP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
     HALF: tl.constexpr, HALFP: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
-    LOOP_WHILE: tl.constexpr, PDL: tl.constexpr,
+    LOOP_WHILE: tl.constexpr, PDL: tl.constexpr, CHAINED: tl.constexpr,
 ):
     """Partial attention of one unit (a chunk of one block) for one KV head and BLOCK_R readers.
 
     Rows pack (reader, query head of this KV head) densely: BLOCK_R * REP <= BLOCK_M.
     Each reader's rotation (cos/sin of its delta, rope attention factor included) comes
-    precomputed per pair, once per forward pass for all layers.
+    precomputed per pair, once per forward pass for all layers. CHAINED: a programmatic
+    dependent of the kernel before it (pdl.py).
     """
+    if CHAINED:
+        tl.extra.cuda.gdc_wait()
     if PDL:  # the merge may be scheduled now; it waits for this grid's stores before it reads
         tl.extra.cuda.gdc_launch_dependents()
     u = unit0 + tl.program_id(0)
@@ -176,15 +181,18 @@ def _rope_shift_partial_kernel(
 def _merge_partials_kernel(
     o_part_ptr, lse_part_ptr, tok_start_ptr, out_ptr,
     stride_ot, stride_oh, stride_lt, stride_outt, stride_outh,
-    D: tl.constexpr, DP: tl.constexpr, P_BLOCK: tl.constexpr, PDL: tl.constexpr,
+    D: tl.constexpr, DP: tl.constexpr, P_BLOCK: tl.constexpr, PDL: tl.constexpr, CHAINED: tl.constexpr,
 ):
     """Log-sum-exp merge of one query head's partials (rows [start, next start) of its
     token: no indirection), P_BLOCK of them per load.
 
     PDL: launched as a programmatic dependent of the partial kernel, so its launch overlaps
-    that kernel's tail; it waits for the partials before touching them."""
+    that kernel's tail; it waits for the partials before touching them. CHAINED: then lets the
+    kernel after it launch (pdl.py)."""
     if PDL:
         tl.extra.cuda.gdc_wait()
+    if CHAINED:
+        tl.extra.cuda.gdc_launch_dependents()
     t = tl.program_id(0)
     head = tl.program_id(1)
     start = tl.load(tok_start_ptr + t)
@@ -218,9 +226,10 @@ def _merge_partials_kernel(
 def _kv_append_kernel(
     k_ptr, v_ptr, cos_ptr, sin_ptr, slot_ptr, k_pool_ptr, v_pool_ptr,
     stride_kt, stride_kh, stride_vt, stride_vh, stride_ppage, stride_ptok, stride_ph,
-    PAGE: tl.constexpr, HALF: tl.constexpr, HALFP: tl.constexpr,
+    PAGE: tl.constexpr, HALF: tl.constexpr, HALFP: tl.constexpr, CHAINED: tl.constexpr,
 ):
     """Rotate one new key at its block-local position (cos/sin precomputed per pass) and store K and V."""
+    chain_start(CHAINED)
     t = tl.program_id(0)
     h = tl.program_id(1)
     d = tl.arange(0, HALFP)

@@ -1,0 +1,46 @@
+"""Programmatic dependent launch (Hopper and later): a decode layer's kernels as one chain.
+
+A decode pass is a few dozen small kernels per layer, each reading little; between two of
+them the device drains one grid and ramps up the next, several microseconds that no
+kernel's speed can win back. Launched as a programmatic dependent, a kernel's programs
+start while its predecessor still runs, do what does not depend on it (the skinny
+products start pulling their weights into the L2 cache) and wait at `chain_start` until
+the predecessor's writes are visible; they then let their own successor launch.
+
+The rule that keeps this exact: a chained kernel reads no activation and writes nothing
+before `chain_start`. Every chained kernel calls it, so each one's wait also covers
+everything before its predecessor.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_SUPPORTED: dict[int, bool] = {}
+
+
+def supported(device: torch.device) -> bool:
+    """A CUDA device of compute capability 9 or more, and not the Triton interpreter."""
+    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SUPPORTED:
+        _SUPPORTED[index] = torch.cuda.get_device_capability(index)[0] >= 9
+    return _SUPPORTED[index]
+
+
+def launch(chained: bool) -> dict:
+    """The launch options of a kernel that is (or is not) a programmatic dependent."""
+    return {"launch_pdl": True} if chained else {}
+
+
+@triton.jit
+def chain_start(CHAINED: tl.constexpr):
+    """Wait for the predecessor's writes, then let the successor launch."""
+    if CHAINED:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
