@@ -59,8 +59,10 @@ class Decoder:
             from hogwild_kernels.skinny import choose
 
             self.products = choose(self._weights_by_shape())
+        # tensor-parallel shards launch as before: their all-reduces run on NCCL's own stream, and
+        # the chain was not checked across them
         self.chained = False
-        if self.fused and weights.embed.is_cuda:
+        if self.fused and weights.embed.is_cuda and self.tp is None:
             from hogwild_kernels import pdl
 
             self.set_chained(pdl.supported(weights.embed.device))
