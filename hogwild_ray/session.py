@@ -422,8 +422,9 @@ class Session:
     def _enforce_context(self, fed: dict[int, list[int]], new: dict[int, list[int]]) -> dict[int, list[int]]:
         """Stop a worker whose view would outgrow the context (keeping room for the finisher)."""
         limit, _ = self._view_limit()
+        lengths = self.layout.view_lengths()
         for w in list(fed):
-            if self.layout.view_length(w) + len(fed[w]) > limit:
+            if lengths[w] + len(fed[w]) > limit:
                 self.workers[w].status = "budget"
                 new[w] = []
                 del fed[w]

@@ -173,6 +173,7 @@ class Model:
         for w in range(self.workers):
             assert lay.view_blocks(w) == [self.block(n) for n in self.view_names(w)]
             assert lay.view_length(w) == sum(len(self.tokens[n]) for n in self.view_names(w))
+        assert lay.view_lengths() == [lay.view_length(w) for w in range(self.workers)]
         # finished steps sit at the end of common in the order they finished
         assert self.tokens["common"] == self.shared + [t for s in self.finished for t in s]
         # no token lost or duplicated

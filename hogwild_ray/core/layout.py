@@ -334,6 +334,16 @@ class CacheLayout:
     def view_length(self, w: int) -> int:
         return sum(len(b) for b in self.view_blocks(w))
 
+    def view_lengths(self) -> list[int]:
+        """Every worker's view length in one pass over the blocks (view_length for each worker
+        would sum each of their views: workers x blocks). A combined or contiguous view holds
+        every block (but the others' header, for a lone worker)."""
+        if self.kind == "interleaved":
+            shared = len(self.common) + len(self.hdr_own)
+            return [shared + len(cur) for cur in self.cur]
+        total = sum(len(b) for b in self.blocks()) - (len(self.hdr_others) if self.workers == 1 else 0)
+        return [total] * self.workers
+
     def finish_step(self, w: int) -> Relocation | None:
         """Move worker w's finished step to the end of common (not in `contiguous`).
 
