@@ -398,5 +398,9 @@ def test_skinny_products_match_an_fp32_product(dtype, rows, n, k, bias, config):
     ref = torch.nn.functional.linear(x.float(), w.float(), None if b is None else b.float())
     assert got.shape == (rows, n) and got.dtype == dtype and torch.isfinite(got).all()
     assert ((got.float() - ref).norm() / ref.norm()).item() < 4e-3
+    from hogwild_kernels import pdl
+
+    if pdl.supported(DEVICE):  # chained (a programmatic dependent, weights prefetched): the same bits
+        assert torch.equal(skinny_linear(x, w, b, config=config, chained=True), got)
     assert not supported(torch.randn(17, k).to(DEVICE, dtype), w)  # more rows than a tile: cuBLAS
     assert not supported(x.float(), w.float())  # fp32 stays exact on cuBLAS
