@@ -138,8 +138,7 @@ class DecodeGraphs:
         host = build_plan(groups, t, self.attention.chunk_rule(self.device, capped=False), self.cache.page_size)
         items = _pow2(host["tables"].shape[0])
         pairs = min(t, _pow2(max(1, host["max_pairs"])))  # a graph per power of two of a unit's readers
-        long_keys = getattr(self.attention, "long_keys", None)  # the key tile a capture keeps
-        key = (t, items, pairs, bool(long_keys and long_keys(int(host["chunk"]))), mode)
+        key = (t, items, pairs, self.attention.long_keys(int(host["chunk"])), mode)  # the key tile a capture keeps
         entry = self.graphs.get(key)
         if entry is None:
             units = self.attention.target_units(self.device) + items

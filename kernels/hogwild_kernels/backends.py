@@ -165,7 +165,7 @@ class TritonAttention:
         self.programs_per_sm, self.partial_dtype = programs_per_sm, partial_dtype
         self._sms: int | None = None
         # the merge launched as a programmatic dependent of the partials (Hopper and later):
-        # None: wherever the device supports it
+        # wherever the device supports it (pdl.py), unless False
         self.pdl = pdl
         # every kernel launched as a programmatic dependent of the one before (pdl.py): set by a
         # decoder that chains its layers' kernels
@@ -293,12 +293,11 @@ class TritonAttention:
         return self.long_block_n is not None and chunk >= self.long_unit
 
     def _pdl(self, device: torch.device) -> bool:
-        """Programmatic dependent launch: a CUDA device of compute capability 9 or more."""
-        if self.interpret or device.type != "cuda":
-            return False
-        if self.pdl is None:
-            self.pdl = torch.cuda.get_device_capability(device)[0] >= 9
-        return self.pdl
+        """Programmatic dependent launch of the merge: where the device supports it (pdl.py),
+        unless turned off."""
+        from . import pdl
+
+        return pdl.supported(device) and self.pdl is not False
 
 
     def _block_m(self, pairs: int, rep: int) -> int:
