@@ -267,10 +267,11 @@ def test_eval_over_replicas_on_both_nodes_ends_with_its_driver_resumes_and_equal
         driver = subprocess.Popen(command, env=cluster["client_env"], stdout=subprocess.DEVNULL,
                                   stderr=subprocess.DEVNULL)
         try:
-            placed = wait_for(lambda: len(set(serve_replicas(cluster).values())) == 2, 240, step=0.5)
+            # polled often, killed once two runs are written (a line per budget): its 12 runs are short
+            placed = wait_for(lambda: len(set(serve_replicas(cluster).values())) == 2, 240, step=0.1)
             assert placed, f"the replicas are not on both nodes: {serve_replicas(cluster)}"
             parts = tmp_path / "rep" / "parts"
-            assert wait_for(lambda: any(p.read_text().count("\n") >= 4 for p in parts.glob("*.jsonl")), 240)
+            assert wait_for(lambda: any(p.read_text().count("\n") >= 4 for p in parts.glob("*.jsonl")), 240, step=0.02)
         finally:
             driver.kill()
             driver.wait()
