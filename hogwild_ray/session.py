@@ -67,6 +67,13 @@ class WorkerState:
     status: str = "active"  # active | eos | budget | idle
 
 
+@dataclass(frozen=True)
+class StepEnd:
+    """A fed chunk ended its worker's step; the answer that step's own text gives, if any."""
+
+    answer: str | None
+
+
 _TOKENIZER = threading.Lock()  # fast tokenizers keep split_special_tokens as state: one encode at a time
 
 
@@ -221,6 +228,7 @@ class Session:
         self.auto_close = True  # False: a finished run keeps its pages (fork it, then close() it)
         self._t0 = time.perf_counter()
         self._new: dict[int, list[int]] = {}  # the pass in flight: each worker's new tokens so far
+        self._fed_outcome: dict[int, StepEnd | None] | Exception | None = None  # the pass in flight's, once taken
         self._unwritten = self._prompt_chunks()  # the shared blocks' tokens, in write order
         if write_prompt:  # else the passes write them (a scheduled session), a chunk at a time
             try:
@@ -328,6 +336,7 @@ class Session:
         while the prompt is unwritten (an empty part when the budget is 0), else what every
         active worker feeds. None: nothing to feed, the run ends (see end_without_pass)."""
         inject = self.check_inject(inject)
+        self._fed_outcome = None
         if self._unwritten:
             return SessionPass(self.executor.session, prefill=take_chunks(self._unwritten, prefill_budget))
         extras = {w: self.encode(text) for w, text in inject.items()}
@@ -377,23 +386,40 @@ class Session:
         """After begin_pass returned None: the run's end."""
         return self._finish_run(self._new)
 
+    def pass_launched(self, part: SessionPass) -> None:
+        """What this pass's fed tokens decide, done while the device runs it: they join each
+        worker's stream and step, whose text (decoded here) may end the step (the worker then
+        gets its next header). Only what the sampled tokens decide waits for them (end_pass).
+        An error here is kept and raised by end_pass (the other sessions of the pass go on)."""
+        if self._fed_outcome is not None:
+            return
+        try:
+            self._fed_outcome = {} if part.prefill else {w: self._take_fed(w, chunk) for w, chunk in part.fed.items()}
+        except Exception as e:
+            self._fed_outcome = e
+
     def end_pass(self, part: SessionPass, out: tuple[list[WriteStep], list[int]] | Exception) -> dict[int, list[int]]:
         """Take this session's results of a pass (or the error that kept it out: it closes and
         raises); each worker's new tokens."""
         if isinstance(out, Exception):
             self.close()
             raise out
+        self.pass_launched(part)  # done already when the executor ran it while the device worked
+        outcome, self._fed_outcome = self._fed_outcome, None
+        if isinstance(outcome, Exception):
+            self.close()
+            raise outcome
         if part.prefill:
             if not self._unwritten:
                 self._prompt_written()
             return {w: [] for w in range(len(self.workers))}
         steps, sampled = out
-        new, fed = self._new, part.fed
+        new = self._new
         for s in steps:
             self._last_steps[s.worker] = s
         self.stats.forward_passes += 1
-        for s, tok in zip(steps, sampled):
-            self._after_pass(s.worker, fed[s.worker], tok, new)
+        for s, tok in zip(steps, sampled):  # in plan order: the first answer found is the session's
+            self._take_sample(s.worker, tok, outcome[s.worker], new)
         self._check_stop()
         self.stats.seconds = time.perf_counter() - self._t0
         if self.done:
@@ -430,7 +456,9 @@ class Session:
                 del fed[w]
         return fed
 
-    def _after_pass(self, w: int, chunk: list[int], tok: int, new: dict[int, list[int]]) -> None:
+    def _take_fed(self, w: int, chunk: list[int]) -> StepEnd | None:
+        """A fed chunk joins the worker's stream and step; a StepEnd when it ends the step (the
+        worker's next header is queued, and its sample of this pass will be dropped)."""
         ws = self.workers[w]
         ws.stream.extend(chunk[ws.reported:])
         ws.unfed = []
@@ -438,18 +466,28 @@ class Session:
         add_written(ws.written, chunk, ws.sampled)
         ws.sampled = False
         self.stats.tokens_per_worker[w] = len(ws.stream)
+        if w in self._finishers or not self.options.enabled:
+            return None
+        if not is_step_boundary(ws.step_text.update(self.tok, ws.step_ids), ws.header_text):
+            return None
+        ws.proto.finished_steps += 1
+        self.stats.steps_per_worker[w] = ws.proto.finished_steps
+        end = StepEnd(extract_boxed(self._written(ws)))
+        self._finishing.append(w)
+        self._open_step(ws)  # the sample after a step's end is dropped: a header comes next
+        return end
+
+    def _take_sample(self, w: int, tok: int, step_end: StepEnd | None, new: dict[int, list[int]]) -> None:
+        """The worker's sampled token of the pass, after its fed chunk was taken (_take_fed)."""
+        ws = self.workers[w]
         if w in self._finishers:
             self._after_finisher_pass(ws, tok, new)
             return
-        if self.options.enabled and is_step_boundary(ws.step_text.update(self.tok, ws.step_ids), ws.header_text):
-            ws.proto.finished_steps += 1
-            self.stats.steps_per_worker[w] = ws.proto.finished_steps
-            self._found_answer(self._written(ws))
-            self._finishing.append(w)
-            self._open_step(ws)  # the sample after a step's end is dropped: a header comes next
+        if step_end is not None:
+            self._take_answer(step_end.answer)
             return
         if tok in self.engine.eos_ids:
-            self._found_answer(self._written(ws))
+            self._take_answer(extract_boxed(self._written(ws)))
             ws.status, ws.pending, ws.reported = "eos", [], 0
             return
         ws.pending, ws.reported, ws.sampled = [tok], 1, True
@@ -468,8 +506,8 @@ class Session:
         (its header, injections) is left out, so that only the model's own words give the answer."""
         return "".join(self.tok.decode(run) for run in ws.written if run)
 
-    def _found_answer(self, text: str) -> None:
-        ans = extract_boxed(text)
+    def _take_answer(self, ans: str | None) -> None:
+        """The session's answer is the first one found."""
         if ans is not None and self.answer is None:
             self.answer = ans
 
@@ -678,8 +716,13 @@ def run_pass(sessions: Sequence[Session], inject: dict[Session, dict[int, str]] 
     if parts:
         t0 = time.perf_counter()
         before = sum(sum(s.stats.generated_per_worker) for s, _ in parts)
+        def while_running(ran: set[int]) -> None:  # the device runs the pass: take what the fed tokens decide
+            for s, part in parts:
+                if part.session in ran:
+                    s.pass_launched(part)
+
         try:
-            results = parts[0][0].executor.executor.run([part for _, part in parts])
+            results = parts[0][0].executor.executor.run([part for _, part in parts], while_running)
         except BaseException:
             for s, _ in parts:
                 s.close()

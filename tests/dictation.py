@@ -13,8 +13,8 @@ def dictate(monkeypatch, session, worker: int, text: str) -> None:
     executor = session.executor.executor
     real = executor.run
 
-    def run(passes):
-        out = real(passes)
+    def run(passes, while_running=None):
+        out = real(passes, while_running)
         if session.executor.session not in out:
             return out
         steps, sampled = out[session.executor.session]

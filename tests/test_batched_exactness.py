@@ -89,11 +89,11 @@ def run_shared_passes(engine, hf_model, plain: bool, greedy: bool = False) -> tu
     vocabulary). (worst relative logit error, workers checked, what each executor pass held)."""
     log, real = [], engine.executor.run
 
-    def recording(passes):
+    def recording(passes, while_running=None):
         log.append(dict(sessions=len(passes), prefill=sum(bool(p.prefill) for p in passes),
                         decode=sum(bool(p.fed) for p in passes),
                         prompt_tokens=sum(len(ids) for p in passes for _, ids in p.prefill)))
-        return real(passes)
+        return real(passes, while_running)
 
     engine.executor.run = recording
     live: dict[str, hw.Session] = {}

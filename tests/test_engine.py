@@ -426,8 +426,8 @@ def rig_samples(session, change) -> None:
     executor, sid = session.executor.executor, session.executor.session
     run, passes = executor.run, [0]
 
-    def rigged(parts):
-        out = run(parts)
+    def rigged(parts, while_running=None):
+        out = run(parts, while_running)
         if sid in out and not isinstance(out[sid], Exception) and out[sid][0]:
             steps, tokens = out[sid]
             passes[0] += 1
@@ -502,6 +502,32 @@ def test_boxed_answer_stops_the_session(engine, monkeypatch):
     assert pages_free(engine)
     result = session.result()
     assert result.answer == "42" and "\\boxed{42}" in result.transcript and "\\boxed{42}" in result.worker_texts[0]
+
+
+@pytest.mark.parametrize("eos_worker", [0, 1])
+def test_the_first_answer_in_worker_order_wins_a_pass(engine, eos_worker):
+    """In one pass a worker stops (it samples the end of text, its step holding a box) and another
+    one's step ends (its paragraph break is fed, the step holding another box): the session's
+    answer is the lower-numbered worker's, whichever way each one ended."""
+    session = engine.start(PROBLEM, workers=2, sampling=HOT, max_tokens=60, redundancy_every=None, finisher=False)
+    session.step()
+    eos = session.tok.eos_token_id
+    stop = session.encode(f"So \\boxed{{{eos_worker}}}") + [eos]  # the end of text is sampled, never fed
+    step = session.encode(f"So \\boxed{{{1 - eos_worker}}}.\n\n")  # the break ends the step once it is fed
+    filler = session.encode(" and")
+    length = max(len(stop), len(step) + 1)
+    stop = filler * (length - len(stop)) + stop
+    step = filler * (length - 1 - len(step)) + step
+    force_samples(session, eos_worker, stop, start=2)
+    force_samples(session, 1 - eos_worker, step, start=2)
+    while not session.done and session.stats.forward_passes < length + 1:
+        session.step()
+        assert session.answer is None
+    session.step()
+    assert session.stats.forward_passes == length + 2
+    assert session.workers[eos_worker].status == "eos"
+    assert session.stats.steps_per_worker[1 - eos_worker] == 1
+    assert session.done and session.answer == "0" and session.stats.stop_reason == "answer"
 
 
 def assert_transcript_has_every_last_step(result) -> None:

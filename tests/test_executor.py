@@ -107,6 +107,41 @@ def test_a_greedy_session_beside_a_sampling_one_stays_greedy(runner_pair):
     assert pages.free_pages == pages.num_pages
 
 
+def test_host_work_runs_while_the_pass_is_under_way(runner_pair, monkeypatch):
+    """while_running is called once a pass, with the sessions in it (not one whose writes did not
+    fit), after the device work is queued and before the sampled tokens are read."""
+    (runner, _), _ = runner_pair
+    pages = PageAllocator(3, 4)
+    executor = LocalExecutor(runner)
+    a, b = CacheLayout("combined", 2, pages), CacheLayout("combined", 2, pages)
+    sa, sb = executor.open(a, [GREEDY, GREEDY]), executor.open(b, [GREEDY, GREEDY])
+    executor.prefill(sa, a.common, [5, 6, 7])
+    log = []
+    forward = runner.forward
+
+    class Tokens:  # the pass's sampled tokens: reading them is the host's wait for the device
+        def __init__(self, tokens):
+            self.tokens = tokens
+
+        def tolist(self):
+            log.append("tokens read")
+            return self.tokens.tolist()
+
+    def queued(*args, **kwargs):
+        logits, tokens = forward(*args, **kwargs)
+        log.append("pass queued")
+        return logits, Tokens(tokens)
+
+    monkeypatch.setattr(runner, "forward", queued)
+    out = executor.run([SessionPass(sa, {0: [1], 1: [2]}), SessionPass(sb, {0: list(range(40))})],
+                       lambda ran: log.append(ran))
+    assert log == ["pass queued", {sa}, "tokens read"]
+    assert isinstance(out[sb], hw.CacheFullError) and len(out[sa][1]) == 2
+    executor.close(sa)
+    executor.close(sb)
+    assert pages.free_pages == pages.num_pages
+
+
 def test_the_engine_and_every_shard_drive_the_same_runner_and_executor():
     """One runner class per rank, one executor class in process and in each shard."""
     import inspect

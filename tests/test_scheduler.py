@@ -161,11 +161,11 @@ def engine(random_model):
     eng.passes = []
     real = eng.executor.run
 
-    def run(passes):
+    def run(passes, while_running=None):
         eng.passes.append(dict(sessions=len(passes), prefill=sum(bool(p.prefill) for p in passes),
                                decode=sum(bool(p.fed) for p in passes), rows=sum(p.rows for p in passes),
                                prompt_tokens=sum(len(ids) for p in passes for _, ids in p.prefill)))
-        return real(passes)
+        return real(passes, while_running)
 
     eng.executor.run = run
     return eng

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
+
+WhileRunning = Callable[[set[int]], None]  # see Executor.run
 
 if TYPE_CHECKING:
     import torch
@@ -61,10 +63,14 @@ class Executor(ABC):
         """Move these workers' finished steps to the end of the session's shared history."""
 
     @abstractmethod
-    def run(self, passes: list[SessionPass]) -> dict[int, tuple[list[WriteStep], list[int]] | Exception]:
+    def run(self, passes: list[SessionPass], while_running: WhileRunning | None = None
+            ) -> dict[int, tuple[list[WriteStep], list[int]] | Exception]:
         """One forward pass for all the given sessions; per session, its planned worker writes
         and the sampled token of each fed worker, in plan order; or the error that kept it out
-        of the pass (a full cache while planning its writes: the others run, it must close)."""
+        of the pass (a full cache while planning its writes: the others run, it must close).
+        while_running(sessions in the pass): called once the pass is under way and before its
+        tokens are read, so that host work which needs only the pass's inputs overlaps the
+        device; it must not raise."""
 
     @abstractmethod
     def last_logits(self, session: int) -> torch.Tensor:

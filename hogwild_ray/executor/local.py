@@ -20,7 +20,7 @@ from ..core.sampling_params import SamplingParams
 from ..sampling import SampleTable, Sampler
 from ..transfer import to_device
 from ..errors import CacheFullError
-from .base import Executor, SessionPass, plan_session
+from .base import Executor, SessionPass, WhileRunning, plan_session
 
 MODES = ("greedy", "sample", "filter")  # a pass's sampling mode: the most general of its sessions'
 
@@ -101,7 +101,8 @@ class LocalExecutor(Executor):
                 self.runner.relocate(reloc)
                 st.layout.release(reloc)
 
-    def run(self, passes: list[SessionPass]) -> dict[int, tuple[list[WriteStep], list[int]] | Exception]:
+    def run(self, passes: list[SessionPass], while_running: WhileRunning | None = None
+            ) -> dict[int, tuple[list[WriteStep], list[int]] | Exception]:
         """Plans every session's writes (in the order given), then one forward pass for all.
 
         A session whose writes do not fit the cache is left out of the pass (its error is its
@@ -127,7 +128,10 @@ class LocalExecutor(Executor):
         staged = ahead.ticket if ahead is not None and not copied and not failed and ahead.came_true(planned) else None
         self.staged_passes += staged is not None
         writes = [s for _, shared, steps in planned for s in shared + steps]
+        ran = {p.session for p, _, _ in planned}
         if not writes:  # nothing to compute: failures, or prompt chunks that other prompts' pages held
+            if while_running is not None:
+                while_running(ran)
             return {**failed, **{p.session: ([], []) for p, _, _ in planned}}
         table = merge_tables(tables)
         logits, tokens = self.runner.forward(writes, table, staged)
@@ -140,6 +144,8 @@ class LocalExecutor(Executor):
             rows.append(slice(row, row + len(steps)))
             row += len(steps)
         self.ahead = self._stage_next(planned, table.mode)
+        if while_running is not None:
+            while_running(ran)
         ids = tokens.tolist()  # the one host sync
         out: dict[int, tuple[list[WriteStep], list[int]] | Exception] = dict(failed)
         for (p, _, steps), r in zip(planned, rows):

@@ -23,7 +23,7 @@ import torch
 
 from ..errors import CacheFullError
 from ..executor import Executor, SessionPass
-from ..executor.base import plan_session
+from ..executor.base import WhileRunning, plan_session
 from ..core.layout import Block, CacheLayout, WriteStep
 from ..core.sampling_params import SamplingParams
 from .errors import ChannelTimeoutError, ShardFailedError
@@ -133,12 +133,14 @@ class RayExecutor(Executor):
             self._finishing.setdefault(session, []).extend(workers)
 
     @_operation
-    def run(self, passes: list[SessionPass]) -> dict[int, tuple[list[WriteStep], list[int]] | Exception]:
+    def run(self, passes: list[SessionPass], while_running: WhileRunning | None = None
+            ) -> dict[int, tuple[list[WriteStep], list[int]] | Exception]:
         """One forward pass on every shard for all the given sessions.
 
         When the free pages surely cover this pass, this process plans its copies of the layouts
         while the shards run it; otherwise it plans first, so that a session whose writes do not
-        fit is known here (each shard's copy fails the same way and leaves it out too)."""
+        fit is known here (each shard's copy fails the same way and leaves it out too).
+        while_running runs here while the shards work, after the planning."""
         finishing = self._pending()
         wire = [(p.session, {w: list(t) for w, t in p.fed.items()}, p.greedy,
                  [(block, list(ids)) for block, ids in p.prefill]) for p in passes]
@@ -156,11 +158,15 @@ class RayExecutor(Executor):
                     planned[p.session] = e
                 layout.take_copies()  # the shards make their own copies of the pages
 
+        def meanwhile() -> None:
+            if not planned:
+                plan()
+            if while_running is not None:
+                while_running({s for s, steps in planned.items() if not isinstance(steps, Exception)})
+
         if worst_pages > pool.free_pages:
             plan()
-            tokens = self._call("run", finishing, wire)
-        else:
-            tokens = self._call("run", finishing, wire, meanwhile=plan)
+        tokens = self._call("run", finishing, wire, meanwhile=meanwhile)
         for p in passes:
             self.logits.pop(p.session, None)
         out: dict[int, tuple[list[WriteStep], list[int]] | Exception] = {}
