@@ -163,7 +163,9 @@ class Model:
         for name in self.names():
             b = self.block(name)
             assert b.tokens == self.tokens[name], name
-            assert len(b.pages) == math.ceil(len(b) / ps), name
+            # a page for every page's worth of tokens; a worker's full block may hold one spare page
+            spare = len(b.pages) - math.ceil(len(b) / ps)
+            assert spare == 0 or (spare == 1 and name.startswith("cur") and len(b) and len(b) % ps == 0), name
             # pages of a block only ever grow at the end: written K/V never move silently
             prev = self.pages.get(name, [])
             assert b.pages[: len(prev)] == prev, name
@@ -361,8 +363,9 @@ def test_page_refcounts():
 @given(workers=st.integers(1, 5), page_size=st.integers(1, 5), feeds=st.lists(st.integers(1, 4), min_size=5,
                                                                                 max_size=5))
 def test_preview_is_what_plan_then_hands_out(kind, workers, page_size, feeds):
-    """Whenever preview predicts, a one-token-each plan matches it exactly and allocates nothing;
-    it declines exactly when a worker's write would open a new page."""
+    """Whenever preview predicts, a one-token-each plan matches it exactly and allocates no page
+    but the spares of blocks it fills; it declines exactly when a worker's block has no page
+    for its next token."""
     lay = CacheLayout(kind, workers, PageAllocator(512, page_size))
     for block, n in zip(lay.shared_prefix_blocks(), (3, 1, 2)):
         lay.write_shared(block, list(range(n)))
@@ -371,18 +374,69 @@ def test_preview_is_what_plan_then_hands_out(kind, workers, page_size, feeds):
     chosen = [w for w in range(workers) if w % 2 == 0 or workers == 1]
     for _ in range(2 * page_size + 1):
         views = lay.preview(chosen)
-        opens_page = any(len(lay.cur[w]) % page_size == 0 for w in chosen)
+        opens_page = any(len(lay.cur[w]) // page_size == len(lay.cur[w].pages) for w in chosen)
         assert (views is None) == opens_page
         free = lay.allocator.free_pages
         steps = lay.plan({w: [7] for w in chosen})
         if views is None:
             continue
-        assert lay.allocator.free_pages == free and not lay.take_copies()
+        spares = sum(len(lay.cur[w]) % page_size == 0 for w in chosen)  # blocks just filled take their next page
+        assert lay.allocator.free_pages == free - spares and not lay.take_copies()
         assert [pos for pos, _ in views] == [s.position for s in steps]
         for (_, segs), s in zip(views, steps):
             assert [(v.block, v.length, v.offset) for v in segs] == [(v.block, v.length, v.offset)
                                                                       for v in s.segments]
     lay.close()
+
+
+def test_a_full_block_takes_a_spare_page_so_the_next_step_is_foreseen():
+    """A worker's write that fills its last page takes the next page at once: the next one-token
+    step is previewed (no page to open) and planned from the preview without allocating. A
+    fork shares no spare page; moving the step and closing give the spares back."""
+    alloc = PageAllocator(64, 4)
+    lay = CacheLayout("combined", 2, alloc)
+    lay.write_shared(lay.common, [1, 2, 3])
+    lay.plan({0: [10, 11, 12], 1: [20]})
+    free = alloc.free_pages
+    lay.plan({0: [13], 1: [21]})  # worker 0's page is full: it takes a spare
+    assert len(lay.cur[0].pages) == 2 and len(lay.cur[1].pages) == 1 and alloc.free_pages == free - 1
+    views = lay.preview([0, 1])
+    assert views is not None
+    used, free = lay.previews_used, alloc.free_pages
+    steps = lay.plan({0: [14], 1: [22]})
+    assert lay.previews_used == used + 1 and alloc.free_pages == free
+    assert steps[0].slots == [lay.cur[0].pages[1] * 4]  # the spare page receives the token
+    lay.plan({0: [15, 16, 17]})  # fills the spare: the next spare
+    spare = lay.cur[0].pages[2]
+    twin = lay.fork()
+    assert twin.cur[0].pages == lay.cur[0].pages[:2] and not alloc.is_shared(spare)
+    twin.plan({0: [18]})
+    lay.plan({0: [18]})
+    assert not lay.take_copies() and not twin.take_copies()  # each wrote into a page of its own
+    assert lay.cur[0].pages[2] == spare and twin.cur[0].pages[2] != spare
+    reloc = lay.finish_step(0)
+    assert spare in reloc.freed_pages
+    lay.release(reloc)
+    twin.close()
+    lay.close()
+    assert alloc.free_pages == 64
+
+
+def test_no_spare_page_when_the_pool_runs_low():
+    """Spares leave the last 1/16 of the pool alone: a block filled then opens its next page
+    when it writes into it, as before."""
+    alloc = PageAllocator(16, 2)
+    lay = CacheLayout("combined", 1, alloc)
+    lay.write_shared(lay.common, list(range(26)))  # 13 pages: 3 free
+    lay.plan({0: [1, 2]})  # 2 free after its page: more than 16 // 16, a spare
+    assert len(lay.cur[0].pages) == 2 and alloc.free_pages == 1
+    lay.plan({0: [3, 4]})  # fills the spare; 1 free is not more than 1: no spare
+    assert len(lay.cur[0].pages) == 2 and alloc.free_pages == 1
+    assert lay.preview([0]) is None
+    lay.plan({0: [5]})  # opens the last page when it writes into it
+    assert alloc.free_pages == 0
+    lay.close()
+    assert alloc.free_pages == 16
 
 
 def test_preview_declines_a_shared_last_page():

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from ..errors import CacheFullError, InvalidRequestError, check_int
 
 LAYOUTS = ("combined", "contiguous", "interleaved")
+SPARE_HEADROOM = 16  # a worker's block takes a spare page only while over 1/16 of the pool is free
 
 
 class PageAllocator:
@@ -182,8 +183,11 @@ class CacheLayout:
         return twin
 
     def _share(self, block: Block) -> Block:
-        self.allocator.share(block.pages)
-        return Block(block.name, list(block.tokens), list(block.pages))
+        """The twin's copy of a block: its pages holding tokens are shared (a spare page stays
+        this block's: whichever side writes into a page of its own needs no copy)."""
+        pages = block.pages[: -(-len(block) // self.page_size)]
+        self.allocator.share(pages)
+        return Block(block.name, list(block.tokens), list(pages))
 
     def take_copies(self) -> list[tuple[int, int]]:
         """The page copies (src, dst) that the pool must make before this layout's next
@@ -210,7 +214,11 @@ class CacheLayout:
             return [self.common, self.hdr_own]
         return [self.common, self.hdr_others, self.hdr_own]
 
-    def _append(self, block: Block, tokens: list[int]) -> tuple[int, list[int]]:
+    def _append(self, block: Block, tokens: list[int], spare: bool = False) -> tuple[int, list[int]]:
+        """Write tokens at the block's end (pages allocated, the partial last page copied if it
+        is shared); their slots. spare: a worker's block whose pages are now full takes its
+        next page at once, while the pool has room to spare (SPARE_HEADROOM), so that the
+        next one-token step needs no page and `preview` can foresee it."""
         start, end = len(block), len(block) + len(tokens)
         if tokens and start % self.page_size and self.allocator.is_shared(block.pages[-1]):
             old, new = block.pages[-1], self.allocator.alloc(1)[0]  # copy on write
@@ -221,6 +229,10 @@ class CacheLayout:
         if need > 0:
             block.pages.extend(self.allocator.alloc(need))
         block.tokens.extend(tokens)
+        pool = self.allocator
+        if spare and end % self.page_size == 0 and len(block.pages) * self.page_size == end \
+                and pool.free_pages > pool.num_pages // SPARE_HEADROOM:
+            block.pages.extend(pool.alloc(1))
         return start, block.slots(start, end, self.page_size)
 
     def _write(self, worker: int | None, block: Block, tokens: list[int], context: list[Block]) -> WriteStep:
@@ -290,7 +302,7 @@ class CacheLayout:
             steps = []
             for w, (position, segments) in zip(feeding, previewed[2]):
                 own = self.cur[w]
-                start, slots = self._append(own, fed[w])
+                start, slots = self._append(own, fed[w], spare=True)
                 steps.append(WriteStep(w, own, list(fed[w]), start, position, slots, segments))
             return steps
         lengths = {id(b): len(b) for b in self.blocks()}
@@ -300,7 +312,7 @@ class CacheLayout:
                 continue
             blocks = self.view_blocks(w)
             own = self.cur[w]
-            start, slots = self._append(own, fed[w])
+            start, slots = self._append(own, fed[w], spare=True)
             segments, offset = [], 0
             for b in blocks:
                 length = len(b) if b is own else lengths[id(b)]
@@ -313,13 +325,14 @@ class CacheLayout:
     def preview(self, workers: list[int]) -> list[tuple[int, list[SegmentView]]] | None:
         """What `plan` will hand out if each of `workers` feeds one token next, changing nothing:
         each one's view position and segments, in plan order. None when a write would need a
-        new page or a copy on write (then there is nothing cheap to predict). The next `plan`
-        reuses these views if the guess comes true."""
+        new page (no spare one) or a copy on write (then there is nothing cheap to predict).
+        The next `plan` reuses these views if the guess comes true."""
         self._previewed, out = None, []
         for w in sorted(workers):
             own = self.cur[w]
             n = len(own)
-            if n % self.page_size == 0 or self.allocator.is_shared(own.pages[-1]):
+            page = n // self.page_size
+            if page >= len(own.pages) or self.allocator.is_shared(own.pages[page]):
                 return None
             segments, offset = [], 0
             for b in self.view_blocks(w):
