@@ -52,6 +52,22 @@ def test_overhead_writes_results(tmp_path):
     assert saved["ray"] == "not run (--no-ray)" and out["targets"][0]["status"] == "not measured"
 
 
+def test_overhead_ends_steps_as_real_text_does(tmp_path):
+    """--step-tokens makes the workers end steps (the protocol's real path: a paragraph break fed,
+    the step moved, a header next); without it random text ends none."""
+    import overhead
+
+    rows = {}
+    for every in (0, 4):
+        out = overhead.main(["--shape", "tiny", "--device", "cpu", "--workers", "2", "--view", "16", "--steps", "12",
+                             "--warmup", "1", "--no-ray", "--out", str(tmp_path), "--date", "2000-01-01",
+                             "--step-tokens", str(every)])
+        rows[every] = out["rows"][0]
+        assert out["meta"]["step_tokens"] == (every or None)
+    assert rows[0]["steps_ended"] == 0 and rows[4]["steps_ended"] >= 4
+    assert rows[4]["graphed_pct"] is None and rows[4]["mean_wall_ms"] > 0
+
+
 def test_gpu_time_prefers_the_graph_replay():
     """An engine with decode graphs gives its GPU time by replaying the last pass (a stand-in here)."""
     import overhead
