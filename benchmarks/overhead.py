@@ -11,6 +11,7 @@ On the CPU there is no GPU time to split off: only the wall times are reported.
     python benchmarks/overhead.py                       # qwen3-8b, 4k-token prompt on CUDA; tiny on the CPU
     python benchmarks/overhead.py --workers 1,8,16 --view 16384
     python benchmarks/overhead.py --workers 16 --step-tokens 30 --no-ray   # steps end as in real text
+    python benchmarks/overhead.py --workers 16 --step-tokens 30 --graph-chunks 1,16 --no-ray
 
 Writes DATE-DEVICE-overhead[-SUFFIX].{csv,json,png} under --out.
 """
@@ -52,6 +53,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help="in process: every worker ends a step about every N of its passes, as real text does "
                         "(its sample is rewritten to a paragraph break): headers, moved steps and the passes "
                         "that feed a header count too (default 0: random text, no step ever ends)")
+    p.add_argument("--graph-chunks", type=lambda s: [int(x) for x in s.split(",")], default=[1],
+                   help="in process, with CUDA graphs: the longest chunk (a header, an injection) a graphed pass "
+                        "may feed, one in-process row per value, side by side (default 1: decode passes only)")
     p.add_argument("--no-ray", action="store_true", help="in process only")
     p.add_argument("--out", type=Path, default=common.RESULTS)
     p.add_argument("--date", default=common.today())
@@ -65,9 +69,11 @@ def open_session(engine, model: Model, workers: int):
                         sampling=[hw.SamplingParams(temperature=1.0, seed=w) for w in range(workers)])
 
 
-def in_process(engine, model: Model, workers: int, args) -> dict:
+def in_process(engine, model: Model, workers: int, args, chunk: int = 1) -> dict:
     session = open_session(engine, model, workers)
     graphs = getattr(engine, "graphs", None)
+    if graphs is not None:
+        graphs.max_chunk = chunk
     real_run = engine.executor.run
     try:
         if args.step_tokens:
@@ -84,7 +90,8 @@ def in_process(engine, model: Model, workers: int, args) -> dict:
     finally:
         engine.executor.run = real_run
         session.close()
-    return {"path": "in process", "workers": workers, "wall_ms": statistics.median(walls) * 1e3,
+    path = "in process" if chunk == 1 else f"in process, chunks of <= {chunk} graphed"
+    return {"path": path, "workers": workers, "wall_ms": statistics.median(walls) * 1e3,
             "mean_wall_ms": statistics.fmean(walls) * 1e3, "gpu_ms": None if gpu is None else gpu * 1e3,
             "gpu_method": method, "steps_ended": steps_ended,
             "graphed_pct": None if graphs is None else 100 * replays / max(passes, 1),
@@ -216,8 +223,9 @@ def main(argv: list[str] | None = None) -> dict:
 def run(args, device: torch.device, dtype: torch.dtype, path: str, model: Model) -> dict:
     engine = hw.HogwildEngine.from_pretrained(path, device, dtype, cache_tokens=pool_tokens(model, args.workers, args))
     engine.eos_ids = frozenset()
-    rows = [in_process(engine, model, n, args) for n in args.workers]
     graphs = getattr(engine, "graphs", None) is not None
+    rows = [in_process(engine, model, n, args, chunk) for chunk in (args.graph_chunks if graphs else [1])
+            for n in args.workers]
     del engine
     common.free_memory(device)
     ray_note = "not run (--no-ray)"
@@ -241,7 +249,7 @@ def run(args, device: torch.device, dtype: torch.dtype, path: str, model: Model)
             "device_name": common.device_name(device), **common.versions(), "model": path,
             "dtype": str(dtype).removeprefix("torch."), "view": model.view, "workers": args.workers,
             "steps": args.steps, "warmup": args.warmup, "cuda_graphs": graphs, "ray": ray_note or "run",
-            "step_tokens": args.step_tokens or None}
+            "step_tokens": args.step_tokens or None, "graph_chunks": args.graph_chunks if graphs else [1]}
     stem = args.out / f"{args.date}-{common.file_tag(device)}-overhead{'-' + args.suffix if args.suffix else ''}"
     common.write_results(stem, meta, rows, {"targets": targets})
     plot(meta, rows, Path(f"{stem}.png"))

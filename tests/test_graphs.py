@@ -84,6 +84,59 @@ def test_graphs_are_kept_per_key_tile(random_model):
     assert tiles == {False, True}, engine.graphs.graphs.keys()
 
 
+def test_a_graph_pass_with_chunks_reads_its_static_buffers_right(random_model):
+    """On the CPU, without a capture: a graph's fixed-size buffers (tokens, positions, slots, the
+    attention plan, each group's last row, the sampling table) loaded for a pass where workers feed
+    injections (or headers) give the eager pass's logits, and the same samples."""
+    from hogwild_ray.model.graphs import DecodeGraphs
+    from hogwild_ray.runner.model_runner import host_batch
+
+    path, _ = random_model("qwen3", "yarn")
+    engine = hw.HogwildEngine.from_pretrained(path, "cpu", "float32", cache_tokens=4096, attention="triton")
+    runner = engine.runner
+    graphs = DecodeGraphs(runner.decoder, runner.cache, engine.max_context, max_chunk=64)
+    forward, checked = runner.forward, []
+
+    def both(steps, table=None, staged=None):
+        logits, tokens = forward(steps, table, staged)
+        groups, toks, key_pos, slots, _ = host_batch(steps)
+        if graphs.serves(groups) and any(g.count > 1 for g in groups):
+            entry, host = graphs._entry(groups, len(toks), None if table is None else table.mode)
+            entry.load(host, toks, key_pos, slots, groups, table)
+            got, sampled = entry.forward(runner.decoder, runner.cache)  # rewrites the same K/V
+            torch.testing.assert_close(got, logits, atol=2e-4 * logits.abs().max().item(), rtol=0)
+            if table is not None:  # a pass of the session's workers (not a shared block's prefill)
+                assert sampled.tolist() == tokens.tolist()
+                checked.append(len(toks) - len(groups))
+        return logits, tokens
+
+    runner.forward = both
+    session = engine.start("Compute 12 * 7.", workers=3, max_tokens=40, protocol=False, chat_template=False,
+                           sampling=[hw.SamplingParams(temperature=1.0, seed=w) for w in range(3)])
+    injections = (None, {1: "Check the units."}, None, {0: "Now add 5.", 2: "Explain it."}, None)
+    for inject in injections:
+        session.step(inject=inject)
+    session.close()
+    # the injections' passes: each injected worker feeds its sample and the injection's tokens
+    assert checked == [sum(len(session.encode(text)) for text in inject.values()) for inject in injections if inject]
+
+
+@gpu
+def test_passes_with_chunks_replay_graphs_of_their_own(random_model):
+    """With max_chunk, the passes where workers feed headers or injections replay graphs too
+    (each group's logits and sample taken at its last token, loaded pass by pass): the same
+    tokens as eager passes, logits within fp32 rounding."""
+    path, _ = random_model("qwen3", "yarn")
+
+    def chunks_graphed(engine, i):
+        if engine.graphs is not None:
+            engine.graphs.max_chunk = 64
+
+    engine = _eager_and_graphed_agree(path, 4, chunks_graphed)
+    captured = [key for key, entry in engine.graphs.graphs.items() if entry.graph is not None]
+    assert any(key[-1] < key[0] for key in captured), captured  # fewer groups than tokens: chunks
+
+
 @gpu
 def test_chained_kernels_give_the_same_bits(random_model):
     """A layer's kernels launched as programmatic dependents, one of the other (Hopper and

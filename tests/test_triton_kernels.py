@@ -284,6 +284,32 @@ def test_static_plan_with_padding_matches_reference(workers, seed, layout_items,
         torch.testing.assert_close(got, reference(ref, q, k_pool, v_pool, groups), atol=2e-4, rtol=2e-4)
 
 
+@pytest.mark.parametrize("seed", [21, 22])
+def test_static_plan_of_a_pass_with_chunks_matches_reference(seed):
+    """A graphed pass where some workers feed several tokens (a header, an injection): the
+    fixed-size plan, sized for the pass's tokens, gives the reference's attention, causal
+    inside each chunk; a second pass of the same shape overwrites the first one's buffers."""
+    from hogwild_kernels.plan import PlanCaps, StaticPlan, build_plan
+
+    rng = random.Random(seed)
+    ref, tri = backends(64, chunk=None)
+    tri.block_n = 16
+    cases = []
+    while len(cases) < 2:  # two passes of one shape (tokens), as one graph replays them
+        case = random_case(rng, 4, 8, 2, 64, max_chunk=4)
+        if case[0].shape[0] == 9 and any(g.count > 1 for g in case[3]):
+            cases.append(case)
+    static = StaticPlan(PlanCaps(tokens=9, items=16, pages=60, units=tri.target_units(DEVICE) + 16), DEVICE)
+    for q, k_pool, v_pool, groups in cases:
+        groups = to_device(groups)
+        host = build_plan(groups, 9, tri.chunk_rule(DEVICE, capped=False))
+        assert static.fits(host)
+        static.load(host)
+        slots = torch.zeros(9, dtype=torch.int64, device=DEVICE)
+        got = tri.attend(q, k_pool, v_pool, tri.prepare(groups, slots, slots, plan=static.plan))
+        torch.testing.assert_close(got, reference(ref, q, k_pool, v_pool, groups), atol=2e-4, rtol=2e-4)
+
+
 def test_static_plan_of_several_sessions_with_narrow_row_tiles_matches_reference():
     """Two sessions of 3 workers in one pass: no unit has more than 3 readers, so a graph's
     plan sized for 4 per unit (not all 6 tokens) computes narrower tiles; the same attention.

@@ -6,7 +6,9 @@ and the attention plan (who reads which pages, with which rotation). Those live 
 fixed-size device buffers refilled by one asynchronous copy each per pass, so a graph
 captured once per (tokens, blocks) shape replays every later pass of that shape with
 no launch overhead. Passes that feed several tokens to a worker (the prompt, headers,
-interjections) run eagerly; so does anything a graph's buffers cannot hold.
+interjections) run eagerly, unless `max_chunk` lets graphs hold chunks of that size (each
+group's logits and sample are then taken at its last token, a buffer loaded per pass);
+so does anything a graph's buffers cannot hold.
 
 Sampling is captured too: each row's seed, draw number, temperature, top-k and top-p go in
 with the inputs (sampling.SampleTable), the draws are counter-based (no RNG state on the
@@ -32,28 +34,31 @@ def _pow2(x: int) -> int:
 
 
 class _Graph:
-    """One captured decode pass (and its sampling) and the static buffers it reads and writes."""
+    """One captured pass (and its sampling) and the static buffers it reads and writes: `caps.tokens`
+    tokens in `rows` groups, the logits and samples taken at each group's last token."""
 
-    def __init__(self, caps: PlanCaps, mode: str | None, device: torch.device) -> None:
-        t = caps.tokens
+    def __init__(self, caps: PlanCaps, rows: int, mode: str | None, device: torch.device) -> None:
+        t, pin = caps.tokens, device.type == "cuda"  # (on a CPU the buffers serve checks without a capture)
         self.plan = StaticPlan(caps, device)
-        self.host = torch.zeros(3 * t, dtype=torch.int32, pin_memory=True)
+        self.host = torch.zeros(3 * t, dtype=torch.int32, pin_memory=pin)
         self.inputs = torch.zeros(3 * t, dtype=torch.int32, device=device)
         tokens, key_positions, slots = self.inputs.split(t)
-        last = torch.arange(t, device=device)
-        self.batch = ForwardBatch(tokens, key_positions, slots, [], last, plan=self.plan.plan)
+        self.last = torch.arange(rows, device=device)  # a decode pass's: every token is its group's last
+        if rows != t:  # a pass with chunks: where each group ends changes pass by pass
+            self.last_host = torch.zeros(rows, dtype=torch.int64, pin_memory=pin)
+        self.batch = ForwardBatch(tokens, key_positions, slots, [], self.last, plan=self.plan.plan)
         self.mode = mode  # how the pass samples (SampleTable.mode), None: it does not
         self.sampling = mode not in (None, "greedy")
         if self.sampling:
-            self.table_host = torch.zeros(TABLE_ROWS, t, dtype=torch.float64, pin_memory=True)
-            self.table = torch.zeros(TABLE_ROWS, t, dtype=torch.float64, device=device)
+            self.table_host = torch.zeros(TABLE_ROWS, rows, dtype=torch.float64, pin_memory=pin)
+            self.table = torch.zeros(TABLE_ROWS, rows, dtype=torch.float64, device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
         self.sampled: torch.Tensor | None = None
         self.staged: Staged | None = None  # whose plan the buffers hold, when it was staged ahead
 
     def load(self, host_plan: dict | None, tokens: list[int], key_positions: list[int], slots: list[int],
-             table: SampleTable | None) -> None:
+             groups: list[QueryGroup], table: SampleTable | None) -> None:
         """Fill the input buffers (and the plan, unless it was staged: host_plan None)."""
         if host_plan is not None:
             self.plan.load(host_plan)
@@ -62,6 +67,9 @@ class _Graph:
         t = len(tokens)
         h[:t], h[t : 2 * t], h[2 * t :] = tokens, key_positions, slots
         self.inputs.copy_(self.host, non_blocking=True)
+        if len(groups) != t:
+            self.last_host.numpy()[:] = [g.start + g.count - 1 for g in groups]
+            self.last.copy_(self.last_host, non_blocking=True)
         if self.sampling:
             self.table_host.numpy()[:] = table.values
             self.table.copy_(self.table_host, non_blocking=True)
@@ -84,8 +92,11 @@ class Staged:
 class DecodeGraphs:
     """Captures and replays decode passes of one decoder over one K/V pool."""
 
-    def __init__(self, decoder: Decoder, cache: KVPool, max_context: int) -> None:
-        self.decoder, self.cache = decoder, cache
+    def __init__(self, decoder: Decoder, cache: KVPool, max_context: int, max_chunk: int = 1) -> None:
+        """max_chunk: the most tokens one group of a graphed pass may feed (1: decode passes only;
+        more: also passes where some workers feed a header or a short injection, each pass shape
+        then a graph of its own)."""
+        self.decoder, self.cache, self.max_chunk = decoder, cache, max_chunk
         self.attention = decoder.attention
         self.device = cache.k.device
         self.max_pages = -(-max_context // cache.page_size) + 1
@@ -94,10 +105,9 @@ class DecodeGraphs:
         self.replays = 0
         self.staged_hits = 0  # passes whose plan was staged while the previous pass ran
 
-    @staticmethod
-    def serves(groups: list[QueryGroup]) -> bool:
-        """A decode pass: every group feeds one token."""
-        return bool(groups) and all(g.count == 1 for g in groups)
+    def serves(self, groups: list[QueryGroup]) -> bool:
+        """A decode pass (every group feeds one token), or one whose chunks are at most max_chunk."""
+        return bool(groups) and all(g.count <= self.max_chunk for g in groups)
 
     def run(self, groups: list[QueryGroup], tokens: list[int], key_positions: list[int], slots: list[int],
             table: SampleTable | None = None,
@@ -113,7 +123,7 @@ class DecodeGraphs:
             entry, host = self._entry(groups, len(tokens), mode)
             if entry is None:
                 return None
-        entry.load(host, tokens, key_positions, slots, table)
+        entry.load(host, tokens, key_positions, slots, groups, table)
         if entry.graph is None:
             self._capture(entry)
         entry.graph.replay()
@@ -138,12 +148,13 @@ class DecodeGraphs:
         host = build_plan(groups, t, self.attention.chunk_rule(self.device, capped=False), self.cache.page_size)
         items = _pow2(host["tables"].shape[0])
         pairs = min(t, _pow2(max(1, host["max_pairs"])))  # a graph per power of two of a unit's readers
-        key = (t, items, pairs, self.attention.long_keys(int(host["chunk"])), mode)  # the key tile a capture keeps
+        # the key tile a capture keeps; the groups (a pass with chunks has fewer than its tokens)
+        key = (t, items, pairs, self.attention.long_keys(int(host["chunk"])), mode, len(groups))
         entry = self.graphs.get(key)
         if entry is None:
             units = self.attention.target_units(self.device) + items
             caps = PlanCaps(t, items, self.max_pages, units, unit_pairs=pairs)
-            entry = self.graphs[key] = _Graph(caps, mode, self.device)
+            entry = self.graphs[key] = _Graph(caps, len(groups), mode, self.device)
         return (entry if entry.plan.fits(host) else None), host
 
     def _capture(self, entry: _Graph) -> None:
