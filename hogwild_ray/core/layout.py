@@ -165,10 +165,11 @@ class CacheLayout:
         self.hdr_own = Block("hdr_own")
         self.cur = [Block(f"cur{w}") for w in range(workers)]
         self._copies: list[tuple[int, int]] = []  # (src page, dst page) K/V copies owed to the pool
-        # the last preview (the blocks' identities and lengths then, its workers, its views): the
+        # the last preview (the write count then, its workers, its views): the
         # next plan reuses those views when nothing changed since and each of them feeds one token
-        self._previewed: tuple[tuple, tuple[int, ...], list[tuple[int, list[SegmentView]]]] | None = None
+        self._previewed: tuple[int, tuple[int, ...], list[tuple[int, list[SegmentView]]]] | None = None
         self.previews_used = 0  # plans that took a preview's views
+        self._writes = 0  # writes and moved steps so far (see _state)
 
     def fork(self) -> CacheLayout:
         """A copy of this layout that shares every page (no K/V is copied now).
@@ -219,6 +220,7 @@ class CacheLayout:
         is shared); their slots. spare: a worker's block whose pages are now full takes its
         next page at once, while the pool has room to spare (SPARE_HEADROOM), so that the
         next one-token step needs no page and `preview` can foresee it."""
+        self._writes += 1
         start, end = len(block), len(block) + len(tokens)
         if tokens and start % self.page_size and self.allocator.is_shared(block.pages[-1]):
             old, new = block.pages[-1], self.allocator.alloc(1)[0]  # copy on write
@@ -265,6 +267,7 @@ class CacheLayout:
         return step
 
     def _reuse_prompt_pages(self, tokens: list[int]) -> list[int]:
+        self._writes += 1
         b, ps, pool = self.common, self.page_size, self.allocator
         while len(b) % ps == 0 and len(tokens) >= ps:
             page = pool.lookup(b.pages[-1] if b.pages else None, tuple(tokens[:ps]))
@@ -283,9 +286,10 @@ class CacheLayout:
         for i in range(before // ps, len(b) // ps):
             self.allocator.remember(b.pages[i - 1] if i else None, tuple(b.tokens[i * ps:(i + 1) * ps]), b.pages[i])
 
-    def _state(self) -> tuple:
-        """What a worker's view depends on: every block's identity and length."""
-        return tuple((id(b), len(b)) for b in self.blocks())
+    def _state(self) -> int:
+        """What a worker's view depends on (every block's identity and length) changes only with a
+        write or a moved step, which count themselves here."""
+        return self._writes
 
     def plan(self, fed: dict[int, list[int]]) -> list[WriteStep]:
         """Append every worker's fed tokens; each worker sees the others as they were
@@ -363,6 +367,7 @@ class CacheLayout:
         Returns the copy to make; the caller makes it, then calls `release(reloc)`."""
         if self.kind == "contiguous":
             return None
+        self._writes += 1
         cur, delta = self.cur[w], len(self.common)
         src = cur.slots(0, len(cur), self.page_size)
         _, dst = self._append(self.common, cur.tokens)
