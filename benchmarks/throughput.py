@@ -172,7 +172,7 @@ def problems(model: scaling_runs.Model, sessions: int, prompt: int) -> list[str]
 def prompt_tokens(engine, text: str) -> int:
     """Tokens of a plain prompt as a session writes it."""
     from hogwild_ray.engine import protocol_from
-    from hogwild_ray.session import prompt_ids
+    from hogwild_ray.prompt_text import prompt_ids
 
     return len(prompt_ids(engine.tokenizer, text, 1, protocol_from("combined", PLAIN)))
 

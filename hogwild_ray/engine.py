@@ -29,7 +29,8 @@ from .core.metrics import PassCounters
 from .core.scheduling import check_workers, session_pages
 from .errors import check_int
 from .scheduler import Scheduler
-from .session import Session, check_prompt, prompt_ids, step_sessions
+from .prompt_text import check_prompt, prompt_ids
+from .session import Session, step_sessions
 
 
 def read_model(path):

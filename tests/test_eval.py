@@ -19,7 +19,7 @@ from hogwild_ray.errors import InvalidRequestError
 from hogwild_ray.eval import arithmetic_problems, experiment, runner
 from hogwild_ray.eval.runner import RunSpec, run_budgets
 from hogwild_ray.core.protocol import FINISHER_PROMPT
-from hogwild_ray.session import encode_text
+from hogwild_ray.prompt_text import encode_text
 
 HOT = hw.SamplingParams(temperature=1.0, seed=3)
 PROBLEM = "Compute 12 * 7 and explain."

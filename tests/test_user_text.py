@@ -26,7 +26,7 @@ from hogwild_ray.core.events import Done, WorkerText
 from hogwild_ray.core.protocol import HISTORY_HEADER, ProtocolOptions, system_prompt
 from hogwild_ray.core.results import SolveResult, Stats
 from hogwild_ray.errors import ContextLengthError
-from hogwild_ray.session import prompt_ids
+from hogwild_ray.prompt_text import prompt_ids
 
 pytestmark = pytest.mark.reliability
 

@@ -19,7 +19,7 @@ import torch
 from ..cache import KVPool
 from ..core.layout import WriteStep
 from ..core.results import SolveResult
-from ..session import encode_text
+from ..prompt_text import encode_text
 
 if TYPE_CHECKING:
     from .coordinator import SessionState
