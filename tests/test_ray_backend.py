@@ -266,7 +266,15 @@ def test_shards_run_several_sessions_in_one_pass(llama):
                 for engine, sid in ((sharded, pairs[0][0][0]), (local, pairs[0][0][1])):
                     engine.executor.finish_steps(sid, [1])
             feeds = [{w: [rng.randrange(vocab)] for w in range(workers)} for _, workers in pairs]
-            remote = sharded.executor.run([SessionPass(ids[0], fed) for (ids, _), fed in zip(pairs, feeds)])
+            meanwhile = []  # the coordinator's host work runs while the shards compute the pass
+            if i == 7:
+                sharded.stall(0, 0.5)
+            remote = sharded.executor.run([SessionPass(ids[0], fed) for (ids, _), fed in zip(pairs, feeds)],
+                                          lambda ran: meanwhile.append((ran, time.perf_counter())))
+            returned = time.perf_counter()
+            assert [ran for ran, _ in meanwhile] == [{ids[0] for ids, _ in pairs}]
+            if i == 7:
+                assert returned - meanwhile[0][1] >= 0.4  # it ran before the stalled shard's reply
             mine = local.executor.run([SessionPass(ids[1], fed) for (ids, _), fed in zip(pairs, feeds)])
             for ids, _ in pairs:
                 assert remote[ids[0]][1] == mine[ids[1]][1], i
