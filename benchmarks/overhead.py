@@ -108,14 +108,15 @@ def end_steps_every(engine, session, tokens: int) -> None:
     rewritten (on the host, after the pass) to the tokens of a paragraph break, which the
     protocol then feeds, ends the step on, moves, and follows with a header, as in real text."""
     brk = session.encode("\n\n")
-    run, sid, fed = engine.executor.run, session.executor.session, {}
+    workers = session.layout.workers  # their steps end out of step with each other's, as in real text
+    run, sid, fed = engine.executor.run, session.executor.session, {w: w * tokens // workers for w in range(workers)}
 
     def ending(passes, while_running=None):
         out = run(passes, while_running)
         if sid in out and not isinstance(out[sid], Exception):
             steps, sampled = out[sid]
             for i, s in enumerate(steps):
-                n = fed[s.worker] = fed.get(s.worker, 0) + 1
+                n = fed[s.worker] = fed[s.worker] + 1
                 k = n % tokens - (tokens - len(brk))
                 if k >= 0:
                     sampled[i] = brk[k]

@@ -530,6 +530,19 @@ def test_the_first_answer_in_worker_order_wins_a_pass(engine, eos_worker):
     assert session.done and session.answer == "0" and session.stats.stop_reason == "answer"
 
 
+def test_the_pass_after_a_header_is_planned_ahead(engine):
+    """A pass where workers feed chunks (the first pass feeds each worker's header) still has the
+    next pass foreseen while it runs: each worker then feeds one token, and that pass's plan
+    is the preview's."""
+    session = engine.start(PROBLEM, workers=2, sampling=HOT, max_tokens=60, redundancy_every=None, finisher=False)
+    new = session.step()
+    assert all(len(tokens) > 1 for tokens in new.values())  # the headers, and each worker's first sample
+    used = session.layout.previews_used
+    session.step()
+    assert session.layout.previews_used == used + 1
+    session.close()
+
+
 def assert_transcript_has_every_last_step(result) -> None:
     """Each worker's last paragraph (its step in progress, or the finisher's answer) up to its
     last sampled token, which was never fed to the cache, is in the transcript."""

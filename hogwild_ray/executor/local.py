@@ -155,10 +155,11 @@ class LocalExecutor(Executor):
     def _stage_next(self, planned: list[tuple[SessionPass, list[WriteStep], list[WriteStep]]],
                     mode: str) -> Ahead | None:
         """While the device runs this pass, stage the next one's plan on the guess that every
-        worker fed now feeds one token next in the same sessions and nothing else changes:
+        worker fed now (one token, or a chunk such as a header) feeds one token next in the same
+        sessions and nothing else changes:
         each layout's views (which its next `plan` reuses if the guess comes true) and, with
         CUDA graphs, the attention plan."""
-        if any(shared or any(len(s.tokens) != 1 for s in steps) for _, shared, steps in planned):
+        if any(shared for _, shared, _ in planned):  # prompt chunks: the next pass writes more of them
             return None
         views, workers, positions = [], [], []
         for p, _, steps in planned:
