@@ -68,6 +68,21 @@ def test_overhead_ends_steps_as_real_text_does(tmp_path):
     assert rows[4]["graphed_pct"] is None and rows[4]["mean_wall_ms"] > 0
 
 
+def test_host_work_splits_what_overlaps_the_pass(tmp_path):
+    """The host-work benchmark (the forward a stand-in): per pass, the part that overlaps the pass
+    and the part the device waits for, with and without steps ending."""
+    import host_work
+
+    out = host_work.main(["--configs", "1x2,2x2", "--step-tokens", "0,3", "--steps", "8", "--warmup", "1",
+                          "--prompt", "16", "--out", str(tmp_path), "--date", "2000-01-01"])
+    saved = saved_results(tmp_path / "2000-01-01-cpu-host_work")
+    assert [(r["sessions"], r["step_tokens"]) for r in saved["rows"]] == [(1, None), (2, None), (1, 3), (2, 3)]
+    for r in out["rows"]:
+        assert 0 < r["overlapped_ms"] < r["host_ms"]
+        assert r["exposed_ms"] == pytest.approx(r["host_ms"] - r["overlapped_ms"])
+        assert (r["steps_ended"] > 0) == (r["step_tokens"] is not None)
+
+
 def test_gpu_time_prefers_the_graph_replay():
     """An engine with decode graphs gives its GPU time by replaying the last pass (a stand-in here)."""
     import overhead

@@ -1,0 +1,150 @@
+"""The host's share of a pass, with the device taken out: what overlaps the pass and what the device waits for.
+
+The runner's forward is replaced by a stand-in that returns at once (fixed logits one
+column wide, random token ids whose reading is timed), so everything left is host work:
+the protocol, the layout, the sampling tables, the executor. A pass's host work splits in
+two: from the forward's return to the reading of its tokens runs while a real device would
+still compute the pass (staging the next plan, taking what the fed tokens decide); the rest
+(planning, the sampled tokens' part, the scheduler's bookkeeping) is what the device waits
+for between passes. Measured for S sessions x W workers in shared passes, the protocol on,
+with steps ending every ~N passes (--step-tokens, out of step across workers, as real text
+does) or never (0). Also the share of the sessions' plans taken from a preview.
+
+    python benchmarks/host_work.py                             # 1x1, 1x16, 32x4 on random:tiny
+    python benchmarks/host_work.py --configs 1x16 --step-tokens 0,30
+
+Writes DATE-DEVICE-host_work.{csv,json,png} under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+import common  # noqa: E402
+import hogwild_ray as hw  # noqa: E402
+from overhead import end_steps_every  # noqa: E402
+from scaling_runs import Model  # noqa: E402
+from hogwild_ray.session import step_sessions  # noqa: E402
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="random:tiny")
+    p.add_argument("--configs", type=lambda s: [tuple(int(x) for x in c.split("x")) for c in s.split(",")],
+                   default=[(1, 1), (1, 16), (32, 4)], help="SESSIONSxWORKERS, comma-separated")
+    p.add_argument("--step-tokens", type=lambda s: [int(x) for x in s.split(",")], default=[30],
+                   help="a step ends about every N passes of a worker (0: never), one run per value")
+    p.add_argument("--prompt", type=int, default=256, help="prompt tokens of each session")
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--out", type=Path, default=common.RESULTS)
+    p.add_argument("--date", default=common.today())
+    return p.parse_args(argv)
+
+
+class Tokens:
+    """A pass's sampled ids: reading them is where the host would wait for the device."""
+
+    def __init__(self, ids: torch.Tensor, clock: dict) -> None:
+        self.ids, self.clock = ids, clock
+
+    def tolist(self) -> list[int]:
+        self.clock["overlapped"] += time.perf_counter() - self.clock["returned"]
+        return self.ids.tolist()
+
+
+def stand_in(clock: dict):
+    """A forward that returns at once: one-column logits, ids drawn from a fixed range."""
+    logits = torch.zeros(4096, 1)
+
+    def forward(steps, table=None, staged=None):
+        ids = torch.randint(100, 200, (len(steps),))
+        clock["returned"] = time.perf_counter()
+        return logits[: len(steps)], Tokens(ids, clock)
+
+    return forward
+
+
+def measure(model: Model, sessions: int, workers: int, step_tokens: int, args) -> dict:
+    engine = hw.HogwildEngine.from_pretrained(model.path, "cpu", torch.float32,
+                                              cache_tokens=sessions * (workers * (args.steps + args.warmup + 64) * 2
+                                                                       + args.prompt + 1024))
+    engine.eos_ids = frozenset()  # every worker runs the whole time
+    clock = {"overlapped": 0.0, "returned": 0.0}
+    engine.runner.forward = stand_in(clock)
+    runs = [engine.start(f"Problem {i}.\n{model.text(args.prompt)}", workers, max_tokens=None, stop_on_answer=False,
+                         finisher=False, sampling=[hw.SamplingParams(temperature=1.0, seed=97 * i + w)
+                                                   for w in range(workers)]) for i in range(sessions)]
+    for st in engine.executor.sessions.values():
+        st.last = torch.zeros(st.last.shape[0], 1)  # a row's copy is one launch on a device: keep it one column
+    if step_tokens:
+        for session in runs:
+            end_steps_every(engine, session, step_tokens)
+    for _ in range(args.warmup):
+        step_sessions(runs)
+    clock["overlapped"] = 0.0
+    previews = sum(s.layout.previews_used for s in runs)
+    walls = common.step_walls(lambda: step_sessions(runs), 0, args.steps)
+    previews = sum(s.layout.previews_used for s in runs) - previews
+    ended = sum(sum(s.stats.steps_per_worker) for s in runs)
+    for s in runs:
+        s.close()
+    host = statistics.fmean(walls) * 1e3
+    overlapped = clock["overlapped"] / args.steps * 1e3
+    return {"sessions": sessions, "workers": workers, "step_tokens": step_tokens or None, "host_ms": host,
+            "overlapped_ms": overlapped, "exposed_ms": host - overlapped, "steps_ended": ended,
+            "previewed_pct": 100 * previews / (args.steps * sessions)}
+
+
+def plot(meta: dict, rows: list[dict], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    labels = [f"{r['sessions']}x{r['workers']}, " + (f"a step ends every ~{r['step_tokens']}" if r["step_tokens"]
+                                                     else "no step ends") for r in rows]
+    ax.barh(labels, [r["exposed_ms"] for r in rows], label="exposed: the device waits", color="C3")
+    ax.barh(labels, [r["overlapped_ms"] for r in rows], left=[r["exposed_ms"] for r in rows],
+            label="overlaps the pass", color="C0")
+    ax.set(xlabel="host ms per pass")
+    ax.legend(fontsize=8)
+    common.save_figure(fig, path, f"hogwild-ray host work per pass: {meta['model']} on {meta['device_name']}")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse(argv)
+    device = torch.device("cpu")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = Model(args.model, device, torch.float32)
+        rows = [measure(model, s, w, n, args) for n in args.step_tokens for s, w in args.configs]
+    finally:
+        torch.set_num_threads(threads)
+    meta = {"benchmark": "host_work", "date": args.date, "device": "cpu", "device_name": common.device_name(device),
+            **common.versions(), "model": args.model, "prompt": args.prompt, "steps": args.steps,
+            "warmup": args.warmup, "method": "forward replaced by a stand-in that returns at once; overlapped = from "
+                                             "its return to the reading of its tokens"}
+    stem = args.out / f"{args.date}-{common.file_tag(device)}-host_work"
+    common.write_results(stem, meta, rows)
+    plot(meta, rows, Path(f"{stem}.png"))
+    common.print_table(f"host work per pass, {args.model}, protocol on, on {meta['device_name']}",
+                       ["sessions x workers", "step ends every", "host ms", "overlapped ms", "exposed ms",
+                        "steps ended", "plans previewed"],
+                       [[f"{r['sessions']} x {r['workers']}", str(r["step_tokens"] or "never"), f"{r['host_ms']:.3f}",
+                         f"{r['overlapped_ms']:.3f}", f"{r['exposed_ms']:.3f}", str(r["steps_ended"]),
+                         f"{r['previewed_pct']:.0f}%"] for r in rows])
+    print(f"wrote {stem}.csv, .json, .png")
+    return {"meta": meta, "rows": rows, "stem": stem}
+
+
+if __name__ == "__main__":
+    main()
