@@ -1,7 +1,9 @@
 """The host's share of a pass, with the device taken out: what overlaps the pass and what the device waits for.
 
-The runner's forward is replaced by a stand-in that returns at once (fixed logits one
-column wide, random token ids whose reading is timed), so everything left is host work:
+The runner's forward is replaced by a stand-in that lays out the pass's inputs as the runner
+does and returns at once (fixed logits one column wide, random token ids whose reading is
+timed), and its page moves and copies by
+nothing (device work, asynchronous on a GPU), so everything left is host work:
 the protocol, the layout, the sampling tables, the executor. A pass's host work splits in
 two: from the forward's return to the reading of its tokens runs while a real device would
 still compute the pass (staging the next plan, taking what the fed tokens decide); the rest
@@ -35,6 +37,7 @@ import common  # noqa: E402
 import hogwild_ray as hw  # noqa: E402
 from overhead import end_steps_every  # noqa: E402
 from scaling_runs import Model  # noqa: E402
+from hogwild_ray.runner.model_runner import host_batch  # noqa: E402
 from hogwild_ray.session import step_sessions  # noqa: E402
 
 
@@ -65,10 +68,12 @@ class Tokens:
 
 
 def stand_in(clock: dict):
-    """A forward that returns at once: one-column logits, ids drawn from a fixed range."""
+    """A forward that lays out the pass's inputs as the runner does (host_batch) and returns at
+    once: one-column logits, ids drawn from a fixed range."""
     logits = torch.zeros(4096, 1)
 
     def forward(steps, table=None, staged=None):
+        host_batch(steps)
         ids = torch.randint(100, 200, (len(steps),))
         clock["returned"] = time.perf_counter()
         return logits[: len(steps)], Tokens(ids, clock)
@@ -83,6 +88,7 @@ def measure(model: Model, sessions: int, workers: int, step_tokens: int, args) -
     engine.eos_ids = frozenset()  # every worker runs the whole time
     clock = {"overlapped": 0.0, "returned": 0.0}
     engine.runner.forward = stand_in(clock)
+    engine.runner.relocate = engine.runner.copy_pages = lambda *a: None  # device work too: page moves and copies
     runs = [engine.start(f"Problem {i}.\n{model.text(args.prompt)}", workers, max_tokens=None, stop_on_answer=False,
                          finisher=False, sampling=[hw.SamplingParams(temperature=1.0, seed=97 * i + w)
                                                    for w in range(workers)]) for i in range(sessions)]
@@ -131,8 +137,9 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(threads)
     meta = {"benchmark": "host_work", "date": args.date, "device": "cpu", "device_name": common.device_name(device),
             **common.versions(), "model": args.model, "prompt": args.prompt, "steps": args.steps,
-            "warmup": args.warmup, "method": "forward replaced by a stand-in that returns at once; overlapped = from "
-                                             "its return to the reading of its tokens"}
+            "warmup": args.warmup, "method": "forward replaced by a stand-in that returns at once, page moves and "
+                                             "copies by nothing; overlapped = from the forward's return to the "
+                                             "reading of its tokens"}
     stem = args.out / f"{args.date}-{common.file_tag(device)}-host_work"
     common.write_results(stem, meta, rows)
     plot(meta, rows, Path(f"{stem}.png"))
