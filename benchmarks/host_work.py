@@ -10,7 +10,9 @@ still compute the pass (staging the next plan, taking what the fed tokens decide
 (planning, the sampled tokens' part, the scheduler's bookkeeping) is what the device waits
 for between passes. Measured for S sessions x W workers in shared passes, the protocol on,
 with steps ending every ~N passes (--step-tokens, out of step across workers, as real text
-does) or never (0). Also the share of the sessions' plans taken from a preview.
+does) or never (0), with the heap settled as the engine's own loops run their passes
+(hogwild_ray.heap) or the collector left alone (--heap). Also the share of the sessions'
+plans taken from a preview.
 
     python benchmarks/host_work.py                             # 1x1, 1x16, 32x4 on random:tiny
     python benchmarks/host_work.py --configs 1x16 --step-tokens 0,30
@@ -21,6 +23,7 @@ Writes DATE-DEVICE-host_work.{csv,json,png} under --out.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -35,6 +38,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parent))
 import common  # noqa: E402
 import hogwild_ray as hw  # noqa: E402
+from hogwild_ray import heap  # noqa: E402
 from overhead import end_steps_every  # noqa: E402
 from scaling_runs import Model  # noqa: E402
 from hogwild_ray.runner.model_runner import host_batch  # noqa: E402
@@ -48,6 +52,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    default=[(1, 1), (1, 16), (32, 4)], help="SESSIONSxWORKERS, comma-separated")
     p.add_argument("--step-tokens", type=lambda s: [int(x) for x in s.split(",")], default=[30],
                    help="a step ends about every N passes of a worker (0: never), one run per value")
+    p.add_argument("--heap", type=lambda s: s.split(","), default=["settled"],
+                   help="settled: the passes run with the heap settled as the engine's own loops run them "
+                        "(hogwild_ray.heap); as-is: the collector left alone; one run per value")
     p.add_argument("--prompt", type=int, default=256, help="prompt tokens of each session")
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--warmup", type=int, default=5)
@@ -81,7 +88,7 @@ def stand_in(clock: dict):
     return forward
 
 
-def measure(model: Model, sessions: int, workers: int, step_tokens: int, args) -> dict:
+def measure(model: Model, sessions: int, workers: int, step_tokens: int, args, settle: str = "settled") -> dict:
     engine = hw.HogwildEngine.from_pretrained(model.path, "cpu", torch.float32,
                                               cache_tokens=sessions * (workers * (args.steps + args.warmup + 64) * 2
                                                                        + args.prompt + 1024))
@@ -101,14 +108,16 @@ def measure(model: Model, sessions: int, workers: int, step_tokens: int, args) -
         step_sessions(runs)
     clock["overlapped"] = 0.0
     previews = sum(s.layout.previews_used for s in runs)
-    walls = common.step_walls(lambda: step_sessions(runs), 0, args.steps)
+    with heap.settled() if settle == "settled" else contextlib.nullcontext():
+        walls = common.step_walls(lambda: step_sessions(runs), 0, args.steps)
     previews = sum(s.layout.previews_used for s in runs) - previews
     ended = sum(sum(s.stats.steps_per_worker) for s in runs)
     for s in runs:
         s.close()
     host = statistics.fmean(walls) * 1e3
     overlapped = clock["overlapped"] / args.steps * 1e3
-    return {"sessions": sessions, "workers": workers, "step_tokens": step_tokens or None, "host_ms": host,
+    return {"sessions": sessions, "workers": workers, "step_tokens": step_tokens or None, "heap": settle,
+            "host_ms": host,
             "overlapped_ms": overlapped, "exposed_ms": host - overlapped, "steps_ended": ended,
             "previewed_pct": 100 * previews / (args.steps * sessions)}
 
@@ -116,7 +125,7 @@ def measure(model: Model, sessions: int, workers: int, step_tokens: int, args) -
 def plot(meta: dict, rows: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 4.2))
     labels = [f"{r['sessions']}x{r['workers']}, " + (f"a step ends every ~{r['step_tokens']}" if r["step_tokens"]
-                                                     else "no step ends") for r in rows]
+                                                     else "no step ends") + f", heap {r['heap']}" for r in rows]
     ax.barh(labels, [r["exposed_ms"] for r in rows], label="exposed: the device waits", color="C3")
     ax.barh(labels, [r["overlapped_ms"] for r in rows], left=[r["exposed_ms"] for r in rows],
             label="overlaps the pass", color="C0")
@@ -132,7 +141,8 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(1)
     try:
         model = Model(args.model, device, torch.float32)
-        rows = [measure(model, s, w, n, args) for n in args.step_tokens for s, w in args.configs]
+        rows = [measure(model, s, w, n, args, settle) for settle in args.heap for n in args.step_tokens
+                for s, w in args.configs]
     finally:
         torch.set_num_threads(threads)
     meta = {"benchmark": "host_work", "date": args.date, "device": "cpu", "device_name": common.device_name(device),
@@ -144,9 +154,10 @@ def main(argv: list[str] | None = None) -> dict:
     common.write_results(stem, meta, rows)
     plot(meta, rows, Path(f"{stem}.png"))
     common.print_table(f"host work per pass, {args.model}, protocol on, on {meta['device_name']}",
-                       ["sessions x workers", "step ends every", "host ms", "overlapped ms", "exposed ms",
+                       ["sessions x workers", "step ends every", "heap", "host ms", "overlapped ms", "exposed ms",
                         "steps ended", "plans previewed"],
-                       [[f"{r['sessions']} x {r['workers']}", str(r["step_tokens"] or "never"), f"{r['host_ms']:.3f}",
+                       [[f"{r['sessions']} x {r['workers']}", str(r["step_tokens"] or "never"), r["heap"],
+                         f"{r['host_ms']:.3f}",
                          f"{r['overlapped_ms']:.3f}", f"{r['exposed_ms']:.3f}", str(r["steps_ended"]),
                          f"{r['previewed_pct']:.0f}%"] for r in rows])
     print(f"wrote {stem}.csv, .json, .png")

@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Generator, Iterator
 
+from . import heap
+
 Job = Generator[Any, Any, Any]
 
 
@@ -27,18 +29,19 @@ def run_alone(job: Job) -> Iterator[Any]:
     """Run a job by stepping each session it names by itself; yields the job's other items.
     The job's return value is the StopIteration value of this generator too."""
     try:
-        item = next(job)
-        while True:
-            if isinstance(item, NeedPass):
-                try:
-                    new = item.session.step()
-                except BaseException as e:
-                    item = job.throw(e)
-                    continue
-                item = job.send(new)
-            else:
-                yield item
-                item = next(job)
+        with heap.settled():
+            item = next(job)
+            while True:
+                if isinstance(item, NeedPass):
+                    try:
+                        new = item.session.step()
+                    except BaseException as e:
+                        item = job.throw(e)
+                        continue
+                    item = job.send(new)
+                else:
+                    yield item
+                    item = next(job)
     except StopIteration as stop:
         return stop.value
     finally:

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Iterator
 
+from . import heap
 from .core.scheduling import PREFILL_CHUNK, Admission
 from .errors import CacheFullError, check_int
 from .jobs import Job, NeedPass
@@ -82,7 +83,8 @@ class Scheduler:
 
     def __iter__(self) -> Iterator[tuple[Hashable, Any]]:
         try:
-            yield from self._run()
+            with heap.settled():
+                yield from self._run()
         finally:
             self.close()
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, Hashable
 
+from . import heap
 from .errors import CacheFullError, HogwildError
 from .jobs import Job
 from .many import start_events
@@ -99,10 +100,11 @@ class ServingLoop:
 
     def _loop(self) -> None:
         try:
-            while not self._closed.is_set():
-                self._drain(block=not (self.scheduler.running or self.scheduler.waiting))
-                for key, item in self.scheduler.round():
-                    self._deliver(key, item)
+            with heap.settled():
+                while not self._closed.is_set():
+                    self._drain(block=not (self.scheduler.running or self.scheduler.waiting))
+                    for key, item in self.scheduler.round():
+                        self._deliver(key, item)
         except BaseException as e:  # the engine broke: every request hears it, health checks too
             self.error = e
         finally:

@@ -76,7 +76,8 @@ def test_host_work_splits_what_overlaps_the_pass(tmp_path):
     out = host_work.main(["--configs", "1x2,2x2", "--step-tokens", "0,3", "--steps", "8", "--warmup", "1",
                           "--prompt", "16", "--out", str(tmp_path), "--date", "2000-01-01"])
     saved = saved_results(tmp_path / "2000-01-01-cpu-host_work")
-    assert [(r["sessions"], r["step_tokens"]) for r in saved["rows"]] == [(1, None), (2, None), (1, 3), (2, 3)]
+    assert [(r["sessions"], r["step_tokens"], r["heap"]) for r in saved["rows"]] == [
+        (1, None, "settled"), (2, None, "settled"), (1, 3, "settled"), (2, 3, "settled")]
     for r in out["rows"]:
         assert 0 < r["overlapped_ms"] < r["host_ms"]
         assert r["exposed_ms"] == pytest.approx(r["host_ms"] - r["overlapped_ms"])
