@@ -611,6 +611,7 @@ def run_pass(sessions: Sequence[Session], inject: dict[Session, dict[int, str]] 
     if parts:
         t0 = time.perf_counter()
         before = sum(sum(s.stats.generated_per_worker) for s, _ in parts)
+
         def while_running(ran: set[int]) -> None:  # the device runs the pass: take what the fed tokens decide
             for s, part in parts:
                 if part.session in ran:

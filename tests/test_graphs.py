@@ -99,10 +99,10 @@ def test_a_graph_pass_with_chunks_reads_its_static_buffers_right(random_model):
 
     def both(steps, table=None, staged=None):
         logits, tokens = forward(steps, table, staged)
-        groups, toks, key_pos, slots, _ = host_batch(steps)
+        groups, toks, key_pos, slots, last = host_batch(steps)
         if graphs.serves(groups) and any(g.count > 1 for g in groups):
             entry, host = graphs._entry(groups, len(toks), None if table is None else table.mode)
-            entry.load(host, toks, key_pos, slots, groups, table)
+            entry.load(host, toks, key_pos, slots, last, table)
             got, sampled = entry.forward(runner.decoder, runner.cache)  # rewrites the same K/V
             torch.testing.assert_close(got, logits, atol=2e-4 * logits.abs().max().item(), rtol=0)
             if table is not None:  # a pass of the session's workers (not a shared block's prefill)

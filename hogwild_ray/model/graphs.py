@@ -43,10 +43,10 @@ class _Graph:
         self.host = torch.zeros(3 * t, dtype=torch.int32, pin_memory=pin)
         self.inputs = torch.zeros(3 * t, dtype=torch.int32, device=device)
         tokens, key_positions, slots = self.inputs.split(t)
-        self.last = torch.arange(rows, device=device)  # a decode pass's: every token is its group's last
+        self.last_rows = torch.arange(rows, device=device)  # a decode pass's: every token is its group's last
         if rows != t:  # a pass with chunks: where each group ends changes pass by pass
-            self.last_host = torch.zeros(rows, dtype=torch.int64, pin_memory=pin)
-        self.batch = ForwardBatch(tokens, key_positions, slots, [], self.last, plan=self.plan.plan)
+            self.last_rows_host = torch.zeros(rows, dtype=torch.int64, pin_memory=pin)
+        self.batch = ForwardBatch(tokens, key_positions, slots, [], self.last_rows, plan=self.plan.plan)
         self.mode = mode  # how the pass samples (SampleTable.mode), None: it does not
         self.sampling = mode not in (None, "greedy")
         if self.sampling:
@@ -58,7 +58,7 @@ class _Graph:
         self.staged: Staged | None = None  # whose plan the buffers hold, when it was staged ahead
 
     def load(self, host_plan: dict | None, tokens: list[int], key_positions: list[int], slots: list[int],
-             groups: list[QueryGroup], table: SampleTable | None) -> None:
+             last_rows: list[int], table: SampleTable | None) -> None:
         """Fill the input buffers (and the plan, unless it was staged: host_plan None)."""
         if host_plan is not None:
             self.plan.load(host_plan)
@@ -67,9 +67,9 @@ class _Graph:
         t = len(tokens)
         h[:t], h[t : 2 * t], h[2 * t :] = tokens, key_positions, slots
         self.inputs.copy_(self.host, non_blocking=True)
-        if len(groups) != t:
-            self.last_host.numpy()[:] = [g.start + g.count - 1 for g in groups]
-            self.last.copy_(self.last_host, non_blocking=True)
+        if len(last_rows) != t:
+            self.last_rows_host.numpy()[:] = last_rows
+            self.last_rows.copy_(self.last_rows_host, non_blocking=True)
         if self.sampling:
             self.table_host.numpy()[:] = table.values
             self.table.copy_(self.table_host, non_blocking=True)
@@ -110,11 +110,11 @@ class DecodeGraphs:
         return bool(groups) and all(g.count <= self.max_chunk for g in groups)
 
     def run(self, groups: list[QueryGroup], tokens: list[int], key_positions: list[int], slots: list[int],
-            table: SampleTable | None = None,
+            last_rows: list[int], table: SampleTable | None = None,
             staged: Staged | None = None) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-        """Logits [tokens, vocab] of a decode pass and, given a sampling table, its sampled ids
-        (drawn inside the graph); None when no graph can hold the pass. staged: the ticket
-        of `stage` for this very pass, if any."""
+        """Logits [groups, vocab] of a pass at each group's last row (last_rows, host_batch's) and,
+        given a sampling table, its sampled ids (drawn inside the graph); None when no graph can
+        hold the pass. staged: the ticket of `stage` for this very pass, if any."""
         mode = None if table is None else table.mode
         if staged is not None and staged.entry.staged is staged and staged.mode == mode:
             entry, host = staged.entry, None  # its plan went in while the previous pass ran
@@ -123,7 +123,7 @@ class DecodeGraphs:
             entry, host = self._entry(groups, len(tokens), mode)
             if entry is None:
                 return None
-        entry.load(host, tokens, key_positions, slots, groups, table)
+        entry.load(host, tokens, key_positions, slots, last_rows, table)
         if entry.graph is None:
             self._capture(entry)
         entry.graph.replay()

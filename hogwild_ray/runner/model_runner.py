@@ -76,7 +76,7 @@ class ModelRunner:
         returned for exactly this pass."""
         groups, tokens, key_pos, slots, last = host_batch(steps)
         if self.graphs is not None and self.graphs.serves(groups):
-            out = self.graphs.run(groups, tokens, key_pos, slots, table, staged)
+            out = self.graphs.run(groups, tokens, key_pos, slots, last, table, staged)
             if out is not None:
                 return out
         logits = self.decoder.forward(self._device_batch(groups, tokens, key_pos, slots, last), self.cache)
