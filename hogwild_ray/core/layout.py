@@ -167,7 +167,8 @@ class CacheLayout:
         self._copies: list[tuple[int, int]] = []  # (src page, dst page) K/V copies owed to the pool
         # the last preview (the write count then, its workers, its views): the
         # next plan reuses those views when nothing changed since and each of them feeds one token
-        self._previewed: tuple[int, tuple[int, ...], list[tuple[int, list[SegmentView]]]] | None = None
+        # a preview: (state, workers, each one's view position and segments, each one's slot)
+        self._previewed: tuple[int, tuple[int, ...], list[tuple[int, list[SegmentView]]], list[int]] | None = None
         self.previews_used = 0  # plans that took a preview's views
         self._writes = 0  # writes and moved steps so far (see _state)
 
@@ -231,11 +232,16 @@ class CacheLayout:
         if need > 0:
             block.pages.extend(self.allocator.alloc(need))
         block.tokens.extend(tokens)
-        pool = self.allocator
-        if spare and end % self.page_size == 0 and len(block.pages) * self.page_size == end \
+        if spare:
+            self._take_spare(block)
+        return start, block.slots(start, end, self.page_size)
+
+    def _take_spare(self, block: Block) -> None:
+        """A block whose pages just filled takes its next page, while the pool has room to spare."""
+        end, pool = len(block), self.allocator
+        if end % self.page_size == 0 and len(block.pages) * self.page_size == end \
                 and pool.free_pages > pool.num_pages // SPARE_HEADROOM:
             block.pages.extend(pool.alloc(1))
-        return start, block.slots(start, end, self.page_size)
 
     def _write(self, worker: int | None, block: Block, tokens: list[int], context: list[Block]) -> WriteStep:
         lengths = {id(b): len(b) for b in context}
@@ -304,10 +310,16 @@ class CacheLayout:
                 and previewed[0] == self._state()):
             self.previews_used += 1
             steps = []
-            for w, (position, segments) in zip(feeding, previewed[2]):
-                own = self.cur[w]
-                start, slots = self._append(own, fed[w], spare=True)
-                steps.append(WriteStep(w, own, list(fed[w]), start, position, slots, segments))
+            for w, (position, segments), slot in zip(feeding, previewed[2], previewed[3]):
+                own, start = self.cur[w], len(self.cur[w])
+                if self.allocator.is_shared(own.pages[start // self.page_size]):  # a fork since: copy on write
+                    _, slots = self._append(own, fed[w], spare=True)
+                else:  # the page the preview found: the token goes to its slot
+                    own.tokens.append(fed[w][0])
+                    self._writes += 1
+                    self._take_spare(own)
+                    slots = [slot]
+                steps.append(WriteStep(w, own, [fed[w][0]], start, position, slots, segments))
             return steps
         lengths = {id(b): len(b) for b in self.blocks()}
         steps = []
@@ -331,13 +343,14 @@ class CacheLayout:
         each one's view position and segments, in plan order. None when a write would need a
         new page (no spare one) or a copy on write (then there is nothing cheap to predict).
         The next `plan` reuses these views if the guess comes true."""
-        self._previewed, out = None, []
+        self._previewed, out, slots = None, [], []
         for w in sorted(workers):
             own = self.cur[w]
             n = len(own)
             page = n // self.page_size
             if page >= len(own.pages) or self.allocator.is_shared(own.pages[page]):
                 return None
+            slots.append(own.pages[page] * self.page_size + n % self.page_size)
             segments, offset = [], 0
             for b in self.view_blocks(w):
                 length = n + 1 if b is own else len(b)
@@ -345,7 +358,7 @@ class CacheLayout:
                     segments.append(SegmentView(b, length, offset))
                 offset += length
             out.append((offset - 1, segments))
-        self._previewed = (self._state(), tuple(sorted(workers)), out)
+        self._previewed = (self._state(), tuple(sorted(workers)), out, slots)
         return out
 
     def view_length(self, w: int) -> int:
