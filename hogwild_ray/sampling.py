@@ -14,6 +14,7 @@ from .transfer import to_device
 
 
 TABLE_ROWS = 6  # seed low, seed high, draw number, top_k, temperature, top_p
+_GREEDY_ROW = (0.0,) * TABLE_ROWS  # a greedy row: its sample is the argmax
 
 
 @dataclass(frozen=True)
@@ -52,16 +53,18 @@ class Sampler:
     def table(self, workers: list[int], greedy: bool = False) -> SampleTable:
         """The table for one row per given worker (in order); counts a draw for each sampling one.
         greedy: every row takes the argmax (the finisher)."""
-        values = np.zeros((TABLE_ROWS, len(workers)), dtype=np.float64)
+        flat: list[float] = []  # row by row, then one array (a pass builds one table per session)
         sampled = filtered = False
-        for r, w in enumerate(workers):
+        for w in workers:
             p = self.params[w]
             if greedy or p.greedy:
+                flat += _GREEDY_ROW
                 continue
             seed = self.seeds[w]
-            values[:, r] = (seed & 0xFFFFFFFF, seed >> 32, self.draws[w], p.top_k, p.temperature, p.top_p)
+            flat += (seed & 0xFFFFFFFF, seed >> 32, self.draws[w], p.top_k, p.temperature, p.top_p)
             self.draws[w] += 1
             sampled, filtered = True, filtered or p.top_k > 0 or p.top_p < 1.0
+        values = np.array(flat, dtype=np.float64).reshape(len(workers), TABLE_ROWS).T.copy()
         return SampleTable(values, "filter" if filtered else "sample" if sampled else "greedy")
 
     def sample(self, logits: torch.Tensor, workers: list[int], greedy: bool = False) -> torch.Tensor:
