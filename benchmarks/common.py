@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime
 import gc
@@ -14,6 +15,7 @@ from typing import Callable
 
 import torch
 
+from hogwild_ray import heap
 from hogwild_ray.devices import cpu_name  # noqa: F401  (the benchmarks' CPU name)
 
 RESULTS = Path(__file__).parent / "results"
@@ -57,16 +59,19 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def step_walls(step: Callable[[], object], warmup: int, steps: int) -> list[float]:
+def step_walls(step: Callable[[], object], warmup: int, steps: int, settled: bool = True) -> list[float]:
     """Wall seconds of each of `steps` calls of step (a session's, or a batched pass's), after
-    `warmup` untimed ones."""
+    `warmup` untimed ones; settled: with the heap settled, as the engine's own loops (solve,
+    stream, the scheduler, the server) run their passes (hogwild_ray.heap), else the garbage
+    collector left alone."""
     for _ in range(warmup):
         step()
     walls = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        step()
-        walls.append(time.perf_counter() - t)
+    with heap.settled() if settled else contextlib.nullcontext():
+        for _ in range(steps):
+            t = time.perf_counter()
+            step()
+            walls.append(time.perf_counter() - t)
     return walls
 
 

@@ -23,7 +23,6 @@ Writes DATE-DEVICE-host_work.{csv,json,png} under --out.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import sys
 import time
@@ -38,7 +37,6 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parent))
 import common  # noqa: E402
 import hogwild_ray as hw  # noqa: E402
-from hogwild_ray import heap  # noqa: E402
 from overhead import end_steps_every  # noqa: E402
 from scaling_runs import Model  # noqa: E402
 from hogwild_ray.runner.model_runner import host_batch  # noqa: E402
@@ -108,8 +106,7 @@ def measure(model: Model, sessions: int, workers: int, step_tokens: int, args, s
         step_sessions(runs)
     clock["overlapped"] = 0.0
     previews = sum(s.layout.previews_used for s in runs)
-    with heap.settled() if settle == "settled" else contextlib.nullcontext():
-        walls = common.step_walls(lambda: step_sessions(runs), 0, args.steps)
+    walls = common.step_walls(lambda: step_sessions(runs), 0, args.steps, settled=settle == "settled")
     previews = sum(s.layout.previews_used for s in runs) - previews
     ended = sum(sum(s.stats.steps_per_worker) for s in runs)
     for s in runs:
