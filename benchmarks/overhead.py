@@ -11,7 +11,7 @@ On the CPU there is no GPU time to split off: only the wall times are reported.
     python benchmarks/overhead.py                       # qwen3-8b, 4k-token prompt on CUDA; tiny on the CPU
     python benchmarks/overhead.py --workers 1,8,16 --view 16384
     python benchmarks/overhead.py --workers 16 --step-tokens 30 --no-ray   # steps end as in real text
-    python benchmarks/overhead.py --workers 16 --step-tokens 30 --graph-chunks 1,16 --no-ray
+    python benchmarks/overhead.py --workers 16 --step-tokens 30 --graph-chunks 1,32 --no-ray
 
 Writes DATE-DEVICE-overhead[-SUFFIX].{csv,json,png} under --out.
 """
@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import common  # noqa: E402
 import hogwild_ray as hw  # noqa: E402
 from scaling_runs import Model  # noqa: E402
+from hogwild_ray.model.graphs import MAX_CHUNK  # noqa: E402
 
 TARGETS = {"in process": 3.0, "Ray: coordinator loop": 5.0}
 
@@ -53,9 +54,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help="in process: every worker ends a step about every N of its passes, as real text does "
                         "(its sample is rewritten to a paragraph break): headers, moved steps and the passes "
                         "that feed a header count too (default 0: random text, no step ever ends)")
-    p.add_argument("--graph-chunks", type=lambda s: [int(x) for x in s.split(",")], default=[1],
+    p.add_argument("--graph-chunks", type=lambda s: [int(x) for x in s.split(",")], default=[MAX_CHUNK],
                    help="in process, with CUDA graphs: the longest chunk (a header, an injection) a graphed pass "
-                        "may feed, one in-process row per value, side by side (default 1: decode passes only)")
+                        "may feed, one in-process row per value, side by side (default: the engine's, "
+                        f"{MAX_CHUNK}; 1: decode passes only)")
     p.add_argument("--no-ray", action="store_true", help="in process only")
     p.add_argument("--out", type=Path, default=common.RESULTS)
     p.add_argument("--date", default=common.today())
@@ -69,7 +71,7 @@ def open_session(engine, model: Model, workers: int):
                         sampling=[hw.SamplingParams(temperature=1.0, seed=w) for w in range(workers)])
 
 
-def in_process(engine, model: Model, workers: int, args, chunk: int = 1) -> dict:
+def in_process(engine, model: Model, workers: int, args, chunk: int = MAX_CHUNK) -> dict:
     session = open_session(engine, model, workers)
     graphs = getattr(engine, "graphs", None)
     if graphs is not None:
@@ -90,7 +92,8 @@ def in_process(engine, model: Model, workers: int, args, chunk: int = 1) -> dict
     finally:
         engine.executor.run = real_run
         session.close()
-    path = "in process" if chunk == 1 else f"in process, chunks of <= {chunk} graphed"
+    path = ("in process" if chunk == MAX_CHUNK else "in process, decode passes only graphed" if chunk == 1
+            else f"in process, chunks of <= {chunk} graphed")
     return {"path": path, "workers": workers, "wall_ms": statistics.median(walls) * 1e3,
             "mean_wall_ms": statistics.fmean(walls) * 1e3, "gpu_ms": None if gpu is None else gpu * 1e3,
             "gpu_method": method, "steps_ended": steps_ended,
@@ -225,7 +228,7 @@ def run(args, device: torch.device, dtype: torch.dtype, path: str, model: Model)
     engine = hw.HogwildEngine.from_pretrained(path, device, dtype, cache_tokens=pool_tokens(model, args.workers, args))
     engine.eos_ids = frozenset()
     graphs = getattr(engine, "graphs", None) is not None
-    rows = [in_process(engine, model, n, args, chunk) for chunk in (args.graph_chunks if graphs else [1])
+    rows = [in_process(engine, model, n, args, chunk) for chunk in (args.graph_chunks if graphs else [MAX_CHUNK])
             for n in args.workers]
     del engine
     common.free_memory(device)
@@ -250,7 +253,7 @@ def run(args, device: torch.device, dtype: torch.dtype, path: str, model: Model)
             "device_name": common.device_name(device), **common.versions(), "model": path,
             "dtype": str(dtype).removeprefix("torch."), "view": model.view, "workers": args.workers,
             "steps": args.steps, "warmup": args.warmup, "cuda_graphs": graphs, "ray": ray_note or "run",
-            "step_tokens": args.step_tokens or None, "graph_chunks": args.graph_chunks if graphs else [1]}
+            "step_tokens": args.step_tokens or None, "graph_chunks": args.graph_chunks if graphs else None}
     stem = args.out / f"{args.date}-{common.file_tag(device)}-overhead{'-' + args.suffix if args.suffix else ''}"
     common.write_results(stem, meta, rows, {"targets": targets})
     plot(meta, rows, Path(f"{stem}.png"))

@@ -6,6 +6,7 @@ CPU in test_triton_kernels.py.
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import pytest
@@ -47,11 +48,12 @@ def _run(engine, workers: int, steps: int, before_step=None):
 @gpu
 @pytest.mark.parametrize("family,rope,workers", [("qwen3", "yarn", 4), ("llama", "llama3", 9)])
 def test_graph_decode_equals_eager(random_model, family, rope, workers):
-    """Greedy runs with headers, interjections and finished steps (eager passes between the
-    graphed ones): the same tokens, logits within fp32 rounding."""
+    """Greedy runs with headers, interjections and finished steps (passes with chunks, graphed
+    up to max_chunk, eager beyond): the same tokens, logits within fp32 rounding."""
     path, _ = random_model(family, rope)
     engine = _eager_and_graphed_agree(path, workers)
-    assert engine.graphs.replays >= 20 and len(engine.graphs.graphs) <= 4
+    decode_shapes = [key for key in engine.graphs.graphs if key[-1] == key[0]]  # as many groups as tokens
+    assert engine.graphs.replays >= 20 and len(decode_shapes) <= 4
 
 
 def _eager_and_graphed_agree(path, workers: int, before_step=None):
@@ -84,6 +86,8 @@ def test_graphs_are_kept_per_key_tile(random_model):
     assert tiles == {False, True}, engine.graphs.graphs.keys()
 
 
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="a CPU check: the Triton kernels on the CPU need the interpreter (a GPU runs the capture test)")
 def test_a_graph_pass_with_chunks_reads_its_static_buffers_right(random_model):
     """On the CPU, without a capture: a graph's fixed-size buffers (tokens, positions, slots, the
     attention plan, each group's last row, the sampling table) loaded for a pass where workers feed

@@ -5,10 +5,14 @@ step; only its inputs change: the tokens, their block-local positions and pool s
 and the attention plan (who reads which pages, with which rotation). Those live in
 fixed-size device buffers refilled by one asynchronous copy each per pass, so a graph
 captured once per (tokens, blocks) shape replays every later pass of that shape with
-no launch overhead. Passes that feed several tokens to a worker (the prompt, headers,
-interjections) run eagerly, unless `max_chunk` lets graphs hold chunks of that size (each
-group's logits and sample are then taken at its last token, a buffer loaded per pass);
-so does anything a graph's buffers cannot hold.
+no launch overhead. Passes where a worker feeds a few tokens (a header after each step's
+end, a short injection: up to `max_chunk`, MAX_CHUNK by default) have graphs of their own:
+each group's logits and sample are taken at its last token, a buffer loaded per pass.
+Longer chunks (the prompt) run eagerly; so does anything a graph's buffers cannot hold.
+Real text ends a step every few dozen tokens per worker, so with many workers a header
+pass comes every other pass or so. Run eagerly, those passes cost about a second each on
+average on an H200 (random:qwen3-8b, 16 workers, a step ending every ~30 passes: mean step
+721 ms with decode passes only graphed, 150 ms with chunks of up to 16 tokens, 9.9 ms with 32).
 
 Sampling is captured too: each row's seed, draw number, temperature, top-k and top-p go in
 with the inputs (sampling.SampleTable), the draws are counter-based (no RNG state on the
@@ -27,6 +31,9 @@ from hogwild_kernels.plan import PlanCaps, StaticPlan, build_plan
 from ..cache import KVPool
 from ..sampling import TABLE_ROWS, SampleTable, sample_tokens
 from .decoder import Decoder, ForwardBatch
+
+
+MAX_CHUNK = 32  # the longest chunk a graphed pass may feed per worker: headers and short injections
 
 
 def _pow2(x: int) -> int:
@@ -92,7 +99,7 @@ class Staged:
 class DecodeGraphs:
     """Captures and replays decode passes of one decoder over one K/V pool."""
 
-    def __init__(self, decoder: Decoder, cache: KVPool, max_context: int, max_chunk: int = 1) -> None:
+    def __init__(self, decoder: Decoder, cache: KVPool, max_context: int, max_chunk: int = MAX_CHUNK) -> None:
         """max_chunk: the most tokens one group of a graphed pass may feed (1: decode passes only;
         more: also passes where some workers feed a header or a short injection, each pass shape
         then a graph of its own)."""
