@@ -167,8 +167,9 @@ class CacheLayout:
         self._copies: list[tuple[int, int]] = []  # (src page, dst page) K/V copies owed to the pool
         # the last preview (the write count then, its workers, its views): the
         # next plan reuses those views when nothing changed since and each of them feeds one token
-        # a preview: (state, workers, each one's view position and segments, each one's slot)
-        self._previewed: tuple[int, tuple[int, ...], list[tuple[int, list[SegmentView]]], list[int]] | None = None
+        # a preview: (state, workers, each one's view position and segments, its first slot, its token count)
+        self._previewed: tuple[int, tuple[int, ...], list[tuple[int, list[SegmentView]]], list[int],
+                               tuple[int, ...]] | None = None
         self.previews_used = 0  # plans that took a preview's views
         self._writes = 0  # writes and moved steps so far (see _state)
 
@@ -306,8 +307,8 @@ class CacheLayout:
         step's host work with many workers, and the preview ran while the device was busy."""
         previewed, self._previewed = self._previewed, None
         feeding = tuple(w for w in sorted(fed) if fed[w])
-        if (previewed is not None and previewed[1] == feeding and all(len(fed[w]) == 1 for w in feeding)
-                and previewed[0] == self._state()):
+        if (previewed is not None and previewed[1] == feeding and previewed[4] == (1,) * len(feeding)
+                and all(len(fed[w]) == 1 for w in feeding) and previewed[0] == self._state()):
             self.previews_used += 1
             steps = []
             for w, (position, segments), slot in zip(feeding, previewed[2], previewed[3]):
@@ -338,27 +339,31 @@ class CacheLayout:
             steps.append(WriteStep(w, own, list(fed[w]), start, offset - len(own) + start, slots, segments))
         return steps
 
-    def preview(self, workers: list[int]) -> list[tuple[int, list[SegmentView]]] | None:
-        """What `plan` will hand out if each of `workers` feeds one token next, changing nothing:
-        each one's view position and segments, in plan order. None when a write would need a
-        new page (no spare one) or a copy on write (then there is nothing cheap to predict).
-        The next `plan` reuses these views if the guess comes true."""
-        self._previewed, out, slots = None, [], []
+    def preview(self, workers: list[int], counts: dict[int, int] | None = None
+                ) -> list[tuple[int, list[SegmentView]]] | None:
+        """What `plan` will hand out if each of `workers` feeds one token next (or counts[w],
+        a header after a moved step), changing nothing: each one's view position (of its first
+        token) and segments, in plan order. None when a write would need a new page (no spare
+        one) or a copy on write (then there is nothing cheap to predict). The next `plan`
+        reuses these views if the guess comes true and every worker feeds one token."""
+        self._previewed, out, slots, fed = None, [], [], []
+        counts = counts or {}
         for w in sorted(workers):
-            own = self.cur[w]
+            own, k = self.cur[w], counts.get(w, 1)
             n = len(own)
-            page = n // self.page_size
-            if page >= len(own.pages) or self.allocator.is_shared(own.pages[page]):
-                return None
-            slots.append(own.pages[page] * self.page_size + n % self.page_size)
+            for page in range(n // self.page_size, (n + k - 1) // self.page_size + 1):
+                if page >= len(own.pages) or self.allocator.is_shared(own.pages[page]):
+                    return None
+            slots.append(own.pages[n // self.page_size] * self.page_size + n % self.page_size)
             segments, offset = [], 0
-            for b in self.view_blocks(w):
-                length = n + 1 if b is own else len(b)
+            for b in self.view_blocks(w):  # its own block comes last
+                length = n + k if b is own else len(b)
                 if length:
                     segments.append(SegmentView(b, length, offset))
                 offset += length
-            out.append((offset - 1, segments))
-        self._previewed = (self._state(), tuple(sorted(workers)), out, slots)
+            out.append((offset - k, segments))
+            fed.append(k)
+        self._previewed = (self._state(), tuple(sorted(workers)), out, slots, tuple(fed))
         return out
 
     def view_length(self, w: int) -> int:
@@ -385,6 +390,7 @@ class CacheLayout:
         src = cur.slots(0, len(cur), self.page_size)
         _, dst = self._append(self.common, cur.tokens)
         self.cur[w] = Block(f"cur{w}")
+        self._take_spare(self.cur[w])  # its first page now: `preview` can foresee the header it gets next
         return Relocation(src, dst, delta, cur.pages)
 
     def release(self, reloc: Relocation) -> None:
