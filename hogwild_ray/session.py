@@ -281,17 +281,38 @@ class Session:
         """After begin_pass returned None: the run's end."""
         return self._finish_run(self._new)
 
-    def pass_launched(self, part: SessionPass) -> None:
+    def pass_launched(self, part: SessionPass) -> dict[int, int]:
         """What this pass's fed tokens decide, done while the device runs it: they join each
         worker's stream and step, whose text (decoded here) may end the step (the worker then
-        gets its next header). Only what the sampled tokens decide waits for them (end_pass).
-        An error here is kept and raised by end_pass (the other sessions of the pass go on)."""
+        gets its next header, and the step moves now unless the session may end with this
+        pass). Only what the sampled tokens decide waits for them (end_pass). An error here is
+        kept and raised by end_pass (the other sessions of the pass go on). Returns the workers
+        that will feed a header next, with its length: the next pass's shape, foreseen."""
         if self._fed_outcome is not None:
-            return
+            return {}
         try:
             self._fed_outcome = {} if part.prefill else {w: self._take_fed(w, chunk) for w, chunk in part.fed.items()}
+            if self._finishing and not self._may_end_with(self._fed_outcome):
+                finishing, self._finishing = self._finishing, []
+                self.executor.finish_steps(finishing)
         except Exception as e:
             self._fed_outcome = e
+            return {}
+        return {w: len(self.workers[w].pending) for w, end in self._fed_outcome.items() if end is not None}
+
+    def _may_end_with(self, outcome: dict[int, StepEnd | None]) -> bool:
+        """Whether the session may end with the pass whose fed tokens gave `outcome`, whatever it
+        samples: a step that ended in it then stays where it is (the transcript shows it as the
+        worker's live text, as it would without moving steps early). A worker whose step ended
+        stays active, so only an answer or the pass budget can end the session here."""
+        if self.max_steps is not None and self.stats.forward_passes + 1 >= self.max_steps - self.options.finisher_tokens:
+            return True
+        if not (self.options.stop_on_answer and self.options.enabled):
+            return False
+        if any(end is not None and end.answer is not None for end in outcome.values()):
+            return True
+        return any(end is None and extract_boxed(self._written(self.workers[w])) is not None  # an end of text answers
+                   for w, end in outcome.items())
 
     def end_pass(self, part: SessionPass, out: tuple[list[WriteStep], list[int]] | Exception) -> dict[int, list[int]]:
         """Take this session's results of a pass (or the error that kept it out: it closes and
@@ -612,10 +633,8 @@ def run_pass(sessions: Sequence[Session], inject: dict[Session, dict[int, str]] 
         t0 = time.perf_counter()
         before = sum(sum(s.stats.generated_per_worker) for s, _ in parts)
 
-        def while_running(ran: set[int]) -> None:  # the device runs the pass: take what the fed tokens decide
-            for s, part in parts:
-                if part.session in ran:
-                    s.pass_launched(part)
+        def while_running(ran: set[int]) -> dict[int, dict[int, int]]:  # the device runs the pass
+            return {part.session: s.pass_launched(part) for s, part in parts if part.session in ran}
 
         try:
             results = parts[0][0].executor.executor.run([part for _, part in parts], while_running)

@@ -405,14 +405,14 @@ def test_forced_step_boundary_moves_into_history(engine):
         session.step()
     text = " So that much is settled...\n\n"
     ids = session.encode(text)
+    history = len(session.layout.common.tokens)
     new = session.step(inject={1: text})
     assert new[1] == ids  # the sample after a paragraph break is dropped: a header comes next
     assert session.last_steps[1].tokens[-len(ids):] == ids
-    history = len(session.layout.common.tokens)
-    new = session.step()
-    common = session.layout.common.tokens
+    common = session.layout.common.tokens  # the finished step moved while the pass ran
     assert common[-len(ids):] == ids and len(common) > history
     assert session.tok.decode(common[history:]).startswith("**Bob [1]:** ")
+    new = session.step()
     header = session.encode("**Bob [2]:** ")
     assert session.last_steps[1].tokens == header and new[1][: len(header)] == header
     assert session.stats.steps_per_worker == [0, 1]
@@ -463,19 +463,19 @@ def test_a_step_header_written_by_the_worker_ends_its_step(llama, engine, imitat
         session.step()
         assert session.stats.steps_per_worker == [0, 0]  # an incomplete header ends nothing
         assert oracle_check(session, hf_model) <= TOL
+    history = len(session.layout.common.tokens)
     new = session.step()  # feeds the header's closing `:**`
     assert session.last_steps[1].tokens == ids[-1:]
     assert new[1] == []  # the sample after the step's end is dropped: the protocol's header comes next
     assert session.stats.steps_per_worker == [0, 1]
     assert oracle_check(session, hf_model) <= TOL
-    history = len(session.layout.common.tokens)
+    common = session.layout.common.tokens  # the finished step moved while the pass ran
+    assert common[-len(ids):] == ids and len(common) > history
+    assert session.tok.decode(common[history:]) == "**Bob [1]:** So 2 + 3 = 5." + imitation
     new = session.step()
     assert oracle_check(session, hf_model) <= TOL
     header = session.encode("**Bob [2]:** ")
     assert new[1][: len(header)] == header and session.last_steps[1].tokens == header
-    common = session.layout.common.tokens
-    assert common[-len(ids):] == ids and len(common) > history
-    assert session.tok.decode(common[history:]) == "**Bob [1]:** So 2 + 3 = 5." + imitation
     assert session.text(1).startswith("**Bob [1]:** So 2 + 3 = 5." + imitation + "**Bob [2]:** ")
     for _ in range(3):
         session.step()
@@ -528,6 +528,52 @@ def test_the_first_answer_in_worker_order_wins_a_pass(engine, eos_worker):
     assert session.workers[eos_worker].status == "eos"
     assert session.stats.steps_per_worker[1 - eos_worker] == 1
     assert session.done and session.answer == "0" and session.stats.stop_reason == "answer"
+
+
+def _run_forced(engine, forced):
+    """A session where worker w samples the ids forced(session)[w] = (ids, from pass), stepped to
+    its end: each pass's new tokens and last logits, and the result."""
+    session = engine.start(PROBLEM, workers=2, sampling=HOT, max_tokens=40, redundancy_every=None, finisher=False)
+    for w, (ids, start) in forced(session).items():
+        force_samples(session, w, ids, start=start)
+    passes = []
+    while not session.done:
+        passes.append((session.step(), session.last_logits.clone()))
+    result = session.result()
+    return passes, (result.answer, result.worker_texts, result.transcript, result.stats.forward_passes,
+                    result.stats.steps_per_worker, result.stats.stop_reason)
+
+
+def _steps_end(session):
+    return {0: (session.encode("One part.\n\nTwo parts.\n\n"), 2), 1: (session.encode("Other side.\n\n"), 3)}
+
+
+def _box_and_step_end_in_one_pass(session):
+    """Worker 0 samples the end of text after a box in the pass where worker 1's paragraph break
+    (after another box) is fed and ends its step (see the first-answer test above)."""
+    stop = session.encode("So \\boxed{0}") + [session.tok.eos_token_id]
+    step = session.encode("Then \\boxed{1}.\n\n")
+    filler = session.encode(" and")
+    length = max(len(stop), len(step) + 1)
+    return {0: (filler * (length - len(stop)) + stop, 2), 1: (filler * (length - 1 - len(step)) + step, 2)}
+
+
+@pytest.mark.parametrize("forced", [_steps_end, _box_and_step_end_in_one_pass])
+def test_a_step_moved_while_its_pass_runs_changes_nothing(engine, monkeypatch, forced):
+    """A finished step moves into the shared history while the pass that ended it runs (not at
+    the next pass), except when the session may end with that pass: the tokens, logits, answer,
+    texts and transcript are those of moving it at the next pass."""
+    from hogwild_ray.session import Session
+
+    early = _run_forced(engine, forced)
+    with monkeypatch.context() as m:
+        m.setattr(Session, "_may_end_with", lambda self, outcome: True)  # every step moves at the next pass
+        late = _run_forced(engine, forced)
+    assert early[1] == late[1]
+    assert [new for new, _ in early[0]] == [new for new, _ in late[0]]
+    for (_, a), (_, b) in zip(early[0], late[0]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    assert sum(early[1][4]) >= 1  # steps ended
 
 
 def test_the_pass_after_a_header_is_planned_ahead(engine):

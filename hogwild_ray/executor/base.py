@@ -15,7 +15,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
-WhileRunning = Callable[[set[int]], None]  # see Executor.run
+WhileRunning = Callable[[set[int]], dict[int, dict[int, int]] | None]  # see Executor.run
 
 if TYPE_CHECKING:
     import torch
@@ -70,7 +70,8 @@ class Executor(ABC):
         of the pass (a full cache while planning its writes: the others run, it must close).
         while_running(sessions in the pass): called once the pass is under way and before its
         tokens are read, so that host work which needs only the pass's inputs overlaps the
-        device; it must not raise."""
+        device; it must not raise. It may return, per session, the workers that will feed more
+        than one token next (a header) and how many: the next pass, foreseen."""
 
     @abstractmethod
     def last_logits(self, session: int) -> torch.Tensor:

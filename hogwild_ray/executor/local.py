@@ -12,7 +12,7 @@ from itertools import count
 import numpy as np
 import torch
 
-from ..core.layout import Block, CacheLayout, WriteStep
+from ..core.layout import Block, CacheLayout, Relocation, WriteStep
 from ..core.scheduling import PREFILL_CHUNK
 from ..model.graphs import Staged
 from ..runner import ModelRunner
@@ -27,19 +27,21 @@ MODES = ("greedy", "sample", "filter")  # a pass's sampling mode: the most gener
 
 @dataclass
 class Ahead:
-    """A staged guess: the sessions of the next pass, in order, with their workers (one token
-    each) and those workers' view positions."""
+    """A staged guess: the sessions of the next pass, in order, with their workers, the tokens
+    each feeds (one, or a header's) and those workers' view positions."""
 
     sessions: list[int]
     workers: list[list[int]]
+    counts: list[list[int]]
     positions: list[list[int]]
     ticket: Staged
 
     def came_true(self, planned: list[tuple[SessionPass, list[WriteStep], list[WriteStep]]]) -> bool:
         return ([p.session for p, _, _ in planned] == self.sessions
-                and all(not shared and all(len(s.tokens) == 1 for s in steps)
-                        and [s.worker for s in steps] == workers and [s.position for s in steps] == positions
-                        for (_, shared, steps), workers, positions in zip(planned, self.workers, self.positions)))
+                and all(not shared and [s.worker for s in steps] == workers
+                        and [len(s.tokens) for s in steps] == counts and [s.position for s in steps] == positions
+                        for (_, shared, steps), workers, counts, positions
+                        in zip(planned, self.workers, self.counts, self.positions)))
 
 
 @dataclass
@@ -70,6 +72,11 @@ class LocalExecutor(Executor):
         self._ids = count()
         self.ahead: Ahead | None = None  # the next pass's attention plan, staged on a guess
         self.staged_passes = 0  # passes that found their plan staged
+        # steps moved while the pass that ended them runs: their old pages are given back when the
+        # next operation starts, so that until then everything that pass read stays as it was
+        # (what the oracle and other inspections of the last pass read)
+        self._moved: list[tuple[CacheLayout, Relocation]] = []
+        self._in_pass = False  # while_running runs (a step moved then keeps its old pages until the next operation)
 
     def open(self, layout: CacheLayout, params: list[SamplingParams], session: int | None = None) -> int:
         sid = next(self._ids) if session is None else session
@@ -78,9 +85,15 @@ class LocalExecutor(Executor):
         self.sessions[sid] = SessionState(layout, Sampler(params, self.runner.device), last)
         return sid
 
+    def _release_moved(self) -> None:
+        moved, self._moved = self._moved, []
+        for layout, reloc in moved:
+            layout.release(reloc)
+
     def prefill(self, session: int, block: Block, ids: list[int]) -> None:
         """In passes of at most PREFILL_CHUNK tokens (a long prompt's activations and attention
         partials stay small)."""
+        self._release_moved()
         st = self.sessions[session]
         self.ahead = None
         for start in range(0, len(ids), PREFILL_CHUNK):
@@ -90,7 +103,8 @@ class LocalExecutor(Executor):
                 self.runner.forward([step])
 
     def finish_steps(self, session: int, workers: list[int]) -> None:
-        """Re-rotating keys once; the source pages are given back after the move."""
+        """Re-rotating keys once; the source pages are given back after the move (when the next
+        operation starts, for a move made while a pass runs)."""
         st = self.sessions[session]
         if workers:
             self.ahead = None  # the views change: a staged plan no longer holds
@@ -99,7 +113,10 @@ class LocalExecutor(Executor):
             self.runner.copy_pages(st.layout.take_copies())
             if reloc is not None:
                 self.runner.relocate(reloc)
-                st.layout.release(reloc)
+                if self._in_pass:
+                    self._moved.append((st.layout, reloc))
+                else:
+                    st.layout.release(reloc)
 
     def run(self, passes: list[SessionPass], while_running: WhileRunning | None = None
             ) -> dict[int, tuple[list[WriteStep], list[int]] | Exception]:
@@ -110,6 +127,7 @@ class LocalExecutor(Executor):
         plan is staged on the guess that every worker fed now feeds one token next, in the same
         sessions, and nothing else changes (the common decode step); the next pass uses it only
         if that came true."""
+        self._release_moved()
         planned, tables, failed, copied = [], [], {}, False
         ahead, self.ahead = self.ahead, None
         for p in passes:
@@ -143,9 +161,12 @@ class LocalExecutor(Executor):
                 self.sessions[p.session].last.index_copy_(0, order, logits[row : row + len(steps)])  # no sync
             rows.append(slice(row, row + len(steps)))
             row += len(steps)
-        self.ahead = self._stage_next(planned, table.mode)
-        if while_running is not None:
-            while_running(ran)
+        self._in_pass = True  # steps that move now keep their old pages until the next operation
+        try:
+            headers = while_running(ran) if while_running is not None else None
+        finally:
+            self._in_pass = False
+        self.ahead = self._stage_next(planned, table.mode, headers or {})
         ids = tokens.tolist()  # the one host sync
         out: dict[int, tuple[list[WriteStep], list[int]] | Exception] = dict(failed)
         for (p, _, steps), r in zip(planned, rows):
@@ -153,28 +174,31 @@ class LocalExecutor(Executor):
         return out
 
     def _stage_next(self, planned: list[tuple[SessionPass, list[WriteStep], list[WriteStep]]],
-                    mode: str) -> Ahead | None:
+                    mode: str, headers: dict[int, dict[int, int]]) -> Ahead | None:
         """While the device runs this pass, stage the next one's plan on the guess that every
         worker fed now (one token, or a chunk such as a header) feeds one token next in the same
-        sessions and nothing else changes:
-        each layout's views (which its next `plan` reuses if the guess comes true) and, with
-        CUDA graphs, the attention plan."""
+        sessions, or the header that `headers` (session -> worker -> tokens) names, and nothing
+        else changes: each layout's views (which its next `plan` reuses if the guess comes true
+        and every worker feeds one token) and, with CUDA graphs, the attention plan."""
         if any(shared for _, shared, _ in planned):  # prompt chunks: the next pass writes more of them
             return None
-        views, workers, positions = [], [], []
+        views, workers, counts, positions = [], [], [], []
         for p, _, steps in planned:
-            mine = self.sessions[p.session].layout.preview([s.worker for s in steps])
-            if mine is None:
+            mine = [s.worker for s in steps]
+            header = headers.get(p.session, {})
+            seen = self.sessions[p.session].layout.preview(mine, header)
+            if seen is None:
                 return None
-            views += mine
-            workers.append([s.worker for s in steps])
-            positions.append([pos for pos, _ in mine])
+            views += seen
+            workers.append(mine)
+            counts.append([header.get(w, 1) for w in mine])
+            positions.append([pos for pos, _ in seen])
         if self.runner.graphs is None:
             return None
-        ticket = self.runner.stage_decode(views, mode) if views else None
+        ticket = self.runner.stage_decode(views, mode, [n for c in counts for n in c]) if views else None
         if ticket is None:
             return None
-        return Ahead([p.session for p, _, _ in planned], workers, positions, ticket)
+        return Ahead([p.session for p, _, _ in planned], workers, counts, positions, ticket)
 
     def last_logits(self, session: int) -> torch.Tensor:
         return self.sessions[session].last
@@ -188,6 +212,7 @@ class LocalExecutor(Executor):
         return sid
 
     def close(self, session: int) -> torch.Tensor | None:
+        self._release_moved()
         st = self.sessions.pop(session, None)
         if st is None:
             return None

@@ -142,6 +142,8 @@ class DecodeGraphs:
         runs this one (the copy queues behind it). `run` given the returned ticket skips that
         work if nothing else has loaded the graph since; the caller vouches that the pass it
         runs has exactly these groups."""
+        if not self.serves(groups):
+            return None
         entry, host = self._entry(groups, sum(g.count for g in groups), mode)
         if entry is None or entry.graph is None:
             return None

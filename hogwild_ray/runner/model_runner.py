@@ -10,6 +10,7 @@ the relocations of finished steps are its other device work.
 from __future__ import annotations
 
 import math
+from itertools import accumulate
 
 import torch
 from hogwild_kernels import QueryGroup, make_attention
@@ -86,12 +87,16 @@ class ModelRunner:
             threads.tick()  # the thread governor, when on, re-decides about once a second
         return logits, None if table is None else sample_eagerly(logits, table)
 
-    def stage_decode(self, views: list[tuple[int, list]], mode: str | None) -> Staged | None:
-        """Load the attention plan of a predicted decode pass (one token per view: its position
-        and segments, from CacheLayout.preview) while the current pass runs; None without graphs."""
+    def stage_decode(self, views: list[tuple[int, list]], mode: str | None,
+                     counts: list[int] | None = None) -> Staged | None:
+        """Load the attention plan of a predicted pass (per view: its first token's position and
+        segments, from CacheLayout.preview, and counts[i] tokens, one by default) while the
+        current pass runs; None without graphs, or when no graph holds such a pass."""
         if self.graphs is None:
             return None
-        return self.graphs.stage([QueryGroup(i, 1, pos, segs) for i, (pos, segs) in enumerate(views)], mode)
+        counts = counts or [1] * len(views)
+        return self.graphs.stage([QueryGroup(start, n, pos, segs) for start, n, (pos, segs)
+                                  in zip(accumulate(counts, initial=0), counts, views)], mode)
 
     def _device_batch(self, groups: list[QueryGroup], tokens: list[int], key_pos: list[int], slots: list[int],
                       last: list[int]) -> ForwardBatch:
