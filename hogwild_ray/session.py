@@ -287,18 +287,19 @@ class Session:
         gets its next header, and the step moves now unless the session may end with this
         pass). Only what the sampled tokens decide waits for them (end_pass). An error here is
         kept and raised by end_pass (the other sessions of the pass go on). Returns the workers
-        that will feed a header next, with its length: the next pass's shape, foreseen."""
+        whose step moved, with the length of the header each feeds next: the next pass's shape."""
         if self._fed_outcome is not None:
             return {}
         try:
             self._fed_outcome = {} if part.prefill else {w: self._take_fed(w, chunk) for w, chunk in part.fed.items()}
-            if self._finishing and not self._may_end_with(self._fed_outcome):
-                finishing, self._finishing = self._finishing, []
-                self.executor.finish_steps(finishing)
+            if not self._finishing or self._may_end_with(self._fed_outcome):
+                return {}
+            finishing, self._finishing = self._finishing, []
+            self.executor.finish_steps(finishing)
         except Exception as e:
             self._fed_outcome = e
             return {}
-        return {w: len(self.workers[w].pending) for w, end in self._fed_outcome.items() if end is not None}
+        return {w: len(self.workers[w].pending) for w in finishing}
 
     def _may_end_with(self, outcome: dict[int, StepEnd | None]) -> bool:
         """Whether the session may end with the pass whose fed tokens gave `outcome`, whatever it

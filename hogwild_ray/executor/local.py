@@ -123,10 +123,11 @@ class LocalExecutor(Executor):
         """Plans every session's writes (in the order given), then one forward pass for all.
 
         A session whose writes do not fit the cache is left out of the pass (its error is its
-        result); the others run. While the device runs a decode pass, the next pass's attention
-        plan is staged on the guess that every worker fed now feeds one token next, in the same
-        sessions, and nothing else changes (the common decode step); the next pass uses it only
-        if that came true."""
+        result); the others run. While the device runs the pass, while_running takes what its
+        fed tokens decide (a step that ends moves now), then the next pass's attention plan is
+        staged on the guess that every worker fed now feeds one token next (or the header after
+        its moved step), in the same sessions, and nothing else changes; the next pass uses it
+        only if that came true."""
         self._release_moved()
         planned, tables, failed, copied = [], [], {}, False
         ahead, self.ahead = self.ahead, None
