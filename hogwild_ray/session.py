@@ -306,7 +306,9 @@ class Session:
         samples: a step that ended in it then stays where it is (the transcript shows it as the
         worker's live text, as it would without moving steps early). A worker whose step ended
         stays active, so only an answer or the pass budget can end the session here."""
-        if self.max_steps is not None and self.stats.forward_passes + 1 >= self.max_steps - self.options.finisher_tokens:
+        near_max_steps = (self.max_steps is not None
+                          and self.stats.forward_passes + 1 >= self.max_steps - self.options.finisher_tokens)
+        if near_max_steps:
             return True
         if not (self.options.stop_on_answer and self.options.enabled):
             return False

@@ -87,7 +87,7 @@ def test_graphs_are_kept_per_key_tile(random_model):
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                    reason="a CPU check: the Triton kernels on the CPU need the interpreter (a GPU runs the capture test)")
+                    reason="a CPU check: Triton on a CPU needs the interpreter (a GPU runs the capture test)")
 def test_a_graph_pass_with_chunks_reads_its_static_buffers_right(random_model):
     """On the CPU, without a capture: a graph's fixed-size buffers (tokens, positions, slots, the
     attention plan, each group's last row, the sampling table) loaded for a pass where workers feed
