@@ -530,18 +530,20 @@ def test_the_first_answer_in_worker_order_wins_a_pass(engine, eos_worker):
     assert session.done and session.answer == "0" and session.stats.stop_reason == "answer"
 
 
-def _run_forced(engine, forced):
+def _run_forced(engine, forced, max_steps=None):
     """A session where worker w samples the ids forced(session)[w] = (ids, from pass), stepped to
     its end: each pass's new tokens and last logits, and the result."""
-    session = engine.start(PROBLEM, workers=2, sampling=HOT, max_tokens=40, redundancy_every=None, finisher=False)
+    session = engine.start(PROBLEM, workers=2, sampling=HOT, max_tokens=40, redundancy_every=None, finisher=False,
+                           max_steps=max_steps)
     for w, (ids, start) in forced(session).items():
         force_samples(session, w, ids, start=start)
-    passes = []
+    passes, ended = [], []
     while not session.done:
         passes.append((session.step(), session.last_logits.clone()))
+        ended.append(sum(session.stats.steps_per_worker))
     result = session.result()
     return passes, (result.answer, result.worker_texts, result.transcript, result.stats.forward_passes,
-                    result.stats.steps_per_worker, result.stats.stop_reason)
+                    result.stats.steps_per_worker, result.stats.stop_reason), ended
 
 
 def _steps_end(session):
@@ -569,6 +571,28 @@ def test_a_step_moved_while_its_pass_runs_changes_nothing(engine, monkeypatch, f
     with monkeypatch.context() as m:
         m.setattr(Session, "_may_end_with", lambda self, outcome: True)  # every step moves at the next pass
         late = _run_forced(engine, forced)
+    _same_runs(early, late)
+
+
+def test_a_step_that_ends_in_the_last_pass_of_max_steps_stays_live(engine, monkeypatch):
+    """max_steps ends the session with the very pass where worker 1's step ends: that step is not
+    moved early, so the transcript is the one of moving steps at the next pass."""
+    from hogwild_ray.session import Session
+
+    def worker_1_ends_a_step(session):  # after worker 0's text in the transcript, unless it moves
+        return {1: (session.encode("Other side.\n\n"), 2)}
+
+    ended = _run_forced(engine, worker_1_ends_a_step)[2]
+    last = next(i for i, n in enumerate(ended) if n) + 1  # the pass where the step ends
+    early = _run_forced(engine, worker_1_ends_a_step, max_steps=last)
+    with monkeypatch.context() as m:
+        m.setattr(Session, "_may_end_with", lambda self, outcome: True)
+        late = _run_forced(engine, worker_1_ends_a_step, max_steps=last)
+    _same_runs(early, late)
+    assert early[1][3] == last
+
+
+def _same_runs(early, late) -> None:
     assert early[1] == late[1]
     assert [new for new, _ in early[0]] == [new for new, _ in late[0]]
     for (_, a), (_, b) in zip(early[0], late[0]):
