@@ -152,7 +152,7 @@ def host_profile(step, steps: int, top: int = 24) -> list[str]:
     out = []
     for order in ("tottime", "cumulative"):
         text = io.StringIO()
-        pstats.Stats(prof, stream=text).sort_stats(order).print_stats(top)
+        pstats.Stats(prof, stream=text).strip_dirs().sort_stats(order).print_stats(top)  # no machine's paths
         out += [f"by {order}:"] + [line for line in text.getvalue().splitlines() if line.strip()][-top - 1:]
     return out
 
