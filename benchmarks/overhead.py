@@ -32,6 +32,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 import common  # noqa: E402
+import compile_watch  # noqa: E402
 import hogwild_ray as hw  # noqa: E402
 from scaling_runs import Model  # noqa: E402
 from hogwild_ray.model.graphs import MAX_CHUNK  # noqa: E402
@@ -83,7 +84,9 @@ def in_process(engine, model: Model, workers: int, args, chunk: int = MAX_CHUNK)
         for _ in range(args.warmup):
             session.step()
         passes, replays, staged = session.stats.forward_passes, *graph_counts(graphs)
-        walls = common.step_walls(session.step, 0, args.steps)
+        eager = time_eager_passes(engine, graphs)
+        with compile_watch.watch() as compiles:
+            walls = common.step_walls(session.step, 0, args.steps)
         passes = session.stats.forward_passes - passes
         replays, staged = (now - then for now, then in zip(graph_counts(graphs), (replays, staged)))
         steps_ended = sum(session.stats.steps_per_worker)
@@ -98,7 +101,27 @@ def in_process(engine, model: Model, workers: int, args, chunk: int = MAX_CHUNK)
             "mean_wall_ms": statistics.fmean(walls) * 1e3, "gpu_ms": None if gpu is None else gpu * 1e3,
             "gpu_method": method, "steps_ended": steps_ended,
             "graphed_pct": None if graphs is None else 100 * replays / max(passes, 1),
-            "staged_pct": None if graphs is None else 100 * staged / max(passes, 1)}
+            "staged_pct": None if graphs is None else 100 * staged / max(passes, 1),
+            "eager_passes": len(eager), "eager_pass_ms": statistics.fmean(eager) * 1e3 if eager else None,
+            "eager_pass_max_ms": max(eager) * 1e3 if eager else None,
+            "triton_compiles": compiles.count if compiles.supported else None,
+            "compile_s": compiles.seconds if compiles.supported else None, "compiled": compiles.signatures}
+
+
+def time_eager_passes(engine, graphs) -> list[float]:
+    """Wall seconds of each pass (the executor's `run`, up to its tokens) that no graph replayed,
+    filled in as the steps run; with no graphs, every pass."""
+    run, walls = engine.executor.run, []
+
+    def timed(passes, while_running=None):
+        replays, t = graphs.replays if graphs is not None else 0, time.perf_counter()
+        out = run(passes, while_running)
+        if graphs is None or graphs.replays == replays:
+            walls.append(time.perf_counter() - t)
+        return out
+
+    engine.executor.run = timed
+    return walls
 
 
 def graph_counts(graphs) -> tuple[int, int]:
@@ -255,7 +278,8 @@ def run(args, device: torch.device, dtype: torch.dtype, path: str, model: Model)
             "steps": args.steps, "warmup": args.warmup, "cuda_graphs": graphs, "ray": ray_note or "run",
             "step_tokens": args.step_tokens or None, "graph_chunks": args.graph_chunks if graphs else None}
     stem = args.out / f"{args.date}-{common.file_tag(device)}-overhead{'-' + args.suffix if args.suffix else ''}"
-    common.write_results(stem, meta, rows, {"targets": targets})
+    compiled = {f"{r['path']}, {r['workers']} workers": r.pop("compiled") for r in rows if r.get("compiled")}
+    common.write_results(stem, meta, rows, {"targets": targets, "triton_compiled_while_timed": compiled})
     plot(meta, rows, Path(f"{stem}.png"))
 
     def ms(v):
@@ -264,14 +288,19 @@ def run(args, device: torch.device, dtype: torch.dtype, path: str, model: Model)
     def pct(v):
         return "-" if v is None else f"{v:.1f}%"
 
+    def compiled(r):
+        return "-" if r.get("triton_compiles") is None else f"{r['triton_compiles']} ({r['compile_s']:.2f})"
+
     ends = f", a step ends every ~{args.step_tokens} passes" if args.step_tokens else ""
     common.print_table(f"{path} ({meta['dtype']}) on {meta['device_name']}, {model.view}-token prompt, "
                        f"CUDA graphs: {graphs}{ends}",
                        ["path", "workers", "wall ms", "mean wall ms", "GPU ms", "outside ms", "outside %",
-                        "outside % of mean", "steps ended", "graphed", "staged"],
+                        "outside % of mean", "steps ended", "graphed", "staged", "eager passes", "eager pass ms",
+                        "Triton compiles (s)"],
                        [[r["path"], str(r["workers"]), ms(r["wall_ms"]), ms(r.get("mean_wall_ms")), ms(r["gpu_ms"]),
                          ms(r["outside_ms"]), pct(r["outside_pct"]), pct(r.get("outside_mean_pct")),
-                         str(r.get("steps_ended", "-")), pct(r.get("graphed_pct")), pct(r.get("staged_pct"))]
+                         str(r.get("steps_ended", "-")), pct(r.get("graphed_pct")), pct(r.get("staged_pct")),
+                         str(r.get("eager_passes", "-")), ms(r.get("eager_pass_ms")), compiled(r)]
                         for r in rows])
     for t in targets:
         print(f"target {t['status']:>12}: {t['target']}" + (f" (worst {t['value']}%)" if "value" in t else ""))

@@ -50,6 +50,33 @@ def test_overhead_writes_results(tmp_path):
     assert [(r["path"], r["workers"]) for r in saved["rows"]] == [("in process", 1), ("in process", 2)]
     assert all(r["wall_ms"] > 0 and r["gpu_ms"] is None and r["outside_pct"] is None for r in saved["rows"])
     assert saved["ray"] == "not run (--no-ray)" and out["targets"][0]["status"] == "not measured"
+    # no graphs on the CPU: every timed pass is eager and timed; the torch reference compiles nothing
+    assert all(r["eager_passes"] == 3 and r["eager_pass_ms"] > 0 for r in saved["rows"])
+    assert all(r["triton_compiles"] == 0 for r in saved["rows"]) and saved["triton_compiled_while_timed"] == {}
+
+
+def test_compile_watch_counts_what_triton_reports_and_restores_the_hooks():
+    import compile_watch
+    from triton import knobs
+
+    def outer(**kw):
+        calls.append(kw["repr"])
+        return False
+
+    calls = []
+    knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook = outer, None
+    try:
+        with compile_watch.watch() as seen:
+            for name in ("_merge_kernel", "_merge_kernel", "_other"):
+                fn = type("Info", (), {"name": f"pkg.{name}"})()
+                assert not knobs.runtime.jit_cache_hook(key=1, repr=f"{name}(x)", fn=fn, compile={})
+                knobs.runtime.jit_post_compile_hook(key=1, repr=f"{name}(x)", fn=fn, compile={})
+        assert seen.count == 3 and seen.kernels == {"_merge_kernel": 2, "_other": 1} and seen.seconds >= 0
+        assert seen.signatures[-1] == "_other(x)" and calls == ["_merge_kernel(x)", "_merge_kernel(x)", "_other(x)"]
+        assert knobs.runtime.jit_cache_hook is outer and knobs.runtime.jit_post_compile_hook is None
+        assert "3 compiles" in seen.summary()
+    finally:
+        knobs.runtime.jit_cache_hook = knobs.runtime.jit_post_compile_hook = None
 
 
 def test_overhead_ends_steps_as_real_text_does(tmp_path):
