@@ -213,6 +213,21 @@ def _items(tables: list[np.ndarray], used: np.ndarray, page_size: int | None, wo
                   np.concatenate([stop[run_of], np.full(n, _NO_END)])[order])
 
 
+ALIGN = 4  # int32s: every array of a packed plan starts on a 16-byte boundary
+
+
+def aligned_offsets(lengths: list[int]) -> tuple[list[int], int]:
+    """Where each of these int32 arrays starts in one packed buffer, each on a 16-byte boundary,
+    and the buffer's length. Triton specialises a kernel on whether each pointer is 16-byte
+    aligned: arrays packed back to back would start wherever the lengths before them end, so
+    nearly every new pass shape would compile the kernels again (about a second on a GPU)."""
+    offsets, total = [], 0
+    for n in lengths:
+        offsets.append(total)
+        total += -(-n // ALIGN) * ALIGN
+    return offsets, total
+
+
 def plan_attention(groups: list[QueryGroup], num_tokens: int, chunk: int | Callable[[int], int],
                    device: torch.device, page_size: int | None = None,
                    worth: tuple[float, int] = WORTH_MERGING) -> AttentionPlan:
@@ -222,10 +237,14 @@ def plan_attention(groups: list[QueryGroup], num_tokens: int, chunk: int | Calla
     host = build_plan(groups, num_tokens, chunk, page_size, worth)
     classes = _sort_by_readers(host)
     flat = [host["tables"].reshape(-1)] + [host[f] for f in FIELDS]
-    packed = torch.from_numpy(np.concatenate(flat))
+    offsets, total = aligned_offsets([len(x) for x in flat])
+    buf = np.zeros(total, dtype=np.int32)
+    for off, x in zip(offsets, flat):
+        buf[off : off + len(x)] = x
+    packed = torch.from_numpy(buf)
     if device.type == "cuda":
         packed = packed.pin_memory().to(device, non_blocking=True)
-    parts = packed.split([len(x) for x in flat])
+    parts = [packed[off : off + len(x)] for off, x in zip(offsets, flat)]
     return AttentionPlan(parts[0].view(host["tables"].shape), *parts[1:], host["num_tokens"],
                          host["max_pairs"], host["max_parts"], classes=classes, chunk=int(host["chunk"]))
 
@@ -262,13 +281,13 @@ class StaticPlan:
     def __init__(self, caps: PlanCaps, device: torch.device) -> None:
         self.caps = caps
         sizes = caps.sizes()
-        total = sum(sizes.values())
+        offsets, total = aligned_offsets(list(sizes.values()))
+        spans = [(name, off, off + n) for (name, n), off in zip(sizes.items(), offsets)]
         self.hosts = [torch.zeros(total, dtype=torch.int32, pin_memory=device.type == "cuda") for _ in range(2)]
         self.turn = 0
         self.device_buf = torch.zeros(total, dtype=torch.int32, device=device)
-        cuts = np.cumsum(list(sizes.values()))[:-1]
-        self._host_views = [dict(zip(sizes, np.split(h.numpy(), cuts))) for h in self.hosts]
-        views = dict(zip(sizes, self.device_buf.split(list(sizes.values()))))
+        self._host_views = [{name: h.numpy()[a:b] for name, a, b in spans} for h in self.hosts]
+        views = {name: self.device_buf[a:b] for name, a, b in spans}
         self.plan = AttentionPlan(views["tables"].view(caps.items, caps.pages), *(views[f] for f in FIELDS),
                                   caps.tokens, caps.most_pairs, caps.units)
 

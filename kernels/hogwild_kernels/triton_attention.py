@@ -77,7 +77,9 @@ def _attend_tile(k0, kend, item, h, k_ptr, v_ptr, tables_ptr, stride_table, stri
     return m_new, l_i, acc1, acc2
 
 
-@triton.jit
+# a launch's first unit and the page table's width change from pass to pass and only offset
+# scalar loads: specialising on their values (1, multiples of 16) would only compile more variants
+@triton.jit(do_not_specialize=["unit0", "stride_table"])
 def _rope_shift_partial_kernel(
     q_ptr, k_ptr, v_ptr,
     unit_item_ptr, unit_kstart_ptr, unit_kend_ptr, unit_pair_ptr, unit_npairs_ptr,
