@@ -50,9 +50,9 @@ class Sampler:
         twin.seeds, twin.draws = list(self.seeds), list(self.draws)
         return twin
 
-    def table(self, workers: list[int], greedy: bool = False) -> SampleTable:
-        """The table for one row per given worker (in order); counts a draw for each sampling one.
-        greedy: every row takes the argmax (the finisher)."""
+    def table(self, workers: list[int], greedy: bool = False, count: bool = True) -> SampleTable:
+        """The table for one row per given worker (in order); counts a draw for each sampling one
+        (count=False: not yet, see `count`). greedy: every row takes the argmax (the finisher)."""
         flat: list[float] = []  # row by row, then one array (a pass builds one table per session)
         sampled = filtered = False
         for w in workers:
@@ -62,10 +62,17 @@ class Sampler:
                 continue
             seed = self.seeds[w]
             flat += (seed & 0xFFFFFFFF, seed >> 32, self.draws[w], p.top_k, p.temperature, p.top_p)
-            self.draws[w] += 1
+            self.draws[w] += count
             sampled, filtered = True, filtered or p.top_k > 0 or p.top_p < 1.0
         values = np.array(flat, dtype=np.float64).reshape(len(workers), TABLE_ROWS).T.copy()
         return SampleTable(values, "filter" if filtered else "sample" if sampled else "greedy")
+
+    def count(self, workers: list[int], by: int = 1) -> None:
+        """Count the draws of a table made with count=False (by=-1: take back those a table
+        counted, its pass dropped unused)."""
+        for w in workers:
+            if not self.params[w].greedy:
+                self.draws[w] += by
 
     def sample(self, logits: torch.Tensor, workers: list[int], greedy: bool = False) -> torch.Tensor:
         """Token ids [len(workers)] for rows of logits [len(workers), vocab] (stays on the device)."""

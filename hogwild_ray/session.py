@@ -41,7 +41,7 @@ from .core.protocol import (
 from .core.results import SolveResult, Stats
 from .core.sampling_params import SamplingParams, per_worker
 from .core.scheduling import PREFILL_CHUNK, take_chunks
-from .executor import SessionPass
+from .executor import Foresight, SessionPass
 from .jobs import Job, NeedPass, result_of
 
 if TYPE_CHECKING:
@@ -281,41 +281,72 @@ class Session:
         """After begin_pass returned None: the run's end."""
         return self._finish_run(self._new)
 
-    def pass_launched(self, part: SessionPass) -> dict[int, int]:
+    def pass_launched(self, part: SessionPass) -> Foresight | None:
         """What this pass's fed tokens decide, done while the device runs it: they join each
         worker's stream and step, whose text (decoded here) may end the step (the worker then
         gets its next header, and the step moves now unless the session may end with this
         pass). Only what the sampled tokens decide waits for them (end_pass). An error here is
-        kept and raised by end_pass (the other sessions of the pass go on). Returns the workers
-        whose step moved, with the length of the header each feeds next: the next pass's shape."""
+        kept and raised by end_pass (the other sessions of the pass go on). Returns the next
+        pass as foreseen now (None where it cannot be: see `_foresee`)."""
         if self._fed_outcome is not None:
-            return {}
+            return None
         try:
-            self._fed_outcome = {} if part.prefill else {w: self._take_fed(w, chunk) for w, chunk in part.fed.items()}
-            if not self._finishing or self._may_end_with(self._fed_outcome):
-                return {}
-            finishing, self._finishing = self._finishing, []
-            self.executor.finish_steps(finishing)
+            outcome = self._fed_outcome = {} if part.prefill else {w: self._take_fed(w, chunk)
+                                                                    for w, chunk in part.fed.items()}
+            if part.prefill or self._finishers:
+                return None
+            if self._finishing:
+                if self._may_end_with(outcome):
+                    return None
+                finishing, self._finishing = self._finishing, []
+                self.executor.finish_steps(finishing)
+            elif self._near_max_steps() or self._answer_stops(outcome):
+                return None
+            return self._foresee(part, outcome)
         except Exception as e:
             self._fed_outcome = e
-            return {}
-        return {w: len(self.workers[w].pending) for w in finishing}
+            return None
+
+    def _foresee(self, part: SessionPass, outcome: dict[int, StepEnd | None]) -> Foresight | None:
+        """The next pass, unless a sample ends its worker's text: each fed worker whose step ended
+        feeds its header, each other one its sample, but for one whose max_tokens this sample
+        uses up or whose view would outgrow the context. (The session cannot end with this
+        pass: `_may_end_with` said so.)"""
+        samples, headers = [], {}
+        limit, _ = self._view_limit()
+        lengths = self.layout.view_lengths()  # a worker whose view would outgrow it stops (_enforce_context)
+        for w in part.fed:
+            ws = self.workers[w]
+            if outcome[w] is not None:
+                if lengths[w] + len(ws.pending) <= limit:
+                    headers[w] = tuple(ws.pending)
+            elif (self.max_tokens is None or ws.generated + 1 < self.max_tokens) and lengths[w] + 1 <= limit:
+                samples.append(w)
+        if not samples and not headers:
+            return None
+        return Foresight(tuple(samples), headers, self.engine.eos_ids)
 
     def _may_end_with(self, outcome: dict[int, StepEnd | None]) -> bool:
         """Whether the session may end with the pass whose fed tokens gave `outcome`, whatever it
         samples: a step that ended in it then stays where it is (the transcript shows it as the
         worker's live text, as it would without moving steps early). A worker whose step ended
         stays active, so only an answer or the pass budget can end the session here."""
-        near_max_steps = (self.max_steps is not None
-                          and self.stats.forward_passes + 1 >= self.max_steps - self.options.finisher_tokens)
-        if near_max_steps:
+        if self._near_max_steps() or self._answer_stops(outcome):
             return True
         if not (self.options.stop_on_answer and self.options.enabled):
             return False
-        if any(end is not None and end.answer is not None for end in outcome.values()):
-            return True
         return any(end is None and extract_boxed(self._written(self.workers[w])) is not None  # an end of text answers
                    for w, end in outcome.items())
+
+    def _near_max_steps(self) -> bool:
+        """The pass after this one may be past the workers' share of max_steps."""
+        return (self.max_steps is not None
+                and self.stats.forward_passes + 1 >= self.max_steps - self.options.finisher_tokens)
+
+    def _answer_stops(self, outcome: dict[int, StepEnd | None]) -> bool:
+        """A step that ended in this pass gave an answer, and an answer ends the session."""
+        return (self.options.stop_on_answer and self.options.enabled
+                and any(end is not None and end.answer is not None for end in outcome.values()))
 
     def end_pass(self, part: SessionPass, out: tuple[list[WriteStep], list[int]] | Exception) -> dict[int, list[int]]:
         """Take this session's results of a pass (or the error that kept it out: it closes and
@@ -636,7 +667,7 @@ def run_pass(sessions: Sequence[Session], inject: dict[Session, dict[int, str]] 
         t0 = time.perf_counter()
         before = sum(sum(s.stats.generated_per_worker) for s, _ in parts)
 
-        def while_running(ran: set[int]) -> dict[int, dict[int, int]]:  # the device runs the pass
+        def while_running(ran: set[int]) -> dict[int, Foresight | None]:  # the device runs the pass
             return {part.session: s.pass_launched(part) for s, part in parts if part.session in ran}
 
         try:

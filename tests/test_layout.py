@@ -367,7 +367,8 @@ def test_preview_is_what_plan_then_hands_out(kind, workers, page_size, feeds, ch
     """Whenever preview predicts, a plan of that many tokens each (one, or `chunk` for the first
     worker, as a header after a moved step) matches it exactly and allocates no page but the
     spares of blocks it fills; it declines exactly when a worker's block has no page for one
-    of its next tokens."""
+    of its next tokens; `foreseen` lays out the same writes, changing nothing, for exactly the
+    previewed counts."""
     lay = CacheLayout(kind, workers, PageAllocator(512, page_size))
     for block, n in zip(lay.shared_prefix_blocks(), (3, 1, 2)):
         lay.write_shared(block, list(range(n)))
@@ -380,10 +381,17 @@ def test_preview_is_what_plan_then_hands_out(kind, workers, page_size, feeds, ch
         opens_page = any((len(lay.cur[w]) + counts.get(w, 1) - 1) // page_size >= len(lay.cur[w].pages)
                          for w in chosen)
         assert (views is None) == opens_page
+        fed = {w: [7 + i for i in range(counts.get(w, 1))] for w in chosen}
+        foreseen = lay.foreseen(fed)  # the writes a pass launched ahead makes: those of the plan
+        assert (foreseen is None) == (views is None) and lay.foreseen({**fed, chosen[0]: [7] * (chunk + 1)}) is None
         free = lay.allocator.free_pages
-        steps = lay.plan({w: [7] * counts.get(w, 1) for w in chosen})
+        steps = lay.plan(fed)
         if views is None:
             continue
+        assert [(f.worker, f.tokens, f.local_start, f.position, f.slots) for f in foreseen] == [
+            (s.worker, s.tokens, s.local_start, s.position, s.slots) for s in steps]
+        assert [[(v.block, v.length, v.offset) for v in f.segments] for f in foreseen] == [
+            [(v.block, v.length, v.offset) for v in s.segments] for s in steps]
         spares = sum(len(lay.cur[w]) % page_size == 0 for w in chosen)  # blocks just filled take their next page
         assert lay.allocator.free_pages == free - spares and not lay.take_copies()
         assert [pos for pos, _ in views] == [s.position for s in steps]

@@ -366,6 +366,23 @@ class CacheLayout:
         self._previewed = (self._state(), tuple(sorted(workers)), out, slots, tuple(fed))
         return out
 
+    def foreseen(self, fed: dict[int, list[int]]) -> list[WriteStep] | None:
+        """The writes `plan(fed)` will make, changing nothing, when the last `preview` foresaw
+        exactly these workers and token counts and nothing changed since: what a pass launched
+        ahead of its planning computes (`plan` then checks it found the same). None otherwise."""
+        previewed = self._previewed
+        feeding = tuple(sorted(fed))
+        if (previewed is None or previewed[1] != feeding or previewed[0] != self._state()
+                or previewed[4] != tuple(len(fed[w]) for w in feeding) or not all(previewed[4])):
+            return None
+        steps = []
+        for w, (position, segments), first in zip(feeding, previewed[2], previewed[3]):
+            own, n = self.cur[w], len(self.cur[w])
+            ps = self.page_size
+            slots = [first] + [own.pages[i // ps] * ps + i % ps for i in range(n + 1, n + len(fed[w]))]
+            steps.append(WriteStep(w, own, list(fed[w]), n, position, slots, segments))
+        return steps
+
     def view_length(self, w: int) -> int:
         return sum(len(b) for b in self.view_blocks(w))
 

@@ -15,7 +15,32 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
-WhileRunning = Callable[[set[int]], dict[int, dict[int, int]] | None]  # see Executor.run
+
+
+@dataclass(frozen=True)
+class Foresight:
+    """A session's next pass as the tokens fed in the current one foresee it (found while the
+    device runs that pass): the workers that will feed the token they sample now, and those
+    whose finished step moved, with the header each feeds instead. It comes true unless one of
+    those samples is in `stop_ids` (it ends its worker's text) or something the session cannot
+    foresee comes first: an injection, a session joining the pass, a fork or a close."""
+
+    samples: tuple[int, ...]
+    headers: dict[int, tuple[int, ...]]
+    stop_ids: frozenset[int]
+
+    def counts(self) -> dict[int, int]:
+        """Tokens each worker feeds next: one, or its header's."""
+        return {**{w: 1 for w in self.samples}, **{w: len(h) for w, h in self.headers.items()}}
+
+    def fed(self, sampled: dict[int, int]) -> dict[int, list[int]] | None:
+        """The next pass's `SessionPass.fed` given this pass's samples; None if one ends its worker."""
+        if any(sampled[w] in self.stop_ids for w in self.samples):
+            return None
+        return {**{w: [sampled[w]] for w in self.samples}, **{w: list(h) for w, h in self.headers.items()}}
+
+
+WhileRunning = Callable[[set[int]], dict[int, Foresight | None] | None]  # see Executor.run
 
 if TYPE_CHECKING:
     import torch
@@ -70,8 +95,10 @@ class Executor(ABC):
         of the pass (a full cache while planning its writes: the others run, it must close).
         while_running(sessions in the pass): called once the pass is under way and before its
         tokens are read, so that host work which needs only the pass's inputs overlaps the
-        device; it must not raise. It may return, per session, the workers that will feed more
-        than one token next (a header) and how many: the next pass, foreseen."""
+        device; it must not raise. It may return, per session, its next pass as foreseen
+        (`Foresight`, or None where it cannot be foreseen): the executor may stage that pass's
+        plan, and launch the pass itself as soon as the samples it feeds are read, before the
+        sessions ask for it (it is dropped, unused, when they ask for anything else)."""
 
     @abstractmethod
     def last_logits(self, session: int) -> torch.Tensor:

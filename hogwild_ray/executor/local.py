@@ -20,7 +20,7 @@ from ..core.sampling_params import SamplingParams
 from ..sampling import SampleTable, Sampler
 from ..transfer import to_device
 from ..errors import CacheFullError
-from .base import Executor, SessionPass, WhileRunning, plan_session
+from .base import Executor, Foresight, SessionPass, WhileRunning, plan_session
 
 MODES = ("greedy", "sample", "filter")  # a pass's sampling mode: the most general of its sessions'
 
@@ -42,6 +42,58 @@ class Ahead:
                         and [len(s.tokens) for s in steps] == counts and [s.position for s in steps] == positions
                         for (_, shared, steps), workers, counts, positions
                         in zip(planned, self.workers, self.counts, self.positions)))
+
+
+@dataclass
+class Launched:
+    """A pass launched before the sessions asked for it: the parts it foresaw (in order), their
+    writes, and its outputs on the device. Its sampling rows counted their draws."""
+
+    parts: list[SessionPass]
+    steps: list[list[WriteStep]]
+    mode: str
+    logits: torch.Tensor
+    tokens: torch.Tensor | None
+
+    def sessions(self) -> set[int]:
+        return {p.session for p in self.parts}
+
+
+def same_writes(a: list[WriteStep], b: list[WriteStep]) -> bool:
+    """Whether two plans write the same tokens to the same slots, read over the same views."""
+    def key(s: WriteStep) -> tuple:
+        return s.worker, s.tokens, s.local_start, s.position, s.slots
+
+    def views(s: WriteStep) -> list[tuple]:
+        return [(id(v.block), v.length, v.offset) for v in s.segments]
+
+    # a plan made from the preview holds the preview's views themselves
+    return len(a) == len(b) and all(key(x) == key(y) and (x.segments is y.segments or views(x) == views(y))
+                                    for x, y in zip(a, b))
+
+
+@dataclass
+class Ready:
+    """The next pass, laid out while the current one runs for launching it ahead: per session
+    its foresight and the writes it foresees (each sampling worker's token still to come), and
+    the pass's sampling table (its draws not yet counted)."""
+
+    sights: list[tuple[int, Foresight, list[WriteStep]]]
+    table: SampleTable
+
+    def fill(self, out: dict) -> list[SessionPass] | None:
+        """The parts, each sampling worker's write given the token it just sampled; None if one
+        of them ends its worker's text."""
+        parts = []
+        for sid, sight, steps in self.sights:
+            sampled = dict(zip((s.worker for s in out[sid][0]), out[sid][1]))
+            fed = sight.fed(sampled)
+            if fed is None:
+                return None
+            for s in steps:
+                s.tokens = fed[s.worker]
+            parts.append(SessionPass(sid, fed))
+        return parts
 
 
 @dataclass
@@ -77,6 +129,11 @@ class LocalExecutor(Executor):
         # (what the oracle and other inspections of the last pass read)
         self._moved: list[tuple[CacheLayout, Relocation]] = []
         self._in_pass = False  # while_running runs (a step moved then keeps its old pages until the next operation)
+        # launch the next pass as soon as this one's samples are read, when every session of it
+        # foresaw that pass (see run); on a GPU, where the launch overlaps the host's work
+        self.prelaunch = runner.device.type == "cuda"
+        self.launched: Launched | None = None
+        self.prelaunched = self.prelaunch_dropped = 0  # passes launched ahead: used, dropped
 
     def open(self, layout: CacheLayout, params: list[SamplingParams], session: int | None = None) -> int:
         sid = next(self._ids) if session is None else session
@@ -84,6 +141,20 @@ class LocalExecutor(Executor):
         last = torch.full((layout.workers, vocab), float("nan"), device=self.runner.device)
         self.sessions[sid] = SessionState(layout, Sampler(params, self.runner.device), last)
         return sid
+
+    def _drop_launched(self, session: int | None = None) -> None:
+        """Give up the pass launched ahead (all of it, or only if it holds `session`): its
+        outputs go unread and its draws are taken back. Its writes went to slots past the ends
+        of the blocks that no view reads; later writes there come after it on the device."""
+        launched = self.launched
+        if launched is None or (session is not None and session not in launched.sessions()):
+            return
+        self.launched = None
+        self.prelaunch_dropped += 1
+        for part, steps in zip(launched.parts, launched.steps):
+            st = self.sessions.get(part.session)
+            if st is not None:
+                st.sampler.count([s.worker for s in steps], by=-1)
 
     def _release_moved(self) -> None:
         moved, self._moved = self._moved, []
@@ -94,6 +165,7 @@ class LocalExecutor(Executor):
         """In passes of at most PREFILL_CHUNK tokens (a long prompt's activations and attention
         partials stay small)."""
         self._release_moved()
+        self._drop_launched(session)
         st = self.sessions[session]
         self.ahead = None
         for start in range(0, len(ids), PREFILL_CHUNK):
@@ -108,6 +180,7 @@ class LocalExecutor(Executor):
         st = self.sessions[session]
         if workers:
             self.ahead = None  # the views change: a staged plan no longer holds
+            self._drop_launched(session)
         for w in workers:
             reloc = st.layout.finish_step(w)
             self.runner.copy_pages(st.layout.take_copies())
@@ -124,11 +197,49 @@ class LocalExecutor(Executor):
 
         A session whose writes do not fit the cache is left out of the pass (its error is its
         result); the others run. While the device runs the pass, while_running takes what its
-        fed tokens decide (a step that ends moves now), then the next pass's attention plan is
-        staged on the guess that every worker fed now feeds one token next (or the header after
-        its moved step), in the same sessions, and nothing else changes; the next pass uses it
-        only if that came true."""
+        fed tokens decide (a step that ends moves now) and foresees the next pass; that pass's
+        attention plan is then staged on the guess that every session foresaw it (or, where one
+        did not, that every worker fed now feeds one token next), and the next pass uses it only
+        if that came true. When every session foresaw it, the next pass is launched as soon as
+        this one's samples are read, before the sessions ask for it: the host's work between
+        passes (the sessions taking their tokens, the jobs they serve) then overlaps the device.
+        It is used only if the sessions then ask for exactly it (its writes are checked to be
+        the ones the layouts plan), and dropped unused otherwise."""
         self._release_moved()
+        launched, self.launched = self.launched, None
+        if launched is not None and passes == launched.parts:
+            planned, failed = self._claim(launched), {}
+            logits, tokens, mode = launched.logits, launched.tokens, launched.mode
+            self.prelaunched += 1
+        else:
+            if launched is not None:
+                self.launched = launched
+                self._drop_launched()
+            planned, failed, launch = self._plan(passes)
+            if launch is None:  # nothing to compute: failures, or prompt chunks that other prompts' pages held
+                if while_running is not None:
+                    while_running({p.session for p, _, _ in planned})
+                return {**failed, **{p.session: ([], []) for p, _, _ in planned}}
+            (logits, tokens), mode = launch
+        rows = self._keep_last_logits(planned, logits)
+        self._in_pass = True  # steps that move now keep their old pages until the next operation
+        try:
+            foreseen = (while_running({p.session for p, _, _ in planned}) if while_running is not None else None) or {}
+        finally:
+            self._in_pass = False
+        self.ahead = self._stage_next(planned, mode, foreseen)
+        ready = self._ready(planned, foreseen) if self.prelaunch and foreseen else None
+        ids = tokens.tolist()  # the one host sync
+        out: dict[int, tuple[list[WriteStep], list[int]] | Exception] = dict(failed)
+        for (p, _, steps), r in zip(planned, rows):
+            out[p.session] = (steps, ids[r])
+        if ready is not None:
+            self.launched = self._launch_ahead(ready, out)
+        return out
+
+    def _plan(self, passes: list[SessionPass]):
+        """Each session's writes planned and the pass launched: (planned, failed, ((logits,
+        tokens), sampling mode) or None when there is nothing to compute)."""
         planned, tables, failed, copied = [], [], {}, False
         ahead, self.ahead = self.ahead, None
         for p in passes:
@@ -147,14 +258,14 @@ class LocalExecutor(Executor):
         staged = ahead.ticket if ahead is not None and not copied and not failed and ahead.came_true(planned) else None
         self.staged_passes += staged is not None
         writes = [s for _, shared, steps in planned for s in shared + steps]
-        ran = {p.session for p, _, _ in planned}
-        if not writes:  # nothing to compute: failures, or prompt chunks that other prompts' pages held
-            if while_running is not None:
-                while_running(ran)
-            return {**failed, **{p.session: ([], []) for p, _, _ in planned}}
+        if not writes:
+            return planned, failed, None
         table = merge_tables(tables)
-        logits, tokens = self.runner.forward(writes, table, staged)
-        rows, row = [], 0  # each session's worker rows of the pass
+        return planned, failed, (self.runner.forward(writes, table, staged), table.mode)
+
+    def _keep_last_logits(self, planned, logits: torch.Tensor) -> list[slice]:
+        """Each session's fed workers' logits into its last logits (no sync); their rows of the pass."""
+        rows, row = [], 0
         for p, shared, steps in planned:
             row += len(shared)  # a prompt chunk's row: its logits and sample are not used
             if steps:
@@ -162,31 +273,72 @@ class LocalExecutor(Executor):
                 self.sessions[p.session].last.index_copy_(0, order, logits[row : row + len(steps)])  # no sync
             rows.append(slice(row, row + len(steps)))
             row += len(steps)
-        self._in_pass = True  # steps that move now keep their old pages until the next operation
+        return rows
+
+    def _claim(self, launched: Launched) -> list[tuple[SessionPass, list[WriteStep], list[WriteStep]]]:
+        """The sessions asked for the pass launched ahead: their layouts plan it as usual (their
+        books), and must find the writes it made."""
+        planned = []
+        for part, foreseen in zip(launched.parts, launched.steps):
+            layout = self.sessions[part.session].layout
+            shared, steps = plan_session(layout, part)
+            if layout.take_copies() or shared or not same_writes(steps, foreseen):
+                raise RuntimeError(f"session {part.session}'s writes differ from those of the pass launched for it "
+                                   "ahead; this is a bug in hogwild-ray")
+            planned.append((part, shared, steps))
+        return planned
+
+    def _ready(self, planned, foreseen: dict[int, Foresight | None]) -> Ready | None:
+        """While the device runs this pass, lay out the next one as every session of this one
+        foresaw it (None if one did not, or if a layout cannot lay its writes out unchanged:
+        see CacheLayout.foreseen): all but the samples it feeds, which come with the sync."""
+        sights, tables = [], []
+        for p, _, _ in planned:
+            sight = foreseen.get(p.session)
+            if sight is None:
+                return None
+            st = self.sessions[p.session]
+            steps = st.layout.foreseen({**{w: [0] for w in sight.samples},
+                                        **{w: list(h) for w, h in sight.headers.items()}})
+            if steps is None:
+                return None
+            sights.append((p.session, sight, steps))
+            tables.append(st.sampler.table([s.worker for s in steps], count=False))
+        return Ready(sights, merge_tables(tables))
+
+    def _launch_ahead(self, ready: Ready, out: dict) -> Launched | None:
+        """Launch the next pass as `ready` laid it out, fed with the samples just read; None if
+        a sample ends its worker's text."""
+        parts = ready.fill(out)
+        if parts is None:
+            return None
+        steps_of = [steps for _, _, steps in ready.sights]
+        ahead, self.ahead = self.ahead, None
+        staged = ahead.ticket if ahead is not None and ahead.came_true(
+            [(part, [], steps) for part, steps in zip(parts, steps_of)]) else None
         try:
-            headers = while_running(ran) if while_running is not None else None
-        finally:
-            self._in_pass = False
-        self.ahead = self._stage_next(planned, table.mode, headers or {})
-        ids = tokens.tolist()  # the one host sync
-        out: dict[int, tuple[list[WriteStep], list[int]] | Exception] = dict(failed)
-        for (p, _, steps), r in zip(planned, rows):
-            out[p.session] = (steps, ids[r])
-        return out
+            logits, tokens = self.runner.forward([s for steps in steps_of for s in steps], ready.table, staged)
+        except Exception:  # this pass's results stand; the pass asked for next meets the error itself
+            return None
+        self.staged_passes += staged is not None
+        for part, steps in zip(parts, steps_of):
+            self.sessions[part.session].sampler.count([s.worker for s in steps])
+        return Launched(parts, steps_of, ready.table.mode, logits, tokens)
 
     def _stage_next(self, planned: list[tuple[SessionPass, list[WriteStep], list[WriteStep]]],
-                    mode: str, headers: dict[int, dict[int, int]]) -> Ahead | None:
-        """While the device runs this pass, stage the next one's plan on the guess that every
-        worker fed now (one token, or a chunk such as a header) feeds one token next in the same
-        sessions, or the header that `headers` (session -> worker -> tokens) names, and nothing
-        else changes: each layout's views (which its next `plan` reuses if the guess comes true
-        and every worker feeds one token) and, with CUDA graphs, the attention plan."""
+                    mode: str, foreseen: dict[int, Foresight | None]) -> Ahead | None:
+        """While the device runs this pass, stage the next one's plan on the guess that each
+        session feeds what it foresaw (`foreseen`), or, where it foresaw nothing, that every
+        worker fed now (one token, or a chunk such as a header) feeds one token next, and
+        nothing else changes: each layout's views (which its next `plan` reuses if the guess
+        comes true and every worker feeds one token) and, with CUDA graphs, the attention plan."""
         if any(shared for _, shared, _ in planned):  # prompt chunks: the next pass writes more of them
             return None
         views, workers, counts, positions = [], [], [], []
         for p, _, steps in planned:
-            mine = [s.worker for s in steps]
-            header = headers.get(p.session, {})
+            sight = foreseen.get(p.session)
+            header = sight.counts() if sight is not None else {}
+            mine = sorted(header) if sight is not None else [s.worker for s in steps]
             seen = self.sessions[p.session].layout.preview(mine, header)
             if seen is None:
                 return None
@@ -206,6 +358,7 @@ class LocalExecutor(Executor):
 
     def fork(self, session: int, layout: CacheLayout) -> int:
         """The same seeds, draw counts and last logits, then apart."""
+        self._drop_launched(session)  # its draws are counted back before the copy takes them
         st = self.sessions[session]
         self.ahead = None  # shared pages: this layout's next writes copy on write
         sid = next(self._ids)
@@ -214,6 +367,7 @@ class LocalExecutor(Executor):
 
     def close(self, session: int) -> torch.Tensor | None:
         self._release_moved()
+        self._drop_launched(session)
         st = self.sessions.pop(session, None)
         if st is None:
             return None
