@@ -53,6 +53,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--heap", type=lambda s: s.split(","), default=["settled"],
                    help="settled: the passes run with the heap settled as the engine's own loops run them "
                         "(hogwild_ray.heap); as-is: the collector left alone; one run per value")
+    p.add_argument("--launch-ahead", type=lambda s: s.split(","), default=["off", "on"],
+                   help="on: the executor launches each pass as soon as the last one's samples are read, when "
+                        "every session foresaw it (what it does on a GPU); off: when the sessions ask for it; "
+                        "one run per value, side by side")
     p.add_argument("--prompt", type=int, default=256, help="prompt tokens of each session")
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--warmup", type=int, default=5)
@@ -71,6 +75,12 @@ class Tokens:
         self.clock["overlapped"] += time.perf_counter() - self.clock["returned"]
         return self.ids.tolist()
 
+    def clone(self) -> Tokens:  # what the step-ends rig rewrites
+        return Tokens(self.ids.clone(), self.clock)
+
+    def __setitem__(self, row: int, token: int) -> None:
+        self.ids[row] = token
+
 
 def stand_in(clock: dict):
     """A forward that lays out the pass's inputs as the runner does (host_batch) and returns at
@@ -86,11 +96,13 @@ def stand_in(clock: dict):
     return forward
 
 
-def measure(model: Model, sessions: int, workers: int, step_tokens: int, args, settle: str = "settled") -> dict:
+def measure(model: Model, sessions: int, workers: int, step_tokens: int, args, settle: str = "settled",
+            ahead: str = "off") -> dict:
     engine = hw.HogwildEngine.from_pretrained(model.path, "cpu", torch.float32,
                                               cache_tokens=sessions * (workers * (args.steps + args.warmup + 64) * 2
                                                                        + args.prompt + 1024))
     engine.eos_ids = frozenset()  # every worker runs the whole time
+    engine.executor.prelaunch = ahead == "on"
     clock = {"overlapped": 0.0, "returned": 0.0}
     engine.runner.forward = stand_in(clock)
     engine.runner.relocate = engine.runner.copy_pages = lambda *a: None  # device work too: page moves and copies
@@ -100,21 +112,22 @@ def measure(model: Model, sessions: int, workers: int, step_tokens: int, args, s
     for st in engine.executor.sessions.values():
         st.last = torch.zeros(st.last.shape[0], 1)  # a row's copy is one launch on a device: keep it one column
     if step_tokens:
-        for session in runs:
-            end_steps_every(engine, session, step_tokens)
+        end_steps_every(engine, runs[0], step_tokens)  # every session's workers
     for _ in range(args.warmup):
         step_sessions(runs)
     clock["overlapped"] = 0.0
+    launched = engine.executor.prelaunched
     previews = sum(s.layout.previews_used for s in runs)
     walls = common.step_walls(lambda: step_sessions(runs), 0, args.steps, settled=settle == "settled")
     previews = sum(s.layout.previews_used for s in runs) - previews
     ended = sum(sum(s.stats.steps_per_worker) for s in runs)
+    launched = engine.executor.prelaunched - launched
     for s in runs:
         s.close()
     host = statistics.fmean(walls) * 1e3
     overlapped = clock["overlapped"] / args.steps * 1e3
     return {"sessions": sessions, "workers": workers, "step_tokens": step_tokens or None, "heap": settle,
-            "host_ms": host,
+            "launch_ahead": ahead, "launched_ahead_pct": 100 * launched / args.steps, "host_ms": host,
             "overlapped_ms": overlapped, "exposed_ms": host - overlapped, "steps_ended": ended,
             "previewed_pct": 100 * previews / (args.steps * sessions)}
 
@@ -122,7 +135,8 @@ def measure(model: Model, sessions: int, workers: int, step_tokens: int, args, s
 def plot(meta: dict, rows: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 4.2))
     labels = [f"{r['sessions']}x{r['workers']}, " + (f"a step ends every ~{r['step_tokens']}" if r["step_tokens"]
-                                                     else "no step ends") + f", heap {r['heap']}" for r in rows]
+                                                     else "no step ends") + f", heap {r['heap']}"
+              + (", launched ahead" if r.get("launch_ahead") == "on" else "") for r in rows]
     ax.barh(labels, [r["exposed_ms"] for r in rows], label="exposed: the device waits", color="C3")
     ax.barh(labels, [r["overlapped_ms"] for r in rows], left=[r["exposed_ms"] for r in rows],
             label="overlaps the pass", color="C0")
@@ -138,8 +152,8 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(1)
     try:
         model = Model(args.model, device, torch.float32)
-        rows = [measure(model, s, w, n, args, settle) for settle in args.heap for n in args.step_tokens
-                for s, w in args.configs]
+        rows = [measure(model, s, w, n, args, settle, ahead) for settle in args.heap for n in args.step_tokens
+                for s, w in args.configs for ahead in args.launch_ahead]
     finally:
         torch.set_num_threads(threads)
     meta = {"benchmark": "host_work", "date": args.date, "device": "cpu", "device_name": common.device_name(device),
@@ -151,12 +165,12 @@ def main(argv: list[str] | None = None) -> dict:
     common.write_results(stem, meta, rows)
     plot(meta, rows, Path(f"{stem}.png"))
     common.print_table(f"host work per pass, {args.model}, protocol on, on {meta['device_name']}",
-                       ["sessions x workers", "step ends every", "heap", "host ms", "overlapped ms", "exposed ms",
-                        "steps ended", "plans previewed"],
+                       ["sessions x workers", "step ends every", "heap", "launch ahead", "host ms", "overlapped ms",
+                        "exposed ms", "steps ended", "plans previewed", "passes launched ahead"],
                        [[f"{r['sessions']} x {r['workers']}", str(r["step_tokens"] or "never"), r["heap"],
-                         f"{r['host_ms']:.3f}",
+                         r["launch_ahead"], f"{r['host_ms']:.3f}",
                          f"{r['overlapped_ms']:.3f}", f"{r['exposed_ms']:.3f}", str(r["steps_ended"]),
-                         f"{r['previewed_pct']:.0f}%"] for r in rows])
+                         f"{r['previewed_pct']:.0f}%", f"{r['launched_ahead_pct']:.0f}%"] for r in rows])
     print(f"wrote {stem}.csv, .json, .png")
     return {"meta": meta, "rows": rows, "stem": stem}
 

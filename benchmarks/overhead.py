@@ -77,7 +77,7 @@ def in_process(engine, model: Model, workers: int, args, chunk: int = MAX_CHUNK)
     graphs = getattr(engine, "graphs", None)
     if graphs is not None:
         graphs.max_chunk = chunk
-    real_run = engine.executor.run
+    real_run, real_forward = engine.executor.run, engine.executor.runner.forward
     try:
         if args.step_tokens:
             end_steps_every(engine, session, args.step_tokens)
@@ -93,7 +93,7 @@ def in_process(engine, model: Model, workers: int, args, chunk: int = MAX_CHUNK)
         engine.executor.run = real_run
         gpu, method = gpu_seconds(engine, session, args)
     finally:
-        engine.executor.run = real_run
+        engine.executor.run, engine.executor.runner.forward = real_run, real_forward
         session.close()
     path = ("in process" if chunk == MAX_CHUNK else "in process, decode passes only graphed" if chunk == 1
             else f"in process, chunks of <= {chunk} graphed")
@@ -131,24 +131,47 @@ def graph_counts(graphs) -> tuple[int, int]:
 
 def end_steps_every(engine, session, tokens: int) -> None:
     """Make every worker end a step about every `tokens` of its passes: its samples there are
-    rewritten (on the host, after the pass) to the tokens of a paragraph break, which the
-    protocol then feeds, ends the step on, moves, and follows with a header, as in real text."""
+    rewritten to the tokens of a paragraph break, which the protocol then feeds, ends the step
+    on, moves, and follows with a header, as in real text. The runner's samples are rewritten
+    (before any host work reads them), each write's once, by the worker's count of writes: a
+    pass the executor launches ahead and then drops, run again on request, is rewritten alike."""
     brk = session.encode("\n\n")
-    workers = session.layout.workers  # their steps end out of step with each other's, as in real text
-    run, sid, fed = engine.executor.run, session.executor.session, {w: w * tokens // workers for w in range(workers)}
+    executor = engine.executor
+    forward = executor.runner.forward
+    counts: dict[tuple[int, int], int] = {}  # (session, worker) -> its writes so far, out of step across workers
+    decided: dict[tuple[int, int], tuple[object, int | None]] = {}  # (block, end) -> (the block, rewritten id)
 
-    def ending(passes, while_running=None):
-        out = run(passes, while_running)
-        if sid in out and not isinstance(out[sid], Exception):
-            steps, sampled = out[sid]
-            for i, s in enumerate(steps):
-                n = fed[s.worker] = fed[s.worker] + 1
+    whose: dict[int, tuple] = {}  # id(a worker's block) -> (the block, session, worker, its workers)
+
+    def owner(block) -> tuple[int, int, int]:
+        if whose.get(id(block), (None,))[0] is not block:  # a block opened since (after a moved step)
+            whose.update({id(b): (b, sid, w, st.layout.workers) for sid, st in executor.sessions.items()
+                          for w, b in enumerate(st.layout.cur)})
+        return whose[id(block)][1:]
+
+    def ending(steps, table=None, staged=None):
+        logits, sampled = forward(steps, table, staged)
+        if sampled is None:
+            return logits, sampled
+        rewrite = {}
+        for i, s in enumerate(steps):
+            if s.worker is None:
+                continue
+            key = (id(s.block), s.local_start + len(s.tokens))
+            if key not in decided:
+                sid, w, workers = owner(s.block)
+                n = counts[sid, w] = counts.get((sid, w), w * tokens // workers) + 1
                 k = n % tokens - (tokens - len(brk))
-                if k >= 0:
-                    sampled[i] = brk[k]
-        return out
+                decided[key] = (s.block, brk[k] if k >= 0 else None)
+            if decided[key][1] is not None:
+                rewrite[i] = decided[key][1]
+        if rewrite:
+            sampled = sampled.clone()
+            for i, tok in rewrite.items():
+                sampled[i] = tok
+        return logits, sampled
 
-    engine.executor.run = ending
+    executor.runner.forward = ending
 
 
 def gpu_seconds(engine, session, args) -> tuple[float | None, str]:

@@ -103,12 +103,15 @@ def test_host_work_splits_what_overlaps_the_pass(tmp_path):
     out = host_work.main(["--configs", "1x2,2x2", "--step-tokens", "0,3", "--steps", "8", "--warmup", "1",
                           "--prompt", "16", "--out", str(tmp_path), "--date", "2000-01-01"])
     saved = saved_results(tmp_path / "2000-01-01-cpu-host_work")
-    assert [(r["sessions"], r["step_tokens"], r["heap"]) for r in saved["rows"]] == [
-        (1, None, "settled"), (2, None, "settled"), (1, 3, "settled"), (2, 3, "settled")]
+    assert [(r["sessions"], r["step_tokens"], r["heap"], r["launch_ahead"]) for r in saved["rows"]] == [
+        (s, n, "settled", a) for n in (None, 3) for s in (1, 2) for a in ("off", "on")]
     for r in out["rows"]:
         assert 0 < r["overlapped_ms"] < r["host_ms"]
         assert r["exposed_ms"] == pytest.approx(r["host_ms"] - r["overlapped_ms"])
         assert (r["steps_ended"] > 0) == (r["step_tokens"] is not None)
+        # launched ahead: every timed pass with no step ends; most with (a header's pass too)
+        assert r["launched_ahead_pct"] == (0 if r["launch_ahead"] == "off" else r["launched_ahead_pct"])
+        assert r["launch_ahead"] == "off" or r["launched_ahead_pct"] >= (100 if r["step_tokens"] is None else 50)
 
 
 def test_gpu_time_prefers_the_graph_replay():
