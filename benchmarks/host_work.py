@@ -160,7 +160,8 @@ def main(argv: list[str] | None = None) -> dict:
             **common.versions(), "model": args.model, "prompt": args.prompt, "steps": args.steps,
             "warmup": args.warmup, "method": "forward replaced by a stand-in that returns at once, page moves and "
                                              "copies by nothing; overlapped = from the forward's return to the "
-                                             "reading of its tokens"}
+                                             "reading of its tokens (a pass launched ahead returns from its forward "
+                                             "right after the last pass's tokens are read)"}
     stem = args.out / f"{args.date}-{common.file_tag(device)}-host_work"
     common.write_results(stem, meta, rows)
     plot(meta, rows, Path(f"{stem}.png"))
