@@ -52,11 +52,14 @@ def stored_kv(session):
     return session.engine.cache, session.engine.decoder.inv_freq
 
 
-def run_oracle(engine, hf_model, workers, layout, plain=False, steps=STEPS, **check):
+def run_oracle(engine, hf_model, workers, layout, plain=False, steps=STEPS, after_prompt=None, **check):
     """A session with forced boundaries and interjections, checked after every step (check:
-    more oracle_check options): (worst relative logit error, finished steps, the session)."""
+    more oracle_check options; after_prompt: called once the prompt is written): (worst
+    relative logit error, finished steps, the session)."""
     session = engine.start("Compute 12 * 7 and explain.", workers=workers, layout=layout, max_tokens=200,
                            sampling=hw.SamplingParams(temperature=1.0, seed=3), redundancy_every=15)
+    if after_prompt is not None:
+        after_prompt()
     worst = 0.0
     for i in range(steps):
         inject = {w: t for w, t in FORCED.get(i, {}).items() if w < workers}

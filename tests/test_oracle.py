@@ -64,12 +64,26 @@ def test_oracle_real_weights(default_engine, default_hf_model):
 
 
 def test_oracle_triton_attention(random_model):
-    """The engine oracle with the Triton kernels (interpreted on CPU, so kept short)."""
+    """The engine oracle with the Triton kernels (interpreted on CPU, so kept short: there the
+    protocol's long prompt is written by the torch path, and the Triton kernels run every step
+    after it; test_shared_reads checks the Triton kernels' prefill under the oracle)."""
     pytest.importorskip("triton")
+    from hogwild_kernels import make_attention
+
     path, hf_model = random_model("qwen3", "yarn")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    engine = hw.HogwildEngine.from_pretrained(path, device, "float32", cache_tokens=4096, attention="triton")
-    worst, finished, _ = run_oracle(engine, hf_model, 3, "combined", steps=40 if device == "cuda" else 14)
+    engine = hw.HogwildEngine.from_pretrained(path, device, "float32", cache_tokens=4096,
+                                              attention="triton" if device == "cuda" else "torch")
+    decoder, spec = engine.runner.decoder, engine.spec
+
+    def to_triton() -> None:  # the same pool layout: the kernels read what the torch path wrote
+        decoder.attention = make_attention("triton", decoder.inv_freq.device, spec.inv_freq, spec.rope_scale,
+                                           spec.sm_scale, spec.num_kv_heads)
+        decoder.fused = True
+
+    worst, finished, _ = run_oracle(engine, hf_model, 3, "combined", steps=40 if device == "cuda" else 14,
+                                    after_prompt=to_triton if device == "cpu" else None)
+    assert decoder.attention.name == "triton" and decoder.fused
     assert worst <= TOL, f"max relative logit error {worst:.2e}"
     assert finished >= 2
 
