@@ -104,10 +104,28 @@ def host_split(engine, step, steps: int) -> dict[str, float]:
     """Median ms per step of the host's work while the device waits for it: from one pass's
     sampled tokens reaching the host to the next pass's executor call (the sessions' protocol,
     detokenization, the next pass's plan of writes), from there to the forward (the layouts'
-    plan, the sampling table), and the forward call itself (inputs and the graph's launch).
-    Timed by wrapping the executor's and the runner's entry points on this engine."""
+    plan, the sampling table), and the forward call itself (inputs and the graph's launch);
+    and what the device waits for however the passes are launched: from a pass's tokens
+    reaching the host to the next forward's call (with the launch ahead, inside the same
+    executor call). Timed by wrapping the executor's and the runner's entry points on this
+    engine, and the reading of each pass's tokens."""
     stamps: list[tuple[str, float]] = []
     executor, runner = engine.executor, engine.runner
+
+    class Stamped:  # a pass's sampled ids: the stamp marks when they reach the host
+        def __init__(self, ids: torch.Tensor) -> None:
+            self.ids = ids
+
+        def tolist(self) -> list[int]:
+            out = self.ids.tolist()
+            stamps.append(("synced", time.perf_counter()))
+            return out
+
+    forward = runner.forward
+
+    def stamped_forward(*a, **k):
+        logits, ids = forward(*a, **k)
+        return logits, None if ids is None else Stamped(ids)
 
     def timed(obj, name: str):
         inner = getattr(obj, name)
@@ -120,6 +138,7 @@ def host_split(engine, step, steps: int) -> dict[str, float]:
                 stamps.append((f"{name}<", time.perf_counter()))
         setattr(obj, name, wrapper)
 
+    runner.forward = stamped_forward
     timed(executor, "run")
     timed(runner, "forward")
     try:
@@ -131,10 +150,13 @@ def host_split(engine, step, steps: int) -> dict[str, float]:
     starts = [t for n, t in stamps if n == "run>"]
     f_in = [t for n, t in stamps if n == "forward>"]
     f_out = [t for n, t in stamps if n == "forward<"]
+    synced = [t for n, t in stamps if n == "synced"]
+    waits = [min((f for f in f_in if f > t), default=None) for t in synced]
     med = lambda xs: 1e3 * statistics.median(xs) if xs else float("nan")  # noqa: E731
     return {"host_between_passes_ms": med([b - a for a, b in zip(ends, starts[1:])]),
             "host_plan_ms": med([b - a for a, b in zip(starts, f_in)]),
-            "host_forward_call_ms": med([b - a for a, b in zip(f_in, f_out)])}
+            "host_forward_call_ms": med([b - a for a, b in zip(f_in, f_out)]),
+            "host_exposed_ms": med([f - t for t, f in zip(synced, waits) if f is not None])}
 
 
 def host_profile(step, steps: int, top: int = 24) -> list[str]:
@@ -170,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skinny", default="on,off",
                    help="on, off, unchained (on, without the PDL chain) or several (the decode products' kernel)")
     p.add_argument("--host-profile", action="store_true", help="also profile the host's work (cProfile)")
+    p.add_argument("--launch-ahead", default="on",
+                   help="on: each pass launched as soon as the last one's samples are read (the engine's "
+                        "default); off: when the sessions ask for it; on,off: a row of each, side by side")
     p.add_argument("--warmup", type=int, default=8)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--replays", type=int, default=50)
@@ -179,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     settings = args.skinny.split(",")
     if unknown := set(settings) - {"on", "off", "unchained"}:
         p.error(f"--skinny: unknown setting(s) {sorted(unknown)}; choose from on, off, unchained")
+    aheads = args.launch_ahead.split(",")
+    if unknown := set(aheads) - {"on", "off"}:
+        p.error(f"--launch-ahead: unknown setting(s) {sorted(unknown)}; choose from on, off")
     if not torch.cuda.is_available():
         p.error("this benchmark profiles CUDA graphs and torch sees no GPU")
     dev = torch.device("cuda")
@@ -196,29 +224,33 @@ def main(argv: list[str] | None = None) -> int:
         elif setting != "on":
             engine.decoder.products = {}
         for w in args.workers:
-            r = {"skinny": setting, **measure(engine, model, w, args, floor.value)}
-            r["products"] = "cuBLAS" if setting == "off" else chosen
-            r["chained"] = engine.decoder.chained
-            rows.append(r)
-            print(f"skinny {setting}, {args.sessions} x {w} workers: step {r['step_ms']:.2f} ms, "
-                  f"GPU {r['gpu_ms']:.2f} ms, roofline {r['roofline_ms']:.2f} ms (x{r['x_roofline']:.2f}), "
-                  f"host {r['host_pct']:.1f}%, "
-                  f"{r['kernels_per_pass']} kernels; host on the critical path: between passes "
-                  f"{r['host_between_passes_ms']:.3f} ms, plan {r['host_plan_ms']:.3f} ms, forward call "
-                  f"{r['host_forward_call_ms']:.3f} ms", flush=True)
+            for ahead in aheads:
+                engine.executor.prelaunch = ahead == "on"
+                r = {"skinny": setting, "launch_ahead": ahead, **measure(engine, model, w, args, floor.value)}
+                r["products"] = "cuBLAS" if setting == "off" else chosen
+                r["chained"] = engine.decoder.chained
+                rows.append(r)
+                print(f"skinny {setting}, launch ahead {ahead}, {args.sessions} x {w} workers: step "
+                      f"{r['step_ms']:.2f} ms, GPU {r['gpu_ms']:.2f} ms, roofline {r['roofline_ms']:.2f} ms "
+                      f"(x{r['x_roofline']:.2f}), host {r['host_pct']:.1f}%, {r['kernels_per_pass']} kernels; "
+                      f"the device waits {r['host_exposed_ms']:.3f} ms a pass for the host; between passes "
+                      f"{r['host_between_passes_ms']:.3f} ms, plan {r['host_plan_ms']:.3f} ms, forward call "
+                      f"{r['host_forward_call_ms']:.3f} ms", flush=True)
         del engine
         common.free_memory(dev)
     name = common.device_name(dev)
     common.print_table(f"Decode step, random:{args.shape} bf16, {args.view}-token view, {name}, bandwidth "
                        f"{floor.gbs:.0f} GB/s",
-                       ["skinny", "workers", "step ms", "GPU ms", "roofline ms", "x roofline", "GPU x roofline",
-                        "host %", "kernels"],
-                       [[r["skinny"], str(r["workers"]), f"{r['step_ms']:.2f}", f"{r['gpu_ms']:.2f}",
-                         f"{r['roofline_ms']:.2f}", f"{r['x_roofline']:.2f}", f"{r['gpu_x_roofline']:.2f}",
-                         f"{r['host_pct']:.1f}", str(r["kernels_per_pass"])] for r in rows])
+                       ["skinny", "launch ahead", "workers", "step ms", "GPU ms", "roofline ms", "x roofline",
+                        "GPU x roofline", "host %", "device waits ms", "kernels"],
+                       [[r["skinny"], r["launch_ahead"], str(r["workers"]), f"{r['step_ms']:.2f}",
+                         f"{r['gpu_ms']:.2f}", f"{r['roofline_ms']:.2f}", f"{r['x_roofline']:.2f}",
+                         f"{r['gpu_x_roofline']:.2f}", f"{r['host_pct']:.1f}", f"{r['host_exposed_ms']:.3f}",
+                         str(r["kernels_per_pass"])] for r in rows])
     for r in rows:
         top = sorted(r["kernel_us"].items(), key=lambda kv: -kv[1])[:14]
-        common.print_table(f"kernels of one pass: skinny {r['skinny']}, {r['workers']} workers "
+        common.print_table(f"kernels of one pass: skinny {r['skinny']}, launch ahead {r['launch_ahead']}, "
+                           f"{r['workers']} workers "
                            f"(sum {sum(r['kernel_us'].values()):.0f} µs)",
                            ["kernel", "µs per pass"], [[k, f"{v:.1f}"] for k, v in top])
         if r["host_top"]:
@@ -227,9 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"device": name, "date": args.date, "model": model.path, "view": args.view, **floor.meta(),
             "weight_bytes_read_per_step": model.weight_bytes, "versions": common.versions()}
     flat = [{k: v for k, v in r.items() if k not in ("kernel_us", "host_top")} for r in rows]
-    common.write_results(stem, meta, flat, {"kernels": [{"skinny": r["skinny"], "workers": r["workers"],
-                                                         "kernel_us": r["kernel_us"], "host_top": r["host_top"]}
-                                                        for r in rows]})
+    common.write_results(stem, meta, flat, {"kernels": [
+        {k: r[k] for k in ("skinny", "launch_ahead", "workers", "kernel_us", "host_top")} for r in rows]})
     plot(rows, Path(f"{stem}.png"), f"Decode step vs roofline, random:{args.shape}, {args.view} view, {name}")
     print(f"wrote {stem}.csv, .json and .png")
     return 0
@@ -242,7 +273,8 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4))
-    labels = [f"{r['workers']}w skinny {r['skinny']}" for r in rows]
+    labels = [f"{r['workers']}w skinny {r['skinny']}" + (f", ahead {r['launch_ahead']}" if "launch_ahead" in r else "")
+              for r in rows]
     xs = range(len(rows))
     ax.bar([x - 0.27 for x in xs], [r["step_ms"] for r in rows], 0.27, label="step (wall)")
     ax.bar(list(xs), [r["gpu_ms"] for r in rows], 0.27, label="GPU (graph replay)")

@@ -12,6 +12,7 @@ On the CPU there is no GPU time to split off: only the wall times are reported.
     python benchmarks/overhead.py --workers 1,8,16 --view 16384
     python benchmarks/overhead.py --workers 16 --step-tokens 30 --no-ray   # steps end as in real text
     python benchmarks/overhead.py --workers 16 --step-tokens 30 --graph-chunks 1,32 --no-ray
+    python benchmarks/overhead.py --workers 1,16 --step-tokens 30 --launch-ahead off,on --no-ray
 
 Writes DATE-DEVICE-overhead[-SUFFIX].{csv,json,png} under --out.
 """
@@ -59,6 +60,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help="in process, with CUDA graphs: the longest chunk (a header, an injection) a graphed pass "
                         "may feed, one in-process row per value, side by side (default: the engine's, "
                         f"{MAX_CHUNK}; 1: decode passes only)")
+    p.add_argument("--launch-ahead", type=lambda s: [{"on": True, "off": False}[x] for x in s.split(",")],
+                   default=None, help="in process: launch each pass as soon as the last one's samples are read "
+                                      "(on) or when the session asks for it (off), one row per value, side by side "
+                                      "(default: the engine's, on with CUDA)")
     p.add_argument("--no-ray", action="store_true", help="in process only")
     p.add_argument("--out", type=Path, default=common.RESULTS)
     p.add_argument("--date", default=common.today())
@@ -72,36 +77,45 @@ def open_session(engine, model: Model, workers: int):
                         sampling=[hw.SamplingParams(temperature=1.0, seed=w) for w in range(workers)])
 
 
-def in_process(engine, model: Model, workers: int, args, chunk: int = MAX_CHUNK) -> dict:
+def in_process(engine, model: Model, workers: int, args, chunk: int = MAX_CHUNK, ahead: bool | None = None) -> dict:
+    """ahead: launch each pass ahead (see LocalExecutor.run) or not; None: the engine's default."""
     session = open_session(engine, model, workers)
     graphs = getattr(engine, "graphs", None)
     if graphs is not None:
         graphs.max_chunk = chunk
-    real_run, real_forward = engine.executor.run, engine.executor.runner.forward
+    executor = engine.executor
+    real_run, real_forward, default_ahead = executor.run, executor.runner.forward, executor.prelaunch
+    executor.prelaunch = default_ahead if ahead is None else ahead
     try:
         if args.step_tokens:
             end_steps_every(engine, session, args.step_tokens)
         for _ in range(args.warmup):
             session.step()
         passes, replays, staged = session.stats.forward_passes, *graph_counts(graphs)
+        launched = executor.prelaunched
         eager = time_eager_passes(engine, graphs)
         with compile_watch.watch() as compiles:
             walls = common.step_walls(session.step, 0, args.steps)
         passes = session.stats.forward_passes - passes
+        launched = executor.prelaunched - launched
         replays, staged = (now - then for now, then in zip(graph_counts(graphs), (replays, staged)))
         steps_ended = sum(session.stats.steps_per_worker)
         engine.executor.run = real_run
         gpu, method = gpu_seconds(engine, session, args)
     finally:
-        engine.executor.run, engine.executor.runner.forward = real_run, real_forward
+        executor.run, executor.runner.forward, on = real_run, real_forward, executor.prelaunch
+        executor.prelaunch = default_ahead
         session.close()
     path = ("in process" if chunk == MAX_CHUNK else "in process, decode passes only graphed" if chunk == 1
             else f"in process, chunks of <= {chunk} graphed")
+    if on != default_ahead:
+        path += ", launched ahead" if on else ", launched when asked"
     return {"path": path, "workers": workers, "wall_ms": statistics.median(walls) * 1e3,
             "mean_wall_ms": statistics.fmean(walls) * 1e3, "gpu_ms": None if gpu is None else gpu * 1e3,
             "gpu_method": method, "steps_ended": steps_ended,
             "graphed_pct": None if graphs is None else 100 * replays / max(passes, 1),
             "staged_pct": None if graphs is None else 100 * staged / max(passes, 1),
+            "launched_ahead_pct": 100 * launched / max(passes, 1),
             "eager_passes": len(eager), "eager_pass_ms": statistics.fmean(eager) * 1e3 if eager else None,
             "eager_pass_max_ms": max(eager) * 1e3 if eager else None,
             "triton_compiles": compiles.count if compiles.supported else None,
@@ -274,8 +288,8 @@ def run(args, device: torch.device, dtype: torch.dtype, path: str, model: Model)
     engine = hw.HogwildEngine.from_pretrained(path, device, dtype, cache_tokens=pool_tokens(model, args.workers, args))
     engine.eos_ids = frozenset()
     graphs = getattr(engine, "graphs", None) is not None
-    rows = [in_process(engine, model, n, args, chunk) for chunk in (args.graph_chunks if graphs else [MAX_CHUNK])
-            for n in args.workers]
+    rows = [in_process(engine, model, n, args, chunk, ahead) for chunk in (args.graph_chunks if graphs else [MAX_CHUNK])
+            for ahead in (args.launch_ahead or [None]) for n in args.workers]
     del engine
     common.free_memory(device)
     ray_note = "not run (--no-ray)"
@@ -299,7 +313,8 @@ def run(args, device: torch.device, dtype: torch.dtype, path: str, model: Model)
             "device_name": common.device_name(device), **common.versions(), "model": path,
             "dtype": str(dtype).removeprefix("torch."), "view": model.view, "workers": args.workers,
             "steps": args.steps, "warmup": args.warmup, "cuda_graphs": graphs, "ray": ray_note or "run",
-            "step_tokens": args.step_tokens or None, "graph_chunks": args.graph_chunks if graphs else None}
+            "step_tokens": args.step_tokens or None, "graph_chunks": args.graph_chunks if graphs else None,
+            "launch_ahead": args.launch_ahead}
     stem = args.out / f"{args.date}-{common.file_tag(device)}-overhead{'-' + args.suffix if args.suffix else ''}"
     compiled = {f"{r['path']}, {r['workers']} workers": r.pop("compiled") for r in rows if r.get("compiled")}
     common.write_results(stem, meta, rows, {"targets": targets, "triton_compiled_while_timed": compiled})
@@ -318,12 +333,13 @@ def run(args, device: torch.device, dtype: torch.dtype, path: str, model: Model)
     common.print_table(f"{path} ({meta['dtype']}) on {meta['device_name']}, {model.view}-token prompt, "
                        f"CUDA graphs: {graphs}{ends}",
                        ["path", "workers", "wall ms", "mean wall ms", "GPU ms", "outside ms", "outside %",
-                        "outside % of mean", "steps ended", "graphed", "staged", "eager passes", "eager pass ms",
-                        "Triton compiles (s)"],
+                        "outside % of mean", "steps ended", "graphed", "staged", "launched ahead", "eager passes",
+                        "eager pass ms", "Triton compiles (s)"],
                        [[r["path"], str(r["workers"]), ms(r["wall_ms"]), ms(r.get("mean_wall_ms")), ms(r["gpu_ms"]),
                          ms(r["outside_ms"]), pct(r["outside_pct"]), pct(r.get("outside_mean_pct")),
                          str(r.get("steps_ended", "-")), pct(r.get("graphed_pct")), pct(r.get("staged_pct")),
-                         str(r.get("eager_passes", "-")), ms(r.get("eager_pass_ms")), compiled(r)]
+                         pct(r.get("launched_ahead_pct")), str(r.get("eager_passes", "-")),
+                         ms(r.get("eager_pass_ms")), compiled(r)]
                         for r in rows])
     for t in targets:
         print(f"target {t['status']:>12}: {t['target']}" + (f" (worst {t['value']}%)" if "value" in t else ""))

@@ -53,6 +53,20 @@ def test_overhead_writes_results(tmp_path):
     # no graphs on the CPU: every timed pass is eager and timed; the torch reference compiles nothing
     assert all(r["eager_passes"] == 3 and r["eager_pass_ms"] > 0 for r in saved["rows"])
     assert all(r["triton_compiles"] == 0 for r in saved["rows"]) and saved["triton_compiled_while_timed"] == {}
+    assert all(r["launched_ahead_pct"] == 0 for r in saved["rows"])  # the CPU engine's default
+
+
+def test_overhead_runs_with_the_launch_ahead_off_and_on(tmp_path):
+    import overhead
+
+    out = overhead.main(["--shape", "tiny", "--device", "cpu", "--workers", "2", "--view", "16", "--steps", "6",
+                         "--warmup", "2", "--no-ray", "--launch-ahead", "off,on", "--step-tokens", "4",
+                         "--out", str(tmp_path), "--date", "2000-01-01"])
+    rows = {r["path"]: r for r in out["rows"]}
+    assert rows.keys() == {"in process", "in process, launched ahead"} and out["meta"]["launch_ahead"] == [False, True]
+    ahead = rows["in process, launched ahead"]
+    assert rows["in process"]["launched_ahead_pct"] == 0 and ahead["launched_ahead_pct"] >= 50
+    assert ahead["steps_ended"] >= 2
 
 
 def test_compile_watch_counts_what_triton_reports_and_restores_the_hooks():
