@@ -117,7 +117,7 @@ def test_a_graph_pass_with_chunks_reads_its_static_buffers_right(random_model):
     runner.forward = both
     session = engine.start("Compute 12 * 7.", workers=3, max_tokens=40, protocol=False, chat_template=False,
                            sampling=[hw.SamplingParams(temperature=1.0, seed=w) for w in range(3)])
-    injections = (None, {1: "Check the units."}, None, {0: "Now add 5.", 2: "Explain it."}, None)
+    injections = (None, {1: "Check the units."}, {0: "Now add 5.", 2: "Explain it."})
     for inject in injections:
         session.step(inject=inject)
     session.close()
