@@ -273,8 +273,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4))
-    labels = [f"{r['workers']}w skinny {r['skinny']}" + (f", ahead {r['launch_ahead']}" if "launch_ahead" in r else "")
-              for r in rows]
+    labels = [f"{r['workers']}w skinny {r['skinny']}, ahead {r['launch_ahead']}" for r in rows]
     xs = range(len(rows))
     ax.bar([x - 0.27 for x in xs], [r["step_ms"] for r in rows], 0.27, label="step (wall)")
     ax.bar(list(xs), [r["gpu_ms"] for r in rows], 0.27, label="GPU (graph replay)")

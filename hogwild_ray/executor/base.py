@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 
-
 @dataclass(frozen=True)
 class Foresight:
     """A session's next pass as the tokens fed in the current one foresee it (found while the

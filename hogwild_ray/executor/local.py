@@ -206,15 +206,14 @@ class LocalExecutor(Executor):
         It is used only if the sessions then ask for exactly it (its writes are checked to be
         the ones the layouts plan), and dropped unused otherwise."""
         self._release_moved()
+        if self.launched is not None and passes != self.launched.parts:
+            self._drop_launched()
         launched, self.launched = self.launched, None
-        if launched is not None and passes == launched.parts:
+        if launched is not None:
             planned, failed = self._claim(launched), {}
             logits, tokens, mode = launched.logits, launched.tokens, launched.mode
             self.prelaunched += 1
         else:
-            if launched is not None:
-                self.launched = launched
-                self._drop_launched()
             planned, failed, launch = self._plan(passes)
             if launch is None:  # nothing to compute: failures, or prompt chunks that other prompts' pages held
                 if while_running is not None:

@@ -12,7 +12,9 @@ Longer chunks (the prompt) run eagerly; so does anything a graph's buffers canno
 Real text ends a step every few dozen tokens per worker, so with many workers a header
 pass comes every other pass or so. Run eagerly, those passes cost about a second each on
 average on an H200 (random:qwen3-8b, 16 workers, a step ending every ~30 passes: mean step
-721 ms with decode passes only graphed, 150 ms with chunks of up to 16 tokens, 9.9 ms with 32).
+721 ms with decode passes only graphed, 150 ms with chunks of up to 16 tokens, 9.9 ms with 32),
+most of it, it turned out, Triton compiling the attention kernels again for each new
+alignment of the plan's arrays (since fixed: hogwild_kernels.plan.aligned_offsets).
 
 Sampling is captured too: each row's seed, draw number, temperature, top-k and top-p go in
 with the inputs (sampling.SampleTable), the draws are counter-based (no RNG state on the
