@@ -61,9 +61,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                         "may feed, one in-process row per value, side by side (default: the engine's, "
                         f"{MAX_CHUNK}; 1: decode passes only)")
     p.add_argument("--launch-ahead", type=lambda s: [{"on": True, "off": False}[x] for x in s.split(",")],
-                   default=None, help="in process: launch each pass as soon as the last one's samples are read "
-                                      "(on) or when the session asks for it (off), one row per value, side by side "
-                                      "(default: the engine's, on with CUDA)")
+                   default=None, help="launch each pass as soon as the last one's samples are read (on) or "
+                                      "when the sessions ask for it (off), one row per value, side by side, in "
+                                      "process and through Ray (default: the engine's, on with CUDA)")
     p.add_argument("--no-ray", action="store_true", help="in process only")
     p.add_argument("--out", type=Path, default=common.RESULTS)
     p.add_argument("--date", default=common.today())
@@ -217,26 +217,38 @@ def through_ray(model: Model, workers: list[int], args, gpu: dict[int, float | N
                                               cache_tokens=pool_tokens(model, workers, args))
     rows = []
     try:
+        default = engine.launch_ahead()[0]
         for n in workers:
-            session = open_session(engine, model, n)
-            try:
-                session.run_steps(args.warmup)
-                loop = statistics.median(session.run_steps(args.steps))
-                walls = []
-                for _ in range(args.steps):
-                    t = time.perf_counter()
-                    session.step()
-                    walls.append(time.perf_counter() - t)
-            finally:
-                session.close()
-            for path, s in (("Ray: coordinator loop", loop), ("Ray: driver step()", statistics.median(walls))):
-                rows.append({"path": path, "workers": n, "wall_ms": s * 1e3,
-                             "gpu_ms": None if gpu.get(n) is None else gpu[n] * 1e3,
-                             "gpu_method": "from the in-process run (same model, same steps)"})
+            for ahead in args.launch_ahead or [default]:
+                engine.launch_ahead(ahead)
+                rows += ray_rows(engine, model, n, args, gpu.get(n),
+                                 "" if ahead == default else ", launched ahead" if ahead else ", launched when asked")
     finally:
         engine.close()
         ray.shutdown()
     return rows, ""
+
+
+def ray_rows(engine, model: Model, workers: int, args, gpu: float | None, label: str) -> list[dict]:
+    """The coordinator's own loop and the driver's step() calls, with the shards launching passes
+    ahead or not as set."""
+    session = open_session(engine, model, workers)
+    try:
+        session.run_steps(args.warmup)
+        passes, launched = session.stats.forward_passes, engine.launch_ahead()[1]
+        loop = statistics.median(session.run_steps(args.steps))
+        walls = []
+        for _ in range(args.steps):
+            t = time.perf_counter()
+            session.step()
+            walls.append(time.perf_counter() - t)
+        passes, launched = session.stats.forward_passes - passes, engine.launch_ahead()[1] - launched
+    finally:
+        session.close()
+    return [{"path": path + label, "workers": workers, "wall_ms": s * 1e3,
+             "gpu_ms": None if gpu is None else gpu * 1e3, "launched_ahead_pct": 100 * launched / max(passes, 1),
+             "gpu_method": "from the in-process run (same model, same steps)"}
+            for path, s in (("Ray: coordinator loop", loop), ("Ray: driver step()", statistics.median(walls)))]
 
 
 def pool_tokens(model: Model, workers: list[int], args) -> int:

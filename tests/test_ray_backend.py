@@ -72,12 +72,16 @@ class TestOneEngine:
     """Several sessions on one tp=2 engine (freed before the other tests: the cluster has 4 CPUs)."""
 
     def test_tp2_matches_the_local_engine(self, llama, tp2_engine):
-        """64 greedy steps of 3 workers: the same tokens and logits as the in-process engine; then the
-        same shards serve a second session and a whole solve() inside the coordinator."""
+        """64 greedy steps of 3 workers with injections and steps ending, the shards launching each
+        pass ahead: the same tokens and logits as the in-process engine; then the same shards serve
+        a second session and a whole solve() inside the coordinator, launching when asked."""
         local = hw.HogwildEngine.from_pretrained(llama[0], **KW)
         local_tokens, local_logits = run_session(local)
         assert isinstance(tp2_engine, RayHogwildEngine)
+        assert tp2_engine.launch_ahead(True)[0]
         tokens, logits = run_session(tp2_engine)
+        on, used, dropped = tp2_engine.launch_ahead(False)
+        assert not on and used >= 50 and dropped >= len(FORCED)  # each injection drops the pass launched
         assert tokens == local_tokens
         scale = local_logits.nan_to_num().abs().max().item()
         assert torch.equal(logits.isnan(), local_logits.isnan())
@@ -227,14 +231,27 @@ def test_bad_backend_arguments(llama):
     assert_clean()
 
 
+def view_kv(read, steps, page_size: int) -> torch.Tensor:
+    """K and V of every token the steps' views read: [2, layers, tokens, kv heads, dim] (read(pages) as read_kv)."""
+    slots = sorted({seg.block.pages[t // page_size] * page_size + t % page_size
+                    for s in steps for seg in s.segments for t in range(seg.length)})
+    pages = sorted({slot // page_size for slot in slots})
+    kv = torch.as_tensor(read(pages)).flatten(2, 3)  # [2, layers, pages * page_size, heads, dim]
+    return kv[:, :, [pages.index(slot // page_size) * page_size + slot % page_size for slot in slots]]
+
+
 def test_shards_run_several_sessions_in_one_pass(llama):
-    """The Ray executor's pass of three sessions (tp=2, gloo) equals the in-process executor's:
-    the shards replay every session's layout operations, in the coordinator's order."""
+    """The Ray executor's passes of three sessions (tp=2, gloo) equal the in-process executor's:
+    the shards replay every session's layout operations, in the coordinator's order, steps moved
+    between passes and while one runs included; with the shards launching each pass ahead from
+    the sessions' foresight (used when it comes true, dropped when the sessions ask for another),
+    the same tokens, slots, stored K/V and last logits."""
     import random
 
     from hogwild_ray.config import EngineConfig
     from hogwild_ray.core.layout import CacheLayout
     from hogwild_ray.executor import SessionPass
+    from hogwild_ray.executor.base import Foresight
     from hogwild_ray.runtime.placement import release, reserve
     from hogwild_ray.runtime.sharded import ShardedEngine
 
@@ -245,6 +262,7 @@ def test_shards_run_several_sessions_in_one_pass(llama):
     try:
         config = EngineConfig.create(str(llama[0]), "cpu", "float32", backend="ray", tp=2, **options)
         sharded = ShardedEngine.create(config, pg)
+        assert sharded.executor.launch_ahead(True) == (True, 0, 0)
         local = hw.HogwildEngine.from_pretrained(llama[0], "cpu", "float32", cache_tokens=2048, page_size=4,
                                                  max_context=1024, attention="torch")
         rng = random.Random(1)
@@ -261,27 +279,56 @@ def test_shards_run_several_sessions_in_one_pass(llama):
                 engine.executor.prefill(sid, layout.common, prompt)
                 ids.append(sid)
             pairs.append((ids, workers))
-        for i in range(10):
+        header = [rng.randrange(vocab) for _ in range(3)]
+        sights, feeds = None, [{w: [rng.randrange(vocab)] for w in range(workers)} for _, workers in pairs]
+        for i in range(14):
             if i == 5:
                 for engine, sid in ((sharded, pairs[0][0][0]), (local, pairs[0][0][1])):
                     engine.executor.finish_steps(sid, [1])
-            feeds = [{w: [rng.randrange(vocab)] for w in range(workers)} for _, workers in pairs]
+            # each pass foresees the next (every worker feeds its sample; a step moved while it runs
+            # feeds a header), but after passes 3 and 10 (random tokens: nothing launched) and 7
+            # (foreseen, then other tokens: the pass launched ahead is dropped)
+            move = i in (8, 12)
+            sights = [Foresight(tuple(w for w in range(workers) if not (move and k == 0 and w > 0)),
+                                {1: tuple(header), 2: tuple(header[1:])} if move and k == 0 else {}, frozenset())
+                      for k, (_, workers) in enumerate(pairs)] if i not in (3, 10) else None
             meanwhile = []  # the coordinator's host work runs while the shards compute the pass
-            if i == 7:
+
+            def while_running(ran, engine, side):
+                meanwhile.append((ran, time.perf_counter()))
+                if move:
+                    engine.executor.finish_steps(pairs[0][0][side], [2, 1])
+                return None if sights is None else {ids[side]: sight for (ids, _), sight in zip(pairs, sights)}
+
+            if i == 9:
                 sharded.stall(0, 0.5)
             remote = sharded.executor.run([SessionPass(ids[0], fed) for (ids, _), fed in zip(pairs, feeds)],
-                                          lambda ran: meanwhile.append((ran, time.perf_counter())))
+                                          lambda ran: while_running(ran, sharded, 0))
             returned = time.perf_counter()
             assert [ran for ran, _ in meanwhile] == [{ids[0] for ids, _ in pairs}]
-            if i == 7:
+            if i == 9:
                 assert returned - meanwhile[0][1] >= 0.4  # it ran before the stalled shard's reply
-            mine = local.executor.run([SessionPass(ids[1], fed) for (ids, _), fed in zip(pairs, feeds)])
+            mine = local.executor.run([SessionPass(ids[1], fed) for (ids, _), fed in zip(pairs, feeds)],
+                                      lambda ran: while_running(ran, local, 1))
             for ids, _ in pairs:
                 assert remote[ids[0]][1] == mine[ids[1]][1], i
                 assert [s.slots for s in remote[ids[0]][0]] == [s.slots for s in mine[ids[1]][0]]
+            if sights is None or i == 7:
+                feeds = [{w: [rng.randrange(vocab)] for w in range(workers)} for _, workers in pairs]
+            else:
+                feeds = [sight.fed(dict(zip((s.worker for s in remote[ids[0]][0]), remote[ids[0]][1])))
+                         for (ids, _), sight in zip(pairs, sights)]
+        # used by passes 1-3, 6, 7, 9, 10, 12 and 13; dropped: pass 4's (a step moved before the next
+        # pass) and pass 7's (other tokens fed); pass 13's is dropped at the close
+        assert sharded.executor.launch_ahead() == (True, 9, 2)
+        cache = local.executor.runner.cache
         for (ids, _) in pairs:
             theirs, ours = sharded.executor.last_logits(ids[0]), local.executor.last_logits(ids[1])
             assert torch.allclose(theirs, ours, atol=2e-4 * ours.abs().max().item())
+            kv = [view_kv(sharded.executor.read_kv, remote[ids[0]][0], 4),
+                  view_kv(lambda pages: torch.stack([cache.k[:, pages], cache.v[:, pages]]).float(),
+                          mine[ids[1]][0], 4)]
+            assert torch.allclose(*kv, atol=1e-4 * kv[1].abs().max().item())
             sharded.executor.close(ids[0])
             local.executor.close(ids[1])
         assert sharded.allocator.free_pages == sharded.allocator.num_pages

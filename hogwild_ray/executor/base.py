@@ -38,6 +38,16 @@ class Foresight:
             return None
         return {**{w: [sampled[w]] for w in self.samples}, **{w: list(h) for w, h in self.headers.items()}}
 
+    def plain(self) -> list:
+        """As plain lists, for a step message (the Ray shards launch ahead from it too)."""
+        return [list(self.samples), [[w, list(h)] for w, h in self.headers.items()], sorted(self.stop_ids)]
+
+    @classmethod
+    def from_plain(cls, plain: list) -> Foresight:
+        samples, headers, stop_ids = plain
+        return cls(tuple(int(w) for w in samples), {int(w): tuple(int(t) for t in h) for w, h in headers},
+                   frozenset(int(t) for t in stop_ids))
+
 
 WhileRunning = Callable[[set[int]], dict[int, Foresight | None] | None]  # see Executor.run
 

@@ -268,6 +268,9 @@ class Coordinator:
         """Rank 0's (seconds in all-reduce/all-gather, passes) since the last read; reset on read."""
         return self._engine().collective_time()
 
+    def launch_ahead(self, on: bool | None) -> tuple[bool, int, int]:
+        return self._engine().executor.launch_ahead(on)
+
     def shutdown(self) -> None:
         """Close the session and stop the shards cleanly (channel closed, shared memory unlinked)."""
         try:

@@ -234,6 +234,13 @@ class RayHogwildEngine(EngineFront):
         on read. Divide the one by the other for the collective time per step (0.0 at tp=1)."""
         return self._call("collective_time")
 
+    def launch_ahead(self, on: bool | None = None) -> tuple[bool, int, int]:
+        """Whether the shards launch each pass as soon as the last one's samples are read, before
+        the coordinator's sessions ask for it (set to `on` first unless None; on by default with
+        CUDA; see the README's "launch ahead"), and the passes launched ahead so far: (on, used,
+        dropped). A pass launched ahead is used only if the sessions ask for exactly it."""
+        return tuple(self._call("launch_ahead", on))
+
     # ---- sessions ----------------------------------------------------------------------------
     def start(self, problem: str, workers: int = 2, **options: Any) -> RemoteSession:
         """Open a session in the coordinator; the arguments of HogwildEngine.start. One session at a

@@ -5,6 +5,13 @@ does the bookkeeping (plans, relocations, page releases) here; every shard repla
 `(method, args)` messages on its copies with its slice of the model, and rank 0 replies
 the sampled tokens of every session in the pass.
 
+A pass takes two messages. "run" launches it (every rank acks once it is under way); while
+the shards compute, the coordinator plans its copies and its sessions take what the pass's
+fed tokens decide; "meanwhile" then carries the steps they moved (each shard moves them in
+the pass, as the in-process executor does) and each session's next pass as foreseen, from
+which a shard may launch that pass as soon as it has read this one's samples (see
+`LocalExecutor.run`). Rank 0's reply to "meanwhile" carries the samples.
+
 Every operation runs inside the engine's `executor_operation`: a session collected without
 close() is closed (its pages released, a "close" message sent) between operations, never in
 the middle of one, so every shard's copy of the allocator sees the coordinator's order.
@@ -24,7 +31,7 @@ import torch
 from ..errors import CacheFullError
 from ..executor import Executor, SessionPass
 from ..executor.base import WhileRunning, plan_session
-from ..core.layout import Block, CacheLayout, WriteStep
+from ..core.layout import Block, CacheLayout, Relocation, WriteStep
 from ..core.sampling_params import SamplingParams
 from .errors import ChannelTimeoutError, ShardFailedError
 
@@ -75,22 +82,38 @@ class RayExecutor(Executor):
         self.engine = engine
         self.layouts: dict[int, CacheLayout] = {}
         self.logits: dict[int, torch.Tensor] = {}
-        self._finishing: dict[int, list[int]] = {}  # finished steps the shards move with the next run
+        self._finishing: dict[int, list[int]] = {}  # finished steps the shards move with the next message
+        # steps moved while a pass runs: their old pages are given back when the next run, prefill
+        # or close starts, where every shard's executor gives its copies' back (the same order)
+        self._moved: list[tuple[CacheLayout, Relocation]] = []
+        self._in_pass = False
         self._ids = count()
         self._broken = False
 
-    def _call(self, method: str, *args: Any, meanwhile: Callable[[], None] | None = None) -> Any:
+    def _call(self, method: str, *args: Any, meanwhile: Callable[[], tuple] | None = None) -> Any:
         """Send one `(method, args)` message to every shard and gather rank 0's reply; a failed
-        shard ends the group. `meanwhile` runs here after the send, while the shards work."""
+        shard ends the group. With `meanwhile` the message launches a pass: meanwhile runs here
+        after the send, while the shards work, and returns the message that follows the pass's
+        launch (every rank acks the launch first); the reply is rank 0's to that one."""
         group = self.engine.group
         if group is None:
             raise ShardFailedError("the engine's shard group is closed (a shard failed earlier, or close() "
                                    "was called); open a new engine", [])
         try:
             group.send((method, args))
-            if meanwhile is not None:
-                meanwhile()
-            return group.gather()
+            if meanwhile is None:
+                return group.gather()
+            error, follow = None, ("meanwhile", ([], []))
+            try:
+                follow = meanwhile()
+            except Exception as e:  # the shards wait for the message that follows: it goes anyway
+                error = e
+            group.gather()  # every rank launched the pass
+            group.send(follow)
+            reply = group.gather()
+            if error is not None:
+                raise error
+            return reply
         except ShardFailedError as e:
             cause = _first_death(group, e)
             self._broken = True
@@ -109,6 +132,11 @@ class RayExecutor(Executor):
         pending, self._finishing = list(self._finishing.items()), {}
         return pending
 
+    def _release_moved(self) -> None:
+        moved, self._moved = self._moved, []
+        for layout, reloc in moved:
+            layout.release(reloc)
+
     @_operation
     def open(self, layout: CacheLayout, params: list[SamplingParams]) -> int:
         sid = next(self._ids)
@@ -118,17 +146,22 @@ class RayExecutor(Executor):
 
     @_operation
     def prefill(self, session: int, block: Block, ids: list[int]) -> None:
+        self._release_moved()
         self.layouts[session].write_shared(block, ids)
         self._call("prefill", self._pending(), session, block.name, list(ids))
 
     @_operation
     def finish_steps(self, session: int, workers: list[int]) -> None:
-        """Bookkeeping here; the shards move the K/V with the next run message."""
+        """Bookkeeping here; the shards move the K/V with the next message (a pass's "meanwhile",
+        for steps moved while it runs)."""
         layout = self.layouts[session]
         for w in workers:
             reloc = layout.finish_step(w)
             if reloc is not None:
-                layout.release(reloc)
+                if self._in_pass:
+                    self._moved.append((layout, reloc))
+                else:
+                    layout.release(reloc)
         if workers:
             self._finishing.setdefault(session, []).extend(workers)
 
@@ -140,7 +173,9 @@ class RayExecutor(Executor):
         When the free pages surely cover this pass, this process plans its copies of the layouts
         while the shards run it; otherwise it plans first, so that a session whose writes do not
         fit is known here (each shard's copy fails the same way and leaves it out too).
-        while_running runs here while the shards work, after the planning."""
+        while_running runs here while the shards work, after the planning; the steps it moves and
+        the next pass it foresees follow the pass to the shards (see the module's docstring)."""
+        self._release_moved()
         finishing = self._pending()
         wire = [(p.session, {w: list(t) for w, t in p.fed.items()}, p.greedy,
                  [(block, list(ids)) for block, ids in p.prefill]) for p in passes]
@@ -158,11 +193,19 @@ class RayExecutor(Executor):
                     planned[p.session] = e
                 layout.take_copies()  # the shards make their own copies of the pages
 
-        def meanwhile() -> None:
+        def meanwhile() -> tuple:
             if not planned:
                 plan()
+            foreseen = {}
             if while_running is not None:
-                while_running({s for s, steps in planned.items() if not isinstance(steps, Exception)})
+                self._in_pass = True
+                try:
+                    ran = {s for s, steps in planned.items() if not isinstance(steps, Exception)}
+                    foreseen = while_running(ran) or {}
+                finally:
+                    self._in_pass = False
+            sights = [[sid, None if sight is None else sight.plain()] for sid, sight in foreseen.items()]
+            return "meanwhile", (self._pending(), sights)
 
         if worst_pages > pool.free_pages:
             plan()
@@ -174,6 +217,18 @@ class RayExecutor(Executor):
             steps = planned[p.session]
             out[p.session] = steps if isinstance(steps, Exception) else (steps, list(tokens[p.session]))
         return out
+
+    @_operation
+    def launch_ahead(self, on: bool | None = None) -> tuple[bool, int, int]:
+        """Whether the shards launch each pass ahead (set to `on` first unless None; on by default
+        with CUDA, see LocalExecutor), and rank 0's passes launched ahead so far: used, dropped."""
+        on_now, used, dropped = self._call("launch_ahead", None if on is None else bool(on))
+        return bool(on_now), int(used), int(dropped)
+
+    # the in-process executor's names, for code that reads or sets either
+    prelaunch = property(lambda self: self.launch_ahead()[0], lambda self, on: self.launch_ahead(on))
+    prelaunched = property(lambda self: self.launch_ahead()[1])
+    prelaunch_dropped = property(lambda self: self.launch_ahead()[2])
 
     @_operation
     def last_logits(self, session: int) -> torch.Tensor:
@@ -196,6 +251,7 @@ class RayExecutor(Executor):
         final = self.logits.pop(session, None)
         if layout is None:
             return None
+        self._release_moved()  # as every shard's executor does when the close message comes
         if not self._broken and self.engine.group is not None:
             self._call("close", self._pending(), session)
         layout.close()

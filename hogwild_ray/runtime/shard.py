@@ -11,6 +11,11 @@ of the layout: sessions are opened, prefilled, stepped (any number of them per p
 closed by id, in the order the coordinator did them, so every copy of the page allocator
 hands out the same pages.
 
+A pass is two messages (see ray_executor): "run" launches it, and this rank acks as soon as
+it is under way; "meanwhile", read while the pass computes, brings the steps the coordinator's
+sessions moved meanwhile and each session's next pass foreseen; the reply to it carries the
+samples. From that foresight the executor may launch the next pass before "run" asks for it.
+
 NVLink multicast (NVLS, symmetric-memory multicast, NVSHMEM's NVLS) stays off in every
 shard: `NCCL_ENV` is set in the actor's environment before the process group starts, unless
 the variable is set already (a value the worker inherits from its raylet or gets from the job's
@@ -59,7 +64,7 @@ class ModelShard:
                  collective_timeout_s: float = 600.0) -> None:
         self.config, self.world = config, config.tp  # sized: the context and pool the coordinator settled
         self.rendezvous_timeout_s, self.collective_timeout_s = rendezvous_timeout_s, collective_timeout_s
-        self.runner = self.allocator = self.executor = self.store = self.parallel = None
+        self.runner = self.allocator = self.executor = self.store = self.parallel = self.channel = None
         self.stall_s = 0.0
         self.timed, self.passes = False, 0  # passes run while the collectives are timed
         multicast_off()  # before anything can start NCCL
@@ -125,7 +130,7 @@ class ModelShard:
         return full.cpu().numpy()
 
     OPS = ("store", "init", "open", "prefill", "run", "logits", "kv", "close", "stall", "timing",
-           "collective_time", "env")
+           "collective_time", "env", "launch_ahead")
 
     def _handle(self, rank: int, msg: tuple[str, tuple]) -> Any:
         """Run one `(method, args)` message on this rank; rank 0's return value is the reply."""
@@ -166,12 +171,37 @@ class ModelShard:
             time.sleep(stall)  # the other ranks wait for this one in their first collective
         self._finish(finishing)
         done = self.executor.run([SessionPass(sid, fed, greedy, tuple((b, tuple(ids)) for b, ids in prefill))
-                                  for sid, fed, greedy, prefill in passes])
+                                  for sid, fed, greedy, prefill in passes], lambda _: self._meanwhile())
         if self.timed:
             self.passes += 1
             if self.parallel is not None:  # fold this pass's events in: none pile up
                 self.parallel.collective_seconds(reset=False)
         return {sid: out[1] for sid, out in done.items() if not isinstance(out, Exception)}
+
+    def _meanwhile(self) -> dict:
+        """While this rank's pass runs: ack "run" (the pass is under way), then read "meanwhile":
+        the steps moved while the pass runs (moved here now, in the pass), and per session its next
+        pass foreseen (a Foresight) or None."""
+        from ..executor.base import Foresight
+
+        self.channel.reply(None)
+        while True:
+            try:
+                method, args = self.channel.recv(timeout=1.0)
+                break
+            except ChannelTimeoutError:
+                continue
+        if method != "meanwhile":
+            raise ValueError(f"expected the pass's 'meanwhile' message, got {method!r}")
+        moves, sights = args
+        self._finish(moves)
+        return {sid: None if plain is None else Foresight.from_plain(plain) for sid, plain in sights}
+
+    def op_launch_ahead(self, rank: int, on: bool | None) -> tuple[bool, int, int] | None:
+        ex = self.executor
+        if on is not None:
+            ex.prelaunch = bool(on)
+        return (ex.prelaunch, ex.prelaunched, ex.prelaunch_dropped) if rank == 0 else None
 
     def op_logits(self, rank: int, sid: int, worker: int) -> Any:
         return self.executor.last_logits(sid)[worker].float().cpu().numpy() if rank == 0 else None
@@ -204,18 +234,19 @@ class ModelShard:
 
     def run_loop(self, spec: ShmSpec | SocketSpec, rank: int) -> int:
         """Serve messages until the channel closes; the number served."""
-        ch, served = connect(spec, rank), 0
+        ch = self.channel = connect(spec, rank)
+        served = 0
         try:
             while True:
                 try:
                     msg = ch.recv(timeout=1.0)
                 except ChannelTimeoutError:
                     continue
-                except ChannelClosedError:
-                    self._shutdown()
-                    return served
-                ch.reply(self._handle(rank, msg))
+                ch.reply(self._handle(rank, msg))  # a pass reads its "meanwhile" message too
                 served += 1
+        except ChannelClosedError:  # between messages, or while a pass waited for its "meanwhile"
+            self._shutdown()
+            return served
         finally:
             ch.close()
 
