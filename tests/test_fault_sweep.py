@@ -164,17 +164,24 @@ DRIVER = textwrap.dedent("""
     print("session", ray._private.worker._global_node.get_session_dir_path(), flush=True)
     engine = hw.HogwildEngine.from_pretrained(path, backend="ray", tp=2, cache_tokens=4096, attention="torch",
                                               step_timeout_s=3)
-    session = engine.start("Compute 12 * 7 and explain.", workers=2, max_tokens=1000,
-                           sampling=hw.SamplingParams(temperature=0))
-    tokens = []
-    for i in range(int(sys.argv[4])):
-        tokens.append(session.step())
-        if i == 1:
-            print("running", flush=True)
-        if entry == "pause" and i == 3:
-            print("pause", flush=True)
-            time.sleep(0.5)  # stopped here by the test
-    print("tokens", tokens, flush=True)
+
+    def run(pause):
+        session = engine.start("Compute 12 * 7 and explain.", workers=2, max_tokens=1000,
+                               sampling=hw.SamplingParams(temperature=0))
+        tokens = []
+        for i in range(int(sys.argv[4])):
+            tokens.append(session.step())
+            if i == 1:
+                print("running", flush=True)
+            if pause and i == 3:
+                print("pause", flush=True)
+                time.sleep(0.5)  # stopped here by the test
+        session.close()
+        return tokens
+
+    if entry == "pause":  # first a run nobody stops, on the same engine
+        print("reference", run(False), flush=True)
+    print("tokens", run(entry == "pause"), flush=True)
 """)
 
 
@@ -266,18 +273,14 @@ def test_a_driver_stopped_between_steps_goes_on_where_it_was(cluster, llama_path
     shards wait for it without failing, and once it continues the run ends with the tokens of a
     run nobody stopped."""
     address = ray.get_runtime_context().gcs_address
-    steps = 12
-    plain = start_driver(address, llama_path, "steps", steps)
-    out, err = plain.communicate(timeout=300)
-    assert plain.returncode == 0, err[-2000:]
-    reference = next(line for line in out.splitlines() if line.startswith("tokens"))
-    driver = start_driver(address, llama_path, "pause", steps)
+    driver = start_driver(address, llama_path, "pause", 12)  # a run nobody stops first, then the one stopped
     try:
+        reference = wait_for(driver, "reference").removeprefix("reference")
         wait_for(driver, "pause")
         os.kill(driver.pid, signal.SIGSTOP)
         time.sleep(STEP_TIMEOUT_S * 2)
         os.kill(driver.pid, signal.SIGCONT)
-        assert wait_for(driver, "tokens", timeout=120) == reference
+        assert wait_for(driver, "tokens", timeout=120).removeprefix("tokens") == reference
         driver.wait(timeout=60)
     finally:
         os.kill(driver.pid, signal.SIGCONT) if driver.poll() is None else None
