@@ -143,3 +143,17 @@ def test_sliced_weights_reassemble(random_model):
     assert torch.equal(torch.cat([p.layers[1].w_down for p in parts], 1), full.layers[1].w_down)
     assert torch.equal(torch.cat([p.embed for p in parts]), full.embed)
     assert torch.equal(torch.cat([p.lm_head for p in parts]), full.lm_head)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA events")
+def test_timed_collectives_are_folded_without_waiting_for_the_gpu():
+    """After a pass the shard folds only the collectives the GPU has finished (a pass launched
+    ahead keeps running); collective_seconds waits for the rest."""
+    tp = TensorParallel(0, 1, None, timed=True)
+    x = torch.ones(1, device="cuda")
+    start = tp._start(x)
+    torch.cuda._sleep(200_000_000)  # about 0.1 s of device time, as a long collective would take
+    tp._stop(x, start)
+    tp.fold_finished()
+    assert len(tp._events) == 1 and tp._seconds == 0.0  # still running: nothing waited for it
+    assert tp.collective_seconds() > 0.01 and not tp._events

@@ -69,6 +69,18 @@ class TensorParallel:
             self._seconds = 0.0
         return total
 
+    def fold_finished(self) -> None:
+        """Add the recorded collectives the GPU has finished to the total, without waiting for the
+        rest (a pass launched ahead keeps running): recorded events do not pile up."""
+        done = 0
+        for _, end in self._events:
+            if not end.query():
+                break
+            done += 1
+        if done:
+            self._seconds += sum(a.elapsed_time(b) for a, b in self._events[:done]) / 1e3
+            del self._events[:done]
+
     def _start(self, x: torch.Tensor) -> object:
         if x.device.type != "cuda":
             return time.perf_counter()

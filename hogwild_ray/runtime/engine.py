@@ -226,7 +226,8 @@ class RayHogwildEngine(EngineFront):
 
     def time_collectives(self, on: bool = True) -> None:
         """Time the shards' collectives (all-reduce, all-gather) from now on, or stop. Off by
-        default: timing adds CUDA events around each collective and a sync after each pass."""
+        default: timing adds CUDA events around each collective (read without waiting for the GPU
+        until collective_time asks)."""
         self._call("time_collectives", on)
 
     def collective_time(self) -> tuple[float, int]:

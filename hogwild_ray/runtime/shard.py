@@ -174,8 +174,8 @@ class ModelShard:
                                   for sid, fed, greedy, prefill in passes], lambda _: self._meanwhile())
         if self.timed:
             self.passes += 1
-            if self.parallel is not None:  # fold this pass's events in: none pile up
-                self.parallel.collective_seconds(reset=False)
+            if self.parallel is not None:
+                self.parallel.fold_finished()
         return {sid: out[1] for sid, out in done.items() if not isinstance(out, Exception)}
 
     def _meanwhile(self) -> dict:
