@@ -163,8 +163,8 @@ def end_steps_every(engine, session, tokens: int) -> None:
                           for w, b in enumerate(st.layout.cur)})
         return whose[id(block)][1:]
 
-    def ending(steps, table=None, staged=None):
-        logits, sampled = forward(steps, table, staged)
+    def ending(steps, table=None, staged=None, batch=None):
+        logits, sampled = forward(steps, table, staged, batch)
         if sampled is None:
             return logits, sampled
         rewrite = {}

@@ -101,8 +101,8 @@ def test_a_graph_pass_with_chunks_reads_its_static_buffers_right(random_model):
     graphs = DecodeGraphs(runner.decoder, runner.cache, engine.max_context, max_chunk=64)
     forward, checked = runner.forward, []
 
-    def both(steps, table=None, staged=None):
-        logits, tokens = forward(steps, table, staged)
+    def both(steps, table=None, staged=None, batch=None):
+        logits, tokens = forward(steps, table, staged, batch)
         groups, toks, key_pos, slots, last = host_batch(steps)
         if graphs.serves(groups) and any(g.count > 1 for g in groups):
             entry, host = graphs._entry(groups, len(toks), None if table is None else table.mode)

@@ -32,8 +32,8 @@ def rig_samples(engine, brk: list[int], eos: int, eos_layout) -> None:
     real = runner.forward
     _, eos_worker, eos_position = EOS_AT
 
-    def forward(steps, table=None, staged=None):
-        logits, tokens = real(steps, table, staged)
+    def forward(steps, table=None, staged=None, batch=None):
+        logits, tokens = real(steps, table, staged, batch)
         if tokens is None:
             return logits, tokens
         tokens = tokens.clone()

@@ -16,6 +16,7 @@ from ..core.layout import Block, CacheLayout, Relocation, WriteStep
 from ..core.scheduling import PREFILL_CHUNK
 from ..model.graphs import Staged
 from ..runner import ModelRunner
+from ..runner.model_runner import host_batch
 from ..core.sampling_params import SamplingParams
 from ..sampling import SampleTable, Sampler
 from ..transfer import to_device
@@ -46,17 +47,33 @@ class Ahead:
 
 @dataclass
 class Launched:
-    """A pass launched before the sessions asked for it: the parts it foresaw (in order), their
-    writes, and its outputs on the device. Its sampling rows counted their draws."""
+    """A pass launched before the sessions asked for it: what it foresaw (see Ready) and its
+    outputs on the device. Its sampling rows counted their draws."""
 
-    parts: list[SessionPass]
-    steps: list[list[WriteStep]]
-    mode: str
+    ready: Ready
     logits: torch.Tensor
     tokens: torch.Tensor | None
+    _parts: list[SessionPass] | None = None
+
+    @property
+    def parts(self) -> list[SessionPass]:
+        """The pass as the sessions would ask for it, in order (made when first asked: the
+        sessions' work, which overlaps the device, compares it, not the launch)."""
+        if self._parts is None:
+            self._parts = [SessionPass(sid, sight.fed({s.worker: s.tokens[0] for s in steps}))
+                           for sid, sight, steps in self.ready.sights]
+        return self._parts
+
+    @property
+    def steps(self) -> list[list[WriteStep]]:
+        return [steps for _, _, steps in self.ready.sights]
+
+    @property
+    def mode(self) -> str:
+        return self.ready.table.mode
 
     def sessions(self) -> set[int]:
-        return {p.session for p in self.parts}
+        return {sid for sid, _, _ in self.ready.sights}
 
 
 def same_writes(a: list[WriteStep], b: list[WriteStep]) -> bool:
@@ -75,25 +92,30 @@ def same_writes(a: list[WriteStep], b: list[WriteStep]) -> bool:
 @dataclass
 class Ready:
     """The next pass, laid out while the current one runs for launching it ahead: per session
-    its foresight and the writes it foresees (each sampling worker's token still to come), and
-    the pass's sampling table (its draws not yet counted)."""
+    its foresight and the writes it foresees, the pass's sampling table (its draws not yet
+    counted), its inputs as the runner takes them (host_batch's, each sampled token still a
+    placeholder), where each sampling worker's token comes from and goes (its write, its place
+    in the inputs, its row among this pass's samples, the ids that would end its text), and the
+    staged attention plan it may use. After the sync only those tokens are filled in."""
 
     sights: list[tuple[int, Foresight, list[WriteStep]]]
     table: SampleTable
+    batch: tuple[list, list[int], list[int], list[int], list[int]]
+    feeds: list[tuple[WriteStep, int, int, frozenset[int]]]
+    staged: Staged | None
 
-    def fill(self, out: dict) -> list[SessionPass] | None:
-        """The parts, each sampling worker's write given the token it just sampled; None if one
-        of them ends its worker's text."""
-        parts = []
-        for sid, sight, steps in self.sights:
-            sampled = dict(zip((s.worker for s in out[sid][0]), out[sid][1]))
-            fed = sight.fed(sampled)
-            if fed is None:
+    def fill(self, ids: list[int]) -> tuple | None:
+        """The pass's inputs given this pass's samples (each sampling worker's write gets its
+        token too); None if a sample ends its worker's text."""
+        groups, tokens, key_pos, slots, last = self.batch
+        tokens = tokens.copy()
+        for step, at, row, stop_ids in self.feeds:
+            token = ids[row]
+            if token in stop_ids:
                 return None
-            for s in steps:
-                s.tokens = fed[s.worker]
-            parts.append(SessionPass(sid, fed))
-        return parts
+            step.tokens = [token]
+            tokens[at] = token
+        return groups, tokens, key_pos, slots, last
 
 
 @dataclass
@@ -151,8 +173,8 @@ class LocalExecutor(Executor):
             return
         self.launched = None
         self.prelaunch_dropped += 1
-        for part, steps in zip(launched.parts, launched.steps):
-            st = self.sessions.get(part.session)
+        for sid, _, steps in launched.ready.sights:
+            st = self.sessions.get(sid)
             if st is not None:
                 st.sampler.count([s.worker for s in steps], by=-1)
 
@@ -227,13 +249,13 @@ class LocalExecutor(Executor):
         finally:
             self._in_pass = False
         self.ahead = self._stage_next(planned, mode, foreseen)
-        ready = self._ready(planned, foreseen) if self.prelaunch and foreseen else None
+        ready = self._ready(planned, rows, foreseen) if self.prelaunch and foreseen else None
         ids = tokens.tolist()  # the one host sync
+        if ready is not None:
+            self.launched = self._launch_ahead(ready, ids)
         out: dict[int, tuple[list[WriteStep], list[int]] | Exception] = dict(failed)
         for (p, _, steps), r in zip(planned, rows):
             out[p.session] = (steps, ids[r])
-        if ready is not None:
-            self.launched = self._launch_ahead(ready, out)
         return out
 
     def _plan(self, passes: list[SessionPass]):
@@ -287,42 +309,50 @@ class LocalExecutor(Executor):
             planned.append((part, shared, steps))
         return planned
 
-    def _ready(self, planned, foreseen: dict[int, Foresight | None]) -> Ready | None:
+    def _ready(self, planned, rows: list[slice], foreseen: dict[int, Foresight | None]) -> Ready | None:
         """While the device runs this pass, lay out the next one as every session of this one
         foresaw it (None if one did not, or if a layout cannot lay its writes out unchanged:
-        see CacheLayout.foreseen): all but the samples it feeds, which come with the sync."""
-        sights, tables = [], []
-        for p, _, _ in planned:
+        see CacheLayout.foreseen): all but the samples it feeds, which come with the sync
+        (rows: each session's rows of this pass's samples)."""
+        sights, tables, sampled_rows = [], [], []
+        for (p, _, steps), r in zip(planned, rows):
             sight = foreseen.get(p.session)
             if sight is None:
                 return None
             st = self.sessions[p.session]
-            steps = st.layout.foreseen({**{w: [0] for w in sight.samples},
-                                        **{w: list(h) for w, h in sight.headers.items()}})
-            if steps is None:
+            mine = st.layout.foreseen({**{w: [0] for w in sight.samples},
+                                       **{w: list(h) for w, h in sight.headers.items()}})
+            if mine is None:
                 return None
-            sights.append((p.session, sight, steps))
-            tables.append(st.sampler.table([s.worker for s in steps], count=False))
-        return Ready(sights, merge_tables(tables))
-
-    def _launch_ahead(self, ready: Ready, out: dict) -> Launched | None:
-        """Launch the next pass as `ready` laid it out, fed with the samples just read; None if
-        a sample ends its worker's text."""
-        parts = ready.fill(out)
-        if parts is None:
-            return None
-        steps_of = [steps for _, _, steps in ready.sights]
-        ahead, self.ahead = self.ahead, None
+            row_of = {s.worker: row for s, row in zip(steps, range(r.start, r.stop))}
+            sampled_rows += [(s, row_of[s.worker], sight.stop_ids) for s in mine if s.worker in sight.samples]
+            sights.append((p.session, sight, mine))
+            tables.append(st.sampler.table([s.worker for s in mine], count=False))
+        writes = [s for _, _, mine in sights for s in mine]
+        batch = host_batch(writes)
+        at = {id(s): g.start for s, g in zip(writes, batch[0])}
+        feeds = [(s, at[id(s)], row, stop_ids) for s, row, stop_ids in sampled_rows]
+        ahead = self.ahead
         staged = ahead.ticket if ahead is not None and ahead.came_true(
-            [(part, [], steps) for part, steps in zip(parts, steps_of)]) else None
+            [(SessionPass(sid), [], mine) for sid, _, mine in sights]) else None
+        return Ready(sights, merge_tables(tables), batch, feeds, staged)
+
+    def _launch_ahead(self, ready: Ready, ids: list[int]) -> Launched | None:
+        """Launch the next pass as `ready` laid it out, fed with the samples just read (`ids`,
+        this pass's); None if a sample ends its worker's text."""
+        batch = ready.fill(ids)
+        if batch is None:
+            return None
+        self.ahead = None  # the staged plan is this pass's, or no pass's
         try:
-            logits, tokens = self.runner.forward([s for steps in steps_of for s in steps], ready.table, staged)
+            logits, tokens = self.runner.forward([s for _, _, steps in ready.sights for s in steps], ready.table,
+                                                 ready.staged, batch)
         except Exception:  # this pass's results stand; the pass asked for next meets the error itself
             return None
-        self.staged_passes += staged is not None
-        for part, steps in zip(parts, steps_of):
-            self.sessions[part.session].sampler.count([s.worker for s in steps])
-        return Launched(parts, steps_of, ready.table.mode, logits, tokens)
+        self.staged_passes += ready.staged is not None
+        for sid, _, steps in ready.sights:
+            self.sessions[sid].sampler.count([s.worker for s in steps])
+        return Launched(ready, logits, tokens)
 
     def _stage_next(self, planned: list[tuple[SessionPass, list[WriteStep], list[WriteStep]]],
                     mode: str, foreseen: dict[int, Foresight | None]) -> Ahead | None:

@@ -69,13 +69,14 @@ class ModelRunner:
         self.cache.relocate(reloc, self.decoder.inv_freq)
 
     # ---- the forward pass --------------------------------------------------------------------
-    def forward(self, steps: list[WriteStep], table: SampleTable | None = None,
-                staged: Staged | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, steps: list[WriteStep], table: SampleTable | None = None, staged: Staged | None = None,
+                batch: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One forward pass over the given writes: logits [len(steps), vocab] and, given a
         sampling table, one sampled id per step (on the device). A decode pass replays a CUDA
         graph, the sampling inside it, when the runner has them; staged: what `stage_decode`
-        returned for exactly this pass."""
-        groups, tokens, key_pos, slots, last = host_batch(steps)
+        returned for exactly this pass; batch: `host_batch(steps)`, where the caller made it
+        ahead (a pass launched ahead lays its inputs out while the previous pass runs)."""
+        groups, tokens, key_pos, slots, last = batch if batch is not None else host_batch(steps)
         if self.graphs is not None and self.graphs.serves(groups):
             out = self.graphs.run(groups, tokens, key_pos, slots, last, table, staged)
             if out is not None:
