@@ -34,6 +34,7 @@ import torch
 from .errors import CacheFullError, ContextLengthError, InvalidRequestError, check_int
 from .prompt_text import check_prompt, check_unicode, encode_text, prompt_ids
 from .core.detokenize import IncrementalText
+from .model.fast_decode import ids_decoder
 from .core.layout import CacheLayout, WriteStep
 from .core.protocol import (
     FINISHER_PROMPT, HEADER_OTHERS, HEADER_OWN, ProtocolOptions, WorkerProtocol, extract_boxed, is_step_boundary,
@@ -106,6 +107,7 @@ class Session:
         self.executor = engine.executor.handle(self.layout, self.params)
         _watch(self)
         self.tok = engine.tokenizer
+        self.decode_ids = ids_decoder(self.tok)  # tok.decode, cheaper per call (each worker's window, each pass)
         self.prompt_ids = prompt_ids(self.tok, problem, workers, options)
         if write_prompt:  # a scheduled session's pages were reserved when it was admitted
             self._check_fits()
@@ -418,7 +420,7 @@ class Session:
         self.stats.tokens_per_worker[w] = len(ws.stream)
         if w in self._finishers or not self.options.enabled:
             return None
-        if not is_step_boundary(ws.step_text.update(self.tok, ws.step_ids), ws.header_text):
+        if not is_step_boundary(ws.step_text.update(self.decode_ids, ws.step_ids), ws.header_text):
             return None
         ws.proto.finished_steps += 1
         self.stats.steps_per_worker[w] = ws.proto.finished_steps

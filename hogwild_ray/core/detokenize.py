@@ -10,6 +10,7 @@ ends inside a multi-byte character adds nothing until the character is complete.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 
 @dataclass
@@ -18,12 +19,13 @@ class IncrementalText:
     prefix: int = 0  # first token of the decode window
     read: int = 0  # tokens whose text is already in `text`
 
-    def update(self, tokenizer, ids: list[int]) -> str:
-        """The text of `ids` (which only ever grow), decoding just the new tokens' window."""
+    def update(self, decode: Callable[[list[int]], str], ids: list[int]) -> str:
+        """The text of `ids` (which only ever grow), decoding just the new tokens' window
+        (decode: a tokenizer's decode of a list of ids)."""
         if len(ids) <= self.read:
             return self.text
-        before = tokenizer.decode(ids[self.prefix : self.read]) if self.read > self.prefix else ""
-        after = tokenizer.decode(ids[self.prefix :])
+        before = decode(ids[self.prefix : self.read]) if self.read > self.prefix else ""
+        after = decode(ids[self.prefix :])
         if len(after) > len(before) and not after.endswith("\ufffd"):
             self.text += after[len(before):]
             self.prefix, self.read = self.read, len(ids)
