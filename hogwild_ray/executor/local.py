@@ -285,15 +285,19 @@ class LocalExecutor(Executor):
         return planned, failed, (self.runner.forward(writes, table, staged), table.mode)
 
     def _keep_last_logits(self, planned, logits: torch.Tensor) -> list[slice]:
-        """Each session's fed workers' logits into its last logits (no sync); their rows of the pass."""
+        """Each session's fed workers' logits into its last logits (no sync; every session's worker
+        order in one copy to the device); their rows of the pass."""
         rows, row = [], 0
-        for p, shared, steps in planned:
+        for _, shared, steps in planned:
             row += len(shared)  # a prompt chunk's row: its logits and sample are not used
-            if steps:
-                order = to_device([s.worker for s in steps], self.runner.device)
-                self.sessions[p.session].last.index_copy_(0, order, logits[row : row + len(steps)])  # no sync
             rows.append(slice(row, row + len(steps)))
             row += len(steps)
+        workers = [s.worker for _, _, steps in planned for s in steps]
+        if workers:
+            orders = to_device(workers, self.runner.device).split([len(steps) for _, _, steps in planned])
+            for (p, _, steps), r, order in zip(planned, rows, orders):
+                if steps:
+                    self.sessions[p.session].last.index_copy_(0, order, logits[r])
         return rows
 
     def _claim(self, launched: Launched) -> list[tuple[SessionPass, list[WriteStep], list[WriteStep]]]:
