@@ -18,7 +18,7 @@ import pytest
 pytestmark = pytest.mark.reliability
 
 ROOT = Path(__file__).resolve().parents[1]
-KILLS = 5
+KILLS = 4
 
 
 def eval_cmd(model: Path, out: Path) -> list[str]:

@@ -243,7 +243,7 @@ def test_the_governor_follows_the_machine_with_hysteresis():
 
 def test_the_threads_benchmark_writes_its_table(tmp_path):
     root = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, str(root / "benchmarks" / "threads_cpu.py"), "--seconds", "0.5", "--warmup", "1",
+    cmd = [sys.executable, str(root / "benchmarks" / "threads_cpu.py"), "--seconds", "0.2", "--warmup", "1",
            "--repeats", "1", "--busy", "1", "--model", "random:tiny", "--out", str(tmp_path), "--date", "d"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
