@@ -19,6 +19,8 @@ BENCHMARKS = {
     "decode_profile": "one decode step: wall, GPU and roofline time, and its kernels one by one (GPU)",
     "engine_steps": "engine step time against the number of workers (random-weight named shapes)",
     "overhead": "the share of a step spent outside the GPU, in process and through Ray",
+    "host_work": "the host's part of a pass alone (the device taken out): what overlaps the pass and what the "
+                 "device waits for, each pass launched when asked and ahead",
     "ray_overhead": "the Ray path's per-step control overhead and start-up time",
     "scaling": "step time, tokens/s and GB/s vs workers and view length, against the roofline and transformers",
     "throughput": "many sessions per pass: S problems x W workers batched vs one at a time vs transformers",
