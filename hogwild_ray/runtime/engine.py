@@ -238,7 +238,7 @@ class RayHogwildEngine(EngineFront):
     def launch_ahead(self, on: bool | None = None) -> tuple[bool, int, int]:
         """Whether the shards launch each pass as soon as the last one's samples are read, before
         the coordinator's sessions ask for it (set to `on` first unless None; on by default with
-        CUDA; see the README's "launch ahead"), and the passes launched ahead so far: (on, used,
+        CUDA; see LocalExecutor.run), and the passes launched ahead so far: (on, used,
         dropped). A pass launched ahead is used only if the sessions ask for exactly it."""
         return tuple(self._call("launch_ahead", on))
 
