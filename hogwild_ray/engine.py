@@ -243,12 +243,15 @@ class HogwildEngine(EngineFront):
         """A snapshot: sessions running and waiting (in the engine's schedulers), the passes (count,
         rows and sessions per pass, tokens generated, prompt tokens written, pass times) and the
         K/V pages (used, free, shared by more than one session or fork, prompt pages taken from
-        other prompts instead of computed)."""
+        other prompts instead of computed), and the passes launched before the sessions asked for
+        them: used, and dropped unused (the sessions asked for another pass)."""
         pool = self.allocator
         return {
             "sessions_running": sum(len(s.running) for s in self.schedulers),
             "sessions_waiting": sum(s.waiting for s in self.schedulers),
             **self.counters.snapshot(),
+            "passes_launched_ahead": self.executor.prelaunched,
+            "launched_ahead_dropped": self.executor.prelaunch_dropped,
             "pages_total": pool.num_pages, "pages_free": pool.free_pages,
             "pages_used": pool.num_pages - pool.free_pages, "pages_shared": pool.shared_pages,
             "prompt_pages_reused": pool.prefix_reused,

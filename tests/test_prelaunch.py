@@ -69,8 +69,8 @@ def run_schedule(prelaunch: bool, device: str = "cpu") -> tuple[list[dict], dict
     launched_headers = []
     real_launch = executor._launch_ahead
 
-    def launch_ahead(ready, out):  # counts the launched passes that feed a header
-        got = real_launch(ready, out)
+    def launch_ahead(ready, ids):  # counts the launched passes that feed a header
+        got = real_launch(ready, ids)
         if got is not None:
             launched_headers.append(sum(len(t) > 1 for p in got.parts for t in p.fed.values()))
         return got
@@ -101,6 +101,9 @@ def run_schedule(prelaunch: bool, device: str = "cpu") -> tuple[list[dict], dict
         sessions.update({f"{name} fork": f for name, f in forks.items()})
         counts = {"prelaunched": executor.prelaunched, "dropped": executor.prelaunch_dropped,
                   "with_headers": sum(1 for n in launched_headers if n), "launched": len(launched_headers)}
+        metrics = engine.metrics()
+        assert (metrics["passes_launched_ahead"], metrics["launched_ahead_dropped"]) == \
+            (counts["prelaunched"], counts["dropped"])
     finally:
         for s in sessions.values():
             s.close()

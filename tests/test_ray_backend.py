@@ -82,6 +82,8 @@ class TestOneEngine:
         tokens, logits = run_session(tp2_engine)
         on, used, dropped = tp2_engine.launch_ahead(False)
         assert not on and used >= 50 and dropped >= len(FORCED)  # each injection drops the pass launched
+        metrics = tp2_engine.metrics()
+        assert (metrics["passes_launched_ahead"], metrics["launched_ahead_dropped"]) == (used, dropped)
         assert tokens == local_tokens
         scale = local_logits.nan_to_num().abs().max().item()
         assert torch.equal(logits.isnan(), local_logits.isnan())

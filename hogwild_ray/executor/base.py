@@ -118,6 +118,7 @@ class Executor(ABC):
         """Forget the session and give its pages back; its last logits where they are at hand."""
 
     can_fork = False  # whether `fork` copies a session (the in-process executor)
+    prelaunched = prelaunch_dropped = 0  # passes launched ahead of the sessions' asking: used, dropped
 
     def fork(self, session: int, layout: CacheLayout) -> int:
         """Register a copy of a session over a forked layout (sharing its pages); the copy's id."""

@@ -87,6 +87,7 @@ class RayExecutor(Executor):
         # or close starts, where every shard's executor gives its copies' back (the same order)
         self._moved: list[tuple[CacheLayout, Relocation]] = []
         self._in_pass = False
+        self._launched = (0, 0)  # rank 0's passes launched ahead, used and dropped, as of its last reply
         self._ids = count()
         self._broken = False
 
@@ -209,7 +210,8 @@ class RayExecutor(Executor):
 
         if worst_pages > pool.free_pages:
             plan()
-        tokens = self._call("run", finishing, wire, meanwhile=meanwhile)
+        tokens, launched = self._call("run", finishing, wire, meanwhile=meanwhile)
+        self._launched = (int(launched[0]), int(launched[1]))
         for p in passes:
             self.logits.pop(p.session, None)
         out: dict[int, tuple[list[WriteStep], list[int]] | Exception] = {}
@@ -223,12 +225,14 @@ class RayExecutor(Executor):
         """Whether the shards launch each pass ahead (set to `on` first unless None; on by default
         with CUDA, see LocalExecutor), and rank 0's passes launched ahead so far: used, dropped."""
         on_now, used, dropped = self._call("launch_ahead", None if on is None else bool(on))
+        self._launched = (int(used), int(dropped))
         return bool(on_now), int(used), int(dropped)
 
-    # the in-process executor's names, for code that reads or sets either
+    # the in-process executor's names, for code that reads or sets either; the counts as of rank
+    # 0's last reply (every pass's carries them: metrics read them without a message)
     prelaunch = property(lambda self: self.launch_ahead()[0], lambda self, on: self.launch_ahead(on))
-    prelaunched = property(lambda self: self.launch_ahead()[1])
-    prelaunch_dropped = property(lambda self: self.launch_ahead()[2])
+    prelaunched = property(lambda self: self._launched[0])
+    prelaunch_dropped = property(lambda self: self._launched[1])
 
     @_operation
     def last_logits(self, session: int) -> torch.Tensor:

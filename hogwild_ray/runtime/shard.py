@@ -162,8 +162,9 @@ class ModelShard:
         layout = self.executor.sessions[sid].layout
         self.executor.prefill(sid, getattr(layout, block), ids)
 
-    def op_run(self, rank: int, finishing: list, passes: list[tuple]) -> dict[int, list[int]]:
-        """The finished steps first (in the coordinator's order), then one pass of every session."""
+    def op_run(self, rank: int, finishing: list, passes: list[tuple]) -> tuple[dict[int, list[int]], list[int]]:
+        """The finished steps first (in the coordinator's order), then one pass of every session:
+        each session's samples, and the passes launched ahead so far (used, dropped)."""
         from ..executor import SessionPass
 
         if self.stall_s:
@@ -176,7 +177,9 @@ class ModelShard:
             self.passes += 1
             if self.parallel is not None:
                 self.parallel.fold_finished()
-        return {sid: out[1] for sid, out in done.items() if not isinstance(out, Exception)}
+        ex = self.executor
+        return ({sid: out[1] for sid, out in done.items() if not isinstance(out, Exception)},
+                [ex.prelaunched, ex.prelaunch_dropped])
 
     def _meanwhile(self) -> dict:
         """While this rank's pass runs: ack "run" (the pass is under way), then read "meanwhile":

@@ -53,6 +53,8 @@ class EngineSnapshots(Collector):
             "kv_cache_usage": sum(s["pages_used"] for s in snaps) / total if total else 0.0,
             "pages_shared": sum(s["pages_shared"] for s in snaps),
             "prompt_pages_reused": sum(s["prompt_pages_reused"] for s in snaps),
+            "launched_ahead": sum(s["passes_launched_ahead"] for s in snaps),
+            "launched_ahead_dropped": sum(s["launched_ahead_dropped"] for s in snaps),
         }
 
     def collect(self) -> Iterator[Any]:
@@ -75,6 +77,12 @@ class EngineSnapshots(Collector):
         yield CounterMetricFamily(PREFIX + "prompt_pages_reused",
                                   "Prompt pages taken from other sessions' prompts instead of computed.",
                                   t["prompt_pages_reused"])
+        yield CounterMetricFamily(PREFIX + "passes_launched_ahead",
+                                  "Forward passes launched before the sessions asked for them, and used.",
+                                  t["launched_ahead"])
+        yield CounterMetricFamily(PREFIX + "passes_launched_ahead_dropped",
+                                  "Passes launched ahead and dropped unused: the sessions asked for another "
+                                  "(an injection, a request joining, a fork or a close).", t["launched_ahead_dropped"])
         yield GaugeMetricFamily(PREFIX + "engine_replicas", "Engine replicas that have reported.", t["replicas"])
 
 
