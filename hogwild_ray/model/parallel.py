@@ -62,8 +62,7 @@ class TensorParallel:
         """Seconds spent in collectives since the last reset (waits for the GPU's recorded ones)."""
         if self._events:
             self._events[-1][1].synchronize()
-            self._seconds += sum(a.elapsed_time(b) for a, b in self._events) / 1e3
-            self._events.clear()
+            self.fold_finished()  # all of them, now
         total = self._seconds
         if reset:
             self._seconds = 0.0
