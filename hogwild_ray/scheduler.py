@@ -9,6 +9,9 @@ session writes its prompt in chunks that share a per-pass budget with the other 
 so a long prompt stalls the running sessions for at most one chunk per pass. Every pass
 holds one part of every running job that asked for one (its decode rows, or a prompt
 chunk); a job that ends hands its reservation to the next request in the same breath.
+Where the executor launched the next pass ahead (on a GPU), a newcomer joins one pass
+later: the running sessions take the launched pass, and the one after is not launched
+ahead, so that no pass is computed for nothing.
 """
 
 from __future__ import annotations
@@ -95,7 +98,11 @@ class Scheduler:
     def round(self) -> Iterator[tuple[Hashable, Any]]:
         """Admit what fits, then run one shared pass of every running job (nothing when idle).
         A server calls it again and again, submitting and cancelling between rounds."""
-        for key in self.admission.admit(self._free_beyond_reservations()):
+        free = self._free_beyond_reservations()
+        # a pass launched ahead holds only the running sessions, and a newcomer's prompt would drop
+        # it unused: they take it, and the newcomers join the next pass (launched when asked)
+        defer = bool(self.running) and self.admission.head_fits(free) and self._holds_launched()
+        for key in [] if defer else self.admission.admit(free):
             yield from self._advance(key, None, first=True)
         if not self.running:
             if self.admission.queue:  # nothing runs and the head does not fit: pages held elsewhere
@@ -109,11 +116,15 @@ class Scheduler:
             return
         keys = list(self.running)
         sessions = [self.running[k][1].session for k in keys]
-        results = run_pass(sessions, prefill_budget=self.prefill_chunk)
+        results = run_pass(sessions, prefill_budget=self.prefill_chunk, launch_ahead=not defer)
         for key, session in zip(keys, sessions):
             self.admission.grow(key, pages_held(session) + len(session.workers) + 3)
             if key in self.running:  # still there (no earlier job of this pass cancelled it)
                 yield from self._advance(key, results[session])
+
+    def _holds_launched(self) -> bool:
+        """Whether the engine's executor holds a pass launched ahead of the sessions' asking."""
+        return bool(getattr(getattr(self.engine, "executor", None), "holds_launched", False))
 
     def _advance(self, key: Hashable, value: Any, first: bool = False) -> Iterator[tuple[Hashable, Any]]:
         """Resume a job with its pass's result (or start it) until it asks for the next pass or ends."""

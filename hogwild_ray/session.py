@@ -636,11 +636,14 @@ def _collected(engine: HogwildEngine, handle) -> None:
 
 
 def run_pass(sessions: Sequence[Session], inject: dict[Session, dict[int, str]] | None = None,
-             prefill_budget: int = PREFILL_CHUNK) -> dict[Session, dict[int, list[int]] | Exception]:
+             prefill_budget: int = PREFILL_CHUNK, launch_ahead: bool = True
+             ) -> dict[Session, dict[int, list[int]] | Exception]:
     """One forward pass for the given sessions of one engine: each one's new tokens, or the
     error that ended it (it is closed; the others ran), or that refused its inject (it goes on,
     nothing fed). Prompt chunks share `prefill_budget` tokens, first come first served; a
-    session left without budget waits (no new tokens)."""
+    session left without budget waits (no new tokens). launch_ahead=False: the sessions
+    foresee nothing, so the next pass is not launched ahead (a caller that knows a newcomer
+    joins it)."""
     if len({id(s) for s in sessions}) != len(sessions):
         raise InvalidRequestError("a session is listed twice; list each session once")
     if len({id(s.executor.executor) for s in sessions}) > 1:
@@ -670,7 +673,8 @@ def run_pass(sessions: Sequence[Session], inject: dict[Session, dict[int, str]] 
         before = sum(sum(s.stats.generated_per_worker) for s, _ in parts)
 
         def while_running(ran: set[int]) -> dict[int, Foresight | None]:  # the device runs the pass
-            return {part.session: s.pass_launched(part) for s, part in parts if part.session in ran}
+            sights = {part.session: s.pass_launched(part) for s, part in parts if part.session in ran}
+            return sights if launch_ahead else {}
 
         try:
             results = parts[0][0].executor.executor.run([part for _, part in parts], while_running)

@@ -14,7 +14,10 @@ import pytest
 import torch
 
 import hogwild_ray as hw
+from hogwild_ray.core.events import Done, WorkerText
+from hogwild_ray.scheduler import Scheduler
 from hogwild_ray.session import run_pass
+from hogwild_ray.streaming import event_job
 
 PERIOD = 14  # a worker's step ends about every PERIOD tokens of its block
 EOS_AT = ("C", 1, 212)  # session C's worker 1 samples the end of text once its view passes 212 tokens
@@ -136,3 +139,46 @@ def test_a_pass_launched_ahead_changes_nothing(device):
     assert on_counts["with_headers"] >= 2 and on_counts["dropped"] >= 3, on_counts
     assert on_counts["prelaunched"] >= PASSES // 2, on_counts
     print(on_counts, {name: r[3]["steps_per_worker"] for name, r in results.items()})
+
+
+
+def run_arrival(prelaunch: bool) -> tuple[dict, dict, int, bool]:
+    """Request 0 runs alone; request 1 arrives once 0 decodes (with launching ahead on, while a
+    pass is launched for 0): each request's final event, the passes run before each started,
+    the launched passes dropped, and whether a pass was launched when 1 arrived."""
+    engine = hw.HogwildEngine.from_pretrained("random:tiny", "cpu", "float32", cache_tokens=8192)
+    engine.executor.prelaunch = prelaunch
+    engine.eos_ids = frozenset({0})
+    sched = Scheduler(engine, prefill_chunk=64)
+    started, done, held = {}, {}, []
+
+    def submit(key: int) -> None:
+        problem = f"Problem {key}: add the numbers from 1 to {key + 5}."
+
+        def start():
+            started[key] = engine.counters.passes
+            return event_job(engine.start(problem, 2, write_prompt=False, max_tokens=10,
+                                          sampling=hw.SamplingParams(temperature=1.0, seed=key)))
+        sched.submit(key, start, engine.request_pages(problem, 2, max_tokens=10))
+
+    submit(0)
+    for key, item in sched:
+        if isinstance(item, Done):
+            done[key] = (item.answer, item.worker_texts, item.stats.generated_per_worker)
+        if key == 0 and not held and isinstance(item, WorkerText) and item.step >= 3:
+            held.append(engine.executor.holds_launched)
+            submit(1)
+    assert set(done) == {0, 1}
+    return done, started, engine.executor.prelaunch_dropped, held[0]
+
+
+def test_a_request_arriving_while_a_pass_is_launched_joins_the_next_pass():
+    """A newcomer's prompt would drop the pass launched ahead for the running sessions: they take
+    it, and the newcomer starts one pass later (that pass launched when asked), with nothing
+    computed for nothing and every request's tokens what they are with launching off."""
+    off_done, off_started, off_dropped, off_held = run_arrival(False)
+    on_done, on_started, on_dropped, on_held = run_arrival(True)
+    assert on_held and not off_held
+    assert on_dropped == off_dropped == 0
+    assert on_started[0] == off_started[0] and on_started[1] == off_started[1] + 1
+    assert on_done == off_done

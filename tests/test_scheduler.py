@@ -82,7 +82,9 @@ def test_admission_is_fcfs_bounded_and_never_starves(capacity, page_size, max_ru
             adm.drop(key)
             assert key not in adm.running and all(w.key != key for w in adm.queue)
         elif op == "admit":
+            before, fits = len(admitted), adm.head_fits()  # what the scheduler asks before admitting
             admitted += adm.admit()
+            assert fits == (len(admitted) > before)
             check_admission(adm, eligible(), admitted, pages)
     # drain: the oldest running request ends, one at a time; every waiting one gets its turn
     for _ in range(2 * len(accepted) + 2):

@@ -95,15 +95,20 @@ class Admission(Generic[K]):
                 "cache_tokens= to from_pretrained, or lower workers or max_tokens")
         self.queue.append(Waiting(key, pages))
 
+    def head_fits(self, free_pages: int | None = None) -> bool:
+        """Whether `admit(free_pages)` would start a request now."""
+        if not self.queue or (self.max_running is not None and len(self.running) >= self.max_running):
+            return False
+        pages = self.queue[0].pages
+        return self.reserved + pages <= self.capacity and (free_pages is None or pages <= free_pages)
+
     def admit(self, free_pages: int | None = None) -> list[K]:
         """The requests that start now, in arrival order. free_pages: what the pool has free
         beyond what the running requests may still take (a bound besides the reservations,
         for pages held elsewhere and for requests that outgrew their reservation)."""
         started = []
-        while self.queue and (self.max_running is None or len(self.running) < self.max_running):
+        while self.head_fits(free_pages):
             head = self.queue[0]
-            if self.reserved + head.pages > self.capacity or (free_pages is not None and head.pages > free_pages):
-                break
             if free_pages is not None:
                 free_pages -= head.pages
             self.queue.popleft()

@@ -119,6 +119,7 @@ class Executor(ABC):
 
     can_fork = False  # whether `fork` copies a session (the in-process executor)
     prelaunched = prelaunch_dropped = 0  # passes launched ahead of the sessions' asking: used, dropped
+    holds_launched = False  # whether a pass launched ahead waits for the sessions to ask for it
 
     def fork(self, session: int, layout: CacheLayout) -> int:
         """Register a copy of a session over a forked layout (sharing its pages); the copy's id."""

@@ -164,6 +164,10 @@ class LocalExecutor(Executor):
         self.sessions[sid] = SessionState(layout, Sampler(params, self.runner.device), last)
         return sid
 
+    @property
+    def holds_launched(self) -> bool:
+        return self.launched is not None
+
     def _drop_launched(self, session: int | None = None) -> None:
         """Give up the pass launched ahead (all of it, or only if it holds `session`): its
         outputs go unread and its draws are taken back. Its writes went to slots past the ends

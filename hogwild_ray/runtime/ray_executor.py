@@ -88,6 +88,7 @@ class RayExecutor(Executor):
         self._moved: list[tuple[CacheLayout, Relocation]] = []
         self._in_pass = False
         self._launched = (0, 0)  # rank 0's passes launched ahead, used and dropped, as of its last reply
+        self._holds_launched = False  # whether rank 0 had launched the next pass, as of its last reply to a pass
         self._ids = count()
         self._broken = False
 
@@ -212,6 +213,7 @@ class RayExecutor(Executor):
             plan()
         tokens, launched = self._call("run", finishing, wire, meanwhile=meanwhile)
         self._launched = (int(launched[0]), int(launched[1]))
+        self._holds_launched = bool(launched[2])
         for p in passes:
             self.logits.pop(p.session, None)
         out: dict[int, tuple[list[WriteStep], list[int]] | Exception] = {}
@@ -233,6 +235,7 @@ class RayExecutor(Executor):
     prelaunch = property(lambda self: self.launch_ahead()[0], lambda self, on: self.launch_ahead(on))
     prelaunched = property(lambda self: self._launched[0])
     prelaunch_dropped = property(lambda self: self._launched[1])
+    holds_launched = property(lambda self: self._holds_launched)
 
     @_operation
     def last_logits(self, session: int) -> torch.Tensor:

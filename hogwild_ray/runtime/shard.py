@@ -164,7 +164,8 @@ class ModelShard:
 
     def op_run(self, rank: int, finishing: list, passes: list[tuple]) -> tuple[dict[int, list[int]], list[int]]:
         """The finished steps first (in the coordinator's order), then one pass of every session:
-        each session's samples, and the passes launched ahead so far (used, dropped)."""
+        each session's samples, and the passes launched ahead so far (used, dropped) and whether
+        one is launched now."""
         from ..executor import SessionPass
 
         if self.stall_s:
@@ -179,7 +180,7 @@ class ModelShard:
                 self.parallel.fold_finished()
         ex = self.executor
         return ({sid: out[1] for sid, out in done.items() if not isinstance(out, Exception)},
-                [ex.prelaunched, ex.prelaunch_dropped])
+                [ex.prelaunched, ex.prelaunch_dropped, ex.holds_launched])
 
     def _meanwhile(self) -> dict:
         """While this rank's pass runs: ack "run" (the pass is under way), then read "meanwhile":
