@@ -8,7 +8,9 @@ those replays grouped by name. With `--skinny on,off` the decode products run on
 engine chose at start (per weight shape, the faster of cuBLAS and the skinny kernel) or on
 cuBLAS alone, side by side in one run (one engine each); `unchained` is `on` with every
 kernel waiting for the one before to end (no programmatic dependent launches; on Hopper the
-engine chains a layer's kernels and runs every decode product on the skinny kernel).
+engine chains a layer's kernels and runs every decode product on the skinny kernel), and
+`unfused` is `on` with the MLP's activation in a kernel of its own (the down projection on
+the skinny kernel otherwise computes SiLU(gate) * up as it loads its input).
 `--host-profile` adds the host's
 hottest functions over more steps (cProfile, after the timed ones).
 
@@ -190,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--protocol", action="store_true",
                    help="the workers' protocol on (steps end at paragraphs: relocations, changing views)")
     p.add_argument("--skinny", default="on,off",
-                   help="on, off, unchained (on, without the PDL chain) or several (the decode products' kernel)")
+                   help="on, off, unchained (on, without the PDL chain), unfused (on, the activation in a kernel "
+                        "of its own) or several (the decode products' kernel)")
     p.add_argument("--host-profile", action="store_true", help="also profile the host's work (cProfile)")
     p.add_argument("--launch-ahead", default="on",
                    help="on: each pass launched as soon as the last one's samples are read (the engine's "
@@ -202,8 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--date", default=common.today())
     args = p.parse_args(argv)
     settings = args.skinny.split(",")
-    if unknown := set(settings) - {"on", "off", "unchained"}:
-        p.error(f"--skinny: unknown setting(s) {sorted(unknown)}; choose from on, off, unchained")
+    if unknown := set(settings) - {"on", "off", "unchained", "unfused"}:
+        p.error(f"--skinny: unknown setting(s) {sorted(unknown)}; choose from on, off, unchained, unfused")
     aheads = args.launch_ahead.split(",")
     if unknown := set(aheads) - {"on", "off"}:
         p.error(f"--launch-ahead: unknown setting(s) {sorted(unknown)}; choose from on, off")
@@ -221,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
         chosen = {f"{n}x{k} rows<={r}": str(c) for (n, k, r), c in engine.decoder.products.items()}
         if setting == "unchained":  # each kernel waits for the one before to end (no PDL chain)
             engine.decoder.set_chained(False)
+        elif setting == "unfused":  # SiLU(gate) * up in a kernel of its own before the down projection
+            engine.decoder.gated_products = False
         elif setting != "on":
             engine.decoder.products = {}
         for w in args.workers:

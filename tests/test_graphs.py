@@ -145,7 +145,8 @@ def test_passes_with_chunks_replay_graphs_of_their_own(random_model):
 def test_chained_kernels_give_the_same_bits(random_model):
     """A layer's kernels launched as programmatic dependents, one of the other (Hopper and
     later): bit for bit the tokens and logits of kernels that each wait for the one before to
-    end, every decode product on the skinny kernel in both."""
+    end, every decode product on the skinny kernel in both; and with the MLP's activation in a
+    kernel of its own rather than in the down projection's loads."""
     from hogwild_kernels import pdl
     from hogwild_kernels.skinny import pick
 
@@ -153,15 +154,17 @@ def test_chained_kernels_give_the_same_bits(random_model):
         pytest.skip("programmatic dependent launch needs compute capability 9 or more")
     path, _ = random_model("qwen3", "yarn")
     runs = {}
-    for chained in (False, True):
+    for chained, gated in ((False, True), (True, True), (True, False)):
         engine = hw.HogwildEngine.from_pretrained(path, "cuda", "bfloat16", cache_tokens=8192, cuda_graphs=True)
         engine.decoder.set_chained(chained)
+        engine.decoder.gated_products = gated
         engine.decoder.products = {key: pick(*key[:2]) for key in engine.decoder.products}
-        runs[chained] = _run(engine, 4, 40)
+        runs[chained, gated] = _run(engine, 4, 40)
         assert engine.graphs.replays >= 15
-    assert runs[True][0] == runs[False][0]
-    for a, b in zip(runs[False][1], runs[True][1]):
-        torch.testing.assert_close(b, a, rtol=0, atol=0, equal_nan=True)
+    for other in ((True, True), (True, False)):
+        assert runs[other][0] == runs[False, True][0]
+        for a, b in zip(runs[False, True][1], runs[other][1]):
+            torch.testing.assert_close(b, a, rtol=0, atol=0, equal_nan=True)
 
 
 @gpu

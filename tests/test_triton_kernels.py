@@ -428,5 +428,16 @@ def test_skinny_products_match_an_fp32_product(dtype, rows, n, k, bias, config):
 
     if pdl.supported(DEVICE):  # chained (a programmatic dependent, weights prefetched): the same bits
         assert torch.equal(skinny_linear(x, w, b, config=config, chained=True), got)
+    # the MLP's down projection takes SiLU(gate) * up in its loads: what silu_mul then the product give
+    from hogwild_kernels.fused import silu_mul
+
+    gate_up = (2 * torch.randn(rows, 2 * k, generator=g)).to(DEVICE, dtype)
+    assert supported(gate_up, w, gated=True) and not supported(gate_up, w) and not supported(x, w, gated=True)
+    gated = skinny_linear(gate_up, w, b, config=config, gated=True)
+    assert torch.equal(gated, skinny_linear(silu_mul(gate_up), w, b, config=config))
+    if pdl.supported(DEVICE):
+        assert torch.equal(skinny_linear(gate_up, w, b, config=config, chained=True, gated=True), gated)
+    with pytest.raises(ValueError, match="rows of width"):
+        skinny_linear(x, w, gated=True)
     assert not supported(torch.randn(17, k).to(DEVICE, dtype), w)  # more rows than a tile: cuBLAS
     assert not supported(x.float(), w.float())  # fp32 stays exact on cuBLAS

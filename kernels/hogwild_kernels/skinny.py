@@ -31,12 +31,28 @@ def _prefetch_l2(ptrs):
 
 
 @triton.jit
+def _load_rows(x_ptrs, mask, K: tl.constexpr, GATED: tl.constexpr):
+    """A tile of the product's input rows; GATED: SiLU(gate) * up of rows [gate | up] (each K
+    wide), rounded where fused.silu_mul rounds, so the two paths agree bit for bit."""
+    if GATED:
+        g = tl.load(x_ptrs, mask=mask, other=0.0)
+        u = tl.load(x_ptrs + K, mask=mask, other=0.0)
+        gf = g.to(tl.float32)
+        act = (gf / (1.0 + tl.exp(-gf))).to(g.dtype).to(tl.float32)
+        return (act * u.to(tl.float32)).to(g.dtype)
+    else:
+        return tl.load(x_ptrs, mask=mask, other=0.0)
+
+
+@triton.jit
 def _skinny_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, stride_xm, stride_wn, stride_om, K: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, CHAINED: tl.constexpr, PREFETCH: tl.constexpr):
+                   HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, CHAINED: tl.constexpr, PREFETCH: tl.constexpr,
+                   GATED: tl.constexpr):
     """CHAINED: a programmatic dependent (pdl.py); while the kernel before it runs, the strip's
     first PREFETCH 128-byte lines of each row are requested into the L2 cache (weights: no
-    kernel writes them)."""
+    kernel writes them). GATED: x holds [gate | up] rows and the product's input is SiLU(gate)
+    * up (the MLP's down projection takes its activation without a kernel of its own)."""
     pid = tl.program_id(0)
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     if PREFETCH > 0:
@@ -53,11 +69,11 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, stride_xm, stride_wn, str
     for k0 in range(0, K, BLOCK_K):
         if EVEN_K:
             w = tl.load(w_ptrs, mask=n_ok[:, None], other=0.0)
-            x = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)
+            x = _load_rows(x_ptrs, m_ok[:, None], K, GATED)
         else:
             k_ok = (k0 + rk) < K
             w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            x = _load_rows(x_ptrs, m_ok[:, None] & k_ok[None, :], K, GATED)
         acc += tl.dot(x, tl.trans(w))
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
@@ -67,24 +83,30 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, stride_xm, stride_wn, str
              mask=m_ok[:, None] & n_ok[None, :])
 
 
-def supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Half-precision rows (the tensor cores' inputs) of at most MAX_ROWS, contiguous weights."""
+def supported(x: torch.Tensor, weight: torch.Tensor, gated: bool = False) -> bool:
+    """Half-precision rows (the tensor cores' inputs) of at most MAX_ROWS, contiguous weights;
+    gated: rows [gate | up], twice the weight's width."""
+    width = weight.shape[-1] * (2 if gated else 1)
     return (x.dim() == 2 and 0 < x.shape[0] <= MAX_ROWS and x.dtype in (torch.bfloat16, torch.float16)
-            and weight.dtype == x.dtype and weight.is_contiguous() and x.stride(-1) == 1)
+            and weight.dtype == x.dtype and weight.is_contiguous() and x.stride(-1) == 1 and x.shape[1] == width)
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                  config: tuple[int, int, int, int] | None = None, chained: bool = False) -> torch.Tensor:
+                  config: tuple[int, int, int, int] | None = None, chained: bool = False,
+                  gated: bool = False) -> torch.Tensor:
     """F.linear(x, weight, bias) for x of at most MAX_ROWS rows: [M, K] @ [N, K]^T -> [M, N].
-    chained: launched as a programmatic dependent of the kernel before it (pdl.py)."""
-    m, k = x.shape
+    chained: launched as a programmatic dependent of the kernel before it (pdl.py). gated: x is
+    [M, 2K], gate then up, and the product is F.linear(fused.silu_mul(x), weight, bias), bit for bit."""
+    m, k = x.shape[0], weight.shape[1]
+    if x.shape[1] != (2 * k if gated else k):
+        raise ValueError(f"rows of width {x.shape[1]} for a weight of width {k}{' (gated: twice it)' if gated else ''}")
     n = weight.shape[0]
     block_n, block_k, warps, stages = config or pick(n, k)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     _skinny_kernel[(triton.cdiv(n, block_n),)](
         x, weight, bias if bias is not None else weight, out, m, n, x.stride(0), weight.stride(0), out.stride(0), K=k,
         BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0,
-        CHAINED=chained, PREFETCH=_prefetch_lines(k, weight.element_size()) if chained else 0,
+        CHAINED=chained, PREFETCH=_prefetch_lines(k, weight.element_size()) if chained else 0, GATED=gated,
         num_warps=warps, num_stages=stages, **launch(chained))
     return out
 
