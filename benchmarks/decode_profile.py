@@ -9,8 +9,10 @@ engine chose at start (per weight shape, the faster of cuBLAS and the skinny ker
 cuBLAS alone, side by side in one run (one engine each); `unchained` is `on` with every
 kernel waiting for the one before to end (no programmatic dependent launches; on Hopper the
 engine chains a layer's kernels and runs every decode product on the skinny kernel), and
-`unfused` is `on` with the MLP's activation in a kernel of its own (the down projection on
-the skinny kernel otherwise computes SiLU(gate) * up as it loads its input).
+`unfused` is `on` with two small kernels of their own that the engine folds into their
+neighbours: the MLP's activation (the down projection on the skinny kernel otherwise
+computes SiLU(gate) * up as it loads its input) and Qwen3's q/k norms (otherwise done by the
+K/V append's launch).
 `--host-profile` adds the host's
 hottest functions over more steps (cProfile, after the timed ones).
 
@@ -192,8 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--protocol", action="store_true",
                    help="the workers' protocol on (steps end at paragraphs: relocations, changing views)")
     p.add_argument("--skinny", default="on,off",
-                   help="on, off, unchained (on, without the PDL chain), unfused (on, the activation in a kernel "
-                        "of its own) or several (the decode products' kernel)")
+                   help="on, off, unchained (on, without the PDL chain), unfused (on, the activation and the q/k "
+                        "norms in kernels of their own) or several (the decode products' kernel)")
     p.add_argument("--host-profile", action="store_true", help="also profile the host's work (cProfile)")
     p.add_argument("--launch-ahead", default="on",
                    help="on: each pass launched as soon as the last one's samples are read (the engine's "
@@ -224,8 +226,8 @@ def main(argv: list[str] | None = None) -> int:
         chosen = {f"{n}x{k} rows<={r}": str(c) for (n, k, r), c in engine.decoder.products.items()}
         if setting == "unchained":  # each kernel waits for the one before to end (no PDL chain)
             engine.decoder.set_chained(False)
-        elif setting == "unfused":  # SiLU(gate) * up in a kernel of its own before the down projection
-            engine.decoder.gated_products = False
+        elif setting == "unfused":  # the activation and the q/k norms in kernels of their own
+            engine.decoder.fold_small_kernels = False
         elif setting != "on":
             engine.decoder.products = {}
         for w in args.workers:

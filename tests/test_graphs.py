@@ -157,7 +157,7 @@ def test_chained_kernels_give_the_same_bits(random_model):
     for chained, gated in ((False, True), (True, True), (True, False)):
         engine = hw.HogwildEngine.from_pretrained(path, "cuda", "bfloat16", cache_tokens=8192, cuda_graphs=True)
         engine.decoder.set_chained(chained)
-        engine.decoder.gated_products = gated
+        engine.decoder.fold_small_kernels = gated
         engine.decoder.products = {key: pick(*key[:2]) for key in engine.decoder.products}
         runs[chained, gated] = _run(engine, 4, 40)
         assert engine.graphs.replays >= 15

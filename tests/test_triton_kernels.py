@@ -176,6 +176,36 @@ def test_kv_append_matches_reference(kv_heads, head_dim):
             tri.append(pools[2], pools[7], k, v, tri.prepare([], slots, pos))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("q_heads,kv_heads,head_dim", [(8, 2, 64), (3, 1, 128), (6, 3, 48)])
+def test_qk_norms_folded_into_the_append_give_the_same_bits(dtype, q_heads, kv_heads, head_dim):
+    """Qwen3's q/k norms and the K/V append in one launch: the q it returns and the pools it
+    writes equal, bit for bit, qk_rms_norm then the append (and the keys the reference's)."""
+    from hogwild_kernels.fused import qk_rms_norm
+
+    ref, tri = backends(head_dim, rope_scale=1.2)
+    g = torch.Generator().manual_seed(q_heads * head_dim)
+    t = 5
+    qkv = (3 * torch.randn(t, (q_heads + 2 * kv_heads) * head_dim, generator=g)).to(DEVICE, dtype)
+    q_w, k_w = ((1 + 0.2 * torch.randn(head_dim, generator=g)).to(DEVICE, dtype) for _ in range(2))
+    slots = torch.tensor([3, 4, 5, 17, 30], device=DEVICE)
+    pos = torch.tensor([0, 1, 2, 9, 40], device=DEVICE)
+    pools = [torch.full((10, 4, kv_heads, head_dim), float("nan"), device=DEVICE, dtype=dtype) for _ in range(6)]
+    q_sep, k_sep = qk_rms_norm(qkv, q_w, k_w, q_heads, kv_heads, head_dim, 1e-6)
+    v = qkv[:, (q_heads + kv_heads) * head_dim:].view(t, kv_heads, head_dim)
+    tri.append(pools[0], pools[1], k_sep, v, tri.prepare([], slots, pos))
+    q = tri.append_normed(pools[2], pools[3], qkv, q_w, k_w, 1e-6, q_heads, tri.prepare([], slots, pos))
+    assert q.shape == (t, q_heads, head_dim) and torch.equal(q, q_sep)
+    assert torch.equal(pools[2].nan_to_num(7.0), pools[0].nan_to_num(7.0))
+    assert torch.equal(pools[3].nan_to_num(7.0), pools[1].nan_to_num(7.0))
+    assert not pools[2][slots // 4, slots % 4].isnan().any()  # every new key written
+    ref.append(pools[4], pools[5], k_sep, v, ref.prepare([], slots, pos))
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=1e-2)
+    torch.testing.assert_close(pools[2].nan_to_num(7.0), pools[4].nan_to_num(7.0), **tol)
+    with pytest.raises(ValueError, match="QKV rows"):
+        tri.append_normed(pools[2], pools[3], qkv[:, 1:], q_w, k_w, 1e-6, q_heads, tri.prepare([], slots, pos))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16/fp16 kernels are checked on a GPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("workers,q_heads,kv_heads,head_dim", [(8, 32, 8, 128), (16, 40, 8, 128), (4, 9, 3, 64)])

@@ -55,8 +55,9 @@ class Decoder:
         # shape, on whichever of cuBLAS and the skinny kernel was faster on this GPU at start
         # (cuBLAS splits some of them over K and adds a reduction kernel)
         self.products: dict = {}
-        # the down projection on the skinny kernel takes SiLU(gate) * up in its loads (one kernel fewer)
-        self.gated_products = True
+        # small kernels folded into their neighbours, the same bits: the MLP's activation into the
+        # down projection's loads (on the skinny kernel), Qwen3's q/k norms into the K/V append
+        self.fold_small_kernels = True
         if self.fused and weights.embed.is_cuda and weights.embed.dtype in (torch.bfloat16, torch.float16):
             from hogwild_kernels.skinny import choose
 
@@ -93,7 +94,7 @@ class Decoder:
         if self.products:
             from hogwild_kernels.skinny import bucket, skinny_linear, supported
 
-            if supported(x, weight, gated) and (self.gated_products or not gated):
+            if supported(x, weight, gated) and (self.fold_small_kernels or not gated):
                 config = self.products.get((*weight.shape, bucket(x.shape[0])))
                 if config is not None or self.chained:
                     return skinny_linear(x, weight, bias, config=config, chained=self.chained, gated=gated)
@@ -123,15 +124,19 @@ class Decoder:
         q = q.view(-1, s.num_heads, s.head_dim)
         k = k.view(-1, s.num_kv_heads, s.head_dim)
         v = v.view(-1, s.num_kv_heads, s.head_dim)
-        if lw.q_norm is not None and self.fused:
-            from hogwild_kernels.fused import qk_rms_norm
+        if lw.q_norm is not None and self.fused and self.fold_small_kernels:
+            q = self.attention.append_normed(cache.k[layer], cache.v[layer], qkv, lw.q_norm, lw.k_norm, s.rms_eps,
+                                             s.num_heads, meta)
+        else:
+            if lw.q_norm is not None and self.fused:
+                from hogwild_kernels.fused import qk_rms_norm
 
-            q, k = qk_rms_norm(qkv, lw.q_norm, lw.k_norm, s.num_heads, s.num_kv_heads, s.head_dim, s.rms_eps,
-                               chained=self.chained)
-        elif lw.q_norm is not None:
-            q = self._add_norm(q, None, lw.q_norm)[1]
-            k = self._add_norm(k, None, lw.k_norm)[1]
-        self.attention.append(cache.k[layer], cache.v[layer], k, v, meta)
+                q, k = qk_rms_norm(qkv, lw.q_norm, lw.k_norm, s.num_heads, s.num_kv_heads, s.head_dim, s.rms_eps,
+                                   chained=self.chained)
+            elif lw.q_norm is not None:
+                q = self._add_norm(q, None, lw.q_norm)[1]
+                k = self._add_norm(k, None, lw.k_norm)[1]
+            self.attention.append(cache.k[layer], cache.v[layer], k, v, meta)
         o = self.attention.attend(q, cache.k[layer], cache.v[layer], meta)
         if self.tp is None:
             return self._linear(o.reshape(h.shape[0], -1), lw.w_o, lw.b_o)

@@ -244,6 +244,30 @@ class TritonAttention:
             **pdl_launch(self.chained),
         )
 
+    def append_normed(self, k_pool: torch.Tensor, v_pool: torch.Tensor, qkv: torch.Tensor, q_weight: torch.Tensor,
+                      k_weight: torch.Tensor, eps: float, q_heads: int, meta: PassMeta) -> torch.Tensor:
+        """Qwen3's per-head q and k RMSNorms folded into `append`, one launch for what takes two
+        (fused.qk_rms_norm, then append), the same bits: from a fused QKV output [T, (Hq + 2 Hkv)
+        * D], the keys normed, rotated and stored with the values; returns q normed [T, Hq, D]."""
+        from .pdl import launch as pdl_launch
+        from .triton_attention import _qk_norm_kv_append_kernel
+
+        t = qkv.shape[0]
+        d = q_weight.shape[0]
+        kv_heads = (qkv.shape[1] // d - q_heads) // 2
+        if qkv.stride(1) != 1 or qkv.shape[1] != (q_heads + 2 * kv_heads) * d or q_heads % kv_heads:
+            raise ValueError(f"expected contiguous QKV rows of ({q_heads} + 2 x KV heads) x {d}, got {tuple(qkv.shape)}")
+        q = torch.empty(t, q_heads, d, dtype=qkv.dtype, device=qkv.device)
+        _, key_cos, key_sin = meta.extra
+        _qk_norm_kv_append_kernel[(t, kv_heads)](
+            qkv, q, q_weight, k_weight, key_cos, key_sin, meta.slots, k_pool, v_pool,
+            qkv.stride(0), q.stride(0), q.stride(1), *_pool_strides(k_pool, v_pool), eps,
+            Q_HEADS=q_heads, KV_HEADS=kv_heads, REP=q_heads // kv_heads, D=d, DP=_next_pow2(d),
+            PAGE=k_pool.shape[1], HALF=d // 2, HALFP=max(16, _next_pow2(d // 2)), CHAINED=self.chained,
+            **pdl_launch(self.chained),
+        )
+        return q
+
     def attend(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, meta: PassMeta) -> torch.Tensor:
         from .pdl import launch as pdl_launch
         from .triton_attention import LOG2E, _merge_partials_kernel, _rope_shift_partial_kernel

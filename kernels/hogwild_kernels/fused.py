@@ -17,6 +17,21 @@ from .pdl import chain_start, launch
 
 
 @triton.jit
+def inv_rms(x, N: tl.constexpr, eps):
+    """1 / RMS of one row (fp32; the sum over the row's block in one reduction)."""
+    xf = x.to(tl.float32)
+    return 1.0 / tl.sqrt(tl.sum(xf * xf, 0) / N + eps)
+
+
+@triton.jit
+def rms_scaled(x, inv, w_ptr, mask):
+    """x's RMSNorm times the weight (fp32), rounded where the torch reference rounds: the
+    normalised value in x's dtype. Elementwise, so a row may be done in pieces with one inv."""
+    normed = (x.to(tl.float32) * inv).to(x.dtype).to(tl.float32)
+    return normed * tl.load(w_ptr, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _add_rms_norm_kernel(x_ptr, delta_ptr, w_ptr, w2_ptr, sum_ptr, out_ptr, heads, split, eps,
                          stride_xt, stride_xh, stride_dt, stride_dh, stride_st, stride_ot, stride_oh,
                          N: tl.constexpr, BLOCK: tl.constexpr, HAS_DELTA: tl.constexpr, CHAINED: tl.constexpr):
@@ -33,14 +48,12 @@ def _add_rms_norm_kernel(x_ptr, delta_ptr, w_ptr, w2_ptr, sum_ptr, out_ptr, head
         d = tl.load(delta_ptr + t * stride_dt + h * stride_dh + offs, mask=mask, other=0.0)
         x = (x.to(tl.float32) + d.to(tl.float32)).to(x_ptr.dtype.element_ty)
         tl.store(sum_ptr + t * stride_st + offs, x, mask=mask)
-    xf = x.to(tl.float32)
-    inv = 1.0 / tl.sqrt(tl.sum(xf * xf, 0) / N + eps)
-    normed = (xf * inv).to(x_ptr.dtype.element_ty).to(tl.float32)
+    inv = inv_rms(x, N, eps)
     if h < split:
-        w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        y = rms_scaled(x, inv, w_ptr + offs, mask)
     else:
-        w = tl.load(w2_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + t * stride_ot + h * stride_oh + offs, (normed * w).to(out_ptr.dtype.element_ty), mask=mask)
+        y = rms_scaled(x, inv, w2_ptr + offs, mask)
+    tl.store(out_ptr + t * stride_ot + h * stride_oh + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit

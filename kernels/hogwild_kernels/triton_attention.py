@@ -13,6 +13,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .fused import inv_rms, rms_scaled
 from .pdl import chain_start
 
 LOG2E = 1.4426950408889634
@@ -249,3 +250,46 @@ def _kv_append_kernel(
     vb = v_ptr + t * stride_vt + h * stride_vh + d
     tl.store(v_pool_ptr + pb, tl.load(vb, mask=dmask, other=0.0).to(ty), mask=dmask)
     tl.store(v_pool_ptr + pb + HALF, tl.load(vb + HALF, mask=dmask, other=0.0).to(ty), mask=dmask)
+
+
+@triton.jit
+def _qk_norm_kv_append_kernel(
+    qkv_ptr, q_out_ptr, q_w_ptr, k_w_ptr, cos_ptr, sin_ptr, slot_ptr, k_pool_ptr, v_pool_ptr,
+    stride_t, stride_ot, stride_oh, stride_ppage, stride_ptok, stride_ph, eps,
+    Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, REP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+    PAGE: tl.constexpr, HALF: tl.constexpr, HALFP: tl.constexpr, CHAINED: tl.constexpr,
+):
+    """Qwen3's per-head q and k RMSNorms and the K/V append in one launch: for one token and one
+    KV head, its key normed, rotated at its block-local position and stored with its value,
+    and the REP query heads that read it normed into q_out. Each row's norm is the one
+    fused.qk_rms_norm computes (one reduction over the whole row, the same roundings), so
+    this gives its bits and those of the append after it."""
+    chain_start(CHAINED)
+    t = tl.program_id(0)
+    h = tl.program_id(1)
+    row = qkv_ptr + t * stride_t
+    offs = tl.arange(0, DP)
+    mask = offs < D
+    d = tl.arange(0, HALFP)
+    dmask = d < HALF
+    kb = row + (Q_HEADS + h) * D
+    inv = inv_rms(tl.load(kb + offs, mask=mask, other=0.0), D, eps)
+    ty_in = qkv_ptr.dtype.element_ty
+    k1 = rms_scaled(tl.load(kb + d, mask=dmask, other=0.0), inv, k_w_ptr + d, dmask).to(ty_in).to(tl.float32)
+    k2 = rms_scaled(tl.load(kb + HALF + d, mask=dmask, other=0.0), inv, k_w_ptr + HALF + d, dmask)
+    k2 = k2.to(ty_in).to(tl.float32)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    cos = tl.load(cos_ptr + t * HALF + d, mask=dmask, other=0.0)
+    sin = tl.load(sin_ptr + t * HALF + d, mask=dmask, other=0.0)
+    pb = (slot // PAGE) * stride_ppage + (slot % PAGE) * stride_ptok + h * stride_ph + d
+    ty = k_pool_ptr.dtype.element_ty
+    tl.store(k_pool_ptr + pb, (k1 * cos - k2 * sin).to(ty), mask=dmask)
+    tl.store(k_pool_ptr + pb + HALF, (k2 * cos + k1 * sin).to(ty), mask=dmask)
+    vb = row + (Q_HEADS + KV_HEADS + h) * D + d
+    tl.store(v_pool_ptr + pb, tl.load(vb, mask=dmask, other=0.0).to(ty), mask=dmask)
+    tl.store(v_pool_ptr + pb + HALF, tl.load(vb + HALF, mask=dmask, other=0.0).to(ty), mask=dmask)
+    for g in tl.static_range(REP):
+        head = h * REP + g
+        q = tl.load(row + head * D + offs, mask=mask, other=0.0)
+        y = rms_scaled(q, inv_rms(q, D, eps), q_w_ptr + offs, mask)
+        tl.store(q_out_ptr + t * stride_ot + head * stride_oh + offs, y.to(q_out_ptr.dtype.element_ty), mask=mask)
