@@ -471,3 +471,35 @@ def test_skinny_products_match_an_fp32_product(dtype, rows, n, k, bias, config):
         skinny_linear(x, w, gated=True)
     assert not supported(torch.randn(17, k).to(DEVICE, dtype), w)  # more rows than a tile: cuBLAS
     assert not supported(x.float(), w.float())  # fp32 stays exact on cuBLAS
+
+
+@pytest.mark.parametrize("dtype", SKINNY_DTYPES)
+@pytest.mark.parametrize("rows,n,k,delta,config", [
+    (1, 48, 512, True, (16, 256, 4, 2)),  # one worker: the residual's new sum stored by the first program
+    (3, 40, 768, True, (16, 512, 4, 2)),  # a ragged last strip and K block
+    (4, 64, 256, False, (32, 256, 4, 3)),  # the first layer's norm: no delta, the residual is x itself
+])
+def test_a_product_takes_the_norm_before_it_in_its_loads(dtype, rows, n, k, delta, config):
+    """skinny_norm_linear: the residual add + RMSNorm and the product in one launch, bit for bit
+    what add_rms_norm then the product give (the residual's sum too)."""
+    from hogwild_kernels.fused import add_rms_norm
+    from hogwild_kernels.skinny import NORM_ROWS, normed_supported, skinny_linear, skinny_norm_linear
+
+    g = torch.Generator().manual_seed(rows * n + k)
+    x = (3 * torch.randn(rows, k, generator=g)).to(DEVICE, dtype)
+    d = (3 * torch.randn(rows, k, generator=g)).to(DEVICE, dtype) if delta else None
+    nw = (1 + 0.2 * torch.randn(k, generator=g)).to(DEVICE, dtype)
+    w = (torch.randn(n, k, generator=g) / k**0.5).to(DEVICE, dtype)
+    total, h = add_rms_norm(x, d, nw, 1e-6)
+    want = skinny_linear(h, w, config=config)
+    got, got_total = skinny_norm_linear(x, d, nw, 1e-6, w, config=config)
+    assert torch.equal(got, want) and torch.equal(got_total, total)
+    assert (got_total is x) == (d is None)
+    from hogwild_kernels import pdl
+
+    if pdl.supported(DEVICE):
+        assert torch.equal(skinny_norm_linear(x, d, nw, 1e-6, w, config=config, chained=True)[0], want)
+    many = torch.randn(NORM_ROWS + 1, k).to(DEVICE, dtype)
+    assert normed_supported(x, w) and not normed_supported(many, w)
+    with pytest.raises(ValueError, match="at most"):
+        skinny_norm_linear(many, None, nw, 1e-6, w)

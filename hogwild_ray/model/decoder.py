@@ -55,8 +55,9 @@ class Decoder:
         # shape, on whichever of cuBLAS and the skinny kernel was faster on this GPU at start
         # (cuBLAS splits some of them over K and adds a reduction kernel)
         self.products: dict = {}
-        # small kernels folded into their neighbours, the same bits: the MLP's activation into the
-        # down projection's loads (on the skinny kernel), Qwen3's q/k norms into the K/V append
+        # small kernels folded into their neighbours, the same bits: the residual norms into the loads
+        # of the products after them (passes of a few rows) and the MLP's activation into the down
+        # projection's (both on the skinny kernel), Qwen3's q/k norms into the K/V append
         self.fold_small_kernels = True
         if self.fused and weights.embed.is_cuda and weights.embed.dtype in (torch.bfloat16, torch.float16):
             from hogwild_kernels.skinny import choose
@@ -115,10 +116,27 @@ class Decoder:
             x = x + delta
         return x, rms_norm(x, weight, self.spec.rms_eps)
 
-    def _attention_block(self, lw: LayerWeights, h: torch.Tensor, meta: PassMeta, cache: KVPool,
-                         layer: int) -> torch.Tensor:
+    def _norm_linear(self, x: torch.Tensor, delta: torch.Tensor | None, norm_weight: torch.Tensor,
+                     weight: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the product of RMSNorm(x + delta), x + delta): a block's input projection and the
+        residual stream; for a few rows on the skinny kernel in one launch (the norm folded into
+        the product's loads, the same bits)."""
+        if self.products and self.fold_small_kernels:
+            from hogwild_kernels.skinny import bucket, normed_supported, skinny_norm_linear
+
+            if normed_supported(x, weight) and (delta is None or delta.is_contiguous()):
+                config = self.products.get((*weight.shape, bucket(x.shape[0])))
+                if config is not None or self.chained:
+                    return skinny_norm_linear(x, delta, norm_weight, self.spec.rms_eps, weight, bias, config,
+                                              self.chained)
+        x, h = self._add_norm(x, delta, norm_weight)
+        return self._linear(h, weight, bias), x
+
+    def _attention_block(self, lw: LayerWeights, x: torch.Tensor, delta: torch.Tensor | None, meta: PassMeta,
+                         cache: KVPool, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the attention block's output, the residual stream with the last block's delta added)."""
         s = self.spec
-        qkv = self._linear(h, lw.w_qkv, lw.b_qkv)
+        qkv, x = self._norm_linear(x, delta, lw.ln_attn, lw.w_qkv, lw.b_qkv)
         q_size, kv_size = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         q = q.view(-1, s.num_heads, s.head_dim)
@@ -139,9 +157,9 @@ class Decoder:
             self.attention.append(cache.k[layer], cache.v[layer], k, v, meta)
         o = self.attention.attend(q, cache.k[layer], cache.v[layer], meta)
         if self.tp is None:
-            return self._linear(o.reshape(h.shape[0], -1), lw.w_o, lw.b_o)
-        out = self.tp.all_reduce(self._linear(o.reshape(h.shape[0], -1), lw.w_o))
-        return out if lw.b_o is None else out + lw.b_o  # the bias once, after the sum
+            return self._linear(o.reshape(x.shape[0], -1), lw.w_o, lw.b_o), x
+        out = self.tp.all_reduce(self._linear(o.reshape(x.shape[0], -1), lw.w_o))
+        return (out if lw.b_o is None else out + lw.b_o), x  # the bias once, after the sum
 
     def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.tp is None:
@@ -158,14 +176,15 @@ class Decoder:
             return logits.to(torch.float32)
         return self.tp.all_gather_last_dim(logits)[:, :self.spec.vocab_size].to(torch.float32)
 
-    def _mlp_block(self, lw: LayerWeights, h: torch.Tensor) -> torch.Tensor:
-        gate_up = self._linear(h, lw.w_gate_up)
+    def _mlp_block(self, lw: LayerWeights, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the MLP block's output, the residual stream with the attention's delta added)."""
+        gate_up, x = self._norm_linear(x, delta, lw.ln_mlp, lw.w_gate_up)
         if self.fused:
             out = self._linear(gate_up, lw.w_down, gated=True)
         else:
             gate, up = gate_up.chunk(2, dim=-1)
             out = self._linear(F.silu(gate) * up, lw.w_down)
-        return out if self.tp is None else self.tp.all_reduce(out)
+        return (out if self.tp is None else self.tp.all_reduce(out)), x
 
     @torch.inference_mode()
     def forward(self, b: ForwardBatch, cache: KVPool) -> torch.Tensor:
@@ -174,8 +193,7 @@ class Decoder:
         meta = self.attention.prepare(b.groups, b.slots, b.key_positions, plan=b.plan, page_size=cache.page_size)
         delta = None  # the last block's output, added to the residual stream by the next norm
         for i, lw in enumerate(self.w.layers):
-            x, h = self._add_norm(x, delta, lw.ln_attn)
-            x, h = self._add_norm(x, self._attention_block(lw, h, meta, cache, i), lw.ln_mlp)
-            delta = self._mlp_block(lw, h)
+            attention, x = self._attention_block(lw, x, delta, meta, cache, i)
+            delta, x = self._mlp_block(lw, x, attention)
         x = x[b.last_rows] + delta[b.last_rows]
         return self._lm_head(rms_norm(x, self.w.norm, self.spec.rms_eps))

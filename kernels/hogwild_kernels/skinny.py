@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .fused import inv_rms, rms_scaled
 from .pdl import chain_start, launch
 
 MAX_ROWS = 16  # one tensor-core tile of rows; larger passes go to cuBLAS
@@ -45,14 +46,27 @@ def _load_rows(x_ptrs, mask, K: tl.constexpr, GATED: tl.constexpr):
 
 
 @triton.jit
+def _normed_rows(x_ptrs, d_ptrs, nw_ptrs, inv, mask, HAS_DELTA: tl.constexpr):
+    """A tile of (x + delta)'s RMSNorm times the norm's weight, as fused.add_rms_norm rounds it."""
+    x = tl.load(x_ptrs, mask=mask, other=0.0)
+    if HAS_DELTA:
+        x = (x.to(tl.float32) + tl.load(d_ptrs, mask=mask, other=0.0).to(tl.float32)).to(x.dtype)
+    return rms_scaled(x, inv[:, None], nw_ptrs, mask).to(x.dtype)
+
+
+@triton.jit
 def _skinny_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, stride_xm, stride_wn, stride_om, K: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, CHAINED: tl.constexpr, PREFETCH: tl.constexpr,
-                   GATED: tl.constexpr):
+                   GATED: tl.constexpr, d_ptr=None, nw_ptr=None, sum_ptr=None, eps=0.0, NORM_ROWS: tl.constexpr = 0,
+                   KP: tl.constexpr = 1, HAS_DELTA: tl.constexpr = False):
     """CHAINED: a programmatic dependent (pdl.py); while the kernel before it runs, the strip's
     first PREFETCH 128-byte lines of each row are requested into the L2 cache (weights: no
     kernel writes them). GATED: x holds [gate | up] rows and the product's input is SiLU(gate)
-    * up (the MLP's down projection takes its activation without a kernel of its own)."""
+    * up (the MLP's down projection takes its activation without a kernel of its own).
+    NORM_ROWS > 0 (M <= NORM_ROWS): the input is the RMSNorm of x (+ delta, the residual
+    stream's new sum, which the first program stores at sum_ptr) times the norm's weight, each
+    row's statistic taken over the whole row (KP wide) as fused.add_rms_norm takes it."""
     pid = tl.program_id(0)
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     if PREFETCH > 0:
@@ -65,18 +79,41 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, stride_xm, stride_wn, str
     m_ok = rm < M
     w_ptrs = w_ptr + rn[:, None] * stride_wn + rk[None, :]
     x_ptrs = x_ptr + rm[:, None] * stride_xm + rk[None, :]
+    inv = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if NORM_ROWS > 0:
+        d_ptrs = d_ptr + rm[:, None] * stride_xm + rk[None, :]
+        nw_ptrs = nw_ptr + rk[None, :]
+        row = tl.arange(0, KP)
+        for r in tl.static_range(NORM_ROWS):
+            ok = (row < K) & (r < M)
+            xr = tl.load(x_ptr + r * stride_xm + row, mask=ok, other=0.0)
+            if HAS_DELTA:
+                xr = (xr.to(tl.float32) + tl.load(d_ptr + r * stride_xm + row, mask=ok, other=0.0).to(tl.float32)
+                      ).to(xr.dtype)
+                if pid == 0:
+                    tl.store(sum_ptr + r * stride_xm + row, xr, mask=ok)
+            inv = tl.where(rm == r, inv_rms(xr, K, eps), inv)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         if EVEN_K:
             w = tl.load(w_ptrs, mask=n_ok[:, None], other=0.0)
-            x = _load_rows(x_ptrs, m_ok[:, None], K, GATED)
+            if NORM_ROWS > 0:
+                x = _normed_rows(x_ptrs, d_ptrs, nw_ptrs, inv, m_ok[:, None], HAS_DELTA)
+            else:
+                x = _load_rows(x_ptrs, m_ok[:, None], K, GATED)
         else:
             k_ok = (k0 + rk) < K
             w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            x = _load_rows(x_ptrs, m_ok[:, None] & k_ok[None, :], K, GATED)
+            if NORM_ROWS > 0:
+                x = _normed_rows(x_ptrs, d_ptrs, nw_ptrs, inv, m_ok[:, None] & k_ok[None, :], HAS_DELTA)
+            else:
+                x = _load_rows(x_ptrs, m_ok[:, None] & k_ok[None, :], K, GATED)
         acc += tl.dot(x, tl.trans(w))
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
+        if NORM_ROWS > 0:
+            d_ptrs += BLOCK_K
+            nw_ptrs += BLOCK_K
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty),
@@ -109,6 +146,39 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         CHAINED=chained, PREFETCH=_prefetch_lines(k, weight.element_size()) if chained else 0, GATED=gated,
         num_warps=warps, num_stages=stages, **launch(chained))
     return out
+
+
+NORM_ROWS = 4  # a product takes the norm before it in its loads for passes of up to this many rows
+
+
+def normed_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Rows for skinny_norm_linear: at most NORM_ROWS, contiguous (x and delta alike)."""
+    return supported(x, weight) and x.shape[0] <= NORM_ROWS and x.is_contiguous()
+
+
+def skinny_norm_linear(x: torch.Tensor, delta: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                       weight: torch.Tensor, bias: torch.Tensor | None = None,
+                       config: tuple[int, int, int, int] | None = None, chained: bool = False
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(F.linear(h, weight, bias), total) for (total, h) = fused.add_rms_norm(x, delta,
+    norm_weight, eps), bit for bit, in one launch (the residual stream's norm taken by the
+    product that reads it; passes of at most NORM_ROWS rows)."""
+    m, k = x.shape
+    if not normed_supported(x, weight) or (delta is not None and (delta.shape != x.shape or not delta.is_contiguous())):
+        raise ValueError(f"skinny_norm_linear takes at most {NORM_ROWS} contiguous half-precision rows of the "
+                         f"weight's width, and a delta of their shape; got x {tuple(x.shape)}")
+    n = weight.shape[0]
+    block_n, block_k, warps, stages = config or pick(n, k)
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    total = x if delta is None else torch.empty_like(x)
+    _skinny_kernel[(triton.cdiv(n, block_n),)](
+        x, weight, bias if bias is not None else weight, out, m, n, x.stride(0), weight.stride(0), out.stride(0), K=k,
+        BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0,
+        CHAINED=chained, PREFETCH=_prefetch_lines(k, weight.element_size()) if chained else 0, GATED=False,
+        d_ptr=x if delta is None else delta, nw_ptr=norm_weight, sum_ptr=total, eps=eps, NORM_ROWS=NORM_ROWS,
+        KP=triton.next_power_of_2(k), HAS_DELTA=delta is not None,
+        num_warps=warps, num_stages=stages, **launch(chained))
+    return out, total
 
 
 PREFETCH_BYTES = 2048  # of each weight row, requested while the kernel before runs (chained)
