@@ -255,8 +255,9 @@ class TritonAttention:
         t = qkv.shape[0]
         d = q_weight.shape[0]
         kv_heads = (qkv.shape[1] // d - q_heads) // 2
-        if qkv.stride(1) != 1 or qkv.shape[1] != (q_heads + 2 * kv_heads) * d or q_heads % kv_heads:
-            raise ValueError(f"expected contiguous QKV rows of ({q_heads} + 2 x KV heads) x {d}, got {tuple(qkv.shape)}")
+        if qkv.stride(1) != 1 or kv_heads < 1 or qkv.shape[1] != (q_heads + 2 * kv_heads) * d or q_heads % kv_heads:
+            raise ValueError(f"expected contiguous QKV rows of ({q_heads} + 2 x KV heads) x {d}, "
+                             f"got {tuple(qkv.shape)}")
         q = torch.empty(t, q_heads, d, dtype=qkv.dtype, device=qkv.device)
         _, key_cos, key_sin = meta.extra
         _qk_norm_kv_append_kernel[(t, kv_heads)](
