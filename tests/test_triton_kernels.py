@@ -224,6 +224,12 @@ def test_half_precision_on_gpu(dtype, workers, q_heads, kv_heads, head_dim):
     # the merge launched as a programmatic dependent (Hopper) waits for every partial
     plain = TritonAttention(ref.inv_freq, 1.0, head_dim**-0.5, kv_heads=kv_heads, pdl=False)
     assert torch.equal(plain.attend(q, k_pool, v_pool, plain.prepare(groups, s, s)).float(), got)
+    from hogwild_kernels import pdl
+
+    if pdl.supported(DEVICE):  # chained: each unit's first keys prefetched into L2 before the wait
+        chained = TritonAttention(ref.inv_freq, 1.0, head_dim**-0.5, kv_heads=kv_heads)
+        chained.chained = True
+        assert torch.equal(chained.attend(q, k_pool, v_pool, chained.prepare(groups, s, s)).float(), got)
 
 
 @pytest.mark.parametrize("workers,q_heads,kv_heads,head_dim,seed", [(3, 8, 2, 64, 11), (5, 10, 2, 32, 12)])

@@ -143,6 +143,9 @@ PDL_MAX_TOKENS = 4
 # 72 KB of shared memory a program) took 0.93-1.38x, slower at short views. Four warps for every
 # row tile: eight (for 128 rows) took 1.03-1.15x their time with 16 workers of 5 query heads each
 PARTIAL_STAGES = 2
+# keys of its unit whose K and V a chained partial program asks the L2 cache for while the kernel
+# before it (the K/V append) still runs: its first tile
+PREFETCH_KEYS = 64
 
 
 def _next_pow2(x: int) -> int:
@@ -302,6 +305,8 @@ class TritonAttention:
                 PAGE=k_pool.shape[1], REP=rep, BLOCK_R=block_r, BLOCK_M=block_m,
                 HALF=d // 2, HALFP=max(16, _next_pow2(d // 2)), BLOCK_N=self.long_block_n if long else self.block_n,
                 IEEE=q.dtype == torch.float32, LOOP_WHILE=self.interpret, PDL=pdl, CHAINED=self.chained,
+                PREFETCH_KEYS=PREFETCH_KEYS if self.chained else 0,
+                KV_LINES=_next_pow2(-(-d * k_pool.element_size() // 128)),
                 **launch, **pdl_launch(self.chained),
             )
         _merge_partials_kernel[(t, hq)](

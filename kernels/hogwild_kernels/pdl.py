@@ -44,3 +44,11 @@ def chain_start(CHAINED: tl.constexpr):
     if CHAINED:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def prefetch_l2(ptrs):
+    """Ask the L2 cache for these addresses' lines; no registers wait for them (what a chained
+    kernel may do before `chain_start` with memory no kernel of the chain writes)."""
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                              is_pure=False, pack=1)

@@ -15,20 +15,13 @@ import triton
 import triton.language as tl
 
 from .fused import inv_rms, rms_scaled
-from .pdl import chain_start, launch
+from .pdl import chain_start, launch, prefetch_l2
 
 MAX_ROWS = 16  # one tensor-core tile of rows; larger passes go to cuBLAS
 # (BLOCK_N, BLOCK_K, num_warps, num_stages): few strips per SM, each with ~64 KB in flight. The
 # engine times CANDIDATES at start; benchmarks/skinny_gemm.py sweeps all of CONFIGS.
 CANDIDATES = [(32, 256, 4, 4), (32, 512, 4, 3), (64, 256, 4, 3)]
 CONFIGS = CANDIDATES + [(16, 512, 4, 4), (16, 256, 4, 6)]
-
-
-@triton.jit
-def _prefetch_l2(ptrs):
-    """Ask the L2 cache for these addresses' lines; no registers wait for them."""
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
-                              is_pure=False, pack=1)
 
 
 @triton.jit
@@ -71,7 +64,7 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, stride_xm, stride_wn, str
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     if PREFETCH > 0:
         line = tl.arange(0, PREFETCH) * (1024 // w_ptr.dtype.element_ty.primitive_bitwidth)  # elements a line
-        _prefetch_l2(w_ptr + tl.minimum(rn, N - 1)[:, None] * stride_wn + line[None, :])
+        prefetch_l2(w_ptr + tl.minimum(rn, N - 1)[:, None] * stride_wn + line[None, :])
     chain_start(CHAINED)
     rm = tl.arange(0, BLOCK_M)
     rk = tl.arange(0, BLOCK_K)

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from .fused import inv_rms, rms_scaled
-from .pdl import chain_start
+from .pdl import chain_start, prefetch_l2
 
 LOG2E = 1.4426950408889634
 
@@ -95,19 +95,18 @@ def _rope_shift_partial_kernel(
     qk_scale,
     PAGE: tl.constexpr, REP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
     HALF: tl.constexpr, HALFP: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
-    LOOP_WHILE: tl.constexpr, PDL: tl.constexpr, CHAINED: tl.constexpr,
+    LOOP_WHILE: tl.constexpr, PDL: tl.constexpr, CHAINED: tl.constexpr, PREFETCH_KEYS: tl.constexpr = 0,
+    KV_LINES: tl.constexpr = 1,
 ):
     """Partial attention of one unit (a chunk of one block) for one KV head and BLOCK_R readers.
 
     Rows pack (reader, query head of this KV head) densely: BLOCK_R * REP <= BLOCK_M.
     Each reader's rotation (cos/sin of its delta, rope attention factor included) comes
     precomputed per pair, once per forward pass for all layers. CHAINED: a programmatic
-    dependent of the kernel before it (pdl.py).
+    dependent of the kernel before it (pdl.py); until that kernel's writes are visible it
+    reads only the pass's plan (host inputs) and asks the L2 cache for the K and V lines
+    (KV_LINES of 128 bytes a key) of the unit's first PREFETCH_KEYS keys.
     """
-    if CHAINED:
-        tl.extra.cuda.gdc_wait()
-    if PDL:  # the merge may be scheduled now; it waits for this grid's stores before it reads
-        tl.extra.cuda.gdc_launch_dependents()
     u = unit0 + tl.program_id(0)
     h = tl.program_id(1)
     rt = tl.program_id(2)
@@ -118,6 +117,17 @@ def _rope_shift_partial_kernel(
     kstart = tl.load(unit_kstart_ptr + u)
     kend = tl.load(unit_kend_ptr + u)
     pair0 = tl.load(unit_pair_ptr + u)
+    if PREFETCH_KEYS > 0:  # older keys were written by earlier passes; a prefetch puts nothing in registers
+        first = kstart + tl.arange(0, PREFETCH_KEYS)
+        page = tl.load(tables_ptr + item * stride_table + first // PAGE, mask=first < kend, other=0)
+        line = tl.arange(0, KV_LINES) * (1024 // k_ptr.dtype.element_ty.primitive_bitwidth)
+        at = (page.to(tl.int64) * stride_kpage + (first % PAGE) * stride_ktok + h * stride_kh)[:, None] + line[None, :]
+        prefetch_l2(k_ptr + at)
+        prefetch_l2(v_ptr + at)
+    if CHAINED:
+        tl.extra.cuda.gdc_wait()
+    if PDL:  # the merge may be scheduled now; it waits for this grid's stores before it reads
+        tl.extra.cuda.gdc_launch_dependents()
 
     m = tl.arange(0, BLOCK_M)
     row = rt * BLOCK_R + m // REP
