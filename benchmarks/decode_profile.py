@@ -8,11 +8,10 @@ those replays grouped by name. With `--skinny on,off` the decode products run on
 engine chose at start (per weight shape, the faster of cuBLAS and the skinny kernel) or on
 cuBLAS alone, side by side in one run (one engine each); `unchained` is `on` with every
 kernel waiting for the one before to end (no programmatic dependent launches; on Hopper the
-engine chains a layer's kernels and runs every decode product on the skinny kernel), and
-`unfused` is `on` with two small kernels of their own that the engine folds into their
-neighbours: the MLP's activation (the down projection on the skinny kernel otherwise
-computes SiLU(gate) * up as it loads its input) and Qwen3's q/k norms (otherwise done by the
-K/V append's launch).
+engine chains a layer's kernels and runs every decode product on the skinny kernel).
+`--folds default,none,all,norm,activation,qk_norm+norm` runs each setting with the small
+kernels the decoder folds into their neighbours (hogwild_ray.model.decoder.FOLDS) as named,
+side by side (one engine each).
 `--host-profile` adds the host's
 hottest functions over more steps (cProfile, after the timed ones).
 
@@ -37,6 +36,7 @@ from bandwidth import measure as measure_bandwidth  # noqa: E402
 
 import hogwild_ray as hw  # noqa: E402
 from hogwild_ray.cli.common import at_least  # noqa: E402
+from hogwild_ray.model.decoder import FOLDS  # noqa: E402
 
 
 def kernel_times(graph, replays: int) -> dict[str, float]:
@@ -194,8 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--protocol", action="store_true",
                    help="the workers' protocol on (steps end at paragraphs: relocations, changing views)")
     p.add_argument("--skinny", default="on,off",
-                   help="on, off, unchained (on, without the PDL chain), unfused (on, the activation and the q/k "
-                        "norms in kernels of their own) or several (the decode products' kernel)")
+                   help="on, off, unchained (on, without the PDL chain) or several (the decode products' kernel)")
+    p.add_argument("--folds", default="default",
+                   help="default (the engine's), none, all, or FOLDS joined by '+'; several, comma-separated")
     p.add_argument("--host-profile", action="store_true", help="also profile the host's work (cProfile)")
     p.add_argument("--launch-ahead", default="on",
                    help="on: each pass launched as soon as the last one's samples are read (the engine's "
@@ -207,8 +208,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--date", default=common.today())
     args = p.parse_args(argv)
     settings = args.skinny.split(",")
-    if unknown := set(settings) - {"on", "off", "unchained", "unfused"}:
-        p.error(f"--skinny: unknown setting(s) {sorted(unknown)}; choose from on, off, unchained, unfused")
+    if unknown := set(settings) - {"on", "off", "unchained"}:
+        p.error(f"--skinny: unknown setting(s) {sorted(unknown)}; choose from on, off, unchained")
+    folds = args.folds.split(",")
+    if unknown := {f for fold in folds if fold not in ("default", "none", "all") for f in fold.split("+")} - set(FOLDS):
+        p.error(f"--folds: unknown fold(s) {sorted(unknown)}; choose from default, none, all or {', '.join(FOLDS)}")
     aheads = args.launch_ahead.split(",")
     if unknown := set(aheads) - {"on", "off"}:
         p.error(f"--launch-ahead: unknown setting(s) {sorted(unknown)}; choose from on, off")
@@ -218,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     floor = measure_bandwidth(dev)
     model = scaling_runs.Model(f"random:{args.shape}", dev, torch.bfloat16)
     rows = []
-    for setting in settings:
+    for setting, fold in [(s, f) for s in settings for f in folds]:
         engine = hw.HogwildEngine.from_pretrained(model.path, dev, torch.bfloat16, cuda_graphs=True,
                                                   cache_tokens=args.sessions * (max(args.workers) * 512
                                                                                 + args.view + 4096))
@@ -226,18 +230,20 @@ def main(argv: list[str] | None = None) -> int:
         chosen = {f"{n}x{k} rows<={r}": str(c) for (n, k, r), c in engine.decoder.products.items()}
         if setting == "unchained":  # each kernel waits for the one before to end (no PDL chain)
             engine.decoder.set_chained(False)
-        elif setting == "unfused":  # the activation and the q/k norms in kernels of their own
-            engine.decoder.fold_small_kernels = False
         elif setting != "on":
             engine.decoder.products = {}
+        if fold != "default":
+            engine.decoder.folds = {"none": set(), "all": set(FOLDS)}.get(fold) or set(fold.split("+"))
+        fold = "+".join(sorted(engine.decoder.folds)) or "none"
         for w in args.workers:
             for ahead in aheads:
                 engine.executor.prelaunch = ahead == "on"
-                r = {"skinny": setting, "launch_ahead": ahead, **measure(engine, model, w, args, floor.value)}
+                r = {"skinny": setting, "folds": fold, "launch_ahead": ahead,
+                     **measure(engine, model, w, args, floor.value)}
                 r["products"] = "cuBLAS" if setting == "off" else chosen
                 r["chained"] = engine.decoder.chained
                 rows.append(r)
-                print(f"skinny {setting}, launch ahead {ahead}, {args.sessions} x {w} workers: step "
+                print(f"skinny {setting}, folds {fold}, launch ahead {ahead}, {args.sessions} x {w} workers: step "
                       f"{r['step_ms']:.2f} ms, GPU {r['gpu_ms']:.2f} ms, roofline {r['roofline_ms']:.2f} ms "
                       f"(x{r['x_roofline']:.2f}), host {r['host_pct']:.1f}%, {r['kernels_per_pass']} kernels; "
                       f"the device waits {r['host_exposed_ms']:.3f} ms a pass for the host; between passes "
@@ -248,15 +254,16 @@ def main(argv: list[str] | None = None) -> int:
     name = common.device_name(dev)
     common.print_table(f"Decode step, random:{args.shape} bf16, {args.view}-token view, {name}, bandwidth "
                        f"{floor.gbs:.0f} GB/s",
-                       ["skinny", "launch ahead", "workers", "step ms", "GPU ms", "roofline ms", "x roofline",
+                       ["skinny", "folds", "launch ahead", "workers", "step ms", "GPU ms", "roofline ms", "x roofline",
                         "GPU x roofline", "host %", "device waits ms", "kernels"],
-                       [[r["skinny"], r["launch_ahead"], str(r["workers"]), f"{r['step_ms']:.2f}",
+                       [[r["skinny"], r["folds"], r["launch_ahead"], str(r["workers"]), f"{r['step_ms']:.2f}",
                          f"{r['gpu_ms']:.2f}", f"{r['roofline_ms']:.2f}", f"{r['x_roofline']:.2f}",
                          f"{r['gpu_x_roofline']:.2f}", f"{r['host_pct']:.1f}", f"{r['host_exposed_ms']:.3f}",
                          str(r["kernels_per_pass"])] for r in rows])
     for r in rows:
         top = sorted(r["kernel_us"].items(), key=lambda kv: -kv[1])[:14]
-        common.print_table(f"kernels of one pass: skinny {r['skinny']}, launch ahead {r['launch_ahead']}, "
+        common.print_table(f"kernels of one pass: skinny {r['skinny']}, folds {r['folds']}, launch ahead "
+                           f"{r['launch_ahead']}, "
                            f"{r['workers']} workers "
                            f"(sum {sum(r['kernel_us'].values()):.0f} µs)",
                            ["kernel", "µs per pass"], [[k, f"{v:.1f}"] for k, v in top])
@@ -267,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
             "weight_bytes_read_per_step": model.weight_bytes, "versions": common.versions()}
     flat = [{k: v for k, v in r.items() if k not in ("kernel_us", "host_top")} for r in rows]
     common.write_results(stem, meta, flat, {"kernels": [
-        {k: r[k] for k in ("skinny", "launch_ahead", "workers", "kernel_us", "host_top")} for r in rows]})
+        {k: r[k] for k in ("skinny", "folds", "launch_ahead", "workers", "kernel_us", "host_top")} for r in rows]})
     plot(rows, Path(f"{stem}.png"), f"Decode step vs roofline, random:{args.shape}, {args.view} view, {name}")
     print(f"wrote {stem}.csv, .json and .png")
     return 0
@@ -280,7 +287,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4))
-    labels = [f"{r['workers']}w skinny {r['skinny']}, ahead {r['launch_ahead']}" for r in rows]
+    labels = [f"{r['workers']}w skinny {r['skinny']}, folds {r['folds']}, ahead {r['launch_ahead']}" for r in rows]
     xs = range(len(rows))
     ax.bar([x - 0.27 for x in xs], [r["step_ms"] for r in rows], 0.27, label="step (wall)")
     ax.bar(list(xs), [r["gpu_ms"] for r in rows], 0.27, label="GPU (graph replay)")

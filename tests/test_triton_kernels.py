@@ -178,9 +178,11 @@ def test_kv_append_matches_reference(kv_heads, head_dim):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("q_heads,kv_heads,head_dim", [(8, 2, 64), (3, 1, 128), (6, 3, 48)])
-def test_qk_norms_folded_into_the_append_give_the_same_bits(dtype, q_heads, kv_heads, head_dim):
-    """Qwen3's q/k norms and the K/V append in one launch: the q it returns and the pools it
-    writes equal, bit for bit, qk_rms_norm then the append (and the keys the reference's)."""
+def test_qk_norms_folded_into_the_append(dtype, q_heads, kv_heads, head_dim):
+    """Qwen3's q/k norms and the K/V append in one launch: the q it returns equals qk_rms_norm's
+    bit for bit, and the pools it writes what qk_rms_norm then the append write (bit for bit
+    under the interpreter; on a GPU the rotation may round its products differently, an ulp of
+    fp32), and the keys the reference's."""
     from hogwild_kernels.fused import qk_rms_norm
 
     ref, tri = backends(head_dim, rope_scale=1.2)
@@ -196,8 +198,12 @@ def test_qk_norms_folded_into_the_append_give_the_same_bits(dtype, q_heads, kv_h
     tri.append(pools[0], pools[1], k_sep, v, tri.prepare([], slots, pos))
     q = tri.append_normed(pools[2], pools[3], qkv, q_w, k_w, 1e-6, q_heads, tri.prepare([], slots, pos))
     assert q.shape == (t, q_heads, head_dim) and torch.equal(q, q_sep)
-    assert torch.equal(pools[2].nan_to_num(7.0), pools[0].nan_to_num(7.0))
-    assert torch.equal(pools[3].nan_to_num(7.0), pools[1].nan_to_num(7.0))
+    assert torch.equal(pools[3].nan_to_num(7.0), pools[1].nan_to_num(7.0))  # the values, copied
+    if DEVICE.type == "cpu":
+        assert torch.equal(pools[2].nan_to_num(7.0), pools[0].nan_to_num(7.0))
+    else:
+        ulp = dict(atol=1e-5, rtol=1e-6) if dtype == torch.float32 else dict(atol=1e-2, rtol=8e-3)
+        torch.testing.assert_close(pools[2].nan_to_num(7.0), pools[0].nan_to_num(7.0), **ulp)
     assert not pools[2][slots // 4, slots % 4].isnan().any()  # every new key written
     ref.append(pools[4], pools[5], k_sep, v, ref.prepare([], slots, pos))
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=1e-2)

@@ -37,6 +37,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * xf.to(x.dtype)
 
 
+# small kernels a decode pass folds into their neighbours (Decoder.folds): "norm", the residual
+# norms into the loads of the products after them (passes of up to four rows); "activation", the
+# MLP's SiLU(gate) * up into the down projection's (both on the skinny kernel); "qk_norm",
+# Qwen3's q/k norms into the K/V append's launch
+FOLDS = ("norm", "activation", "qk_norm")
+
+
 class Decoder:
     """Stateless apart from its weights: the cache is passed in.
 
@@ -55,10 +62,8 @@ class Decoder:
         # shape, on whichever of cuBLAS and the skinny kernel was faster on this GPU at start
         # (cuBLAS splits some of them over K and adds a reduction kernel)
         self.products: dict = {}
-        # small kernels folded into their neighbours, the same bits: the residual norms into the loads
-        # of the products after them (passes of a few rows) and the MLP's activation into the down
-        # projection's (both on the skinny kernel), Qwen3's q/k norms into the K/V append
-        self.fold_small_kernels = True
+        # small kernels folded into their neighbours (FOLDS): none by default
+        self.folds: set[str] = set()
         if self.fused and weights.embed.is_cuda and weights.embed.dtype in (torch.bfloat16, torch.float16):
             from hogwild_kernels.skinny import choose
 
@@ -95,7 +100,7 @@ class Decoder:
         if self.products:
             from hogwild_kernels.skinny import bucket, skinny_linear, supported
 
-            if supported(x, weight, gated) and (self.fold_small_kernels or not gated):
+            if supported(x, weight, gated) and ("activation" in self.folds or not gated):
                 config = self.products.get((*weight.shape, bucket(x.shape[0])))
                 if config is not None or self.chained:
                     return skinny_linear(x, weight, bias, config=config, chained=self.chained, gated=gated)
@@ -121,7 +126,7 @@ class Decoder:
         """(the product of RMSNorm(x + delta), x + delta): a block's input projection and the
         residual stream; for a few rows on the skinny kernel in one launch (the norm folded into
         the product's loads, the same bits)."""
-        if self.products and self.fold_small_kernels:
+        if self.products and "norm" in self.folds:
             from hogwild_kernels.skinny import bucket, normed_supported, skinny_norm_linear
 
             if normed_supported(x, weight) and (delta is None or delta.is_contiguous()):
@@ -142,7 +147,7 @@ class Decoder:
         q = q.view(-1, s.num_heads, s.head_dim)
         k = k.view(-1, s.num_kv_heads, s.head_dim)
         v = v.view(-1, s.num_kv_heads, s.head_dim)
-        if lw.q_norm is not None and self.fused and self.fold_small_kernels:
+        if lw.q_norm is not None and self.fused and "qk_norm" in self.folds:
             q = self.attention.append_normed(cache.k[layer], cache.v[layer], qkv, lw.q_norm, lw.k_norm, s.rms_eps,
                                              s.num_heads, meta)
         else:
