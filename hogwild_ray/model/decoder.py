@@ -125,7 +125,7 @@ class Decoder:
                      weight: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(the product of RMSNorm(x + delta), x + delta): a block's input projection and the
         residual stream; for a few rows on the skinny kernel in one launch (the norm folded into
-        the product's loads, the same bits)."""
+        the product's loads: Decoder.folds)."""
         if self.products and "norm" in self.folds:
             from hogwild_kernels.skinny import bucket, normed_supported, skinny_norm_linear
 

@@ -250,8 +250,9 @@ class TritonAttention:
     def append_normed(self, k_pool: torch.Tensor, v_pool: torch.Tensor, qkv: torch.Tensor, q_weight: torch.Tensor,
                       k_weight: torch.Tensor, eps: float, q_heads: int, meta: PassMeta) -> torch.Tensor:
         """Qwen3's per-head q and k RMSNorms folded into `append`, one launch for what takes two
-        (fused.qk_rms_norm, then append), the same bits: from a fused QKV output [T, (Hq + 2 Hkv)
-        * D], the keys normed, rotated and stored with the values; returns q normed [T, Hq, D]."""
+        (fused.qk_rms_norm, then append; q bit for bit, the keys within an ulp): from a fused QKV
+        output [T, (Hq + 2 Hkv) * D], the keys normed, rotated and stored with the values;
+        returns q normed [T, Hq, D]."""
         from .pdl import launch as pdl_launch
         from .triton_attention import _qk_norm_kv_append_kernel
 

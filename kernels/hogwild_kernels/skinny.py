@@ -27,7 +27,7 @@ CONFIGS = CANDIDATES + [(16, 512, 4, 4), (16, 256, 4, 6)]
 @triton.jit
 def _load_rows(x_ptrs, mask, K: tl.constexpr, GATED: tl.constexpr):
     """A tile of the product's input rows; GATED: SiLU(gate) * up of rows [gate | up] (each K
-    wide), rounded where fused.silu_mul rounds, so the two paths agree bit for bit."""
+    wide), rounded where fused.silu_mul rounds (the two paths agree bit for bit under the interpreter)."""
     if GATED:
         g = tl.load(x_ptrs, mask=mask, other=0.0)
         u = tl.load(x_ptrs + K, mask=mask, other=0.0)
@@ -126,7 +126,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                   gated: bool = False) -> torch.Tensor:
     """F.linear(x, weight, bias) for x of at most MAX_ROWS rows: [M, K] @ [N, K]^T -> [M, N].
     chained: launched as a programmatic dependent of the kernel before it (pdl.py). gated: x is
-    [M, 2K], gate then up, and the product is F.linear(fused.silu_mul(x), weight, bias), bit for bit."""
+    [M, 2K], gate then up, and the product is F.linear(fused.silu_mul(x), weight, bias)."""
     m, k = x.shape[0], weight.shape[1]
     if x.shape[1] != (2 * k if gated else k):
         raise ValueError(f"rows of width {x.shape[1]} for a weight of width {k}{' (gated: twice it)' if gated else ''}")
@@ -154,7 +154,7 @@ def skinny_norm_linear(x: torch.Tensor, delta: torch.Tensor | None, norm_weight:
                        config: tuple[int, int, int, int] | None = None, chained: bool = False
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """(F.linear(h, weight, bias), total) for (total, h) = fused.add_rms_norm(x, delta,
-    norm_weight, eps), bit for bit, in one launch (the residual stream's norm taken by the
+    norm_weight, eps), in one launch (the residual stream's norm taken by the
     product that reads it; passes of at most NORM_ROWS rows)."""
     m, k = x.shape
     if not normed_supported(x, weight) or (delta is not None and (delta.shape != x.shape or not delta.is_contiguous())):
