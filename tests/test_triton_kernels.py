@@ -515,3 +515,35 @@ def test_a_product_takes_the_norm_before_it_in_its_loads(dtype, rows, n, k, delt
     assert normed_supported(x, w) and not normed_supported(many, w)
     with pytest.raises(ValueError, match="at most"):
         skinny_norm_linear(many, None, nw, 1e-6, w)
+
+
+@pytest.mark.parametrize("folds", [set(), {"activation"}])
+def test_the_down_projection_stays_on_the_skinny_kernel_with_or_without_the_fold(folds):
+    """The MLP's down projection on the skinny kernel (a decode pass's few half-precision rows):
+    its activation from silu_mul first, or, folded, in its loads; the same product either way."""
+    from hogwild_kernels import skinny
+    from hogwild_kernels.fused import silu_mul
+
+    import hogwild_ray as hw
+
+    engine = hw.HogwildEngine.from_pretrained("random:tiny", "cpu", "float32", cache_tokens=512, attention="triton")
+    decoder = engine.runner.decoder
+    g = torch.Generator().manual_seed(3)
+    w = (torch.randn(32, 64, generator=g) / 8).to(torch.float16)
+    gate_up = (2 * torch.randn(2, 128, generator=g)).to(torch.float16)
+    config = (16, 64, 4, 2)
+    decoder.products, decoder.folds = {(32, 64, 1): config}, folds
+    calls = []
+    real = skinny.skinny_linear
+
+    def spy(x, weight, bias=None, config=None, chained=False, gated=False):
+        calls.append((tuple(x.shape), gated))
+        return real(x, weight, bias, config=config, chained=chained, gated=gated)
+
+    skinny.skinny_linear = spy
+    try:
+        got = decoder._linear(gate_up, w, gated=True)
+    finally:
+        skinny.skinny_linear = real
+    assert calls == ([((2, 128), True)] if folds else [((2, 64), False)])
+    assert torch.equal(got, real(silu_mul(gate_up), w, config=config))

@@ -95,12 +95,16 @@ class Decoder:
 
     def _linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                 gated: bool = False) -> torch.Tensor:
-        """gated: x is [gate | up] and the product's input SiLU(gate) * up (on the skinny kernel
-        it takes the activation in its loads, one kernel fewer; elsewhere fused.silu_mul first)."""
+        """gated: x is [gate | up] and the product's input SiLU(gate) * up: fused.silu_mul first,
+        or, folded ("activation" in folds), the skinny kernel takes it in its loads."""
+        if gated and not ("activation" in self.folds and self.products):
+            from hogwild_kernels.fused import silu_mul
+
+            x, gated = silu_mul(x, chained=self.chained), False
         if self.products:
             from hogwild_kernels.skinny import bucket, skinny_linear, supported
 
-            if supported(x, weight, gated) and ("activation" in self.folds or not gated):
+            if supported(x, weight, gated):
                 config = self.products.get((*weight.shape, bucket(x.shape[0])))
                 if config is not None or self.chained:
                     return skinny_linear(x, weight, bias, config=config, chained=self.chained, gated=gated)
