@@ -272,8 +272,8 @@ def _qk_norm_kv_append_kernel(
     """Qwen3's per-head q and k RMSNorms and the K/V append in one launch: for one token and one
     KV head, its key normed, rotated at its block-local position and stored with its value,
     and the REP query heads that read it normed into q_out. Each row's norm is the one
-    fused.qk_rms_norm computes (one reduction over the whole row, the same roundings), so
-    this gives its bits and those of the append after it."""
+    fused.qk_rms_norm computes (one reduction over the whole row, the same roundings): q bit
+    for bit; the rotated keys bit for bit under the interpreter, within an ulp on a GPU."""
     chain_start(CHAINED)
     t = tl.program_id(0)
     h = tl.program_id(1)
