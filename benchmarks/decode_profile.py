@@ -36,6 +36,7 @@ from bandwidth import measure as measure_bandwidth  # noqa: E402
 
 import hogwild_ray as hw  # noqa: E402
 from hogwild_ray.cli.common import at_least  # noqa: E402
+from hogwild_ray.executor import local  # noqa: E402
 from hogwild_ray.model.decoder import FOLDS  # noqa: E402
 
 
@@ -87,7 +88,7 @@ def measure(engine, model: scaling_runs.Model, workers: int, args, bw: float) ->
         walls = common.step_walls(step, args.warmup, args.steps)
         split = host_split(engine, step, args.steps)
         kv_tokens = sum(scaling_runs.read_per_step(s)[0] for s in sessions)
-        host = host_profile(step, args.steps) if args.host_profile else None
+        host = common.host_profile(step, args.steps) if args.host_profile else None
         gpu = engine.graphs.replay_last(args.replays)
         graph = engine.graphs.last.graph
         kernels = kernel_times(graph, args.replays)
@@ -116,20 +117,11 @@ def host_split(engine, step, steps: int) -> dict[str, float]:
     stamps: list[tuple[str, float]] = []
     executor, runner = engine.executor, engine.runner
 
-    class Stamped:  # a pass's sampled ids: the stamp marks when they reach the host
-        def __init__(self, ids: torch.Tensor) -> None:
-            self.ids = ids
-
+    class Stamped(local.HostCopy):  # a pass's sampled ids: the stamp marks when they reach the host
         def tolist(self) -> list[int]:
-            out = self.ids.tolist()
+            out = super().tolist()
             stamps.append(("synced", time.perf_counter()))
             return out
-
-    forward = runner.forward
-
-    def stamped_forward(*a, **k):
-        logits, ids = forward(*a, **k)
-        return logits, None if ids is None else Stamped(ids)
 
     def timed(obj, name: str):
         inner = getattr(obj, name)
@@ -142,7 +134,7 @@ def host_split(engine, step, steps: int) -> dict[str, float]:
                 stamps.append((f"{name}<", time.perf_counter()))
         setattr(obj, name, wrapper)
 
-    runner.forward = stamped_forward
+    local.HostCopy = Stamped
     timed(executor, "run")
     timed(runner, "forward")
     try:
@@ -150,6 +142,7 @@ def host_split(engine, step, steps: int) -> dict[str, float]:
             step()
     finally:
         del executor.run, runner.forward  # the class's methods again
+        local.HostCopy = Stamped.__base__
     ends = [t for n, t in stamps if n == "run<"]
     starts = [t for n, t in stamps if n == "run>"]
     f_in = [t for n, t in stamps if n == "forward>"]
@@ -161,26 +154,6 @@ def host_split(engine, step, steps: int) -> dict[str, float]:
             "host_plan_ms": med([b - a for a, b in zip(starts, f_in)]),
             "host_forward_call_ms": med([b - a for a, b in zip(f_in, f_out)]),
             "host_exposed_ms": med([f - t for t, f in zip(synced, waits) if f is not None])}
-
-
-def host_profile(step, steps: int, top: int = 24) -> list[str]:
-    """The host functions that take the most time of `steps` steps (own, then cumulative; cProfile)."""
-    import cProfile
-    import io
-    import pstats
-
-    prof = cProfile.Profile()
-    prof.enable()
-    for _ in range(steps):
-        step()
-    prof.disable()
-    text = io.StringIO()
-    out = []
-    for order in ("tottime", "cumulative"):
-        text = io.StringIO()
-        pstats.Stats(prof, stream=text).strip_dirs().sort_stats(order).print_stats(top)  # no machine's paths
-        out += [f"by {order}:"] + [line for line in text.getvalue().splitlines() if line.strip()][-top - 1:]
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -199,8 +172,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="default (the engine's), none, all, or FOLDS joined by '+'; several, comma-separated")
     p.add_argument("--host-profile", action="store_true", help="also profile the host's work (cProfile)")
     p.add_argument("--launch-ahead", default="on",
-                   help="on: each pass launched as soon as the last one's samples are read (the engine's "
-                        "default); off: when the sessions ask for it; on,off: a row of each, side by side")
+                   help="on: each pass launched right behind the last one, fed its samples on the device "
+                        "(the engine's default); off: when the sessions ask for it; on,off: a row of each")
     p.add_argument("--warmup", type=int, default=8)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--replays", type=int, default=50)

@@ -1,14 +1,15 @@
 """The host's share of a pass, with the device taken out: what overlaps the pass and what the device waits for.
 
 The runner's forward is replaced by a stand-in that lays out the pass's inputs as the runner
-does and returns at once (fixed logits one column wide, random token ids whose reading is
-timed), and its page moves and copies by
+does and returns at once (fixed logits one column wide, random token ids, whose reading by
+the executor is timed), and its page moves and copies by
 nothing (device work, asynchronous on a GPU), so everything left is host work:
 the protocol, the layout, the sampling tables, the executor. A pass's host work splits in
-two: from the forward's return to the reading of its tokens runs while a real device would
-still compute the pass (staging the next plan, taking what the fed tokens decide); the rest
-(planning, the sampled tokens' part, the scheduler's bookkeeping) is what the device waits
-for between passes. Measured for S sessions x W workers in shared passes, the protocol on,
+two: what a real device waits for (exposed) is, after a pass's tokens are read with no
+pass queued behind it, the host's work until the next pass's forward returns (the sampled
+tokens' part, the scheduler's bookkeeping, planning, the launch); the rest runs while the
+device computes a pass (staging the next plan, taking what the fed tokens decide; with the
+launch ahead, all of it while the next pass is already queued). Measured for S sessions x W workers in shared passes, the protocol on,
 with steps ending every ~N passes (--step-tokens, out of step across workers, as real text
 does) or never (0), with the heap settled as the engine's own loops run their passes
 (hogwild_ray.heap) or the collector left alone (--heap). Also the share of the sessions'
@@ -39,6 +40,7 @@ import common  # noqa: E402
 import hogwild_ray as hw  # noqa: E402
 from overhead import end_steps_every  # noqa: E402
 from scaling_runs import Model  # noqa: E402
+from hogwild_ray.executor import local  # noqa: E402
 from hogwild_ray.runner.model_runner import host_batch  # noqa: E402
 from hogwild_ray.session import step_sessions  # noqa: E402
 
@@ -54,9 +56,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help="settled: the passes run with the heap settled as the engine's own loops run them "
                         "(hogwild_ray.heap); as-is: the collector left alone; one run per value")
     p.add_argument("--launch-ahead", type=lambda s: s.split(","), default=["off", "on"],
-                   help="on: the executor launches each pass as soon as the last one's samples are read, when "
-                        "every session foresaw it (what it does on a GPU); off: when the sessions ask for it; "
-                        "one run per value, side by side")
+                   help="on: the executor launches each pass right behind the last one, fed its samples on the "
+                        "device, when every session foresaw it (what it does on a GPU); off: when the sessions "
+                        "ask for it; one run per value, side by side")
     p.add_argument("--prompt", type=int, default=256, help="prompt tokens of each session")
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--warmup", type=int, default=5)
@@ -65,34 +67,35 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-class Tokens:
-    """A pass's sampled ids: reading them is where the host would wait for the device."""
+def timed_reads(clock: dict, executor) -> type[local.HostCopy]:
+    """The executor's reading of a pass's samples, where the host would wait for the device:
+    unless a pass is queued behind it (launched ahead), the device idles from here until the
+    next forward returns."""
+    class Timed(local.HostCopy):
+        def tolist(self) -> list[int]:
+            if executor.launched is None:
+                clock["idle_from"] = time.perf_counter()
+            return super().tolist()
 
-    def __init__(self, ids: torch.Tensor, clock: dict) -> None:
-        self.ids, self.clock = ids, clock
-
-    def tolist(self) -> list[int]:
-        self.clock["overlapped"] += time.perf_counter() - self.clock["returned"]
-        return self.ids.tolist()
-
-    def clone(self) -> Tokens:  # what the step-ends rig rewrites
-        return Tokens(self.ids.clone(), self.clock)
-
-    def __setitem__(self, row: int, token: int) -> None:
-        self.ids[row] = token
+    return Timed
 
 
 def stand_in(clock: dict):
-    """A forward that lays out the pass's inputs as the runner does (host_batch) and returns at
-    once: one-column logits, ids drawn from a fixed range."""
+    """A forward that lays out the pass's inputs as the runner does (host_batch, and the samples
+    a pass launched ahead takes on the device) and returns at once: one-column logits, ids drawn
+    from a fixed range."""
     logits = torch.zeros(4096, 1)
 
-    def forward(steps, table=None, staged=None, batch=None):
+    def forward(steps, table=None, staged=None, batch=None, feed=None):
         if batch is None:  # else laid out ahead, as the runner takes it then
-            host_batch(steps)
+            batch = host_batch(steps)
+        if feed is not None:
+            feed(torch.zeros(len(batch[1]), dtype=torch.int64))
         ids = torch.randint(100, 200, (len(steps),))
-        clock["returned"] = time.perf_counter()
-        return logits[: len(steps)], Tokens(ids, clock)
+        if clock["idle_from"] is not None:
+            clock["exposed"] += time.perf_counter() - clock["idle_from"]
+            clock["idle_from"] = None
+        return logits[: len(steps)], ids
 
     return forward
 
@@ -104,8 +107,9 @@ def measure(model: Model, sessions: int, workers: int, step_tokens: int, args, s
                                                                        + args.prompt + 1024))
     engine.eos_ids = frozenset()  # every worker runs the whole time
     engine.executor.prelaunch = ahead == "on"
-    clock = {"overlapped": 0.0, "returned": 0.0}
+    clock = {"exposed": 0.0, "idle_from": None}
     engine.runner.forward = stand_in(clock)
+    local.HostCopy = timed_reads(clock, engine.executor)
     engine.runner.relocate = engine.runner.copy_pages = lambda *a: None  # device work too: page moves and copies
     runs = [engine.start(f"Problem {i}.\n{model.text(args.prompt)}", workers, max_tokens=None, stop_on_answer=False,
                          finisher=False, sampling=[hw.SamplingParams(temperature=1.0, seed=97 * i + w)
@@ -116,7 +120,7 @@ def measure(model: Model, sessions: int, workers: int, step_tokens: int, args, s
         end_steps_every(engine, runs[0], step_tokens)  # every session's workers
     for _ in range(args.warmup):
         step_sessions(runs)
-    clock["overlapped"] = 0.0
+    clock["exposed"] = 0.0
     launched = engine.executor.prelaunched
     previews = sum(s.layout.previews_used for s in runs)
     walls = common.step_walls(lambda: step_sessions(runs), 0, args.steps, settled=settle == "settled")
@@ -125,11 +129,12 @@ def measure(model: Model, sessions: int, workers: int, step_tokens: int, args, s
     launched = engine.executor.prelaunched - launched
     for s in runs:
         s.close()
+    local.HostCopy = local.HostCopy.__base__
     host = statistics.fmean(walls) * 1e3
-    overlapped = clock["overlapped"] / args.steps * 1e3
+    exposed = clock["exposed"] / args.steps * 1e3
     return {"sessions": sessions, "workers": workers, "step_tokens": step_tokens or None, "heap": settle,
             "launch_ahead": ahead, "launched_ahead_pct": 100 * launched / args.steps, "host_ms": host,
-            "overlapped_ms": overlapped, "exposed_ms": host - overlapped, "steps_ended": ended,
+            "overlapped_ms": host - exposed, "exposed_ms": exposed, "steps_ended": ended,
             "previewed_pct": 100 * previews / (args.steps * sessions)}
 
 
@@ -160,9 +165,9 @@ def main(argv: list[str] | None = None) -> dict:
     meta = {"benchmark": "host_work", "date": args.date, "device": "cpu", "device_name": common.device_name(device),
             **common.versions(), "model": args.model, "prompt": args.prompt, "steps": args.steps,
             "warmup": args.warmup, "method": "forward replaced by a stand-in that returns at once, page moves and "
-                                             "copies by nothing; overlapped = from the forward's return to the "
-                                             "reading of its tokens (a pass launched ahead returns from its forward "
-                                             "right after the last pass's tokens are read)"}
+                                             "copies by nothing; exposed = from the reading of a pass's tokens "
+                                             "with no pass queued behind it to the next forward's return; "
+                                             "overlapped = the rest of a step"}
     stem = args.out / f"{args.date}-{common.file_tag(device)}-host_work"
     common.write_results(stem, meta, rows)
     plot(meta, rows, Path(f"{stem}.png"))

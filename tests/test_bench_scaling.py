@@ -120,26 +120,34 @@ def test_host_work_splits_what_overlaps_the_pass(tmp_path):
     assert [(r["sessions"], r["step_tokens"], r["heap"], r["launch_ahead"]) for r in saved["rows"]] == [
         (s, n, "settled", a) for n in (None, 3) for s in (1, 2) for a in ("off", "on")]
     for r in out["rows"]:
-        assert 0 < r["overlapped_ms"] < r["host_ms"]
+        assert 0 < r["overlapped_ms"] <= r["host_ms"]
         assert r["exposed_ms"] == pytest.approx(r["host_ms"] - r["overlapped_ms"])
+        # launched ahead with no step ends, a pass is always queued behind the one being read
+        assert (r["exposed_ms"] > 0) == (r["launch_ahead"] == "off") or r["step_tokens"] is not None, r
+    rows = {(r["sessions"], r["step_tokens"], r["launch_ahead"]): r for r in out["rows"]}
+    for (s, n, ahead), r in rows.items():  # the device waits less with the launch ahead
+        assert ahead == "off" or r["exposed_ms"] < rows[s, n, "off"]["exposed_ms"]
         assert (r["steps_ended"] > 0) == (r["step_tokens"] is not None)
         # launched ahead: every timed pass with no step ends; most with (a header's pass too)
         assert r["launched_ahead_pct"] == (0 if r["launch_ahead"] == "off" else r["launched_ahead_pct"])
         assert r["launch_ahead"] == "off" or r["launched_ahead_pct"] >= (100 if r["step_tokens"] is None else 50)
 
 
-def test_gpu_time_prefers_the_graph_replay():
-    """An engine with decode graphs gives its GPU time by replaying the last pass (a stand-in here)."""
+def test_gpu_time_weighs_the_graphs_the_steps_replayed():
+    """An engine with decode graphs gives its GPU time by replaying each graph the timed steps
+    ran, weighted by how many ran it (stand-ins here): three plain decode passes of 4 ms and a
+    header's pass of 8 ms make 5 ms a step; a plain decode pass alone (the Ray rows') 4 ms."""
     import overhead
 
     class Graphs:
-        last = object()
+        uses = {"decode": 3, "header": 1}
 
-        def replay_last(self, times):
-            return 0.004
+        def replay_each(self, times):
+            assert times == 5
+            return [(3, True, 0.004), (1, False, 0.008)]
 
     class Engine:
         graphs = Graphs()
 
-    gpu, method = overhead.gpu_seconds(Engine(), None, type("A", (), {"replays": 5})())
-    assert gpu == 0.004 and "graph replay" in method
+    (gpu, decode), method = overhead.gpu_seconds(Engine(), None, type("A", (), {"replays": 5})())
+    assert gpu == pytest.approx(0.005) and decode == 0.004 and "weighted" in method

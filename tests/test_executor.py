@@ -10,7 +10,7 @@ import pytest
 
 import hogwild_ray as hw
 from hogwild_ray.config import EngineConfig
-from hogwild_ray.executor import LocalExecutor, SessionPass
+from hogwild_ray.executor import LocalExecutor, SessionPass, local
 from hogwild_ray.core.layout import CacheLayout, PageAllocator
 from hogwild_ray.runner import ModelRunner
 
@@ -119,20 +119,18 @@ def test_host_work_runs_while_the_pass_is_under_way(runner_pair, monkeypatch):
     log = []
     forward = runner.forward
 
-    class Tokens:  # the pass's sampled tokens: reading them is the host's wait for the device
-        def __init__(self, tokens):
-            self.tokens = tokens
-
+    class Read(local.HostCopy):  # the pass's sampled tokens: reading them is the host's wait for the device
         def tolist(self):
             log.append("tokens read")
-            return self.tokens.tolist()
+            return super().tolist()
 
     def queued(*args, **kwargs):
-        logits, tokens = forward(*args, **kwargs)
+        out = forward(*args, **kwargs)
         log.append("pass queued")
-        return logits, Tokens(tokens)
+        return out
 
     monkeypatch.setattr(runner, "forward", queued)
+    monkeypatch.setattr(local, "HostCopy", Read)
     out = executor.run([SessionPass(sa, {0: [1], 1: [2]}), SessionPass(sb, {0: list(range(40))})],
                        lambda ran: log.append(ran))
     assert log == ["pass queued", {sa}, "tokens read"]

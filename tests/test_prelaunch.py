@@ -35,8 +35,8 @@ def rig_samples(engine, brk: list[int], eos: int, eos_layout) -> None:
     real = runner.forward
     _, eos_worker, eos_position = EOS_AT
 
-    def forward(steps, table=None, staged=None, batch=None):
-        logits, tokens = real(steps, table, staged, batch)
+    def forward(steps, table=None, staged=None, batch=None, feed=None):
+        logits, tokens = real(steps, table, staged, batch, feed)
         if tokens is None:
             return logits, tokens
         tokens = tokens.clone()
@@ -72,10 +72,10 @@ def run_schedule(prelaunch: bool, device: str = "cpu") -> tuple[list[dict], dict
     launched_headers = []
     real_launch = executor._launch_ahead
 
-    def launch_ahead(ready, ids):  # counts the launched passes that feed a header
-        got = real_launch(ready, ids)
+    def launch_ahead(ready, samples):  # counts the launched passes that feed a header
+        got = real_launch(ready, samples)
         if got is not None:
-            launched_headers.append(sum(len(t) > 1 for p in got.parts for t in p.fed.values()))
+            launched_headers.append(sum(len(h) > 1 for _, sight, _ in ready.sights for h in sight.headers.values()))
         return got
 
     executor._launch_ahead = launch_ahead
@@ -91,6 +91,8 @@ def run_schedule(prelaunch: bool, device: str = "cpu") -> tuple[list[dict], dict
                 sessions.pop(event[1]).close()
             live = [s for s in sessions.values() if not s.done]
             out = run_pass(live, inject)
+            if executor.launched is not None:  # one launched with a sample that ends a text is dropped at once
+                assert all(part.fed is not None for part in executor.launched.parts), i
             log.append({name: out[s] for name, s in sessions.items() if s in out})
             log[-1]["logits"] = {name: s.last_logits.clone() for name, s in sessions.items() if not s.done}
         results = {}

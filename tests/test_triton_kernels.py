@@ -526,11 +526,12 @@ def test_the_down_projection_stays_on_the_skinny_kernel_with_or_without_the_fold
 
     import hogwild_ray as hw
 
-    engine = hw.HogwildEngine.from_pretrained("random:tiny", "cpu", "float32", cache_tokens=512, attention="triton")
+    engine = hw.HogwildEngine.from_pretrained("random:tiny", DEVICE.type, "float32", cache_tokens=512,
+                                              attention="triton")
     decoder = engine.runner.decoder
     g = torch.Generator().manual_seed(3)
-    w = (torch.randn(32, 64, generator=g) / 8).to(torch.float16)
-    gate_up = (2 * torch.randn(2, 128, generator=g)).to(torch.float16)
+    w = (torch.randn(32, 64, generator=g) / 8).to(DEVICE, torch.float16)
+    gate_up = (2 * torch.randn(2, 128, generator=g)).to(DEVICE, torch.float16)
     config = (16, 64, 4, 2)
     decoder.products, decoder.folds = {(32, 64, 1): config}, folds
     calls = []

@@ -106,8 +106,8 @@ class Executor(ABC):
         tokens are read, so that host work which needs only the pass's inputs overlaps the
         device; it must not raise. It may return, per session, its next pass as foreseen
         (`Foresight`, or None where it cannot be foreseen): the executor may stage that pass's
-        plan, and launch the pass itself as soon as the samples it feeds are read, before the
-        sessions ask for it (it is dropped, unused, when they ask for anything else)."""
+        plan, and launch the pass itself right behind this one, fed its samples on the device,
+        before the sessions ask for it (it is dropped, unused, when they ask for anything else)."""
 
     @abstractmethod
     def last_logits(self, session: int) -> torch.Tensor:

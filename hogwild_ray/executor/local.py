@@ -7,6 +7,7 @@ copies of the layouts through this same class, with its slice of the model.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from itertools import count
 
 import numpy as np
@@ -19,7 +20,7 @@ from ..runner import ModelRunner
 from ..runner.model_runner import host_batch
 from ..core.sampling_params import SamplingParams
 from ..sampling import SampleTable, Sampler
-from ..transfer import to_device
+from ..transfer import DeviceFeed, HostCopy, to_device
 from ..errors import CacheFullError
 from .base import Executor, Foresight, SessionPass, WhileRunning, plan_session
 
@@ -93,29 +94,27 @@ def same_writes(a: list[WriteStep], b: list[WriteStep]) -> bool:
 class Ready:
     """The next pass, laid out while the current one runs for launching it ahead: per session
     its foresight and the writes it foresees, the pass's sampling table (its draws not yet
-    counted), its inputs as the runner takes them (host_batch's, each sampled token still a
-    placeholder), where each sampling worker's token comes from and goes (its write, its place
-    in the inputs, its row among this pass's samples, the ids that would end its text), and the
-    staged attention plan it may use. After the sync only those tokens are filled in."""
+    counted), its inputs as the runner takes them (host_batch's, each sampled token a
+    placeholder), where each sampling worker's token comes from (its write, its row among this
+    pass's samples, the ids that would end its text), the copy of those samples into the inputs
+    on the device, and the staged attention plan it may use. The pass is launched before this
+    pass's samples reach the host; its writes are given their tokens after the sync."""
 
     sights: list[tuple[int, Foresight, list[WriteStep]]]
     table: SampleTable
     batch: tuple[list, list[int], list[int], list[int], list[int]]
-    feeds: list[tuple[WriteStep, int, int, frozenset[int]]]
+    feeds: list[tuple[WriteStep, int, frozenset[int]]]
+    feed: DeviceFeed | None
     staged: Staged | None
 
-    def fill(self, ids: list[int]) -> tuple | None:
-        """The pass's inputs given this pass's samples (each sampling worker's write gets its
-        token too); None if a sample ends its worker's text."""
-        groups, tokens, key_pos, slots, last = self.batch
-        tokens = tokens.copy()
-        for step, at, row, stop_ids in self.feeds:
-            token = ids[row]
-            if token in stop_ids:
-                return None
-            step.tokens = [token]
-            tokens[at] = token
-        return groups, tokens, key_pos, slots, last
+    def take(self, ids: list[int]) -> bool:
+        """Give each sampling worker's write its token from this pass's samples (`ids`); False
+        if one ends its worker's text (the pass launched with it must be dropped)."""
+        for step, row, stop_ids in self.feeds:
+            if ids[row] in stop_ids:
+                return False
+            step.tokens = [ids[row]]
+        return True
 
 
 @dataclass
@@ -151,8 +150,8 @@ class LocalExecutor(Executor):
         # (what the oracle and other inspections of the last pass read)
         self._moved: list[tuple[CacheLayout, Relocation]] = []
         self._in_pass = False  # while_running runs (a step moved then keeps its old pages until the next operation)
-        # launch the next pass as soon as this one's samples are read, when every session of it
-        # foresaw that pass (see run); on a GPU, where the launch overlaps the host's work
+        # launch the next pass right behind this one, its samples fed on the device, when every
+        # session of it foresaw that pass (see run); on a GPU, where the launch overlaps the host's work
         self.prelaunch = runner.device.type == "cuda"
         self.launched: Launched | None = None
         self.prelaunched = self.prelaunch_dropped = 0  # passes launched ahead: used, dropped
@@ -226,11 +225,13 @@ class LocalExecutor(Executor):
         fed tokens decide (a step that ends moves now) and foresees the next pass; that pass's
         attention plan is then staged on the guess that every session foresaw it (or, where one
         did not, that every worker fed now feeds one token next), and the next pass uses it only
-        if that came true. When every session foresaw it, the next pass is launched as soon as
-        this one's samples are read, before the sessions ask for it: the host's work between
-        passes (the sessions taking their tokens, the jobs they serve) then overlaps the device.
-        It is used only if the sessions then ask for exactly it (its writes are checked to be
-        the ones the layouts plan), and dropped unused otherwise."""
+        if that came true. When every session foresaw it, the next pass is launched right behind
+        this one, before this one's samples are read (they are copied into its inputs on the
+        device), and before the sessions ask for it: the device goes from pass to pass without
+        waiting for the host, whose work between passes (the sync, the sessions taking their
+        tokens, the jobs they serve) overlaps the next pass. It is used only if the sessions then
+        ask for exactly it (its writes are checked to be the ones the layouts plan), and dropped
+        unused otherwise (also when one of the samples it was fed ends its worker's text)."""
         self._release_moved()
         if self.launched is not None and passes != self.launched.parts:
             self._drop_launched()
@@ -254,9 +255,12 @@ class LocalExecutor(Executor):
             self._in_pass = False
         self.ahead = self._stage_next(planned, mode, foreseen)
         ready = self._ready(planned, rows, foreseen) if self.prelaunch and foreseen else None
-        ids = tokens.tolist()  # the one host sync
-        if ready is not None:
-            self.launched = self._launch_ahead(ready, ids)
+        samples = HostCopy(tokens)  # queued before a pass launched next may overwrite a graph's samples
+        if ready is not None:  # the next pass goes in behind this one, fed its samples on the device
+            self.launched = self._launch_ahead(ready, tokens)
+        ids = samples.tolist()  # the one host sync: this pass's samples, not the next pass
+        if self.launched is not None and not ready.take(ids):
+            self._drop_launched()  # a sample ended its worker's text
         out: dict[int, tuple[list[WriteStep], list[int]] | Exception] = dict(failed)
         for (p, _, steps), r in zip(planned, rows):
             out[p.session] = (steps, ids[r])
@@ -322,7 +326,7 @@ class LocalExecutor(Executor):
         foresaw it (None if one did not, or if a layout cannot lay its writes out unchanged:
         see CacheLayout.foreseen): all but the samples it feeds, which come with the sync
         (rows: each session's rows of this pass's samples)."""
-        sights, tables, sampled_rows = [], [], []
+        sights, tables, feeds = [], [], []
         for (p, _, steps), r in zip(planned, rows):
             sight = foreseen.get(p.session)
             if sight is None:
@@ -333,28 +337,28 @@ class LocalExecutor(Executor):
             if mine is None:
                 return None
             row_of = {s.worker: row for s, row in zip(steps, range(r.start, r.stop))}
-            sampled_rows += [(s, row_of[s.worker], sight.stop_ids) for s in mine if s.worker in sight.samples]
+            feeds += [(s, row_of[s.worker], sight.stop_ids) for s in mine if s.worker in sight.samples]
             sights.append((p.session, sight, mine))
             tables.append(st.sampler.table([s.worker for s in mine], count=False))
         writes = [s for _, _, mine in sights for s in mine]
         batch = host_batch(writes)
         at = {id(s): g.start for s, g in zip(writes, batch[0])}
-        feeds = [(s, at[id(s)], row, stop_ids) for s, row, stop_ids in sampled_rows]
+        feed = DeviceFeed([at[id(s)] for s, _, _ in feeds], [row for _, row, _ in feeds],
+                          self.runner.device) if feeds else None
         ahead = self.ahead
         staged = ahead.ticket if ahead is not None and ahead.came_true(
             [(SessionPass(sid), [], mine) for sid, _, mine in sights]) else None
-        return Ready(sights, merge_tables(tables), batch, feeds, staged)
+        return Ready(sights, merge_tables(tables), batch, feeds, feed, staged)
 
-    def _launch_ahead(self, ready: Ready, ids: list[int]) -> Launched | None:
-        """Launch the next pass as `ready` laid it out, fed with the samples just read (`ids`,
-        this pass's); None if a sample ends its worker's text."""
-        batch = ready.fill(ids)
-        if batch is None:
-            return None
+    def _launch_ahead(self, ready: Ready, samples: torch.Tensor) -> Launched | None:
+        """Launch the next pass as `ready` laid it out, fed on the device with this pass's
+        `samples` (not yet read: its writes get their tokens after the sync, see Ready.take);
+        None if the launch failed."""
         self.ahead = None  # the staged plan is this pass's, or no pass's
+        feed = partial(ready.feed.into, samples) if ready.feed is not None else None
         try:
             logits, tokens = self.runner.forward([s for _, _, steps in ready.sights for s in steps], ready.table,
-                                                 ready.staged, batch)
+                                                 ready.staged, ready.batch, feed)
         except Exception:  # this pass's results stand; the pass asked for next meets the error itself
             return None
         self.staged_passes += ready.staged is not None

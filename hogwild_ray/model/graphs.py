@@ -25,16 +25,18 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from hogwild_kernels import QueryGroup
-from hogwild_kernels.plan import PlanCaps, StaticPlan, build_plan
+from hogwild_kernels.plan import CopyFence, PlanCaps, StaticPlan, build_plan
 
 from ..cache import KVPool
 from ..sampling import TABLE_ROWS, SampleTable, sample_tokens
 from .decoder import Decoder, ForwardBatch
 
 
+Feed = Callable[[torch.Tensor], None]  # writes a pass's tokens taken on the device into its input tokens
 MAX_CHUNK = 32  # the longest chunk a graphed pass may feed per worker: headers and short injections
 
 
@@ -65,13 +67,16 @@ class _Graph:
         self.logits: torch.Tensor | None = None
         self.sampled: torch.Tensor | None = None
         self.staged: Staged | None = None  # whose plan the buffers hold, when it was staged ahead
+        self.fence = CopyFence(device)  # the pinned inputs above, until their last copy has run
 
     def load(self, host_plan: dict | None, tokens: list[int], key_positions: list[int], slots: list[int],
-             last_rows: list[int], table: SampleTable | None) -> None:
-        """Fill the input buffers (and the plan, unless it was staged: host_plan None)."""
+             last_rows: list[int], table: SampleTable | None, feed: Feed | None = None) -> None:
+        """Fill the input buffers (and the plan, unless it was staged: host_plan None); feed:
+        what writes tokens taken on the device into them, after the copy."""
         if host_plan is not None:
             self.plan.load(host_plan)
         self.staged = None
+        self.fence.wait()
         h = self.host.numpy()
         t = len(tokens)
         h[:t], h[t : 2 * t], h[2 * t :] = tokens, key_positions, slots
@@ -82,6 +87,9 @@ class _Graph:
         if self.sampling:
             self.table_host.numpy()[:] = table.values
             self.table.copy_(self.table_host, non_blocking=True)
+        self.fence.mark()
+        if feed is not None:
+            feed(self.batch.tokens)
 
     def forward(self, decoder: Decoder, cache: KVPool) -> tuple[torch.Tensor, torch.Tensor | None]:
         logits = decoder.forward(self.batch, cache)
@@ -112,6 +120,7 @@ class DecodeGraphs:
         self.graphs: dict[tuple[int, int], _Graph] = {}
         self.last: _Graph | None = None
         self.replays = 0
+        self.uses: dict[_Graph, int] = {}  # replays of each graph (a benchmark clears it to count a stretch)
         self.staged_hits = 0  # passes whose plan was staged while the previous pass ran
 
     def serves(self, groups: list[QueryGroup]) -> bool:
@@ -120,10 +129,12 @@ class DecodeGraphs:
 
     def run(self, groups: list[QueryGroup], tokens: list[int], key_positions: list[int], slots: list[int],
             last_rows: list[int], table: SampleTable | None = None,
-            staged: Staged | None = None) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+            staged: Staged | None = None, feed: Feed | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """Logits [groups, vocab] of a pass at each group's last row (last_rows, host_batch's) and,
         given a sampling table, its sampled ids (drawn inside the graph); None when no graph can
-        hold the pass. staged: the ticket of `stage` for this very pass, if any."""
+        hold the pass. staged: the ticket of `stage` for this very pass, if any; feed: writes
+        the tokens that come from the device into the input tokens."""
         mode = None if table is None else table.mode
         if staged is not None and staged.entry.staged is staged and staged.mode == mode:
             entry, host = staged.entry, None  # its plan went in while the previous pass ran
@@ -132,11 +143,12 @@ class DecodeGraphs:
             entry, host = self._entry(groups, len(tokens), mode)
             if entry is None:
                 return None
-        entry.load(host, tokens, key_positions, slots, last_rows, table)
+        entry.load(host, tokens, key_positions, slots, last_rows, table, feed)
         if entry.graph is None:
             self._capture(entry)
         entry.graph.replay()
         self.last, self.replays = entry, self.replays + 1
+        self.uses[entry] = self.uses.get(entry, 0) + 1
         return entry.logits, entry.sampled
 
     def stage(self, groups: list[QueryGroup], mode: str | None) -> Staged | None:
@@ -186,9 +198,21 @@ class DecodeGraphs:
         sampling included, without any host work."""
         if self.last is None or self.last.graph is None:
             raise RuntimeError("no decode pass has run yet")
-        torch.cuda.synchronize(self.device)
-        t0 = time.perf_counter()
-        for _ in range(times):
-            self.last.graph.replay()
-        torch.cuda.synchronize(self.device)
-        return (time.perf_counter() - t0) / times
+        return _replay_seconds(self.last, times, self.device)
+
+    def replay_each(self, times: int) -> list[tuple[int, bool, float]]:
+        """Per graph replayed since `uses` was cleared: its replays, whether its passes feed one
+        token per group (plain decode), and its mean GPU seconds replayed `times` times back to
+        back. An older graph rewrites the K/V of its last pass's slots, which may hold other
+        values by now: measure after the work whose passes are counted."""
+        return [(n, entry.plan.caps.tokens == len(entry.batch.last_rows), _replay_seconds(entry, times, self.device))
+                for entry, n in self.uses.items() if entry.graph is not None]
+
+
+def _replay_seconds(entry: _Graph, times: int, device: torch.device) -> float:
+    torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(times):
+        entry.graph.replay()
+    torch.cuda.synchronize(device)
+    return (time.perf_counter() - t0) / times

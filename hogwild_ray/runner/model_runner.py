@@ -19,7 +19,7 @@ from ..cache import KVPool
 from ..config import EngineConfig
 from ..core.layout import Relocation, WriteStep
 from ..model import Decoder, ForwardBatch, ModelSpec
-from ..model.graphs import DecodeGraphs, Staged
+from ..model.graphs import DecodeGraphs, Feed, Staged
 from ..model.loader import Checkpoint, load_config, locate, weight_reader
 from ..model.parallel import TensorParallel, shard_plan
 from ..model.shapes import tensor_shapes
@@ -70,18 +70,23 @@ class ModelRunner:
 
     # ---- the forward pass --------------------------------------------------------------------
     def forward(self, steps: list[WriteStep], table: SampleTable | None = None, staged: Staged | None = None,
-                batch: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                batch: tuple | None = None, feed: Feed | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One forward pass over the given writes: logits [len(steps), vocab] and, given a
         sampling table, one sampled id per step (on the device). A decode pass replays a CUDA
         graph, the sampling inside it, when the runner has them; staged: what `stage_decode`
         returned for exactly this pass; batch: `host_batch(steps)`, where the caller made it
-        ahead (a pass launched ahead lays its inputs out while the previous pass runs)."""
+        ahead (a pass launched ahead lays its inputs out while the previous pass runs); feed:
+        writes the tokens it takes from the previous pass's samples on the device into its
+        input tokens (the batch's are placeholders there)."""
         groups, tokens, key_pos, slots, last = batch if batch is not None else host_batch(steps)
         if self.graphs is not None and self.graphs.serves(groups):
-            out = self.graphs.run(groups, tokens, key_pos, slots, last, table, staged)
+            out = self.graphs.run(groups, tokens, key_pos, slots, last, table, staged, feed)
             if out is not None:
                 return out
-        logits = self.decoder.forward(self._device_batch(groups, tokens, key_pos, slots, last), self.cache)
+        inputs = self._device_batch(groups, tokens, key_pos, slots, last)
+        if feed is not None:
+            feed(inputs.tokens)
+        logits = self.decoder.forward(inputs, self.cache)
         if self.device.type == "cpu":
             from .. import threads
 

@@ -236,10 +236,10 @@ class RayHogwildEngine(EngineFront):
         return self._call("collective_time")
 
     def launch_ahead(self, on: bool | None = None) -> tuple[bool, int, int]:
-        """Whether the shards launch each pass as soon as the last one's samples are read, before
-        the coordinator's sessions ask for it (set to `on` first unless None; on by default with
-        CUDA; see LocalExecutor.run), and the passes launched ahead so far: (on, used,
-        dropped). A pass launched ahead is used only if the sessions ask for exactly it."""
+        """Whether the shards launch each pass right behind the last one (fed its samples on the
+        device), before the coordinator's sessions ask for it (set to `on` first unless None; on
+        by default with CUDA; see LocalExecutor.run), and the passes launched ahead so far: (on,
+        used, dropped). A pass launched ahead is used only if the sessions ask for exactly it."""
         return tuple(self._call("launch_ahead", on))
 
     # ---- sessions ----------------------------------------------------------------------------

@@ -9,7 +9,7 @@ A pass takes two messages. "run" launches it (every rank acks once it is under w
 the shards compute, the coordinator plans its copies and its sessions take what the pass's
 fed tokens decide; "meanwhile" then carries the steps they moved (each shard moves them in
 the pass, as the in-process executor does) and each session's next pass as foreseen, from
-which a shard may launch that pass as soon as it has read this one's samples (see
+which a shard may launch that pass right behind this one, fed its samples on the device (see
 `LocalExecutor.run`). Rank 0's reply to "meanwhile" carries the samples.
 
 Every operation runs inside the engine's `executor_operation`: a session collected without

@@ -270,13 +270,35 @@ def _sort_by_readers(host: dict) -> list[tuple[int, int, int]]:
     return [(int(a), int(b - a), int(npairs[a:b].max())) for a, b in zip(starts, ends)]
 
 
+class CopyFence:
+    """When pinned host memory given to an asynchronous host-to-device copy may be written
+    again: `wait` returns once the last copy marked from it has run. A pass may be launched
+    before the previous one's samples are read, so its inputs' copy can still be queued when
+    the host lays out the next pass in the same memory; usually it has run by then and
+    `wait` returns at once. No-op off CUDA (copies there are synchronous)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.event = torch.cuda.Event() if device.type == "cuda" else None
+        self.marked = False
+
+    def wait(self) -> None:
+        if self.marked:
+            self.event.synchronize()
+
+    def mark(self) -> None:
+        """After queueing the copies that read the memory (on the current stream)."""
+        if self.event is not None:
+            self.event.record()
+            self.marked = True
+
+
 class StaticPlan:
     """Device buffers of fixed size (`PlanCaps`) refilled every pass: what a graph reads.
 
     `load` writes a pass's plan into a pinned host mirror and copies it over in one
     asynchronous copy; nothing waits for the device. Two mirrors take turns, so a plan
-    staged for the next pass while the current one runs never overwrites host memory an
-    earlier copy may still be reading (each step's sync retires all copies before it)."""
+    staged for the next pass while the current one runs does not wait for an earlier copy
+    that may still be reading the other; each mirror's fence makes sure of it."""
 
     def __init__(self, caps: PlanCaps, device: torch.device) -> None:
         self.caps = caps
@@ -284,6 +306,7 @@ class StaticPlan:
         offsets, total = aligned_offsets(list(sizes.values()))
         spans = [(name, off, off + n) for (name, n), off in zip(sizes.items(), offsets)]
         self.hosts = [torch.zeros(total, dtype=torch.int32, pin_memory=device.type == "cuda") for _ in range(2)]
+        self.fences = [CopyFence(device) for _ in self.hosts]
         self.turn = 0
         self.device_buf = torch.zeros(total, dtype=torch.int32, device=device)
         self._host_views = [{name: h.numpy()[a:b] for name, a, b in spans} for h in self.hosts]
@@ -300,6 +323,7 @@ class StaticPlan:
     def load(self, host: dict) -> None:
         """Copy a pass's plan (from `build_plan`) into the buffers; padding units get no pairs."""
         self.turn ^= 1
+        self.fences[self.turn].wait()
         hv = self._host_views[self.turn]
         table = hv["tables"].reshape(self.caps.items, self.caps.pages)
         t = host["tables"]
@@ -309,4 +333,5 @@ class StaticPlan:
             hv[f][:n] = host[f]
             hv[f][n:] = 0
         self.device_buf.copy_(self.hosts[self.turn], non_blocking=True)
+        self.fences[self.turn].mark()
         self.plan.chunk = int(host["chunk"])  # what a capture picks its key tile by
