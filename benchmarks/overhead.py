@@ -41,6 +41,7 @@ import compile_watch  # noqa: E402
 import hogwild_ray as hw  # noqa: E402
 from scaling_runs import Model  # noqa: E402
 from hogwild_ray.model.graphs import MAX_CHUNK  # noqa: E402
+from hogwild_ray.transfer import to_device  # noqa: E402
 
 TARGETS = {"in process": 3.0, "Ray: coordinator loop": 5.0}
 
@@ -189,10 +190,9 @@ def end_steps_every(engine, session, tokens: int) -> None:
                 decided[key] = (s.block, brk[k] if k >= 0 else None)
             if decided[key][1] is not None:
                 rewrite[i] = decided[key][1]
-        if rewrite:
-            sampled = sampled.clone()
-            for i, tok in rewrite.items():
-                sampled[i] = tok
+        if rewrite:  # one asynchronous copy (setting items one by one would wait for the device)
+            rows, ids = to_device(list(rewrite) + list(rewrite.values()), sampled.device).split(len(rewrite))
+            sampled = sampled.index_put((rows,), ids.to(sampled.dtype))
         return logits, sampled
 
     executor.runner.forward = ending

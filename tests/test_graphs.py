@@ -178,7 +178,18 @@ def test_oracle_through_graphs(random_model):
 
 @gpu
 def test_one_host_sync_per_step(random_model):
-    """Every step, graphed or eager, waits for the device once: for the sampled tokens."""
+    """Every step, graphed or eager, waits for the device once: for the sampled tokens (their
+    copy's event; with the next pass launched behind them, not for that pass). Nothing else
+    synchronizes: torch's sync debug mode flags no call."""
+    from hogwild_ray.executor import local
+
+    reads = []
+
+    class Counted(local.HostCopy):
+        def tolist(self):
+            reads.append(1)
+            return super().tolist()
+
     path, _ = random_model("qwen3", "yarn")
     engine = hw.HogwildEngine.from_pretrained(path, "cuda", "bfloat16", cache_tokens=8192, cuda_graphs=True)
     session = engine.start("Compute 12 * 7 and explain.", workers=4, max_tokens=400,
@@ -189,16 +200,19 @@ def test_one_host_sync_per_step(random_model):
     counts = []
     try:
         torch.cuda.set_sync_debug_mode("warn")
+        local.HostCopy = Counted
         for i in range(40):
+            reads.clear()
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 session.step(inject={1: "Let me check.\n\n"} if i == 7 else None)
-            counts.append(sum("synchroniz" in str(w.message) for w in caught))
+            counts.append((len(reads), sum("synchroniz" in str(w.message) for w in caught)))
     finally:
+        local.HostCopy = Counted.__base__
         torch.cuda.set_sync_debug_mode("default")
         session.close()
-    assert engine.graphs.replays >= 20
-    assert counts == [1] * len(counts), counts
+    assert engine.graphs.replays >= 20 and engine.executor.prelaunched >= 20
+    assert counts == [(1, 0)] * len(counts), counts
 
 
 @gpu
@@ -223,7 +237,8 @@ def test_sampled_graph_decode_equals_eager(random_model, sampling):
 @gpu
 def test_sampling_runs_inside_the_graph(random_model):
     """A graphed decode step launches one graph and, outside it, at most the copy of the last
-    logits: no sampling kernels of its own."""
+    logits and, for a pass launched ahead, the copy of the samples it takes into its inputs
+    (a gather, a cast and a scatter): no sampling kernels of its own."""
     from torch.profiler import ProfilerActivity, profile
 
     path, _ = random_model("qwen3", "yarn")
@@ -242,7 +257,7 @@ def test_sampling_runs_inside_the_graph(random_model):
     graph_launches = sum("GraphLaunch" in n for n in names)
     kernels = sum("LaunchKernel" in n for n in names)
     assert engine.graphs.replays - replays == 10 and graph_launches == 10
-    assert kernels <= 10, sorted(set(n for n in names if "Launch" in n))
+    assert kernels <= 10 * 4, sorted(set(n for n in names if "Launch" in n))
 
 
 @gpu
