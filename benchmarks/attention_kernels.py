@@ -149,7 +149,7 @@ def measure(w, view, shape, args, dev, dtype) -> dict:
     layers = max(1, min(8, -(-L2_BYTES // per_layer)))
     q, pools, groups, unique = build_case(w, view, hq, hkv, d, dtype, dev, layers=layers)
     slots = torch.zeros(w, dtype=torch.int64, device=dev)
-    tri = TritonAttention(inv_freq, 1.0, d**-0.5, kv_heads=hkv, **args.kernel)
+    tri = TritonAttention(inv_freq, 1.0, d**-0.5, kv_heads=hkv, q_per_kv=hq // hkv, **args.kernel)
     t0 = time.perf_counter()
     meta = tri.prepare(groups, slots, slots)
     plan_ms = (time.perf_counter() - t0) * 1e3
@@ -158,7 +158,7 @@ def measure(w, view, shape, args, dev, dtype) -> dict:
     for name, spec in args.variants.items():
         knobs = {**args.kernel, **spec}
         layout = knobs.pop("page_layout", "token")
-        impl = TritonAttention(inv_freq, 1.0, d**-0.5, kv_heads=hkv, **knobs)
+        impl = TritonAttention(inv_freq, 1.0, d**-0.5, kv_heads=hkv, q_per_kv=hq // hkv, **knobs)
         m = impl.prepare(groups, slots, slots)
         other = [(laid_out(k, layout), laid_out(v, layout)) for k, v in pools]
         row[f"{name}_us"] = bench([lambda k=k, v=v: impl.attend(q, k, v, m) for k, v in other]) * 1e6

@@ -71,8 +71,8 @@ def main() -> None:
         timed = []
         for bn, nw, ns, pps, bm in itertools.product(ints(args.block_n), ints(args.warps), ints(args.stages),
                                                      ints(args.pps), ints(args.block_m)):
-            tri = TritonAttention(inv_freq, 1.0, d**-0.5, kv_heads=hkv, block_n=bn, num_warps=nw, num_stages=ns,
-                                  programs_per_sm=pps, block_m=bm or None)
+            tri = TritonAttention(inv_freq, 1.0, d**-0.5, kv_heads=hkv, q_per_kv=hq // hkv, block_n=bn, num_warps=nw,
+                                  num_stages=ns, programs_per_sm=pps, block_m=bm or None)
             meta = tri.prepare(groups, slots, slots)
             try:
                 t = timed_attend(tri, meta, iters=20)
@@ -82,10 +82,10 @@ def main() -> None:
             timed.append({"block_n": bn, "num_warps": nw, "num_stages": ns, "programs_per_sm": pps,
                           "block_m": bm, "us": t * 1e6})
         timed.sort(key=lambda r: r["us"])
-        default = TritonAttention(inv_freq, 1.0, d**-0.5, kv_heads=hkv)
+        default = TritonAttention(inv_freq, 1.0, d**-0.5, kv_heads=hkv, q_per_kv=hq // hkv)
         meta = default.prepare(groups, slots, slots)
         t_def = timed_attend(default, meta)
-        fp32 = TritonAttention(inv_freq, 1.0, d**-0.5, kv_heads=hkv, partial_dtype=torch.float32)
+        fp32 = TritonAttention(inv_freq, 1.0, d**-0.5, kv_heads=hkv, q_per_kv=hq // hkv, partial_dtype=torch.float32)
         meta32 = fp32.prepare(groups, slots, slots)
         t_fp32 = timed_attend(fp32, meta32)
         split = kernel_split(lambda: default.attend(q, *pools[0], meta))

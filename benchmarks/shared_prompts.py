@@ -105,7 +105,7 @@ def measure(mode: str, sessions: int, workers: int, prompt: int, shape: str, dev
     q = torch.randn(rows, hq, d, dtype=torch.bfloat16, device=device)
     slots = torch.zeros(rows, dtype=torch.int64, device=device)
     inv_freq = 1.0 / (1e6 ** (torch.arange(0, d, 2, device=device).float() / d))
-    tri = TritonAttention(inv_freq, 1.0, d**-0.5, kv_heads=hkv)
+    tri = TritonAttention(inv_freq, 1.0, d**-0.5, kv_heads=hkv, q_per_kv=hq // hkv)
     unique_bytes = unique_keys * hkv * d * 2 * 2
     row = {"mode": mode, "shape": shape, "sessions": sessions, "workers": workers, "prompt": prompt,
            "unique_kv_MB": unique_bytes / 1e6}

@@ -301,16 +301,18 @@ def test_full_size_on_gpu(dtype, workers, view, q_heads, kv_heads, head_dim, chu
 
 
 @pytest.mark.parametrize("workers,seed,layout_items,unit_pairs", [(1, 10, 4, None), (3, 11, 8, None),
-                                                                  (6, 12, 16, None), (6, 13, 16, 8)])
+                                                                  (6, 12, 16, None), (6, 13, 16, 8),
+                                                                  (10, 14, 16, None)])
 def test_static_plan_with_padding_matches_reference(workers, seed, layout_items, unit_pairs):
     """A CUDA graph's plan: fixed-size buffers (padding units without pairs, wider page
     tables, stale entries from an earlier pass; row tiles sized for at most `unit_pairs`
-    readers of a unit) give the same attention as the reference."""
+    readers of a unit; with 10 workers of 4 query heads per KV head, units read by 40 rows,
+    made longer) give the same attention as the reference."""
     from hogwild_kernels.plan import PlanCaps, StaticPlan, build_plan
 
     rng = random.Random(seed)
     ref, tri = backends(64, chunk=None)
-    tri.block_n = 16
+    tri.block_n, tri.q_per_kv = 16, 4  # the cases' 8 query heads over 2 KV heads
     caps = PlanCaps(tokens=workers, items=layout_items, pages=40, units=tri.target_units(DEVICE) + layout_items,
                     unit_pairs=unit_pairs)
     static = StaticPlan(caps, DEVICE)
@@ -324,6 +326,23 @@ def test_static_plan_with_padding_matches_reference(workers, seed, layout_items,
         slots = torch.zeros(workers, dtype=torch.int64, device=DEVICE)
         got = tri.attend(q, k_pool, v_pool, tri.prepare(groups, slots, slots, plan=static.plan))
         torch.testing.assert_close(got, reference(ref, q, k_pool, v_pool, groups), atol=2e-4, rtol=2e-4)
+
+
+def test_units_read_by_many_rows_are_made_longer():
+    """Keys per unit: enough units for every SM, but a unit that 40 or more query rows read
+    (readers x query heads per KV head) gets up to WIDE_KEYS keys, at most half the SMs' count
+    of units; long units, and fewer rows, are left as they are; off with wide_units=False."""
+    from hogwild_kernels.backends import WIDE_KEYS, TritonAttention
+
+    tri = TritonAttention(torch.ones(4), 1.0, 1.0, kv_heads=1, q_per_kv=4, block_n=16)
+    rule = tri.chunk_rule(torch.device("cpu"))
+    assert tri.target_units(torch.device("cpu")) == 16
+    assert rule(1024) == rule(1024, 9) == 64  # 36 rows: 16 units of 64 keys
+    assert rule(1024, 10) == rule(1024, 40) == 128  # 40 rows and more: 8 units of 128
+    assert rule(3000, 16) == WIDE_KEYS == 256  # not past WIDE_KEYS
+    assert rule(8192, 16) == rule(8192) == 512  # long units stay as they are
+    tri.wide_units = False
+    assert tri.chunk_rule(torch.device("cpu"))(1024, 40) == 64
 
 
 @pytest.mark.parametrize("seed", [21, 22])

@@ -56,7 +56,7 @@ class ModelRunner:
         cache = KVPool(spec.num_layers, config.pages, config.page_size, local.num_kv_heads, spec.head_dim, dtype,
                        device)
         backend = make_attention(config.attention, device, spec.inv_freq, spec.rope_scale, spec.sm_scale,
-                                 local.num_kv_heads)
+                                 local.num_kv_heads, spec.num_heads // spec.num_kv_heads)
         return cls(spec, Decoder(local, weights, backend, parallel), cache, device, config.max_context, cuda_graphs)
 
     # ---- page moves --------------------------------------------------------------------------

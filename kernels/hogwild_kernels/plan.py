@@ -92,10 +92,11 @@ def _pages(pages) -> np.ndarray:
 WORTH_MERGING = (0.5, 8192)
 
 
-def build_plan(groups: list[QueryGroup], num_tokens: int, chunk: int | Callable[[int], int],
+def build_plan(groups: list[QueryGroup], num_tokens: int, chunk: int | Callable[[int, int], int],
                page_size: int | None = None, worth: tuple[float, int] = (0.0, 0)) -> dict:
     """The plan's arrays (numpy int32) and sizes. chunk: the keys per unit, or a function of the
-    total keys to read (each block counted once) that picks it. page_size: the pool's; given,
+    total keys to read (each block counted once) and the most query tokens that read one block
+    that picks it. page_size: the pool's; given,
     stretches where blocks of different ids hold the same pages (shared prompts, forks) are
     read once for all of them too (see `sharing`), where that saves at least `worth` (a share of
     the keys read and a number of keys)."""
@@ -135,8 +136,8 @@ def build_plan(groups: list[QueryGroup], num_tokens: int, chunk: int | Callable[
     if not kept_tables:
         base = kmax = np.zeros(1, dtype=np.int64)
     span = kmax - base
-    if callable(chunk):
-        chunk = chunk(int(span.sum()))
+    if callable(chunk):  # by the keys to read and the most query tokens reading one block
+        chunk = chunk(int(span.sum()), int(np.bincount(item, minlength=n_items).max(initial=0)))
     chunks = -(-span // chunk)  # units per item
     first_unit = np.cumsum(chunks) - chunks
     units = int(chunks.sum())
@@ -228,7 +229,7 @@ def aligned_offsets(lengths: list[int]) -> tuple[list[int], int]:
     return offsets, total
 
 
-def plan_attention(groups: list[QueryGroup], num_tokens: int, chunk: int | Callable[[int], int],
+def plan_attention(groups: list[QueryGroup], num_tokens: int, chunk: int | Callable[[int, int], int],
                    device: torch.device, page_size: int | None = None,
                    worth: tuple[float, int] = WORTH_MERGING) -> AttentionPlan:
     """A plan of exactly the pass's size, on `device` (one host-to-device copy). Its units are
