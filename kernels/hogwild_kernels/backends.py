@@ -164,7 +164,7 @@ class TritonAttention:
                  block_n: int | None = None, block_m: int | None = None, kv_heads: int = 8,
                  num_warps: int | None = None, num_stages: int | None = None, programs_per_sm: int = 2,
                  partial_dtype: torch.dtype | None = None, pdl: bool | None = None, q_per_kv: int = 1,
-                 wide_units: bool = True, long_unit: int = 1024) -> None:
+                 wide_units: bool = True, long_unit: int = 512) -> None:
         self.inv_freq = inv_freq.to(torch.float32).contiguous()
         self.rope_scale, self.sm_scale, self.kv_heads = rope_scale, sm_scale, kv_heads
         interpret = self.interpret = os.environ.get("TRITON_INTERPRET") == "1"
@@ -184,8 +184,9 @@ class TritonAttention:
         self.launch = {} if interpret else {k: v for k, v in knobs.items() if v is not None}
         self.block_n = block_n or (16 if interpret else 64)
         # long units (a long view over few readers) stream faster in tiles twice as long: on an
-        # H200, 1-8 workers over a 64k view 1.12-1.16x (attention_kernels --variants); short
-        # units and wide row tiles are slower with them, so only those
+        # H200, 1-8 workers over a 64k view 1.12-1.16x, and units of 512 keys (16k views) of 1-4
+        # workers 0.92-0.94x the time with them (attention_kernels --variants); shorter units
+        # (256 keys: 0.98-1.22x) and wide row tiles are slower with them, so only those
         self.long_block_n, self.long_unit = (None if block_n or interpret else 128), long_unit
         self.block_m = block_m or (16 if interpret else None)  # None: sized to the readers per pass
         # pages several sessions share, read once per pass: "auto" where it pays (plan.WORTH_MERGING),
