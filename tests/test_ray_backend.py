@@ -285,8 +285,10 @@ def test_shards_run_several_sessions_in_one_pass(llama):
         sights, feeds = None, [{w: [rng.randrange(vocab)] for w in range(workers)} for _, workers in pairs]
         for i in range(14):
             if i == 5:
+                assert sharded.executor.holds_launched  # pass 4's launched pass, dropped by the move:
                 for engine, sid in ((sharded, pairs[0][0][0]), (local, pairs[0][0][1])):
                     engine.executor.finish_steps(sid, [1])
+                assert not sharded.executor.holds_launched  # the scheduler need not defer a newcomer
             # each pass foresees the next (every worker feeds its sample; a step moved while it runs
             # feeds a header), but after passes 3 and 10 (random tokens: nothing launched) and 7
             # (foreseen, then other tokens: the pass launched ahead is dropped)
@@ -322,7 +324,7 @@ def test_shards_run_several_sessions_in_one_pass(llama):
                          for (ids, _), sight in zip(pairs, sights)]
         # used by passes 1-3, 6, 7, 9, 10, 12 and 13; dropped: pass 4's (a step moved before the next
         # pass) and pass 7's (other tokens fed); pass 13's is dropped at the close
-        assert sharded.executor.launch_ahead() == (True, 9, 2)
+        assert sharded.executor.launch_ahead() == (True, 9, 2) and sharded.executor.holds_launched
         cache = local.executor.runner.cache
         for (ids, _) in pairs:
             theirs, ours = sharded.executor.last_logits(ids[0]), local.executor.last_logits(ids[1])
@@ -333,6 +335,7 @@ def test_shards_run_several_sessions_in_one_pass(llama):
             assert torch.allclose(*kv, atol=1e-4 * kv[1].abs().max().item())
             sharded.executor.close(ids[0])
             local.executor.close(ids[1])
+            assert not sharded.executor.holds_launched  # pass 13's, dropped at the first close
         assert sharded.allocator.free_pages == sharded.allocator.num_pages
     finally:
         if sharded is not None:

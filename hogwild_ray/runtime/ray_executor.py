@@ -88,7 +88,9 @@ class RayExecutor(Executor):
         self._moved: list[tuple[CacheLayout, Relocation]] = []
         self._in_pass = False
         self._launched = (0, 0)  # rank 0's passes launched ahead, used and dropped, as of its last reply
-        self._holds_launched = False  # whether rank 0 had launched the next pass, as of its last reply to a pass
+        # whether rank 0 holds a pass launched ahead (as of its last reply to a pass, unless an
+        # operation on one of that pass's sessions has dropped it since), and those sessions
+        self._holds_launched, self._launched_for = False, frozenset()
         self._ids = count()
         self._broken = False
 
@@ -149,6 +151,7 @@ class RayExecutor(Executor):
     @_operation
     def prefill(self, session: int, block: Block, ids: list[int]) -> None:
         self._release_moved()
+        self._dropped_launched(session)
         self.layouts[session].write_shared(block, ids)
         self._call("prefill", self._pending(), session, block.name, list(ids))
 
@@ -166,6 +169,14 @@ class RayExecutor(Executor):
                     layout.release(reloc)
         if workers:
             self._finishing.setdefault(session, []).extend(workers)
+            if not self._in_pass:  # (a pass's own reply tells what it launched)
+                self._dropped_launched(session)
+
+    def _dropped_launched(self, session: int) -> None:
+        """The shards drop a pass launched ahead for this session (see LocalExecutor) when the
+        operation reaches them: it is no longer held."""
+        if session in self._launched_for:
+            self._holds_launched, self._launched_for = False, frozenset()
 
     @_operation
     def run(self, passes: list[SessionPass], while_running: WhileRunning | None = None
@@ -214,6 +225,7 @@ class RayExecutor(Executor):
         tokens, launched = self._call("run", finishing, wire, meanwhile=meanwhile)
         self._launched = (int(launched[0]), int(launched[1]))
         self._holds_launched = bool(launched[2])
+        self._launched_for = frozenset(p.session for p in passes) if self._holds_launched else frozenset()
         for p in passes:
             self.logits.pop(p.session, None)
         out: dict[int, tuple[list[WriteStep], list[int]] | Exception] = {}
@@ -259,6 +271,7 @@ class RayExecutor(Executor):
         if layout is None:
             return None
         self._release_moved()  # as every shard's executor does when the close message comes
+        self._dropped_launched(session)
         if not self._broken and self.engine.group is not None:
             self._call("close", self._pending(), session)
         layout.close()
