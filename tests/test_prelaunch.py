@@ -184,3 +184,33 @@ def test_a_request_arriving_while_a_pass_is_launched_joins_the_next_pass():
     assert on_dropped == off_dropped == 0
     assert on_started[0] == off_started[0] and on_started[1] == off_started[1] + 1
     assert on_done == off_done
+
+
+def test_a_launch_ahead_that_fails_is_logged_once_and_the_passes_run_when_asked(caplog):
+    """A pass launched ahead whose launch raises (here: every launch ahead) leaves the current
+    pass's results standing; the next pass runs when the session asks for it, with the same
+    tokens as with launching off, and the first failure is logged with its cause."""
+    def tokens(prelaunch: bool, broken: bool) -> tuple[list, int]:
+        engine = hw.HogwildEngine.from_pretrained("random:tiny", "cpu", "float32", cache_tokens=4096)
+        executor = engine.executor
+        executor.prelaunch = prelaunch
+        real = executor.runner.forward
+
+        def forward(steps, table=None, staged=None, batch=None, feed=None):
+            if broken and batch is not None:  # only a pass launched ahead comes with its batch laid out
+                raise RuntimeError("no room for the next pass's inputs")
+            return real(steps, table, staged, batch, feed)
+
+        executor.runner.forward = forward
+        session = engine.start("Sum 1 to 10.", 2, max_tokens=None, stop_on_answer=False, finisher=False,
+                               sampling=hw.SamplingParams(temperature=1.0, seed=3))
+        try:
+            return [session.step() for _ in range(8)], executor.launch_failures, executor.prelaunched
+        finally:
+            session.close()
+
+    with caplog.at_level("WARNING", logger="hogwild_ray.executor.local"):
+        got, failures, used = tokens(True, True)
+    assert got == tokens(False, False)[0] and used == 0 and failures >= 6
+    warned = [r for r in caplog.records if "launching a pass ahead failed" in r.getMessage()]
+    assert len(warned) == 1 and "no room for the next pass's inputs" in warned[0].getMessage()

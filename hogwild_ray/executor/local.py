@@ -6,6 +6,7 @@ copies of the layouts through this same class, with its slice of the model.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from functools import partial
 from itertools import count
@@ -24,6 +25,7 @@ from ..transfer import DeviceFeed, HostCopy, to_device
 from ..errors import CacheFullError
 from .base import Executor, Foresight, SessionPass, WhileRunning, plan_session
 
+log = logging.getLogger(__name__)
 MODES = ("greedy", "sample", "filter")  # a pass's sampling mode: the most general of its sessions'
 
 
@@ -155,6 +157,7 @@ class LocalExecutor(Executor):
         self.prelaunch = runner.device.type == "cuda"
         self.launched: Launched | None = None
         self.prelaunched = self.prelaunch_dropped = 0  # passes launched ahead: used, dropped
+        self.launch_failures = 0  # launches ahead that raised (the first is logged)
 
     def open(self, layout: CacheLayout, params: list[SamplingParams], session: int | None = None) -> int:
         sid = next(self._ids) if session is None else session
@@ -359,7 +362,11 @@ class LocalExecutor(Executor):
         try:
             logits, tokens = self.runner.forward([s for _, _, steps in ready.sights for s in steps], ready.table,
                                                  ready.staged, ready.batch, feed)
-        except Exception:  # this pass's results stand; the pass asked for next meets the error itself
+        except Exception as e:  # this pass's results stand; the pass asked for next meets the error itself
+            self.launch_failures += 1
+            if self.launch_failures == 1:  # (every later pass would say the same)
+                log.warning("launching a pass ahead failed (%s: %s); passes run when asked until it works",
+                            type(e).__name__, e)
             return None
         self.staged_passes += ready.staged is not None
         for sid, _, steps in ready.sights:
