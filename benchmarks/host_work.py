@@ -9,7 +9,8 @@ two: what a real device waits for (exposed) is, after a pass's tokens are read w
 pass queued behind it, the host's work until the next pass's forward returns (the sampled
 tokens' part, the scheduler's bookkeeping, planning, the launch); the rest runs while the
 device computes a pass (staging the next plan, taking what the fed tokens decide; with the
-launch ahead, all of it while the next pass is already queued). Measured for S sessions x W workers in shared passes, the protocol on,
+launch ahead, all of it while the next pass is already queued). Measured for S sessions x W
+workers in shared passes, the protocol on,
 with steps ending every ~N passes (--step-tokens, out of step across workers, as real text
 does) or never (0), with the heap settled as the engine's own loops run their passes
 (hogwild_ray.heap) or the collector left alone (--heap). Also the share of the sessions'
@@ -24,6 +25,7 @@ Writes DATE-DEVICE-host_work.{csv,json,png} under --out.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -67,17 +69,22 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def timed_reads(clock: dict, executor) -> type[local.HostCopy]:
-    """The executor's reading of a pass's samples, where the host would wait for the device:
-    unless a pass is queued behind it (launched ahead), the device idles from here until the
-    next forward returns."""
+@contextlib.contextmanager
+def timed_reads(clock: dict, executor):
+    """The executor's reading of a pass's samples timed, where the host would wait for the
+    device: unless a pass is queued behind it (launched ahead), the device idles from there
+    until the next forward returns."""
     class Timed(local.HostCopy):
         def tolist(self) -> list[int]:
             if executor.launched is None:
                 clock["idle_from"] = time.perf_counter()
             return super().tolist()
 
-    return Timed
+    real, local.HostCopy = local.HostCopy, Timed
+    try:
+        yield
+    finally:
+        local.HostCopy = real
 
 
 def stand_in(clock: dict):
@@ -109,7 +116,12 @@ def measure(model: Model, sessions: int, workers: int, step_tokens: int, args, s
     engine.executor.prelaunch = ahead == "on"
     clock = {"exposed": 0.0, "idle_from": None}
     engine.runner.forward = stand_in(clock)
-    local.HostCopy = timed_reads(clock, engine.executor)
+    with timed_reads(clock, engine.executor):
+        return _measure(engine, model, clock, sessions, workers, step_tokens, args, settle, ahead)
+
+
+def _measure(engine, model: Model, clock: dict, sessions: int, workers: int, step_tokens: int, args, settle: str,
+             ahead: str) -> dict:
     engine.runner.relocate = engine.runner.copy_pages = lambda *a: None  # device work too: page moves and copies
     runs = [engine.start(f"Problem {i}.\n{model.text(args.prompt)}", workers, max_tokens=None, stop_on_answer=False,
                          finisher=False, sampling=[hw.SamplingParams(temperature=1.0, seed=97 * i + w)
@@ -129,7 +141,6 @@ def measure(model: Model, sessions: int, workers: int, step_tokens: int, args, s
     launched = engine.executor.prelaunched - launched
     for s in runs:
         s.close()
-    local.HostCopy = local.HostCopy.__base__
     host = statistics.fmean(walls) * 1e3
     exposed = clock["exposed"] / args.steps * 1e3
     return {"sessions": sessions, "workers": workers, "step_tokens": step_tokens or None, "heap": settle,

@@ -88,9 +88,9 @@ class RayExecutor(Executor):
         self._moved: list[tuple[CacheLayout, Relocation]] = []
         self._in_pass = False
         self._launched = (0, 0)  # rank 0's passes launched ahead, used and dropped, as of its last reply
-        # whether rank 0 holds a pass launched ahead (as of its last reply to a pass, unless an
-        # operation on one of that pass's sessions has dropped it since), and those sessions
-        self._holds_launched, self._launched_for = False, frozenset()
+        # the sessions of the pass rank 0 holds launched ahead (as of its last reply to a pass,
+        # unless an operation on one of them has dropped it since); empty: none held
+        self._launched_for: frozenset[int] = frozenset()
         self._ids = count()
         self._broken = False
 
@@ -176,7 +176,7 @@ class RayExecutor(Executor):
         """The shards drop a pass launched ahead for this session (see LocalExecutor) when the
         operation reaches them: it is no longer held."""
         if session in self._launched_for:
-            self._holds_launched, self._launched_for = False, frozenset()
+            self._launched_for = frozenset()
 
     @_operation
     def run(self, passes: list[SessionPass], while_running: WhileRunning | None = None
@@ -224,8 +224,7 @@ class RayExecutor(Executor):
             plan()
         tokens, launched = self._call("run", finishing, wire, meanwhile=meanwhile)
         self._launched = (int(launched[0]), int(launched[1]))
-        self._holds_launched = bool(launched[2])
-        self._launched_for = frozenset(p.session for p in passes) if self._holds_launched else frozenset()
+        self._launched_for = frozenset(p.session for p in passes) if launched[2] else frozenset()
         for p in passes:
             self.logits.pop(p.session, None)
         out: dict[int, tuple[list[WriteStep], list[int]] | Exception] = {}
@@ -247,7 +246,7 @@ class RayExecutor(Executor):
     prelaunch = property(lambda self: self.launch_ahead()[0], lambda self, on: self.launch_ahead(on))
     prelaunched = property(lambda self: self._launched[0])
     prelaunch_dropped = property(lambda self: self._launched[1])
-    holds_launched = property(lambda self: self._holds_launched)
+    holds_launched = property(lambda self: bool(self._launched_for))
 
     @_operation
     def last_logits(self, session: int) -> torch.Tensor:

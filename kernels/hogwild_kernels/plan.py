@@ -94,12 +94,12 @@ WORTH_MERGING = (0.5, 8192)
 
 def build_plan(groups: list[QueryGroup], num_tokens: int, chunk: int | Callable[[int, int], int],
                page_size: int | None = None, worth: tuple[float, int] = (0.0, 0)) -> dict:
-    """The plan's arrays (numpy int32) and sizes. chunk: the keys per unit, or a function of the
-    total keys to read (each block counted once) and the most query tokens that read one block
-    that picks it. page_size: the pool's; given,
-    stretches where blocks of different ids hold the same pages (shared prompts, forks) are
-    read once for all of them too (see `sharing`), where that saves at least `worth` (a share of
-    the keys read and a number of keys)."""
+    """The plan's arrays (numpy int32) and sizes. chunk: the keys per unit, or a function that
+    picks it from the total keys to read (each block counted once) and the most query tokens
+    that read one block. page_size: the pool's; given, stretches where blocks of different ids
+    hold the same pages (shared prompts, forks) are read once for all of them too (see
+    `sharing`), where that saves at least `worth` (a share of the keys read and a number of
+    keys)."""
     segs = [seg for g in groups for seg in g.segments]
     keys = [seg.block if seg.block is not None else ("segment", id(seg)) for seg in segs]
     block_pages = dict(zip(keys, (seg.pages for seg in segs)))  # one page table per block
