@@ -500,6 +500,13 @@ def test_skinny_products_match_an_fp32_product(dtype, rows, n, k, bias, config):
         assert torch.equal(skinny_linear(gate_up, w, b, config=config, chained=True, gated=True), gated)
     with pytest.raises(ValueError, match="rows of width"):
         skinny_linear(x, w, gated=True)
+    # the gate/up product takes the activation in its epilogue: silu_mul of the product, bit for bit
+    glu = skinny_linear(x, w, b, config=config, glu=True)
+    assert glu.shape == (rows, n // 2) and torch.equal(glu, silu_mul(got))
+    if pdl.supported(DEVICE):
+        assert torch.equal(skinny_linear(x, w, b, config=config, chained=True, glu=True), glu)
+    with pytest.raises(ValueError, match="even row count"):
+        skinny_linear(x, w[1:], glu=True)
     assert not supported(torch.randn(17, k).to(DEVICE, dtype), w)  # more rows than a tile: cuBLAS
     assert not supported(x.float(), w.float())  # fp32 stays exact on cuBLAS
 
@@ -525,6 +532,9 @@ def test_a_product_takes_the_norm_before_it_in_its_loads(dtype, rows, n, k, delt
     want = skinny_linear(h, w, config=config)
     got, got_total = skinny_norm_linear(x, d, nw, 1e-6, w, config=config)
     assert torch.equal(got, want) and torch.equal(got_total, total)
+    from hogwild_kernels.fused import silu_mul
+
+    assert torch.equal(skinny_norm_linear(x, d, nw, 1e-6, w, config=config, glu=True)[0], silu_mul(want))
     assert (got_total is x) == (d is None)
     from hogwild_kernels import pdl
 
@@ -537,9 +547,9 @@ def test_a_product_takes_the_norm_before_it_in_its_loads(dtype, rows, n, k, delt
 
 
 @pytest.mark.parametrize("folds", [set(), {"activation"}])
-def test_the_down_projection_stays_on_the_skinny_kernel_with_or_without_the_fold(folds):
-    """The MLP's down projection on the skinny kernel (a decode pass's few half-precision rows):
-    its activation from silu_mul first, or, folded, in its loads; the same product either way."""
+def test_the_mlp_products_stay_on_the_skinny_kernel_with_or_without_the_activation_fold(folds):
+    """The MLP's gate/up product on the skinny kernel (a decode pass's few half-precision rows):
+    its activation from silu_mul after it, or, folded, in its epilogue; the same rows either way."""
     from hogwild_kernels import skinny
     from hogwild_kernels.fused import silu_mul
 
@@ -549,21 +559,21 @@ def test_the_down_projection_stays_on_the_skinny_kernel_with_or_without_the_fold
                                               attention="triton")
     decoder = engine.runner.decoder
     g = torch.Generator().manual_seed(3)
-    w = (torch.randn(32, 64, generator=g) / 8).to(DEVICE, torch.float16)
-    gate_up = (2 * torch.randn(2, 128, generator=g)).to(DEVICE, torch.float16)
-    config = (16, 64, 4, 2)
-    decoder.products, decoder.folds = {(32, 64, 1): config}, folds
+    w = (torch.randn(64, 32, generator=g) / 6).to(DEVICE, torch.float16)
+    x = (2 * torch.randn(2, 32, generator=g)).to(DEVICE, torch.float16)
+    config = (16, 32, 4, 2)
+    decoder.products, decoder.folds = {(64, 32, 1): config}, folds
     calls = []
     real = skinny.skinny_linear
 
-    def spy(x, weight, bias=None, config=None, chained=False, gated=False):
-        calls.append((tuple(x.shape), gated))
-        return real(x, weight, bias, config=config, chained=chained, gated=gated)
+    def spy(x, weight, bias=None, config=None, chained=False, gated=False, glu=False):
+        calls.append((tuple(weight.shape), glu))
+        return real(x, weight, bias, config=config, chained=chained, gated=gated, glu=glu)
 
     skinny.skinny_linear = spy
     try:
-        got = decoder._linear(gate_up, w, gated=True)
+        got = decoder._linear(x, w, glu=True)
     finally:
         skinny.skinny_linear = real
-    assert calls == ([((2, 128), True)] if folds else [((2, 64), False)])
-    assert torch.equal(got, real(silu_mul(gate_up), w, config=config))
+    assert calls == [((64, 32), bool(folds))]
+    assert torch.equal(got, silu_mul(real(x, w, config=config)))

@@ -39,7 +39,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 # small kernels a decode pass folds into their neighbours (Decoder.folds): "norm", the residual
 # norms into the loads of the products after them (passes of up to four rows); "activation", the
-# MLP's SiLU(gate) * up into the down projection's (both on the skinny kernel); "qk_norm",
+# MLP's SiLU(gate) * up into the gate/up product's epilogue (on the skinny kernel); "qk_norm",
 # Qwen3's q/k norms into the K/V append's launch
 FOLDS = ("norm", "activation", "qk_norm")
 
@@ -94,25 +94,30 @@ class Decoder:
         return out
 
     def _linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                gated: bool = False) -> torch.Tensor:
-        """gated: x is [gate | up] and the product's input SiLU(gate) * up: fused.silu_mul first,
-        or, folded ("activation" in folds), the skinny kernel takes it in its loads."""
-        if gated and not ("activation" in self.folds and self.products):
-            from hogwild_kernels.fused import silu_mul
-
-            x, gated = silu_mul(x, chained=self.chained), False
+                glu: bool = False) -> torch.Tensor:
+        """F.linear(x, weight, bias); glu: the weight is [gate; up] and the result SiLU(gate) * up
+        of the product: fused.silu_mul after it, or, folded ("activation" in folds), in the skinny
+        kernel's epilogue."""
         if self.products:
             from hogwild_kernels.skinny import bucket, skinny_linear, supported
 
-            if supported(x, weight, gated):
+            if supported(x, weight):
                 config = self.products.get((*weight.shape, bucket(x.shape[0])))
                 if config is not None or self.chained:
-                    return skinny_linear(x, weight, bias, config=config, chained=self.chained, gated=gated)
-        if gated:
+                    fold = glu and "activation" in self.folds
+                    out = skinny_linear(x, weight, bias, config=config, chained=self.chained, glu=fold)
+                    return self._activation(out) if glu and not fold else out
+        out = F.linear(x, weight, bias)
+        return self._activation(out) if glu else out
+
+    def _activation(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """SiLU(gate) * up of rows [gate | up]."""
+        if self.fused:
             from hogwild_kernels.fused import silu_mul
 
-            x = silu_mul(x, chained=self.chained)
-        return F.linear(x, weight, bias)
+            return silu_mul(gate_up, chained=self.chained)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
 
     def _add_norm(self, x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor
                   ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,20 +131,23 @@ class Decoder:
         return x, rms_norm(x, weight, self.spec.rms_eps)
 
     def _norm_linear(self, x: torch.Tensor, delta: torch.Tensor | None, norm_weight: torch.Tensor,
-                     weight: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     weight: torch.Tensor, bias: torch.Tensor | None = None, glu: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(the product of RMSNorm(x + delta), x + delta): a block's input projection and the
         residual stream; for a few rows on the skinny kernel in one launch (the norm folded into
-        the product's loads: Decoder.folds)."""
+        the product's loads: Decoder.folds). glu: as _linear's."""
         if self.products and "norm" in self.folds:
             from hogwild_kernels.skinny import bucket, normed_supported, skinny_norm_linear
 
             if normed_supported(x, weight) and (delta is None or delta.is_contiguous()):
                 config = self.products.get((*weight.shape, bucket(x.shape[0])))
                 if config is not None or self.chained:
-                    return skinny_norm_linear(x, delta, norm_weight, self.spec.rms_eps, weight, bias, config,
-                                              self.chained)
+                    fold = glu and "activation" in self.folds
+                    out, x = skinny_norm_linear(x, delta, norm_weight, self.spec.rms_eps, weight, bias, config,
+                                                self.chained, glu=fold)
+                    return (self._activation(out) if glu and not fold else out), x
         x, h = self._add_norm(x, delta, norm_weight)
-        return self._linear(h, weight, bias), x
+        return self._linear(h, weight, bias, glu), x
 
     def _attention_block(self, lw: LayerWeights, x: torch.Tensor, delta: torch.Tensor | None, meta: PassMeta,
                          cache: KVPool, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -187,12 +195,8 @@ class Decoder:
 
     def _mlp_block(self, lw: LayerWeights, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(the MLP block's output, the residual stream with the attention's delta added)."""
-        gate_up, x = self._norm_linear(x, delta, lw.ln_mlp, lw.w_gate_up)
-        if self.fused:
-            out = self._linear(gate_up, lw.w_down, gated=True)
-        else:
-            gate, up = gate_up.chunk(2, dim=-1)
-            out = self._linear(F.silu(gate) * up, lw.w_down)
+        act, x = self._norm_linear(x, delta, lw.ln_mlp, lw.w_gate_up, glu=True)
+        out = self._linear(act, lw.w_down)
         return (out if self.tp is None else self.tp.all_reduce(out)), x
 
     @torch.inference_mode()

@@ -52,19 +52,23 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, stride_xm, stride_wn, str
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, CHAINED: tl.constexpr, PREFETCH: tl.constexpr,
                    GATED: tl.constexpr, d_ptr=None, nw_ptr=None, sum_ptr=None, eps=0.0, NORM_ROWS: tl.constexpr = 0,
-                   KP: tl.constexpr = 1, HAS_DELTA: tl.constexpr = False):
+                   KP: tl.constexpr = 1, HAS_DELTA: tl.constexpr = False, GLU: tl.constexpr = False):
     """CHAINED: a programmatic dependent (pdl.py); while the kernel before it runs, the strip's
     first PREFETCH 128-byte lines of each row are requested into the L2 cache (weights: no
     kernel writes them). GATED: x holds [gate | up] rows and the product's input is SiLU(gate)
     * up (the MLP's down projection takes its activation without a kernel of its own).
     NORM_ROWS > 0 (M <= NORM_ROWS): the input is the RMSNorm of x (+ delta, the residual
     stream's new sum, which the first program stores at sum_ptr) times the norm's weight, each
-    row's statistic taken over the whole row (KP wide) as fused.add_rms_norm takes it."""
+    row's statistic taken over the whole row (KP wide) as fused.add_rms_norm takes it.
+    GLU: the weight is [gate; up] (2N rows), each program multiplies a strip of both and
+    stores SiLU(gate) * up, N wide (the MLP's activation in the gate/up product's epilogue)."""
     pid = tl.program_id(0)
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     if PREFETCH > 0:
         line = tl.arange(0, PREFETCH) * (1024 // w_ptr.dtype.element_ty.primitive_bitwidth)  # elements a line
         prefetch_l2(w_ptr + tl.minimum(rn, N - 1)[:, None] * stride_wn + line[None, :])
+        if GLU:
+            prefetch_l2(w_ptr + (N + tl.minimum(rn, N - 1))[:, None] * stride_wn + line[None, :])
     chain_start(CHAINED)
     rm = tl.arange(0, BLOCK_M)
     rk = tl.arange(0, BLOCK_K)
@@ -87,9 +91,12 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, stride_xm, stride_wn, str
                     tl.store(sum_ptr + r * stride_xm + row, xr, mask=ok)
             inv = tl.where(rm == r, inv_rms(xr, K, eps), inv)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         if EVEN_K:
             w = tl.load(w_ptrs, mask=n_ok[:, None], other=0.0)
+            if GLU:
+                w_up = tl.load(w_ptrs + N * stride_wn, mask=n_ok[:, None], other=0.0)
             if NORM_ROWS > 0:
                 x = _normed_rows(x_ptrs, d_ptrs, nw_ptrs, inv, m_ok[:, None], HAS_DELTA)
             else:
@@ -97,20 +104,29 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, stride_xm, stride_wn, str
         else:
             k_ok = (k0 + rk) < K
             w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            if GLU:
+                w_up = tl.load(w_ptrs + N * stride_wn, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
             if NORM_ROWS > 0:
                 x = _normed_rows(x_ptrs, d_ptrs, nw_ptrs, inv, m_ok[:, None] & k_ok[None, :], HAS_DELTA)
             else:
                 x = _load_rows(x_ptrs, m_ok[:, None] & k_ok[None, :], K, GATED)
         acc += tl.dot(x, tl.trans(w))
+        if GLU:
+            up += tl.dot(x, tl.trans(w_up))
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
         if NORM_ROWS > 0:
             d_ptrs += BLOCK_K
             nw_ptrs += BLOCK_K
+    ty = out_ptr.dtype.element_ty
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=m_ok[:, None] & n_ok[None, :])
+        if GLU:
+            up += tl.load(b_ptr + N + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if GLU:  # rounded where the product's output and fused.silu_mul round
+        g = acc.to(ty).to(tl.float32)
+        acc = (g / (1.0 + tl.exp(-g))).to(ty).to(tl.float32) * up.to(ty).to(tl.float32)
+    tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], acc.to(ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
 def supported(x: torch.Tensor, weight: torch.Tensor, gated: bool = False) -> bool:
@@ -123,22 +139,15 @@ def supported(x: torch.Tensor, weight: torch.Tensor, gated: bool = False) -> boo
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                   config: tuple[int, int, int, int] | None = None, chained: bool = False,
-                  gated: bool = False) -> torch.Tensor:
+                  gated: bool = False, glu: bool = False) -> torch.Tensor:
     """F.linear(x, weight, bias) for x of at most MAX_ROWS rows: [M, K] @ [N, K]^T -> [M, N].
     chained: launched as a programmatic dependent of the kernel before it (pdl.py). gated: x is
-    [M, 2K], gate then up, and the product is F.linear(fused.silu_mul(x), weight, bias)."""
-    m, k = x.shape[0], weight.shape[1]
+    [M, 2K], gate then up, and the product is F.linear(fused.silu_mul(x), weight, bias). glu:
+    the weight is [gate; up] (N even) and the result fused.silu_mul of the product, [M, N / 2]."""
+    k = weight.shape[1]
     if x.shape[1] != (2 * k if gated else k):
         raise ValueError(f"rows of width {x.shape[1]} for a weight of width {k}{' (gated: twice it)' if gated else ''}")
-    n = weight.shape[0]
-    block_n, block_k, warps, stages = config or pick(n, k)
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    _skinny_kernel[(triton.cdiv(n, block_n),)](
-        x, weight, bias if bias is not None else weight, out, m, n, x.stride(0), weight.stride(0), out.stride(0), K=k,
-        BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0,
-        CHAINED=chained, PREFETCH=_prefetch_lines(k, weight.element_size()) if chained else 0, GATED=gated,
-        num_warps=warps, num_stages=stages, **launch(chained))
-    return out
+    return _product(x, weight, bias, config, chained, glu, GATED=gated)
 
 
 NORM_ROWS = 4  # a product takes the norm before it in its loads for passes of up to this many rows
@@ -151,27 +160,36 @@ def normed_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def skinny_norm_linear(x: torch.Tensor, delta: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
                        weight: torch.Tensor, bias: torch.Tensor | None = None,
-                       config: tuple[int, int, int, int] | None = None, chained: bool = False
+                       config: tuple[int, int, int, int] | None = None, chained: bool = False, glu: bool = False
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """(F.linear(h, weight, bias), total) for (total, h) = fused.add_rms_norm(x, delta,
     norm_weight, eps), in one launch (the residual stream's norm taken by the
-    product that reads it; passes of at most NORM_ROWS rows)."""
+    product that reads it; passes of at most NORM_ROWS rows). glu: as skinny_linear's."""
     m, k = x.shape
     if not normed_supported(x, weight) or (delta is not None and (delta.shape != x.shape or not delta.is_contiguous())):
         raise ValueError(f"skinny_norm_linear takes at most {NORM_ROWS} contiguous half-precision rows of the "
                          f"weight's width, and a delta of their shape; got x {tuple(x.shape)}")
-    n = weight.shape[0]
-    block_n, block_k, warps, stages = config or pick(n, k)
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     total = x if delta is None else torch.empty_like(x)
-    _skinny_kernel[(triton.cdiv(n, block_n),)](
-        x, weight, bias if bias is not None else weight, out, m, n, x.stride(0), weight.stride(0), out.stride(0), K=k,
-        BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0,
-        CHAINED=chained, PREFETCH=_prefetch_lines(k, weight.element_size()) if chained else 0, GATED=False,
-        d_ptr=x if delta is None else delta, nw_ptr=norm_weight, sum_ptr=total, eps=eps, NORM_ROWS=NORM_ROWS,
-        KP=triton.next_power_of_2(k), HAS_DELTA=delta is not None,
-        num_warps=warps, num_stages=stages, **launch(chained))
+    out = _product(x, weight, bias, config, chained, glu, d_ptr=x if delta is None else delta, nw_ptr=norm_weight,
+                   sum_ptr=total, eps=eps, NORM_ROWS=NORM_ROWS, KP=triton.next_power_of_2(k), HAS_DELTA=delta is not None)
     return out, total
+
+
+def _product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+             config: tuple[int, int, int, int] | None, chained: bool, glu: bool, **prologue) -> torch.Tensor:
+    """Launches _skinny_kernel over the output's strips; prologue: the input's own arguments."""
+    m, k, n = x.shape[0], weight.shape[1], weight.shape[0]
+    if glu and n % 2:
+        raise ValueError(f"glu takes a [gate; up] weight of an even row count; got {n} rows")
+    block_n, block_k, warps, stages = config or pick(n, k)
+    out_n = n // 2 if glu else n
+    out = torch.empty(m, out_n, dtype=x.dtype, device=x.device)
+    _skinny_kernel[(triton.cdiv(out_n, block_n),)](
+        x, weight, bias if bias is not None else weight, out, m, out_n, x.stride(0), weight.stride(0), out.stride(0),
+        K=k, BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0,
+        CHAINED=chained, PREFETCH=_prefetch_lines(k, weight.element_size()) if chained else 0, GLU=glu,
+        num_warps=warps, num_stages=stages, **{"GATED": False, **prologue}, **launch(chained))
+    return out
 
 
 PREFETCH_BYTES = 2048  # of each weight row, requested while the kernel before runs (chained)
