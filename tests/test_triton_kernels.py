@@ -567,7 +567,7 @@ def test_the_mlp_products_stay_on_the_skinny_kernel_with_or_without_the_activati
     real = skinny.skinny_linear
 
     def spy(x, weight, bias=None, config=None, chained=False, gated=False, glu=False):
-        calls.append((tuple(weight.shape), glu))
+        calls.append((tuple(weight.shape), config, glu))
         return real(x, weight, bias, config=config, chained=chained, gated=gated, glu=glu)
 
     skinny.skinny_linear = spy
@@ -575,5 +575,5 @@ def test_the_mlp_products_stay_on_the_skinny_kernel_with_or_without_the_activati
         got = decoder._linear(x, w, glu=True)
     finally:
         skinny.skinny_linear = real
-    assert calls == [((64, 32), bool(folds))]
+    assert calls == [((64, 32), None, True) if folds else ((64, 32), config, False)]  # folded: the epilogue's shape
     assert torch.equal(got, silu_mul(real(x, w, config=config)))

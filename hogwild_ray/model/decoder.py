@@ -104,8 +104,9 @@ class Decoder:
             if supported(x, weight):
                 config = self.products.get((*weight.shape, bucket(x.shape[0])))
                 if config is not None or self.chained:
-                    fold = glu and "activation" in self.folds
-                    out = skinny_linear(x, weight, bias, config=config, chained=self.chained, glu=fold)
+                    fold = glu and "activation" in self.folds  # then the epilogue's own launch shape
+                    out = skinny_linear(x, weight, bias, config=None if fold else config, chained=self.chained,
+                                        glu=fold)
                     return self._activation(out) if glu and not fold else out
         out = F.linear(x, weight, bias)
         return self._activation(out) if glu else out
@@ -143,8 +144,8 @@ class Decoder:
                 config = self.products.get((*weight.shape, bucket(x.shape[0])))
                 if config is not None or self.chained:
                     fold = glu and "activation" in self.folds
-                    out, x = skinny_norm_linear(x, delta, norm_weight, self.spec.rms_eps, weight, bias, config,
-                                                self.chained, glu=fold)
+                    out, x = skinny_norm_linear(x, delta, norm_weight, self.spec.rms_eps, weight, bias,
+                                                None if fold else config, self.chained, glu=fold)
                     return (self._activation(out) if glu and not fold else out), x
         x, h = self._add_norm(x, delta, norm_weight)
         return self._linear(h, weight, bias, glu), x

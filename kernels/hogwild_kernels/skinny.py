@@ -181,7 +181,7 @@ def _product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     m, k, n = x.shape[0], weight.shape[1], weight.shape[0]
     if glu and n % 2:
         raise ValueError(f"glu takes a [gate; up] weight of an even row count; got {n} rows")
-    block_n, block_k, warps, stages = config or pick(n, k)
+    block_n, block_k, warps, stages = config or pick(n, k, glu)
     out_n = n // 2 if glu else n
     out = torch.empty(m, out_n, dtype=x.dtype, device=x.device)
     _skinny_kernel[(triton.cdiv(out_n, block_n),)](
@@ -201,10 +201,14 @@ def _prefetch_lines(k: int, element_size: int) -> int:
     return 1 << (lines.bit_length() - 1) if lines else 0
 
 
-def pick(n: int, k: int) -> tuple[int, int, int, int]:
+def pick(n: int, k: int, glu: bool = False) -> tuple[int, int, int, int]:
     """A launch shape for an [n, k] weight when none was measured: strips of 32 rows (64 for
     the LM head's long vocab), 256-wide K steps, four loads in flight (best or near it for
-    every Qwen3-8B weight on an H200, benchmarks/skinny_gemm.py)."""
+    every Qwen3-8B weight on an H200, benchmarks/skinny_gemm.py). glu (two strips a step):
+    three loads in flight, as fast alone, and a program's shared memory (120 KB) leaves room
+    on its SM for the chained kernel after it to start."""
+    if glu:
+        return (32, 256, 4, 3)
     return (64, 256, 4, 3) if n > 65536 else (32, 256, 4, 4)
 
 
