@@ -129,11 +129,11 @@ class NaiveRerotate(TorchAttention):
     """Every worker gathers its view and re-rotates every key to its view position, then SDPA."""
 
     def attend(self, q, k_pool, v_pool, meta):
-        if meta.extra["views"] is None:
-            meta.extra["views"] = self._views(meta.groups, k_pool.shape[1], q.device)
-        out = torch.empty_like(q)
         page = k_pool.shape[1]
-        for g, (slot, kcos, ksin, qcos, qsin, _) in zip(meta.groups, meta.extra["views"]):
+        if meta.extra["views"] is None:  # each worker's own view: its key slots and rotations
+            meta.extra["views"] = [self._views([g], page, q.device)["decode"] for g in meta.groups]
+        out = torch.empty_like(q)
+        for g, (_, slot, kcos, ksin, qcos, qsin, _) in zip(meta.groups, meta.extra["views"]):
             k = apply_rope(k_pool[slot // page, slot % page], kcos, ksin).transpose(0, 1)[None]
             v = v_pool[slot // page, slot % page].transpose(0, 1)[None]
             qr = apply_rope(q[g.start:g.start + g.count], qcos, qsin).transpose(0, 1)[None]

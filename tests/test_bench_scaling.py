@@ -151,3 +151,24 @@ def test_gpu_time_weighs_the_graphs_the_steps_replayed():
 
     (gpu, decode), method = overhead.gpu_seconds(Engine(), None, type("A", (), {"replays": 5})())
     assert gpu == pytest.approx(0.005) and decode == 0.004 and "weighted" in method
+
+
+def test_the_attention_benchmarks_naive_baseline_attends_as_the_engine_does():
+    """attention_kernels' naive path (each worker re-rotates its whole view, then SDPA) gives
+    the engine's torch attention's output on the benchmark's own combined layout."""
+    import torch
+
+    from attention_kernels import NaiveRerotate, build_case
+
+    from hogwild_kernels.backends import TorchAttention
+
+    torch.manual_seed(0)
+    hq, hkv, d = 4, 2, 16
+    q, pools, groups, _ = build_case(3, 120, hq, hkv, d, torch.float32, torch.device("cpu"), page=8)
+    k, v = pools[0]
+    inv_freq = 1.0 / (1e6 ** (torch.arange(0, d, 2).float() / d))
+    slots = torch.zeros(3, dtype=torch.int64)
+    got, want = (cls(inv_freq, 1.0, d**-0.5) for cls in (NaiveRerotate, TorchAttention))
+    out = got.attend(q, k, v, got.prepare(groups, slots, slots))
+    assert out.shape == q.shape
+    torch.testing.assert_close(out, want.attend(q, k, v, want.prepare(groups, slots, slots)), rtol=1e-4, atol=1e-5)
