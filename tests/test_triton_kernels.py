@@ -489,17 +489,12 @@ def test_skinny_products_match_an_fp32_product(dtype, rows, n, k, bias, config):
 
     if pdl.supported(DEVICE):  # chained (a programmatic dependent, weights prefetched): the same bits
         assert torch.equal(skinny_linear(x, w, b, config=config, chained=True), got)
-    # the MLP's down projection takes SiLU(gate) * up in its loads: what silu_mul then the product give
+    wide = torch.randn(rows, 2 * k).to(DEVICE, dtype)
+    assert not supported(wide, w)
+    with pytest.raises(ValueError, match="rows of width"):
+        skinny_linear(wide, w)
     from hogwild_kernels.fused import silu_mul
 
-    gate_up = (2 * torch.randn(rows, 2 * k, generator=g)).to(DEVICE, dtype)
-    assert supported(gate_up, w, gated=True) and not supported(gate_up, w) and not supported(x, w, gated=True)
-    gated = skinny_linear(gate_up, w, b, config=config, gated=True)
-    assert torch.equal(gated, skinny_linear(silu_mul(gate_up), w, b, config=config))
-    if pdl.supported(DEVICE):
-        assert torch.equal(skinny_linear(gate_up, w, b, config=config, chained=True, gated=True), gated)
-    with pytest.raises(ValueError, match="rows of width"):
-        skinny_linear(x, w, gated=True)
     # the gate/up product takes the activation in its epilogue: silu_mul of the product, bit for bit
     glu = skinny_linear(x, w, b, config=config, glu=True)
     assert glu.shape == (rows, n // 2) and torch.equal(glu, silu_mul(got))
@@ -566,9 +561,9 @@ def test_the_mlp_products_stay_on_the_skinny_kernel_with_or_without_the_activati
     calls = []
     real = skinny.skinny_linear
 
-    def spy(x, weight, bias=None, config=None, chained=False, gated=False, glu=False):
+    def spy(x, weight, bias=None, config=None, chained=False, glu=False):
         calls.append((tuple(weight.shape), config, glu))
-        return real(x, weight, bias, config=config, chained=chained, gated=gated, glu=glu)
+        return real(x, weight, bias, config=config, chained=chained, glu=glu)
 
     skinny.skinny_linear = spy
     try:

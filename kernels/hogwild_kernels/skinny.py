@@ -25,20 +25,6 @@ CONFIGS = CANDIDATES + [(16, 512, 4, 4), (16, 256, 4, 6)]
 
 
 @triton.jit
-def _load_rows(x_ptrs, mask, K: tl.constexpr, GATED: tl.constexpr):
-    """A tile of the product's input rows; GATED: SiLU(gate) * up of rows [gate | up] (each K
-    wide), rounded where fused.silu_mul rounds (the two paths agree bit for bit under the interpreter)."""
-    if GATED:
-        g = tl.load(x_ptrs, mask=mask, other=0.0)
-        u = tl.load(x_ptrs + K, mask=mask, other=0.0)
-        gf = g.to(tl.float32)
-        act = (gf / (1.0 + tl.exp(-gf))).to(g.dtype).to(tl.float32)
-        return (act * u.to(tl.float32)).to(g.dtype)
-    else:
-        return tl.load(x_ptrs, mask=mask, other=0.0)
-
-
-@triton.jit
 def _normed_rows(x_ptrs, d_ptrs, nw_ptrs, inv, mask, HAS_DELTA: tl.constexpr):
     """A tile of (x + delta)'s RMSNorm times the norm's weight, as fused.add_rms_norm rounds it."""
     x = tl.load(x_ptrs, mask=mask, other=0.0)
@@ -51,13 +37,11 @@ def _normed_rows(x_ptrs, d_ptrs, nw_ptrs, inv, mask, HAS_DELTA: tl.constexpr):
 def _skinny_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, stride_xm, stride_wn, stride_om, K: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, CHAINED: tl.constexpr, PREFETCH: tl.constexpr,
-                   GATED: tl.constexpr, d_ptr=None, nw_ptr=None, sum_ptr=None, eps=0.0, NORM_ROWS: tl.constexpr = 0,
+                   d_ptr=None, nw_ptr=None, sum_ptr=None, eps=0.0, NORM_ROWS: tl.constexpr = 0,
                    KP: tl.constexpr = 1, HAS_DELTA: tl.constexpr = False, GLU: tl.constexpr = False):
     """CHAINED: a programmatic dependent (pdl.py); while the kernel before it runs, the strip's
     first PREFETCH 128-byte lines of each row are requested into the L2 cache (weights: no
-    kernel writes them). GATED: x holds [gate | up] rows and the product's input is SiLU(gate)
-    * up (the MLP's down projection takes its activation without a kernel of its own).
-    NORM_ROWS > 0 (M <= NORM_ROWS): the input is the RMSNorm of x (+ delta, the residual
+    kernel writes them). NORM_ROWS > 0 (M <= NORM_ROWS): the input is the RMSNorm of x (+ delta, the residual
     stream's new sum, which the first program stores at sum_ptr) times the norm's weight, each
     row's statistic taken over the whole row (KP wide) as fused.add_rms_norm takes it.
     GLU: the weight is [gate; up] (2N rows), each program multiplies a strip of both and
@@ -100,7 +84,7 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, stride_xm, stride_wn, str
             if NORM_ROWS > 0:
                 x = _normed_rows(x_ptrs, d_ptrs, nw_ptrs, inv, m_ok[:, None], HAS_DELTA)
             else:
-                x = _load_rows(x_ptrs, m_ok[:, None], K, GATED)
+                x = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)
         else:
             k_ok = (k0 + rk) < K
             w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
@@ -109,7 +93,7 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, stride_xm, stride_wn, str
             if NORM_ROWS > 0:
                 x = _normed_rows(x_ptrs, d_ptrs, nw_ptrs, inv, m_ok[:, None] & k_ok[None, :], HAS_DELTA)
             else:
-                x = _load_rows(x_ptrs, m_ok[:, None] & k_ok[None, :], K, GATED)
+                x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         acc += tl.dot(x, tl.trans(w))
         if GLU:
             up += tl.dot(x, tl.trans(w_up))
@@ -129,25 +113,22 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, stride_xm, stride_wn, str
     tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], acc.to(ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-def supported(x: torch.Tensor, weight: torch.Tensor, gated: bool = False) -> bool:
-    """Half-precision rows (the tensor cores' inputs) of at most MAX_ROWS, contiguous weights;
-    gated: rows [gate | up], twice the weight's width."""
-    width = weight.shape[-1] * (2 if gated else 1)
+def supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Half-precision rows (the tensor cores' inputs) of at most MAX_ROWS, contiguous weights."""
     return (x.dim() == 2 and 0 < x.shape[0] <= MAX_ROWS and x.dtype in (torch.bfloat16, torch.float16)
-            and weight.dtype == x.dtype and weight.is_contiguous() and x.stride(-1) == 1 and x.shape[1] == width)
+            and weight.dtype == x.dtype and weight.is_contiguous() and x.stride(-1) == 1
+            and x.shape[1] == weight.shape[-1])
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                   config: tuple[int, int, int, int] | None = None, chained: bool = False,
-                  gated: bool = False, glu: bool = False) -> torch.Tensor:
+                  glu: bool = False) -> torch.Tensor:
     """F.linear(x, weight, bias) for x of at most MAX_ROWS rows: [M, K] @ [N, K]^T -> [M, N].
-    chained: launched as a programmatic dependent of the kernel before it (pdl.py). gated: x is
-    [M, 2K], gate then up, and the product is F.linear(fused.silu_mul(x), weight, bias). glu:
-    the weight is [gate; up] (N even) and the result fused.silu_mul of the product, [M, N / 2]."""
-    k = weight.shape[1]
-    if x.shape[1] != (2 * k if gated else k):
-        raise ValueError(f"rows of width {x.shape[1]} for a weight of width {k}{' (gated: twice it)' if gated else ''}")
-    return _product(x, weight, bias, config, chained, glu, GATED=gated)
+    chained: launched as a programmatic dependent of the kernel before it (pdl.py). glu: the
+    weight is [gate; up] (N even) and the result fused.silu_mul of the product, [M, N / 2]."""
+    if x.shape[1] != weight.shape[1]:
+        raise ValueError(f"rows of width {x.shape[1]} for a weight of width {weight.shape[1]}")
+    return _product(x, weight, bias, config, chained, glu)
 
 
 NORM_ROWS = 4  # a product takes the norm before it in its loads for passes of up to this many rows
@@ -188,7 +169,7 @@ def _product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         x, weight, bias if bias is not None else weight, out, m, out_n, x.stride(0), weight.stride(0), out.stride(0),
         K=k, BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0,
         CHAINED=chained, PREFETCH=_prefetch_lines(k, weight.element_size()) if chained else 0, GLU=glu,
-        num_warps=warps, num_stages=stages, **{"GATED": False, **prologue}, **launch(chained))
+        num_warps=warps, num_stages=stages, **prologue, **launch(chained))
     return out
 
 
