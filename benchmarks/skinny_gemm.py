@@ -2,7 +2,9 @@
 
 For every weight of a model shape (QKV, output, gate/up, down, the LM head) and a few row
 counts (workers fed in a pass), side by side in one run: F.linear and the skinny kernel with
-its picked launch shape and every candidate in `skinny.CONFIGS`. Times are per product, from
+its picked launch shape and every candidate in `skinny.CONFIGS`; and for gate/up with the
+MLP's activation (`gate_up+act`): F.linear then silu_mul, the skinny product then silu_mul,
+and the skinny product with the activation in its epilogue (glu), each launch shape. Times are per product, from
 CUDA graphs cycling over several copies of each weight (more than the L2 cache: cold, as
 in a decode step), CUDA events, median. The floor is the weight's bytes (and the rows')
 over the device's bandwidth (bandwidth.py, raised to the fastest product timed here);
@@ -49,19 +51,37 @@ def measure(name: str, n: int, k: int, rows: int, dev) -> list[dict]:
     x = torch.randn(rows, k, dtype=torch.bfloat16, device=dev)
     ref = x.float() @ ws[0].float().T
     moved = nbytes + rows * (k + n) * 2
-    out = []
     variants = [("cublas", None, lambda w, c: F.linear(x, w))]
     variants += [("skinny", pick(n, k), lambda w, c: skinny_linear(x, w))]
     variants += [("skinny", c, lambda w, c=c: skinny_linear(x, w, config=c)) for c in CONFIGS if c != pick(n, k)]
+    out = timed(name, n, k, rows, variants, ws, ref, moved, pick(n, k))
+    if name == "gate_up":  # the MLP's activation too: after the product, or in its epilogue (glu)
+        from hogwild_kernels.fused import silu_mul
+
+        gate, up = ref.chunk(2, dim=-1)
+        act = torch.nn.functional.silu(gate) * up
+        variants = [("cublas", None, lambda w, c: silu_mul(F.linear(x, w))),
+                    ("skinny", "product, then silu_mul", lambda w, c: silu_mul(skinny_linear(x, w)))]
+        variants += [("skinny", c, lambda w, c=c: skinny_linear(x, w, config=c, glu=True))
+                     for c in dict.fromkeys([pick(n, k, glu=True), *CONFIGS])]
+        out += timed(f"{name}+act", n, k, rows, variants, ws, act, nbytes + rows * (k + n // 2) * 2,
+                     pick(n, k, glu=True))
+    del ws
+    torch.cuda.empty_cache()
+    return out
+
+
+def timed(name: str, n: int, k: int, rows: int, variants: list, ws: list[torch.Tensor], ref: torch.Tensor,
+          moved: int, picked: tuple[int, int, int, int]) -> list[dict]:
+    """Each variant checked against the fp32 reference, then timed over the weights' copies."""
+    out = []
     for kind, config, fn in variants:
         got = fn(ws[0], config).float()
         err = ((got - ref).norm() / ref.norm()).item()
-        t = bench([lambda w=w, fn=fn, c=config: fn(w, c) for w in ws], calls=2 * copies)
+        t = bench([lambda w=w, fn=fn, c=config: fn(w, c) for w in ws], calls=2 * len(ws))
         out.append({"weight": name, "n": n, "k": k, "rows": rows, "kernel": kind,
-                    "config": "picked " + str(config) if config == pick(n, k) and kind == "skinny" else str(config),
+                    "config": "picked " + str(config) if config == picked and kind == "skinny" else str(config),
                     "us": t * 1e6, "bytes": moved, "GBps": moved / t / 1e9, "rel_err": err})
-    del ws
-    torch.cuda.empty_cache()
     return out
 
 

@@ -213,6 +213,8 @@ def test_one_host_sync_per_step(random_model):
         session.close()
     assert engine.graphs.replays >= 20 and engine.executor.prelaunched >= 20
     assert counts == [(1, 0)] * len(counts), counts
+    # each graph captured once, and counted (the overhead benchmark's steps that captured one)
+    assert engine.graphs.captures == sum(g.graph is not None for g in engine.graphs.graphs.values()) > 0
 
 
 @gpu

@@ -122,6 +122,7 @@ class DecodeGraphs:
         self.replays = 0
         self.uses: dict[_Graph, int] = {}  # replays of each graph (a benchmark clears it to count a stretch)
         self.staged_hits = 0  # passes whose plan was staged while the previous pass ran
+        self.captures = 0  # graphs captured: each new pass shape's one-time cost, in the pass that met it
 
     def serves(self, groups: list[QueryGroup]) -> bool:
         """A decode pass (every group feeds one token), or one whose chunks are at most max_chunk."""
@@ -191,6 +192,7 @@ class DecodeGraphs:
         with torch.cuda.graph(graph):
             entry.logits, entry.sampled = entry.forward(self.decoder, self.cache)
         entry.graph = graph
+        self.captures += 1
 
     def replay_last(self, times: int) -> float:
         """Mean GPU seconds of the last decode pass replayed `times` times back to back (its
