@@ -236,6 +236,22 @@ def _merge_partials_kernel(
 
 
 @triton.jit
+def _store_rotated_kv(k1, k2, vb, t, h, d, dmask, cos_ptr, sin_ptr, slot_ptr, k_pool_ptr, v_pool_ptr,
+                      stride_ppage, stride_ptok, stride_ph, PAGE: tl.constexpr, HALF: tl.constexpr):
+    """Token t's key halves (fp32) rotated at its block-local position (cos/sin precomputed per
+    pass) and stored in its pool slot for KV head h, with its value (halves at vb, vb + HALF)."""
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    cos = tl.load(cos_ptr + t * HALF + d, mask=dmask, other=0.0)
+    sin = tl.load(sin_ptr + t * HALF + d, mask=dmask, other=0.0)
+    pb = (slot // PAGE) * stride_ppage + (slot % PAGE) * stride_ptok + h * stride_ph + d
+    ty = k_pool_ptr.dtype.element_ty
+    tl.store(k_pool_ptr + pb, (k1 * cos - k2 * sin).to(ty), mask=dmask)
+    tl.store(k_pool_ptr + pb + HALF, (k2 * cos + k1 * sin).to(ty), mask=dmask)
+    tl.store(v_pool_ptr + pb, tl.load(vb, mask=dmask, other=0.0).to(ty), mask=dmask)
+    tl.store(v_pool_ptr + pb + HALF, tl.load(vb + HALF, mask=dmask, other=0.0).to(ty), mask=dmask)
+
+
+@triton.jit
 def _kv_append_kernel(
     k_ptr, v_ptr, cos_ptr, sin_ptr, slot_ptr, k_pool_ptr, v_pool_ptr,
     stride_kt, stride_kh, stride_vt, stride_vh, stride_ppage, stride_ptok, stride_ph,
@@ -247,19 +263,11 @@ def _kv_append_kernel(
     h = tl.program_id(1)
     d = tl.arange(0, HALFP)
     dmask = d < HALF
-    slot = tl.load(slot_ptr + t).to(tl.int64)
-    cos = tl.load(cos_ptr + t * HALF + d, mask=dmask, other=0.0)
-    sin = tl.load(sin_ptr + t * HALF + d, mask=dmask, other=0.0)
     kb = k_ptr + t * stride_kt + h * stride_kh + d
     k1 = tl.load(kb, mask=dmask, other=0.0).to(tl.float32)
     k2 = tl.load(kb + HALF, mask=dmask, other=0.0).to(tl.float32)
-    pb = (slot // PAGE) * stride_ppage + (slot % PAGE) * stride_ptok + h * stride_ph + d
-    ty = k_pool_ptr.dtype.element_ty
-    tl.store(k_pool_ptr + pb, (k1 * cos - k2 * sin).to(ty), mask=dmask)
-    tl.store(k_pool_ptr + pb + HALF, (k2 * cos + k1 * sin).to(ty), mask=dmask)
-    vb = v_ptr + t * stride_vt + h * stride_vh + d
-    tl.store(v_pool_ptr + pb, tl.load(vb, mask=dmask, other=0.0).to(ty), mask=dmask)
-    tl.store(v_pool_ptr + pb + HALF, tl.load(vb + HALF, mask=dmask, other=0.0).to(ty), mask=dmask)
+    _store_rotated_kv(k1, k2, v_ptr + t * stride_vt + h * stride_vh + d, t, h, d, dmask, cos_ptr, sin_ptr, slot_ptr,
+                      k_pool_ptr, v_pool_ptr, stride_ppage, stride_ptok, stride_ph, PAGE, HALF)
 
 
 @triton.jit
@@ -288,16 +296,8 @@ def _qk_norm_kv_append_kernel(
     k1 = rms_scaled(tl.load(kb + d, mask=dmask, other=0.0), inv, k_w_ptr + d, dmask).to(ty_in).to(tl.float32)
     k2 = rms_scaled(tl.load(kb + HALF + d, mask=dmask, other=0.0), inv, k_w_ptr + HALF + d, dmask)
     k2 = k2.to(ty_in).to(tl.float32)
-    slot = tl.load(slot_ptr + t).to(tl.int64)
-    cos = tl.load(cos_ptr + t * HALF + d, mask=dmask, other=0.0)
-    sin = tl.load(sin_ptr + t * HALF + d, mask=dmask, other=0.0)
-    pb = (slot // PAGE) * stride_ppage + (slot % PAGE) * stride_ptok + h * stride_ph + d
-    ty = k_pool_ptr.dtype.element_ty
-    tl.store(k_pool_ptr + pb, (k1 * cos - k2 * sin).to(ty), mask=dmask)
-    tl.store(k_pool_ptr + pb + HALF, (k2 * cos + k1 * sin).to(ty), mask=dmask)
-    vb = row + (Q_HEADS + KV_HEADS + h) * D + d
-    tl.store(v_pool_ptr + pb, tl.load(vb, mask=dmask, other=0.0).to(ty), mask=dmask)
-    tl.store(v_pool_ptr + pb + HALF, tl.load(vb + HALF, mask=dmask, other=0.0).to(ty), mask=dmask)
+    _store_rotated_kv(k1, k2, row + (Q_HEADS + KV_HEADS + h) * D + d, t, h, d, dmask, cos_ptr, sin_ptr, slot_ptr,
+                      k_pool_ptr, v_pool_ptr, stride_ppage, stride_ptok, stride_ph, PAGE, HALF)
     for g in tl.static_range(REP):
         head = h * REP + g
         q = tl.load(row + head * D + offs, mask=mask, other=0.0)
