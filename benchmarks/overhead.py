@@ -105,6 +105,7 @@ def in_process(engine, model: Model, workers: int, args, chunk: int = MAX_CHUNK,
         if graphs is not None:
             graphs.uses.clear()  # the graphs the timed steps replay, and how often
         captured: list[bool] = []  # per timed step: did it capture a graph (a new pass shape's one-time cost)
+        capture_s = 0.0 if graphs is None else graphs.capture_seconds
 
         def timed_step() -> None:
             before = 0 if graphs is None else graphs.captures
@@ -114,6 +115,7 @@ def in_process(engine, model: Model, workers: int, args, chunk: int = MAX_CHUNK,
         with compile_watch.watch() as compiles:
             walls = common.step_walls(timed_step, 0, args.steps)
         uncaptured = [w for w, c in zip(walls, captured) if not c]
+        capture_s = 0.0 if graphs is None else graphs.capture_seconds - capture_s
         passes = session.stats.forward_passes - passes
         launched = executor.prelaunched - launched
         replays, staged = (now - then for now, then in zip(graph_counts(graphs), (replays, staged)))
@@ -130,6 +132,7 @@ def in_process(engine, model: Model, workers: int, args, chunk: int = MAX_CHUNK,
         path += ", launched ahead" if on else ", launched when asked"
     return {"path": path, "workers": workers, "wall_ms": statistics.median(walls) * 1e3,
             "mean_wall_ms": statistics.fmean(walls) * 1e3, "steps_capturing": sum(captured),
+            "capture_ms": capture_s * 1e3 / sum(captured) if any(captured) else None,
             "mean_wall_uncaptured_ms": statistics.fmean(uncaptured) * 1e3 if uncaptured else None,
             "gpu_ms": None if gpu is None else gpu * 1e3,
             "decode_gpu_ms": None if decode_gpu is None else decode_gpu * 1e3, "gpu_method": method,
@@ -375,12 +378,14 @@ def run(args, device: torch.device, dtype: torch.dtype, path: str, model: Model)
     common.print_table(f"{path} ({meta['dtype']}) on {meta['device_name']}, {model.view}-token prompt, "
                        f"CUDA graphs: {graphs}{ends}",
                        ["path", "workers", "wall ms", "mean wall ms", "GPU ms", "outside ms", "outside %",
-                        "outside % of mean", "steps capturing a graph", "outside % of mean, other steps",
+                        "outside % of mean", "steps capturing a graph", "capture ms",
+                        "outside % of mean, other steps",
                         "steps ended", "graphed", "staged", "launched ahead", "eager passes",
                         "eager pass ms", "Triton compiles (s)"],
                        [[r["path"], str(r["workers"]), ms(r["wall_ms"]), ms(r.get("mean_wall_ms")), ms(r["gpu_ms"]),
                          ms(r["outside_ms"]), pct(r["outside_pct"]), pct(r.get("outside_mean_pct")),
-                         str(r.get("steps_capturing", "-")), pct(r.get("outside_mean_uncaptured_pct")),
+                         str(r.get("steps_capturing", "-")), ms(r.get("capture_ms")),
+                         pct(r.get("outside_mean_uncaptured_pct")),
                          str(r.get("steps_ended", "-")), pct(r.get("graphed_pct")), pct(r.get("staged_pct")),
                          pct(r.get("launched_ahead_pct")), str(r.get("eager_passes", "-")),
                          ms(r.get("eager_pass_ms")), compiled(r)]

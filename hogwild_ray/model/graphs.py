@@ -123,6 +123,7 @@ class DecodeGraphs:
         self.uses: dict[_Graph, int] = {}  # replays of each graph (a benchmark clears it to count a stretch)
         self.staged_hits = 0  # passes whose plan was staged while the previous pass ran
         self.captures = 0  # graphs captured: each new pass shape's one-time cost, in the pass that met it
+        self.capture_seconds = 0.0  # the host's time in those captures
 
     def serves(self, groups: list[QueryGroup]) -> bool:
         """A decode pass (every group feeds one token), or one whose chunks are at most max_chunk."""
@@ -182,17 +183,25 @@ class DecodeGraphs:
         return (entry if entry.plan.fits(host) else None), host
 
     def _capture(self, entry: _Graph) -> None:
-        """Warm up on a side stream (compiles the kernels; computes this pass), then capture."""
+        """Warm up on a side stream (compiles the kernels; computes this pass), then capture on
+        it. Not through torch.cuda.graph: that waits for the whole device and empties the
+        device and pinned-host caches before each capture, so a shape met mid-run stalled the
+        pass launched ahead and made the passes after it allocate again."""
+        t0 = time.perf_counter()
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             entry.forward(self.decoder, self.cache)
+            graph = torch.cuda.CUDAGraph()
+            graph.capture_begin()
+            try:
+                entry.logits, entry.sampled = entry.forward(self.decoder, self.cache)
+            finally:
+                graph.capture_end()
         torch.cuda.current_stream(self.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            entry.logits, entry.sampled = entry.forward(self.decoder, self.cache)
         entry.graph = graph
         self.captures += 1
+        self.capture_seconds += time.perf_counter() - t0
 
     def replay_last(self, times: int) -> float:
         """Mean GPU seconds of the last decode pass replayed `times` times back to back (its
