@@ -54,8 +54,8 @@ def test_overhead_writes_results(tmp_path):
     assert all(r["eager_passes"] == 3 and r["eager_pass_ms"] > 0 for r in saved["rows"])
     assert all(r["triton_compiles"] == 0 for r in saved["rows"]) and saved["triton_compiled_while_timed"] == {}
     assert all(r["launched_ahead_pct"] == 0 for r in saved["rows"])  # the CPU engine's default
-    assert all(r["steps_capturing"] == 0 and r["capture_ms"] is None and r["mean_wall_uncaptured_ms"] == r["mean_wall_ms"]
-               for r in saved["rows"])
+    assert all(r["steps_capturing"] == 0 and r["capture_ms"] is None for r in saved["rows"])  # no graphs
+    assert all(r["mean_wall_uncaptured_ms"] == r["mean_wall_ms"] for r in saved["rows"])
 
 
 def test_overhead_runs_with_the_launch_ahead_off_and_on(tmp_path):
