@@ -13,7 +13,8 @@ Side by side in the same run:
 * torch: the engine's own torch path (the reference it is tested against, vectorized);
 * `--variants`: the same kernel with other knobs or pages laid out another way, in the same
   run (before/after comparisons): each gets a `<name>_us` column and `<name>_x`, its time
-  over the kernel's.
+  over the kernel's. With `--repeats N` the kernel, each variant and SDPA are timed in turn,
+  N rounds, and each takes its median.
 
 K/V pages are token-major in memory ([page, token, kv_head, dim]), as the engine's pool keeps
 them; a variant with "page_layout": "head" reads head-major pages ([page, kv_head, token, dim]).
@@ -36,6 +37,7 @@ import csv
 import inspect
 import json
 import random
+import statistics
 import time
 from pathlib import Path
 
@@ -153,25 +155,26 @@ def measure(w, view, shape, args, dev, dtype) -> dict:
     t0 = time.perf_counter()
     meta = tri.prepare(groups, slots, slots)
     plan_ms = (time.perf_counter() - t0) * 1e3
-    t_tri = bench([lambda k=k, v=v: tri.attend(q, k, v, meta) for k, v in pools])
-    row = {"shape": shape, "workers": w, "view": view, "triton_us": t_tri * 1e6}
+    timed = {"triton": [lambda k=k, v=v: tri.attend(q, k, v, meta) for k, v in pools]}
     for name, spec in args.variants.items():
         knobs = {**args.kernel, **spec}
         layout = knobs.pop("page_layout", "token")
         impl = TritonAttention(inv_freq, 1.0, d**-0.5, kv_heads=hkv, q_per_kv=hq // hkv, **knobs)
         m = impl.prepare(groups, slots, slots)
         other = [(laid_out(k, layout), laid_out(v, layout)) for k, v in pools]
-        row[f"{name}_us"] = bench([lambda k=k, v=v: impl.attend(q, k, v, m) for k, v in other]) * 1e6
-        row[f"{name}_x"] = row[f"{name}_us"] / row["triton_us"]
-        del other
+        timed[name] = [lambda k=k, v=v, impl=impl, m=m: impl.attend(q, k, v, m) for k, v in other]
     # SDPA over one contiguous, already-rotated cache per worker (independent sequences)
     sd_layers = max(1, min(8, -(-L2_BYTES // (per_layer * w))))
     caches = [(torch.randn(w, hkv, view, d, dtype=dtype, device=dev),
                torch.randn(w, hkv, view, d, dtype=dtype, device=dev)) for _ in range(sd_layers)]
     qs = q.view(w, hq, 1, d)
-    row["sdpa_us"] = bench([lambda k=k, v=v: F.scaled_dot_product_attention(qs, k, v, enable_gqa=True)
-                            for k, v in caches]) * 1e6
-    del caches
+    timed["sdpa"] = [lambda k=k, v=v: F.scaled_dot_product_attention(qs, k, v, enable_gqa=True) for k, v in caches]
+    us = {name: t * 1e6 for name, t in interleaved(timed, args.repeats).items()}
+    del timed, caches
+    row = {"shape": shape, "workers": w, "view": view, "triton_us": us["triton"], "sdpa_us": us["sdpa"]}
+    for name in args.variants:
+        row[f"{name}_us"] = us[name]
+        row[f"{name}_x"] = us[name] / us["triton"]
     if not args.no_baselines:
         for name, cls in (("naive", NaiveRerotate), ("torch", TorchAttention)):
             impl = cls(inv_freq, 1.0, d**-0.5)
@@ -180,8 +183,20 @@ def measure(w, view, shape, args, dev, dtype) -> dict:
                                       iters=10) * 1e6
             torch.cuda.empty_cache()
     row.update({"speedup_vs_sdpa": row["sdpa_us"] / row["triton_us"], "unique_kv_MB": unique / 1e6,
-                "sdpa_kv_MB": w * per_layer / 1e6, "triton_GBps": unique / t_tri / 1e9, "plan_ms": plan_ms})
+                "sdpa_kv_MB": w * per_layer / 1e6, "triton_GBps": unique / (us["triton"] / 1e6) / 1e9,
+                "plan_ms": plan_ms})
     return row
+
+
+def interleaved(timed: dict[str, list], repeats: int) -> dict[str, float]:
+    """Median seconds per call of each entry's calls (bench), the entries timed in turn, round
+    after round: a drift of the device's clocks or temperature reaches all of them alike
+    rather than whichever came last."""
+    times: dict[str, list[float]] = {name: [] for name in timed}
+    for _ in range(repeats):
+        for name, fns in timed.items():
+            times[name].append(bench(fns))
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def add_floors(rows: list[dict], floor: Bandwidth) -> None:
@@ -308,10 +323,17 @@ def main() -> None:
                         'plus "page_layout" ("token" or "head"), e.g. \'{"no_pdl": {"pdl": false}, '
                         '"head_major": {"page_layout": "head"}}\'')
     p.add_argument("--no-baselines", action="store_true", help="skip the naive and torch paths (slow)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="rounds in which the kernel, each variant and SDPA are timed in turn; the median of "
+                        "each (3 or more when comparing variants: one noisy measurement no longer decides)")
     p.add_argument("--no-save", action="store_true")
     args = p.parse_args()
     knobs = set(inspect.signature(TritonAttention).parameters) - {"inv_freq", "rope_scale", "sm_scale", "kv_heads"}
+    if args.repeats < 1:
+        raise SystemExit(f"--repeats must be at least 1; got {args.repeats}")
     for name, spec in args.variants.items():
+        if name in ("triton", "sdpa", "naive", "torch"):
+            raise SystemExit(f"variant {name!r}: that name is a column of its own; name the variant otherwise")
         unknown_knobs = set(spec) - knobs - {"page_layout"}
         if unknown_knobs:
             raise SystemExit(f"variant {name!r}: unknown knob(s) {sorted(unknown_knobs)}; choose from "

@@ -174,3 +174,32 @@ def test_the_attention_benchmarks_naive_baseline_attends_as_the_engine_does():
     out = got.attend(q, k, v, got.prepare(groups, slots, slots))
     assert out.shape == q.shape
     torch.testing.assert_close(out, want.attend(q, k, v, want.prepare(groups, slots, slots)), rtol=1e-4, atol=1e-5)
+
+
+def test_the_attention_benchmark_times_its_kernels_in_turn_and_takes_medians(monkeypatch):
+    """attention_kernels --repeats: the kernel, each variant and SDPA timed one after the other,
+    round after round, each its median; a cell's row has every column (no kernel runs here)."""
+    import types
+
+    import torch
+
+    import attention_kernels
+
+    order, times = [], {"t": [5.0, 1.0, 3.0], "a": [2.0, 2.0, 9.0], "s": [4.0, 6.0, 5.0]}
+
+    def fake_bench(fns, **_):
+        name = fns[0]
+        order.append(name)
+        return times[name][sum(n == name for n in order) - 1]
+
+    monkeypatch.setattr(attention_kernels, "bench", fake_bench)
+    got = attention_kernels.interleaved({"triton": ["t"], "a": ["a"], "sdpa": ["s"]}, 3)
+    assert order == ["t", "a", "s"] * 3 and got == {"triton": 3.0, "a": 2.0, "sdpa": 5.0}
+
+    calls = []
+    monkeypatch.setattr(attention_kernels, "bench", lambda fns, **_: calls.append(len(fns)) or 1e-6 * len(calls))
+    args = types.SimpleNamespace(kernel={}, variants={"pps3": {"programs_per_sm": 3}}, repeats=2, no_baselines=True)
+    row = attention_kernels.measure(2, 64, "qwen3-8b", args, torch.device("cpu"), torch.float32)
+    assert len(calls) == 6  # 2 rounds of the kernel, the variant and SDPA
+    assert row["triton_us"] == pytest.approx(2.5) and row["pps3_us"] == pytest.approx(3.5)
+    assert row["sdpa_us"] == pytest.approx(4.5) and row["pps3_x"] == pytest.approx(3.5 / 2.5)
