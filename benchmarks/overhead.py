@@ -101,11 +101,12 @@ def in_process(engine, model: Model, workers: int, args, chunk: int = MAX_CHUNK,
         passes, replays, staged = session.stats.forward_passes, *graph_counts(graphs)
         launched = executor.prelaunched
         host = common.host_profile(session.step, args.steps) if args.host_profile else None
-        eager = time_eager_passes(engine, graphs)
+        eager = time_eager_passes(engine)
         if graphs is not None:
             graphs.uses.clear()  # the graphs the timed steps replay, and how often
         captured: list[bool] = []  # per timed step: did it capture a graph (a new pass shape's one-time cost)
         capture_s = 0.0 if graphs is None else graphs.capture_seconds
+        unfit = 0 if graphs is None else graphs.unfit
 
         def timed_step() -> None:
             before = 0 if graphs is None else graphs.captures
@@ -116,6 +117,7 @@ def in_process(engine, model: Model, workers: int, args, chunk: int = MAX_CHUNK,
             walls = common.step_walls(timed_step, 0, args.steps)
         uncaptured = [w for w, c in zip(walls, captured) if not c]
         capture_s = 0.0 if graphs is None else graphs.capture_seconds - capture_s
+        unfit = None if graphs is None else graphs.unfit - unfit
         passes = session.stats.forward_passes - passes
         launched = executor.prelaunched - launched
         replays, staged = (now - then for now, then in zip(graph_counts(graphs), (replays, staged)))
@@ -140,22 +142,25 @@ def in_process(engine, model: Model, workers: int, args, chunk: int = MAX_CHUNK,
             "graphed_pct": None if graphs is None else 100 * replays / max(passes, 1),
             "staged_pct": None if graphs is None else 100 * staged / max(passes, 1),
             "launched_ahead_pct": 100 * launched / max(passes, 1),
-            "eager_passes": len(eager), "eager_pass_ms": statistics.fmean(eager) * 1e3 if eager else None,
+            "eager_passes": len(eager), "eager_unfit": unfit,
+            "eager_pass_ms": statistics.fmean(eager) * 1e3 if eager else None,
             "eager_pass_max_ms": max(eager) * 1e3 if eager else None,
             "triton_compiles": compiles.count if compiles.supported else None,
             "compile_s": compiles.seconds if compiles.supported else None, "compiled": compiles.signatures,
             "host_top": host}
 
 
-def time_eager_passes(engine, graphs) -> list[float]:
-    """Wall seconds of each pass (the executor's `run`, up to its tokens) that no graph replayed,
-    filled in as the steps run; with no graphs, every pass."""
-    run, walls = engine.executor.run, []
+def time_eager_passes(engine) -> list[float]:
+    """Wall seconds of each call of the executor's `run` (up to its tokens) in which a pass ran
+    without a graph (the runner's count; with no graphs, every pass), filled in as the steps
+    run. Not "no replay in the call": with passes launched ahead, a call that takes a graphed
+    pass launched by the call before it and launches none replays nothing itself."""
+    run, runner, walls = engine.executor.run, engine.executor.runner, []
 
     def timed(passes, while_running=None):
-        replays, t = graphs.replays if graphs is not None else 0, time.perf_counter()
+        eager, t = runner.eager_passes, time.perf_counter()
         out = run(passes, while_running)
-        if graphs is None or graphs.replays == replays:
+        if runner.eager_passes > eager:
             walls.append(time.perf_counter() - t)
         return out
 
@@ -381,13 +386,14 @@ def run(args, device: torch.device, dtype: torch.dtype, path: str, model: Model)
                         "outside % of mean", "steps capturing a graph", "capture ms",
                         "outside % of mean, other steps",
                         "steps ended", "graphed", "staged", "launched ahead", "eager passes",
-                        "eager pass ms", "Triton compiles (s)"],
+                        "of them, plan too big for a graph", "eager pass ms", "Triton compiles (s)"],
                        [[r["path"], str(r["workers"]), ms(r["wall_ms"]), ms(r.get("mean_wall_ms")), ms(r["gpu_ms"]),
                          ms(r["outside_ms"]), pct(r["outside_pct"]), pct(r.get("outside_mean_pct")),
                          str(r.get("steps_capturing", "-")), ms(r.get("capture_ms")),
                          pct(r.get("outside_mean_uncaptured_pct")),
                          str(r.get("steps_ended", "-")), pct(r.get("graphed_pct")), pct(r.get("staged_pct")),
                          pct(r.get("launched_ahead_pct")), str(r.get("eager_passes", "-")),
+                         "-" if r.get("eager_unfit") is None else str(r["eager_unfit"]),
                          ms(r.get("eager_pass_ms")), compiled(r)]
                         for r in rows])
     for t in targets:

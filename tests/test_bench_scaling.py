@@ -55,7 +55,7 @@ def test_overhead_writes_results(tmp_path):
     assert all(r["triton_compiles"] == 0 for r in saved["rows"]) and saved["triton_compiled_while_timed"] == {}
     assert all(r["launched_ahead_pct"] == 0 for r in saved["rows"])  # the CPU engine's default
     assert all(r["steps_capturing"] == 0 and r["capture_ms"] is None for r in saved["rows"])  # no graphs
-    assert all(r["mean_wall_uncaptured_ms"] == r["mean_wall_ms"] for r in saved["rows"])
+    assert all(r["mean_wall_uncaptured_ms"] == r["mean_wall_ms"] and r["eager_unfit"] is None for r in saved["rows"])
 
 
 def test_overhead_runs_with_the_launch_ahead_off_and_on(tmp_path):
@@ -203,3 +203,27 @@ def test_the_attention_benchmark_times_its_kernels_in_turn_and_takes_medians(mon
     assert len(calls) == 6  # 2 rounds of the kernel, the variant and SDPA
     assert row["triton_us"] == pytest.approx(2.5) and row["pps3_us"] == pytest.approx(3.5)
     assert row["sdpa_us"] == pytest.approx(4.5) and row["pps3_x"] == pytest.approx(3.5 / 2.5)
+
+
+def test_overhead_counts_as_eager_only_the_calls_that_ran_a_pass_without_a_graph():
+    """A call that takes the graphed pass launched by the call before it and launches none replays
+    nothing itself, yet ran no eager pass: only calls where the runner ran one count."""
+    import types
+
+    import overhead
+
+    runner = types.SimpleNamespace(eager_passes=0)
+    graphs = types.SimpleNamespace(replays=0)
+
+    def run(passes, while_running=None):
+        if passes == "eager":
+            runner.eager_passes += 1
+        elif passes == "graphed, launching the next":
+            graphs.replays += 1
+        return passes
+
+    engine = types.SimpleNamespace(executor=types.SimpleNamespace(run=run, runner=runner), graphs=graphs)
+    walls = overhead.time_eager_passes(engine)
+    for passes in ("graphed, launching the next", "graphed, launched before", "eager", "graphed, launched before"):
+        assert engine.executor.run(passes) == passes
+    assert len(walls) == 1 and walls[0] >= 0

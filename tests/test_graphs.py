@@ -125,6 +125,34 @@ def test_a_graph_pass_with_chunks_reads_its_static_buffers_right(random_model):
     assert checked == [sum(len(session.encode(text)) for text in inject.values()) for inject in injections if inject]
 
 
+def test_a_pass_whose_plan_does_not_fit_the_graph_runs_eagerly_and_is_counted(random_model):
+    """On the CPU: graphs whose buffers hold blocks of 16 keys at most serve the session's decode
+    passes (one token a worker) but cannot hold their plans, whose prompt block is longer; each
+    such pass is counted as unfit and answered None (the runner then runs it eagerly)."""
+    from hogwild_ray.model.graphs import DecodeGraphs
+    from hogwild_ray.runner.model_runner import host_batch
+
+    path, _ = random_model("qwen3", "yarn")
+    engine = hw.HogwildEngine.from_pretrained(path, "cpu", "float32", cache_tokens=4096, attention="triton")
+    runner = engine.runner
+    graphs = DecodeGraphs(runner.decoder, runner.cache, max_context=16, max_chunk=1)
+    forward, served = runner.forward, []
+
+    def both(steps, table=None, staged=None, batch=None):
+        groups, toks, key_pos, slots, last = host_batch(steps)
+        if graphs.serves(groups):
+            served.append(graphs.run(groups, toks, key_pos, slots, last, table))
+        return forward(steps, table, staged, batch)
+
+    runner.forward = both
+    session = engine.start("Compute 12 * 7. " * 6, workers=2, max_tokens=8, protocol=False, chat_template=False)
+    for _ in range(3):
+        session.step()
+    session.close()
+    assert len(served) >= 2 and served == [None] * len(served) and graphs.unfit == len(served)
+    assert graphs.replays == graphs.captures == 0
+
+
 @gpu
 def test_passes_with_chunks_replay_graphs_of_their_own(random_model):
     """With max_chunk, the passes where workers feed headers or injections replay graphs too

@@ -124,6 +124,7 @@ class DecodeGraphs:
         self.staged_hits = 0  # passes whose plan was staged while the previous pass ran
         self.captures = 0  # graphs captured: each new pass shape's one-time cost, in the pass that met it
         self.capture_seconds = 0.0  # the host's time in those captures
+        self.unfit = 0  # passes it serves that ran eagerly all the same: their plan did not fit a graph's buffers
 
     def serves(self, groups: list[QueryGroup]) -> bool:
         """A decode pass (every group feeds one token), or one whose chunks are at most max_chunk."""
@@ -144,6 +145,7 @@ class DecodeGraphs:
         else:
             entry, host = self._entry(groups, len(tokens), mode)
             if entry is None:
+                self.unfit += 1
                 return None
         entry.load(host, tokens, key_positions, slots, last_rows, table, feed)
         if entry.graph is None:

@@ -37,6 +37,7 @@ class ModelRunner:
                  cuda_graphs: bool = False) -> None:
         self.spec, self.decoder, self.cache, self.device = spec, decoder, cache, device
         self.graphs = DecodeGraphs(decoder, cache, max_context) if cuda_graphs else None
+        self.eager_passes = 0  # forward passes no graph replayed (all of them without graphs)
 
     @classmethod
     def load(cls, config: EngineConfig, cuda_graphs: bool, parallel: TensorParallel | None = None, *,
@@ -83,6 +84,7 @@ class ModelRunner:
             out = self.graphs.run(groups, tokens, key_pos, slots, last, table, staged, feed)
             if out is not None:
                 return out
+        self.eager_passes += 1
         inputs = self._device_batch(groups, tokens, key_pos, slots, last)
         if feed is not None:
             feed(inputs.tokens)
