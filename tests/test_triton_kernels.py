@@ -515,7 +515,7 @@ def test_skinny_products_match_an_fp32_product(dtype, rows, n, k, bias, config):
 def test_a_product_takes_the_norm_before_it_in_its_loads(dtype, rows, n, k, delta, config):
     """skinny_norm_linear: the residual add + RMSNorm and the product in one launch, bit for bit
     what add_rms_norm then the product give (the residual's sum too)."""
-    from hogwild_kernels.fused import add_rms_norm
+    from hogwild_kernels.fused import add_rms_norm, silu_mul
     from hogwild_kernels.skinny import NORM_ROWS, normed_supported, skinny_linear, skinny_norm_linear
 
     g = torch.Generator().manual_seed(rows * n + k)
@@ -527,8 +527,6 @@ def test_a_product_takes_the_norm_before_it_in_its_loads(dtype, rows, n, k, delt
     want = skinny_linear(h, w, config=config)
     got, got_total = skinny_norm_linear(x, d, nw, 1e-6, w, config=config)
     assert torch.equal(got, want) and torch.equal(got_total, total)
-    from hogwild_kernels.fused import silu_mul
-
     assert torch.equal(skinny_norm_linear(x, d, nw, 1e-6, w, config=config, glu=True)[0], silu_mul(want))
     assert (got_total is x) == (d is None)
     from hogwild_kernels import pdl
