@@ -17,6 +17,7 @@ On the CPU there is no GPU time to split off: only the wall times are reported.
     python benchmarks/overhead.py --workers 16 --step-tokens 30 --no-ray   # steps end as in real text
     python benchmarks/overhead.py --workers 16 --step-tokens 30 --graph-chunks 1,32 --no-ray
     python benchmarks/overhead.py --workers 1,16 --step-tokens 30 --launch-ahead off,on --no-ray
+    python benchmarks/overhead.py --workers 16 --step-tokens 30 --steps 400 --graph-padding off,on --no-ray
 
 Writes DATE-DEVICE-overhead[-SUFFIX].{csv,json,png} under --out.
 """
@@ -69,6 +70,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    default=None, help="launch each pass as soon as the last one's samples are read (on) or "
                                       "when the sessions ask for it (off), one row per value, side by side, in "
                                       "process and through Ray (default: the engine's, on with CUDA)")
+    p.add_argument("--graph-padding", type=lambda s: [{"on": True, "off": False}[x] for x in s.split(",")],
+                   default=[True], help="in process, with CUDA graphs: pad each pass to one of a few graph sizes "
+                                        "(on, the engine's) or capture a graph per exact size (off), one row per "
+                                        "value, side by side (default: on)")
     p.add_argument("--no-ray", action="store_true", help="in process only")
     p.add_argument("--host-profile", action="store_true",
                    help="in process, also profile the host's work over --steps more steps (cProfile; printed)")
@@ -84,12 +89,14 @@ def open_session(engine, model: Model, workers: int):
                         sampling=[hw.SamplingParams(temperature=1.0, seed=w) for w in range(workers)])
 
 
-def in_process(engine, model: Model, workers: int, args, chunk: int = MAX_CHUNK, ahead: bool | None = None) -> dict:
-    """ahead: launch each pass ahead (see LocalExecutor.run) or not; None: the engine's default."""
+def in_process(engine, model: Model, workers: int, args, chunk: int = MAX_CHUNK, ahead: bool | None = None,
+               padded: bool = True) -> dict:
+    """ahead: launch each pass ahead (see LocalExecutor.run) or not; None: the engine's default;
+    padded: graphs of a few padded sizes (DecodeGraphs.padded) or one per exact size."""
     session = open_session(engine, model, workers)
     graphs = getattr(engine, "graphs", None)
     if graphs is not None:
-        graphs.max_chunk = chunk
+        graphs.max_chunk, graphs.padded = chunk, padded
     executor = engine.executor
     real_run, real_forward, default_ahead = executor.run, executor.runner.forward, executor.prelaunch
     executor.prelaunch = default_ahead if ahead is None else ahead
@@ -127,11 +134,15 @@ def in_process(engine, model: Model, workers: int, args, chunk: int = MAX_CHUNK,
     finally:
         executor.run, executor.runner.forward, on = real_run, real_forward, executor.prelaunch
         executor.prelaunch = default_ahead
+        if graphs is not None:
+            graphs.padded = True
         session.close()
     path = ("in process" if chunk == MAX_CHUNK else "in process, decode passes only graphed" if chunk == 1
             else f"in process, chunks of <= {chunk} graphed")
     if on != default_ahead:
         path += ", launched ahead" if on else ", launched when asked"
+    if graphs is not None and not padded:
+        path += ", a graph per exact size"
     return {"path": path, "workers": workers, "wall_ms": statistics.median(walls) * 1e3,
             "mean_wall_ms": statistics.fmean(walls) * 1e3, "steps_capturing": sum(captured),
             "capture_ms": capture_s * 1e3 / sum(captured) if any(captured) else None,
@@ -336,8 +347,9 @@ def run(args, device: torch.device, dtype: torch.dtype, path: str, model: Model)
     engine = hw.HogwildEngine.from_pretrained(path, device, dtype, cache_tokens=pool_tokens(model, args.workers, args))
     engine.eos_ids = frozenset()
     graphs = getattr(engine, "graphs", None) is not None
-    rows = [in_process(engine, model, n, args, chunk, ahead) for chunk in (args.graph_chunks if graphs else [MAX_CHUNK])
-            for ahead in (args.launch_ahead or [None]) for n in args.workers]
+    rows = [in_process(engine, model, n, args, chunk, ahead, padded)
+            for chunk in (args.graph_chunks if graphs else [MAX_CHUNK]) for ahead in (args.launch_ahead or [None])
+            for padded in (args.graph_padding if graphs else [True]) for n in args.workers]
     del engine
     common.free_memory(device)
     ray_note = "not run (--no-ray)"
@@ -364,6 +376,7 @@ def run(args, device: torch.device, dtype: torch.dtype, path: str, model: Model)
             "dtype": str(dtype).removeprefix("torch."), "view": model.view, "workers": args.workers,
             "steps": args.steps, "warmup": args.warmup, "cuda_graphs": graphs, "ray": ray_note or "run",
             "step_tokens": args.step_tokens or None, "graph_chunks": args.graph_chunks if graphs else None,
+            "graph_padding": args.graph_padding if graphs else None,
             "launch_ahead": args.launch_ahead}
     stem = args.out / f"{args.date}-{common.file_tag(device)}-overhead{'-' + args.suffix if args.suffix else ''}"
     compiled = {f"{r['path']}, {r['workers']} workers": r.pop("compiled") for r in rows if r.get("compiled")}

@@ -10,16 +10,20 @@ from .transfer import to_device
 
 
 class KVPool:
-    """k, v: [layers, pages, page_size, kv_heads, head_dim]; slots index pages * page_size."""
+    """k, v: [layers, pages + 1, page_size, kv_heads, head_dim]; slots index pages * page_size.
+
+    The last page is scratch, never handed out: a captured pass padded to its graph's size
+    writes its padding tokens' K/V there (`scratch_slot`), where no view reads them."""
 
     def __init__(
         self, layers: int, pages: int, page_size: int, kv_heads: int, head_dim: int,
         dtype: torch.dtype, device: torch.device,
     ) -> None:
-        shape = (layers, pages, page_size, kv_heads, head_dim)
+        shape = (layers, pages + 1, page_size, kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.page_size = page_size
+        self.scratch_slot = pages * page_size
 
     def _flat(self, t: torch.Tensor) -> torch.Tensor:
         return t.view(t.shape[0], -1, t.shape[3], t.shape[4])

@@ -11,6 +11,8 @@ import warnings
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 import hogwild_ray as hw
 from hogwild_ray.errors import InvalidRequestError
@@ -18,6 +20,9 @@ from hogwild_ray.errors import InvalidRequestError
 from oracle import FORCED, TOL, run_oracle
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+# a graph's buffers checked on the CPU, without a capture (a GPU runs the capture tests)
+cpu_check = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                               reason="Triton on a CPU needs the interpreter")
 
 
 def test_graphs_need_cuda_and_triton(random_model):
@@ -52,7 +57,7 @@ def test_graph_decode_equals_eager(random_model, family, rope, workers):
     up to max_chunk, eager beyond): the same tokens, logits within fp32 rounding."""
     path, _ = random_model(family, rope)
     engine = _eager_and_graphed_agree(path, workers)
-    decode_shapes = [key for key in engine.graphs.graphs if key[-1] == key[0]]  # as many groups as tokens
+    decode_shapes = [key for key in engine.graphs.graphs if key.decode]
     assert engine.graphs.replays >= 20 and len(decode_shapes) <= 4
 
 
@@ -82,17 +87,17 @@ def test_graphs_are_kept_per_key_tile(random_model):
         engine.decoder.attention.long_unit = 10**9 if i < 30 else 1
 
     engine = _eager_and_graphed_agree(path, 3, halfway_long)
-    tiles = {key[3] for key, entry in engine.graphs.graphs.items() if entry.graph is not None}
+    tiles = {key.long_keys for key, entry in engine.graphs.graphs.items() if entry.graph is not None}
     assert tiles == {False, True}, engine.graphs.graphs.keys()
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                    reason="a CPU check: Triton on a CPU needs the interpreter (a GPU runs the capture test)")
+@cpu_check
 def test_a_graph_pass_with_chunks_reads_its_static_buffers_right(random_model):
     """On the CPU, without a capture: a graph's fixed-size buffers (tokens, positions, slots, the
     attention plan, each group's last row, the sampling table) loaded for a pass where workers feed
-    injections (or headers) give the eager pass's logits, and the same samples."""
-    from hogwild_ray.model.graphs import DecodeGraphs
+    injections (or headers), or one token each, and padded to the graph's size, give the eager
+    pass's logits and the same samples; the padding writes no slot but the pool's scratch page's."""
+    from hogwild_ray.model.graphs import DecodeGraphs, captured_size
     from hogwild_ray.runner.model_runner import host_batch
 
     path, _ = random_model("qwen3", "yarn")
@@ -100,31 +105,45 @@ def test_a_graph_pass_with_chunks_reads_its_static_buffers_right(random_model):
     runner = engine.runner
     graphs = DecodeGraphs(runner.decoder, runner.cache, engine.max_context, max_chunk=64)
     forward, checked = runner.forward, []
+    scratch = runner.cache.scratch_slot
 
     def both(steps, table=None, staged=None, batch=None):
         logits, tokens = forward(steps, table, staged, batch)
         groups, toks, key_pos, slots, last = host_batch(steps)
-        if graphs.serves(groups) and any(g.count > 1 for g in groups):
+        if graphs.serves(groups):
             entry, host = graphs._entry(groups, len(toks), None if table is None else table.mode)
+            assert entry.plan.caps.tokens == captured_size(len(toks))
+            assert len(entry.last_rows) == captured_size(len(last))
             entry.load(host, toks, key_pos, slots, last, table)
+            pool = runner.cache.k.clone(), runner.cache.v.clone()
             got, sampled = entry.forward(runner.decoder, runner.cache)  # rewrites the same K/V
-            torch.testing.assert_close(got, logits, atol=2e-4 * logits.abs().max().item(), rtol=0)
+            for before, after in zip(pool, (runner.cache.k, runner.cache.v)):
+                changed = (before != after).flatten(3).any(-1).any(0).flatten().nonzero().flatten().tolist()
+                assert set(changed) <= set(slots) | set(range(scratch, scratch + runner.cache.page_size))
+            rows = len(groups)
+            torch.testing.assert_close(got[:rows], logits, atol=2e-4 * logits.abs().max().item(), rtol=0)
             if table is not None:  # a pass of the session's workers (not a shared block's prefill)
-                assert sampled.tolist() == tokens.tolist()
-                checked.append(len(toks) - len(groups))
+                assert sampled[:rows].tolist() == tokens.tolist()
+                checked.append((len(toks) - len(groups), entry.plan.caps.tokens - len(toks)))
         return logits, tokens
 
     runner.forward = both
     session = engine.start("Compute 12 * 7.", workers=3, max_tokens=40, protocol=False, chat_template=False,
                            sampling=[hw.SamplingParams(temperature=1.0, seed=w) for w in range(3)])
-    injections = (None, {1: "Check the units."}, {0: "Now add 5.", 2: "Explain it."})
+    one = next(word for word in ("Yes", " yes", "Ok", "5") if len(session.encode(word)) == 1)
+    injections = (None, {1: "Check the units."}, {0: "Now add 5.", 2: "Explain it."}, {2: one})
     for inject in injections:
         session.step(inject=inject)
     session.close()
     # the injections' passes: each injected worker feeds its sample and the injection's tokens
-    assert checked == [sum(len(session.encode(text)) for text in inject.values()) for inject in injections if inject]
+    assert [extra for extra, _ in checked if extra] == [sum(len(session.encode(text)) for text in inject.values())
+                                                        for inject in injections if inject]
+    assert (0, 1) in checked  # a decode pass of 3 workers, padded to 4 tokens in 4 groups
+    assert any(extra and pad for extra, pad in checked)  # a pass with chunks, padded
+    assert (1, 0) in checked  # 4 tokens in 3 groups, padded to 4 groups: its last rows still loaded per pass
 
 
+@cpu_check
 def test_a_pass_whose_plan_does_not_fit_the_graph_runs_eagerly_and_is_counted(random_model):
     """On the CPU: graphs whose buffers hold blocks of 16 keys at most serve the session's decode
     passes (one token a worker) but cannot hold their plans, whose prompt block is longer; each
@@ -166,7 +185,7 @@ def test_passes_with_chunks_replay_graphs_of_their_own(random_model):
 
     engine = _eager_and_graphed_agree(path, 4, chunks_graphed)
     captured = [key for key, entry in engine.graphs.graphs.items() if entry.graph is not None]
-    assert any(key[-1] < key[0] for key in captured), captured  # fewer groups than tokens: chunks
+    assert any(not key.decode for key in captured), captured
 
 
 @gpu
@@ -349,3 +368,15 @@ def test_batched_decode_passes_replay_graphs_with_staged_plans(random_model):
             s.close()
         runs[graphs] = tokens
     assert runs[True] == runs[False]
+
+
+@given(st.integers(1, 4096))
+def test_captured_sizes_are_few_and_pad_little(n):
+    """A pass of n tokens (or groups) goes to the graph of captured_size(n): never fewer, the
+    same size for every n it covers, and at most 15 padding rows (63 past 256 rows)."""
+    from hogwild_ray.model.graphs import captured_size
+
+    size = captured_size(n)
+    assert n <= size == captured_size(size) and captured_size(n - 1 or 1) <= size
+    assert size - n < (8 if n <= 8 else 16 if n <= 256 else 64)
+    assert size in (1, 2, 4, 8) or size % 16 == 0
