@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 import hogwild_ray as hw
 from hogwild_ray.errors import InvalidRequestError
+from hogwild_ray.model.graphs import WARMUP_LAYERS
 
 from oracle import FORCED, TOL, run_oracle
 
@@ -51,11 +52,12 @@ def _run(engine, workers: int, steps: int, before_step=None):
 
 
 @gpu
-@pytest.mark.parametrize("family,rope,workers", [("qwen3", "yarn", 4), ("llama", "llama3", 9)])
-def test_graph_decode_equals_eager(random_model, family, rope, workers):
+@pytest.mark.parametrize("family,rope,workers,layers", [("qwen3", "yarn", 4, 4), ("llama", "llama3", 9, 2)])
+def test_graph_decode_equals_eager(random_model, family, rope, workers, layers):
     """Greedy runs with headers, interjections and finished steps (passes with chunks, graphed
-    up to max_chunk, eager beyond): the same tokens, logits within fp32 rounding."""
-    path, _ = random_model(family, rope)
+    up to max_chunk, eager beyond): the same tokens, logits within fp32 rounding (with 4 layers,
+    captures whose warm-up ran only the first WARMUP_LAYERS)."""
+    path, _ = random_model(family, rope, num_hidden_layers=layers)
     engine = _eager_and_graphed_agree(path, workers)
     decode_shapes = [key for key in engine.graphs.graphs if key.decode]
     assert engine.graphs.replays >= 20 and len(decode_shapes) <= 4
@@ -221,6 +223,34 @@ def test_oracle_through_graphs(random_model):
     engine = hw.HogwildEngine.from_pretrained(path, "cuda", "float32", cache_tokens=4096, cuda_graphs=True)
     worst, finished, _ = run_oracle(engine, hf_model, 5, "combined", steps=40)
     assert worst <= TOL and finished >= 2 and engine.graphs.replays > 0
+
+
+@gpu
+def test_a_capture_compiles_nothing_after_its_short_warm_up(random_model):
+    """A capture's warm-up runs only the first few layers, yet no Triton kernel is compiled or
+    loaded while a graph captures, in decode passes and in passes with headers, injections and
+    their chunks (float16: kernels no other test of this module has compiled in its process).
+    A guard more than a proof: the eager prompt passes compile most kernels before the first
+    capture, so on an H200 a one-layer warm-up left nothing to compile here either."""
+    from triton import knobs
+
+    path, _ = random_model("qwen3", "yarn", num_hidden_layers=4)
+    while_capturing = []
+    before = knobs.runtime.jit_cache_hook
+
+    def compiling(*, fn, **kw):
+        while_capturing.append(torch.cuda.is_current_stream_capturing() and fn.name)
+        return before(fn=fn, **kw) if before else False
+
+    knobs.runtime.jit_cache_hook = compiling
+    try:
+        engine = hw.HogwildEngine.from_pretrained(path, "cuda", "float16", cache_tokens=8192, cuda_graphs=True)
+        assert engine.graphs.warmup_layers == WARMUP_LAYERS < engine.spec.num_layers
+        _run(engine, 4, 40)
+    finally:
+        knobs.runtime.jit_cache_hook = before
+    assert engine.graphs.captures >= 3 and any(not key.decode for key in engine.graphs.graphs)
+    assert while_capturing and not any(while_capturing), [name for name in while_capturing if name]
 
 
 @gpu

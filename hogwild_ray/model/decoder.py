@@ -201,12 +201,15 @@ class Decoder:
         return (out if self.tp is None else self.tp.all_reduce(out)), x
 
     @torch.inference_mode()
-    def forward(self, b: ForwardBatch, cache: KVPool) -> torch.Tensor:
-        """Logits [G, vocab] (fp32) at each group's last token; K/V of all tokens stored."""
+    def forward(self, b: ForwardBatch, cache: KVPool, layers: int | None = None) -> torch.Tensor:
+        """Logits [G, vocab] (fp32) at each group's last token; K/V of all tokens stored.
+        layers: only the first few (a warm-up that launches every kernel of the pass: the first
+        layer's norm has no residual to add, every later layer's the same kernels as the second's);
+        the logits are then not the model's."""
         x = self._embed(b.tokens)
         meta = self.attention.prepare(b.groups, b.slots, b.key_positions, plan=b.plan, page_size=cache.page_size)
         delta = None  # the last block's output, added to the residual stream by the next norm
-        for i, lw in enumerate(self.w.layers):
+        for i, lw in enumerate(self.w.layers[:layers]):
             attention, x = self._attention_block(lw, x, delta, meta, cache, i)
             delta, x = self._mlp_block(lw, x, attention)
         x = x[b.last_rows] + delta[b.last_rows]
