@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import csv
 import datetime
@@ -52,6 +53,15 @@ def versions() -> dict:
     except ImportError:
         out["triton"] = None
     return out
+
+
+def on_off_list(text: str) -> list[bool]:
+    """An argparse type: "on", "off" or both joined by commas, one value per row ("off,on")."""
+    settings = {"on": True, "off": False}
+    unknown = sorted({x for x in text.split(",") if x not in settings})
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown setting(s) {unknown}; choose from on, off (e.g. off,on)")
+    return [settings[x] for x in text.split(",")]
 
 
 def sync(device: torch.device) -> None:

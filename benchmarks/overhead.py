@@ -66,11 +66,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help="in process, with CUDA graphs: the longest chunk (a header, an injection) a graphed pass "
                         "may feed, one in-process row per value, side by side (default: the engine's, "
                         f"{MAX_CHUNK}; 1: decode passes only)")
-    p.add_argument("--launch-ahead", type=lambda s: [{"on": True, "off": False}[x] for x in s.split(",")],
+    p.add_argument("--launch-ahead", type=common.on_off_list,
                    default=None, help="launch each pass as soon as the last one's samples are read (on) or "
                                       "when the sessions ask for it (off), one row per value, side by side, in "
                                       "process and through Ray (default: the engine's, on with CUDA)")
-    p.add_argument("--graph-padding", type=lambda s: [{"on": True, "off": False}[x] for x in s.split(",")],
+    p.add_argument("--graph-padding", type=common.on_off_list,
                    default=[True], help="in process, with CUDA graphs: pad each pass to one of a few graph sizes "
                                         "(on, the engine's) or capture a graph per exact size (off), one row per "
                                         "value, side by side (default: on)")

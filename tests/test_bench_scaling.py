@@ -71,6 +71,17 @@ def test_overhead_runs_with_the_launch_ahead_off_and_on(tmp_path):
     assert ahead["steps_ended"] >= 2
 
 
+@pytest.mark.parametrize("option", ["--launch-ahead", "--graph-padding"])
+def test_overhead_refuses_an_unknown_on_off_setting_before_it_runs(option, capsys):
+    import overhead
+
+    with pytest.raises(SystemExit) as exit_:
+        overhead.parse([option, "off,maybe"])
+    assert exit_.value.code == 2
+    assert f"argument {option}: unknown setting(s) ['maybe']; choose from on, off" in capsys.readouterr().err
+    assert overhead.parse([option, "off,on"]).__dict__[option[2:].replace("-", "_")] == [False, True]
+
+
 def test_compile_watch_counts_what_triton_reports_and_restores_the_hooks():
     import compile_watch
     from triton import knobs
