@@ -41,7 +41,7 @@ def check_pool_fits(pages: int, page_size: int, per_token: int, weight_bytes: in
         raise InvalidRequestError(
             f"cache_tokens={tokens:,} ({pages:,} pages of {page_size}) exceeds the {MAX_SLOTS:,} slots a pool can "
             "address; lower cache_tokens (unset: 4 x the context, at most 65536 tokens)")
-    need = tokens * per_token
+    need = (tokens + page_size) * per_token  # and the pool's scratch page (cache.KVPool)
     have = device_memory(device)
     if have is not None and need + weight_bytes > have:
         where = "free" if device.type == "cuda" else "in all"
