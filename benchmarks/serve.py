@@ -53,7 +53,8 @@ DEFAULTS = {  # device type -> option defaults
 }
 QUICK = dict(concurrency=[1, 4], requests=4, max_tokens=8)
 COUNTERS = ("hogwild:forward_passes_total", "hogwild:pass_sessions_total", "hogwild:pass_rows_total",
-            "hogwild:generation_tokens_total", "hogwild:request_success_total", "hogwild:request_failure_total")
+            "hogwild:generation_tokens_total", "hogwild:request_success_total", "hogwild:request_failure_total",
+            "hogwild:cuda_graph_captures_total", "hogwild:cuda_graph_capture_seconds_total")
 NOTES = {
     "requests_per_s": "requests finished / wall time of the phase (first request sent to last stream ended)",
     "tokens_per_s": "completion tokens (usage of each stream's last chunk, all workers) / wall time of the phase",
@@ -67,6 +68,9 @@ NOTES = {
     "x_requests_per_s": "requests/s over that of C=1 (one request at a time): the speed-up of concurrency",
     "x_tokens_per_s": "tokens/s over that of C=1",
     "server_tokens": "d(hogwild:generation_tokens_total) over the phase; equals the clients' completion tokens",
+    "graph_captures": "d(hogwild:cuda_graph_captures_total) over the phase: CUDA graphs captured inside its passes "
+                      "(a new pass shape's one-time cost; 0 without graphs); graph_capture_s: the host's seconds "
+                      "in them (d(hogwild:cuda_graph_capture_seconds_total))",
     "client": "the load generator runs in the benchmark's process (C threads, the openai client): on a small "
               "CPU it competes with the server for the cores",
 }
@@ -242,6 +246,8 @@ def phase_row(c: int, records: list[dict], wall: float, before: dict, after: dic
         "rows_per_pass": d["hogwild:pass_rows_total"] / passes if passes else None,
         "server_tokens": int(d["hogwild:generation_tokens_total"]),
         "server_failures": int(d["hogwild:request_failure_total"]),
+        "graph_captures": int(d["hogwild:cuda_graph_captures_total"]),
+        "graph_capture_s": d["hogwild:cuda_graph_capture_seconds_total"],
         "errors": "; ".join(sorted({r["error"] for r in records if r["error"]}))[:500] or None,
     }
 
@@ -288,13 +294,13 @@ def fmt(x, spec: str = ".1f") -> str:
 
 def table(meta: dict, rows: list[dict]) -> None:
     cols = ["C", "requests", "failed", "req/s", "x req/s", "tok/s", "x tok/s", "TTFT p50 ms", "p90", "p99",
-            "ITL p50 ms", "p90", "p99", "e2e p50 s", "p99", "sessions/pass", "rows/pass"]
+            "ITL p50 ms", "p90", "p99", "e2e p50 s", "p99", "sessions/pass", "rows/pass", "graphs captured (s)"]
     body = [[str(r["concurrency"]), str(r["requests"]), str(r["failed"]), fmt(r["requests_per_s"], ".2f"),
              fmt(r["x_requests_per_s"], ".2f"), fmt(r["tokens_per_s"]), fmt(r["x_tokens_per_s"], ".2f"),
              fmt(r["ttft_p50_ms"], ".0f"), fmt(r["ttft_p90_ms"], ".0f"), fmt(r["ttft_p99_ms"], ".0f"),
              fmt(r["itl_p50_ms"], ".1f"), fmt(r["itl_p90_ms"], ".1f"), fmt(r["itl_p99_ms"], ".1f"),
              fmt(r["e2e_p50_s"], ".2f"), fmt(r["e2e_p99_s"], ".2f"), fmt(r["sessions_per_pass"], ".2f"),
-             fmt(r["rows_per_pass"], ".1f")] for r in rows]
+             fmt(r["rows_per_pass"], ".1f"), f"{r['graph_captures']} ({r['graph_capture_s']:.2f})"] for r in rows]
     common.print_table(f"hogwild-ray serve: {meta['model']} on {meta['device_name']}, {meta['workers']} workers x "
                        f"{meta['max_tokens']} tokens per request, temperature {meta['temperature']}, "
                        f"{meta['replicas']} replica(s); x = vs one request at a time (C=1)", cols, body)

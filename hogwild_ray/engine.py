@@ -243,15 +243,20 @@ class HogwildEngine(EngineFront):
         """A snapshot: sessions running and waiting (in the engine's schedulers), the passes (count,
         rows and sessions per pass, tokens generated, prompt tokens written, pass times) and the
         K/V pages (used, free, shared by more than one session or fork, prompt pages taken from
-        other prompts instead of computed), and the passes launched before the sessions asked for
-        them: used, and dropped unused (the sessions asked for another pass)."""
+        other prompts instead of computed), the passes launched before the sessions asked for
+        them: used, and dropped unused (the sessions asked for another pass), and the CUDA graphs
+        captured and the host's seconds in those captures (a new pass shape's one-time cost, paid
+        inside the pass that meets it; 0 without graphs, and where the passes run in Ray shards)."""
         pool = self.allocator
+        graphs = self.graphs
         return {
             "sessions_running": sum(len(s.running) for s in self.schedulers),
             "sessions_waiting": sum(s.waiting for s in self.schedulers),
             **self.counters.snapshot(),
             "passes_launched_ahead": self.executor.prelaunched,
             "launched_ahead_dropped": self.executor.prelaunch_dropped,
+            "graph_captures": graphs.captures if graphs is not None else 0,
+            "graph_capture_seconds": graphs.capture_seconds if graphs is not None else 0.0,
             "pages_total": pool.num_pages, "pages_free": pool.free_pages,
             "pages_used": pool.num_pages - pool.free_pages, "pages_shared": pool.shared_pages,
             "prompt_pages_reused": pool.prefix_reused,

@@ -37,6 +37,7 @@ def test_serve_benchmark_quick(tmp_path, random_model):
         assert float(r["requests_per_s"]) > 0 and float(r["ttft_p50_ms"]) > 0, r
         assert float(r["tokens_per_s"]) > 0 and int(r["completion_tokens"]) > 0
         assert float(r["itl_p50_ms"]) > 0 and float(r["sessions_per_pass"]) > 0.99
+        assert int(r["graph_captures"]) == 0 and float(r["graph_capture_s"]) == 0  # the CPU has no graphs
     assert float(rows[1]["x_requests_per_s"]) == 1.0 and float(rows[1]["x_tokens_per_s"]) == 1.0
     saved = json.loads(Path(f"{stem}.json").read_text())
     assert saved["benchmark"] == "serve" and saved["device_name"] and saved["device"] in ("cpu", "cuda")

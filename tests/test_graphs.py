@@ -32,7 +32,9 @@ def test_graphs_need_cuda_and_triton(random_model):
         hw.HogwildEngine.from_pretrained(path, "cpu", cuda_graphs=True)
     with pytest.raises(InvalidRequestError, match="cuda_graphs must be"):
         hw.HogwildEngine.from_pretrained(path, "cpu", cuda_graphs="yes")
-    assert hw.HogwildEngine.from_pretrained(path, "cpu").graphs is None
+    engine = hw.HogwildEngine.from_pretrained(path, "cpu")
+    assert engine.graphs is None
+    assert (engine.metrics()["graph_captures"], engine.metrics()["graph_capture_seconds"]) == (0, 0.0)
 
 
 def _run(engine, workers: int, steps: int, before_step=None):
@@ -292,6 +294,9 @@ def test_one_host_sync_per_step(random_model):
     assert counts == [(1, 0)] * len(counts), counts
     # each graph captured once, and counted (the overhead benchmark's steps that captured one)
     assert engine.graphs.captures == sum(g.graph is not None for g in engine.graphs.graphs.values()) > 0
+    metrics = engine.metrics()  # what the server's /metrics sums over its engines
+    assert metrics["graph_captures"] == engine.graphs.captures
+    assert metrics["graph_capture_seconds"] == engine.graphs.capture_seconds > 0
 
 
 @gpu

@@ -185,6 +185,7 @@ def test_concurrent_requests_share_passes_on_both_replicas(server, client):
     assert after["hogwild:engine_replicas"] == 2
     # the CPU engines launch every pass when asked (on a GPU, ahead: see test_prelaunch)
     assert after["hogwild:passes_launched_ahead_total"] == after["hogwild:passes_launched_ahead_dropped_total"] == 0
+    assert after["hogwild:cuda_graph_captures_total"] == after["hogwild:cuda_graph_capture_seconds_total"] == 0
 
 
 def test_a_stream_closed_midway_frees_its_pages(server, client):

@@ -55,6 +55,8 @@ class EngineSnapshots(Collector):
             "prompt_pages_reused": sum(s["prompt_pages_reused"] for s in snaps),
             "launched_ahead": sum(s["passes_launched_ahead"] for s in snaps),
             "launched_ahead_dropped": sum(s["launched_ahead_dropped"] for s in snaps),
+            "graph_captures": sum(s["graph_captures"] for s in snaps),
+            "graph_capture_seconds": sum(s["graph_capture_seconds"] for s in snaps),
         }
 
     def collect(self) -> Iterator[Any]:
@@ -83,6 +85,11 @@ class EngineSnapshots(Collector):
         yield CounterMetricFamily(PREFIX + "passes_launched_ahead_dropped",
                                   "Passes launched ahead and dropped unused: the sessions asked for another "
                                   "(an injection, a request joining, a fork or a close).", t["launched_ahead_dropped"])
+        yield CounterMetricFamily(PREFIX + "cuda_graph_captures",
+                                  "CUDA graphs captured: each new pass shape's one-time cost, paid inside the pass "
+                                  "that meets it.", t["graph_captures"])
+        yield CounterMetricFamily(PREFIX + "cuda_graph_capture_seconds",
+                                  "The host's seconds spent capturing CUDA graphs.", t["graph_capture_seconds"])
         yield GaugeMetricFamily(PREFIX + "engine_replicas", "Engine replicas that have reported.", t["replicas"])
 
 
