@@ -95,6 +95,7 @@ def in_process(engine, model: Model, workers: int, args, chunk: int = MAX_CHUNK,
     padded: graphs of a few padded sizes (DecodeGraphs.padded) or one per exact size."""
     session = open_session(engine, model, workers)
     graphs = getattr(engine, "graphs", None)
+    default_padded = graphs is not None and graphs.padded
     if graphs is not None:
         graphs.max_chunk, graphs.padded = chunk, padded
     executor = engine.executor
@@ -135,7 +136,7 @@ def in_process(engine, model: Model, workers: int, args, chunk: int = MAX_CHUNK,
         executor.run, executor.runner.forward, on = real_run, real_forward, executor.prelaunch
         executor.prelaunch = default_ahead
         if graphs is not None:
-            graphs.padded = True
+            graphs.padded = default_padded
         session.close()
     path = ("in process" if chunk == MAX_CHUNK else "in process, decode passes only graphed" if chunk == 1
             else f"in process, chunks of <= {chunk} graphed")

@@ -96,7 +96,7 @@ def test_graphs_are_kept_per_key_tile(random_model):
 
 
 @cpu_check
-def test_a_graph_pass_with_chunks_reads_its_static_buffers_right(random_model):
+def test_a_padded_graph_pass_reads_its_static_buffers_right(random_model):
     """On the CPU, without a capture: a graph's fixed-size buffers (tokens, positions, slots, the
     attention plan, each group's last row, the sampling table) loaded for a pass where workers feed
     injections (or headers), or one token each, and padded to the graph's size, give the eager

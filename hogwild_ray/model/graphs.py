@@ -36,7 +36,6 @@ import time
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
-import numpy as np
 import torch
 from hogwild_kernels import QueryGroup
 from hogwild_kernels.plan import CopyFence, PlanCaps, StaticPlan, build_plan
@@ -108,7 +107,7 @@ class _Graph:
         h = self.host.numpy().reshape(3, -1)
         t, rows = len(tokens), len(last_rows)
         h[:, :t] = tokens, key_positions, slots
-        h[:, t:] = np.array([[0], [0], [self.scratch_slot]])
+        h[:2, t:], h[2, t:] = 0, self.scratch_slot  # padding: token 0 at position 0, K/V to the scratch page
         self.inputs.copy_(self.host, non_blocking=True)
         if self.last_rows_host is not None:
             last = self.last_rows_host.numpy()
