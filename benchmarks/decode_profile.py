@@ -11,9 +11,7 @@ kernel waiting for the one before to end (no programmatic dependent launches; on
 engine chains a layer's kernels and runs every decode product on the skinny kernel).
 `--folds default,none,all,norm,activation,qk_norm+norm` runs each setting with the small
 kernels the decoder folds into their neighbours (hogwild_ray.model.decoder.FOLDS) as named,
-side by side (one engine each). `--merge in-kernel,kernel` does the same for where a pass of
-a few tokens merges its attention partials: in the partial kernel (the default) or in a
-kernel of its own.
+side by side (one engine each).
 `--host-profile` adds the host's
 hottest functions over more steps (cProfile, after the timed ones).
 
@@ -175,9 +173,6 @@ def main(argv: list[str] | None = None) -> int:
                    help="on, off, unchained (on, without the PDL chain) or several (the decode products' kernel)")
     p.add_argument("--folds", default="default",
                    help="default (the engine's), none, all, or FOLDS joined by '+'; several, comma-separated")
-    p.add_argument("--merge", default="in-kernel",
-                   help="in-kernel (the default), kernel, or both: where passes of a few tokens merge their "
-                        "attention partials")
     p.add_argument("--host-profile", action="store_true", help="also profile the host's work (cProfile)")
     p.add_argument("--launch-ahead", default="on",
                    help="on: each pass launched right behind the last one, fed its samples on the device "
@@ -194,9 +189,6 @@ def main(argv: list[str] | None = None) -> int:
     folds = args.folds.split(",")
     if unknown := {f for fold in folds if fold not in ("default", "none", "all") for f in fold.split("+")} - set(FOLDS):
         p.error(f"--folds: unknown fold(s) {sorted(unknown)}; choose from default, none, all or {', '.join(FOLDS)}")
-    merges = args.merge.split(",")
-    if unknown := set(merges) - {"in-kernel", "kernel"}:
-        p.error(f"--merge: unknown setting(s) {sorted(unknown)}; choose from in-kernel, kernel")
     aheads = args.launch_ahead.split(",")
     if unknown := set(aheads) - {"on", "off"}:
         p.error(f"--launch-ahead: unknown setting(s) {sorted(unknown)}; choose from on, off")
@@ -206,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     floor = measure_bandwidth(dev)
     model = scaling_runs.Model(f"random:{args.shape}", dev, torch.bfloat16)
     rows = []
-    for setting, fold, merge in [(s, f, m) for s in settings for f in folds for m in merges]:
+    for setting, fold in [(s, f) for s in settings for f in folds]:
         engine = hw.HogwildEngine.from_pretrained(model.path, dev, torch.bfloat16, cuda_graphs=True,
                                                   cache_tokens=args.sessions * (max(args.workers) * 512
                                                                                 + args.view + 4096))
@@ -219,17 +211,15 @@ def main(argv: list[str] | None = None) -> int:
         if fold != "default":
             engine.decoder.folds = {"none": set(), "all": set(FOLDS)}.get(fold) or set(fold.split("+"))
         fold = "+".join(sorted(engine.decoder.folds)) or "none"
-        engine.decoder.attention.merge_in_kernel = merge == "in-kernel"
         for w in args.workers:
             for ahead in aheads:
                 engine.executor.prelaunch = ahead == "on"
-                r = {"skinny": setting, "folds": fold, "merge": merge, "launch_ahead": ahead,
+                r = {"skinny": setting, "folds": fold, "launch_ahead": ahead,
                      **measure(engine, model, w, args, floor.value)}
                 r["products"] = "cuBLAS" if setting == "off" else chosen
                 r["chained"] = engine.decoder.chained
                 rows.append(r)
-                print(f"skinny {setting}, folds {fold}, merge {merge}, launch ahead {ahead}, {args.sessions} x {w} "
-                      f"workers: step "
+                print(f"skinny {setting}, folds {fold}, launch ahead {ahead}, {args.sessions} x {w} workers: step "
                       f"{r['step_ms']:.2f} ms, GPU {r['gpu_ms']:.2f} ms, roofline {r['roofline_ms']:.2f} ms "
                       f"(x{r['x_roofline']:.2f}), host {r['host_pct']:.1f}%, {r['kernels_per_pass']} kernels; "
                       f"the device waits {r['host_exposed_ms']:.3f} ms a pass for the host; between passes "
@@ -240,16 +230,15 @@ def main(argv: list[str] | None = None) -> int:
     name = common.device_name(dev)
     common.print_table(f"Decode step, random:{args.shape} bf16, {args.view}-token view, {name}, bandwidth "
                        f"{floor.gbs:.0f} GB/s",
-                       ["skinny", "folds", "merge", "launch ahead", "workers", "step ms", "GPU ms", "roofline ms",
-                        "x roofline", "GPU x roofline", "host %", "device waits ms", "kernels"],
-                       [[r["skinny"], r["folds"], r["merge"], r["launch_ahead"], str(r["workers"]),
-                         f"{r['step_ms']:.2f}", f"{r['gpu_ms']:.2f}", f"{r['roofline_ms']:.2f}",
-                         f"{r['x_roofline']:.2f}", f"{r['gpu_x_roofline']:.2f}", f"{r['host_pct']:.1f}",
-                         f"{r['host_exposed_ms']:.3f}", str(r["kernels_per_pass"])] for r in rows])
+                       ["skinny", "folds", "launch ahead", "workers", "step ms", "GPU ms", "roofline ms", "x roofline",
+                        "GPU x roofline", "host %", "device waits ms", "kernels"],
+                       [[r["skinny"], r["folds"], r["launch_ahead"], str(r["workers"]), f"{r['step_ms']:.2f}",
+                         f"{r['gpu_ms']:.2f}", f"{r['roofline_ms']:.2f}", f"{r['x_roofline']:.2f}",
+                         f"{r['gpu_x_roofline']:.2f}", f"{r['host_pct']:.1f}", f"{r['host_exposed_ms']:.3f}",
+                         str(r["kernels_per_pass"])] for r in rows])
     for r in rows:
         top = sorted(r["kernel_us"].items(), key=lambda kv: -kv[1])[:14]
-        common.print_table(f"kernels of one pass: skinny {r['skinny']}, folds {r['folds']}, merge {r['merge']}, "
-                           f"launch ahead "
+        common.print_table(f"kernels of one pass: skinny {r['skinny']}, folds {r['folds']}, launch ahead "
                            f"{r['launch_ahead']}, "
                            f"{r['workers']} workers "
                            f"(sum {sum(r['kernel_us'].values()):.0f} µs)",
@@ -261,8 +250,7 @@ def main(argv: list[str] | None = None) -> int:
             "weight_bytes_read_per_step": model.weight_bytes, "versions": common.versions()}
     flat = [{k: v for k, v in r.items() if k not in ("kernel_us", "host_top")} for r in rows]
     common.write_results(stem, meta, flat, {"kernels": [
-        {k: r[k] for k in ("skinny", "folds", "merge", "launch_ahead", "workers", "kernel_us", "host_top")}
-        for r in rows]})
+        {k: r[k] for k in ("skinny", "folds", "launch_ahead", "workers", "kernel_us", "host_top")} for r in rows]})
     plot(rows, Path(f"{stem}.png"), f"Decode step vs roofline, random:{args.shape}, {args.view} view, {name}")
     print(f"wrote {stem}.csv, .json and .png")
     return 0
@@ -275,8 +263,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4))
-    labels = [f"{r['workers']}w skinny {r['skinny']}, folds {r['folds']}, merge {r['merge']}, ahead {r['launch_ahead']}"
-              for r in rows]
+    labels = [f"{r['workers']}w skinny {r['skinny']}, folds {r['folds']}, ahead {r['launch_ahead']}" for r in rows]
     xs = range(len(rows))
     ax.bar([x - 0.27 for x in xs], [r["step_ms"] for r in rows], 0.27, label="step (wall)")
     ax.bar(list(xs), [r["gpu_ms"] for r in rows], 0.27, label="GPU (graph replay)")

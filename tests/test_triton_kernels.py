@@ -152,48 +152,6 @@ def test_single_token_views_and_decode():
     torch.testing.assert_close(got[0], v_pool[0, 0].repeat_interleave(2, 0), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("workers,q_heads,kv_heads,seed", [(1, 4, 1, 40), (3, 8, 2, 41), (3, 5, 1, 42)])
-def test_a_pass_of_few_tokens_merges_in_the_partial_kernel(monkeypatch, workers, q_heads, kv_heads, seed):
-    """Up to MERGE_IN_KERNEL_MAX_TOKENS query tokens: the partial kernel writes the output (a
-    token's only partial as it is, several merged by the program that counts the last one in),
-    the same attention as the reference and as the merge kernel's, every counter back at 0 after
-    each launch (two passes in a row), and zeros for a padding token that no unit reads (the
-    output buffer poisoned with NaN, so a row nobody writes would show)."""
-    from hogwild_kernels.backends import MERGE_IN_KERNEL_MAX_TOKENS
-
-    rng = random.Random(seed)
-    ref, tri = backends(64, chunk=4)  # units of 4 keys: a token's partials come from many units
-    tri.block_n = 4
-    apart = TritonAttention(tri.inv_freq, 1.0, 64**-0.5, chunk=4, block_n=4, merge_in_kernel=False)
-    empty_like = torch.empty_like
-    monkeypatch.setattr(torch, "empty_like", lambda x, **kw: empty_like(x, **kw).fill_(float("nan")))
-    for _ in range(2):
-        q, k_pool, v_pool, groups = random_case(rng, workers, q_heads, kv_heads, 64, max_chunk=1, shared=3)
-        groups = to_device(groups)
-        q = torch.cat([q, torch.randn_like(q[:1])])  # a padding token, in no group
-        t = q.shape[0]
-        assert t <= MERGE_IN_KERNEL_MAX_TOKENS
-        slots = torch.zeros(t, dtype=torch.int64, device=DEVICE)
-        meta = tri.prepare(groups, slots, slots)
-        parts = meta.extra[0].tok_start.diff().tolist()
-        assert parts[-1] == 0 and max(parts) > 1, parts
-        got = tri.attend(q, k_pool, v_pool, meta)
-        assert tri._arrivals is not None and not tri._arrivals.any()
-        assert torch.equal(got[-1], torch.zeros_like(got[-1]))
-        torch.testing.assert_close(got[:-1], reference(ref, q[:-1], k_pool, v_pool, groups), atol=2e-4, rtol=2e-4)
-        torch.testing.assert_close(got, apart.attend(q, k_pool, v_pool, apart.prepare(groups, slots, slots)),
-                                   atol=1e-5, rtol=1e-5)
-    assert apart._arrivals is None
-    # views of one token each: every token has one partial, written as it is
-    groups = [QueryGroup(w, 1, 0, [Segment(torch.tensor([w], device=DEVICE), 1, 0, block=w)])
-              for w in range(workers)]
-    slots = torch.zeros(workers, dtype=torch.int64, device=DEVICE)
-    meta = tri.prepare(groups, slots, slots)
-    assert meta.extra[0].tok_start.diff().tolist() == [1] * workers
-    got = tri.attend(q[:workers], k_pool, v_pool, meta)
-    torch.testing.assert_close(got, reference(ref, q[:workers], k_pool, v_pool, groups), atol=2e-4, rtol=2e-4)
-
-
 @pytest.mark.parametrize("kv_heads,head_dim", [(2, 64), (1, 128)])
 def test_kv_append_matches_reference(kv_heads, head_dim):
     ref, tri = backends(head_dim, rope_scale=1.2)

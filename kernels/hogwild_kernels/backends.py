@@ -149,10 +149,6 @@ PREFETCH_KEYS = 64
 # units read by this many query rows (readers x query heads per KV head) or more are made up to
 # WIDE_KEYS keys long (see TritonAttention.chunk_rule)
 WIDE_ROWS, WIDE_KEYS = 40, 256
-# passes of this many query tokens or fewer merge their partials in the partial kernel (its last
-# program per token and query head), which saves the merge's launch; wider passes keep the merge
-# kernel, whose grid of tokens x heads merges long lists of partials in parallel
-MERGE_IN_KERNEL_MAX_TOKENS = 4
 
 
 def _next_pow2(x: int) -> int:
@@ -168,7 +164,7 @@ class TritonAttention:
                  block_n: int | None = None, block_m: int | None = None, kv_heads: int = 8,
                  num_warps: int | None = None, num_stages: int | None = None, programs_per_sm: int = 2,
                  partial_dtype: torch.dtype | None = None, pdl: bool | None = None, q_per_kv: int = 1,
-                 wide_units: bool = True, long_unit: int = 512, merge_in_kernel: bool = True) -> None:
+                 wide_units: bool = True, long_unit: int = 512) -> None:
         self.inv_freq = inv_freq.to(torch.float32).contiguous()
         self.rope_scale, self.sm_scale, self.kv_heads = rope_scale, sm_scale, kv_heads
         interpret = self.interpret = os.environ.get("TRITON_INTERPRET") == "1"
@@ -183,10 +179,6 @@ class TritonAttention:
         # every kernel launched as a programmatic dependent of the one before (pdl.py): set by a
         # decoder that chains its layers' kernels
         self.chained = False
-        # passes of up to MERGE_IN_KERNEL_MAX_TOKENS tokens merge in the partial kernel, counting a
-        # token's partials in here (zeros between launches: the last program of each resets its own)
-        self.merge_in_kernel = merge_in_kernel
-        self._arrivals: torch.Tensor | None = None
         knobs = {"num_warps": num_warps, "num_stages": num_stages}
         # knobs given override the per-launch defaults (attend) one by one
         self.launch = {} if interpret else {k: v for k, v in knobs.items() if v is not None}
@@ -310,8 +302,6 @@ class TritonAttention:
             return out.zero_()
         strides = _pool_strides(k_pool, v_pool)
         pdl = self._pdl(q.device) and t <= PDL_MAX_TOKENS
-        arrivals = self._arrivals_for(t, hq, q.device)
-        merge = arrivals is not None
         # partials in the input's precision (as vLLM's paged attention v2); fp32 inputs stay exact
         o_part = torch.empty((npairs, hq, d), dtype=self.partial_dtype or q.dtype, device=q.device)
         lse_part = torch.empty((npairs, hq), dtype=torch.float32, device=q.device)
@@ -324,22 +314,17 @@ class TritonAttention:
                 q, k_pool, v_pool,
                 plan.unit_item, plan.unit_kstart, plan.unit_kend, plan.unit_pair, plan.unit_npairs,
                 plan.pair_tok, plan.pair_cos, plan.pair_sin, plan.pair_limit, plan.pair_part, plan.tables,
-                o_part, lse_part, plan.tok_start, plan.tok_start if arrivals is None else arrivals, out, unit0, t,
+                o_part, lse_part, unit0,
                 q.stride(0), q.stride(1), *strides, plan.tables.stride(0),
-                o_part.stride(0), o_part.stride(1), lse_part.stride(0), out.stride(0), out.stride(1), hq,
+                o_part.stride(0), o_part.stride(1), lse_part.stride(0),
                 float(self.sm_scale * LOG2E),
                 PAGE=k_pool.shape[1], REP=rep, BLOCK_R=block_r, BLOCK_M=block_m,
                 HALF=d // 2, HALFP=max(16, _next_pow2(d // 2)), BLOCK_N=self.long_block_n if long else self.block_n,
-                IEEE=q.dtype == torch.float32, LOOP_WHILE=self.interpret,
-                # merged here, the successor may launch once every program runs (it waits for them)
-                PDL=self.chained if merge else pdl, CHAINED=self.chained,
+                IEEE=q.dtype == torch.float32, LOOP_WHILE=self.interpret, PDL=pdl, CHAINED=self.chained,
                 PREFETCH_KEYS=PREFETCH_KEYS if self.chained else 0,
                 KV_LINES=_next_pow2(-(-d * k_pool.element_size() // 128)),
-                MERGE=merge, MERGE_P=max(1, min(4, 64 // block_m)),
                 **launch, **pdl_launch(self.chained),
             )
-        if merge:
-            return out
         _merge_partials_kernel[(t, hq)](
             o_part, lse_part, plan.tok_start, out,
             o_part.stride(0), o_part.stride(1), lse_part.stride(0), out.stride(0), out.stride(1),
@@ -347,20 +332,6 @@ class TritonAttention:
             CHAINED=self.chained, **pdl_launch(pdl or self.chained),
         )
         return out
-
-    def _arrivals_for(self, tokens: int, heads: int, device: torch.device) -> torch.Tensor | None:
-        """The counters of an in-kernel merge of this pass, or None where the merge kernel merges:
-        a wide pass, or an in-kernel merge turned off. They are allocated zeroed once, outside a
-        graph capture (a capture before any eager pass merges with the kernel)."""
-        if not self.merge_in_kernel or tokens > MERGE_IN_KERNEL_MAX_TOKENS:
-            return None
-        need = MERGE_IN_KERNEL_MAX_TOKENS * heads
-        have = self._arrivals
-        if have is None or have.device != device or have.numel() < need:
-            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-                return None
-            have = self._arrivals = torch.zeros(need, dtype=torch.int32, device=device)
-        return have
 
     def long_keys(self, chunk: int) -> bool:
         """Whether units of `chunk` keys are read in the longer key tile. A captured graph keeps

@@ -3,10 +3,9 @@
 One program loads a chunk of one block's K/V once, for one KV head, and scores it
 against every query that sees the block (all workers, all query heads of the KV head),
 each query rotated in-kernel by its own (position - block offset). Chunks of long blocks
-go to separate programs (flash-decoding) whose partial softmaxes are merged by log-sum-exp:
-in a pass of a few query tokens by the last program to finish a token's partial (a
-counter per token and query head), otherwise by a second kernel. K/V traffic per step is
-therefore one read of each block, however many workers look at it.
+go to separate programs (flash-decoding); a second kernel merges the partial softmaxes
+of each query by log-sum-exp. K/V traffic per step is therefore one read of each block,
+however many workers look at it.
 """
 
 from __future__ import annotations
@@ -79,28 +78,25 @@ def _attend_tile(k0, kend, item, h, k_ptr, v_ptr, tables_ptr, stride_table, stri
     return m_new, l_i, acc1, acc2
 
 
-# a launch's first unit, the pass's tokens and the page table's width change from pass to pass
-# and only offset or bound scalar loads: specialising on their values (1, multiples of 16) would
-# only compile more variants
-@triton.jit(do_not_specialize=["unit0", "tokens", "stride_table"])
+# a launch's first unit and the page table's width change from pass to pass and only offset
+# scalar loads: specialising on their values (1, multiples of 16) would only compile more variants
+@triton.jit(do_not_specialize=["unit0", "stride_table"])
 def _rope_shift_partial_kernel(
     q_ptr, k_ptr, v_ptr,
     unit_item_ptr, unit_kstart_ptr, unit_kend_ptr, unit_pair_ptr, unit_npairs_ptr,
     pair_tok_ptr, pair_cos_ptr, pair_sin_ptr, pair_limit_ptr, pair_part_ptr, tables_ptr,
     o_part_ptr, lse_part_ptr,
-    tok_start_ptr, arrivals_ptr, out_ptr,
-    unit0, tokens,
+    unit0,
     stride_qt, stride_qh,
     stride_kpage, stride_ktok, stride_kh,
     stride_table,
     stride_ot, stride_oh,
     stride_lt,
-    stride_outt, stride_outh, stride_at,
     qk_scale,
     PAGE: tl.constexpr, REP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
     HALF: tl.constexpr, HALFP: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
     LOOP_WHILE: tl.constexpr, PDL: tl.constexpr, CHAINED: tl.constexpr, PREFETCH_KEYS: tl.constexpr = 0,
-    KV_LINES: tl.constexpr = 1, MERGE: tl.constexpr = False, MERGE_P: tl.constexpr = 4,
+    KV_LINES: tl.constexpr = 1,
 ):
     """Partial attention of one unit (a chunk of one block) for one KV head and BLOCK_R readers.
 
@@ -109,8 +105,7 @@ def _rope_shift_partial_kernel(
     precomputed per pair, once per forward pass for all layers. CHAINED: a programmatic
     dependent of the kernel before it (pdl.py); until that kernel's writes are visible it
     reads only the pass's plan (host inputs) and asks the L2 cache for the K and V lines
-    (KV_LINES of 128 bytes a key) of the unit's first PREFETCH_KEYS keys. MERGE: this kernel
-    also writes the output (`_finish_rows`); otherwise the merge kernel does.
+    (KV_LINES of 128 bytes a key) of the unit's first PREFETCH_KEYS keys.
     """
     u = unit0 + tl.program_id(0)
     h = tl.program_id(1)
@@ -133,9 +128,6 @@ def _rope_shift_partial_kernel(
         tl.extra.cuda.gdc_wait()
     if PDL:  # the merge may be scheduled now; it waits for this grid's stores before it reads
         tl.extra.cuda.gdc_launch_dependents()
-    if MERGE:
-        if (u == 0) & (rt == 0):  # tokens no unit reads (graph padding) get zeros, as the merge gives them
-            _zero_unread_tokens(tok_start_ptr, out_ptr, tokens, h, stride_outt, stride_outh, REP, HALF, HALFP)
 
     m = tl.arange(0, BLOCK_M)
     row = rt * BLOCK_R + m // REP
@@ -190,99 +182,12 @@ def _rope_shift_partial_kernel(
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     # one partial row per (unit, pair), grouped by token; 64-bit: long prefills have many
     out_row = tl.load(pair_part_ptr + pair, mask=valid, other=0).to(tl.int64)
+    o_base = o_part_ptr + out_row[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
+    ty = o_part_ptr.dtype.element_ty
+    tl.store(o_base, (acc1 / l_safe[:, None]).to(ty), mask=qmask)
+    tl.store(o_base + HALF, (acc2 / l_safe[:, None]).to(ty), mask=qmask)
     lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe))
-    if MERGE:
-        _finish_rows(acc1 / l_safe[:, None], acc2 / l_safe[:, None], lse, valid, tok, head, d, dmask, out_row,
-                     o_part_ptr, lse_part_ptr, tok_start_ptr, arrivals_ptr, out_ptr,
-                     stride_ot, stride_oh, stride_lt, stride_outt, stride_outh, stride_at,
-                     BLOCK_M, HALF, HALFP, MERGE_P)
-    else:
-        o_base = o_part_ptr + out_row[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
-        ty = o_part_ptr.dtype.element_ty
-        tl.store(o_base, (acc1 / l_safe[:, None]).to(ty), mask=qmask)
-        tl.store(o_base + HALF, (acc2 / l_safe[:, None]).to(ty), mask=qmask)
-        tl.store(lse_part_ptr + out_row * stride_lt + head, lse, mask=valid)
-
-
-@triton.jit
-def _zero_unread_tokens(tok_start_ptr, out_ptr, tokens, h, stride_outt, stride_outh,
-                        REP: tl.constexpr, HALF: tl.constexpr, HALFP: tl.constexpr):
-    """Zeros for KV head h's query heads of every token without partials (none of them reads a
-    key: the padding of a captured pass). A scalar loop: an in-kernel merge has few tokens."""
-    d = tl.arange(0, HALFP)
-    zero = tl.zeros([HALFP], tl.float32).to(out_ptr.dtype.element_ty)
-    t = 0
-    while t < tokens:
-        mask = (tl.load(tok_start_ptr + t + 1) == tl.load(tok_start_ptr + t)) & (d < HALF)
-        for g in tl.static_range(REP):
-            row = out_ptr + t * stride_outt + (h * REP + g) * stride_outh + d
-            tl.store(row, zero, mask=mask)
-            tl.store(row + HALF, zero, mask=mask)
-        t += 1
-
-
-@triton.jit
-def _finish_rows(o1, o2, lse, valid, tok, head, d, dmask, out_row,
-                 o_part_ptr, lse_part_ptr, tok_start_ptr, arrivals_ptr, out_ptr,
-                 stride_ot, stride_oh, stride_lt, stride_outt, stride_outh, stride_at,
-                 BLOCK_M: tl.constexpr, HALF: tl.constexpr, HALFP: tl.constexpr, MERGE_P: tl.constexpr):
-    """The merge inside the partial kernel, which saves its launch (a few microseconds a layer
-    when the merge itself is small). A token's only partial (o1, o2 normalised) is its output.
-    Where a token has several, each program stores its partial and counts it in at
-    arrivals[token, head] (after a CTA barrier, an acquire-release atomic at GPU scope, so
-    every thread's stores are ordered before it); the program that counts the last one reads
-    all of them back from L2 (.cg loads), merges them by log-sum-exp in the merge kernel's
-    order, writes the output and sets the counter back to 0 for the next launch."""
-    first = tl.load(tok_start_ptr + tok, mask=valid, other=0)
-    parts = tl.load(tok_start_ptr + tok + 1, mask=valid, other=0) - first
-    alone = valid & (parts == 1)
-    shared = valid & (parts > 1)
-    o_rows = out_ptr + tok[:, None] * stride_outt + head[:, None] * stride_outh + d[None, :]
-    ty = out_ptr.dtype.element_ty
-    tl.store(o_rows, o1.to(ty), mask=alone[:, None] & dmask[None, :])
-    tl.store(o_rows + HALF, o2.to(ty), mask=alone[:, None] & dmask[None, :])
-    if tl.max(shared.to(tl.int32), 0) > 0:
-        p_rows = o_part_ptr + out_row[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
-        pty = o_part_ptr.dtype.element_ty
-        tl.store(p_rows, o1.to(pty), mask=shared[:, None] & dmask[None, :])
-        tl.store(p_rows + HALF, o2.to(pty), mask=shared[:, None] & dmask[None, :])
-        tl.store(lse_part_ptr + out_row * stride_lt + head, lse, mask=shared)
-        tl.debug_barrier()  # every thread's partial stored before any thread counts it in
-        counter = arrivals_ptr + tok * stride_at + head
-        seen = tl.atomic_add(counter, 1, mask=shared, sem="acq_rel", scope="gpu")
-        last = shared & (seen == parts - 1)
-        tl.debug_barrier()  # the acquiring threads' view before any thread reads the others' partials
-        if tl.max(last.to(tl.int32), 0) > 0:
-            most = tl.max(tl.where(last, parts, 0), 0)
-            p = tl.arange(0, MERGE_P)
-            m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-            l = tl.zeros([BLOCK_M], tl.float32)
-            acc1 = tl.zeros([BLOCK_M, HALFP], tl.float32)
-            acc2 = tl.zeros([BLOCK_M, HALFP], tl.float32)
-            dm = dmask[None, None, :]
-            i = 0
-            while i < most:
-                pm = last[:, None] & (i + p[None, :] < parts[:, None])
-                part = (first[:, None] + i + p[None, :]).to(tl.int64)
-                lse_p = tl.load(lse_part_ptr + part * stride_lt + head[:, None], mask=pm, other=float("-inf"),
-                                cache_modifier=".cg")
-                at = o_part_ptr + part[:, :, None] * stride_ot + head[:, None, None] * stride_oh + d[None, None, :]
-                a1 = tl.load(at, mask=pm[:, :, None] & dm, other=0.0, cache_modifier=".cg").to(tl.float32)
-                a2 = tl.load(at + HALF, mask=pm[:, :, None] & dm, other=0.0, cache_modifier=".cg").to(tl.float32)
-                m_new = tl.maximum(m, tl.max(lse_p, 1))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                w = tl.exp2(lse_p - m_safe[:, None])
-                scale_old = tl.exp2(m - m_safe)
-                acc1 = acc1 * scale_old[:, None] + tl.sum(a1 * w[:, :, None], 1)
-                acc2 = acc2 * scale_old[:, None] + tl.sum(a2 * w[:, :, None], 1)
-                l = l * scale_old + tl.sum(w, 1)
-                m = m_new
-                i += MERGE_P
-            l = tl.where(l == 0.0, 1.0, l)
-            done = last[:, None] & dmask[None, :]
-            tl.store(o_rows, (acc1 / l[:, None]).to(ty), mask=done)
-            tl.store(o_rows + HALF, (acc2 / l[:, None]).to(ty), mask=done)
-            tl.store(counter, tl.zeros([BLOCK_M], tl.int32), mask=last)
+    tl.store(lse_part_ptr + out_row * stride_lt + head, lse, mask=valid)
 
 
 @triton.jit
