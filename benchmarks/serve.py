@@ -92,6 +92,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--replicas", type=int, default=1, help="engine replicas (default: 1)")
     p.add_argument("--cache-tokens", type=int, default=None, help="each replica's K/V pool in tokens (default: "
                                                                    "the engine's)")
+    p.add_argument("--graph-warmup", type=ints, default=[32],
+                   help="the server's --graph-warmup (decode graphs captured at start for batches of up to N "
+                        "sessions; 0: none); several, comma-separated: a server each, in turn (default: 32)")
     p.add_argument("--quick", action="store_true",
                    help="a smoke test: concurrency 1,4, 4 requests, 8 tokens per worker; explicit options still win")
     p.add_argument("--out", type=Path, default=common.RESULTS, help="directory for the results")
@@ -117,6 +120,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         p.error("--requests must be >= 1")
     if args.cache_tokens is not None and args.cache_tokens < 1:
         p.error("--cache-tokens must be >= 1")
+    if not args.graph_warmup or min(args.graph_warmup) < 0:
+        p.error("--graph-warmup needs integers >= 0")
     return args
 
 
@@ -125,7 +130,7 @@ def requests_for(args, c: int) -> int:
 
 
 # ---- the server ------------------------------------------------------------------------------
-def start_server(args) -> tuple[str, str]:
+def start_server(args, graph_warmup: int) -> tuple[str, str]:
     """A local Ray and Serve with the app at /; (base URL, the served model's name)."""
     from ray import serve
 
@@ -135,7 +140,7 @@ def start_server(args) -> tuple[str, str]:
 
     settings = ServeSettings(model=args.model, device=args.device.type, cache_tokens=args.cache_tokens,
                              workers=args.workers, max_tokens=args.max_tokens, replicas=args.replicas,
-                             max_waiting=max(256, 2 * max(args.concurrency)))
+                             max_waiting=max(256, 2 * max(args.concurrency)), graph_warmup=graph_warmup)
     cpus = max(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1,
                args.replicas + 1)  # a replica takes one CPU, the front 0.1
     init_ray(None, num_cpus=cpus, include_dashboard=False, log_to_driver=False)
@@ -293,10 +298,11 @@ def fmt(x, spec: str = ".1f") -> str:
 
 
 def table(meta: dict, rows: list[dict]) -> None:
-    cols = ["C", "requests", "failed", "req/s", "x req/s", "tok/s", "x tok/s", "TTFT p50 ms", "p90", "p99",
+    cols = ["warm-up", "C", "requests", "failed", "req/s", "x req/s", "tok/s", "x tok/s", "TTFT p50 ms", "p90", "p99",
             "ITL p50 ms", "p90", "p99", "e2e p50 s", "p99", "sessions/pass", "rows/pass", "graphs captured (s)"]
-    body = [[str(r["concurrency"]), str(r["requests"]), str(r["failed"]), fmt(r["requests_per_s"], ".2f"),
-             fmt(r["x_requests_per_s"], ".2f"), fmt(r["tokens_per_s"]), fmt(r["x_tokens_per_s"], ".2f"),
+    body = [[str(r["graph_warmup"]), str(r["concurrency"]), str(r["requests"]), str(r["failed"]),
+             fmt(r["requests_per_s"], ".2f"), fmt(r["x_requests_per_s"], ".2f"), fmt(r["tokens_per_s"]),
+             fmt(r["x_tokens_per_s"], ".2f"),
              fmt(r["ttft_p50_ms"], ".0f"), fmt(r["ttft_p90_ms"], ".0f"), fmt(r["ttft_p99_ms"], ".0f"),
              fmt(r["itl_p50_ms"], ".1f"), fmt(r["itl_p90_ms"], ".1f"), fmt(r["itl_p99_ms"], ".1f"),
              fmt(r["e2e_p50_s"], ".2f"), fmt(r["e2e_p99_s"], ".2f"), fmt(r["sessions_per_pass"], ".2f"),
@@ -319,21 +325,28 @@ def plot(meta: dict, rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import NullFormatter
 
-    cs = [r["concurrency"] for r in rows]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10.4, 4.6))
-    rps = [r["requests_per_s"] for r in rows]
-    left.plot(cs, rps, "o-", color="C0", label="measured")
-    base = next(r["requests_per_s"] for r in rows if r["concurrency"] == 1)
-    left.plot(cs, [base * c for c in cs], ":", color="gray", label="C x one at a time (linear)")
-    for c, y, r in zip(cs, rps, rows):
-        left.annotate(f"x{fmt(r['x_requests_per_s'], '.1f')}", (c, y), textcoords="offset points", xytext=(4, -10),
-                      fontsize=7)
+    settings = list(dict.fromkeys(r["graph_warmup"] for r in rows))
+    top = 1e-9
+    for k, warmup in enumerate(settings):
+        mine = [r for r in rows if r["graph_warmup"] == warmup]
+        name = f"graph warm-up {warmup}" if len(settings) > 1 else "measured"
+        cs, rps = [r["concurrency"] for r in mine], [r["requests_per_s"] for r in mine]
+        top = max(top, max(rps) * 1.3)
+        left.plot(cs, rps, "o-", color=f"C{2 * k}", label=name)
+        base = next(r["requests_per_s"] for r in mine if r["concurrency"] == 1)
+        left.plot(cs, [base * c for c in cs], ":", color=f"C{2 * k}", alpha=0.4, label=f"{name}: C x one at a time")
+        for c, y, r in zip(cs, rps, mine):
+            left.annotate(f"x{fmt(r['x_requests_per_s'], '.1f')}", (c, y), textcoords="offset points",
+                          xytext=(4, -10), fontsize=7)
+        ttft = [(r["concurrency"], r["ttft_p50_ms"], r["ttft_p90_ms"]) for r in mine if r["ttft_p50_ms"] is not None]
+        if ttft:
+            right.plot([t[0] for t in ttft], [t[1] for t in ttft], "o-", color=f"C{2 * k + 1}", label=f"{name}: p50")
+            right.plot([t[0] for t in ttft], [t[2] for t in ttft], "x:", color=f"C{2 * k + 1}", alpha=0.5,
+                       label=f"{name}: p90")
     left.set(xlabel="concurrency C (requests in flight)", ylabel="requests/s", title="throughput")
-    left.set_ylim(0, max(max(rps) * 1.3, 1e-9))
-    ttft = [(r["concurrency"], r["ttft_p50_ms"], r["ttft_p90_ms"]) for r in rows if r["ttft_p50_ms"] is not None]
-    if ttft:
-        right.plot([t[0] for t in ttft], [t[1] for t in ttft], "o-", color="C1", label="p50")
-        right.plot([t[0] for t in ttft], [t[2] for t in ttft], "x:", color="C1", alpha=0.5, label="p90")
+    left.set_ylim(0, top)
+    cs = sorted({r["concurrency"] for r in rows})
     right.set(xlabel="concurrency C (requests in flight)", ylabel="time to first token (ms)",
               title="time to first token")
     right.set_ylim(bottom=0)
@@ -355,20 +368,25 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"hogwild-ray serve benchmark: {label} on {common.device_name(device)}, {args.workers} workers x "
           f"{args.max_tokens} tokens, concurrency {','.join(map(str, args.concurrency))}", flush=True)
     t0 = time.perf_counter()
-    try:
-        base, model = start_server(args)
-        startup = time.perf_counter() - t0
-        print(f"server up at {base} in {startup:.0f} s", flush=True)
-        rows, extra = measure(args, base, model)
-    finally:
-        stop_server()
+    rows, startup, phases = [], {}, {}
+    for warmup in args.graph_warmup:
+        t = time.perf_counter()
+        try:
+            base, model = start_server(args, warmup)
+            startup[str(warmup)] = round(time.perf_counter() - t, 1)
+            print(f"server up at {base} in {startup[str(warmup)]:.0f} s (graph warm-up {warmup})", flush=True)
+            measured, phases[str(warmup)] = measure(args, base, model)
+        finally:
+            stop_server()
+        rows += [{"graph_warmup": warmup, **r} for r in measured]
     load_after = os.getloadavg() if hasattr(os, "getloadavg") else None
     meta = {"benchmark": "serve", "date": args.date, "device": device.type, "device_name": common.device_name(device),
             **common.versions(), "model": label, "served_model_name": model, "workers": args.workers,
             "max_tokens": args.max_tokens, "temperature": TEMPERATURE, "seed": SEED,
             "concurrency": args.concurrency, "requests": {str(c): requests_for(args, c) for c in args.concurrency},
             "replicas": args.replicas, "cache_tokens": args.cache_tokens, "quick": args.quick,
-            "warmup_requests": WARMUP_REQUESTS, "startup_s": round(startup, 1), **extra,
+            "graph_warmup": args.graph_warmup, "warmup_requests": WARMUP_REQUESTS, "startup_s": startup,
+            "phases_s": phases,
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
             "cpu_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
             "load_average": [round(x, 2) for x in (load or ())[:1] + (load_after or ())[:1]],

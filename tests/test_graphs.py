@@ -415,3 +415,47 @@ def test_captured_sizes_are_few_and_pad_little(n):
     assert n <= size == captured_size(size) and captured_size(n - 1 or 1) <= size
     assert size - n < (8 if n <= 8 else 16 if n <= 256 else 64)
     assert size in (1, 2, 4, 8) or size % 16 == 0
+
+
+@given(st.integers(1, 16), st.integers(0, 80))
+def test_a_warm_up_meets_every_padded_size_of_a_decode_pass(workers, max_sessions):
+    """The batch sizes a server warms its graphs up with: each at most max_sessions, sorted, and
+    between them every captured_size that sessions x workers reach, with the fewest and the
+    most sessions of each; a bad count is refused by name."""
+    from hogwild_ray.core.graph_sizes import captured_size, warmup_sessions
+
+    sizes = warmup_sessions(workers, max_sessions)
+    assert sizes == sorted(set(sizes)) and all(1 <= n <= max_sessions for n in sizes)
+    every = range(1, max_sessions + 1)
+    for padded in {captured_size(n * workers) for n in every}:
+        reach = [n for n in every if captured_size(n * workers) == padded]
+        assert reach[0] in sizes and reach[-1] in sizes
+    assert len(sizes) <= 2 * len({captured_size(n * workers) for n in every})
+    with pytest.raises(ValueError, match="max_sessions must be >= 0"):
+        warmup_sessions(workers, -1)
+    with pytest.raises(ValueError, match="workers must be >= 1"):
+        warmup_sessions(0, max_sessions)
+
+
+@gpu
+def test_a_warm_up_captures_the_decode_graphs_a_batch_then_needs(random_model):
+    """A server's warm-up (warm_up_graphs, up to 4 sessions of 2 workers) before 3 real problems
+    at once: their decode passes capture fewer graphs than on a cold engine, where every first
+    pass of a shape captures its own."""
+    from hogwild_ray.graph_warmup import warm_up_graphs
+
+    path, _ = random_model("qwen3", "yarn")
+    problems = ["Compute 12 * 7 and explain.", "What is 3 + 4?", "Name three primes."]
+    captured = {}
+    for sessions in (0, 4):
+        engine = hw.HogwildEngine.from_pretrained(path, "cuda", "bfloat16", cache_tokens=8192, cuda_graphs=True)
+        done = warm_up_graphs(engine, 2, sessions)
+        assert done.sessions == tuple(range(1, sessions + 1)) and (done.captures > 0) == (sessions > 0)
+        assert done.captures == engine.graphs.captures
+        ready = {key for key, g in engine.graphs.graphs.items() if g.graph is not None}
+        engine.solve_many(problems, max_concurrent=3, workers=2, max_tokens=24, sampling=hw.SamplingParams(seed=3),
+                          progress=False)
+        captured[sessions] = [key for key, g in engine.graphs.graphs.items()
+                              if g.graph is not None and key.decode and key not in ready]
+        del engine
+    assert len(captured[4]) < len(captured[0]), captured

@@ -20,9 +20,10 @@ def deployments(app) -> dict:
 
 def test_app_builder_turns_serve_run_arguments_into_settings():
     app = app_builder({"workers": "3", "max_tokens": "64", "autoscale": "1,4", "served_model_name": "m",
-                       "cuda_graphs": "false", "max_waiting": "7"})
+                       "cuda_graphs": "false", "max_waiting": "7", "graph_warmup": "5"})
     d = deployments(app)
     engine = d["HogwildEngine"]
+    assert engine.init_args[4] == (3, 5)  # decode graphs warmed up for up to 5 sessions of 3 workers
     assert engine._deployment_config.autoscaling_config.min_replicas == 1
     assert engine._deployment_config.autoscaling_config.max_replicas == 4
     assert engine.init_args[0]["cuda_graphs"] is False
@@ -45,6 +46,7 @@ def test_app_builder_turns_serve_run_arguments_into_settings():
     ({"max_workers": "1", "workers": "2"}, "max_workers must be an integer >= 2"),
     ({"api_key": " "}, "--api-key is empty"),
     ({"cuda_graphs": "maybe"}, "cuda_graphs='maybe'"),
+    ({"graph_warmup": "-1"}, "graph_warmup must be an integer >= 0 (0 captures the graphs as requests come)"),
 ])
 def test_bad_arguments_are_refused_by_name(args, words):
     with pytest.raises(InvalidRequestError) as err:
@@ -59,3 +61,4 @@ def test_the_served_name_and_the_api_key_from_the_environment(monkeypatch):
     front = deployments(app_builder({}))["OpenAIFront"]
     assert front.init_args[2] == "sk-env"
     assert parse_autoscale("0,3") == (0, 3)
+    assert deployments(app_builder({}))["HogwildEngine"].init_args[4] == (2, 32)  # the default warm-up

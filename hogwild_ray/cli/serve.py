@@ -46,6 +46,9 @@ def register(sub) -> None:
     g.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_const", const=False, default=None,
                    help="run every forward pass eagerly (default: CUDA graphs on GPUs)")
     g.add_argument("--tp", type=at_least(1), default=1, metavar="N", help="tensor-parallel ranks per replica: N shard actors, one GPU each (default: 1, the replica's own device)")
+    g.add_argument("--graph-warmup", type=at_least(0), default=32, metavar="N",
+                   help="before serving, capture the CUDA graphs of decode passes of batches of up to N sessions "
+                        "of --workers workers (a few seconds; default: 32; 0: capture each as requests meet it)")
     g = p.add_argument_group("the server")
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine only)")
     g.add_argument("--port", type=at_least(1), default=8000, help="port (default: %(default)s)")
@@ -77,7 +80,7 @@ def settings_from(args: argparse.Namespace):
         cache_tokens=args.cache_tokens, cuda_graphs=args.cuda_graphs, tp=args.tp, workers=args.workers,
         max_workers=args.max_workers, max_tokens=args.max_tokens, replicas=args.replicas,
         autoscale=parse_autoscale(args.autoscale) if args.autoscale else None, api_key=args.api_key,
-        max_waiting=args.max_waiting)
+        max_waiting=args.max_waiting, graph_warmup=args.graph_warmup)
 
 
 def execute(args: argparse.Namespace, engine=None) -> int:

@@ -41,6 +41,7 @@ from hogwild_kernels import QueryGroup
 from hogwild_kernels.plan import CopyFence, PlanCaps, StaticPlan, build_plan
 
 from ..cache import KVPool
+from ..core.graph_sizes import captured_size, pow2
 from ..sampling import TABLE_ROWS, SampleTable, sample_tokens
 from .decoder import Decoder, ForwardBatch
 
@@ -50,20 +51,6 @@ MAX_CHUNK = 32  # the longest chunk a graphed pass may feed per worker: headers 
 # layers a capture's warm-up runs: enough to compile and load every kernel the pass launches
 # (Decoder.forward), which no capture may do, at a fraction of a whole pass's launches
 WARMUP_LAYERS = 2
-
-
-def _pow2(x: int) -> int:
-    return 1 << max(0, (x - 1).bit_length())
-
-
-def captured_size(n: int) -> int:
-    """The tokens (or groups) of the graph that serves a pass of n: a power of two up to 8,
-    then a multiple of 16 (the skinny products' row tile: padding within it costs nothing),
-    then of 64 past 256."""
-    if n <= 8:
-        return _pow2(n)
-    step = 16 if n <= 256 else 64
-    return -(-n // step) * step
 
 
 class _Graph:
@@ -221,8 +208,8 @@ class DecodeGraphs:
         size = captured_size if self.padded else int
         t = size(t)  # the padding tokens, past every group's, are in no group
         host = build_plan(groups, t, self.attention.chunk_rule(self.device, capped=False), self.cache.page_size)
-        items = _pow2(host["tables"].shape[0])
-        pairs = min(t, _pow2(max(1, host["max_pairs"])))  # a graph per power of two of a unit's readers
+        items = pow2(host["tables"].shape[0])
+        pairs = min(t, pow2(max(1, host["max_pairs"])))  # a graph per power of two of a unit's readers
         key = GraphKey(t, items, pairs, self.attention.long_keys(int(host["chunk"])), mode,
                        size(len(groups)), decode=all(g.count == 1 for g in groups))
         entry = self.graphs.get(key)

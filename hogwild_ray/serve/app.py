@@ -43,6 +43,8 @@ class ServeSettings:
     max_waiting: int = 256
     max_concurrent: int | None = None
     cpus_per_replica: float = 1.0
+    # decode graphs captured at start for batches of up to this many sessions of `workers` (0: none)
+    graph_warmup: int = 32
 
     def __post_init__(self) -> None:
         check_int("tp", self.tp, 1)
@@ -52,6 +54,7 @@ class ServeSettings:
         check_int("replicas", self.replicas, 1)
         check_int("max_waiting", self.max_waiting, 0)
         check_int("max_concurrent", self.max_concurrent, 1, none="(as many as fit in the cache)")
+        check_int("graph_warmup", self.graph_warmup, 0, hint="0 captures the graphs as requests come")
         if self.autoscale is not None:
             lo, hi = self.autoscale
             check_int("autoscale minimum", lo, 0)
@@ -101,7 +104,8 @@ def build_app(settings: ServeSettings) -> Any:
     engine = serve.deployment(EngineReplica, name="HogwildEngine").options(
         ray_actor_options=settings.replica_actor_options(), max_ongoing_requests=ONGOING_PER_REPLICA,
         health_check_period_s=10, health_check_timeout_s=60, graceful_shutdown_timeout_s=30, **scaling,
-    ).bind(settings.engine_options(), settings.max_concurrent, FRONT)
+    ).bind(settings.engine_options(), settings.max_concurrent, FRONT, None,
+           (settings.workers, settings.graph_warmup))
     defaults = ServeDefaults(model=settings.model_name, workers=settings.workers, max_workers=settings.max_workers,
                              max_tokens=settings.max_tokens)
     api_key = settings.api_key or os.environ.get(API_KEY_ENV) or None
@@ -125,7 +129,7 @@ def app_builder(args: dict[str, Any]) -> Any:
 
 
 INT_FIELDS = {"cache_tokens", "tp", "workers", "max_workers", "max_tokens", "replicas", "max_waiting",
-              "max_concurrent"}
+              "max_concurrent", "graph_warmup"}
 
 
 def _coerce(name: str, value: Any) -> Any:

@@ -9,6 +9,7 @@ and cancels the call when its client goes away, which ends the session before th
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import uuid
 from typing import Any, AsyncIterator
@@ -19,6 +20,7 @@ from ..scheduler import Failed, Finished
 from ..serving_loop import Admitted
 
 CLIENT_ERRORS = (InvalidRequestError, ContextLengthError, CacheFullError)  # the request's fault: HTTP 400
+logger = logging.getLogger("ray.serve")
 REPORT_EVERY_S = 0.5  # how fresh the front's view of this engine's counters is (pages freed, passes)
 
 
@@ -26,15 +28,25 @@ class EngineReplica:
     """One engine of the server (wrapped by serve.deployment in hogwild_ray.serve.app)."""
 
     def __init__(self, engine_options: dict, max_concurrent: int | None = None, front: str | None = None,
-                 lease: Any = None) -> None:
+                 lease: Any = None, graph_warmup: tuple[int, int] = (2, 0)) -> None:
+        """graph_warmup: (workers, sessions): capture the decode graphs of batches of up to that
+        many sessions of that many workers before serving (hogwild_ray.graph_warmup; 0: none)."""
         import torch
 
         from .. import HogwildEngine
+        from ..graph_warmup import warm_up_graphs
 
         options = dict(engine_options)
         if options.get("device") is None:  # the replica's own device: the GPU Ray gave it, if any
             options["device"] = "cuda" if torch.cuda.is_available() else "cpu"
         self.engine = HogwildEngine.from_pretrained(**options)
+        workers, sessions = graph_warmup
+        if max_concurrent is not None:
+            sessions = min(sessions, max_concurrent)
+        self.warmup = warm_up_graphs(self.engine, workers, sessions)  # before the serving loop drives the engine
+        if self.warmup.captures:
+            logger.info("captured %d decode graphs for batches of %s sessions in %.1f s", self.warmup.captures,
+                        ",".join(map(str, self.warmup.sessions)), self.warmup.seconds)
         self.loop = self.engine.serving_loop(max_concurrent)  # in this process, or in the Ray coordinator
         self.replica = _replica_id()
         self.node = _node_id()
