@@ -35,7 +35,7 @@ def warm_up_graphs(engine: Any, workers: int, max_sessions: int, tokens: int = W
     `tokens` per worker, sampling at the default temperature (the server's default) and, as
     every session ends, greedily (its finisher). Nothing to do without CUDA graphs (a CPU
     engine, or one whose passes run in Ray shards) or with max_sessions 0."""
-    graphs = engine.graphs
+    graphs = getattr(engine, "graphs", None)  # a Ray-sharded engine's graphs live in its shards
     sizes = warmup_sessions(workers, max_sessions)
     if graphs is None or not sizes:
         return GraphWarmUp((), 0, 0.0)
