@@ -129,6 +129,8 @@ def test_a_padded_graph_pass_reads_its_static_buffers_right(random_model):
             if table is not None:  # a pass of the session's workers (not a shared block's prefill)
                 assert sampled[:rows].tolist() == tokens.tolist()
                 checked.append((len(toks) - len(groups), entry.plan.caps.tokens - len(toks)))
+                # a greedy pass of this shape replays this sampling graph
+                assert table.mode == "sample" and graphs._entry(groups, len(toks), "greedy")[0] is entry
         return logits, tokens
 
     runner.forward = both
@@ -316,6 +318,25 @@ def test_sampled_graph_decode_equals_eager(random_model, sampling):
             assert engine.graphs.replays >= 20
             assert any(entry.sampled is not None and entry.mode != "greedy" for entry in engine.graphs.graphs.values())
     assert runs[True] == runs[False]
+
+
+@gpu
+def test_a_greedy_pass_replays_the_sampling_graph_of_its_shape(random_model):
+    """A sampled session, then a greedy one of the same shapes, in one engine: the greedy passes
+    replay the sampling graphs (no greedy graph is captured) and take the eager engine's tokens."""
+    path, _ = random_model("qwen3", "yarn")
+    runs = {}
+    for graphs in (False, True):
+        engine = hw.HogwildEngine.from_pretrained(path, "cuda", "float32", cache_tokens=8192, cuda_graphs=graphs)
+        for sampling in (hw.SamplingParams(temperature=0.9, seed=5), hw.SamplingParams(temperature=0.0)):
+            session = engine.start("Compute 12 * 7.", workers=3, max_tokens=40, protocol=False,
+                                   chat_template=False, sampling=sampling)
+            runs[graphs, sampling.temperature] = [session.step() for _ in range(30) if not session.done]
+            session.close()
+        if graphs:
+            modes = {key.mode for key in engine.graphs.graphs if key.decode}
+            assert "sample" in modes and "greedy" not in modes, engine.graphs.graphs.keys()
+    assert runs[True, 0.0] == runs[False, 0.0] and runs[True, 0.9] == runs[False, 0.9]
 
 
 @gpu

@@ -27,7 +27,10 @@ logits nobody reads.
 
 Sampling is captured too: each row's seed, draw number, temperature, top-k and top-p go in
 with the inputs (sampling.SampleTable), the draws are counter-based (no RNG state on the
-device), and the graph's output is the sampled ids: reading them is the step's one sync.
+device), and the graph's output is the sampled ids: reading them is the step's one sync. A
+greedy pass replays the sampling graph of its shape where there is one (its rows at
+temperature 0 take the argmax, as a greedy graph would): a server's sessions sample, and
+each one's finisher, at its end, is greedy, which would otherwise capture the same shapes again.
 """
 
 from __future__ import annotations
@@ -212,6 +215,8 @@ class DecodeGraphs:
         pairs = min(t, pow2(max(1, host["max_pairs"])))  # a graph per power of two of a unit's readers
         key = GraphKey(t, items, pairs, self.attention.long_keys(int(host["chunk"])), mode,
                        size(len(groups)), decode=all(g.count == 1 for g in groups))
+        if mode == "greedy" and key._replace(mode="sample") in self.graphs:
+            key = key._replace(mode="sample")  # its greedy rows (temperature 0) draw the argmax: the same ids
         entry = self.graphs.get(key)
         if entry is None:
             units = self.attention.target_units(self.device) + items
