@@ -16,6 +16,9 @@ the phase's wall time, TTFT p50/p90/p99, ITL p50/p90/p99, e2e p50/p99, and from 
 own /metrics (differences over the phase, read 1.5 s after it: the replicas report every
 0.5 s) the forward passes, mean sessions per pass and rows (query tokens) per pass.
 
+With `--graph-warmup 0,32` a server with each warm-up setting (the decode graphs it captures at
+start) runs the same phases, one after the other, each row marked with its setting.
+
 Side by side: C=1 (one request at a time) is the baseline; every C's requests/s and tokens/s
 are also given as a ratio to it (`x_requests_per_s`, `x_tokens_per_s`: the speed-up vs one at
 a time). C=1 is added to --concurrency when missing. Writes DATE-DEVICE-serve[-SUFFIX].
@@ -24,6 +27,7 @@ a time). C=1 is added to --concurrency when missing. Writes DATE-DEVICE-serve[-S
     python benchmarks/serve.py                                     # the built-in model on the CPU
     python benchmarks/serve.py --quick                             # a smoke test: C=1,4, 4 requests, 8 tokens
     python benchmarks/serve.py --model random:qwen3-8b --device cuda
+    python benchmarks/serve.py --model random:qwen3-8b --device cuda --graph-warmup 0,32
 """
 
 from __future__ import annotations
