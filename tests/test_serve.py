@@ -349,7 +349,8 @@ def test_a_tensor_parallel_replica_serves_the_tokens_of_one_engine(server, rando
 
 def test_cli_flags_are_checked_before_anything_starts():
     for flags, words in ((["--tp", "0"], "--tp"), (["--autoscale", "3"], "MIN,MAX"),
-                         (["--autoscale", "3,1"], "autoscale maximum"), (["--api-key", " "], "--api-key is empty")):
+                         (["--autoscale", "3,1"], "autoscale maximum"), (["--api-key", " "], "--api-key is empty"),
+                         (["--graph-warmup", "-1"], "--graph-warmup: must be an integer >= 0")):
         run = subprocess.run([sys.executable, "-m", "hogwild_ray", "serve", *flags], cwd=ROOT, capture_output=True,
                              text=True, timeout=120)
         assert run.returncode == 2 and run.stderr.startswith("error: ") and words in run.stderr, run.stderr

@@ -62,3 +62,13 @@ def test_the_served_name_and_the_api_key_from_the_environment(monkeypatch):
     assert front.init_args[2] == "sk-env"
     assert parse_autoscale("0,3") == (0, 3)
     assert deployments(app_builder({}))["HogwildEngine"].init_args[4] == (2, 32)  # the default warm-up
+
+
+def test_the_serve_command_gives_its_flags_to_the_settings():
+    from hogwild_ray.cli import build_parser
+    from hogwild_ray.cli.serve import settings_from
+
+    args = build_parser().parse_args(["serve", "--workers", "3", "--graph-warmup", "6", "--max-waiting", "9"])
+    settings = settings_from(args)
+    assert (settings.workers, settings.graph_warmup, settings.max_waiting) == (3, 6, 9)
+    assert settings_from(build_parser().parse_args(["serve"])).graph_warmup == 32
