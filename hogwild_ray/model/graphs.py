@@ -31,6 +31,8 @@ device), and the graph's output is the sampled ids: reading them is the step's o
 greedy pass replays the sampling graph of its shape where there is one (its rows at
 temperature 0 take the argmax, as a greedy graph would): a server's sessions sample, and
 each one's finisher, at its end, is greedy, which would otherwise capture the same shapes again.
+It costs the greedy pass the sampling's elementwise work over its rows of logits (a read and a
+write of rows x vocab floats), against a capture of tens of milliseconds.
 """
 
 from __future__ import annotations
