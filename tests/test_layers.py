@@ -54,9 +54,9 @@ LAYERS = {  # files -> package modules they must never import
                   "hogwild_ray.cli"),
     ("executor",): ("hogwild_ray.session", "hogwild_ray.engine", "hogwild_ray.runtime", "hogwild_ray.cli"),
     ("runtime/shard",): ("hogwild_ray.engine", "hogwild_ray.session"),
-    ("engine", "session", "front", "executor", "runner", "core"): ("hogwild_ray.runtime",),
-    ("engine", "session", "front", "executor", "runner", "core", "runtime", "model", "scheduler", "many"):
-        ("hogwild_ray.serve",),
+    ("engine", "session", "front", "executor", "runner", "core", "graph_warmup"): ("hogwild_ray.runtime",),
+    ("engine", "session", "front", "executor", "runner", "core", "runtime", "model", "scheduler", "many",
+     "graph_warmup"): ("hogwild_ray.serve",),
 }
 
 
