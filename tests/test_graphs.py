@@ -108,6 +108,7 @@ def test_a_padded_graph_pass_reads_its_static_buffers_right(random_model):
     engine = hw.HogwildEngine.from_pretrained(path, "cpu", "float32", cache_tokens=4096, attention="triton")
     runner = engine.runner
     graphs = DecodeGraphs(runner.decoder, runner.cache, engine.max_context, max_chunk=64)
+    greedy_first = DecodeGraphs(runner.decoder, runner.cache, engine.max_context, max_chunk=64)
     forward, checked = runner.forward, []
     scratch = runner.cache.scratch_slot
 
@@ -129,8 +130,11 @@ def test_a_padded_graph_pass_reads_its_static_buffers_right(random_model):
             if table is not None:  # a pass of the session's workers (not a shared block's prefill)
                 assert sampled[:rows].tolist() == tokens.tolist()
                 checked.append((len(toks) - len(groups), entry.plan.caps.tokens - len(toks)))
-                # a greedy pass of this shape replays this sampling graph
+                # a greedy pass of this shape replays this sampling graph, unless it has its own already
                 assert table.mode == "sample" and graphs._entry(groups, len(toks), "greedy")[0] is entry
+                own = greedy_first._entry(groups, len(toks), "greedy")[0]
+                assert greedy_first._entry(groups, len(toks), "sample")[0] is not own
+                assert greedy_first._entry(groups, len(toks), "greedy")[0] is own
         return logits, tokens
 
     runner.forward = both

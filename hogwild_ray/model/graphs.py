@@ -28,11 +28,12 @@ logits nobody reads.
 Sampling is captured too: each row's seed, draw number, temperature, top-k and top-p go in
 with the inputs (sampling.SampleTable), the draws are counter-based (no RNG state on the
 device), and the graph's output is the sampled ids: reading them is the step's one sync. A
-greedy pass replays the sampling graph of its shape where there is one (its rows at
-temperature 0 take the argmax, as a greedy graph would): a server's sessions sample, and
-each one's finisher, at its end, is greedy, which would otherwise capture the same shapes again.
-It costs the greedy pass the sampling's elementwise work over its rows of logits (a read and a
-write of rows x vocab floats), against a capture of tens of milliseconds.
+greedy pass with no greedy graph of its shape replays the sampling graph of that shape where
+there is one (its rows at temperature 0 take the argmax, as a greedy graph would): a
+server's sessions sample, and each one's finisher, at its end, is greedy, which would
+otherwise capture the same shapes again. It costs the greedy pass the sampling's elementwise
+work over its rows of logits (a read and a write of rows x vocab floats), against a capture
+of tens of milliseconds; a greedy graph already captured for the shape is kept to.
 """
 
 from __future__ import annotations
@@ -217,7 +218,7 @@ class DecodeGraphs:
         pairs = min(t, pow2(max(1, host["max_pairs"])))  # a graph per power of two of a unit's readers
         key = GraphKey(t, items, pairs, self.attention.long_keys(int(host["chunk"])), mode,
                        size(len(groups)), decode=all(g.count == 1 for g in groups))
-        if mode == "greedy" and key._replace(mode="sample") in self.graphs:
+        if mode == "greedy" and key not in self.graphs and key._replace(mode="sample") in self.graphs:
             key = key._replace(mode="sample")  # its greedy rows (temperature 0) draw the argmax: the same ids
         entry = self.graphs.get(key)
         if entry is None:
