@@ -119,7 +119,18 @@ down() {
     [ -z "$pids" ] && break
     sleep 0.2
   done
-  [ -n "$pids" ] && kill -KILL $pids 2>/dev/null || true
+  # what TERM did not stop in 10 s, or what started meanwhile (the autoscaler's monitor, under
+  # load): KILL, and wait until it is gone, so that nothing of the cluster outlives `down`
+  for _ in $(seq 25); do
+    [ -z "$pids" ] && break
+    kill -KILL $pids 2>/dev/null || true
+    sleep 0.2
+    pids=$(cluster_pids)
+  done
+  if [ -n "$pids" ]; then
+    echo "local.sh: processes of this cluster still running after SIGKILL: $pids" >&2
+    return 1
+  fi
   echo "local Ray cluster down"
 }
 
