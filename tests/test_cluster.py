@@ -666,8 +666,9 @@ def test_batch_over_replicas_loses_nothing_when_a_nodes_raylet_is_killed(cluster
     (tmp_path / "in.jsonl").write_text("".join(json.dumps(p) + "\n" for p in problems))
     out = tmp_path / "out.jsonl"
     command = ["hogwild-ray", "batch", "--input", str(tmp_path / "in.jsonl"), "--output", str(out), "--model",
-               str(model), "--address", cluster["address"], "--replicas", "2", "--max-tokens", "96",
+               str(model), "--address", cluster["address"], "--replicas", "2", "--max-tokens", "256",
                "--temperature", "0", "--max-concurrent", "2"]  # in waves: node2's replica holds work to the end
+    # (256 tokens a worker: a batch of 96 once took 3.8 s on an idle machine, over before the kill landed)
     ray.init(address=cluster["address"], log_to_driver=False)
     try:
         driver = subprocess.Popen(command, env=cluster["client_env"], stdout=subprocess.PIPE,
