@@ -246,7 +246,8 @@ class HogwildEngine(EngineFront):
         other prompts instead of computed), the passes launched before the sessions asked for
         them: used, and dropped unused (the sessions asked for another pass), and the CUDA graphs
         captured and the host's seconds in those captures (a new pass shape's one-time cost, paid
-        inside the pass that meets it; 0 without graphs, and where the passes run in Ray shards)."""
+        by a server's warm-up or inside the pass that meets it; 0 without graphs, and where the
+        passes run in Ray shards)."""
         pool = self.allocator
         graphs = self.graphs
         return {

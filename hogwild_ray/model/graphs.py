@@ -160,7 +160,7 @@ class DecodeGraphs:
         self.replays = 0
         self.uses: dict[_Graph, int] = {}  # replays of each graph (a benchmark clears it to count a stretch)
         self.staged_hits = 0  # passes whose plan was staged while the previous pass ran
-        self.captures = 0  # graphs captured: each new pass shape's one-time cost, in the pass that met it
+        self.captures = 0  # graphs captured: each new pass shape's one-time cost (a warm-up's, or the pass's)
         self.capture_seconds = 0.0  # the host's time in those captures
         self.unfit = 0  # passes it serves that ran eagerly all the same: their plan did not fit a graph's buffers
 

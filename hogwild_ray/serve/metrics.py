@@ -86,8 +86,8 @@ class EngineSnapshots(Collector):
                                   "Passes launched ahead and dropped unused: the sessions asked for another "
                                   "(an injection, a request joining, a fork or a close).", t["launched_ahead_dropped"])
         yield CounterMetricFamily(PREFIX + "cuda_graph_captures",
-                                  "CUDA graphs captured: each new pass shape's one-time cost, paid inside the pass "
-                                  "that meets it.", t["graph_captures"])
+                                  "CUDA graphs captured: each new pass shape's one-time cost, paid at start (the "
+                                  "graph warm-up) or inside the pass that meets it.", t["graph_captures"])
         yield CounterMetricFamily(PREFIX + "cuda_graph_capture_seconds",
                                   "The host's seconds spent capturing CUDA graphs.", t["graph_capture_seconds"])
         yield GaugeMetricFamily(PREFIX + "engine_replicas", "Engine replicas that have reported.", t["replicas"])
