@@ -12,6 +12,11 @@ engine chains a layer's kernels and runs every decode product on the skinny kern
 `--folds default,none,all,norm,activation,qk_norm+norm` runs each setting with the small
 kernels the decoder folds into their neighbours (hogwild_ray.model.decoder.FOLDS) as named,
 side by side (one engine each).
+`--chain after-wait,early,early-attention` runs the chained kernels letting the next one
+launch after or before their own wait (hogwild_kernels/pdl.py; the last: the K/V append's
+and the attention's kernels only), and `--prefetch default,o=8192+qkv=4096` with
+each product's weight rows prefetched that far into the L2 cache before its wait
+(hogwild_ray.model.decoder.PRODUCTS, or `all`), side by side (one engine each).
 `--host-profile` adds the host's
 hottest functions over more steps (cProfile, after the timed ones).
 
@@ -34,10 +39,12 @@ import common  # noqa: E402
 import scaling_runs  # noqa: E402
 from bandwidth import measure as measure_bandwidth  # noqa: E402
 
+from hogwild_kernels.pdl import EARLY  # noqa: E402
+
 import hogwild_ray as hw  # noqa: E402
 from hogwild_ray.cli.common import at_least  # noqa: E402
 from hogwild_ray.executor import local  # noqa: E402
-from hogwild_ray.model.decoder import FOLDS  # noqa: E402
+from hogwild_ray.model.decoder import FOLDS, PRODUCTS  # noqa: E402
 
 
 def kernel_times(graph, replays: int) -> dict[str, float]:
@@ -159,6 +166,22 @@ def host_split(engine, step, steps: int) -> dict[str, float]:
             "host_exposed_ms": med([w for w in waits if w is not None])}
 
 
+CHAINS = ("after-wait", "early", "early-attention")
+
+
+def prefetch_setting(text: str) -> dict[str, int]:
+    """'default' -> {}; 'o=8192+qkv=4096' -> bytes per weight row by product ('all': every one)."""
+    if text == "default":
+        return {}
+    out: dict[str, int] = {}
+    for part in text.split("+"):
+        name, _, value = part.partition("=")
+        if name not in (*PRODUCTS, "all") or not value.isdigit():
+            raise ValueError(f"--prefetch: {part!r} is not PRODUCT=BYTES; products: {', '.join(PRODUCTS)} or all")
+        out.update({p: int(value) for p in (PRODUCTS if name == "all" else (name,))})
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -173,6 +196,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="on, off, unchained (on, without the PDL chain) or several (the decode products' kernel)")
     p.add_argument("--folds", default="default",
                    help="default (the engine's), none, all, or FOLDS joined by '+'; several, comma-separated")
+    p.add_argument("--chain", default="after-wait",
+                   help="after-wait (the engine's), early, early-attention, or several: when a chained kernel "
+                        "lets the next launch")
+    p.add_argument("--prefetch", default="default",
+                   help="default, or PRODUCT=BYTES joined by '+' (products: qkv, o, gate_up, down, lm_head, all): "
+                        "weight bytes a row a chained product prefetches; several, comma-separated")
     p.add_argument("--host-profile", action="store_true", help="also profile the host's work (cProfile)")
     p.add_argument("--launch-ahead", default="on",
                    help="on: each pass launched right behind the last one, fed its samples on the device "
@@ -189,6 +218,13 @@ def main(argv: list[str] | None = None) -> int:
     folds = args.folds.split(",")
     if unknown := {f for fold in folds if fold not in ("default", "none", "all") for f in fold.split("+")} - set(FOLDS):
         p.error(f"--folds: unknown fold(s) {sorted(unknown)}; choose from default, none, all or {', '.join(FOLDS)}")
+    chains = args.chain.split(",")
+    if unknown := set(chains) - set(CHAINS):
+        p.error(f"--chain: unknown setting(s) {sorted(unknown)}; choose from {', '.join(CHAINS)}")
+    try:
+        prefetches = [(text, prefetch_setting(text)) for text in args.prefetch.split(",")]
+    except ValueError as e:
+        p.error(str(e))
     aheads = args.launch_ahead.split(",")
     if unknown := set(aheads) - {"on", "off"}:
         p.error(f"--launch-ahead: unknown setting(s) {sorted(unknown)}; choose from on, off")
@@ -198,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     floor = measure_bandwidth(dev)
     model = scaling_runs.Model(f"random:{args.shape}", dev, torch.bfloat16)
     rows = []
-    for setting, fold in [(s, f) for s in settings for f in folds]:
+    for setting, fold, chain, (prefetch, prefetch_bytes) in [
+            (s, f, c, pf) for s in settings for f in folds for c in chains for pf in prefetches]:
         engine = hw.HogwildEngine.from_pretrained(model.path, dev, torch.bfloat16, cuda_graphs=True,
                                                   cache_tokens=args.sessions * (max(args.workers) * 512
                                                                                 + args.view + 4096))
@@ -206,7 +243,12 @@ def main(argv: list[str] | None = None) -> int:
         chosen = {f"{n}x{k} rows<={r}": str(c) for (n, k, r), c in engine.decoder.products.items()}
         if setting == "unchained":  # each kernel waits for the one before to end (no PDL chain)
             engine.decoder.set_chained(False)
-        elif setting != "on":
+        elif engine.decoder.chained and chain == "early":
+            engine.decoder.set_chained(True, early=True)
+        elif engine.decoder.chained and chain == "early-attention":  # the K/V append and both attention kernels
+            engine.decoder.attention.chained = EARLY
+        engine.decoder.prefetch = prefetch_bytes
+        if setting not in ("on", "unchained"):
             engine.decoder.products = {}
         if fold != "default":
             engine.decoder.folds = {"none": set(), "all": set(FOLDS)}.get(fold) or set(fold.split("+"))
@@ -214,12 +256,13 @@ def main(argv: list[str] | None = None) -> int:
         for w in args.workers:
             for ahead in aheads:
                 engine.executor.prelaunch = ahead == "on"
-                r = {"skinny": setting, "folds": fold, "launch_ahead": ahead,
+                r = {"skinny": setting, "folds": fold, "chain": chain, "prefetch": prefetch, "launch_ahead": ahead,
                      **measure(engine, model, w, args, floor.value)}
                 r["products"] = "cuBLAS" if setting == "off" else chosen
                 r["chained"] = engine.decoder.chained
                 rows.append(r)
-                print(f"skinny {setting}, folds {fold}, launch ahead {ahead}, {args.sessions} x {w} workers: step "
+                print(f"skinny {setting}, folds {fold}, chain {chain}, prefetch {prefetch}, launch ahead {ahead}, "
+                      f"{args.sessions} x {w} workers: step "
                       f"{r['step_ms']:.2f} ms, GPU {r['gpu_ms']:.2f} ms, roofline {r['roofline_ms']:.2f} ms "
                       f"(x{r['x_roofline']:.2f}), host {r['host_pct']:.1f}%, {r['kernels_per_pass']} kernels; "
                       f"the device waits {r['host_exposed_ms']:.3f} ms a pass for the host; between passes "
@@ -230,15 +273,17 @@ def main(argv: list[str] | None = None) -> int:
     name = common.device_name(dev)
     common.print_table(f"Decode step, random:{args.shape} bf16, {args.view}-token view, {name}, bandwidth "
                        f"{floor.gbs:.0f} GB/s",
-                       ["skinny", "folds", "launch ahead", "workers", "step ms", "GPU ms", "roofline ms", "x roofline",
-                        "GPU x roofline", "host %", "device waits ms", "kernels"],
-                       [[r["skinny"], r["folds"], r["launch_ahead"], str(r["workers"]), f"{r['step_ms']:.2f}",
+                       ["skinny", "folds", "chain", "prefetch", "launch ahead", "workers", "step ms", "GPU ms",
+                        "roofline ms", "x roofline", "GPU x roofline", "host %", "device waits ms", "kernels"],
+                       [[r["skinny"], r["folds"], r["chain"], r["prefetch"], r["launch_ahead"], str(r["workers"]),
+                         f"{r['step_ms']:.2f}",
                          f"{r['gpu_ms']:.2f}", f"{r['roofline_ms']:.2f}", f"{r['x_roofline']:.2f}",
                          f"{r['gpu_x_roofline']:.2f}", f"{r['host_pct']:.1f}", f"{r['host_exposed_ms']:.3f}",
                          str(r["kernels_per_pass"])] for r in rows])
     for r in rows:
         top = sorted(r["kernel_us"].items(), key=lambda kv: -kv[1])[:14]
-        common.print_table(f"kernels of one pass: skinny {r['skinny']}, folds {r['folds']}, launch ahead "
+        common.print_table(f"kernels of one pass: skinny {r['skinny']}, folds {r['folds']}, chain {r['chain']}, "
+                           f"prefetch {r['prefetch']}, launch ahead "
                            f"{r['launch_ahead']}, "
                            f"{r['workers']} workers "
                            f"(sum {sum(r['kernel_us'].values()):.0f} µs)",
@@ -250,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
             "weight_bytes_read_per_step": model.weight_bytes, "versions": common.versions()}
     flat = [{k: v for k, v in r.items() if k not in ("kernel_us", "host_top")} for r in rows]
     common.write_results(stem, meta, flat, {"kernels": [
-        {k: r[k] for k in ("skinny", "folds", "launch_ahead", "workers", "kernel_us", "host_top")} for r in rows]})
+        {k: r[k] for k in ("skinny", "folds", "chain", "prefetch", "launch_ahead", "workers", "kernel_us", "host_top")}
+        for r in rows]})
     plot(rows, Path(f"{stem}.png"), f"Decode step vs roofline, random:{args.shape}, {args.view} view, {name}")
     print(f"wrote {stem}.csv, .json and .png")
     return 0
@@ -263,7 +309,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4))
-    labels = [f"{r['workers']}w skinny {r['skinny']}, folds {r['folds']}, ahead {r['launch_ahead']}" for r in rows]
+    labels = [f"{r['workers']}w {r['skinny']}, folds {r['folds']}, {r['chain']}, pf {r['prefetch']}" for r in rows]
     xs = range(len(rows))
     ax.bar([x - 0.27 for x in xs], [r["step_ms"] for r in rows], 0.27, label="step (wall)")
     ax.bar(list(xs), [r["gpu_ms"] for r in rows], 0.27, label="GPU (graph replay)")

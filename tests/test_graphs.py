@@ -199,30 +199,35 @@ def test_passes_with_chunks_replay_graphs_of_their_own(random_model):
 
 
 @gpu
-def test_chained_kernels_give_the_same_bits(random_model):
+@pytest.mark.parametrize("folded", [True, False])
+def test_chained_kernels_give_the_same_bits(random_model, folded):
     """A layer's kernels launched as programmatic dependents, one of the other (Hopper and
-    later): bit for bit the tokens and logits of kernels that each wait for the one before to
-    end, every decode product on the skinny kernel in both, every small kernel that can be
-    folded into a neighbour folded."""
+    later), each letting the next launch after its own wait or before it (an early chain, its
+    products prefetching whole weight rows): bit for bit the tokens and logits of kernels that
+    each wait for the one before to end, every decode product on the skinny kernel in all,
+    every small kernel that can be folded into a neighbour folded, or none."""
     from hogwild_kernels import pdl
     from hogwild_kernels.skinny import pick
 
-    from hogwild_ray.model.decoder import FOLDS
+    from hogwild_ray.model.decoder import FOLDS, PRODUCTS
 
     if not pdl.supported(torch.device("cuda")):
         pytest.skip("programmatic dependent launch needs compute capability 9 or more")
     path, _ = random_model("qwen3", "yarn")
     runs = {}
-    for chained in (False, True):
+    for chain in ("unchained", "after-wait", "early"):
         engine = hw.HogwildEngine.from_pretrained(path, "cuda", "bfloat16", cache_tokens=8192, cuda_graphs=True)
-        engine.decoder.set_chained(chained)
-        engine.decoder.folds = set(FOLDS)
+        engine.decoder.set_chained(chain != "unchained", early=chain == "early")
+        if chain == "early":
+            engine.decoder.prefetch = dict.fromkeys(PRODUCTS, 1 << 16)
+        engine.decoder.folds = set(FOLDS) if folded else set()
         engine.decoder.products = {key: pick(*key[:2]) for key in engine.decoder.products}
-        runs[chained] = _run(engine, 4, 40)
+        runs[chain] = _run(engine, 4, 40)
         assert engine.graphs.replays >= 15
-    assert runs[True][0] == runs[False][0]
-    for a, b in zip(runs[False][1], runs[True][1]):
-        torch.testing.assert_close(b, a, rtol=0, atol=0, equal_nan=True)
+    for chain in ("after-wait", "early"):
+        assert runs[chain][0] == runs["unchained"][0]
+        for a, b in zip(runs["unchained"][1], runs[chain][1]):
+            torch.testing.assert_close(b, a, rtol=0, atol=0, equal_nan=True)
 
 
 @gpu

@@ -233,9 +233,10 @@ def test_half_precision_on_gpu(dtype, workers, q_heads, kv_heads, head_dim):
     from hogwild_kernels import pdl
 
     if pdl.supported(DEVICE):  # chained: each unit's first keys prefetched into L2 before the wait
-        chained = TritonAttention(ref.inv_freq, 1.0, head_dim**-0.5, kv_heads=kv_heads)
-        chained.chained = True
-        assert torch.equal(chained.attend(q, k_pool, v_pool, chained.prepare(groups, s, s)).float(), got)
+        for mode in (pdl.AFTER_WAIT, pdl.EARLY):  # the merge scheduled after the partials' wait or before it
+            chained = TritonAttention(ref.inv_freq, 1.0, head_dim**-0.5, kv_heads=kv_heads)
+            chained.chained = mode
+            assert torch.equal(chained.attend(q, k_pool, v_pool, chained.prepare(groups, s, s)).float(), got)
 
 
 @pytest.mark.parametrize("workers,q_heads,kv_heads,head_dim,seed", [(3, 8, 2, 64, 11), (5, 10, 2, 32, 12)])
@@ -489,6 +490,10 @@ def test_skinny_products_match_an_fp32_product(dtype, rows, n, k, bias, config):
 
     if pdl.supported(DEVICE):  # chained (a programmatic dependent, weights prefetched): the same bits
         assert torch.equal(skinny_linear(x, w, b, config=config, chained=True), got)
+        # an early chain, whole rows prefetched
+        assert torch.equal(skinny_linear(x, w, b, config=config, chained=pdl.EARLY, prefetch=1 << 16), got)
+    with pytest.raises(ValueError, match="count of bytes"):
+        skinny_linear(x, w, b, config=config, prefetch=-1)
     wide = torch.randn(rows, 2 * k).to(DEVICE, dtype)
     assert not supported(wide, w)
     with pytest.raises(ValueError, match="rows of width"):
@@ -559,9 +564,9 @@ def test_the_mlp_products_stay_on_the_skinny_kernel_with_or_without_the_activati
     calls = []
     real = skinny.skinny_linear
 
-    def spy(x, weight, bias=None, config=None, chained=False, glu=False):
+    def spy(x, weight, bias=None, config=None, chained=False, glu=False, prefetch=0):
         calls.append((tuple(weight.shape), config, glu))
-        return real(x, weight, bias, config=config, chained=chained, glu=glu)
+        return real(x, weight, bias, config=config, chained=chained, glu=glu, prefetch=prefetch)
 
     skinny.skinny_linear = spy
     try:

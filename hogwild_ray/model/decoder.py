@@ -42,6 +42,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 # MLP's SiLU(gate) * up into the gate/up product's epilogue (on the skinny kernel); "qk_norm",
 # Qwen3's q/k norms into the K/V append's launch
 FOLDS = ("norm", "activation", "qk_norm")
+# a decode pass's matrix products, by name (Decoder.prefetch)
+PRODUCTS = ("qkv", "o", "gate_up", "down", "lm_head")
 
 
 class Decoder:
@@ -71,16 +73,23 @@ class Decoder:
         # tensor-parallel shards launch as before: their all-reduces run on NCCL's own stream, and
         # the chain was not checked across them
         self.chained = False
+        # bytes of each weight row a chained product asks the L2 cache for before its wait, by
+        # product (PRODUCTS; missing: the kernel's default)
+        self.prefetch: dict[str, int] = {}
         if self.fused and weights.embed.is_cuda and self.tp is None:
             from hogwild_kernels import pdl
 
             self.set_chained(pdl.supported(weights.embed.device))
 
-    def set_chained(self, on: bool) -> None:
+    def set_chained(self, on: bool, early: bool = False) -> None:
         """Launch the layers' Triton kernels as programmatic dependents, one of the other
         (hogwild_kernels/pdl.py; Hopper and later), the decode products all on the skinny
-        kernel so that they join the chain. Before any CUDA graph is captured."""
-        self.chained = self.attention.chained = on
+        kernel so that they join the chain. early: each kernel lets the next launch before its
+        own wait (pdl.EARLY), so a product's programs can pull their weights into the L2 cache
+        through the whole of the kernel before. Before any CUDA graph is captured."""
+        from hogwild_kernels.pdl import AFTER_WAIT, EARLY
+
+        self.chained = self.attention.chained = (EARLY if early else AFTER_WAIT) if on else False
 
     def _weights_by_shape(self, copies: int = 4) -> dict[tuple[int, int], list[torch.Tensor]]:
         """Each decode product's weight shape, with a few layers' weights of it."""
@@ -94,10 +103,10 @@ class Decoder:
         return out
 
     def _linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                glu: bool = False) -> torch.Tensor:
+                glu: bool = False, name: str = "") -> torch.Tensor:
         """F.linear(x, weight, bias); glu: the weight is [gate; up] and the result SiLU(gate) * up
         of the product: fused.silu_mul after it, or, folded ("activation" in folds), in the skinny
-        kernel's epilogue."""
+        kernel's epilogue. name: the product's, for its prefetch (self.prefetch)."""
         if self.products:
             from hogwild_kernels.skinny import bucket, skinny_linear, supported
 
@@ -106,7 +115,7 @@ class Decoder:
                 if config is not None or self.chained:
                     fold = glu and "activation" in self.folds  # then the epilogue's own launch shape
                     out = skinny_linear(x, weight, bias, config=None if fold else config, chained=self.chained,
-                                        glu=fold)
+                                        glu=fold, prefetch=self.prefetch.get(name, 0))
                     return self._activation(out) if glu and not fold else out
         out = F.linear(x, weight, bias)
         return self._activation(out) if glu else out
@@ -132,7 +141,7 @@ class Decoder:
         return x, rms_norm(x, weight, self.spec.rms_eps)
 
     def _norm_linear(self, x: torch.Tensor, delta: torch.Tensor | None, norm_weight: torch.Tensor,
-                     weight: torch.Tensor, bias: torch.Tensor | None = None, glu: bool = False
+                     weight: torch.Tensor, bias: torch.Tensor | None = None, glu: bool = False, name: str = ""
                      ) -> tuple[torch.Tensor, torch.Tensor]:
         """(the product of RMSNorm(x + delta), x + delta): a block's input projection and the
         residual stream; for a few rows on the skinny kernel in one launch (the norm folded into
@@ -148,13 +157,13 @@ class Decoder:
                                                 None if fold else config, self.chained, glu=fold)
                     return (self._activation(out) if glu and not fold else out), x
         x, h = self._add_norm(x, delta, norm_weight)
-        return self._linear(h, weight, bias, glu), x
+        return self._linear(h, weight, bias, glu, name), x
 
     def _attention_block(self, lw: LayerWeights, x: torch.Tensor, delta: torch.Tensor | None, meta: PassMeta,
                          cache: KVPool, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(the attention block's output, the residual stream with the last block's delta added)."""
         s = self.spec
-        qkv, x = self._norm_linear(x, delta, lw.ln_attn, lw.w_qkv, lw.b_qkv)
+        qkv, x = self._norm_linear(x, delta, lw.ln_attn, lw.w_qkv, lw.b_qkv, name="qkv")
         q_size, kv_size = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         q = q.view(-1, s.num_heads, s.head_dim)
@@ -175,7 +184,7 @@ class Decoder:
             self.attention.append(cache.k[layer], cache.v[layer], k, v, meta)
         o = self.attention.attend(q, cache.k[layer], cache.v[layer], meta)
         if self.tp is None:
-            return self._linear(o.reshape(x.shape[0], -1), lw.w_o, lw.b_o), x
+            return self._linear(o.reshape(x.shape[0], -1), lw.w_o, lw.b_o, name="o"), x
         out = self.tp.all_reduce(self._linear(o.reshape(x.shape[0], -1), lw.w_o))
         return (out if lw.b_o is None else out + lw.b_o), x  # the bias once, after the sum
 
@@ -189,15 +198,15 @@ class Decoder:
         return self.tp.all_reduce(x)
 
     def _lm_head(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self._linear(x, self.w.lm_head)
+        logits = self._linear(x, self.w.lm_head, name="lm_head")
         if self.tp is None:
             return logits.to(torch.float32)
         return self.tp.all_gather_last_dim(logits)[:, :self.spec.vocab_size].to(torch.float32)
 
     def _mlp_block(self, lw: LayerWeights, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(the MLP block's output, the residual stream with the attention's delta added)."""
-        act, x = self._norm_linear(x, delta, lw.ln_mlp, lw.w_gate_up, glu=True)
-        out = self._linear(act, lw.w_down)
+        act, x = self._norm_linear(x, delta, lw.ln_mlp, lw.w_gate_up, glu=True, name="gate_up")
+        out = self._linear(act, lw.w_down, name="down")
         return (out if self.tp is None else self.tp.all_reduce(out)), x
 
     @torch.inference_mode()

@@ -122,14 +122,18 @@ def supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                  config: tuple[int, int, int, int] | None = None, chained: bool = False,
-                  glu: bool = False) -> torch.Tensor:
+                  config: tuple[int, int, int, int] | None = None, chained: int = False,
+                  glu: bool = False, prefetch: int = 0) -> torch.Tensor:
     """F.linear(x, weight, bias) for x of at most MAX_ROWS rows: [M, K] @ [N, K]^T -> [M, N].
-    chained: launched as a programmatic dependent of the kernel before it (pdl.py). glu: the
-    weight is [gate; up] (N even) and the result fused.silu_mul of the product, [M, N / 2]."""
+    chained: launched as a programmatic dependent of the kernel before it (pdl.py: a chain
+    mode). glu: the weight is [gate; up] (N even) and the result fused.silu_mul of the
+    product, [M, N / 2]. prefetch: bytes of each weight row a chained launch asks the L2
+    cache for before its wait (0: PREFETCH_BYTES)."""
     if x.shape[1] != weight.shape[1]:
         raise ValueError(f"rows of width {x.shape[1]} for a weight of width {weight.shape[1]}")
-    return _product(x, weight, bias, config, chained, glu)
+    if prefetch < 0:
+        raise ValueError(f"prefetch takes a count of bytes, 0 or more; got {prefetch}")
+    return _product(x, weight, bias, config, chained, glu, prefetch)
 
 
 NORM_ROWS = 4  # a product takes the norm before it in its loads for passes of up to this many rows
@@ -152,14 +156,15 @@ def skinny_norm_linear(x: torch.Tensor, delta: torch.Tensor | None, norm_weight:
         raise ValueError(f"skinny_norm_linear takes at most {NORM_ROWS} contiguous half-precision rows of the "
                          f"weight's width, and a delta of their shape; got x {tuple(x.shape)}")
     total = x if delta is None else torch.empty_like(x)
-    out = _product(x, weight, bias, config, chained, glu, d_ptr=x if delta is None else delta,
+    out = _product(x, weight, bias, config, chained, glu, 0, d_ptr=x if delta is None else delta,
                    nw_ptr=norm_weight, sum_ptr=total, eps=eps, NORM_ROWS=NORM_ROWS, KP=triton.next_power_of_2(k),
                    HAS_DELTA=delta is not None)
     return out, total
 
 
 def _product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-             config: tuple[int, int, int, int] | None, chained: bool, glu: bool, **prologue) -> torch.Tensor:
+             config: tuple[int, int, int, int] | None, chained: int, glu: bool, prefetch: int,
+             **prologue) -> torch.Tensor:
     """Launches _skinny_kernel over the output's strips; prologue: the input's own arguments."""
     m, k, n = x.shape[0], weight.shape[1], weight.shape[0]
     if glu and n % 2:
@@ -170,7 +175,7 @@ def _product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     _skinny_kernel[(triton.cdiv(out_n, block_n),)](
         x, weight, bias if bias is not None else weight, out, m, out_n, x.stride(0), weight.stride(0), out.stride(0),
         K=k, BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0,
-        CHAINED=chained, PREFETCH=_prefetch_lines(k, weight.element_size()) if chained else 0, GLU=glu,
+        CHAINED=chained, PREFETCH=_prefetch_lines(k, weight.element_size(), prefetch) if chained else 0, GLU=glu,
         num_warps=warps, num_stages=stages, **prologue, **launch(chained))
     return out
 
@@ -178,9 +183,10 @@ def _product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
 PREFETCH_BYTES = 2048  # of each weight row, requested while the kernel before runs (chained)
 
 
-def _prefetch_lines(k: int, element_size: int) -> int:
-    """128-byte lines of a row to prefetch: a power of two, within the row."""
-    lines = min(PREFETCH_BYTES, k * element_size) // 128
+def _prefetch_lines(k: int, element_size: int, nbytes: int = 0) -> int:
+    """128-byte lines of a row to prefetch (nbytes, or PREFETCH_BYTES): a power of two, within
+    the row."""
+    lines = min(nbytes or PREFETCH_BYTES, k * element_size) // 128
     return 1 << (lines.bit_length() - 1) if lines else 0
 
 

@@ -124,9 +124,11 @@ def _rope_shift_partial_kernel(
         at = (page.to(tl.int64) * stride_kpage + (first % PAGE) * stride_ktok + h * stride_kh)[:, None] + line[None, :]
         prefetch_l2(k_ptr + at)
         prefetch_l2(v_ptr + at)
+    if PDL and CHAINED == 2:  # an early chain (pdl.py): the merge may be scheduled before the wait
+        tl.extra.cuda.gdc_launch_dependents()
     if CHAINED:
         tl.extra.cuda.gdc_wait()
-    if PDL:  # the merge may be scheduled now; it waits for this grid's stores before it reads
+    if PDL and CHAINED != 2:  # the merge may be scheduled now; it waits for this grid's stores before it reads
         tl.extra.cuda.gdc_launch_dependents()
 
     m = tl.arange(0, BLOCK_M)
@@ -201,10 +203,12 @@ def _merge_partials_kernel(
 
     PDL: launched as a programmatic dependent of the partial kernel, so its launch overlaps
     that kernel's tail; it waits for the partials before touching them. CHAINED: then lets the
-    kernel after it launch (pdl.py)."""
+    kernel after it launch (pdl.py; before the wait in an EARLY chain)."""
+    if CHAINED == 2:  # an early chain (pdl.py): the product after it may be resident through the partials
+        tl.extra.cuda.gdc_launch_dependents()
     if PDL:
         tl.extra.cuda.gdc_wait()
-    if CHAINED:
+    if CHAINED and CHAINED != 2:
         tl.extra.cuda.gdc_launch_dependents()
     t = tl.program_id(0)
     head = tl.program_id(1)
