@@ -16,7 +16,9 @@ side by side (one engine each).
 launch after or before their own wait (hogwild_kernels/pdl.py; the last: the K/V append's
 and the attention's kernels only), and `--prefetch default,o=8192+qkv=4096` with
 each product's weight rows prefetched that far into the L2 cache before its wait
-(hogwild_ray.model.decoder.PRODUCTS, or `all`), side by side (one engine each).
+(hogwild_ray.model.decoder.PRODUCTS, or `all`; `merge=N`: N bytes of the output projection's
+weight asked for by the attention's merge while the partials run), side by side (one engine
+each).
 `--host-profile` adds the host's
 hottest functions over more steps (cProfile, after the timed ones).
 
@@ -170,14 +172,16 @@ CHAINS = ("after-wait", "early", "early-attention")
 
 
 def prefetch_setting(text: str) -> dict[str, int]:
-    """'default' -> {}; 'o=8192+qkv=4096' -> bytes per weight row by product ('all': every one)."""
+    """'default' -> {}; 'o=8192+qkv=4096' -> bytes per weight row by product ('all': every one);
+    'merge=N': N bytes of the output projection's weight prefetched by the attention's merge."""
     if text == "default":
         return {}
     out: dict[str, int] = {}
     for part in text.split("+"):
         name, _, value = part.partition("=")
-        if name not in (*PRODUCTS, "all") or not value.isdigit():
-            raise ValueError(f"--prefetch: {part!r} is not PRODUCT=BYTES; products: {', '.join(PRODUCTS)} or all")
+        if name not in (*PRODUCTS, "all", "merge") or not value.isdigit():
+            raise ValueError(f"--prefetch: {part!r} is not PRODUCT=BYTES; products: {', '.join(PRODUCTS)}, all "
+                             "or merge")
         out.update({p: int(value) for p in (PRODUCTS if name == "all" else (name,))})
     return out
 
@@ -201,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
                         "lets the next launch")
     p.add_argument("--prefetch", default="default",
                    help="default, or PRODUCT=BYTES joined by '+' (products: qkv, o, gate_up, down, lm_head, all): "
-                        "weight bytes a row a chained product prefetches; several, comma-separated")
+                        "weight bytes a row a chained product prefetches (merge=N: N bytes of the output "
+                        "projection's weight, by the attention's merge); several, comma-separated")
     p.add_argument("--host-profile", action="store_true", help="also profile the host's work (cProfile)")
     p.add_argument("--launch-ahead", default="on",
                    help="on: each pass launched right behind the last one, fed its samples on the device "
@@ -247,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
             engine.decoder.set_chained(True, early=True)
         elif engine.decoder.chained and chain == "early-attention":  # the K/V append and both attention kernels
             engine.decoder.attention.chained = EARLY
-        engine.decoder.prefetch = prefetch_bytes
+        engine.decoder.prefetch = {k: v for k, v in prefetch_bytes.items() if k != "merge"}
+        engine.decoder.attention.next_weight_bytes = prefetch_bytes.get("merge", 0)
         if setting not in ("on", "unchained"):
             engine.decoder.products = {}
         if fold != "default":

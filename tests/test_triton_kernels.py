@@ -237,6 +237,10 @@ def test_half_precision_on_gpu(dtype, workers, q_heads, kv_heads, head_dim):
             chained = TritonAttention(ref.inv_freq, 1.0, head_dim**-0.5, kv_heads=kv_heads)
             chained.chained = mode
             assert torch.equal(chained.attend(q, k_pool, v_pool, chained.prepare(groups, s, s)).float(), got)
+            # the merge prefetching the weight read next: a hint, the same bits
+            chained.next_weight_bytes = 1 << 30
+            meta = chained.prepare(groups, s, s)
+            assert torch.equal(chained.attend(q, k_pool, v_pool, meta, next_weight=k_pool).float(), got)
 
 
 @pytest.mark.parametrize("workers,q_heads,kv_heads,head_dim,seed", [(3, 8, 2, 64, 11), (5, 10, 2, 32, 12)])

@@ -182,7 +182,7 @@ class Decoder:
                 q = self._add_norm(q, None, lw.q_norm)[1]
                 k = self._add_norm(k, None, lw.k_norm)[1]
             self.attention.append(cache.k[layer], cache.v[layer], k, v, meta)
-        o = self.attention.attend(q, cache.k[layer], cache.v[layer], meta)
+        o = self.attention.attend(q, cache.k[layer], cache.v[layer], meta, next_weight=lw.w_o)
         if self.tp is None:
             return self._linear(o.reshape(x.shape[0], -1), lw.w_o, lw.b_o, name="o"), x
         out = self.tp.all_reduce(self._linear(o.reshape(x.shape[0], -1), lw.w_o))
