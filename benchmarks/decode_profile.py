@@ -17,8 +17,8 @@ launch after or before their own wait (hogwild_kernels/pdl.py; the last: the K/V
 and the attention's kernels only), and `--prefetch default,o=8192+qkv=4096` with
 each product's weight rows prefetched that far into the L2 cache before its wait
 (hogwild_ray.model.decoder.PRODUCTS, or `all`; `merge=N`: N bytes of the output projection's
-weight asked for by the attention's merge while the partials run), side by side (one engine
-each).
+weight asked for by the attention's merge while the partials run; `keys=N`: the keys of its
+unit each attention program asks for before its wait), side by side (one engine each).
 `--host-profile` adds the host's
 hottest functions over more steps (cProfile, after the timed ones).
 
@@ -173,15 +173,18 @@ CHAINS = ("after-wait", "early", "early-attention")
 
 def prefetch_setting(text: str) -> dict[str, int]:
     """'default' -> {}; 'o=8192+qkv=4096' -> bytes per weight row by product ('all': every one);
-    'merge=N': N bytes of the output projection's weight prefetched by the attention's merge."""
+    'merge=N': N bytes of the output projection's weight prefetched by the attention's merge;
+    'keys=N': the keys of its unit each attention program prefetches (a power of two)."""
     if text == "default":
         return {}
     out: dict[str, int] = {}
     for part in text.split("+"):
         name, _, value = part.partition("=")
-        if name not in (*PRODUCTS, "all", "merge") or not value.isdigit():
-            raise ValueError(f"--prefetch: {part!r} is not PRODUCT=BYTES; products: {', '.join(PRODUCTS)}, all "
-                             "or merge")
+        if name not in (*PRODUCTS, "all", "merge", "keys") or not value.isdigit():
+            raise ValueError(f"--prefetch: {part!r} is not PRODUCT=BYTES; products: {', '.join(PRODUCTS)}, all, "
+                             "merge or keys")
+        if name == "keys" and (int(value) < 1 or int(value) & (int(value) - 1)):
+            raise ValueError(f"--prefetch: keys={value}: the keys a program prefetches are a power of two")
         out.update({p: int(value) for p in (PRODUCTS if name == "all" else (name,))})
     return out
 
@@ -206,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefetch", default="default",
                    help="default, or PRODUCT=BYTES joined by '+' (products: qkv, o, gate_up, down, lm_head, all): "
                         "weight bytes a row a chained product prefetches (merge=N: N bytes of the output "
-                        "projection's weight, by the attention's merge); several, comma-separated")
+                        "projection's weight, by the attention's merge; keys=N: keys a partial program prefetches); "
+                        "several, comma-separated")
     p.add_argument("--host-profile", action="store_true", help="also profile the host's work (cProfile)")
     p.add_argument("--launch-ahead", default="on",
                    help="on: each pass launched right behind the last one, fed its samples on the device "
@@ -252,8 +256,10 @@ def main(argv: list[str] | None = None) -> int:
             engine.decoder.set_chained(True, early=True)
         elif engine.decoder.chained and chain == "early-attention":  # the K/V append and both attention kernels
             engine.decoder.attention.chained = EARLY
-        engine.decoder.prefetch = {k: v for k, v in prefetch_bytes.items() if k != "merge"}
+        engine.decoder.prefetch = {k: v for k, v in prefetch_bytes.items() if k in PRODUCTS}
         engine.decoder.attention.next_weight_bytes = prefetch_bytes.get("merge", 0)
+        if "keys" in prefetch_bytes:
+            engine.decoder.attention.prefetch_keys = prefetch_bytes["keys"]
         if setting not in ("on", "unchained"):
             engine.decoder.products = {}
         if fold != "default":

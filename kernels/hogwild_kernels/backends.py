@@ -184,6 +184,8 @@ class TritonAttention:
         # bytes of the weight read after the attention (attend's next_weight) that a chained merge
         # asks the L2 cache for while the partials run; 0: none
         self.next_weight_bytes = 0
+        # keys of its unit a chained partial program asks the L2 cache for before its wait (a power of two)
+        self.prefetch_keys = PREFETCH_KEYS
         knobs = {"num_warps": num_warps, "num_stages": num_stages}
         # knobs given override the per-launch defaults (attend) one by one
         self.launch = {} if interpret else {k: v for k, v in knobs.items() if v is not None}
@@ -330,7 +332,7 @@ class TritonAttention:
                 PAGE=k_pool.shape[1], REP=rep, BLOCK_R=block_r, BLOCK_M=block_m,
                 HALF=d // 2, HALFP=max(16, _next_pow2(d // 2)), BLOCK_N=self.long_block_n if long else self.block_n,
                 IEEE=q.dtype == torch.float32, LOOP_WHILE=self.interpret, PDL=pdl, CHAINED=self.chained,
-                PREFETCH_KEYS=PREFETCH_KEYS if self.chained else 0,
+                PREFETCH_KEYS=self.prefetch_keys if self.chained else 0,
                 KV_LINES=_next_pow2(-(-d * k_pool.element_size() // 128)),
                 **launch, **pdl_launch(self.chained),
             )
