@@ -12,13 +12,10 @@ engine chains a layer's kernels and runs every decode product on the skinny kern
 `--folds default,none,all,norm,activation,qk_norm+norm` runs each setting with the small
 kernels the decoder folds into their neighbours (hogwild_ray.model.decoder.FOLDS) as named,
 side by side (one engine each).
-`--chain after-wait,early,early-attention` runs the chained kernels letting the next one
-launch after or before their own wait (hogwild_kernels/pdl.py; the last: the K/V append's
-and the attention's kernels only), and `--prefetch default,o=8192+qkv=4096` with
-each product's weight rows prefetched that far into the L2 cache before its wait
-(hogwild_ray.model.decoder.PRODUCTS, or `all`; `merge=N`: N bytes of the output projection's
-weight asked for by the attention's merge while the partials run; `keys=N`: the keys of its
-unit each attention program asks for before its wait), side by side (one engine each).
+`--prefetch default,all=2048,o=8192+qkv=1024` runs the chained products with their weight
+rows prefetched that far into the L2 cache before their wait (hogwild_ray.model.decoder.PRODUCTS,
+or `all`; `keys=N`: the keys of its unit each attention program asks for before its wait),
+side by side (one engine each).
 `--host-profile` adds the host's
 hottest functions over more steps (cProfile, after the timed ones).
 
@@ -40,8 +37,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 import common  # noqa: E402
 import scaling_runs  # noqa: E402
 from bandwidth import measure as measure_bandwidth  # noqa: E402
-
-from hogwild_kernels.pdl import EARLY  # noqa: E402
 
 import hogwild_ray as hw  # noqa: E402
 from hogwild_ray.cli.common import at_least  # noqa: E402
@@ -168,21 +163,17 @@ def host_split(engine, step, steps: int) -> dict[str, float]:
             "host_exposed_ms": med([w for w in waits if w is not None])}
 
 
-CHAINS = ("after-wait", "early", "early-attention")
-
-
 def prefetch_setting(text: str) -> dict[str, int]:
     """'default' -> {}; 'o=8192+qkv=4096' -> bytes per weight row by product ('all': every one);
-    'merge=N': N bytes of the output projection's weight prefetched by the attention's merge;
     'keys=N': the keys of its unit each attention program prefetches (a power of two)."""
     if text == "default":
         return {}
     out: dict[str, int] = {}
     for part in text.split("+"):
         name, _, value = part.partition("=")
-        if name not in (*PRODUCTS, "all", "merge", "keys") or not value.isdigit():
-            raise ValueError(f"--prefetch: {part!r} is not PRODUCT=BYTES; products: {', '.join(PRODUCTS)}, all, "
-                             "merge or keys")
+        if name not in (*PRODUCTS, "all", "keys") or not value.isdigit():
+            raise ValueError(f"--prefetch: {part!r} is not PRODUCT=BYTES; products: {', '.join(PRODUCTS)}, all "
+                             "or keys")
         if name == "keys" and (int(value) < 1 or int(value) & (int(value) - 1)):
             raise ValueError(f"--prefetch: keys={value}: the keys a program prefetches are a power of two")
         out.update({p: int(value) for p in (PRODUCTS if name == "all" else (name,))})
@@ -203,14 +194,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="on, off, unchained (on, without the PDL chain) or several (the decode products' kernel)")
     p.add_argument("--folds", default="default",
                    help="default (the engine's), none, all, or FOLDS joined by '+'; several, comma-separated")
-    p.add_argument("--chain", default="after-wait",
-                   help="after-wait (the engine's), early, early-attention, or several: when a chained kernel "
-                        "lets the next launch")
     p.add_argument("--prefetch", default="default",
                    help="default, or PRODUCT=BYTES joined by '+' (products: qkv, o, gate_up, down, lm_head, all): "
-                        "weight bytes a row a chained product prefetches (merge=N: N bytes of the output "
-                        "projection's weight, by the attention's merge; keys=N: keys a partial program prefetches); "
-                        "several, comma-separated")
+                        "weight bytes a row a chained product prefetches (keys=N: keys a partial program "
+                        "prefetches); several, comma-separated")
     p.add_argument("--host-profile", action="store_true", help="also profile the host's work (cProfile)")
     p.add_argument("--launch-ahead", default="on",
                    help="on: each pass launched right behind the last one, fed its samples on the device "
@@ -227,9 +214,6 @@ def main(argv: list[str] | None = None) -> int:
     folds = args.folds.split(",")
     if unknown := {f for fold in folds if fold not in ("default", "none", "all") for f in fold.split("+")} - set(FOLDS):
         p.error(f"--folds: unknown fold(s) {sorted(unknown)}; choose from default, none, all or {', '.join(FOLDS)}")
-    chains = args.chain.split(",")
-    if unknown := set(chains) - set(CHAINS):
-        p.error(f"--chain: unknown setting(s) {sorted(unknown)}; choose from {', '.join(CHAINS)}")
     try:
         prefetches = [(text, prefetch_setting(text)) for text in args.prefetch.split(",")]
     except ValueError as e:
@@ -243,8 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     floor = measure_bandwidth(dev)
     model = scaling_runs.Model(f"random:{args.shape}", dev, torch.bfloat16)
     rows = []
-    for setting, fold, chain, (prefetch, prefetch_bytes) in [
-            (s, f, c, pf) for s in settings for f in folds for c in chains for pf in prefetches]:
+    for setting, fold, (prefetch, prefetch_bytes) in [(s, f, pf) for s in settings for f in folds for pf in prefetches]:
         engine = hw.HogwildEngine.from_pretrained(model.path, dev, torch.bfloat16, cuda_graphs=True,
                                                   cache_tokens=args.sessions * (max(args.workers) * 512
                                                                                 + args.view + 4096))
@@ -252,12 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         chosen = {f"{n}x{k} rows<={r}": str(c) for (n, k, r), c in engine.decoder.products.items()}
         if setting == "unchained":  # each kernel waits for the one before to end (no PDL chain)
             engine.decoder.set_chained(False)
-        elif engine.decoder.chained and chain == "early":
-            engine.decoder.set_chained(True, early=True)
-        elif engine.decoder.chained and chain == "early-attention":  # the K/V append and both attention kernels
-            engine.decoder.attention.chained = EARLY
         engine.decoder.prefetch = {k: v for k, v in prefetch_bytes.items() if k in PRODUCTS}
-        engine.decoder.attention.next_weight_bytes = prefetch_bytes.get("merge", 0)
         if "keys" in prefetch_bytes:
             engine.decoder.attention.prefetch_keys = prefetch_bytes["keys"]
         if setting not in ("on", "unchained"):
@@ -268,12 +246,12 @@ def main(argv: list[str] | None = None) -> int:
         for w in args.workers:
             for ahead in aheads:
                 engine.executor.prelaunch = ahead == "on"
-                r = {"skinny": setting, "folds": fold, "chain": chain, "prefetch": prefetch, "launch_ahead": ahead,
+                r = {"skinny": setting, "folds": fold, "prefetch": prefetch, "launch_ahead": ahead,
                      **measure(engine, model, w, args, floor.value)}
                 r["products"] = "cuBLAS" if setting == "off" else chosen
                 r["chained"] = engine.decoder.chained
                 rows.append(r)
-                print(f"skinny {setting}, folds {fold}, chain {chain}, prefetch {prefetch}, launch ahead {ahead}, "
+                print(f"skinny {setting}, folds {fold}, prefetch {prefetch}, launch ahead {ahead}, "
                       f"{args.sessions} x {w} workers: step "
                       f"{r['step_ms']:.2f} ms, GPU {r['gpu_ms']:.2f} ms, roofline {r['roofline_ms']:.2f} ms "
                       f"(x{r['x_roofline']:.2f}), host {r['host_pct']:.1f}%, {r['kernels_per_pass']} kernels; "
@@ -285,16 +263,16 @@ def main(argv: list[str] | None = None) -> int:
     name = common.device_name(dev)
     common.print_table(f"Decode step, random:{args.shape} bf16, {args.view}-token view, {name}, bandwidth "
                        f"{floor.gbs:.0f} GB/s",
-                       ["skinny", "folds", "chain", "prefetch", "launch ahead", "workers", "step ms", "GPU ms",
+                       ["skinny", "folds", "prefetch", "launch ahead", "workers", "step ms", "GPU ms",
                         "roofline ms", "x roofline", "GPU x roofline", "host %", "device waits ms", "kernels"],
-                       [[r["skinny"], r["folds"], r["chain"], r["prefetch"], r["launch_ahead"], str(r["workers"]),
+                       [[r["skinny"], r["folds"], r["prefetch"], r["launch_ahead"], str(r["workers"]),
                          f"{r['step_ms']:.2f}",
                          f"{r['gpu_ms']:.2f}", f"{r['roofline_ms']:.2f}", f"{r['x_roofline']:.2f}",
                          f"{r['gpu_x_roofline']:.2f}", f"{r['host_pct']:.1f}", f"{r['host_exposed_ms']:.3f}",
                          str(r["kernels_per_pass"])] for r in rows])
     for r in rows:
         top = sorted(r["kernel_us"].items(), key=lambda kv: -kv[1])[:14]
-        common.print_table(f"kernels of one pass: skinny {r['skinny']}, folds {r['folds']}, chain {r['chain']}, "
+        common.print_table(f"kernels of one pass: skinny {r['skinny']}, folds {r['folds']}, "
                            f"prefetch {r['prefetch']}, launch ahead "
                            f"{r['launch_ahead']}, "
                            f"{r['workers']} workers "
@@ -307,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
             "weight_bytes_read_per_step": model.weight_bytes, "versions": common.versions()}
     flat = [{k: v for k, v in r.items() if k not in ("kernel_us", "host_top")} for r in rows]
     common.write_results(stem, meta, flat, {"kernels": [
-        {k: r[k] for k in ("skinny", "folds", "chain", "prefetch", "launch_ahead", "workers", "kernel_us", "host_top")}
+        {k: r[k] for k in ("skinny", "folds", "prefetch", "launch_ahead", "workers", "kernel_us", "host_top")}
         for r in rows]})
     plot(rows, Path(f"{stem}.png"), f"Decode step vs roofline, random:{args.shape}, {args.view} view, {name}")
     print(f"wrote {stem}.csv, .json and .png")
@@ -321,7 +299,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4))
-    labels = [f"{r['workers']}w {r['skinny']}, folds {r['folds']}, {r['chain']}, pf {r['prefetch']}" for r in rows]
+    labels = [f"{r['workers']}w {r['skinny']}, folds {r['folds']}, prefetch {r['prefetch']}" for r in rows]
     xs = range(len(rows))
     ax.bar([x - 0.27 for x in xs], [r["step_ms"] for r in rows], 0.27, label="step (wall)")
     ax.bar(list(xs), [r["gpu_ms"] for r in rows], 0.27, label="GPU (graph replay)")

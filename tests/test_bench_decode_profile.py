@@ -19,18 +19,16 @@ def test_prefetch_settings_name_products_and_bytes():
     assert prefetch_setting("default") == {}
     assert prefetch_setting("o=8192+qkv=4096") == {"o": 8192, "qkv": 4096}
     assert prefetch_setting("all=4096+o=8192") == {**dict.fromkeys(PRODUCTS, 4096), "o": 8192}
-    assert prefetch_setting("merge=33554432") == {"merge": 33554432}
-    assert prefetch_setting("keys=512+merge=1") == {"keys": 512, "merge": 1}
+    assert prefetch_setting("keys=512+o=128") == {"keys": 512, "o": 128}
     for bad in ("keys=0", "keys=96"):
         with pytest.raises(ValueError, match="power of two"):
             prefetch_setting(bad)
-    for bad in ("o", "o=", "o=-1", "o=big", "attention=4096", ""):
+    for bad in ("o", "o=", "o=-1", "o=big", "merge=4096", ""):
         with pytest.raises(ValueError, match="PRODUCT=BYTES"):
             prefetch_setting(bad)
 
 
-@pytest.mark.parametrize("args, named", [(["--chain", "soon"], "--chain: unknown setting(s) ['soon']"),
-                                         (["--prefetch", "default,o=x"], "'o=x' is not PRODUCT=BYTES"),
+@pytest.mark.parametrize("args, named", [(["--prefetch", "default,o=x"], "'o=x' is not PRODUCT=BYTES"),
                                          (["--skinny", "fast"], "--skinny: unknown setting(s) ['fast']")])
 def test_bad_settings_are_refused_by_name_before_anything_runs(capsys, args, named):
     import decode_profile

@@ -202,10 +202,10 @@ def test_passes_with_chunks_replay_graphs_of_their_own(random_model):
 @pytest.mark.parametrize("folded", [True, False])
 def test_chained_kernels_give_the_same_bits(random_model, folded):
     """A layer's kernels launched as programmatic dependents, one of the other (Hopper and
-    later), each letting the next launch after its own wait or before it (an early chain, its
-    products prefetching whole weight rows): bit for bit the tokens and logits of kernels that
-    each wait for the one before to end, every decode product on the skinny kernel in all,
-    every small kernel that can be folded into a neighbour folded, or none."""
+    later), with the default prefetch or whole weight rows and units prefetched: bit for bit the
+    tokens and logits of kernels that each wait for the one before to end, every decode product
+    on the skinny kernel in all, every small kernel that can be folded into a neighbour folded,
+    or none."""
     from hogwild_kernels import pdl
     from hogwild_kernels.skinny import pick
 
@@ -215,17 +215,17 @@ def test_chained_kernels_give_the_same_bits(random_model, folded):
         pytest.skip("programmatic dependent launch needs compute capability 9 or more")
     path, _ = random_model("qwen3", "yarn")
     runs = {}
-    for chain in ("unchained", "after-wait", "early"):
+    for chain in ("unchained", "chained", "chained, prefetching more"):
         engine = hw.HogwildEngine.from_pretrained(path, "cuda", "bfloat16", cache_tokens=8192, cuda_graphs=True)
-        engine.decoder.set_chained(chain != "unchained", early=chain == "early")
-        if chain == "early":  # whole weight rows, and the output projection's weight by the merge
+        engine.decoder.set_chained(chain != "unchained")
+        if chain == "chained, prefetching more":
             engine.decoder.prefetch = dict.fromkeys(PRODUCTS, 1 << 16)
-            engine.decoder.attention.next_weight_bytes = 1 << 30
+            engine.decoder.attention.prefetch_keys = 512
         engine.decoder.folds = set(FOLDS) if folded else set()
         engine.decoder.products = {key: pick(*key[:2]) for key in engine.decoder.products}
         runs[chain] = _run(engine, 4, 40)
         assert engine.graphs.replays >= 15
-    for chain in ("after-wait", "early"):
+    for chain in ("chained", "chained, prefetching more"):
         assert runs[chain][0] == runs["unchained"][0]
         for a, b in zip(runs["unchained"][1], runs[chain][1]):
             torch.testing.assert_close(b, a, rtol=0, atol=0, equal_nan=True)

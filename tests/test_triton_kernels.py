@@ -233,14 +233,11 @@ def test_half_precision_on_gpu(dtype, workers, q_heads, kv_heads, head_dim):
     from hogwild_kernels import pdl
 
     if pdl.supported(DEVICE):  # chained: each unit's first keys prefetched into L2 before the wait
-        for mode in (pdl.AFTER_WAIT, pdl.EARLY):  # the merge scheduled after the partials' wait or before it
-            chained = TritonAttention(ref.inv_freq, 1.0, head_dim**-0.5, kv_heads=kv_heads)
-            chained.chained = mode
-            assert torch.equal(chained.attend(q, k_pool, v_pool, chained.prepare(groups, s, s)).float(), got)
-            # the merge prefetching the weight read next: a hint, the same bits
-            chained.next_weight_bytes = 1 << 30
-            meta = chained.prepare(groups, s, s)
-            assert torch.equal(chained.attend(q, k_pool, v_pool, meta, next_weight=k_pool).float(), got)
+        chained = TritonAttention(ref.inv_freq, 1.0, head_dim**-0.5, kv_heads=kv_heads)
+        chained.chained = True
+        assert torch.equal(chained.attend(q, k_pool, v_pool, chained.prepare(groups, s, s)).float(), got)
+        chained.prefetch_keys = 512  # whole units asked for before the wait: the same bits
+        assert torch.equal(chained.attend(q, k_pool, v_pool, chained.prepare(groups, s, s)).float(), got)
 
 
 @pytest.mark.parametrize("workers,q_heads,kv_heads,head_dim,seed", [(3, 8, 2, 64, 11), (5, 10, 2, 32, 12)])
@@ -494,8 +491,9 @@ def test_skinny_products_match_an_fp32_product(dtype, rows, n, k, bias, config):
 
     if pdl.supported(DEVICE):  # chained (a programmatic dependent, weights prefetched): the same bits
         assert torch.equal(skinny_linear(x, w, b, config=config, chained=True), got)
-        # an early chain, whole rows prefetched
-        assert torch.equal(skinny_linear(x, w, b, config=config, chained=pdl.EARLY, prefetch=1 << 16), got)
+        # whole rows prefetched, or one line
+        assert torch.equal(skinny_linear(x, w, b, config=config, chained=True, prefetch=1 << 16), got)
+        assert torch.equal(skinny_linear(x, w, b, config=config, chained=True, prefetch=128), got)
     with pytest.raises(ValueError, match="count of bytes"):
         skinny_linear(x, w, b, config=config, prefetch=-1)
     wide = torch.randn(rows, 2 * k).to(DEVICE, dtype)

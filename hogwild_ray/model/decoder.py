@@ -81,15 +81,11 @@ class Decoder:
 
             self.set_chained(pdl.supported(weights.embed.device))
 
-    def set_chained(self, on: bool, early: bool = False) -> None:
+    def set_chained(self, on: bool) -> None:
         """Launch the layers' Triton kernels as programmatic dependents, one of the other
         (hogwild_kernels/pdl.py; Hopper and later), the decode products all on the skinny
-        kernel so that they join the chain. early: each kernel lets the next launch before its
-        own wait (pdl.EARLY), so a product's programs can pull their weights into the L2 cache
-        through the whole of the kernel before. Before any CUDA graph is captured."""
-        from hogwild_kernels.pdl import AFTER_WAIT, EARLY
-
-        self.chained = self.attention.chained = (EARLY if early else AFTER_WAIT) if on else False
+        kernel so that they join the chain. Before any CUDA graph is captured."""
+        self.chained = self.attention.chained = on
 
     def _weights_by_shape(self, copies: int = 4) -> dict[tuple[int, int], list[torch.Tensor]]:
         """Each decode product's weight shape, with a few layers' weights of it."""
@@ -182,7 +178,7 @@ class Decoder:
                 q = self._add_norm(q, None, lw.q_norm)[1]
                 k = self._add_norm(k, None, lw.k_norm)[1]
             self.attention.append(cache.k[layer], cache.v[layer], k, v, meta)
-        o = self.attention.attend(q, cache.k[layer], cache.v[layer], meta, next_weight=lw.w_o)
+        o = self.attention.attend(q, cache.k[layer], cache.v[layer], meta)
         if self.tp is None:
             return self._linear(o.reshape(x.shape[0], -1), lw.w_o, lw.b_o, name="o"), x
         out = self.tp.all_reduce(self._linear(o.reshape(x.shape[0], -1), lw.w_o))

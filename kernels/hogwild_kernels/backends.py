@@ -105,9 +105,7 @@ class TorchAttention:
                                   *rope_cos_sin(qpos, self.inv_freq, self.rope_scale), kpos[None, :] > qpos[:, None]))
         return out
 
-    def attend(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, meta: PassMeta,
-               next_weight: torch.Tensor | None = None) -> torch.Tensor:
-        """next_weight: what the caller reads next (a hint for kernels that prefetch; none here)."""
+    def attend(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, meta: PassMeta) -> torch.Tensor:
         if meta.extra["views"] is None:
             meta.extra["views"] = self._views(meta.groups, k_pool.shape[1], q.device)
         views = meta.extra["views"]
@@ -181,9 +179,6 @@ class TritonAttention:
         # every kernel launched as a programmatic dependent of the one before (pdl.py): set by a
         # decoder that chains its layers' kernels
         self.chained = False
-        # bytes of the weight read after the attention (attend's next_weight) that a chained merge
-        # asks the L2 cache for while the partials run; 0: none
-        self.next_weight_bytes = 0
         # keys of its unit a chained partial program asks the L2 cache for before its wait (a power of two)
         self.prefetch_keys = PREFETCH_KEYS
         knobs = {"num_warps": num_warps, "num_stages": num_stages}
@@ -295,11 +290,7 @@ class TritonAttention:
         )
         return q
 
-    def attend(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, meta: PassMeta,
-               next_weight: torch.Tensor | None = None) -> torch.Tensor:
-        """next_weight: what the caller reads next (the output projection's weight); when chained,
-        the merge's programs ask the L2 cache for its first `next_weight_bytes` while the partials
-        run (they are resident then, waiting, and the partials leave memory bandwidth unused)."""
+    def attend(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, meta: PassMeta) -> torch.Tensor:
         from .pdl import launch as pdl_launch
         from .triton_attention import LOG2E, _merge_partials_kernel, _rope_shift_partial_kernel
 
@@ -336,16 +327,11 @@ class TritonAttention:
                 KV_LINES=_next_pow2(-(-d * k_pool.element_size() // 128)),
                 **launch, **pdl_launch(self.chained),
             )
-        lines = 0  # 128-byte lines of next_weight each merge program prefetches
-        if self.chained and next_weight is not None and self.next_weight_bytes > 0:
-            nbytes = min(self.next_weight_bytes, next_weight.numel() * next_weight.element_size())
-            lines = -(-(nbytes // 128) // (t * hq))
         _merge_partials_kernel[(t, hq)](
             o_part, lse_part, plan.tok_start, out,
             o_part.stride(0), o_part.stride(1), lse_part.stride(0), out.stride(0), out.stride(1),
-            next_weight if lines else out, lines, (nbytes // 128) if lines else 0,
             D=d, DP=_next_pow2(d), P_BLOCK=min(64, max(2, _next_pow2(plan.max_parts))), PDL=pdl or self.chained,
-            CHAINED=self.chained, PREFETCH=lines > 0, **pdl_launch(pdl or self.chained),
+            CHAINED=self.chained, **pdl_launch(pdl or self.chained),
         )
         return out
 

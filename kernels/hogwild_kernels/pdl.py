@@ -10,12 +10,6 @@ the predecessor's writes are visible; they then let their own successor launch.
 The rule that keeps this exact: a chained kernel reads no activation and writes nothing
 before `chain_start`. Every chained kernel calls it, so each one's wait also covers
 everything before its predecessor.
-
-A chain is `AFTER_WAIT` (each kernel lets its successor launch once its own wait is over)
-or `EARLY` (before it: a successor's programs may then be resident, pulling their weights
-into the L2 cache, through the whole of a latency-bound kernel such as the attention, not
-just its tail). Either is exact: a successor's wait is for its predecessor's completion, and
-that one completes only after its own wait.
 """
 
 from __future__ import annotations
@@ -27,8 +21,6 @@ import triton
 import triton.language as tl
 
 _SUPPORTED: dict[int, bool] = {}
-
-AFTER_WAIT, EARLY = 1, 2  # chain modes (a kernel's CHAINED; 0 or False: not chained)
 
 
 def supported(device: torch.device) -> bool:
@@ -48,12 +40,8 @@ def launch(chained: bool) -> dict:
 
 @triton.jit
 def chain_start(CHAINED: tl.constexpr):
-    """Wait for the predecessor's writes and let the successor launch: after the wait, or
-    before it (CHAINED == EARLY)."""
-    if CHAINED == 2:
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
-    elif CHAINED:
+    """Wait for the predecessor's writes, then let the successor launch."""
+    if CHAINED:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
 

@@ -122,13 +122,13 @@ def supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                  config: tuple[int, int, int, int] | None = None, chained: int = False,
+                  config: tuple[int, int, int, int] | None = None, chained: bool = False,
                   glu: bool = False, prefetch: int = 0) -> torch.Tensor:
     """F.linear(x, weight, bias) for x of at most MAX_ROWS rows: [M, K] @ [N, K]^T -> [M, N].
-    chained: launched as a programmatic dependent of the kernel before it (pdl.py: a chain
-    mode). glu: the weight is [gate; up] (N even) and the result fused.silu_mul of the
-    product, [M, N / 2]. prefetch: bytes of each weight row a chained launch asks the L2
-    cache for before its wait (0: PREFETCH_BYTES)."""
+    chained: launched as a programmatic dependent of the kernel before it (pdl.py). glu: the
+    weight is [gate; up] (N even) and the result fused.silu_mul of the product, [M, N / 2].
+    prefetch: bytes of each weight row a chained launch asks the L2 cache for before its wait
+    (0: PREFETCH_BYTES; under 128: none)."""
     if x.shape[1] != weight.shape[1]:
         raise ValueError(f"rows of width {x.shape[1]} for a weight of width {weight.shape[1]}")
     if prefetch < 0:
@@ -163,7 +163,7 @@ def skinny_norm_linear(x: torch.Tensor, delta: torch.Tensor | None, norm_weight:
 
 
 def _product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-             config: tuple[int, int, int, int] | None, chained: int, glu: bool, prefetch: int,
+             config: tuple[int, int, int, int] | None, chained: bool, glu: bool, prefetch: int,
              **prologue) -> torch.Tensor:
     """Launches _skinny_kernel over the output's strips; prologue: the input's own arguments."""
     m, k, n = x.shape[0], weight.shape[1], weight.shape[0]
@@ -180,7 +180,11 @@ def _product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     return out
 
 
-PREFETCH_BYTES = 2048  # of each weight row, requested while the kernel before runs (chained)
+# of each weight row, requested while the kernel before runs (chained). On an H200 a decode pass
+# of Qwen3-8B took 0.97-0.98x the GPU time with 512 bytes as with 2048 at 1 and 16 workers, the
+# same at 32 sessions x 4 (decode_profile --prefetch default,all=512, twice); 256 and 1024 were
+# faster than 2048 too (128 at one worker only), and whole rows (8 KB for the output projection) slower
+PREFETCH_BYTES = 512
 
 
 def _prefetch_lines(k: int, element_size: int, nbytes: int = 0) -> int:

@@ -124,11 +124,9 @@ def _rope_shift_partial_kernel(
         at = (page.to(tl.int64) * stride_kpage + (first % PAGE) * stride_ktok + h * stride_kh)[:, None] + line[None, :]
         prefetch_l2(k_ptr + at)
         prefetch_l2(v_ptr + at)
-    if PDL and CHAINED == 2:  # an early chain (pdl.py): the merge may be scheduled before the wait
-        tl.extra.cuda.gdc_launch_dependents()
     if CHAINED:
         tl.extra.cuda.gdc_wait()
-    if PDL and CHAINED != 2:  # the merge may be scheduled now; it waits for this grid's stores before it reads
+    if PDL:  # the merge may be scheduled now; it waits for this grid's stores before it reads
         tl.extra.cuda.gdc_launch_dependents()
 
     m = tl.arange(0, BLOCK_M)
@@ -192,39 +190,21 @@ def _rope_shift_partial_kernel(
     tl.store(lse_part_ptr + out_row * stride_lt + head, lse, mask=valid)
 
 
-# a merge program's prefetch of the next weight, in steps of this many 128-byte lines
-PREFETCH_STEP = tl.constexpr(1024)
-
-
-# the prefetch's line counts change with the weight and the pass's tokens: not specialised on
-@triton.jit(do_not_specialize=["pf_lines", "pf_total"])
+@triton.jit
 def _merge_partials_kernel(
     o_part_ptr, lse_part_ptr, tok_start_ptr, out_ptr,
     stride_ot, stride_oh, stride_lt, stride_outt, stride_outh,
-    pf_ptr, pf_lines, pf_total,
     D: tl.constexpr, DP: tl.constexpr, P_BLOCK: tl.constexpr, PDL: tl.constexpr, CHAINED: tl.constexpr,
-    PREFETCH: tl.constexpr = False,
 ):
     """Log-sum-exp merge of one query head's partials (rows [start, next start) of its
     token: no indirection), P_BLOCK of them per load.
 
     PDL: launched as a programmatic dependent of the partial kernel, so its launch overlaps
     that kernel's tail; it waits for the partials before touching them. CHAINED: then lets the
-    kernel after it launch (pdl.py; before the wait in an EARLY chain). PREFETCH: before the
-    wait, each program asks the L2 cache for its pf_lines 128-byte lines of the pf_total lines
-    at pf_ptr (the weight the next kernel reads)."""
-    if PREFETCH:
-        first = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * pf_lines
-        step = tl.arange(0, PREFETCH_STEP)
-        per_line = 1024 // pf_ptr.dtype.element_ty.primitive_bitwidth
-        for i in range(0, pf_lines, PREFETCH_STEP):
-            line = tl.minimum(first + i + step, pf_total - 1).to(tl.int64)
-            prefetch_l2(pf_ptr + line * per_line)
-    if CHAINED == 2:  # an early chain (pdl.py): the product after it may be resident through the partials
-        tl.extra.cuda.gdc_launch_dependents()
+    kernel after it launch (pdl.py)."""
     if PDL:
         tl.extra.cuda.gdc_wait()
-    if CHAINED and CHAINED != 2:
+    if CHAINED:
         tl.extra.cuda.gdc_launch_dependents()
     t = tl.program_id(0)
     head = tl.program_id(1)
