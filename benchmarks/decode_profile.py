@@ -38,6 +38,8 @@ import common  # noqa: E402
 import scaling_runs  # noqa: E402
 from bandwidth import measure as measure_bandwidth  # noqa: E402
 
+from hogwild_kernels.skinny import PREFETCH_BYTES  # noqa: E402
+
 import hogwild_ray as hw  # noqa: E402
 from hogwild_ray.cli.common import at_least  # noqa: E402
 from hogwild_ray.executor import local  # noqa: E402
@@ -282,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"host, skinny {r['skinny']}, {r['workers']} workers, {args.steps} steps:", *r["host_top"], sep="\n")
     stem = args.out / f"{args.date}-{common.file_tag(dev)}-decode_profile"
     meta = {"device": name, "date": args.date, "model": model.path, "view": args.view, **floor.meta(),
-            "weight_bytes_read_per_step": model.weight_bytes, "versions": common.versions()}
+            "weight_bytes_read_per_step": model.weight_bytes, "prefetch_default_bytes": PREFETCH_BYTES,
+            "versions": common.versions()}
     flat = [{k: v for k, v in r.items() if k not in ("kernel_us", "host_top")} for r in rows]
     common.write_results(stem, meta, flat, {"kernels": [
         {k: r[k] for k in ("skinny", "folds", "prefetch", "launch_ahead", "workers", "kernel_us", "host_top")}
@@ -299,7 +302,8 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4))
-    labels = [f"{r['workers']}w {r['skinny']}, folds {r['folds']}, prefetch {r['prefetch']}" for r in rows]
+    labels = [f"{r['workers']}w {r['skinny']}, folds {r['folds']}, prefetch {r['prefetch']}, ahead {r['launch_ahead']}"
+              for r in rows]
     xs = range(len(rows))
     ax.bar([x - 0.27 for x in xs], [r["step_ms"] for r in rows], 0.27, label="step (wall)")
     ax.bar(list(xs), [r["gpu_ms"] for r in rows], 0.27, label="GPU (graph replay)")
