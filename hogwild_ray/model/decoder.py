@@ -150,7 +150,8 @@ class Decoder:
                 if config is not None or self.chained:
                     fold = glu and "activation" in self.folds
                     out, x = skinny_norm_linear(x, delta, norm_weight, self.spec.rms_eps, weight, bias,
-                                                None if fold else config, self.chained, glu=fold)
+                                                None if fold else config, self.chained, glu=fold,
+                                                prefetch=self.prefetch.get(name, 0))
                     return (self._activation(out) if glu and not fold else out), x
         x, h = self._add_norm(x, delta, norm_weight)
         return self._linear(h, weight, bias, glu, name), x

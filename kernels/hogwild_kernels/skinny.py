@@ -131,8 +131,6 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     (0: PREFETCH_BYTES; under 128: none)."""
     if x.shape[1] != weight.shape[1]:
         raise ValueError(f"rows of width {x.shape[1]} for a weight of width {weight.shape[1]}")
-    if prefetch < 0:
-        raise ValueError(f"prefetch takes a count of bytes, 0 or more; got {prefetch}")
     return _product(x, weight, bias, config, chained, glu, prefetch)
 
 
@@ -146,17 +144,17 @@ def normed_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def skinny_norm_linear(x: torch.Tensor, delta: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
                        weight: torch.Tensor, bias: torch.Tensor | None = None,
-                       config: tuple[int, int, int, int] | None = None, chained: bool = False, glu: bool = False
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+                       config: tuple[int, int, int, int] | None = None, chained: bool = False, glu: bool = False,
+                       prefetch: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(F.linear(h, weight, bias), total) for (total, h) = fused.add_rms_norm(x, delta,
     norm_weight, eps), in one launch (the residual stream's norm taken by the
-    product that reads it; passes of at most NORM_ROWS rows). glu: as skinny_linear's."""
+    product that reads it; passes of at most NORM_ROWS rows). glu, prefetch: as skinny_linear's."""
     k = x.shape[-1]
     if not normed_supported(x, weight) or (delta is not None and (delta.shape != x.shape or not delta.is_contiguous())):
         raise ValueError(f"skinny_norm_linear takes at most {NORM_ROWS} contiguous half-precision rows of the "
                          f"weight's width, and a delta of their shape; got x {tuple(x.shape)}")
     total = x if delta is None else torch.empty_like(x)
-    out = _product(x, weight, bias, config, chained, glu, 0, d_ptr=x if delta is None else delta,
+    out = _product(x, weight, bias, config, chained, glu, prefetch, d_ptr=x if delta is None else delta,
                    nw_ptr=norm_weight, sum_ptr=total, eps=eps, NORM_ROWS=NORM_ROWS, KP=triton.next_power_of_2(k),
                    HAS_DELTA=delta is not None)
     return out, total
@@ -167,6 +165,8 @@ def _product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
              **prologue) -> torch.Tensor:
     """Launches _skinny_kernel over the output's strips; prologue: the input's own arguments."""
     m, k, n = x.shape[0], weight.shape[1], weight.shape[0]
+    if prefetch < 0:
+        raise ValueError(f"prefetch takes a count of bytes, 0 or more; got {prefetch}")
     if glu and n % 2:
         raise ValueError(f"glu takes a [gate; up] weight of an even row count; got {n} rows")
     block_n, block_k, warps, stages = config or pick(n, k, glu)
