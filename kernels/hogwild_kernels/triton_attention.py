@@ -200,16 +200,16 @@ def _merge_partials_kernel(
     token: no indirection), P_BLOCK of them per load.
 
     PDL: launched as a programmatic dependent of the partial kernel, so its launch overlaps
-    that kernel's tail; it waits for the partials before touching them. CHAINED: then lets the
-    kernel after it launch (pdl.py)."""
-    if PDL:
-        tl.extra.cuda.gdc_wait()
-    if CHAINED:
-        tl.extra.cuda.gdc_launch_dependents()
+    that kernel's tail; it reads its row range (the pass's plan) while the partials run, and
+    waits for them before touching them. CHAINED: then lets the kernel after it launch (pdl.py)."""
     t = tl.program_id(0)
     head = tl.program_id(1)
     start = tl.load(tok_start_ptr + t)
     end = tl.load(tok_start_ptr + t + 1)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+    if CHAINED:
+        tl.extra.cuda.gdc_launch_dependents()
     d = tl.arange(0, DP)
     dmask = d < D
     p = tl.arange(0, P_BLOCK)
