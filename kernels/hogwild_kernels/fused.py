@@ -27,8 +27,14 @@ def inv_rms(x, N: tl.constexpr, eps):
 def rms_scaled(x, inv, w_ptr, mask):
     """x's RMSNorm times the weight (fp32), rounded where the torch reference rounds: the
     normalised value in x's dtype. Elementwise, so a row may be done in pieces with one inv."""
+    return rms_times(x, inv, tl.load(w_ptr, mask=mask, other=0.0))
+
+
+@triton.jit
+def rms_times(x, inv, w):
+    """rms_scaled with the weight already loaded."""
     normed = (x.to(tl.float32) * inv).to(x.dtype).to(tl.float32)
-    return normed * tl.load(w_ptr, mask=mask, other=0.0).to(tl.float32)
+    return normed * w.to(tl.float32)
 
 
 @triton.jit
@@ -36,23 +42,24 @@ def _add_rms_norm_kernel(x_ptr, delta_ptr, w_ptr, w2_ptr, sum_ptr, out_ptr, head
                          stride_xt, stride_xh, stride_dt, stride_dh, stride_st, stride_ot, stride_oh,
                          N: tl.constexpr, BLOCK: tl.constexpr, HAS_DELTA: tl.constexpr, CHAINED: tl.constexpr):
     """One row (token t, head h): sum = x + delta (stored), out = w * norm(sum); heads from
-    `split` on take their weight from w2 (the key heads of a q/k norm in the same launch)."""
-    chain_start(CHAINED)
+    `split` on take their weight from w2 (the key heads of a q/k norm in the same launch).
+    Chained, the weight is loaded before the wait (no kernel writes it)."""
     row = tl.program_id(0)
     t = row // heads
     h = row % heads
     offs = tl.arange(0, BLOCK)
     mask = offs < N
+    if h < split:
+        w = tl.load(w_ptr + offs, mask=mask, other=0.0)
+    else:
+        w = tl.load(w2_ptr + offs, mask=mask, other=0.0)
+    chain_start(CHAINED)
     x = tl.load(x_ptr + t * stride_xt + h * stride_xh + offs, mask=mask, other=0.0)
     if HAS_DELTA:
         d = tl.load(delta_ptr + t * stride_dt + h * stride_dh + offs, mask=mask, other=0.0)
         x = (x.to(tl.float32) + d.to(tl.float32)).to(x_ptr.dtype.element_ty)
         tl.store(sum_ptr + t * stride_st + offs, x, mask=mask)
-    inv = inv_rms(x, N, eps)
-    if h < split:
-        y = rms_scaled(x, inv, w_ptr + offs, mask)
-    else:
-        y = rms_scaled(x, inv, w2_ptr + offs, mask)
+    y = rms_times(x, inv_rms(x, N, eps), w)
     tl.store(out_ptr + t * stride_ot + h * stride_oh + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 

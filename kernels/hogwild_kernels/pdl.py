@@ -9,7 +9,10 @@ the predecessor's writes are visible; they then let their own successor launch.
 
 The rule that keeps this exact: a chained kernel reads no activation and writes nothing
 before `chain_start`. Every chained kernel calls it, so each one's wait also covers
-everything before its predecessor.
+everything before its predecessor: what a kernel may read before its wait is what no kernel
+of the chain writes (weights, the pass's plan, the rotations computed at the pass's start),
+and the kernels load it then (norm weights, a unit's pairs and their rotations, a new key's
+slot), so that their first loads after the wait are the activations'.
 """
 
 from __future__ import annotations

@@ -124,11 +124,6 @@ def _rope_shift_partial_kernel(
         at = (page.to(tl.int64) * stride_kpage + (first % PAGE) * stride_ktok + h * stride_kh)[:, None] + line[None, :]
         prefetch_l2(k_ptr + at)
         prefetch_l2(v_ptr + at)
-    if CHAINED:
-        tl.extra.cuda.gdc_wait()
-    if PDL:  # the merge may be scheduled now; it waits for this grid's stores before it reads
-        tl.extra.cuda.gdc_launch_dependents()
-
     m = tl.arange(0, BLOCK_M)
     row = rt * BLOCK_R + m // REP
     g = m % REP
@@ -137,16 +132,21 @@ def _rope_shift_partial_kernel(
     tok = tl.load(pair_tok_ptr + pair, mask=valid, other=0).to(tl.int64)
     limit = tl.load(pair_limit_ptr + pair, mask=valid, other=0)
     head = h * REP + g
-
     d = tl.arange(0, HALFP)
     dmask = d < HALF
     qmask = valid[:, None] & dmask[None, :]
-    q_base = q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :]
-    q1 = tl.load(q_base, mask=qmask, other=0.0).to(tl.float32)
-    q2 = tl.load(q_base + HALF, mask=qmask, other=0.0).to(tl.float32)
+    # the pairs' rotations: computed once at the pass's start, long before the kernel this one waits for
     cs_off = pair.to(tl.int64)[:, None] * HALF + d[None, :]
     cos = tl.load(pair_cos_ptr + cs_off, mask=qmask, other=0.0)
     sin = tl.load(pair_sin_ptr + cs_off, mask=qmask, other=0.0)
+    if CHAINED:
+        tl.extra.cuda.gdc_wait()
+    if PDL:  # the merge may be scheduled now; it waits for this grid's stores before it reads
+        tl.extra.cuda.gdc_launch_dependents()
+
+    q_base = q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :]
+    q1 = tl.load(q_base, mask=qmask, other=0.0).to(tl.float32)
+    q2 = tl.load(q_base + HALF, mask=qmask, other=0.0).to(tl.float32)
     qr1 = ((q1 * cos - q2 * sin) * qk_scale).to(k_ptr.dtype.element_ty)
     qr2 = ((q2 * cos + q1 * sin) * qk_scale).to(k_ptr.dtype.element_ty)
 
@@ -236,13 +236,20 @@ def _merge_partials_kernel(
 
 
 @triton.jit
-def _store_rotated_kv(k1, k2, vb, t, h, d, dmask, cos_ptr, sin_ptr, slot_ptr, k_pool_ptr, v_pool_ptr,
-                      stride_ppage, stride_ptok, stride_ph, PAGE: tl.constexpr, HALF: tl.constexpr):
-    """Token t's key halves (fp32) rotated at its block-local position (cos/sin precomputed per
-    pass) and stored in its pool slot for KV head h, with its value (halves at vb, vb + HALF)."""
+def _slot_rotation(t, d, dmask, cos_ptr, sin_ptr, slot_ptr, HALF: tl.constexpr):
+    """Token t's pool slot and the cos/sin of its block-local position (pass inputs, precomputed
+    per pass: a chained append loads them before its wait)."""
     slot = tl.load(slot_ptr + t).to(tl.int64)
     cos = tl.load(cos_ptr + t * HALF + d, mask=dmask, other=0.0)
     sin = tl.load(sin_ptr + t * HALF + d, mask=dmask, other=0.0)
+    return slot, cos, sin
+
+
+@triton.jit
+def _store_rotated_kv(k1, k2, vb, h, d, dmask, slot, cos, sin, k_pool_ptr, v_pool_ptr,
+                      stride_ppage, stride_ptok, stride_ph, PAGE: tl.constexpr, HALF: tl.constexpr):
+    """A token's key halves (fp32) rotated by cos/sin (its block-local position's) and stored in
+    its pool slot for KV head h, with its value (halves at vb, vb + HALF)."""
     pb = (slot // PAGE) * stride_ppage + (slot % PAGE) * stride_ptok + h * stride_ph + d
     ty = k_pool_ptr.dtype.element_ty
     tl.store(k_pool_ptr + pb, (k1 * cos - k2 * sin).to(ty), mask=dmask)
@@ -258,15 +265,16 @@ def _kv_append_kernel(
     PAGE: tl.constexpr, HALF: tl.constexpr, HALFP: tl.constexpr, CHAINED: tl.constexpr,
 ):
     """Rotate one new key at its block-local position (cos/sin precomputed per pass) and store K and V."""
-    chain_start(CHAINED)
     t = tl.program_id(0)
     h = tl.program_id(1)
     d = tl.arange(0, HALFP)
     dmask = d < HALF
+    slot, cos, sin = _slot_rotation(t, d, dmask, cos_ptr, sin_ptr, slot_ptr, HALF)
+    chain_start(CHAINED)
     kb = k_ptr + t * stride_kt + h * stride_kh + d
     k1 = tl.load(kb, mask=dmask, other=0.0).to(tl.float32)
     k2 = tl.load(kb + HALF, mask=dmask, other=0.0).to(tl.float32)
-    _store_rotated_kv(k1, k2, v_ptr + t * stride_vt + h * stride_vh + d, t, h, d, dmask, cos_ptr, sin_ptr, slot_ptr,
+    _store_rotated_kv(k1, k2, v_ptr + t * stride_vt + h * stride_vh + d, h, d, dmask, slot, cos, sin,
                       k_pool_ptr, v_pool_ptr, stride_ppage, stride_ptok, stride_ph, PAGE, HALF)
 
 
@@ -282,7 +290,6 @@ def _qk_norm_kv_append_kernel(
     and the REP query heads that read it normed into q_out. Each row's norm is the one
     fused.qk_rms_norm computes (one reduction over the whole row, the same roundings): q bit
     for bit; the rotated keys bit for bit under the interpreter, within an ulp on a GPU."""
-    chain_start(CHAINED)
     t = tl.program_id(0)
     h = tl.program_id(1)
     row = qkv_ptr + t * stride_t
@@ -290,13 +297,15 @@ def _qk_norm_kv_append_kernel(
     mask = offs < D
     d = tl.arange(0, HALFP)
     dmask = d < HALF
+    slot, cos, sin = _slot_rotation(t, d, dmask, cos_ptr, sin_ptr, slot_ptr, HALF)
+    chain_start(CHAINED)
     kb = row + (Q_HEADS + h) * D
     inv = inv_rms(tl.load(kb + offs, mask=mask, other=0.0), D, eps)
     ty_in = qkv_ptr.dtype.element_ty
     k1 = rms_scaled(tl.load(kb + d, mask=dmask, other=0.0), inv, k_w_ptr + d, dmask).to(ty_in).to(tl.float32)
     k2 = rms_scaled(tl.load(kb + HALF + d, mask=dmask, other=0.0), inv, k_w_ptr + HALF + d, dmask)
     k2 = k2.to(ty_in).to(tl.float32)
-    _store_rotated_kv(k1, k2, row + (Q_HEADS + KV_HEADS + h) * D + d, t, h, d, dmask, cos_ptr, sin_ptr, slot_ptr,
+    _store_rotated_kv(k1, k2, row + (Q_HEADS + KV_HEADS + h) * D + d, h, d, dmask, slot, cos, sin,
                       k_pool_ptr, v_pool_ptr, stride_ppage, stride_ptok, stride_ph, PAGE, HALF)
     for g in tl.static_range(REP):
         head = h * REP + g
