@@ -104,7 +104,8 @@ def _rope_shift_partial_kernel(
     Each reader's rotation (cos/sin of its delta, rope attention factor included) comes
     precomputed per pair, once per forward pass for all layers. CHAINED: a programmatic
     dependent of the kernel before it (pdl.py); until that kernel's writes are visible it
-    reads only the pass's plan (host inputs) and asks the L2 cache for the K and V lines
+    reads only the pass's plan (host inputs) and its pairs' rotations (computed at the pass's
+    start), and asks the L2 cache for the K and V lines
     (KV_LINES of 128 bytes a key) of the unit's first PREFETCH_KEYS keys.
     """
     u = unit0 + tl.program_id(0)
