@@ -1,0 +1,111 @@
+"""The rule that keeps a chain of programmatic dependent launches exact (hogwild_kernels/pdl.py),
+checked in the kernels' source: before its wait a chained kernel reads only what no kernel of
+the chain writes, and writes nothing.
+
+A kernel's programs may start while the kernel before it still runs, so an activation read
+before the wait could be the previous pass's or layer's; the GPU tests would catch it only
+when the timing happens to expose it. Here every pointer a chained kernel names before its
+wait must be one of PASS_CONSTANTS (weights, the pass's plan and rotations), or be only
+prefetched into the L2 cache (which puts nothing in registers).
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+KERNELS = Path(__file__).resolve().parents[1] / "kernels" / "hogwild_kernels"
+MODULES = ("fused.py", "skinny.py", "triton_attention.py")
+# pointers to memory no kernel of a chain writes: weights, the pass's plan (copied in before the
+# pass), the rotations and slots computed or copied at the pass's start
+PASS_CONSTANTS = {"w_ptr", "w2_ptr", "tables_ptr", "slot_ptr", "cos_ptr", "sin_ptr", "tok_start_ptr",
+                  "unit_item_ptr", "unit_kstart_ptr", "unit_kend_ptr", "unit_pair_ptr", "unit_npairs_ptr",
+                  "pair_tok_ptr", "pair_cos_ptr", "pair_sin_ptr", "pair_limit_ptr", "pair_part_ptr"}
+WAITS = {"chain_start", "gdc_wait"}
+WRITES = {"store", "atomic_add", "atomic_xchg", "atomic_cas", "atomic_max", "atomic_min"}
+
+
+def _called(node: ast.AST) -> set[str]:
+    """Names of the functions called anywhere in node (the last part of a dotted name)."""
+    return {c.func.attr if isinstance(c.func, ast.Attribute) else getattr(c.func, "id", "")
+            for c in ast.walk(node) if isinstance(c, ast.Call)}
+
+
+def _before_wait(body: list[ast.stmt]) -> tuple[list[ast.stmt], bool]:
+    """The statements a kernel runs before the first one that waits, and whether one waits."""
+    out = []
+    for stmt in body:
+        if _called(stmt) & WAITS:
+            return out, True
+        out.append(stmt)
+    return out, False
+
+
+def _names(expr: ast.AST, aliases: dict[str, set[str]]) -> set[str]:
+    """The *_ptr names an expression's value comes from, through earlier assignments (aliases);
+    a pointer's `.dtype` is not its memory."""
+    dtype_of = {id(n.value) for n in ast.walk(expr) if isinstance(n, ast.Attribute) and n.attr == "dtype"}
+    out: set[str] = set()
+    for n in ast.walk(expr):
+        if isinstance(n, ast.Name) and id(n) not in dtype_of:
+            out |= aliases.get(n.id, {n.id} if n.id.endswith("_ptr") else set())
+    return out
+
+
+def _pointers_read(stmts: list[ast.stmt]) -> set[str]:
+    """*_ptr names the statements pass to a call (a load, a helper that loads), directly or through
+    names assigned from them, except to prefetch_l2 (which puts nothing in registers)."""
+    aliases: dict[str, set[str]] = {}
+    for s in stmts:
+        for n in ast.walk(s):
+            if isinstance(n, ast.Assign):
+                for target in n.targets:
+                    for t in ast.walk(target):
+                        if isinstance(t, ast.Name):
+                            aliases[t.id] = aliases.get(t.id, set()) | _names(n.value, aliases)
+    calls = [c for s in stmts for c in ast.walk(s) if isinstance(c, ast.Call)]
+    prefetched = {id(n) for c in calls if getattr(c.func, "id", "") == "prefetch_l2" for n in ast.walk(c)}
+    return {name for c in calls if id(c) not in prefetched
+            for arg in [*c.args, *(k.value for k in c.keywords)] for name in _names(arg, aliases)}
+
+
+def chained_kernels() -> list[tuple[str, ast.FunctionDef]]:
+    out = []
+    for module in MODULES:
+        tree = ast.parse((KERNELS / module).read_text())
+        for fn in tree.body:
+            if isinstance(fn, ast.FunctionDef) and any(a.arg == "CHAINED" for a in fn.args.args):
+                out.append((f"{module}:{fn.name}", fn))
+    return out
+
+
+def test_the_kernels_of_the_chain_are_found():
+    names = {name.split(":")[1] for name, _ in chained_kernels()}
+    assert {"_add_rms_norm_kernel", "_silu_mul_kernel", "_skinny_kernel", "_rope_shift_partial_kernel",
+            "_merge_partials_kernel", "_kv_append_kernel", "_qk_norm_kv_append_kernel"} <= names
+
+
+@pytest.mark.parametrize("name,fn", chained_kernels(), ids=[name for name, _ in chained_kernels()])
+def test_a_chained_kernel_reads_only_pass_constants_before_its_wait(name, fn):
+    before, waits = _before_wait(fn.body)
+    assert waits, f"{name} never waits for the kernel before it"
+    written = {c for s in before for c in _called(s)} & WRITES
+    assert not written, f"{name} writes ({sorted(written)}) before its wait"
+    read = _pointers_read(before) - PASS_CONSTANTS
+    assert not read, f"{name} reads {sorted(read)} before its wait: a kernel still running may write them"
+
+
+def test_the_check_sees_an_activation_read_early():
+    """The same check on a kernel that loads its input before the wait, through a name: refused;
+    taking its address and prefetching it are not reads."""
+    fn = ast.parse("def k(x_ptr, w_ptr, CHAINED):\n"
+                   "    w = tl.load(w_ptr)\n"
+                   "    row = x_ptr + 4\n"
+                   "    prefetch_l2(x_ptr)\n"
+                   "    x = tl.load(row, mask=None)\n"
+                   "    chain_start(CHAINED)\n").body[0]
+    before, waits = _before_wait(fn.body)
+    assert waits and _pointers_read(before) - PASS_CONSTANTS == {"x_ptr"}
+    assert _pointers_read(before[:3]) - PASS_CONSTANTS == set()  # its address taken and prefetched only
