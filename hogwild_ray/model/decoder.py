@@ -218,5 +218,4 @@ class Decoder:
         for i, lw in enumerate(self.w.layers[:layers]):
             attention, x = self._attention_block(lw, x, delta, meta, cache, i)
             delta, x = self._mlp_block(lw, x, attention)
-        x = x[b.last_rows] + delta[b.last_rows]
-        return self._lm_head(rms_norm(x, self.w.norm, self.spec.rms_eps))
+        return self._lm_head(self._add_norm(x[b.last_rows], delta[b.last_rows], self.w.norm)[1])

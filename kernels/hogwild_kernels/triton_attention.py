@@ -20,6 +20,14 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _load_halves(ptr, off, mask, HALF: tl.constexpr, MASKED: tl.constexpr):
+    """A tile's rows in two halves of the head dim (the rotate-half pairs)."""
+    if MASKED:
+        return tl.load(ptr + off, mask=mask, other=0.0), tl.load(ptr + off + HALF, mask=mask, other=0.0)
+    return tl.load(ptr + off), tl.load(ptr + off + HALF)
+
+
+@triton.jit
 def _attend_tile(k0, kend, item, h, k_ptr, v_ptr, tables_ptr, stride_table, stride_kpage, stride_ktok, stride_kh,
                  qr1, qr2, limit, d, dmask, m_i, l_i, acc1, acc2,
                  PAGE: tl.constexpr, HALF: tl.constexpr, HALFP: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -41,12 +49,7 @@ def _attend_tile(k0, kend, item, h, k_ptr, v_ptr, tables_ptr, stride_table, stri
     row_off = page.to(tl.int64) * stride_kpage + (offs % PAGE) * stride_ktok
     kv_off = row_off[:, None] + h * stride_kh + d[None, :]
     kvmask = kmask[:, None] & dmask[None, :]
-    if MASKED or HALF != HALFP:
-        k1 = tl.load(k_ptr + kv_off, mask=kvmask, other=0.0)
-        k2 = tl.load(k_ptr + kv_off + HALF, mask=kvmask, other=0.0)
-    else:
-        k1 = tl.load(k_ptr + kv_off)
-        k2 = tl.load(k_ptr + kv_off + HALF)
+    k1, k2 = _load_halves(k_ptr, kv_off, kvmask, HALF, MASKED or HALF != HALFP)
     if IEEE:
         s = tl.dot(qr1, tl.trans(k1), input_precision="ieee") + tl.dot(qr2, tl.trans(k2), input_precision="ieee")
     else:
@@ -62,12 +65,7 @@ def _attend_tile(k0, kend, item, h, k_ptr, v_ptr, tables_ptr, stride_table, stri
     p = tl.exp2(s - m_safe[:, None])
     alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
-    if MASKED or HALF != HALFP:
-        v1 = tl.load(v_ptr + kv_off, mask=kvmask, other=0.0)
-        v2 = tl.load(v_ptr + kv_off + HALF, mask=kvmask, other=0.0)
-    else:
-        v1 = tl.load(v_ptr + kv_off)
-        v2 = tl.load(v_ptr + kv_off + HALF)
+    v1, v2 = _load_halves(v_ptr, kv_off, kvmask, HALF, MASKED or HALF != HALFP)
     pv = p.to(v_ptr.dtype.element_ty)
     if IEEE:
         acc1 = acc1 * alpha[:, None] + tl.dot(pv, v1, input_precision="ieee")
