@@ -122,6 +122,17 @@ def test_head_major_pages_give_the_same_output(workers, q_heads, kv_heads, head_
                                reference(ref, q, k_pool, v_pool, groups), atol=2e-5, rtol=2e-5)
 
 
+def test_prefetched_keys_must_be_a_power_of_two():
+    """A count the kernel cannot lay out is refused with a message, not left to Triton's compiler."""
+    _, tri = backends(64)
+    for bad in (3, 100, -64, 2.0):
+        with pytest.raises(ValueError, match="power of two"):
+            tri.prefetch_keys = bad
+    tri.prefetch_keys = 0
+    tri.prefetch_keys = 256
+    assert tri.prefetch_keys == 256
+
+
 def test_long_units_in_longer_tiles_give_the_same_output():
     """Units of at least `long_unit` keys read in tiles of `long_block_n` keys (longer than the
     plan's chunk rounding: the tail runs masked): the same attention as the reference."""

@@ -195,6 +195,18 @@ class TritonAttention:
         # "always", or "never" (once per session)
         self.shared_reads = "auto"
 
+    @property
+    def prefetch_keys(self) -> int:
+        return self._prefetch_keys
+
+    @prefetch_keys.setter
+    def prefetch_keys(self, keys: int) -> None:
+        """0 (none) or a power of two: the prefetch is one block of the program's key range."""
+        if not isinstance(keys, int) or keys < 0 or keys & (keys - 1):
+            raise ValueError(f"prefetch_keys takes 0 or a power of two (the keys a partial program asks the L2 "
+                             f"cache for before its wait), got {keys!r}")
+        self._prefetch_keys = keys
+
     def prepare(self, groups: list[QueryGroup], slots: torch.Tensor, key_positions: torch.Tensor,
                 plan=None, page_size: int | None = None) -> PassMeta:
         """plan: a prebuilt (static) plan, as a captured CUDA graph reads; None: built here.
