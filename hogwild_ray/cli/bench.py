@@ -10,12 +10,14 @@ from pathlib import Path
 from .common import FORMATTER, fail
 
 # the others also run on the CPU (small shapes)
-GPU_ONLY = ("attention_kernels", "attention_tuning", "shared_prompts", "skinny_gemm", "decode_profile")
+GPU_ONLY = ("attention_kernels", "attention_tuning", "shared_prompts", "skinny_gemm", "product_chain", "decode_profile")
 BENCHMARKS = {
     "attention_kernels": "one attention layer: the Triton kernel against SDPA and naive re-rotation (GPU)",
     "attention_tuning": "sweep the Triton kernel's launch knobs on this GPU",
     "shared_prompts": "sessions sharing prompt pages or forked: shared pages read once per pass vs per session (GPU)",
     "skinny_gemm": "a decode pass's matrix products: cuBLAS against the skinny kernel, against the floor (GPU)",
+    "product_chain": "a decode pass's products, norms and SiLU chained without the attention, against the floor "
+                     "(GPU)",
     "decode_profile": "one decode step: wall, GPU and roofline time, and its kernels one by one (GPU)",
     "engine_steps": "engine step time against the number of workers (random-weight named shapes)",
     "overhead": "the share of a step spent outside the GPU, in process and through Ray",

@@ -1,0 +1,195 @@
+"""A decode pass's products and small kernels chained back to back, without the attention, at the floor.
+
+The decode pass is two halves: the products (with the norms and the SiLU between them) and
+the attention. `decode_profile` times the whole pass, and in a chained pass the profiler's
+per-kernel times overlap; here the first half runs alone, as the engine launches it (every
+layer's add-and-norm, QKV, output, add-and-norm, gate/up, SiLU, down, then the LM head; skinny
+products, programmatic dependents of one another), in one CUDA graph over the shape's layers
+with their own weights (cold, as in a pass). What the pass takes beyond it is the attention's
+share. Side by side in one run:
+
+* `chained`: the chain as the engine launches it, the products in `skinny.pick`'s launch shapes
+  (the engine's where it timed none faster at start), twice (the first and the last row: the
+  run's noise);
+* `unchained`: the same kernels, each waiting for the one before to end;
+* `activation in gate/up`: the SiLU in the gate/up product's epilogue (`Decoder.folds`'s
+  "activation") rather than its own kernel;
+* with `--sweep`: each product in every launch shape of `skinny.CONFIGS`, the others as the
+  chained row has them, in the chain.
+
+The floor is the weights' bytes over the device's bandwidth (bandwidth.py, raised to the
+fastest chain timed here); `µs a layer over` is the time beyond it, per layer.
+
+    python benchmarks/product_chain.py                      # qwen3-8b, one row, all its layers
+    python benchmarks/product_chain.py --rows 16 --sweep
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import common  # noqa: E402
+from bandwidth import measure as measure_bandwidth  # noqa: E402
+from bandwidth import over_floor  # noqa: E402
+
+from hogwild_ray.model.shapes import SHAPES, build_config  # noqa: E402
+from hogwild_ray.model.spec import spec_from_config  # noqa: E402
+
+PRODUCTS = ("qkv", "o", "gate_up", "down", "lm_head")
+
+
+class Chain:
+    """One layer's weights per layer of the shape (random, cold) and the pass's products over them."""
+
+    def __init__(self, shape: str, layers: int | None, rows: int, device: torch.device,
+                 dtype: torch.dtype = torch.bfloat16) -> None:
+        s = spec_from_config(build_config(shape))
+        self.layers = layers or s.num_layers
+        self.hidden, self.eps = s.hidden_size, s.rms_eps
+        qkv = (s.num_heads + 2 * s.num_kv_heads) * s.head_dim
+        self.attn_width = s.num_heads * s.head_dim
+        shapes = {"qkv": (qkv, s.hidden_size), "o": (s.hidden_size, self.attn_width),
+                  "gate_up": (2 * s.intermediate_size, s.hidden_size), "down": (s.hidden_size, s.intermediate_size)}
+        make = lambda n, k: (torch.randn(n, k, device=device) / k**0.5).to(dtype)  # noqa: E731
+        self.weights = [{name: make(*nk) for name, nk in shapes.items()} for _ in range(self.layers)]
+        self.norm = torch.ones(s.hidden_size, device=device, dtype=dtype)
+        self.lm_head = make(s.vocab_size, s.hidden_size)
+        self.shapes = {**shapes, "lm_head": tuple(self.lm_head.shape)}
+        size = torch.finfo(dtype).bits // 8
+        self.nbytes = sum(w.numel() * size for lw in self.weights for w in lw.values()) + self.lm_head.numel() * size
+        self.x = torch.randn(rows, s.hidden_size, device=device).to(dtype)
+
+    def run(self, chained: bool = True, glu: bool = False, configs: dict | None = None) -> torch.Tensor:
+        """The pass without its attention: the output projection reads the QKV product's first columns."""
+        from hogwild_kernels.fused import add_rms_norm, silu_mul
+        from hogwild_kernels.skinny import skinny_linear
+
+        configs = configs or {}
+        product = lambda x, name, w, **kw: skinny_linear(x, w, config=configs.get(name), chained=chained, **kw)  # noqa: E731
+        x, delta = self.x, None
+        for lw in self.weights:
+            x, h = add_rms_norm(x, delta, self.norm, self.eps, chained=chained)
+            attention = product(h, "qkv", lw["qkv"])[:, : self.attn_width]
+            x, h = add_rms_norm(x, product(attention, "o", lw["o"]), self.norm, self.eps, chained=chained)
+            if glu:
+                act = product(h, "gate_up", lw["gate_up"], glu=True)
+            else:
+                act = silu_mul(product(h, "gate_up", lw["gate_up"]), chained=chained)
+            delta = product(act, "down", lw["down"])
+        x, h = add_rms_norm(x, delta, self.norm, self.eps, chained=chained)
+        return product(h, "lm_head", self.lm_head)
+
+
+def graph_us(fn, replays: int) -> float:
+    """Median µs of one replay of fn captured in a CUDA graph (warmed up on a side stream first)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    for _ in range(3):
+        graph.replay()
+    times = []
+    for _ in range(replays):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3)
+    del graph
+    return statistics.median(times)
+
+
+def settings(sweep: bool) -> list[tuple[str, dict]]:
+    """(name, Chain.run's arguments) in the order they run; the plain chain first and last."""
+    from hogwild_kernels.skinny import CONFIGS
+
+    out = [("chained", {}), ("unchained", {"chained": False}), ("activation in gate/up", {"glu": True})]
+    if sweep:
+        out += [(f"{name} {c}", {"configs": {name: c}}) for name in PRODUCTS for c in CONFIGS]
+    return out + [("chained", {})]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="qwen3-8b", choices=sorted(SHAPES))
+    p.add_argument("--layers", type=int, default=None, help="layers to chain (default: the shape's)")
+    p.add_argument("--rows", type=int, default=1, help="rows of the pass (workers fed), 1 to 16")
+    p.add_argument("--sweep", action="store_true", help="each product in every launch shape of skinny.CONFIGS")
+    p.add_argument("--replays", type=int, default=40)
+    p.add_argument("--out", type=Path, default=common.RESULTS)
+    p.add_argument("--date", default=common.today())
+    p.add_argument("--suffix", default="")
+    args = p.parse_args(argv)
+    if not 1 <= args.rows <= 16:
+        p.error(f"--rows {args.rows}: the skinny products take 1 to 16 rows")
+    if args.layers is not None and args.layers < 1:
+        p.error(f"--layers {args.layers}: chain at least one layer")
+    if not torch.cuda.is_available():
+        p.error("this benchmark times CUDA kernels and torch sees no GPU")
+    dev = torch.device("cuda")
+    floor = measure_bandwidth(dev)
+    chain = Chain(args.shape, args.layers, args.rows, dev)
+    rows = []
+    for name, kw in settings(args.sweep):
+        us = graph_us(lambda kw=kw: chain.run(**kw), args.replays)
+        floor.note("the chain", chain.nbytes, us / 1e6)
+        rows.append({"setting": name, "us": us})
+    report(rows, chain, floor, args)
+    return 0
+
+
+def report(rows: list[dict], chain: Chain, floor, args) -> None:
+    """Floor, table, result files and plot."""
+    name = common.device_name(torch.device("cuda"))
+    floor_us = chain.nbytes / floor.value * 1e6
+    chained = statistics.median(r["us"] for r in rows if r["setting"] == "chained")
+    for r in rows:
+        r.update({"floor_us": floor_us, "x_floor": r["us"] / floor_us, "fraction_of_floor": floor_us / r["us"],
+                  "us_a_layer_over": (r["us"] - floor_us) / chain.layers, "x_chained": r["us"] / chained})
+    common.print_table(
+        f"{args.shape} products, norms and SiLU chained, {args.rows} row(s), {chain.layers} layers, "
+        f"{chain.nbytes / 1e9:.2f} GB of weights; {name}, bandwidth {floor.gbs:.0f} GB/s",
+        ["setting", "µs", "floor µs", "x floor", "µs a layer over", "x chained"],
+        [[r["setting"], f"{r['us']:.1f}", f"{floor_us:.1f}", f"{r['x_floor']:.3f}", f"{r['us_a_layer_over']:.2f}",
+          f"{r['x_chained']:.3f}"] for r in rows])
+    if over := over_floor(rows, "fraction_of_floor"):
+        print(f"warning: {len(over)} rows above 100% of the floor: the measurement is wrong")
+    stem = args.out / f"{args.date}-{name.replace(' ', '_')}-product_chain{'-' + args.suffix if args.suffix else ''}"
+    meta = {"benchmark": "product_chain", "device": name, "date": args.date, "shape": args.shape,
+            "rows_fed": args.rows, "layers": chain.layers, "weight_bytes": chain.nbytes,
+            "products": {k: list(v) for k, v in chain.shapes.items()}, **floor.meta(), "versions": common.versions()}
+    common.write_results(stem, meta, rows)
+    plot(rows, Path(f"{stem}.png"), f"Products chained without attention ({args.shape}, {args.rows} row(s), {name})")
+    print(f"wrote {stem}.csv, .json and .png")
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 0.28 * len(rows) + 1.5))
+    labels = [f"{i}. {r['setting']}" for i, r in enumerate(rows, 1)]
+    ax.barh(labels, [r["x_floor"] for r in rows], color=["C0" if r["setting"] == "chained" else "C1" for r in rows])
+    ax.axvline(1.0, color="k", lw=0.8)
+    ax.set_xlim(left=min(0.9, min(r["x_floor"] for r in rows) - 0.05))
+    ax.invert_yaxis()
+    ax.set_xlabel("time over the floor (weights' bytes / bandwidth)")
+    common.save_figure(fig, path, title)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

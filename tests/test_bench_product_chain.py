@@ -1,0 +1,61 @@
+"""product_chain on the CPU: its settings, its refusals, and that the chain it times is the
+engine's products (under the Triton interpreter, a tiny shape); its timings are a device's."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+pytest.importorskip("triton")
+
+
+def test_settings_sweep_every_product_in_every_launch_shape_between_two_plain_chains():
+    from product_chain import PRODUCTS, settings
+
+    from hogwild_kernels.skinny import CONFIGS
+
+    plain = settings(False)
+    assert [name for name, _ in plain] == ["chained", "unchained", "activation in gate/up", "chained"]
+    swept = settings(True)
+    assert swept[0] == swept[-1] == ("chained", {})
+    configs = [kw["configs"] for _, kw in swept if "configs" in kw]
+    assert configs == [{p: c} for p in PRODUCTS for c in CONFIGS]
+
+
+@pytest.mark.parametrize("args, named", [(["--rows", "17"], "--rows 17"), (["--rows", "0"], "--rows 0"),
+                                         (["--layers", "0"], "--layers 0")])
+def test_bad_arguments_are_refused_before_anything_runs(capsys, args, named):
+    import product_chain
+
+    with pytest.raises(SystemExit) as stop:
+        product_chain.main(args)
+    assert stop.value.code == 2 and named in capsys.readouterr().err
+
+
+def test_the_chain_is_the_pass_without_attention_and_its_activation_fold_the_same_bits():
+    """On the CPU (interpreted kernels, unchained; fp16: the interpreter has no bf16 dots): logits
+    of the vocabulary's width, the same bits with the SiLU in the gate/up product's epilogue,
+    and what torch's ops give."""
+    from product_chain import Chain
+
+    from hogwild_ray.model.decoder import rms_norm
+
+    torch.manual_seed(0)
+    chain = Chain("tiny", 2, 2, torch.device("cpu"), torch.float16)
+    got = chain.run(chained=False)
+    assert got.shape == (2, chain.shapes["lm_head"][0]) and torch.isfinite(got.float()).all()
+    assert torch.equal(chain.run(chained=False, glu=True), got)
+    x, delta = chain.x, None
+    for lw in chain.weights:
+        x = x if delta is None else (x.float() + delta.float()).to(x.dtype)
+        o = (rms_norm(x, chain.norm, chain.eps) @ lw["qkv"].T)[:, : chain.attn_width] @ lw["o"].T
+        x = (x.float() + o.float()).to(x.dtype)
+        gate, up = (rms_norm(x, chain.norm, chain.eps) @ lw["gate_up"].T).chunk(2, dim=-1)
+        delta = (torch.nn.functional.silu(gate.float()).to(x.dtype).float() * up.float()).to(x.dtype) @ lw["down"].T
+    x = (x.float() + delta.float()).to(x.dtype)
+    want = rms_norm(x, chain.norm, chain.eps) @ chain.lm_head.T
+    torch.testing.assert_close(got.float(), want.float(), atol=0.05, rtol=0.05)
