@@ -197,12 +197,19 @@ def _prefetch_lines(k: int, element_size: int, nbytes: int = 0) -> int:
 def pick(n: int, k: int, glu: bool = False) -> tuple[int, int, int, int]:
     """A launch shape for an [n, k] weight when none was measured: strips of 32 rows (64 for
     the LM head's long vocab), 256-wide K steps, four loads in flight (best or near it for
-    every Qwen3-8B weight on an H200, benchmarks/skinny_gemm.py). glu (two strips a step):
-    three loads in flight, within 2% of four alone (skinny_gemm's gate_up+act rows, H100) with
-    a quarter less shared memory a program."""
+    every Qwen3-8B weight on an H200, benchmarks/skinny_gemm.py); rows longer than LONG_K
+    (the MLP's down projection) in 512-wide steps, three in flight: the fastest of
+    skinny.CONFIGS for it in a chained pass (benchmarks/product_chain.py --sweep, H100). glu
+    (two strips a step): three loads in flight, within 2% of four alone (skinny_gemm's
+    gate_up+act rows, H100) with a quarter less shared memory a program."""
     if glu:
         return (32, 256, 4, 3)
-    return (64, 256, 4, 3) if n > 65536 else (32, 256, 4, 4)
+    if n > 65536:
+        return (64, 256, 4, 3)
+    return (32, 512, 4, 3) if k > LONG_K else (32, 256, 4, 4)
+
+
+LONG_K = 8192
 
 
 FEW_ROWS = 4  # passes of up to this many rows are timed as one row, larger ones as MAX_ROWS
