@@ -35,6 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import common  # noqa: E402
+from attention_kernels import bench  # noqa: E402
 from bandwidth import measure as measure_bandwidth  # noqa: E402
 from bandwidth import over_floor  # noqa: E402
 
@@ -86,31 +87,6 @@ class Chain:
         return product(h, "lm_head", self.lm_head)
 
 
-def graph_us(fn, replays: int) -> float:
-    """Median µs of one replay of fn captured in a CUDA graph (warmed up on a side stream first)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    for _ in range(3):
-        graph.replay()
-    times = []
-    for _ in range(replays):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3)
-    del graph
-    return statistics.median(times)
-
-
 def settings(sweep: bool) -> list[tuple[str, dict]]:
     """(name, Chain.run's arguments) in the order they run; the plain chain first and last."""
     from hogwild_kernels.skinny import CONFIGS
@@ -143,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     chain = Chain(args.shape, args.layers, args.rows, dev)
     rows = []
     for name, kw in settings(args.sweep):
-        us = graph_us(lambda kw=kw: chain.run(**kw), args.replays)
+        us = bench([lambda kw=kw: chain.run(**kw)], calls=1, iters=args.replays) * 1e6  # one pass a graph
         floor.note("the chain", chain.nbytes, us / 1e6)
         rows.append({"setting": name, "us": us})
     report(rows, chain, floor, args)
