@@ -39,6 +39,7 @@ from attention_kernels import bench  # noqa: E402
 from bandwidth import measure as measure_bandwidth  # noqa: E402
 from bandwidth import over_floor  # noqa: E402
 
+from hogwild_ray.cli.common import at_least  # noqa: E402
 from hogwild_ray.model.shapes import SHAPES, build_config  # noqa: E402
 from hogwild_ray.model.spec import spec_from_config  # noqa: E402
 
@@ -100,18 +101,16 @@ def settings(sweep: bool) -> list[tuple[str, dict]]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="qwen3-8b", choices=sorted(SHAPES))
-    p.add_argument("--layers", type=int, default=None, help="layers to chain (default: the shape's)")
+    p.add_argument("--layers", type=at_least(1), default=None, help="layers to chain (default: the shape's)")
     p.add_argument("--rows", type=int, default=1, help="rows of the pass (workers fed), 1 to 16")
     p.add_argument("--sweep", action="store_true", help="each product in every launch shape of skinny.CONFIGS")
-    p.add_argument("--replays", type=int, default=40)
+    p.add_argument("--replays", type=at_least(1), default=40)
     p.add_argument("--out", type=Path, default=common.RESULTS)
     p.add_argument("--date", default=common.today())
     p.add_argument("--suffix", default="")
     args = p.parse_args(argv)
     if not 1 <= args.rows <= 16:
         p.error(f"--rows {args.rows}: the skinny products take 1 to 16 rows")
-    if args.layers is not None and args.layers < 1:
-        p.error(f"--layers {args.layers}: chain at least one layer")
     if not torch.cuda.is_available():
         p.error("this benchmark times CUDA kernels and torch sees no GPU")
     dev = torch.device("cuda")

@@ -27,7 +27,8 @@ def test_settings_sweep_every_product_in_every_launch_shape_between_two_plain_ch
 
 
 @pytest.mark.parametrize("args, named", [(["--rows", "17"], "--rows 17"), (["--rows", "0"], "--rows 0"),
-                                         (["--layers", "0"], "--layers 0")])
+                                         (["--layers", "0"], "--layers: must be an integer >= 1"),
+                                         (["--replays", "0"], "--replays: must be an integer >= 1")])
 def test_bad_arguments_are_refused_before_anything_runs(capsys, args, named):
     import product_chain
 
