@@ -73,7 +73,10 @@ class Chain:
         from hogwild_kernels.skinny import skinny_linear
 
         configs = configs or {}
-        product = lambda x, name, w, **kw: skinny_linear(x, w, config=configs.get(name), chained=chained, **kw)  # noqa: E731
+
+        def product(x: torch.Tensor, name: str, w: torch.Tensor, **kw) -> torch.Tensor:
+            return skinny_linear(x, w, config=configs.get(name), chained=chained, **kw)
+
         x, delta = self.x, None
         for lw in self.weights:
             x, h = add_rms_norm(x, delta, self.norm, self.eps, chained=chained)

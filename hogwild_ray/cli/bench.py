@@ -10,7 +10,8 @@ from pathlib import Path
 from .common import FORMATTER, fail
 
 # the others also run on the CPU (small shapes)
-GPU_ONLY = ("attention_kernels", "attention_tuning", "shared_prompts", "skinny_gemm", "product_chain", "decode_profile")
+GPU_ONLY = ("attention_kernels", "attention_tuning", "shared_prompts", "skinny_gemm", "product_chain",
+            "decode_profile")
 BENCHMARKS = {
     "attention_kernels": "one attention layer: the Triton kernel against SDPA and naive re-rotation (GPU)",
     "attention_tuning": "sweep the Triton kernel's launch knobs on this GPU",

@@ -22,6 +22,7 @@ MAX_ROWS = 16  # one tensor-core tile of rows; larger passes go to cuBLAS
 # engine times CANDIDATES at start; benchmarks/skinny_gemm.py sweeps all of CONFIGS.
 CANDIDATES = [(32, 256, 4, 4), (32, 512, 4, 3), (64, 256, 4, 3)]
 CONFIGS = CANDIDATES + [(16, 512, 4, 4), (16, 256, 4, 6)]
+LONG_K = 8192  # rows longer than this take 512-wide K steps when no launch shape was timed (pick)
 
 
 @triton.jit
@@ -207,9 +208,6 @@ def pick(n: int, k: int, glu: bool = False) -> tuple[int, int, int, int]:
     if n > 65536:
         return (64, 256, 4, 3)
     return (32, 512, 4, 3) if k > LONG_K else (32, 256, 4, 4)
-
-
-LONG_K = 8192
 
 
 FEW_ROWS = 4  # passes of up to this many rows are timed as one row, larger ones as MAX_ROWS
