@@ -11,11 +11,14 @@ share. Side by side in one run:
 * `chained`: the chain as the engine launches it, the products in `skinny.pick`'s launch shapes
   (the engine's where it timed none faster at start), twice (the first and the last row: the
   run's noise);
+* `the engine's shapes`: the chain with the launch shapes an engine takes where it timed one
+  faster than cuBLAS alone at its start (`skinny.choose`), if any differs from pick's;
 * `unchained`: the same kernels, each waiting for the one before to end;
 * `activation in gate/up`: the SiLU in the gate/up product's epilogue (`Decoder.folds`'s
   "activation") rather than its own kernel;
 * with `--sweep`: each product in every launch shape of `skinny.CONFIGS`, the others as the
-  chained row has them, in the chain.
+  chained row has them, in the chain; and the SiLU in gate/up's epilogue in each of
+  `GLU_CONFIGS` (two strips a step, so shapes of less shared memory too).
 
 The floor is the weights' bytes over the device's bandwidth (bandwidth.py, raised to the
 fastest chain timed here); `µs a layer over` is the time beyond it, per layer.
@@ -44,6 +47,9 @@ from hogwild_ray.model.shapes import SHAPES, build_config  # noqa: E402
 from hogwild_ray.model.spec import spec_from_config  # noqa: E402
 
 PRODUCTS = ("qkv", "o", "gate_up", "down", "lm_head")
+# gate/up with the SiLU in its epilogue reads two strips a K step: shapes of half the shared memory
+# of CONFIGS' too (a program's stages, and whether the next kernel's programs fit beside it)
+GLU_CONFIGS = [(32, 256, 4, 2), (32, 256, 4, 3), (16, 256, 4, 4), (16, 512, 4, 2), (32, 128, 4, 4)]
 
 
 class Chain:
@@ -91,13 +97,40 @@ class Chain:
         return product(h, "lm_head", self.lm_head)
 
 
-def settings(sweep: bool) -> list[tuple[str, dict]]:
-    """(name, Chain.run's arguments) in the order they run; the plain chain first and last."""
+    def engine_configs(self, chosen: dict) -> dict[str, tuple[int, int, int, int]]:
+        """The products whose launch shape in a chained engine is not pick's, and that shape: an
+        engine takes the one skinny.choose timed fastest alone at its start ({(n, k, rows
+        bucket): shape, or None where cuBLAS won}), pick's where cuBLAS won."""
+        from hogwild_kernels.skinny import bucket, pick
+
+        rows = bucket(self.x.shape[0])
+        timed = {name: chosen.get((*nk, rows)) for name, nk in self.shapes.items()}
+        return {name: c for name, c in timed.items() if c is not None and tuple(c) != pick(*self.shapes[name])}
+
+    def timed_alone(self) -> dict:
+        """skinny.choose over this chain's weights, as an engine runs it at start (a GPU's timings)."""
+        from hogwild_kernels.skinny import choose
+
+        by_shape: dict[tuple[int, int], list[torch.Tensor]] = {}
+        for lw in self.weights[:4]:
+            for w in lw.values():
+                by_shape.setdefault(tuple(w.shape), []).append(w)
+        by_shape[tuple(self.lm_head.shape)] = [self.lm_head]
+        return choose(by_shape)
+
+
+def settings(sweep: bool, engine: dict | None = None) -> list[tuple[str, dict]]:
+    """(name, Chain.run's arguments) in the order they run; the plain chain first and last.
+    engine: Chain.engine_configs, the shapes an engine would take (a row of its own where any
+    differs from pick's)."""
     from hogwild_kernels.skinny import CONFIGS
 
     out = [("chained", {}), ("unchained", {"chained": False}), ("activation in gate/up", {"glu": True})]
+    if engine:
+        out.append((f"chained, the engine's shapes {engine}", {"configs": engine}))
     if sweep:
         out += [(f"{name} {c}", {"configs": {name: c}}) for name in PRODUCTS for c in CONFIGS]
+        out += [(f"activation in gate/up {c}", {"glu": True, "configs": {"gate_up": c}}) for c in GLU_CONFIGS]
     return out + [("chained", {})]
 
 
@@ -119,8 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     dev = torch.device("cuda")
     floor = measure_bandwidth(dev)
     chain = Chain(args.shape, args.layers, args.rows, dev)
+    engine = chain.engine_configs(chain.timed_alone())
     rows = []
-    for name, kw in settings(args.sweep):
+    for name, kw in settings(args.sweep, engine):
         us = bench([lambda kw=kw: chain.run(**kw)], calls=1, iters=args.replays) * 1e6  # one pass a graph
         floor.note("the chain", chain.nbytes, us / 1e6)
         rows.append({"setting": name, "us": us})

@@ -14,7 +14,7 @@ pytest.importorskip("triton")
 
 
 def test_settings_sweep_every_product_in_every_launch_shape_between_two_plain_chains():
-    from product_chain import PRODUCTS, settings
+    from product_chain import GLU_CONFIGS, PRODUCTS, settings
 
     from hogwild_kernels.skinny import CONFIGS
 
@@ -22,8 +22,29 @@ def test_settings_sweep_every_product_in_every_launch_shape_between_two_plain_ch
     assert [name for name, _ in plain] == ["chained", "unchained", "activation in gate/up", "chained"]
     swept = settings(True)
     assert swept[0] == swept[-1] == ("chained", {})
-    configs = [kw["configs"] for _, kw in swept if "configs" in kw]
+    configs = [kw["configs"] for _, kw in swept if "configs" in kw and not kw.get("glu")]
     assert configs == [{p: c} for p in PRODUCTS for c in CONFIGS]
+    folded = [kw["configs"] for _, kw in swept if "configs" in kw and kw.get("glu")]
+    assert folded == [{"gate_up": c} for c in GLU_CONFIGS]
+
+
+def test_the_engine_shapes_row_has_the_products_an_engine_would_launch_otherwise():
+    """Where skinny.choose timed a shape other than pick's faster than cuBLAS, a chained engine
+    takes it: those products, and only those, get a row of their own."""
+    from product_chain import Chain, settings
+
+    from hogwild_kernels.skinny import pick
+
+    chain = Chain("tiny", 1, 1, torch.device("cpu"), torch.float16)
+    qkv, down = chain.shapes["qkv"], chain.shapes["down"]
+    other = (16, 512, 4, 4)
+    assert other != pick(*qkv)
+    chosen = {(*qkv, 1): other, (*qkv, 16): pick(*qkv), (*down, 1): pick(*down), (*chain.shapes["o"], 1): None}
+    engine = chain.engine_configs(chosen)
+    assert engine == {"qkv": other}
+    assert (f"chained, the engine's shapes {engine}", {"configs": engine}) in settings(False, engine)
+    assert chain.engine_configs({(*down, 1): pick(*down)}) == {}
+    assert not any(name.startswith("chained, the engine") for name, _ in settings(False, {}))
 
 
 @pytest.mark.parametrize("args, named", [(["--rows", "17"], "--rows 17"), (["--rows", "0"], "--rows 0"),
