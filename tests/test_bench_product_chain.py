@@ -47,6 +47,21 @@ def test_the_engine_shapes_row_has_the_products_an_engine_would_launch_otherwise
     assert not any(name.startswith("chained, the engine") for name, _ in settings(False, {}))
 
 
+def test_the_start_up_timing_sees_every_product_shape_with_a_few_layers_of_weights(monkeypatch):
+    """timed_alone hands skinny.choose what an engine's decoder does: each weight shape with up to
+    four layers' copies (one LM head). choose itself times on a GPU; here it only reports."""
+    import hogwild_kernels.skinny as skinny
+    from product_chain import Chain
+
+    seen = {}
+    monkeypatch.setattr(skinny, "choose", lambda weights: seen.update(weights) or {"timed": True})
+    chain = Chain("tiny", 6, 1, torch.device("cpu"), torch.float16)
+    assert chain.timed_alone() == {"timed": True}
+    assert {k: len(v) for k, v in seen.items()} == {**{chain.shapes[p]: 4 for p in ("qkv", "o", "gate_up", "down")},
+                                                   chain.shapes["lm_head"]: 1}
+    assert seen[chain.shapes["down"]][1] is chain.weights[1]["down"]
+
+
 @pytest.mark.parametrize("args, named", [(["--rows", "17"], "--rows 17"), (["--rows", "0"], "--rows 0"),
                                          (["--layers", "0"], "--layers: must be an integer >= 1"),
                                          (["--replays", "0"], "--replays: must be an integer >= 1")])
