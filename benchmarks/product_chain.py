@@ -59,7 +59,7 @@ class Chain:
                  dtype: torch.dtype = torch.bfloat16) -> None:
         s = spec_from_config(build_config(shape))
         self.layers = layers or s.num_layers
-        self.hidden, self.eps = s.hidden_size, s.rms_eps
+        self.eps = s.rms_eps
         qkv = (s.num_heads + 2 * s.num_kv_heads) * s.head_dim
         self.attn_width = s.num_heads * s.head_dim
         shapes = {"qkv": (qkv, s.hidden_size), "o": (s.hidden_size, self.attn_width),
@@ -96,7 +96,6 @@ class Chain:
         x, h = add_rms_norm(x, delta, self.norm, self.eps, chained=chained)
         return product(h, "lm_head", self.lm_head)
 
-
     def engine_configs(self, chosen: dict) -> dict[str, tuple[int, int, int, int]]:
         """The products whose launch shape in a chained engine is not pick's, and that shape: an
         engine takes the one skinny.choose timed fastest alone at its start ({(n, k, rows
@@ -109,14 +108,9 @@ class Chain:
 
     def timed_alone(self) -> dict:
         """skinny.choose over this chain's weights, as an engine runs it at start (a GPU's timings)."""
-        from hogwild_kernels.skinny import choose
+        from hogwild_kernels.skinny import by_shape, choose
 
-        by_shape: dict[tuple[int, int], list[torch.Tensor]] = {}
-        for lw in self.weights[:4]:
-            for w in lw.values():
-                by_shape.setdefault(tuple(w.shape), []).append(w)
-        by_shape[tuple(self.lm_head.shape)] = [self.lm_head]
-        return choose(by_shape)
+        return choose(by_shape((lw.values() for lw in self.weights), (self.lm_head,)))
 
 
 def settings(sweep: bool, engine: dict | None = None) -> list[tuple[str, dict]]:

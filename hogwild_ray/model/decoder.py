@@ -87,16 +87,11 @@ class Decoder:
         kernel so that they join the chain. Before any CUDA graph is captured."""
         self.chained = self.attention.chained = on
 
-    def _weights_by_shape(self, copies: int = 4) -> dict[tuple[int, int], list[torch.Tensor]]:
+    def _weights_by_shape(self) -> dict[tuple[int, int], list[torch.Tensor]]:
         """Each decode product's weight shape, with a few layers' weights of it."""
-        out: dict[tuple[int, int], list[torch.Tensor]] = {}
-        for lw in self.w.layers:
-            for w in (lw.w_qkv, lw.w_o, lw.w_gate_up, lw.w_down):
-                same = out.setdefault(tuple(w.shape), [])
-                if len(same) < copies:
-                    same.append(w)
-        out.setdefault(tuple(self.w.lm_head.shape), [self.w.lm_head])
-        return out
+        from hogwild_kernels.skinny import by_shape
+
+        return by_shape(((lw.w_qkv, lw.w_o, lw.w_gate_up, lw.w_down) for lw in self.w.layers), (self.w.lm_head,))
 
     def _linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                 glu: bool = False, name: str = "") -> torch.Tensor:

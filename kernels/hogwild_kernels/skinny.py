@@ -217,6 +217,22 @@ def bucket(rows: int) -> int:
     return 1 if rows <= FEW_ROWS else MAX_ROWS
 
 
+def by_shape(layers, extra: tuple[torch.Tensor, ...] = (), copies: int = 4
+             ) -> dict[tuple[int, int], list[torch.Tensor]]:
+    """Each weight shape of `layers` (each an iterable of a layer's product weights), with up to
+    `copies` layers' weights of it, then `extra`'s shapes (the LM head) where new: what choose
+    times (several copies, so that they are read from memory rather than the L2 cache)."""
+    out: dict[tuple[int, int], list[torch.Tensor]] = {}
+    for weights in layers:
+        for w in weights:
+            same = out.setdefault(tuple(w.shape), [])
+            if len(same) < copies:
+                same.append(w)
+    for w in extra:
+        out.setdefault(tuple(w.shape), [w])
+    return out
+
+
 def choose(weights: dict[tuple[int, int], list[torch.Tensor]], repeats: int = 3
            ) -> dict[tuple[int, int, int], tuple[int, int, int, int] | None]:
     """For each weight shape [n, k] and row bucket: the fastest of cuBLAS (None) and each launch
