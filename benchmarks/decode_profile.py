@@ -167,15 +167,16 @@ def host_split(engine, step, steps: int) -> dict[str, float]:
 
 def prefetch_setting(text: str) -> dict[str, int]:
     """'default' -> {}; 'o=8192+qkv=4096' -> bytes per weight row by product ('all': every one);
-    'keys=N': the keys of its unit each attention program prefetches (a power of two)."""
+    'keys=N': the keys of its unit each attention program prefetches (a power of two); 'ahead=N': the
+    tiles ahead of the one it reads that an attention program of a wide row tile prefetches."""
     if text == "default":
         return {}
     out: dict[str, int] = {}
     for part in text.split("+"):
         name, _, value = part.partition("=")
-        if name not in (*PRODUCTS, "all", "keys") or not value.isdigit():
-            raise ValueError(f"--prefetch: {part!r} is not PRODUCT=BYTES; products: {', '.join(PRODUCTS)}, all "
-                             "or keys")
+        if name not in (*PRODUCTS, "all", "keys", "ahead") or not value.isdigit():
+            raise ValueError(f"--prefetch: {part!r} is not PRODUCT=BYTES; products: {', '.join(PRODUCTS)}, all, "
+                             "keys or ahead")
         if name == "keys" and (int(value) < 1 or int(value) & (int(value) - 1)):
             raise ValueError(f"--prefetch: keys={value}: the keys a program prefetches are a power of two")
         out.update({p: int(value) for p in (PRODUCTS if name == "all" else (name,))})
@@ -199,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefetch", default="default",
                    help="default, or PRODUCT=BYTES joined by '+' (products: qkv, o, gate_up, down, lm_head, all): "
                         "weight bytes a row a chained product prefetches (keys=N: keys a partial program "
-                        "prefetches); several, comma-separated")
+                        "prefetches; ahead=N: tiles ahead a wide row tile's program prefetches); several, "
+                        "comma-separated")
     p.add_argument("--host-profile", action="store_true", help="also profile the host's work (cProfile)")
     p.add_argument("--launch-ahead", default="on",
                    help="on: each pass launched right behind the last one, fed its samples on the device "
@@ -240,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
         engine.decoder.prefetch = {k: v for k, v in prefetch_bytes.items() if k in PRODUCTS}
         if "keys" in prefetch_bytes:
             engine.decoder.attention.prefetch_keys = prefetch_bytes["keys"]
+        if "ahead" in prefetch_bytes:
+            engine.decoder.attention.prefetch_ahead = prefetch_bytes["ahead"]
         if setting not in ("on", "unchained"):
             engine.decoder.products = {}
         if fold != "default":

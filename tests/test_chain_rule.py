@@ -54,9 +54,19 @@ def _names(expr: ast.AST, aliases: dict[str, set[str]]) -> set[str]:
     return out
 
 
-def _pointers_read(stmts: list[ast.stmt]) -> set[str]:
+def _prefetch_only(fn: ast.FunctionDef, helpers: dict[str, ast.FunctionDef]) -> set[int]:
+    """Positions of a helper's *_ptr parameters that its body only prefetches (hands to
+    prefetch_l2, or to such a parameter of another helper), never loads."""
+    params = [a.arg for a in fn.args.args]
+    loaded = _pointers_read(fn.body, helpers)
+    return {i for i, name in enumerate(params) if name.endswith("_ptr") and name not in loaded}
+
+
+def _pointers_read(stmts: list[ast.stmt], helpers: dict[str, ast.FunctionDef] | None = None) -> set[str]:
     """*_ptr names the statements pass to a call (a load, a helper that loads), directly or through
-    names assigned from them, except to prefetch_l2 (which puts nothing in registers)."""
+    names assigned from them, except to prefetch_l2 (which puts nothing in registers) and to the
+    parameters of a module's helper (helpers) that the helper only prefetches."""
+    helpers = helpers or {}
     aliases: dict[str, set[str]] = {}
     for s in stmts:
         for n in ast.walk(s):
@@ -67,18 +77,24 @@ def _pointers_read(stmts: list[ast.stmt]) -> set[str]:
                             aliases[t.id] = aliases.get(t.id, set()) | _names(n.value, aliases)
     calls = [c for s in stmts for c in ast.walk(s) if isinstance(c, ast.Call)]
     prefetched = {id(n) for c in calls if getattr(c.func, "id", "") == "prefetch_l2" for n in ast.walk(c)}
+    for c in calls:
+        helper = helpers.get(getattr(c.func, "id", ""))
+        if helper is not None:
+            only = _prefetch_only(helper, helpers)
+            prefetched |= {id(n) for i, arg in enumerate(c.args) if i in only for n in ast.walk(arg)}
     return {name for c in calls if id(c) not in prefetched
-            for arg in [*c.args, *(k.value for k in c.keywords)] for name in _names(arg, aliases)}
+            for arg in [*c.args, *(k.value for k in c.keywords)] if id(arg) not in prefetched
+            for name in _names(arg, aliases)}
+
+
+def module_functions(module: str) -> dict[str, ast.FunctionDef]:
+    tree = ast.parse((KERNELS / module).read_text())
+    return {fn.name: fn for fn in tree.body if isinstance(fn, ast.FunctionDef)}
 
 
 def chained_kernels() -> list[tuple[str, ast.FunctionDef]]:
-    out = []
-    for module in MODULES:
-        tree = ast.parse((KERNELS / module).read_text())
-        for fn in tree.body:
-            if isinstance(fn, ast.FunctionDef) and any(a.arg == "CHAINED" for a in fn.args.args):
-                out.append((f"{module}:{fn.name}", fn))
-    return out
+    return [(f"{module}:{name}", fn) for module in MODULES for name, fn in module_functions(module).items()
+            if any(a.arg == "CHAINED" for a in fn.args.args)]
 
 
 def test_the_kernels_of_the_chain_are_found():
@@ -93,7 +109,7 @@ def test_a_chained_kernel_reads_only_pass_constants_before_its_wait(name, fn):
     assert waits, f"{name} never waits for the kernel before it"
     written = {c for s in before for c in _called(s)} & WRITES
     assert not written, f"{name} writes ({sorted(written)}) before its wait"
-    read = _pointers_read(before) - PASS_CONSTANTS
+    read = _pointers_read(before, module_functions(name.split(":")[0])) - PASS_CONSTANTS
     assert not read, f"{name} reads {sorted(read)} before its wait: a kernel still running may write them"
 
 
@@ -109,3 +125,23 @@ def test_the_check_sees_an_activation_read_early():
     before, waits = _before_wait(fn.body)
     assert waits and _pointers_read(before) - PASS_CONSTANTS == {"x_ptr"}
     assert _pointers_read(before[:3]) - PASS_CONSTANTS == set()  # its address taken and prefetched only
+
+
+def test_a_helper_that_only_prefetches_passes_and_one_that_loads_does_not():
+    """A pointer handed to a module's helper counts as read unless the helper only prefetches it:
+    the helper's own loads (its page table here) still count."""
+    helpers = {fn.name: fn for fn in ast.parse(
+        "def ask(first, tables_ptr, k_ptr):\n"
+        "    page = tl.load(tables_ptr + first)\n"
+        "    prefetch_l2(k_ptr + page)\n"
+        "def grab(k_ptr):\n"
+        "    return tl.load(k_ptr)\n").body}
+    fn = ast.parse("def k(x_ptr, y_ptr, tables_ptr, CHAINED):\n"
+                   "    ask(0, tables_ptr, x_ptr)\n"
+                   "    grab(y_ptr)\n"
+                   "    ask(0, x_ptr, y_ptr)\n"
+                   "    chain_start(CHAINED)\n").body[0]
+    before, _ = _before_wait(fn.body)
+    assert _pointers_read(before[:1], helpers) == {"tables_ptr"}
+    assert _pointers_read(before[1:2], helpers) == {"y_ptr"}
+    assert _pointers_read(before[2:], helpers) == {"x_ptr"}

@@ -133,6 +133,17 @@ def test_prefetched_keys_must_be_a_power_of_two():
     assert tri.prefetch_keys == 256
 
 
+def test_lazy_rescale_gives_the_reference_attention():
+    """The running max moved only when a score passes it by 8 (log2): the reference's attention."""
+    q, k_pool, v_pool, groups = random_case(random.Random(41), 7, 8, 2, 64, shared=3)
+    groups = to_device(groups)
+    ref, _ = backends(64)
+    lazy = TritonAttention(ref.inv_freq, 1.0, 64**-0.5, chunk=16, rescale_slack=8.0)
+    s = torch.zeros(q.shape[0], dtype=torch.int64, device=DEVICE)
+    got = lazy.attend(q, k_pool, v_pool, lazy.prepare(groups, s, s))
+    torch.testing.assert_close(got, reference(ref, q, k_pool, v_pool, groups), atol=2e-4, rtol=2e-4)
+
+
 def test_long_units_in_longer_tiles_give_the_same_output():
     """Units of at least `long_unit` keys read in tiles of `long_block_n` keys (longer than the
     plan's chunk rounding: the tail runs masked): the same attention as the reference."""
@@ -249,6 +260,13 @@ def test_half_precision_on_gpu(dtype, workers, q_heads, kv_heads, head_dim):
         assert torch.equal(chained.attend(q, k_pool, v_pool, chained.prepare(groups, s, s)).float(), got)
         chained.prefetch_keys = 512  # whole units asked for before the wait: the same bits
         assert torch.equal(chained.attend(q, k_pool, v_pool, chained.prepare(groups, s, s)).float(), got)
+    # no tile prefetched ahead (wide row tiles prefetch one by default), or two: the same bits
+    for ahead in (0, 2):
+        other = TritonAttention(ref.inv_freq, 1.0, head_dim**-0.5, kv_heads=kv_heads, prefetch_ahead=ahead)
+        assert torch.equal(other.attend(q, k_pool, v_pool, other.prepare(groups, s, s)).float(), got), ahead
+    lazy = TritonAttention(ref.inv_freq, 1.0, head_dim**-0.5, kv_heads=kv_heads, rescale_slack=8.0)
+    torch.testing.assert_close(lazy.attend(q, k_pool, v_pool, lazy.prepare(groups, s, s)).float(), want,
+                               atol=3e-2, rtol=3e-2)
 
 
 @pytest.mark.parametrize("workers,q_heads,kv_heads,head_dim,seed", [(3, 8, 2, 64, 11), (5, 10, 2, 32, 12)])
