@@ -128,6 +128,23 @@ def _attend_tile_lazy(k0, kend, item, h, k_ptr, v_ptr, tables_ptr, stride_table,
     return m_i, l_i + tl.sum(p, 1), acc1, acc2
 
 
+@triton.jit
+def _attend_whole_tile(k0, kend, item, h, k_ptr, v_ptr, tables_ptr, stride_table, stride_kpage, stride_ktok,
+                       stride_kh, qr1, qr2, limit, d, dmask, m_i, l_i, acc1, acc2,
+                       PAGE: tl.constexpr, HALF: tl.constexpr, HALFP: tl.constexpr, BLOCK_N: tl.constexpr,
+                       IEEE: tl.constexpr, SLACK: tl.constexpr):
+    """A tile inside the unit that every row sees whole: the unmasked tile, lazy where SLACK > 0."""
+    if SLACK > 0:
+        m_i, l_i, acc1, acc2 = _attend_tile_lazy(k0, kend, item, h, k_ptr, v_ptr, tables_ptr, stride_table,
+                                                 stride_kpage, stride_ktok, stride_kh, qr1, qr2, d, dmask,
+                                                 m_i, l_i, acc1, acc2, PAGE, HALF, HALFP, BLOCK_N, IEEE, SLACK)
+    else:
+        m_i, l_i, acc1, acc2 = _attend_tile(k0, kend, item, h, k_ptr, v_ptr, tables_ptr, stride_table, stride_kpage,
+                                            stride_ktok, stride_kh, qr1, qr2, limit, d, dmask, m_i, l_i, acc1, acc2,
+                                            PAGE, HALF, HALFP, BLOCK_N, IEEE, False)
+    return m_i, l_i, acc1, acc2
+
+
 # a launch's first unit and the page table's width change from pass to pass and only offset
 # scalar loads: specialising on their values (1, multiples of 16) would only compile more variants
 @triton.jit(do_not_specialize=["unit0", "stride_table"])
@@ -207,14 +224,9 @@ def _rope_shift_partial_kernel(
     if LOOP_WHILE:  # the CPU interpreter cannot range() over loaded bounds
         k0 = kstart
         while k0 < full:
-            if SLACK > 0:
-                m_i, l_i, acc1, acc2 = _attend_tile_lazy(
-                    k0, kend, item, h, k_ptr, v_ptr, tables_ptr, stride_table, stride_kpage, stride_ktok, stride_kh,
-                    qr1, qr2, d, dmask, m_i, l_i, acc1, acc2, PAGE, HALF, HALFP, BLOCK_N, IEEE, SLACK)
-            else:
-                m_i, l_i, acc1, acc2 = _attend_tile(
-                    k0, kend, item, h, k_ptr, v_ptr, tables_ptr, stride_table, stride_kpage, stride_ktok, stride_kh,
-                    qr1, qr2, limit, d, dmask, m_i, l_i, acc1, acc2, PAGE, HALF, HALFP, BLOCK_N, IEEE, False)
+            m_i, l_i, acc1, acc2 = _attend_whole_tile(
+                k0, kend, item, h, k_ptr, v_ptr, tables_ptr, stride_table, stride_kpage, stride_ktok, stride_kh,
+                qr1, qr2, limit, d, dmask, m_i, l_i, acc1, acc2, PAGE, HALF, HALFP, BLOCK_N, IEEE, SLACK)
             k0 += BLOCK_N
         while k0 < kend:
             m_i, l_i, acc1, acc2 = _attend_tile(
@@ -226,14 +238,9 @@ def _rope_shift_partial_kernel(
             if AHEAD > 0:  # the tile AHEAD tiles on, asked of the L2 cache while this one is read
                 _prefetch_kv(k0 + AHEAD * BLOCK_N + tl.arange(0, BLOCK_N), kend, item, h, k_ptr, v_ptr, tables_ptr,
                              stride_table, stride_kpage, stride_ktok, stride_kh, PAGE, KV_LINES)
-            if SLACK > 0:
-                m_i, l_i, acc1, acc2 = _attend_tile_lazy(
-                    k0, kend, item, h, k_ptr, v_ptr, tables_ptr, stride_table, stride_kpage, stride_ktok, stride_kh,
-                    qr1, qr2, d, dmask, m_i, l_i, acc1, acc2, PAGE, HALF, HALFP, BLOCK_N, IEEE, SLACK)
-            else:
-                m_i, l_i, acc1, acc2 = _attend_tile(
-                    k0, kend, item, h, k_ptr, v_ptr, tables_ptr, stride_table, stride_kpage, stride_ktok, stride_kh,
-                    qr1, qr2, limit, d, dmask, m_i, l_i, acc1, acc2, PAGE, HALF, HALFP, BLOCK_N, IEEE, False)
+            m_i, l_i, acc1, acc2 = _attend_whole_tile(
+                k0, kend, item, h, k_ptr, v_ptr, tables_ptr, stride_table, stride_kpage, stride_ktok, stride_kh,
+                qr1, qr2, limit, d, dmask, m_i, l_i, acc1, acc2, PAGE, HALF, HALFP, BLOCK_N, IEEE, SLACK)
         for k0 in range(full, kend, BLOCK_N):
             m_i, l_i, acc1, acc2 = _attend_tile(
                 k0, kend, item, h, k_ptr, v_ptr, tables_ptr, stride_table, stride_kpage, stride_ktok, stride_kh,
