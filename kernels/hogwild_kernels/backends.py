@@ -169,8 +169,7 @@ class TritonAttention:
                  block_n: int | None = None, block_m: int | None = None, kv_heads: int = 8,
                  num_warps: int | None = None, num_stages: int | None = None, programs_per_sm: int = 2,
                  partial_dtype: torch.dtype | None = None, pdl: bool | None = None, q_per_kv: int = 1,
-                 wide_units: bool = True, long_unit: int = 512, prefetch_ahead: int = PREFETCH_AHEAD,
-                 rescale_slack: float = 0.0) -> None:
+                 wide_units: bool = True, long_unit: int = 512, prefetch_ahead: int = PREFETCH_AHEAD) -> None:
         self.inv_freq = inv_freq.to(torch.float32).contiguous()
         self.rope_scale, self.sm_scale, self.kv_heads = rope_scale, sm_scale, kv_heads
         interpret = self.interpret = os.environ.get("TRITON_INTERPRET") == "1"
@@ -203,7 +202,6 @@ class TritonAttention:
         # programs of row tiles of AHEAD_ROWS rows or more ask the L2 cache for the tile this many
         # tiles ahead of the one they read (0: none)
         self.prefetch_ahead = prefetch_ahead
-        self.rescale_slack = rescale_slack
 
     @property
     def prefetch_keys(self) -> int:
@@ -347,8 +345,7 @@ class TritonAttention:
                 IEEE=q.dtype == torch.float32, LOOP_WHILE=self.interpret, PDL=pdl, CHAINED=self.chained,
                 PREFETCH_KEYS=self.prefetch_keys if self.chained else 0,
                 KV_LINES=_next_pow2(-(-d * k_pool.element_size() // 128)),
-                AHEAD=self.prefetch_ahead if block_m >= AHEAD_ROWS and not self.interpret else 0,
-                SLACK=float(self.rescale_slack),
+                AHEAD=self.tiles_ahead(block_m),
                 **launch, **pdl_launch(self.chained),
             )
         _merge_partials_kernel[(t, hq)](
@@ -358,6 +355,11 @@ class TritonAttention:
             CHAINED=self.chained, **pdl_launch(pdl or self.chained),
         )
         return out
+
+    def tiles_ahead(self, block_m: int) -> int:
+        """Tiles ahead of the one it reads that a program of row tiles of block_m rows asks the
+        L2 cache for: wide tiles only (AHEAD_ROWS), and none under the interpreter (no prefetch there)."""
+        return self.prefetch_ahead if block_m >= AHEAD_ROWS and not self.interpret else 0
 
     def long_keys(self, chunk: int) -> bool:
         """Whether units of `chunk` keys are read in the longer key tile. A captured graph keeps

@@ -40,12 +40,16 @@ def _prefetch_kv(first, kend, item, h, k_ptr, v_ptr, tables_ptr, stride_table, s
 
 
 @triton.jit
-def _tile_scores(k0, kend, item, h, k_ptr, tables_ptr, stride_table, stride_kpage, stride_ktok, stride_kh,
-                 qr1, qr2, d, dmask, PAGE: tl.constexpr, HALF: tl.constexpr, HALFP: tl.constexpr,
-                 BLOCK_N: tl.constexpr, IEEE: tl.constexpr, MASKED: tl.constexpr):
-    """One tile of BLOCK_N keys of a block scored against every packed query: (key indexes, their
-    bounds mask, their K/V offsets and mask, scores). The head dim is handled as two halves
-    (the rotate-half pairs), so the query rotation needs no shuffle."""
+def _attend_tile(k0, kend, item, h, k_ptr, v_ptr, tables_ptr, stride_table, stride_kpage, stride_ktok, stride_kh,
+                 qr1, qr2, limit, d, dmask, m_i, l_i, acc1, acc2,
+                 PAGE: tl.constexpr, HALF: tl.constexpr, HALFP: tl.constexpr, BLOCK_N: tl.constexpr,
+                 IEEE: tl.constexpr, MASKED: tl.constexpr):
+    """One tile of BLOCK_N keys of a block: scores for every packed query, online softmax.
+
+    The head dim is handled as two halves (the rotate-half pairs), so the query rotation
+    needs no shuffle. MASKED=False is the fast path for tiles that lie inside the chunk
+    and that every row sees whole (most of a long block): no bounds, no visibility mask.
+    """
     offs = k0 + tl.arange(0, BLOCK_N)
     kmask = offs < kend
     if MASKED:
@@ -62,33 +66,6 @@ def _tile_scores(k0, kend, item, h, k_ptr, tables_ptr, stride_table, stride_kpag
         s = tl.dot(qr1, tl.trans(k1), input_precision="ieee") + tl.dot(qr2, tl.trans(k2), input_precision="ieee")
     else:
         s = tl.dot(qr1, tl.trans(k1)) + tl.dot(qr2, tl.trans(k2))
-    return offs, kmask, kv_off, kvmask, s
-
-
-@triton.jit
-def _tile_values(p, v_ptr, kv_off, kvmask, acc1, acc2, HALF: tl.constexpr, IEEE: tl.constexpr,
-                 MASKED: tl.constexpr):
-    """The accumulators plus the tile's values weighted by p."""
-    v1, v2 = _load_halves(v_ptr, kv_off, kvmask, HALF, MASKED)
-    pv = p.to(v_ptr.dtype.element_ty)
-    if IEEE:
-        return acc1 + tl.dot(pv, v1, input_precision="ieee"), acc2 + tl.dot(pv, v2, input_precision="ieee")
-    return acc1 + tl.dot(pv, v1), acc2 + tl.dot(pv, v2)
-
-
-@triton.jit
-def _attend_tile(k0, kend, item, h, k_ptr, v_ptr, tables_ptr, stride_table, stride_kpage, stride_ktok, stride_kh,
-                 qr1, qr2, limit, d, dmask, m_i, l_i, acc1, acc2,
-                 PAGE: tl.constexpr, HALF: tl.constexpr, HALFP: tl.constexpr, BLOCK_N: tl.constexpr,
-                 IEEE: tl.constexpr, MASKED: tl.constexpr):
-    """One tile of BLOCK_N keys of a block: scores for every packed query, online softmax.
-
-    MASKED=False is the fast path for tiles that lie inside the chunk and that every row
-    sees whole (most of a long block): no bounds, no visibility mask.
-    """
-    offs, kmask, kv_off, kvmask, s = _tile_scores(
-        k0, kend, item, h, k_ptr, tables_ptr, stride_table, stride_kpage, stride_ktok, stride_kh,
-        qr1, qr2, d, dmask, PAGE, HALF, HALFP, BLOCK_N, IEEE, MASKED)
     if MASKED:
         visible = (offs[None, :] < limit[:, None]) & kmask[None, :]
         s = tl.where(visible, s, float("-inf"))
@@ -100,49 +77,15 @@ def _attend_tile(k0, kend, item, h, k_ptr, v_ptr, tables_ptr, stride_table, stri
     p = tl.exp2(s - m_safe[:, None])
     alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc1, acc2 = _tile_values(p, v_ptr, kv_off, kvmask, acc1 * alpha[:, None], acc2 * alpha[:, None], HALF, IEEE,
-                              MASKED or HALF != HALFP)
-    return m_new, l_i, acc1, acc2
-
-
-@triton.jit
-def _attend_tile_lazy(k0, kend, item, h, k_ptr, v_ptr, tables_ptr, stride_table, stride_kpage, stride_ktok,
-                      stride_kh, qr1, qr2, d, dmask, m_i, l_i, acc1, acc2,
-                      PAGE: tl.constexpr, HALF: tl.constexpr, HALFP: tl.constexpr, BLOCK_N: tl.constexpr,
-                      IEEE: tl.constexpr, SLACK: tl.constexpr):
-    """An unmasked tile whose running max moves only when a score passes it by more than SLACK
-    (log2): the rescale of the accumulators is skipped for most tiles of a long block."""
-    _, _, kv_off, kvmask, s = _tile_scores(
-        k0, kend, item, h, k_ptr, tables_ptr, stride_table, stride_kpage, stride_ktok, stride_kh,
-        qr1, qr2, d, dmask, PAGE, HALF, HALFP, BLOCK_N, IEEE, False)
-    m_tile = tl.max(s, 1)
-    if tl.max(m_tile - m_i, 0) > SLACK:
-        m_new = tl.maximum(m_i, m_tile)
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha
-        acc1 = acc1 * alpha[:, None]
-        acc2 = acc2 * alpha[:, None]
-        m_i = m_new
-    p = tl.exp2(s - m_i[:, None])
-    acc1, acc2 = _tile_values(p, v_ptr, kv_off, kvmask, acc1, acc2, HALF, IEEE, HALF != HALFP)
-    return m_i, l_i + tl.sum(p, 1), acc1, acc2
-
-
-@triton.jit
-def _attend_whole_tile(k0, kend, item, h, k_ptr, v_ptr, tables_ptr, stride_table, stride_kpage, stride_ktok,
-                       stride_kh, qr1, qr2, limit, d, dmask, m_i, l_i, acc1, acc2,
-                       PAGE: tl.constexpr, HALF: tl.constexpr, HALFP: tl.constexpr, BLOCK_N: tl.constexpr,
-                       IEEE: tl.constexpr, SLACK: tl.constexpr):
-    """A tile inside the unit that every row sees whole: the unmasked tile, lazy where SLACK > 0."""
-    if SLACK > 0:
-        m_i, l_i, acc1, acc2 = _attend_tile_lazy(k0, kend, item, h, k_ptr, v_ptr, tables_ptr, stride_table,
-                                                 stride_kpage, stride_ktok, stride_kh, qr1, qr2, d, dmask,
-                                                 m_i, l_i, acc1, acc2, PAGE, HALF, HALFP, BLOCK_N, IEEE, SLACK)
+    v1, v2 = _load_halves(v_ptr, kv_off, kvmask, HALF, MASKED or HALF != HALFP)
+    pv = p.to(v_ptr.dtype.element_ty)
+    if IEEE:
+        acc1 = acc1 * alpha[:, None] + tl.dot(pv, v1, input_precision="ieee")
+        acc2 = acc2 * alpha[:, None] + tl.dot(pv, v2, input_precision="ieee")
     else:
-        m_i, l_i, acc1, acc2 = _attend_tile(k0, kend, item, h, k_ptr, v_ptr, tables_ptr, stride_table, stride_kpage,
-                                            stride_ktok, stride_kh, qr1, qr2, limit, d, dmask, m_i, l_i, acc1, acc2,
-                                            PAGE, HALF, HALFP, BLOCK_N, IEEE, False)
-    return m_i, l_i, acc1, acc2
+        acc1 = acc1 * alpha[:, None] + tl.dot(pv, v1)
+        acc2 = acc2 * alpha[:, None] + tl.dot(pv, v2)
+    return m_new, l_i, acc1, acc2
 
 
 # a launch's first unit and the page table's width change from pass to pass and only offset
@@ -163,7 +106,7 @@ def _rope_shift_partial_kernel(
     PAGE: tl.constexpr, REP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
     HALF: tl.constexpr, HALFP: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
     LOOP_WHILE: tl.constexpr, PDL: tl.constexpr, CHAINED: tl.constexpr, PREFETCH_KEYS: tl.constexpr = 0,
-    KV_LINES: tl.constexpr = 1, AHEAD: tl.constexpr = 0, SLACK: tl.constexpr = 0.0,
+    KV_LINES: tl.constexpr = 1, AHEAD: tl.constexpr = 0,
 ):
     """Partial attention of one unit (a chunk of one block) for one KV head and BLOCK_R readers.
 
@@ -224,9 +167,9 @@ def _rope_shift_partial_kernel(
     if LOOP_WHILE:  # the CPU interpreter cannot range() over loaded bounds
         k0 = kstart
         while k0 < full:
-            m_i, l_i, acc1, acc2 = _attend_whole_tile(
+            m_i, l_i, acc1, acc2 = _attend_tile(
                 k0, kend, item, h, k_ptr, v_ptr, tables_ptr, stride_table, stride_kpage, stride_ktok, stride_kh,
-                qr1, qr2, limit, d, dmask, m_i, l_i, acc1, acc2, PAGE, HALF, HALFP, BLOCK_N, IEEE, SLACK)
+                qr1, qr2, limit, d, dmask, m_i, l_i, acc1, acc2, PAGE, HALF, HALFP, BLOCK_N, IEEE, False)
             k0 += BLOCK_N
         while k0 < kend:
             m_i, l_i, acc1, acc2 = _attend_tile(
@@ -238,9 +181,9 @@ def _rope_shift_partial_kernel(
             if AHEAD > 0:  # the tile AHEAD tiles on, asked of the L2 cache while this one is read
                 _prefetch_kv(k0 + AHEAD * BLOCK_N + tl.arange(0, BLOCK_N), kend, item, h, k_ptr, v_ptr, tables_ptr,
                              stride_table, stride_kpage, stride_ktok, stride_kh, PAGE, KV_LINES)
-            m_i, l_i, acc1, acc2 = _attend_whole_tile(
+            m_i, l_i, acc1, acc2 = _attend_tile(
                 k0, kend, item, h, k_ptr, v_ptr, tables_ptr, stride_table, stride_kpage, stride_ktok, stride_kh,
-                qr1, qr2, limit, d, dmask, m_i, l_i, acc1, acc2, PAGE, HALF, HALFP, BLOCK_N, IEEE, SLACK)
+                qr1, qr2, limit, d, dmask, m_i, l_i, acc1, acc2, PAGE, HALF, HALFP, BLOCK_N, IEEE, False)
         for k0 in range(full, kend, BLOCK_N):
             m_i, l_i, acc1, acc2 = _attend_tile(
                 k0, kend, item, h, k_ptr, v_ptr, tables_ptr, stride_table, stride_kpage, stride_ktok, stride_kh,
