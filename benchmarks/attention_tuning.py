@@ -72,7 +72,8 @@ def main() -> None:
         for bn, nw, ns, pps, bm in itertools.product(ints(args.block_n), ints(args.warps), ints(args.stages),
                                                      ints(args.pps), ints(args.block_m)):
             tri = TritonAttention(inv_freq, 1.0, d**-0.5, kv_heads=hkv, q_per_kv=hq // hkv, block_n=bn, num_warps=nw,
-                                  num_stages=ns, programs_per_sm=pps, block_m=bm or None)
+                                  num_stages=ns, programs_per_sm=pps, short_programs_per_sm=pps,
+                                  block_m=bm or None)
             meta = tri.prepare(groups, slots, slots)
             try:
                 t = timed_attend(tri, meta, iters=20)

@@ -366,7 +366,7 @@ def test_units_read_by_many_rows_are_made_longer():
     of units; long units, and fewer rows, are left as they are; off with wide_units=False."""
     from hogwild_kernels.backends import WIDE_KEYS, TritonAttention
 
-    tri = TritonAttention(torch.ones(4), 1.0, 1.0, kv_heads=1, q_per_kv=4, block_n=16)
+    tri = TritonAttention(torch.ones(4), 1.0, 1.0, kv_heads=1, q_per_kv=4, block_n=16, short_programs_per_sm=2)
     rule = tri.chunk_rule(torch.device("cpu"))
     assert tri.target_units(torch.device("cpu")) == 16
     assert rule(1024) == rule(1024, 9) == 64  # 36 rows: 16 units of 64 keys
@@ -375,6 +375,28 @@ def test_units_read_by_many_rows_are_made_longer():
     assert rule(8192, 16) == rule(8192) == 512  # long units stay as they are
     tri.wide_units = False
     assert tri.chunk_rule(torch.device("cpu"))(1024, 40) == 64
+
+
+def test_passes_of_short_units_are_cut_for_more_programs_an_sm():
+    """Where units would be at most SHORT_KEYS keys long with two programs an SM per KV head, the
+    pass is cut for three (8 SMs off CUDA: 24 units rather than 16); longer ones keep two; the
+    wide-row rule halves whichever count applies; a pass never has more units than target_units
+    (what a graph allots, but for one more per block); short_programs_per_sm=2 is the old rule."""
+    from hogwild_kernels.backends import SHORT_KEYS, TritonAttention
+
+    tri = TritonAttention(torch.ones(4), 1.0, 1.0, kv_heads=1, block_n=16)
+    cpu = torch.device("cpu")
+    rule = tri.chunk_rule(cpu)
+    assert tri.target_units(cpu) == 24 and tri.units_for(cpu, 2) == 16
+    assert rule(16 * SHORT_KEYS) == 352  # 512 keys a unit at 16 units: 24 units of 342, rounded to 352
+    assert rule(16 * SHORT_KEYS + 16) == 528  # 513 at 16 units: long enough, 16 units
+    assert rule(16384) == 1024
+    assert rule(1024, 40) == 96  # 40 rows: half of 24 units, 86 keys rounded to 96
+    uncapped = tri.chunk_rule(cpu, capped=False)
+    for total in range(1, 40000, 37):
+        assert -(-total // uncapped(total)) <= tri.target_units(cpu)
+    tri.short_programs_per_sm = 2
+    assert tri.chunk_rule(cpu)(16 * SHORT_KEYS) == SHORT_KEYS and tri.target_units(cpu) == 16
 
 
 @pytest.mark.parametrize("seed", [21, 22])

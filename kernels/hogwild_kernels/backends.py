@@ -151,6 +151,11 @@ PREFETCH_KEYS = 64
 # they read (on an H100, 16 workers over 16k-64k views 0.94-0.98x the time; narrower tiles gained
 # nothing, one worker over 16k 1.07x slower, two tiles ahead slower everywhere)
 AHEAD_ROWS, PREFETCH_AHEAD = 64, 1
+# a pass whose units would be at most SHORT_KEYS keys long with `programs_per_sm` programs an SM
+# per KV head (views up to 16k) is cut for SHORT_PROGRAMS_PER_SM instead: on an H100 three rather
+# than two took 0.89-1.00x the time at 8k-16k (1-16 workers) and 0.92x for 16 workers at 4k, while
+# at 32k-64k, where units are 1024-2048 keys, they took 1.02-1.05x
+SHORT_KEYS, SHORT_PROGRAMS_PER_SM = 512, 3
 # units read by this many query rows (readers x query heads per KV head) or more are made up to
 # WIDE_KEYS keys long (see TritonAttention.chunk_rule)
 WIDE_ROWS, WIDE_KEYS = 40, 256
@@ -168,6 +173,7 @@ class TritonAttention:
     def __init__(self, inv_freq: torch.Tensor, rope_scale: float, sm_scale: float, chunk: int | None = None,
                  block_n: int | None = None, block_m: int | None = None, kv_heads: int = 8,
                  num_warps: int | None = None, num_stages: int | None = None, programs_per_sm: int = 2,
+                 short_programs_per_sm: int = SHORT_PROGRAMS_PER_SM,
                  partial_dtype: torch.dtype | None = None, pdl: bool | None = None, q_per_kv: int = 1,
                  wide_units: bool = True, long_unit: int = 512, prefetch_ahead: int = PREFETCH_AHEAD) -> None:
         self.inv_freq = inv_freq.to(torch.float32).contiguous()
@@ -175,6 +181,7 @@ class TritonAttention:
         interpret = self.interpret = os.environ.get("TRITON_INTERPRET") == "1"
         self.chunk = chunk  # None: sized per pass so that every SM gets work
         self.programs_per_sm, self.partial_dtype = programs_per_sm, partial_dtype
+        self.short_programs_per_sm = short_programs_per_sm  # where units are short (see SHORT_KEYS)
         # query heads per KV head: a unit's rows are its readers times this (see chunk_rule)
         self.q_per_kv, self.wide_units = q_per_kv, wide_units
         self._sms: int | None = None
@@ -238,13 +245,18 @@ class TritonAttention:
         ang = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]
         return (ang.cos() * self.rope_scale).contiguous(), (ang.sin() * self.rope_scale).contiguous()
 
-    def target_units(self, device: torch.device) -> int:
-        """Units per pass that give every SM `programs_per_sm` programs over the KV heads."""
+    def units_for(self, device: torch.device, per_sm: int) -> int:
+        """Units per pass that give every SM `per_sm` programs over the KV heads (8 SMs off CUDA)."""
         if device.type != "cuda":
-            return max(1, -(-self.programs_per_sm * 8 // self.kv_heads))
+            return max(1, -(-per_sm * 8 // self.kv_heads))
         if self._sms is None:
             self._sms = torch.cuda.get_device_properties(device).multi_processor_count
-        return max(1, -(-self.programs_per_sm * self._sms // self.kv_heads))
+        return max(1, -(-per_sm * self._sms // self.kv_heads))
+
+    def target_units(self, device: torch.device) -> int:
+        """The most units the chunk rule cuts a pass into, but for one more per block: what a
+        captured graph allots."""
+        return self.units_for(device, max(self.programs_per_sm, self.short_programs_per_sm))
 
     def chunk_rule(self, device: torch.device, capped: bool = True):
         """Keys per unit as a function of the pass's total keys and the most readers (query
@@ -253,14 +265,18 @@ class TritonAttention:
         SMs would take (a wide row tile over a short unit spends more on its partial rows and
         their merge than on keys; on an H200 at 4k views, 40-80 rows a unit, 256 keys rather
         than 128 took 0.88-0.89x the time, while with 32 rows or fewer, or at 32k views where
-        units are long anyway, longer units were slower). Uncapped, a pass never has more than
-        target_units + blocks units (what a captured graph allots)."""
+        units are long anyway, longer units were slower). Passes whose units would be at most
+        SHORT_KEYS keys long are cut for `short_programs_per_sm` programs an SM rather than
+        `programs_per_sm`. Uncapped, a pass never has more than target_units + blocks units
+        (what a captured graph allots)."""
         if self.chunk is not None:
             return self.chunk
-        target = self.target_units(device)
-        half = max(1, -(-target // 2))
+        base = self.units_for(device, self.programs_per_sm)
+        short = self.target_units(device)
 
         def chunk(total: int, readers: int = 0) -> int:
+            target = short if -(-total // base) <= SHORT_KEYS else base
+            half = max(1, -(-target // 2))
             per_unit = -(-total // target)
             if self.wide_units and readers * self.q_per_kv >= WIDE_ROWS:
                 per_unit = max(per_unit, min(WIDE_KEYS, -(-total // half)))
