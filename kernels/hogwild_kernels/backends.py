@@ -148,8 +148,8 @@ PARTIAL_STAGES = 2
 PREFETCH_KEYS = 64
 # row tiles of this many rows or more are bound by their matrix and softmax work more than by
 # memory: their programs ask the L2 cache for the K/V tile PREFETCH_AHEAD tiles ahead of the one
-# they read (on an H100, 16 workers over 16k-64k views 0.94-0.98x the time; narrower tiles gained
-# nothing, one worker over 16k 1.07x slower, two tiles ahead slower everywhere)
+# they read (on an H100, 16 workers over 16k-64k views 0.91-0.99x the time, over 4k 1.01-1.02x;
+# narrower tiles gained nothing, one worker over 16k 1.07x slower, two tiles ahead slower everywhere)
 AHEAD_ROWS, PREFETCH_AHEAD = 64, 1
 # a pass whose units would be at most SHORT_KEYS keys long with `programs_per_sm` programs an SM
 # per KV head (views up to 16k) is cut for SHORT_PROGRAMS_PER_SM instead: on an H100 three rather
