@@ -14,8 +14,10 @@ kernels the decoder folds into their neighbours (hogwild_ray.model.decoder.FOLDS
 side by side (one engine each).
 `--prefetch default,all=2048,o=8192+qkv=1024` runs the chained products with their weight
 rows prefetched that far into the L2 cache before their wait (hogwild_ray.model.decoder.PRODUCTS,
-or `all`; `keys=N`: the keys of its unit each attention program asks for before its wait),
-side by side (one engine each).
+or `all`; `keys=N`: the keys of its unit each attention program asks for before its wait;
+`ahead=N`: the tiles ahead a wide row tile's program asks for), side by side (one engine each).
+`--attention default,short_programs_per_sm=2` runs the attention with its unit counts as named
+(ATTENTION_KNOBS: programs an SM per KV head, and where units are short), side by side.
 `--host-profile` adds the host's
 hottest functions over more steps (cProfile, after the timed ones).
 
@@ -183,6 +185,24 @@ def prefetch_setting(text: str) -> dict[str, int]:
     return out
 
 
+# the attention's unit counts `--attention` sets (programs an SM per KV head, and where units are short)
+ATTENTION_KNOBS = ("programs_per_sm", "short_programs_per_sm")
+
+
+def attention_setting(text: str) -> dict[str, int]:
+    """'default' -> {}; 'programs_per_sm=3+short_programs_per_sm=3' -> the attention's knobs
+    (ATTENTION_KNOBS), each a whole number of programs, at least 1."""
+    if text == "default":
+        return {}
+    out: dict[str, int] = {}
+    for part in text.split("+"):
+        name, _, value = part.partition("=")
+        if name not in ATTENTION_KNOBS or not value.isdigit() or int(value) < 1:
+            raise ValueError(f"--attention: {part!r} is not KNOB=N (N >= 1); knobs: {', '.join(ATTENTION_KNOBS)}")
+        out[name] = int(value)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -202,6 +222,10 @@ def main(argv: list[str] | None = None) -> int:
                         "weight bytes a row a chained product prefetches (keys=N: keys a partial program "
                         "prefetches; ahead=N: tiles ahead a wide row tile's program prefetches); several, "
                         "comma-separated")
+    p.add_argument("--attention", default="default",
+                   help="default, or KNOB=N joined by '+' (knobs: programs_per_sm, short_programs_per_sm: the "
+                        "attention's programs an SM per KV head, and where units are short); several, "
+                        "comma-separated")
     p.add_argument("--host-profile", action="store_true", help="also profile the host's work (cProfile)")
     p.add_argument("--launch-ahead", default="on",
                    help="on: each pass launched right behind the last one, fed its samples on the device "
@@ -220,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--folds: unknown fold(s) {sorted(unknown)}; choose from default, none, all or {', '.join(FOLDS)}")
     try:
         prefetches = [(text, prefetch_setting(text)) for text in args.prefetch.split(",")]
+        attentions = [(text, attention_setting(text)) for text in args.attention.split(",")]
     except ValueError as e:
         p.error(str(e))
     aheads = args.launch_ahead.split(",")
@@ -231,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     floor = measure_bandwidth(dev)
     model = scaling_runs.Model(f"random:{args.shape}", dev, torch.bfloat16)
     rows = []
-    for setting, fold, (prefetch, prefetch_bytes) in [(s, f, pf) for s in settings for f in folds for pf in prefetches]:
+    runs = [(s, f, pf, at) for s in settings for f in folds for pf in prefetches for at in attentions]
+    for setting, fold, (prefetch, prefetch_bytes), (attention, knobs) in runs:
         engine = hw.HogwildEngine.from_pretrained(model.path, dev, torch.bfloat16, cuda_graphs=True,
                                                   cache_tokens=args.sessions * (max(args.workers) * 512
                                                                                 + args.view + 4096))
@@ -244,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
             engine.decoder.attention.prefetch_keys = prefetch_bytes["keys"]
         if "ahead" in prefetch_bytes:
             engine.decoder.attention.prefetch_ahead = prefetch_bytes["ahead"]
+        for knob, value in knobs.items():  # before any graph is captured: graphs allot units by them
+            setattr(engine.decoder.attention, knob, value)
         if setting not in ("on", "unchained"):
             engine.decoder.products = {}
         if fold != "default":
@@ -252,12 +280,13 @@ def main(argv: list[str] | None = None) -> int:
         for w in args.workers:
             for ahead in aheads:
                 engine.executor.prelaunch = ahead == "on"
-                r = {"skinny": setting, "folds": fold, "prefetch": prefetch, "launch_ahead": ahead,
-                     **measure(engine, model, w, args, floor.value)}
+                r = {"skinny": setting, "folds": fold, "prefetch": prefetch, "attention": attention,
+                     "launch_ahead": ahead, **measure(engine, model, w, args, floor.value)}
                 r["products"] = "cuBLAS" if setting == "off" else chosen
                 r["chained"] = engine.decoder.chained
                 rows.append(r)
-                print(f"skinny {setting}, folds {fold}, prefetch {prefetch}, launch ahead {ahead}, "
+                print(f"skinny {setting}, folds {fold}, prefetch {prefetch}, attention {attention}, "
+                      f"launch ahead {ahead}, "
                       f"{args.sessions} x {w} workers: step "
                       f"{r['step_ms']:.2f} ms, GPU {r['gpu_ms']:.2f} ms, roofline {r['roofline_ms']:.2f} ms "
                       f"(x{r['x_roofline']:.2f}), host {r['host_pct']:.1f}%, {r['kernels_per_pass']} kernels; "
@@ -269,9 +298,10 @@ def main(argv: list[str] | None = None) -> int:
     name = common.device_name(dev)
     common.print_table(f"Decode step, random:{args.shape} bf16, {args.view}-token view, {name}, bandwidth "
                        f"{floor.gbs:.0f} GB/s",
-                       ["skinny", "folds", "prefetch", "launch ahead", "workers", "step ms", "GPU ms",
-                        "roofline ms", "x roofline", "GPU x roofline", "host %", "device waits ms", "kernels"],
-                       [[r["skinny"], r["folds"], r["prefetch"], r["launch_ahead"], str(r["workers"]),
+                       ["skinny", "folds", "prefetch", "attention", "launch ahead", "workers", "step ms",
+                        "GPU ms", "roofline ms", "x roofline", "GPU x roofline", "host %", "device waits ms",
+                        "kernels"],
+                       [[r["skinny"], r["folds"], r["prefetch"], r["attention"], r["launch_ahead"], str(r["workers"]),
                          f"{r['step_ms']:.2f}",
                          f"{r['gpu_ms']:.2f}", f"{r['roofline_ms']:.2f}", f"{r['x_roofline']:.2f}",
                          f"{r['gpu_x_roofline']:.2f}", f"{r['host_pct']:.1f}", f"{r['host_exposed_ms']:.3f}",
@@ -279,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         top = sorted(r["kernel_us"].items(), key=lambda kv: -kv[1])[:14]
         common.print_table(f"kernels of one pass: skinny {r['skinny']}, folds {r['folds']}, "
-                           f"prefetch {r['prefetch']}, launch ahead "
+                           f"prefetch {r['prefetch']}, attention {r['attention']}, launch ahead "
                            f"{r['launch_ahead']}, "
                            f"{r['workers']} workers "
                            f"(sum {sum(r['kernel_us'].values()):.0f} µs)",
@@ -292,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
             "versions": common.versions()}
     flat = [{k: v for k, v in r.items() if k not in ("kernel_us", "host_top")} for r in rows]
     common.write_results(stem, meta, flat, {"kernels": [
-        {k: r[k] for k in ("skinny", "folds", "prefetch", "launch_ahead", "workers", "kernel_us", "host_top")}
+        {k: r[k] for k in ("skinny", "folds", "prefetch", "attention", "launch_ahead", "workers", "kernel_us",
+                           "host_top")}
         for r in rows]})
     plot(rows, Path(f"{stem}.png"), f"Decode step vs roofline, random:{args.shape}, {args.view} view, {name}")
     print(f"wrote {stem}.csv, .json and .png")
@@ -306,8 +337,8 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4))
-    labels = [f"{r['workers']}w {r['skinny']}, folds {r['folds']}, prefetch {r['prefetch']}, ahead {r['launch_ahead']}"
-              for r in rows]
+    labels = [f"{r['workers']}w {r['skinny']}, folds {r['folds']}, prefetch {r['prefetch']}, "
+              f"attention {r.get('attention', 'default')}, ahead {r['launch_ahead']}" for r in rows]
     xs = range(len(rows))
     ax.bar([x - 0.27 for x in xs], [r["step_ms"] for r in rows], 0.27, label="step (wall)")
     ax.bar(list(xs), [r["gpu_ms"] for r in rows], 0.27, label="GPU (graph replay)")

@@ -29,7 +29,31 @@ def test_prefetch_settings_name_products_and_bytes():
             prefetch_setting(bad)
 
 
+def test_attention_settings_name_the_kernels_unit_counts():
+    """--attention names the attention's unit counts, whole numbers of at least one program, and
+    each is an attribute the engine's attention reads when it cuts a pass (the run sets them)."""
+    import torch
+    from decode_profile import ATTENTION_KNOBS, attention_setting
+
+    from hogwild_kernels import TritonAttention
+
+    assert attention_setting("default") == {}
+    assert attention_setting("short_programs_per_sm=2") == {"short_programs_per_sm": 2}
+    assert attention_setting("programs_per_sm=3+short_programs_per_sm=4") == {"programs_per_sm": 3,
+                                                                            "short_programs_per_sm": 4}
+    for bad in ("programs_per_sm=0", "programs_per_sm=-1", "programs_per_sm", "block_n=32", ""):
+        with pytest.raises(ValueError, match="KNOB=N"):
+            attention_setting(bad)
+    cpu = torch.device("cpu")
+    for knob in ATTENTION_KNOBS:  # 8 SMs off CUDA, one KV head: 3 programs an SM at most by default
+        tri = TritonAttention(torch.ones(4), 1.0, 1.0, kv_heads=1)
+        assert tri.target_units(cpu) == 24
+        setattr(tri, knob, 5)
+        assert tri.target_units(cpu) == 40
+
+
 @pytest.mark.parametrize("args, named", [(["--prefetch", "default,o=x"], "'o=x' is not PRODUCT=BYTES"),
+                                         (["--attention", "default,pps=3"], "'pps=3' is not KNOB=N"),
                                          (["--skinny", "fast"], "--skinny: unknown setting(s) ['fast']")])
 def test_bad_settings_are_refused_by_name_before_anything_runs(capsys, args, named):
     import decode_profile
