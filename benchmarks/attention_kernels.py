@@ -18,6 +18,10 @@ Side by side in the same run:
 
 K/V pages are token-major in memory ([page, token, kv_head, dim]), as the engine's pool keeps
 them; a variant with "page_layout": "head" reads head-major pages ([page, kv_head, token, dim]).
+A variant with "chained": true launches the kernels as a decoder that chains its layers does
+(each a programmatic dependent of the one before; a partial program asks for its first keys
+before its wait): here each layer's partials follow the previous layer's merge, where in a
+decode pass they follow the K/V append.
 
 The floor is the unique K/V bytes (each block once per KV head) over the device's bandwidth
 measured in this run with plain copies and reads (bandwidth.py, no CUDA graph); `x_floor` is
@@ -159,7 +163,9 @@ def measure(w, view, shape, args, dev, dtype) -> dict:
     for name, spec in args.variants.items():
         knobs = {**args.kernel, **spec}
         layout = knobs.pop("page_layout", "token")
+        chained = knobs.pop("chained", False)
         impl = TritonAttention(inv_freq, 1.0, d**-0.5, kv_heads=hkv, q_per_kv=hq // hkv, **knobs)
+        impl.chained = chained
         m = impl.prepare(groups, slots, slots)
         other = [(laid_out(k, layout), laid_out(v, layout)) for k, v in pools]
         timed[name] = [lambda k=k, v=v, impl=impl, m=m: impl.attend(q, k, v, m) for k, v in other]
@@ -334,12 +340,14 @@ def main() -> None:
     for name, spec in args.variants.items():
         if name in ("triton", "sdpa", "naive", "torch"):
             raise SystemExit(f"variant {name!r}: that name is a column of its own; name the variant otherwise")
-        unknown_knobs = set(spec) - knobs - {"page_layout"}
+        unknown_knobs = set(spec) - knobs - {"page_layout", "chained"}
         if unknown_knobs:
             raise SystemExit(f"variant {name!r}: unknown knob(s) {sorted(unknown_knobs)}; choose from "
-                             f"{sorted(knobs | {'page_layout'})}")
+                             f"{sorted(knobs | {'page_layout', 'chained'})}")
         if spec.get("page_layout", "token") not in PAGE_LAYOUTS:
             raise SystemExit(f"variant {name!r}: page_layout must be one of {', '.join(PAGE_LAYOUTS)}")
+        if not isinstance(spec.get("chained", False), bool):
+            raise SystemExit(f"variant {name!r}: chained is true or false, got {spec['chained']!r}")
     if not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA GPU")
     unknown = set(args.shapes) - set(SHAPES)

@@ -216,6 +216,22 @@ def test_the_attention_benchmark_times_its_kernels_in_turn_and_takes_medians(mon
     assert row["sdpa_us"] == pytest.approx(4.5) and row["pps3_x"] == pytest.approx(3.5 / 2.5)
 
 
+@pytest.mark.parametrize("variants, named", [
+    ('{"c": {"chained": 1}}', "variant 'c': chained is true or false, got 1"),
+    ('{"c": {"bogus": 1}}', "unknown knob(s) ['bogus']; choose from"),
+    ('{"sdpa": {"chained": true}}', "that name is a column of its own"),
+])
+def test_the_attention_benchmark_refuses_bad_variants_by_name(monkeypatch, variants, named):
+    """Variants are checked before anything runs (no GPU needed to be refused); `chained` and
+    `page_layout` are knobs of their own besides TritonAttention's arguments."""
+    import attention_kernels
+
+    monkeypatch.setattr(sys, "argv", ["attention_kernels.py", "--variants", variants])
+    with pytest.raises(SystemExit) as stop:
+        attention_kernels.main()
+    assert named in str(stop.value) and ("chained" in str(stop.value) or "column" in str(stop.value))
+
+
 def test_overhead_counts_as_eager_only_the_calls_that_ran_a_pass_without_a_graph():
     """A call that takes the graphed pass launched by the call before it and launches none replays
     nothing itself, yet ran no eager pass: only calls where the runner ran one count."""
