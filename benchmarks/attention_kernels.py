@@ -47,7 +47,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from hogwild_kernels import QueryGroup, Segment, TorchAttention, TritonAttention
+from hogwild_kernels import QueryGroup, Segment, TorchAttention, TritonAttention, pdl
 from hogwild_kernels.rope import apply_rope
 
 from bandwidth import Bandwidth
@@ -350,6 +350,8 @@ def main() -> None:
             raise SystemExit(f"variant {name!r}: chained is true or false, got {spec['chained']!r}")
     if not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA GPU")
+    if any(spec.get("chained") for spec in args.variants.values()) and not pdl.supported(torch.device("cuda")):
+        raise SystemExit("a chained variant needs programmatic dependent launches (compute capability 9 or more)")
     unknown = set(args.shapes) - set(SHAPES)
     if unknown:
         raise SystemExit(f"unknown shape(s) {sorted(unknown)}; choose from {sorted(SHAPES)}")
