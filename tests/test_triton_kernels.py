@@ -133,6 +133,28 @@ def test_prefetched_keys_must_be_a_power_of_two():
     assert tri.prefetch_keys == 256
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_pages_read_through_tensor_descriptors_give_the_same_output(dtype):
+    """tma_pages: the tiles every row sees whole are read a page at a time through tensor
+    descriptors (16-token pages): bit for bit the kernel reading the same 16-key tiles by
+    addresses, and the reference's attention; pools the descriptors cannot serve (4-token pages,
+    head-major pages) are read as before."""
+    # seed 55: a 33-key block every worker sees whole, two pages of it read by descriptors
+    q, k_pool, v_pool, groups = random_case(random.Random(55), 5, 8, 2, 64, page_size=16, shared=3, dtype=dtype)
+    groups = to_device(groups)
+    ref, plain = backends(64)
+    tma = TritonAttention(ref.inv_freq, 1.0, 64**-0.5, chunk=16, tma_pages=True)
+    assert plain.block_n == 16 and tma.page_descriptors(k_pool, v_pool) is not None
+    s = torch.zeros(q.shape[0], dtype=torch.int64, device=DEVICE)
+    got = tma.attend(q, k_pool, v_pool, tma.prepare(groups, s, s))
+    assert torch.equal(got, plain.attend(q, k_pool, v_pool, plain.prepare(groups, s, s)))
+    tol = dict(atol=2e-4, rtol=2e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(got.float(), reference(ref, q.float(), k_pool.float(), v_pool.float(), groups), **tol)
+    assert tma.page_descriptors(head_major(k_pool), head_major(v_pool)) is None
+    small = random_case(random.Random(52), 2, 8, 2, 64)  # 4-token pages
+    assert tma.page_descriptors(small[1], small[2]) is None
+
+
 def test_only_wide_row_tiles_prefetch_ahead(monkeypatch):
     """Programs of row tiles of AHEAD_ROWS rows or more prefetch PREFETCH_AHEAD tiles ahead (as set),
     narrower ones none (it slowed them), and none under the interpreter."""
@@ -326,10 +348,12 @@ def test_full_size_on_gpu(dtype, workers, view, q_heads, kv_heads, head_dim, chu
     s = torch.zeros(q.shape[0], dtype=torch.int64, device=DEVICE)
     want = concurrent_attention_reference(q.float(), k_pool.float(), v_pool.float(), groups, inv_freq, 1.0,
                                           head_dim**-0.5)
-    got = tri.attend(q, k_pool, v_pool, tri.prepare(groups, s, s)).float()
     tol = 2e-4 if dtype == torch.float32 else 2e-2  # of the largest output: bf16 rounds at 2^-8
-    err = (got - want).abs().max().item() / want.abs().max().item()
-    assert err <= tol, f"max error {err:.2e} of the largest output (tolerance {tol:g})"
+    tma = TritonAttention(inv_freq, 1.0, head_dim**-0.5, kv_heads=kv_heads, tma_pages=True)
+    for impl in (tri, tma):  # and the pages every row sees whole read through tensor descriptors (TMA)
+        got = impl.attend(q, k_pool, v_pool, impl.prepare(groups, s, s)).float()
+        err = (got - want).abs().max().item() / want.abs().max().item()
+        assert err <= tol, f"max error {err:.2e} of the largest output (tolerance {tol:g}), tma {impl.tma_pages}"
 
 
 @pytest.mark.parametrize("workers,seed,layout_items,unit_pairs", [(1, 10, 4, None), (3, 11, 8, None),

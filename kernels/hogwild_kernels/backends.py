@@ -175,7 +175,8 @@ class TritonAttention:
                  num_warps: int | None = None, num_stages: int | None = None, programs_per_sm: int = 2,
                  short_programs_per_sm: int = SHORT_PROGRAMS_PER_SM,
                  partial_dtype: torch.dtype | None = None, pdl: bool | None = None, q_per_kv: int = 1,
-                 wide_units: bool = True, long_unit: int = 512, prefetch_ahead: int = PREFETCH_AHEAD) -> None:
+                 wide_units: bool = True, long_unit: int = 512, prefetch_ahead: int = PREFETCH_AHEAD,
+                 tma_pages: bool = False) -> None:
         self.inv_freq = inv_freq.to(torch.float32).contiguous()
         self.rope_scale, self.sm_scale, self.kv_heads = rope_scale, sm_scale, kv_heads
         interpret = self.interpret = os.environ.get("TRITON_INTERPRET") == "1"
@@ -209,6 +210,9 @@ class TritonAttention:
         # programs of row tiles of AHEAD_ROWS rows or more ask the L2 cache for the tile this many
         # tiles ahead of the one they read (0: none)
         self.prefetch_ahead = prefetch_ahead
+        # the tiles every row sees whole read a page at a time through tensor descriptors (TMA),
+        # where the pools allow it (see page_descriptors)
+        self.tma_pages = tma_pages
 
     @property
     def prefetch_keys(self) -> int:
@@ -340,6 +344,10 @@ class TritonAttention:
             return out.zero_()
         strides = _pool_strides(k_pool, v_pool)
         pdl = self._pdl(q.device) and t <= PDL_MAX_TOKENS
+        # whole pages by descriptors: only where every unit starts on a page (its keys a multiple of the tile's)
+        page = k_pool.shape[1]
+        aligned = self.block_n % page == 0 and (self.chunk is None or self.chunk % page == 0)
+        descs = self.page_descriptors(k_pool, v_pool) if self.tma_pages and aligned else None
         # partials in the input's precision (as vLLM's paged attention v2); fp32 inputs stay exact
         o_part = torch.empty((npairs, hq, d), dtype=self.partial_dtype or q.dtype, device=q.device)
         lse_part = torch.empty((npairs, hq), dtype=torch.float32, device=q.device)
@@ -348,8 +356,9 @@ class TritonAttention:
             block_r = max(1, block_m // rep)
             long = self.long_keys(plan.chunk) and block_m <= 32
             launch = {"num_warps": 4, "num_stages": PARTIAL_STAGES, **self.launch}
+            block_n = self.long_block_n if long else self.block_n
             _rope_shift_partial_kernel[(units, hkv, -(-max_pairs // block_r))](
-                q, k_pool, v_pool,
+                q, k_pool, v_pool, *(descs or (k_pool, v_pool)),
                 plan.unit_item, plan.unit_kstart, plan.unit_kend, plan.unit_pair, plan.unit_npairs,
                 plan.pair_tok, plan.pair_cos, plan.pair_sin, plan.pair_limit, plan.pair_part, plan.tables,
                 o_part, lse_part, unit0,
@@ -357,11 +366,11 @@ class TritonAttention:
                 o_part.stride(0), o_part.stride(1), lse_part.stride(0),
                 float(self.sm_scale * LOG2E),
                 PAGE=k_pool.shape[1], REP=rep, BLOCK_R=block_r, BLOCK_M=block_m,
-                HALF=d // 2, HALFP=max(16, _next_pow2(d // 2)), BLOCK_N=self.long_block_n if long else self.block_n,
+                HALF=d // 2, HALFP=max(16, _next_pow2(d // 2)), BLOCK_N=page if descs else block_n,
                 IEEE=q.dtype == torch.float32, LOOP_WHILE=self.interpret, PDL=pdl, CHAINED=self.chained,
                 PREFETCH_KEYS=self.prefetch_keys if self.chained else 0,
                 KV_LINES=_next_pow2(-(-d * k_pool.element_size() // 128)),
-                AHEAD=self.tiles_ahead(block_m),
+                AHEAD=self.tiles_ahead(block_m), TMA=descs is not None,
                 **launch, **pdl_launch(self.chained),
             )
         _merge_partials_kernel[(t, hq)](
@@ -371,6 +380,22 @@ class TritonAttention:
             CHAINED=self.chained, **pdl_launch(pdl or self.chained),
         )
         return out
+
+    @staticmethod
+    def page_descriptors(k_pool: torch.Tensor, v_pool: torch.Tensor):
+        """Tensor descriptors of a page's run of one KV head's half head dim in each pool (rows
+        [slot, kv_head x head dim]), or None where they cannot serve: pages not token-major and
+        contiguous, fewer than 16 tokens a page, or a half head dim that is not a power of two
+        of at least 16 elements."""
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        pages, page, hkv, d = k_pool.shape
+        half = d // 2
+        fits = page >= 16 and not page & (page - 1) and half >= 16 and not half & (half - 1) and d == 2 * half
+        if not (fits and k_pool.is_contiguous() and v_pool.is_contiguous() and v_pool.shape == k_pool.shape):
+            return None
+        return tuple(TensorDescriptor.from_tensor(pool.view(pages * page, hkv * d), [page, half])
+                     for pool in (k_pool, v_pool))
 
     def tiles_ahead(self, block_m: int) -> int:
         """Tiles ahead of the one it reads that a program of row tiles of block_m rows asks the

@@ -40,6 +40,23 @@ def _prefetch_kv(first, kend, item, h, k_ptr, v_ptr, tables_ptr, stride_table, s
 
 
 @triton.jit
+def _scores(qr1, qr2, k1, k2, IEEE: tl.constexpr):
+    """A tile's scores from the rotated queries' and the keys' halves (fp32 exact where IEEE)."""
+    if IEEE:
+        return tl.dot(qr1, tl.trans(k1), input_precision="ieee") + tl.dot(qr2, tl.trans(k2), input_precision="ieee")
+    return tl.dot(qr1, tl.trans(k1)) + tl.dot(qr2, tl.trans(k2))
+
+
+@triton.jit
+def _weighted(acc1, acc2, alpha, pv, v1, v2, IEEE: tl.constexpr):
+    """The accumulators' halves rescaled by alpha plus the tile's values weighted by pv."""
+    if IEEE:
+        return (acc1 * alpha[:, None] + tl.dot(pv, v1, input_precision="ieee"),
+                acc2 * alpha[:, None] + tl.dot(pv, v2, input_precision="ieee"))
+    return acc1 * alpha[:, None] + tl.dot(pv, v1), acc2 * alpha[:, None] + tl.dot(pv, v2)
+
+
+@triton.jit
 def _attend_tile(k0, kend, item, h, k_ptr, v_ptr, tables_ptr, stride_table, stride_kpage, stride_ktok, stride_kh,
                  qr1, qr2, limit, d, dmask, m_i, l_i, acc1, acc2,
                  PAGE: tl.constexpr, HALF: tl.constexpr, HALFP: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -62,10 +79,7 @@ def _attend_tile(k0, kend, item, h, k_ptr, v_ptr, tables_ptr, stride_table, stri
     kv_off = row_off[:, None] + h * stride_kh + d[None, :]
     kvmask = kmask[:, None] & dmask[None, :]
     k1, k2 = _load_halves(k_ptr, kv_off, kvmask, HALF, MASKED or HALF != HALFP)
-    if IEEE:
-        s = tl.dot(qr1, tl.trans(k1), input_precision="ieee") + tl.dot(qr2, tl.trans(k2), input_precision="ieee")
-    else:
-        s = tl.dot(qr1, tl.trans(k1)) + tl.dot(qr2, tl.trans(k2))
+    s = _scores(qr1, qr2, k1, k2, IEEE)
     if MASKED:
         visible = (offs[None, :] < limit[:, None]) & kmask[None, :]
         s = tl.where(visible, s, float("-inf"))
@@ -79,20 +93,53 @@ def _attend_tile(k0, kend, item, h, k_ptr, v_ptr, tables_ptr, stride_table, stri
     l_i = l_i * alpha + tl.sum(p, 1)
     v1, v2 = _load_halves(v_ptr, kv_off, kvmask, HALF, MASKED or HALF != HALFP)
     pv = p.to(v_ptr.dtype.element_ty)
-    if IEEE:
-        acc1 = acc1 * alpha[:, None] + tl.dot(pv, v1, input_precision="ieee")
-        acc2 = acc2 * alpha[:, None] + tl.dot(pv, v2, input_precision="ieee")
-    else:
-        acc1 = acc1 * alpha[:, None] + tl.dot(pv, v1)
-        acc2 = acc2 * alpha[:, None] + tl.dot(pv, v2)
+    acc1, acc2 = _weighted(acc1, acc2, alpha, pv, v1, v2, IEEE)
     return m_new, l_i, acc1, acc2
+
+
+@triton.jit
+def _attend_page_tile(k0, item, h, k_desc, v_desc, tables_ptr, stride_table, qr1, qr2, m_i, l_i, acc1, acc2,
+                      PAGE: tl.constexpr, HALF: tl.constexpr, IEEE: tl.constexpr):
+    """One whole page of keys (BLOCK_N == PAGE) that every row sees, its K and V halves loaded by
+    tensor descriptors (TMA on Hopper: one copy of the page's run per half, no per-thread
+    addresses); the same online softmax as the unmasked tile."""
+    row = tl.load(tables_ptr + item * stride_table + k0 // PAGE) * PAGE
+    k1 = k_desc.load([row, h * 2 * HALF])
+    k2 = k_desc.load([row, h * 2 * HALF + HALF])
+    s = _scores(qr1, qr2, k1, k2, IEEE)
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    pv = p.to(v_desc.dtype)
+    v1 = v_desc.load([row, h * 2 * HALF])
+    v2 = v_desc.load([row, h * 2 * HALF + HALF])
+    acc1, acc2 = _weighted(acc1, acc2, alpha, pv, v1, v2, IEEE)
+    return m_new, l_i, acc1, acc2
+
+
+@triton.jit
+def _attend_whole_tile(k0, kend, item, h, k_ptr, v_ptr, k_desc, v_desc, tables_ptr, stride_table, stride_kpage,
+                       stride_ktok, stride_kh, qr1, qr2, limit, d, dmask, m_i, l_i, acc1, acc2,
+                       PAGE: tl.constexpr, HALF: tl.constexpr, HALFP: tl.constexpr, BLOCK_N: tl.constexpr,
+                       IEEE: tl.constexpr, TMA: tl.constexpr):
+    """A tile inside the unit that every row sees whole: a page by descriptors where TMA, else
+    the unmasked tile."""
+    if TMA:
+        m_i, l_i, acc1, acc2 = _attend_page_tile(k0, item, h, k_desc, v_desc, tables_ptr, stride_table, qr1, qr2,
+                                                 m_i, l_i, acc1, acc2, PAGE, HALF, IEEE)
+    else:
+        m_i, l_i, acc1, acc2 = _attend_tile(k0, kend, item, h, k_ptr, v_ptr, tables_ptr, stride_table, stride_kpage,
+                                            stride_ktok, stride_kh, qr1, qr2, limit, d, dmask, m_i, l_i, acc1, acc2,
+                                            PAGE, HALF, HALFP, BLOCK_N, IEEE, False)
+    return m_i, l_i, acc1, acc2
 
 
 # a launch's first unit and the page table's width change from pass to pass and only offset
 # scalar loads: specialising on their values (1, multiples of 16) would only compile more variants
 @triton.jit(do_not_specialize=["unit0", "stride_table"])
 def _rope_shift_partial_kernel(
-    q_ptr, k_ptr, v_ptr,
+    q_ptr, k_ptr, v_ptr, k_desc, v_desc,
     unit_item_ptr, unit_kstart_ptr, unit_kend_ptr, unit_pair_ptr, unit_npairs_ptr,
     pair_tok_ptr, pair_cos_ptr, pair_sin_ptr, pair_limit_ptr, pair_part_ptr, tables_ptr,
     o_part_ptr, lse_part_ptr,
@@ -106,7 +153,7 @@ def _rope_shift_partial_kernel(
     PAGE: tl.constexpr, REP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
     HALF: tl.constexpr, HALFP: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
     LOOP_WHILE: tl.constexpr, PDL: tl.constexpr, CHAINED: tl.constexpr, PREFETCH_KEYS: tl.constexpr = 0,
-    KV_LINES: tl.constexpr = 1, AHEAD: tl.constexpr = 0,
+    KV_LINES: tl.constexpr = 1, AHEAD: tl.constexpr = 0, TMA: tl.constexpr = False,
 ):
     """Partial attention of one unit (a chunk of one block) for one KV head and BLOCK_R readers.
 
@@ -116,7 +163,9 @@ def _rope_shift_partial_kernel(
     dependent of the kernel before it (pdl.py); until that kernel's writes are visible it
     reads only the pass's plan (host inputs) and its pairs' rotations (computed at the pass's
     start), and asks the L2 cache for the K and V lines
-    (KV_LINES of 128 bytes a key) of the unit's first PREFETCH_KEYS keys.
+    (KV_LINES of 128 bytes a key) of the unit's first PREFETCH_KEYS keys. TMA: the tiles every
+    row sees whole are pages (BLOCK_N == PAGE) loaded through k_desc and v_desc (tensor
+    descriptors over the token-major pools' [slot, kv_head x head dim] rows).
     """
     u = unit0 + tl.program_id(0)
     h = tl.program_id(1)
@@ -167,9 +216,9 @@ def _rope_shift_partial_kernel(
     if LOOP_WHILE:  # the CPU interpreter cannot range() over loaded bounds
         k0 = kstart
         while k0 < full:
-            m_i, l_i, acc1, acc2 = _attend_tile(
-                k0, kend, item, h, k_ptr, v_ptr, tables_ptr, stride_table, stride_kpage, stride_ktok, stride_kh,
-                qr1, qr2, limit, d, dmask, m_i, l_i, acc1, acc2, PAGE, HALF, HALFP, BLOCK_N, IEEE, False)
+            m_i, l_i, acc1, acc2 = _attend_whole_tile(
+                k0, kend, item, h, k_ptr, v_ptr, k_desc, v_desc, tables_ptr, stride_table, stride_kpage, stride_ktok,
+                stride_kh, qr1, qr2, limit, d, dmask, m_i, l_i, acc1, acc2, PAGE, HALF, HALFP, BLOCK_N, IEEE, TMA)
             k0 += BLOCK_N
         while k0 < kend:
             m_i, l_i, acc1, acc2 = _attend_tile(
@@ -181,9 +230,9 @@ def _rope_shift_partial_kernel(
             if AHEAD > 0:  # the tile AHEAD tiles on, asked of the L2 cache while this one is read
                 _prefetch_kv(k0 + AHEAD * BLOCK_N + tl.arange(0, BLOCK_N), kend, item, h, k_ptr, v_ptr, tables_ptr,
                              stride_table, stride_kpage, stride_ktok, stride_kh, PAGE, KV_LINES)
-            m_i, l_i, acc1, acc2 = _attend_tile(
-                k0, kend, item, h, k_ptr, v_ptr, tables_ptr, stride_table, stride_kpage, stride_ktok, stride_kh,
-                qr1, qr2, limit, d, dmask, m_i, l_i, acc1, acc2, PAGE, HALF, HALFP, BLOCK_N, IEEE, False)
+            m_i, l_i, acc1, acc2 = _attend_whole_tile(
+                k0, kend, item, h, k_ptr, v_ptr, k_desc, v_desc, tables_ptr, stride_table, stride_kpage, stride_ktok,
+                stride_kh, qr1, qr2, limit, d, dmask, m_i, l_i, acc1, acc2, PAGE, HALF, HALFP, BLOCK_N, IEEE, TMA)
         for k0 in range(full, kend, BLOCK_N):
             m_i, l_i, acc1, acc2 = _attend_tile(
                 k0, kend, item, h, k_ptr, v_ptr, tables_ptr, stride_table, stride_kpage, stride_ktok, stride_kh,
