@@ -17,7 +17,7 @@ Side by side in the same run:
   N rounds, and each takes its median.
 
 K/V pages are token-major in memory ([page, token, kv_head, dim]), as the engine's pool keeps
-them; a variant with "page_layout": "head" reads head-major pages ([page, kv_head, token, dim]).
+them, of `--page` tokens (the engine's default, 16, unless told); a variant with "page_layout": "head" reads head-major pages ([page, kv_head, token, dim]).
 A variant with "chained": true launches the kernels as a decoder that chains its layers does
 (each a programmatic dependent of the one before; a partial program asks for its first keys
 before its wait): here each layer's partials follow the previous layer's merge, where in a
@@ -153,7 +153,7 @@ def measure(w, view, shape, args, dev, dtype) -> dict:
     inv_freq = 1.0 / (1e6 ** (torch.arange(0, d, 2, device=dev).float() / d))
     per_layer = (view * hkv * d * 2 * 2)
     layers = max(1, min(8, -(-L2_BYTES // per_layer)))
-    q, pools, groups, unique = build_case(w, view, hq, hkv, d, dtype, dev, layers=layers)
+    q, pools, groups, unique = build_case(w, view, hq, hkv, d, dtype, dev, page=args.page, layers=layers)
     slots = torch.zeros(w, dtype=torch.int64, device=dev)
     tri = TritonAttention(inv_freq, 1.0, d**-0.5, kv_heads=hkv, q_per_kv=hq // hkv, **args.kernel)
     t0 = time.perf_counter()
@@ -278,7 +278,7 @@ def save(rows, floor: Bandwidth, args, out: Path, facts: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     device = facts["device"]
     stem = out / f"{args.date}-{device.replace(' ', '_')}-attention"
-    meta = {**facts, "dtype": args.dtype, "shapes": {s: SHAPES[s] for s in args.shapes}, **floor.meta(),
+    meta = {**facts, "dtype": args.dtype, "page_size": args.page, "shapes": {s: SHAPES[s] for s in args.shapes}, **floor.meta(),
             "kernel_knobs": args.kernel, "variants": args.variants, "targets": targets(rows)}
     Path(f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     with open(f"{stem}.csv", "w", newline="") as f:
@@ -328,6 +328,8 @@ def main() -> None:
                    help='other kernels to time side by side, as JSON {name: knobs}; knobs are TritonAttention\'s '
                         'plus "page_layout" ("token" or "head"), e.g. \'{"no_pdl": {"pdl": false}, '
                         '"head_major": {"page_layout": "head"}}\'')
+    p.add_argument("--page", type=int, default=16,
+                   help="tokens a K/V page (the engine's page_size; 16 by default, as the engine's)")
     p.add_argument("--no-baselines", action="store_true", help="skip the naive and torch paths (slow)")
     p.add_argument("--repeats", type=int, default=1,
                    help="rounds in which the kernel, each variant and SDPA are timed in turn; the median of "
@@ -337,6 +339,8 @@ def main() -> None:
     knobs = set(inspect.signature(TritonAttention).parameters) - {"inv_freq", "rope_scale", "sm_scale", "kv_heads"}
     if args.repeats < 1:
         raise SystemExit(f"--repeats must be at least 1; got {args.repeats}")
+    if args.page < 1:
+        raise SystemExit(f"--page must be at least 1 token; got {args.page}")
     for name, spec in args.variants.items():
         if name in ("triton", "sdpa", "naive", "torch"):
             raise SystemExit(f"variant {name!r}: that name is a column of its own; name the variant otherwise")
@@ -356,7 +360,7 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown shape(s) {sorted(unknown)}; choose from {sorted(SHAPES)}")
     rows, floor = run(args)
-    print(f"\n{torch.cuda.get_device_name()}, {args.dtype}; µs per layer; bandwidth {floor.gbs:.0f} GB/s "
+    print(f"\n{torch.cuda.get_device_name()}, {args.dtype}, {args.page}-token pages; µs per layer; bandwidth {floor.gbs:.0f} GB/s "
           f"(copy {max(floor.copies) / 1e9:.0f}, read {max(floor.reads) / 1e9:.0f}, SDPA here "
           f"{floor.seen.get('sdpa decode', 0) / 1e9:.0f})")
     names = list(args.variants)  # each variant's time over the kernel's

@@ -207,11 +207,15 @@ def test_the_attention_benchmark_times_its_kernels_in_turn_and_takes_medians(mon
     got = attention_kernels.interleaved({"triton": ["t"], "a": ["a"], "sdpa": ["s"]}, 3)
     assert order == ["t", "a", "s"] * 3 and got == {"triton": 3.0, "a": 2.0, "sdpa": 5.0}
 
-    calls = []
+    calls, built = [], []
     monkeypatch.setattr(attention_kernels, "bench", lambda fns, **_: calls.append(len(fns)) or 1e-6 * len(calls))
-    args = types.SimpleNamespace(kernel={}, variants={"pps3": {"programs_per_sm": 3}}, repeats=2, no_baselines=True)
+    build = attention_kernels.build_case
+    monkeypatch.setattr(attention_kernels, "build_case", lambda *a, **kw: built.append(build(*a, **kw)) or built[-1])
+    args = types.SimpleNamespace(kernel={}, variants={"pps3": {"programs_per_sm": 3}}, repeats=2, no_baselines=True,
+                                 page=32)
     row = attention_kernels.measure(2, 64, "qwen3-8b", args, torch.device("cpu"), torch.float32)
     assert len(calls) == 6  # 2 rounds of the kernel, the variant and SDPA
+    assert built[0][1][0][0].shape[1] == 32  # pools of --page tokens a page
     assert row["triton_us"] == pytest.approx(2.5) and row["pps3_us"] == pytest.approx(3.5)
     assert row["sdpa_us"] == pytest.approx(4.5) and row["pps3_x"] == pytest.approx(3.5 / 2.5)
 
@@ -230,6 +234,14 @@ def test_the_attention_benchmark_refuses_bad_variants_by_name(monkeypatch, varia
     with pytest.raises(SystemExit) as stop:
         attention_kernels.main()
     assert named in str(stop.value) and ("chained" in str(stop.value) or "column" in str(stop.value))
+
+
+def test_the_attention_benchmark_refuses_pages_of_no_tokens(monkeypatch):
+    import attention_kernels
+
+    monkeypatch.setattr(sys, "argv", ["attention_kernels.py", "--page", "0"])
+    with pytest.raises(SystemExit, match="--page must be at least 1 token; got 0"):
+        attention_kernels.main()
 
 
 def test_overhead_counts_as_eager_only_the_calls_that_ran_a_pass_without_a_graph():

@@ -142,9 +142,10 @@ def test_pages_read_through_tensor_descriptors_give_the_same_output(dtype):
     # seed 55: a 33-key block every worker sees whole, two pages of it read by descriptors
     q, k_pool, v_pool, groups = random_case(random.Random(55), 5, 8, 2, 64, page_size=16, shared=3, dtype=dtype)
     groups = to_device(groups)
-    ref, plain = backends(64)
+    ref, _ = backends(64)
+    plain = TritonAttention(ref.inv_freq, 1.0, 64**-0.5, chunk=16, block_n=16)  # the descriptors' 16-key tiles
     tma = TritonAttention(ref.inv_freq, 1.0, 64**-0.5, chunk=16, tma_pages=True)
-    assert plain.block_n == 16 and tma.page_descriptors(k_pool, v_pool) is not None
+    assert tma.page_descriptors(k_pool, v_pool) is not None
     s = torch.zeros(q.shape[0], dtype=torch.int64, device=DEVICE)
     got = tma.attend(q, k_pool, v_pool, tma.prepare(groups, s, s))
     assert torch.equal(got, plain.attend(q, k_pool, v_pool, plain.prepare(groups, s, s)))
