@@ -21,7 +21,8 @@ them, of `--page` tokens (the engine's default, 16, unless told); a variant with
 A variant with "chained": true launches the kernels as a decoder that chains its layers does
 (each a programmatic dependent of the one before; a partial program asks for its first keys
 before its wait): here each layer's partials follow the previous layer's merge, where in a
-decode pass they follow the K/V append.
+decode pass they follow the K/V append. A variant with "page": N reads the same views over pages
+of N tokens (other pools of random K/V of the same sizes).
 
 The floor is the unique K/V bytes (each block once per KV head) over the device's bandwidth
 measured in this run with plain copies and reads (bandwidth.py, no CUDA graph); `x_floor` is
@@ -148,6 +149,11 @@ class NaiveRerotate(TorchAttention):
         return out
 
 
+# a variant's knobs besides TritonAttention's: how its pages are laid out, whether its kernels
+# are chained, and how many tokens its pages hold
+VARIANT_KNOBS = {"page_layout", "chained", "page"}
+
+
 def measure(w, view, shape, args, dev, dtype) -> dict:
     hq, hkv, d = SHAPES[shape]
     inv_freq = 1.0 / (1e6 ** (torch.arange(0, d, 2, device=dev).float() / d))
@@ -164,11 +170,14 @@ def measure(w, view, shape, args, dev, dtype) -> dict:
         knobs = {**args.kernel, **spec}
         layout = knobs.pop("page_layout", "token")
         chained = knobs.pop("chained", False)
+        page = knobs.pop("page", args.page)  # the same views over pages of another size
+        vq, vpools, vgroups, _ = (q, pools, groups, None) if page == args.page else \
+            build_case(w, view, hq, hkv, d, dtype, dev, page=page, layers=layers)
         impl = TritonAttention(inv_freq, 1.0, d**-0.5, kv_heads=hkv, q_per_kv=hq // hkv, **knobs)
         impl.chained = chained
-        m = impl.prepare(groups, slots, slots)
-        other = [(laid_out(k, layout), laid_out(v, layout)) for k, v in pools]
-        timed[name] = [lambda k=k, v=v, impl=impl, m=m: impl.attend(q, k, v, m) for k, v in other]
+        m = impl.prepare(vgroups, slots, slots)
+        other = [(laid_out(k, layout), laid_out(v, layout)) for k, v in vpools]
+        timed[name] = [lambda q=vq, k=k, v=v, impl=impl, m=m: impl.attend(q, k, v, m) for k, v in other]
     # SDPA over one contiguous, already-rotated cache per worker (independent sequences)
     sd_layers = max(1, min(8, -(-L2_BYTES // (per_layer * w))))
     caches = [(torch.randn(w, hkv, view, d, dtype=dtype, device=dev),
@@ -326,7 +335,7 @@ def main() -> None:
                    help='TritonAttention knobs as JSON, e.g. \'{"block_n": 128, "num_warps": 8}\'')
     p.add_argument("--variants", default="{}", type=json.loads,
                    help='other kernels to time side by side, as JSON {name: knobs}; knobs are TritonAttention\'s '
-                        'plus "page_layout" ("token" or "head"), e.g. \'{"no_pdl": {"pdl": false}, '
+                        'plus "page_layout" ("token" or "head"), "chained" and "page" (tokens a page), e.g. \'{"no_pdl": {"pdl": false}, '
                         '"head_major": {"page_layout": "head"}}\'')
     p.add_argument("--page", type=int, default=16,
                    help="tokens a K/V page (the engine's page_size; 16 by default, as the engine's)")
@@ -344,10 +353,12 @@ def main() -> None:
     for name, spec in args.variants.items():
         if name in ("triton", "sdpa", "naive", "torch"):
             raise SystemExit(f"variant {name!r}: that name is a column of its own; name the variant otherwise")
-        unknown_knobs = set(spec) - knobs - {"page_layout", "chained"}
+        unknown_knobs = set(spec) - knobs - VARIANT_KNOBS
         if unknown_knobs:
             raise SystemExit(f"variant {name!r}: unknown knob(s) {sorted(unknown_knobs)}; choose from "
-                             f"{sorted(knobs | {'page_layout', 'chained'})}")
+                             f"{sorted(knobs | VARIANT_KNOBS)}")
+        if not isinstance(spec.get("page", 1), int) or isinstance(spec.get("page"), bool) or spec.get("page", 1) < 1:
+            raise SystemExit(f"variant {name!r}: page is a whole number of tokens, at least 1; got {spec['page']!r}")
         if spec.get("page_layout", "token") not in PAGE_LAYOUTS:
             raise SystemExit(f"variant {name!r}: page_layout must be one of {', '.join(PAGE_LAYOUTS)}")
         if not isinstance(spec.get("chained", False), bool):

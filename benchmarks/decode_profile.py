@@ -18,6 +18,9 @@ or `all`; `keys=N`: the keys of its unit each attention program asks for before 
 `ahead=N`: the tiles ahead a wide row tile's program asks for), side by side (one engine each).
 `--attention default,short_programs_per_sm=2` runs the attention with its unit counts as named
 (ATTENTION_KNOBS: programs an SM per KV head, and where units are short), side by side.
+`--pages default,64,64+tma` runs the engine with K/V pages of that many tokens (default: the
+engine's 16), `+tma` reading the tiles every row sees whole a page at a time through tensor
+descriptors (TritonAttention's tma_pages), side by side.
 `--host-profile` adds the host's
 hottest functions over more steps (cProfile, after the timed ones).
 
@@ -203,6 +206,20 @@ def attention_setting(text: str) -> dict[str, int]:
     return out
 
 
+def page_setting(text: str) -> tuple[int | None, bool]:
+    """'default' -> (None, False): the engine's pages; '64' -> (64, False); '64+tma' -> (64, True),
+    the tiles read a page at a time by tensor descriptors. Those serve pages of 16, 32 or 64
+    tokens (a power of two of at least 16 that divides the kernel's 64-key tiles); other pages
+    would quietly be read by address, so they are refused."""
+    size, _, tma = text.partition("+")
+    if not (size == "default" or size.isdigit() and int(size) >= 1) or tma not in ("", "tma"):
+        raise ValueError(f"--pages: {text!r} is not default, TOKENS or TOKENS+tma (TOKENS >= 1)")
+    tokens = None if size == "default" else int(size)
+    if tma and (tokens or 16) not in (16, 32, 64):
+        raise ValueError(f"--pages: {text!r}: tensor-descriptor tiles need pages of 16, 32 or 64 tokens")
+    return tokens, bool(tma)
+
+
 def main(argv: list[str] | None = None) -> int:
     ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -226,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="default, or KNOB=N joined by '+' (knobs: programs_per_sm, short_programs_per_sm: the "
                         "attention's programs an SM per KV head, and where units are short); several, "
                         "comma-separated")
+    p.add_argument("--pages", default="default",
+                   help="default (the engine's 16-token pages), TOKENS, or TOKENS+tma (the tiles read a page at a "
+                        "time by tensor descriptors); several, comma-separated")
     p.add_argument("--host-profile", action="store_true", help="also profile the host's work (cProfile)")
     p.add_argument("--launch-ahead", default="on",
                    help="on: each pass launched right behind the last one, fed its samples on the device "
@@ -245,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         prefetches = [(text, prefetch_setting(text)) for text in args.prefetch.split(",")]
         attentions = [(text, attention_setting(text)) for text in args.attention.split(",")]
+        pages = [(text, page_setting(text)) for text in args.pages.split(",")]
     except ValueError as e:
         p.error(str(e))
     aheads = args.launch_ahead.split(",")
@@ -256,11 +277,14 @@ def main(argv: list[str] | None = None) -> int:
     floor = measure_bandwidth(dev)
     model = scaling_runs.Model(f"random:{args.shape}", dev, torch.bfloat16)
     rows = []
-    runs = [(s, f, pf, at) for s in settings for f in folds for pf in prefetches for at in attentions]
-    for setting, fold, (prefetch, prefetch_bytes), (attention, knobs) in runs:
+    runs = [(s, f, pf, at, pg) for s in settings for f in folds for pf in prefetches for at in attentions
+            for pg in pages]
+    for setting, fold, (prefetch, prefetch_bytes), (attention, knobs), (page_text, (page_size, tma)) in runs:
         engine = hw.HogwildEngine.from_pretrained(model.path, dev, torch.bfloat16, cuda_graphs=True,
                                                   cache_tokens=args.sessions * (max(args.workers) * 512
-                                                                                + args.view + 4096))
+                                                                                + args.view + 4096),
+                                                  **({"page_size": page_size} if page_size else {}))
+        engine.decoder.attention.tma_pages = tma
         engine.eos_ids = frozenset()
         chosen = {f"{n}x{k} rows<={r}": str(c) for (n, k, r), c in engine.decoder.products.items()}
         if setting == "unchained":  # each kernel waits for the one before to end (no PDL chain)
@@ -281,12 +305,12 @@ def main(argv: list[str] | None = None) -> int:
             for ahead in aheads:
                 engine.executor.prelaunch = ahead == "on"
                 r = {"skinny": setting, "folds": fold, "prefetch": prefetch, "attention": attention,
-                     "launch_ahead": ahead, **measure(engine, model, w, args, floor.value)}
+                     "pages": page_text, "launch_ahead": ahead, **measure(engine, model, w, args, floor.value)}
                 r["products"] = "cuBLAS" if setting == "off" else chosen
                 r["chained"] = engine.decoder.chained
                 rows.append(r)
                 print(f"skinny {setting}, folds {fold}, prefetch {prefetch}, attention {attention}, "
-                      f"launch ahead {ahead}, "
+                      f"pages {page_text}, launch ahead {ahead}, "
                       f"{args.sessions} x {w} workers: step "
                       f"{r['step_ms']:.2f} ms, GPU {r['gpu_ms']:.2f} ms, roofline {r['roofline_ms']:.2f} ms "
                       f"(x{r['x_roofline']:.2f}), host {r['host_pct']:.1f}%, {r['kernels_per_pass']} kernels; "
@@ -298,10 +322,11 @@ def main(argv: list[str] | None = None) -> int:
     name = common.device_name(dev)
     common.print_table(f"Decode step, random:{args.shape} bf16, {args.view}-token view, {name}, bandwidth "
                        f"{floor.gbs:.0f} GB/s",
-                       ["skinny", "folds", "prefetch", "attention", "launch ahead", "workers", "step ms",
+                       ["skinny", "folds", "prefetch", "attention", "pages", "launch ahead", "workers", "step ms",
                         "GPU ms", "roofline ms", "x roofline", "GPU x roofline", "host %", "device waits ms",
                         "kernels"],
-                       [[r["skinny"], r["folds"], r["prefetch"], r["attention"], r["launch_ahead"], str(r["workers"]),
+                       [[r["skinny"], r["folds"], r["prefetch"], r["attention"], r["pages"], r["launch_ahead"],
+                         str(r["workers"]),
                          f"{r['step_ms']:.2f}",
                          f"{r['gpu_ms']:.2f}", f"{r['roofline_ms']:.2f}", f"{r['x_roofline']:.2f}",
                          f"{r['gpu_x_roofline']:.2f}", f"{r['host_pct']:.1f}", f"{r['host_exposed_ms']:.3f}",
@@ -309,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         top = sorted(r["kernel_us"].items(), key=lambda kv: -kv[1])[:14]
         common.print_table(f"kernels of one pass: skinny {r['skinny']}, folds {r['folds']}, "
-                           f"prefetch {r['prefetch']}, attention {r['attention']}, launch ahead "
+                           f"prefetch {r['prefetch']}, attention {r['attention']}, pages {r['pages']}, launch ahead "
                            f"{r['launch_ahead']}, "
                            f"{r['workers']} workers "
                            f"(sum {sum(r['kernel_us'].values()):.0f} µs)",
@@ -322,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
             "versions": common.versions()}
     flat = [{k: v for k, v in r.items() if k not in ("kernel_us", "host_top")} for r in rows]
     common.write_results(stem, meta, flat, {"kernels": [
-        {k: r[k] for k in ("skinny", "folds", "prefetch", "attention", "launch_ahead", "workers", "kernel_us",
+        {k: r[k] for k in ("skinny", "folds", "prefetch", "attention", "pages", "launch_ahead", "workers", "kernel_us",
                            "host_top")}
         for r in rows]})
     plot(rows, Path(f"{stem}.png"), f"Decode step vs roofline, random:{args.shape}, {args.view} view, {name}")
@@ -338,7 +363,8 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
     fig, ax = plt.subplots(figsize=(8, 4))
     labels = [f"{r['workers']}w {r['skinny']}, folds {r['folds']}, prefetch {r['prefetch']}, "
-              f"attention {r.get('attention', 'default')}, ahead {r['launch_ahead']}" for r in rows]
+              f"attention {r.get('attention', 'default')}, pages {r.get('pages', 'default')}, "
+              f"ahead {r['launch_ahead']}" for r in rows]
     xs = range(len(rows))
     ax.bar([x - 0.27 for x in xs], [r["step_ms"] for r in rows], 0.27, label="step (wall)")
     ax.bar(list(xs), [r["gpu_ms"] for r in rows], 0.27, label="GPU (graph replay)")

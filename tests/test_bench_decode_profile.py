@@ -52,8 +52,24 @@ def test_attention_settings_name_the_kernels_unit_counts():
         assert tri.target_units(cpu) == 40
 
 
+def test_page_settings_name_a_page_size_and_the_descriptor_tiles():
+    """--pages: the engine's pages or N tokens, `+tma` for the tiles read a page at a time, refused
+    where the descriptors could not serve the pages (the kernel would quietly read them by address)."""
+    from decode_profile import page_setting
+
+    assert page_setting("default") == (None, False) and page_setting("default+tma") == (None, True)
+    assert page_setting("64") == (64, False) and page_setting("32+tma") == (32, True)
+    for bad in ("0", "x", "64+fast", "", "-16"):
+        with pytest.raises(ValueError, match="is not default, TOKENS or TOKENS"):
+            page_setting(bad)
+    for unserved in ("8+tma", "128+tma", "48+tma"):
+        with pytest.raises(ValueError, match="need pages of 16, 32 or 64 tokens"):
+            page_setting(unserved)
+
+
 @pytest.mark.parametrize("args, named", [(["--prefetch", "default,o=x"], "'o=x' is not PRODUCT=BYTES"),
                                          (["--attention", "default,pps=3"], "'pps=3' is not KNOB=N"),
+                                         (["--pages", "default,128+tma"], "need pages of 16, 32 or 64"),
                                          (["--skinny", "fast"], "--skinny: unknown setting(s) ['fast']")])
 def test_bad_settings_are_refused_by_name_before_anything_runs(capsys, args, named):
     import decode_profile
