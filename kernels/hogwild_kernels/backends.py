@@ -152,9 +152,11 @@ PREFETCH_KEYS = 64
 # narrower tiles gained nothing, one worker over 16k 1.07x slower, two tiles ahead slower everywhere)
 AHEAD_ROWS, PREFETCH_AHEAD = 64, 1
 # a pass whose units would be at most SHORT_KEYS keys long with `programs_per_sm` programs an SM
-# per KV head (views up to 16k) is cut for SHORT_PROGRAMS_PER_SM instead: on an H100 three rather
-# than two took 0.89-1.00x the time at 8k-16k (1-16 workers) and 0.92x for 16 workers at 4k, while
-# at 32k-64k, where units are 1024-2048 keys, they took 1.02-1.05x
+# per KV head (views up to 16k) is cut for SHORT_PROGRAMS_PER_SM instead, unless its units are
+# read by WIDE_ROWS rows or more: on an H100 three rather than two took 0.89-1.00x the kernel's
+# time at 8k-16k (1-16 workers), 1.02-1.05x at 32k-64k, where units are 1024-2048 keys; in the
+# decode pass 0.99x at 16k with 8 workers, but 1.02x with 16 workers at 4k (wide rows: 192-key
+# units rather than 256) and 1.00x at 16k
 SHORT_KEYS, SHORT_PROGRAMS_PER_SM = 512, 3
 # units read by this many query rows (readers x query heads per KV head) or more are made up to
 # WIDE_KEYS keys long (see TritonAttention.chunk_rule)
@@ -271,7 +273,7 @@ class TritonAttention:
         than 128 took 0.88-0.89x the time, while with 32 rows or fewer, or at 32k views where
         units are long anyway, longer units were slower). Passes whose units would be at most
         SHORT_KEYS keys long are cut for `short_programs_per_sm` programs an SM rather than
-        `programs_per_sm`. Uncapped, a pass never has more than target_units + blocks units
+        `programs_per_sm`, unless wide rows read them. Uncapped, a pass never has more than target_units + blocks units
         (what a captured graph allots)."""
         if self.chunk is not None:
             return self.chunk
@@ -279,10 +281,11 @@ class TritonAttention:
         short = self.target_units(device)
 
         def chunk(total: int, readers: int = 0) -> int:
-            target = short if -(-total // base) <= SHORT_KEYS else base
+            wide = self.wide_units and readers * self.q_per_kv >= WIDE_ROWS
+            target = short if not wide and -(-total // base) <= SHORT_KEYS else base
             half = max(1, -(-target // 2))
             per_unit = -(-total // target)
-            if self.wide_units and readers * self.q_per_kv >= WIDE_ROWS:
+            if wide:
                 per_unit = max(per_unit, min(WIDE_KEYS, -(-total // half)))
             size = max(self.block_n, -(-per_unit // self.block_n) * self.block_n)
             return min(2048, size) if capped else size
