@@ -85,6 +85,18 @@ def step_walls(step: Callable[[], object], warmup: int, steps: int, settled: boo
     return walls
 
 
+def replayed_seconds(graphs, times: int) -> tuple[float, float | None]:
+    """GPU seconds of a step of those timed since `graphs.uses` was cleared, without host work:
+    each graph they replayed, replayed back to back `times` times, weighted by its share of
+    the steps' passes (passes that feed headers are longer); and of a plain decode pass (every
+    group feeding one token), None if they ran none. Measured right after the steps, so the
+    graphs' plans are the steps' own."""
+    each = graphs.replay_each(times)
+    mix = sum(n * s for n, _, s in each) / sum(n for n, _, _ in each)
+    decode = max(((n, s) for n, plain, s in each if plain), default=(0, None))[1]
+    return mix, decode
+
+
 def free_memory(device: torch.device) -> None:
     """Give back what deleted engines and models held, before the next section allocates."""
     gc.collect()

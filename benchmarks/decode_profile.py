@@ -1,10 +1,11 @@
 """Where a decode step's time goes: wall, GPU, the roofline, and the GPU's kernels one by one.
 
 For a random-weight model shape (bf16, CUDA graphs) and each worker count, one session over
-an L-token shared view: the step's wall time (median of --steps), its GPU time (the last
-pass's graph replayed back to back, no host work), the roofline ((weight bytes + the K/V
+an L-token shared view: the step's wall time (median of --steps), its GPU time (each graph
+the timed steps replayed, replayed back to back right after them, weighted by its share of
+their passes: no host work), the roofline ((weight bytes + the K/V
 the pass reads) / the device's bandwidth from bandwidth.py), and torch.profiler's kernels of
-those replays grouped by name. With `--skinny on,off` the decode products run on what the
+the last pass's graph replayed, grouped by name. With `--skinny on,off` the decode products run on what the
 engine chose at start (per weight shape, the faster of cuBLAS and the skinny kernel) or on
 cuBLAS alone, side by side in one run (one engine each); `unchained` is `on` with every
 kernel waiting for the one before to end (no programmatic dependent launches; on Hopper the
@@ -96,11 +97,13 @@ def measure(engine, model: scaling_runs.Model, workers: int, args, bw: float) ->
         def step() -> None:
             step_sessions(sessions)
 
-        walls = common.step_walls(step, args.warmup, args.steps)
+        common.step_walls(step, args.warmup, 0)
+        engine.graphs.uses.clear()  # the graphs the timed steps replay
+        walls = common.step_walls(step, 0, args.steps)
+        gpu = common.replayed_seconds(engine.graphs, args.replays)[0]
         split = host_split(engine, step, args.steps)
         kv_tokens = sum(scaling_runs.read_per_step(s)[0] for s in sessions)
         host = common.host_profile(step, args.steps) if args.host_profile else None
-        gpu = engine.graphs.replay_last(args.replays)
         graph = engine.graphs.last.graph
         kernels = kernel_times(graph, args.replays)
         count = kernel_counts(graph)

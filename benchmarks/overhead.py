@@ -236,10 +236,7 @@ def gpu_seconds(engine, session, args) -> tuple[tuple[float | None, float | None
     weighted by its share of those steps (passes that feed headers are longer)."""
     graphs = getattr(engine, "graphs", None)
     if graphs is not None and graphs.uses:
-        each = graphs.replay_each(args.replays)
-        mix = sum(n * s for n, _, s in each) / sum(n for n, _, _ in each)
-        decode = max(((n, s) for n, plain, s in each if plain), default=(0, None))[1]
-        return (mix, decode), "graph replays (forward and sampling), weighted by the passes the steps ran"
+        return common.replayed_seconds(graphs, args.replays), "graph replays (forward and sampling), weighted by the passes the steps ran"
     if engine.device.type != "cuda":
         return (None, None), "no GPU"
     from torch.autograd import DeviceType
