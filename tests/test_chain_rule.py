@@ -6,7 +6,8 @@ A kernel's programs may start while the kernel before it still runs, so an activ
 before the wait could be the previous pass's or layer's; the GPU tests would catch it only
 when the timing happens to expose it. Here every pointer a chained kernel names before its
 wait must be one of PASS_CONSTANTS (weights, the pass's plan and rotations), or be only
-prefetched into the L2 cache (which puts nothing in registers).
+prefetched into the L2 cache (which puts nothing in registers). Memory is named *_ptr, or
+*_desc for a tensor descriptor (read by its `.load`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ PASS_CONSTANTS = {"w_ptr", "w2_ptr", "tables_ptr", "slot_ptr", "cos_ptr", "sin_p
                   "pair_tok_ptr", "pair_cos_ptr", "pair_sin_ptr", "pair_limit_ptr", "pair_part_ptr"}
 WAITS = {"chain_start", "gdc_wait"}
 WRITES = {"store", "atomic_add", "atomic_xchg", "atomic_cas", "atomic_max", "atomic_min"}
+MEMORY = ("_ptr", "_desc")  # the names of memory: pointers and tensor descriptors
 
 
 def _called(node: ast.AST) -> set[str]:
@@ -44,27 +46,27 @@ def _before_wait(body: list[ast.stmt]) -> tuple[list[ast.stmt], bool]:
 
 
 def _names(expr: ast.AST, aliases: dict[str, set[str]]) -> set[str]:
-    """The *_ptr names an expression's value comes from, through earlier assignments (aliases);
-    a pointer's `.dtype` is not its memory."""
+    """The names of memory (MEMORY) an expression's value comes from, through earlier assignments
+    (aliases); a pointer's `.dtype` is not its memory."""
     dtype_of = {id(n.value) for n in ast.walk(expr) if isinstance(n, ast.Attribute) and n.attr == "dtype"}
     out: set[str] = set()
     for n in ast.walk(expr):
         if isinstance(n, ast.Name) and id(n) not in dtype_of:
-            out |= aliases.get(n.id, {n.id} if n.id.endswith("_ptr") else set())
+            out |= aliases.get(n.id, {n.id} if n.id.endswith(MEMORY) else set())
     return out
 
 
 def _prefetch_only(fn: ast.FunctionDef, helpers: dict[str, ast.FunctionDef]) -> set[int]:
-    """Positions of a helper's *_ptr parameters that its body only prefetches (hands to
+    """Positions of a helper's memory parameters that its body only prefetches (hands to
     prefetch_l2, or to such a parameter of another helper), never loads."""
     params = [a.arg for a in fn.args.args]
     loaded = _pointers_read(fn.body, helpers)
-    return {i for i, name in enumerate(params) if name.endswith("_ptr") and name not in loaded}
+    return {i for i, name in enumerate(params) if name.endswith(MEMORY) and name not in loaded}
 
 
 def _pointers_read(stmts: list[ast.stmt], helpers: dict[str, ast.FunctionDef] | None = None) -> set[str]:
-    """*_ptr names the statements pass to a call (a load, a helper that loads), directly or through
-    names assigned from them, except to prefetch_l2 (which puts nothing in registers) and to the
+    """Names of memory the statements pass to a call (a load, a helper that loads) or call a
+    method of (a descriptor's load), directly or through names assigned from them, except to prefetch_l2 (which puts nothing in registers) and to the
     parameters of a module's helper (helpers) that the helper only prefetches."""
     helpers = helpers or {}
     aliases: dict[str, set[str]] = {}
@@ -82,9 +84,10 @@ def _pointers_read(stmts: list[ast.stmt], helpers: dict[str, ast.FunctionDef] | 
         if helper is not None:
             only = _prefetch_only(helper, helpers)
             prefetched |= {id(n) for i, arg in enumerate(c.args) if i in only for n in ast.walk(arg)}
+    methods_of = [c.func.value for c in calls if isinstance(c.func, ast.Attribute) and c.func.attr != "dtype"]
     return {name for c in calls if id(c) not in prefetched
             for arg in [*c.args, *(k.value for k in c.keywords)] if id(arg) not in prefetched
-            for name in _names(arg, aliases)}
+            for name in _names(arg, aliases)} | {name for obj in methods_of for name in _names(obj, aliases)}
 
 
 def module_functions(module: str) -> dict[str, ast.FunctionDef]:
@@ -125,6 +128,22 @@ def test_the_check_sees_an_activation_read_early():
     before, waits = _before_wait(fn.body)
     assert waits and _pointers_read(before) - PASS_CONSTANTS == {"x_ptr"}
     assert _pointers_read(before[:3]) - PASS_CONSTANTS == set()  # its address taken and prefetched only
+
+
+def test_the_check_sees_a_descriptor_loaded_early():
+    """A tensor descriptor's load before the wait is a read (directly, through a name, or in a
+    helper handed the descriptor); its dtype is not."""
+    helpers = {fn.name: fn for fn in ast.parse("def tile(row, k_desc):\n    return k_desc.load([row, 0])\n").body}
+    fn = ast.parse("def k(k_desc, v_desc, CHAINED):\n"
+                   "    x = p.to(v_desc.dtype)\n"
+                   "    d = k_desc\n"
+                   "    a = d.load([0, 0])\n"
+                   "    b = tile(0, v_desc)\n"
+                   "    chain_start(CHAINED)\n").body[0]
+    before, waits = _before_wait(fn.body)
+    assert waits and _pointers_read(before[:1], helpers) == set()
+    assert _pointers_read(before[:3], helpers) == {"k_desc"}
+    assert _pointers_read(before[3:], helpers) == {"v_desc"}
 
 
 def test_a_helper_that_only_prefetches_passes_and_one_that_loads_does_not():
