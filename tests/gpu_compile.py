@@ -1,0 +1,146 @@
+"""Compile every Triton kernel of hogwild_kernels for a GPU (Hopper, sm_90) on a machine
+without one, as the package launches them, and print what was compiled as JSON lines.
+
+The CPU tests run the kernels under Triton's interpreter, which accepts code the GPU
+compiler refuses (an `elif` whose branch returns early, a dtype the tensor cores do not
+take) and skips what only the compiler does (pipelining, tensor-descriptor copies, the
+chain's waits). Here the package's own calls run with CPU tensors through a driver that
+compiles each launch for the target and launches nothing, so a kernel that would not build
+on the GPU fails on any machine. Run as a script, without TRITON_INTERPRET.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+import traceback
+from pathlib import Path
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    sys.exit("run without TRITON_INTERPRET: the interpreter compiles nothing")
+
+import torch  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.runtime import driver  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))  # the benchmark's decode layout
+
+TARGET = GPUTarget("cuda", 90, 32)  # H100 and H200
+# the launch's constexprs worth reporting (which paths of a kernel a configuration took)
+REPORTED = ("BLOCK_N", "BLOCK_M", "AHEAD", "TMA", "CHAINED", "PREFETCH_KEYS", "PREFETCH", "GLU", "NORM_ROWS",
+            "HAS_DELTA", "IEEE")
+# instructions whose presence in the PTX shows that a path was compiled as meant
+MARKERS = {"chain_wait": "griddepcontrol.wait", "tensor_copy": "cp.async.bulk.tensor", "l2_prefetch": "prefetch.global.L2"}
+
+
+class CompileOnly:
+    """A Triton driver for one target that compiles what is launched and runs nothing."""
+
+    def __init__(self, target: GPUTarget) -> None:
+        self.target = target
+
+    def get_current_device(self) -> int:
+        return 0
+
+    def get_current_stream(self, device: int | None = None) -> int:
+        return 0
+
+    def get_current_target(self) -> GPUTarget:
+        return self.target
+
+
+def configurations() -> list[tuple[str, object]]:
+    """(label, call) for each configuration worth compiling: the attention's tiles (narrow and
+    wide rows, long units, chained, tensor-descriptor pages, fp32/fp16/bf16), the K/V appends,
+    the norms, SiLU, sampling's noise and the skinny products (plain, chained, normed, GLU)."""
+    from attention_kernels import build_case
+
+    from hogwild_kernels import TritonAttention, fused, gumbel, skinny
+
+    cpu = torch.device("cpu")
+
+    def attention(label, workers, q_heads, dtype, page=16, view=4096, chained=False, **knobs):
+        def call():  # one decode step of the benchmark's combined layout (8 KV heads of 128)
+            q, [(k_pool, v_pool)], groups, _ = build_case(workers, view, q_heads, 8, 128, dtype, cpu, page=page)
+            inv_freq = 1.0 / (10000 ** (torch.arange(0, 128, 2).float() / 128))
+            tri = TritonAttention(inv_freq, 1.0, 128**-0.5, kv_heads=8, q_per_kv=q_heads // 8, **knobs)
+            tri.chained = chained
+            slots = torch.zeros(workers, dtype=torch.int64)
+            meta = tri.prepare(groups, slots, slots)
+            tri.attend(q, k_pool, v_pool, meta)
+            k = torch.zeros(workers, 8, 128, dtype=dtype)
+            tri.append(k_pool, v_pool, k, k, meta)
+            norm = torch.ones(128, dtype=dtype)
+            qkv = torch.zeros(workers, (q_heads + 16) * 128, dtype=dtype)
+            tri.append_normed(k_pool, v_pool, qkv, norm, norm, 1e-6, q_heads, meta)
+        return label, call
+
+    def norms_and_products(label, dtype, rows, chained):
+        def call():
+            x = torch.zeros(rows, 4096, dtype=dtype)
+            w = torch.zeros(4096, dtype=dtype)
+            fused.add_rms_norm(x, x, w, 1e-6, chained=chained)
+            fused.add_rms_norm(x, None, w, 1e-6, chained=chained)
+            qkv = torch.zeros(rows, (32 + 16) * 128, dtype=dtype)
+            fused.qk_rms_norm(qkv, w[:128], w[:128], 32, 8, 128, 1e-6, chained=chained)
+            fused.silu_mul(torch.zeros(rows, 2 * 12288, dtype=dtype), chained=chained)
+            weight = torch.zeros(6144, 4096, dtype=dtype)
+            skinny.skinny_linear(x, weight, chained=chained)
+            skinny.skinny_linear(x, torch.zeros(2 * 1024, 4096, dtype=dtype), chained=chained, glu=True)
+            skinny.skinny_linear(x, weight, torch.zeros(6144, dtype=dtype), chained=chained)
+            if rows <= skinny.NORM_ROWS:
+                skinny.skinny_norm_linear(x, x.clone(), w, 1e-6, weight, chained=chained)
+        return label, call
+
+    def sampling():
+        rows = 4
+        gumbel.gumbel_scores(torch.zeros(rows, 151936), torch.ones(rows), torch.zeros(rows, dtype=torch.int64),
+                             torch.zeros(rows, dtype=torch.int64), interpret=True)
+
+    return [
+        attention("attention, 1 worker at 4k (narrow rows), bf16", 1, 32, torch.bfloat16),
+        attention("attention, 1 worker at 16k (long units: 128-key tiles), bf16", 1, 32, torch.bfloat16, view=16384),
+        attention("attention, 16 workers (wide rows: prefetch ahead), bf16", 16, 32, torch.bfloat16),
+        attention("attention, 4 workers chained, bf16", 4, 32, torch.bfloat16, chained=True),
+        attention("attention, 16 workers chained, bf16", 16, 40, torch.bfloat16, chained=True),
+        attention("attention, tensor-descriptor pages, bf16", 1, 32, torch.bfloat16, tma_pages=True),
+        attention("attention, tensor-descriptor 64-token pages, fp16", 8, 32, torch.float16, page=64, tma_pages=True),
+        attention("attention, fp16", 2, 32, torch.float16),
+        attention("attention, fp32 (exact)", 2, 32, torch.float32, view=1024),
+        norms_and_products("norms, SiLU and products, 1 row, bf16", torch.bfloat16, 1, False),
+        norms_and_products("norms, SiLU and products, 1 row, chained, bf16", torch.bfloat16, 1, True),
+        norms_and_products("norms, SiLU and products, 16 rows, chained, fp16", torch.float16, 16, True),
+        ("sampling noise", sampling),
+    ]
+
+
+def main() -> int:
+    driver.set_active(CompileOnly(TARGET))
+    label = ""
+
+    def compile_only(self, grid):
+        def launch(*args, **kwargs):
+            kernel = self.run(*args, grid=grid, warmup=True, **kwargs)
+            ptx = kernel.asm["ptx"]
+            print(json.dumps({"config": label, "kernel": self.fn.__name__,
+                              "constexprs": {k: kwargs[k] for k in REPORTED if k in kwargs},
+                              "markers": sorted(name for name, text in MARKERS.items() if text in ptx)}), flush=True)
+        return launch
+
+    JITFunction.__getitem__ = compile_only
+    failed = 0
+    for label, call in configurations():
+        try:
+            call()
+        except Exception as e:  # a kernel the GPU compiler refuses: named with the configuration
+            failed += 1
+            print(json.dumps({"config": label, "error": f"{type(e).__name__}: {e}"[:2000],
+                              "trace": traceback.format_exc()[-2000:]}), flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
