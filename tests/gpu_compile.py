@@ -6,15 +6,17 @@ compiler refuses (an `elif` whose branch returns early, a dtype the tensor cores
 take) and skips what only the compiler does (pipelining, tensor-descriptor copies, the
 chain's waits). Here the package's own calls run with CPU tensors through a driver that
 compiles each launch for the target and launches nothing, so a kernel that would not build
-on the GPU fails on any machine. Run as a script, without TRITON_INTERPRET.
+on the GPU fails on any machine; ptxas reports each one's registers and spills. Run as a script, without TRITON_INTERPRET.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import random
+import re
+import subprocess
 import sys
+import tempfile
 import traceback
 from pathlib import Path
 
@@ -34,6 +36,20 @@ REPORTED = ("BLOCK_N", "BLOCK_M", "AHEAD", "TMA", "CHAINED", "PREFETCH_KEYS", "P
             "HAS_DELTA", "IEEE")
 # instructions whose presence in the PTX shows that a path was compiled as meant
 MARKERS = {"chain_wait": "griddepcontrol.wait", "tensor_copy": "cp.async.bulk.tensor", "l2_prefetch": "prefetch.global.L2"}
+
+
+def resources(ptx: str, arch: int) -> dict[str, int]:
+    """Registers a thread and bytes spilled to local memory, as ptxas reports them for the PTX."""
+    from triton import knobs
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "kernel.ptx"
+        src.write_text(ptx)
+        log = subprocess.run([knobs.nvidia.ptxas.path, "-v", f"--gpu-name=sm_{arch}a", str(src), "-o",
+                              str(Path(tmp) / "kernel.cubin")], capture_output=True, text=True, check=True).stderr
+    registers = max(int(n) for n in re.findall(r"Used (\d+) registers", log))
+    spilled = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", log))
+    return {"registers": registers, "spill_bytes": spilled}
 
 
 class CompileOnly:
@@ -127,7 +143,8 @@ def main() -> int:
             ptx = kernel.asm["ptx"]
             print(json.dumps({"config": label, "kernel": self.fn.__name__,
                               "constexprs": {k: kwargs[k] for k in REPORTED if k in kwargs},
-                              "markers": sorted(name for name, text in MARKERS.items() if text in ptx)}), flush=True)
+                              "markers": sorted(name for name, text in MARKERS.items() if text in ptx),
+                              "shared_bytes": kernel.metadata.shared, **resources(ptx, TARGET.arch)}), flush=True)
         return launch
 
     JITFunction.__getitem__ = compile_only

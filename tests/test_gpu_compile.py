@@ -67,3 +67,13 @@ def test_each_path_compiles_to_what_it_is_for(launches):
     products = [r for r in ran if r["kernel"] == "_skinny_kernel"]
     assert all("l2_prefetch" in r["markers"] for r in products if r["constexprs"]["PREFETCH"])
     assert {True, False} <= {r["constexprs"]["GLU"] for r in products}
+
+
+def test_the_default_paths_spill_no_registers(launches):
+    """A spill to local memory costs a hot loop memory traffic of its own: every path the engine
+    takes by default (the descriptor pages are an option) fits the registers (the widest row
+    tile takes 255 of them, the most a thread has)."""
+    spilled = [(r["config"], r["kernel"], r["spill_bytes"]) for r in launches
+               if "kernel" in r and r["spill_bytes"] and not r["constexprs"].get("TMA")]
+    assert not spilled, spilled
+    assert all(0 < r["registers"] <= 255 for r in launches if "kernel" in r)
