@@ -1,5 +1,7 @@
-"""Compile every Triton kernel of hogwild_kernels for a GPU (Hopper, sm_90) on a machine
-without one, as the package launches them, and print what was compiled as JSON lines.
+"""Compile every Triton kernel of hogwild_kernels for a GPU on a machine without one, as the
+package launches them, and print what was compiled as JSON lines (after RECORD): for Hopper (sm_90, the
+default) every configuration; for an older GPU (`--arch 80`: A100) those the engine runs
+there, none chained (programmatic dependent launches need Hopper; pdl.supported).
 
 The CPU tests run the kernels under Triton's interpreter, which accepts code the GPU
 compiler refuses (an `elif` whose branch returns early, a dtype the tensor cores do not
@@ -30,7 +32,6 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))  # the benchmark's decode layout
 
-TARGET = GPUTarget("cuda", 90, 32)  # H100 and H200
 # the launch's constexprs worth reporting (which paths of a kernel a configuration took)
 REPORTED = ("BLOCK_N", "BLOCK_M", "AHEAD", "TMA", "CHAINED", "PREFETCH_KEYS", "PREFETCH", "GLU", "NORM_ROWS",
             "HAS_DELTA", "IEEE")
@@ -38,14 +39,19 @@ REPORTED = ("BLOCK_N", "BLOCK_M", "AHEAD", "TMA", "CHAINED", "PREFETCH_KEYS", "P
 MARKERS = {"chain_wait": "griddepcontrol.wait", "tensor_copy": "cp.async.bulk.tensor", "l2_prefetch": "prefetch.global.L2"}
 
 
+RECORD = "gpu_compile: "  # begins each record's line (the compiler prints to stdout too)
+
+
 def resources(ptx: str, arch: int) -> dict[str, int]:
     """Registers a thread and bytes spilled to local memory, as ptxas reports them for the PTX."""
     from triton import knobs
 
+    gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"  # as Triton names them
+
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "kernel.ptx"
         src.write_text(ptx)
-        log = subprocess.run([knobs.nvidia.ptxas.path, "-v", f"--gpu-name=sm_{arch}a", str(src), "-o",
+        log = subprocess.run([knobs.nvidia.ptxas.path, "-v", f"--gpu-name={gpu}", str(src), "-o",
                               str(Path(tmp) / "kernel.cubin")], capture_output=True, text=True, check=True).stderr
     registers = max(int(n) for n in re.findall(r"Used (\d+) registers", log))
     spilled = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", log))
@@ -68,10 +74,11 @@ class CompileOnly:
         return self.target
 
 
-def configurations() -> list[tuple[str, object]]:
-    """(label, call) for each configuration worth compiling: the attention's tiles (narrow and
-    wide rows, long units, chained, tensor-descriptor pages, fp32/fp16/bf16), the K/V appends,
-    the norms, SiLU, sampling's noise and the skinny products (plain, chained, normed, GLU)."""
+def configurations(arch: int) -> list[tuple[str, object]]:
+    """(label, call) for each configuration worth compiling for the arch: the attention's tiles
+    (narrow and wide rows, long units, chained, tensor-descriptor pages, fp32/fp16/bf16), the
+    K/V appends, the norms, SiLU, sampling's noise and the skinny products (plain, chained,
+    normed, GLU); chained ones only from Hopper on."""
     from attention_kernels import build_case
 
     from hogwild_kernels import TritonAttention, fused, gumbel, skinny
@@ -116,7 +123,7 @@ def configurations() -> list[tuple[str, object]]:
         gumbel.gumbel_scores(torch.zeros(rows, 151936), torch.ones(rows), torch.zeros(rows, dtype=torch.int64),
                              torch.zeros(rows, dtype=torch.int64), interpret=True)
 
-    return [
+    every = [
         attention("attention, 1 worker at 4k (narrow rows), bf16", 1, 32, torch.bfloat16),
         attention("attention, 1 worker at 16k (long units: 128-key tiles), bf16", 1, 32, torch.bfloat16, view=16384),
         attention("attention, 16 workers (wide rows: prefetch ahead), bf16", 16, 32, torch.bfloat16),
@@ -131,30 +138,33 @@ def configurations() -> list[tuple[str, object]]:
         norms_and_products("norms, SiLU and products, 16 rows, chained, fp16", torch.float16, 16, True),
         ("sampling noise", sampling),
     ]
+    return [(label, call) for label, call in every if arch >= 90 or "chained" not in label]
 
 
-def main() -> int:
-    driver.set_active(CompileOnly(TARGET))
+def main(argv: list[str] | None = None) -> int:
+    args = argv if argv is not None else sys.argv[1:]
+    arch = int(args[args.index("--arch") + 1]) if "--arch" in args else 90
+    driver.set_active(CompileOnly(GPUTarget("cuda", arch, 32)))
     label = ""
 
     def compile_only(self, grid):
         def launch(*args, **kwargs):
             kernel = self.run(*args, grid=grid, warmup=True, **kwargs)
             ptx = kernel.asm["ptx"]
-            print(json.dumps({"config": label, "kernel": self.fn.__name__,
+            print(RECORD + json.dumps({"arch": arch, "config": label, "kernel": self.fn.__name__,
                               "constexprs": {k: kwargs[k] for k in REPORTED if k in kwargs},
                               "markers": sorted(name for name, text in MARKERS.items() if text in ptx),
-                              "shared_bytes": kernel.metadata.shared, **resources(ptx, TARGET.arch)}), flush=True)
+                              "shared_bytes": kernel.metadata.shared, **resources(ptx, arch)}), flush=True)
         return launch
 
     JITFunction.__getitem__ = compile_only
     failed = 0
-    for label, call in configurations():
+    for label, call in configurations(arch):
         try:
             call()
         except Exception as e:  # a kernel the GPU compiler refuses: named with the configuration
             failed += 1
-            print(json.dumps({"config": label, "error": f"{type(e).__name__}: {e}"[:2000],
+            print(RECORD + json.dumps({"arch": arch, "config": label, "error": f"{type(e).__name__}: {e}"[:2000],
                               "trace": traceback.format_exc()[-2000:]}), flush=True)
     return 1 if failed else 0
 
