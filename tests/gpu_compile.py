@@ -1,14 +1,15 @@
 """Compile every Triton kernel of hogwild_kernels for a GPU on a machine without one, as the
-package launches them, and print what was compiled as JSON lines (after RECORD): for Hopper (sm_90, the
-default) every configuration; for an older GPU (`--arch 80`: A100) those the engine runs
-there, none chained (programmatic dependent launches need Hopper; pdl.supported).
+package launches them, and print a JSON line (after RECORD) for each launch compiled: for
+Hopper (sm_90, the default) every configuration; for the A100 (`--arch 80`) those the engine
+runs there, none chained (programmatic dependent launches need Hopper; pdl.supported).
 
 The CPU tests run the kernels under Triton's interpreter, which accepts code the GPU
-compiler refuses (an `elif` whose branch returns early, a dtype the tensor cores do not
-take) and skips what only the compiler does (pipelining, tensor-descriptor copies, the
-chain's waits). Here the package's own calls run with CPU tensors through a driver that
-compiles each launch for the target and launches nothing, so a kernel that would not build
-on the GPU fails on any machine; ptxas reports each one's registers and spills. Run as a script, without TRITON_INTERPRET.
+compiler refuses (an `elif` whose branch returns early) and skips what only the compiler
+does (pipelining, tensor-descriptor copies, the chain's waits and which GPUs have them,
+register allocation). Here the package's own calls run with CPU tensors
+through a driver that compiles each launch for the target and launches nothing, so a kernel
+that would not build on the GPU fails on any machine; ptxas reports each one's registers and
+spills. Run as a script, without TRITON_INTERPRET.
 """
 
 from __future__ import annotations
@@ -36,9 +37,8 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))  # the benchma
 REPORTED = ("BLOCK_N", "BLOCK_M", "AHEAD", "TMA", "CHAINED", "PREFETCH_KEYS", "PREFETCH", "GLU", "NORM_ROWS",
             "HAS_DELTA", "IEEE")
 # instructions whose presence in the PTX shows that a path was compiled as meant
-MARKERS = {"chain_wait": "griddepcontrol.wait", "tensor_copy": "cp.async.bulk.tensor", "l2_prefetch": "prefetch.global.L2"}
-
-
+MARKERS = {"chain_wait": "griddepcontrol.wait", "tensor_copy": "cp.async.bulk.tensor",
+           "l2_prefetch": "prefetch.global.L2"}
 RECORD = "gpu_compile: "  # begins each record's line (the compiler prints to stdout too)
 
 
@@ -47,7 +47,6 @@ def resources(ptx: str, arch: int) -> dict[str, int]:
     from triton import knobs
 
     gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"  # as Triton names them
-
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "kernel.ptx"
         src.write_text(ptx)
