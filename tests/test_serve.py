@@ -302,6 +302,10 @@ def test_the_waiting_limit_answers_503_with_retry_after(server):
     finally:
         for r in opened:
             r.close()
+    # the closed streams end their sessions as the server notices: until then one may still wait
+    deadline = time.monotonic() + 30
+    while metrics(f"{server}/small")["hogwild:num_requests_waiting"] > 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
     too_big = dict(body, stream=False, max_tokens=5000)  # could never fit this cache: 400, not 503
     status, _, answer = post(url, too_big, key=None)
     assert status == 400 and "cache" in answer["error"]["message"], answer
