@@ -34,8 +34,8 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))  # the benchmark's decode layout
 
 # the launch's constexprs worth reporting (which paths of a kernel a configuration took)
-REPORTED = ("BLOCK_N", "BLOCK_M", "AHEAD", "TMA", "CHAINED", "PREFETCH_KEYS", "PREFETCH", "GLU", "NORM_ROWS",
-            "HAS_DELTA", "IEEE")
+REPORTED = ("BLOCK_N", "BLOCK_M", "AHEAD", "TMA", "PAGES_AHEAD", "CHAINED", "PREFETCH_KEYS", "PREFETCH", "GLU",
+            "NORM_ROWS", "HAS_DELTA", "IEEE", "num_stages")
 # instructions whose presence in the PTX shows that a path was compiled as meant
 MARKERS = {"chain_wait": "griddepcontrol.wait", "tensor_copy": "cp.async.bulk.tensor",
            "l2_prefetch": "prefetch.global.L2"}
@@ -130,6 +130,10 @@ def configurations(arch: int) -> list[tuple[str, object]]:
         attention("attention, 16 workers chained, bf16", 16, 40, torch.bfloat16, chained=True),
         attention("attention, tensor-descriptor pages, bf16", 1, 32, torch.bfloat16, tma_pages=True),
         attention("attention, tensor-descriptor 64-token pages, fp16", 8, 32, torch.float16, page=64, tma_pages=True),
+        attention("attention, 1 worker, pages a tile ahead, 3 stages", 1, 32, torch.bfloat16, view=16384,
+                  pages_ahead=True, block_n=64, num_stages=3),
+        attention("attention, 16 workers, pages a tile ahead, 3 stages", 16, 32, torch.bfloat16, pages_ahead=True,
+                  num_stages=3),
         attention("attention, fp16", 2, 32, torch.float16),
         attention("attention, fp32 (exact)", 2, 32, torch.float32, view=1024),
         norms_and_products("norms, SiLU and products, 1 row, bf16", torch.bfloat16, 1, False),
@@ -150,9 +154,12 @@ def main(argv: list[str] | None = None) -> int:
         def launch(*args, **kwargs):
             kernel = self.run(*args, grid=grid, warmup=True, **kwargs)
             ptx = kernel.asm["ptx"]
+            markers = {name for name, text in MARKERS.items() if text in ptx}
+            if re.search(r"cp\.async\.wait_group\s+[1-9]", ptx):  # a wait that leaves copies in flight
+                markers.add("pipelined")
             print(RECORD + json.dumps({"arch": arch, "config": label, "kernel": self.fn.__name__,
                               "constexprs": {k: kwargs[k] for k in REPORTED if k in kwargs},
-                              "markers": sorted(name for name, text in MARKERS.items() if text in ptx),
+                              "markers": sorted(markers),
                               "shared_bytes": kernel.metadata.shared, **resources(ptx, arch)}), flush=True)
         return launch
 

@@ -61,7 +61,8 @@ def test_every_kernel_of_the_package_is_compiled_for_each_arch(launches):
 def test_each_path_compiles_to_what_it_is_for(launches):
     """Chained launches wait for their predecessor (and only they); descriptor pages are copied
     by the tensor-memory engine; wide row tiles and chained products prefetch into the L2
-    cache; long units read 128-key tiles; the exact (fp32) path is compiled too."""
+    cache; pages looked up a tile ahead with three stages keep the next tile's copies in flight;
+    long units read 128-key tiles; the exact (fp32) path is compiled too."""
     ran = [r for r in launches if "kernel" in r and r["arch"] == 90]
     for r in ran:
         chained = bool(r["constexprs"].get("CHAINED"))
@@ -71,7 +72,10 @@ def test_each_path_compiles_to_what_it_is_for(launches):
         assert ("tensor_copy" in r["markers"]) == bool(r["constexprs"]["TMA"]), r
         if r["constexprs"]["AHEAD"] or r["constexprs"]["PREFETCH_KEYS"]:
             assert "l2_prefetch" in r["markers"], r
+        if r["constexprs"]["PAGES_AHEAD"] and r["constexprs"]["num_stages"] >= 3:  # the next tile's copies in flight
+            assert "pipelined" in r["markers"], r
     assert any(r["constexprs"]["TMA"] for r in partial) and any(r["constexprs"]["AHEAD"] for r in partial)
+    assert sum(r["constexprs"]["PAGES_AHEAD"] for r in partial) >= 2
     assert {64, 128} <= {r["constexprs"]["BLOCK_N"] for r in partial}
     assert any(r["constexprs"]["IEEE"] for r in partial)
     products = [r for r in ran if r["kernel"] == "_skinny_kernel"]

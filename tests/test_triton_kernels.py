@@ -185,6 +185,25 @@ def test_long_units_in_longer_tiles_give_the_same_output():
                                atol=2e-4, rtol=2e-4)
 
 
+@pytest.mark.parametrize("seed,dtype", [(41, torch.float32), (42, torch.float16), (43, torch.float32)])
+def test_pages_looked_up_a_tile_ahead_give_the_same_output(seed, dtype):
+    """pages_ahead: the tiles every row sees whole take their pages from a lookup one tile
+    ahead (the first before the loop; the lookup past the unmasked tiles reads nothing): bit
+    for bit the kernel that looks each tile's pages up with it, over chunks with masked tails,
+    and the reference's attention. On the GPU with three stages or more this is what lets the
+    compiler keep the next tile's copies in flight (tests/test_gpu_compile.py)."""
+    q, k_pool, v_pool, groups = random_case(random.Random(seed), 4, 8, 2, 64, page_size=4, shared=3, dtype=dtype,
+                                            max_chunk=4)
+    groups = to_device(groups)
+    ref, plain = backends(64, chunk=32)
+    ahead = TritonAttention(ref.inv_freq, 1.0, 64**-0.5, chunk=32, pages_ahead=True)
+    s = torch.zeros(q.shape[0], dtype=torch.int64, device=DEVICE)
+    got = ahead.attend(q, k_pool, v_pool, ahead.prepare(groups, s, s))
+    assert torch.equal(got, plain.attend(q, k_pool, v_pool, plain.prepare(groups, s, s)))
+    tol = dict(atol=2e-4, rtol=2e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(got.float(), reference(ref, q.float(), k_pool.float(), v_pool.float(), groups), **tol)
+
+
 def test_single_token_views_and_decode():
     """Every worker's view is just its own one token (empty shared blocks)."""
     q_heads, kv_heads, d = 4, 2, 64

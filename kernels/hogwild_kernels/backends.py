@@ -178,7 +178,7 @@ class TritonAttention:
                  short_programs_per_sm: int = SHORT_PROGRAMS_PER_SM,
                  partial_dtype: torch.dtype | None = None, pdl: bool | None = None, q_per_kv: int = 1,
                  wide_units: bool = True, long_unit: int = 512, prefetch_ahead: int = PREFETCH_AHEAD,
-                 tma_pages: bool = False) -> None:
+                 tma_pages: bool = False, pages_ahead: bool = False) -> None:
         self.inv_freq = inv_freq.to(torch.float32).contiguous()
         self.rope_scale, self.sm_scale, self.kv_heads = rope_scale, sm_scale, kv_heads
         interpret = self.interpret = os.environ.get("TRITON_INTERPRET") == "1"
@@ -215,6 +215,12 @@ class TritonAttention:
         # the tiles every row sees whole read a page at a time through tensor descriptors (TMA),
         # where the pools allow it (see page_descriptors)
         self.tma_pages = tma_pages
+        # the tiles every row sees whole look their pages up one tile ahead (not with tma_pages):
+        # compiled for sm_90, the kernel's K/V loads otherwise wait on the page lookup of their own
+        # tile, so the compiler keeps no copy in flight across tiles whatever num_stages says
+        # (one K/V tile of shared memory, every cp.async wait a wait for all); with this and
+        # num_stages 3 the next tile's copies stay in flight (tests/gpu_compile.py). Not measured yet, off
+        self.pages_ahead = pages_ahead
 
     @property
     def prefetch_keys(self) -> int:
@@ -351,6 +357,7 @@ class TritonAttention:
         page = k_pool.shape[1]
         aligned = self.block_n % page == 0 and (self.chunk is None or self.chunk % page == 0)
         descs = self.page_descriptors(k_pool, v_pool) if self.tma_pages and aligned else None
+        pages_ahead = self.pages_ahead and descs is None  # (its loop prefetches nothing into the L2 cache)
         # partials in the input's precision (as vLLM's paged attention v2); fp32 inputs stay exact
         o_part = torch.empty((npairs, hq, d), dtype=self.partial_dtype or q.dtype, device=q.device)
         lse_part = torch.empty((npairs, hq), dtype=torch.float32, device=q.device)
@@ -373,7 +380,7 @@ class TritonAttention:
                 IEEE=q.dtype == torch.float32, LOOP_WHILE=self.interpret, PDL=pdl, CHAINED=self.chained,
                 PREFETCH_KEYS=self.prefetch_keys if self.chained else 0,
                 KV_LINES=_next_pow2(-(-d * k_pool.element_size() // 128)),
-                AHEAD=self.tiles_ahead(block_m), TMA=descs is not None,
+                AHEAD=0 if pages_ahead else self.tiles_ahead(block_m), TMA=descs is not None, PAGES_AHEAD=pages_ahead,
                 **launch, **pdl_launch(self.chained),
             )
         _merge_partials_kernel[(t, hq)](

@@ -57,11 +57,34 @@ def _weighted(acc1, acc2, alpha, pv, v1, v2, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _tile_pages(k0, kend, item, tables_ptr, stride_table, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
+                MASKED: tl.constexpr):
+    """The page of each of a tile's BLOCK_N keys from k0 (MASKED: page 0 from kend on)."""
+    offs = k0 + tl.arange(0, BLOCK_N)
+    if MASKED:
+        return tl.load(tables_ptr + item * stride_table + offs // PAGE, mask=offs < kend, other=0)
+    return tl.load(tables_ptr + item * stride_table + offs // PAGE)
+
+
+@triton.jit
 def _attend_tile(k0, kend, item, h, k_ptr, v_ptr, tables_ptr, stride_table, stride_kpage, stride_ktok, stride_kh,
                  qr1, qr2, limit, d, dmask, m_i, l_i, acc1, acc2,
                  PAGE: tl.constexpr, HALF: tl.constexpr, HALFP: tl.constexpr, BLOCK_N: tl.constexpr,
                  IEEE: tl.constexpr, MASKED: tl.constexpr):
-    """One tile of BLOCK_N keys of a block: scores for every packed query, online softmax.
+    """One tile of BLOCK_N keys of a block, its pages looked up here (_attend_tile_pages)."""
+    page = _tile_pages(k0, kend, item, tables_ptr, stride_table, PAGE, BLOCK_N, MASKED)
+    return _attend_tile_pages(k0, kend, page, h, k_ptr, v_ptr, stride_kpage, stride_ktok, stride_kh,
+                              qr1, qr2, limit, d, dmask, m_i, l_i, acc1, acc2, PAGE, HALF, HALFP, BLOCK_N, IEEE,
+                              MASKED)
+
+
+@triton.jit
+def _attend_tile_pages(k0, kend, page, h, k_ptr, v_ptr, stride_kpage, stride_ktok, stride_kh,
+                       qr1, qr2, limit, d, dmask, m_i, l_i, acc1, acc2,
+                       PAGE: tl.constexpr, HALF: tl.constexpr, HALFP: tl.constexpr, BLOCK_N: tl.constexpr,
+                       IEEE: tl.constexpr, MASKED: tl.constexpr):
+    """One tile of BLOCK_N keys of a block, each key's page given: scores for every packed
+    query, online softmax.
 
     The head dim is handled as two halves (the rotate-half pairs), so the query rotation
     needs no shuffle. MASKED=False is the fast path for tiles that lie inside the chunk
@@ -69,10 +92,6 @@ def _attend_tile(k0, kend, item, h, k_ptr, v_ptr, tables_ptr, stride_table, stri
     """
     offs = k0 + tl.arange(0, BLOCK_N)
     kmask = offs < kend
-    if MASKED:
-        page = tl.load(tables_ptr + item * stride_table + offs // PAGE, mask=kmask, other=0)
-    else:
-        page = tl.load(tables_ptr + item * stride_table + offs // PAGE)
     # token-major pages ([page, token, head, dim]) or head-major ones ([page, head, token, dim],
     # one contiguous run per head and page): the strides say which
     row_off = page.to(tl.int64) * stride_kpage + (offs % PAGE) * stride_ktok
@@ -154,6 +173,7 @@ def _rope_shift_partial_kernel(
     HALF: tl.constexpr, HALFP: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
     LOOP_WHILE: tl.constexpr, PDL: tl.constexpr, CHAINED: tl.constexpr, PREFETCH_KEYS: tl.constexpr = 0,
     KV_LINES: tl.constexpr = 1, AHEAD: tl.constexpr = 0, TMA: tl.constexpr = False,
+    PAGES_AHEAD: tl.constexpr = False,
 ):
     """Partial attention of one unit (a chunk of one block) for one KV head and BLOCK_R readers.
 
@@ -165,7 +185,10 @@ def _rope_shift_partial_kernel(
     start), and asks the L2 cache for the K and V lines
     (KV_LINES of 128 bytes a key) of the unit's first PREFETCH_KEYS keys. TMA: the tiles every
     row sees whole are pages (BLOCK_N == PAGE) loaded through k_desc and v_desc (tensor
-    descriptors over the token-major pools' [slot, kv_head x head dim] rows).
+    descriptors over the token-major pools' [slot, kv_head x head dim] rows). PAGES_AHEAD
+    (not with TMA): the tiles every row sees whole get their pages from a lookup one tile ahead,
+    so that their K/V loads depend on no load of their own iteration and the compiler can
+    keep the next tile's copies in flight (num_stages 3 or more; see TritonAttention).
     """
     u = unit0 + tl.program_id(0)
     h = tl.program_id(1)
@@ -215,24 +238,45 @@ def _rope_shift_partial_kernel(
     full = kstart + tl.maximum(tl.minimum(seen_by_all, kend) - kstart, 0) // BLOCK_N * BLOCK_N
     if LOOP_WHILE:  # the CPU interpreter cannot range() over loaded bounds
         k0 = kstart
-        while k0 < full:
-            m_i, l_i, acc1, acc2 = _attend_whole_tile(
-                k0, kend, item, h, k_ptr, v_ptr, k_desc, v_desc, tables_ptr, stride_table, stride_kpage, stride_ktok,
-                stride_kh, qr1, qr2, limit, d, dmask, m_i, l_i, acc1, acc2, PAGE, HALF, HALFP, BLOCK_N, IEEE, TMA)
-            k0 += BLOCK_N
+        if PAGES_AHEAD:  # the same tiles, each one's pages looked up while the one before is read
+            page = _tile_pages(kstart, full, item, tables_ptr, stride_table, PAGE, BLOCK_N, True)
+            while k0 < full:
+                following = _tile_pages(k0 + BLOCK_N, full, item, tables_ptr, stride_table, PAGE, BLOCK_N, True)
+                m_i, l_i, acc1, acc2 = _attend_tile_pages(
+                    k0, kend, page, h, k_ptr, v_ptr, stride_kpage, stride_ktok, stride_kh, qr1, qr2, limit, d, dmask,
+                    m_i, l_i, acc1, acc2, PAGE, HALF, HALFP, BLOCK_N, IEEE, False)
+                page = following
+                k0 += BLOCK_N
+        else:
+            while k0 < full:
+                m_i, l_i, acc1, acc2 = _attend_whole_tile(
+                    k0, kend, item, h, k_ptr, v_ptr, k_desc, v_desc, tables_ptr, stride_table, stride_kpage,
+                    stride_ktok, stride_kh, qr1, qr2, limit, d, dmask, m_i, l_i, acc1, acc2, PAGE, HALF, HALFP,
+                    BLOCK_N, IEEE, TMA)
+                k0 += BLOCK_N
         while k0 < kend:
             m_i, l_i, acc1, acc2 = _attend_tile(
                 k0, kend, item, h, k_ptr, v_ptr, tables_ptr, stride_table, stride_kpage, stride_ktok, stride_kh,
                 qr1, qr2, limit, d, dmask, m_i, l_i, acc1, acc2, PAGE, HALF, HALFP, BLOCK_N, IEEE, True)
             k0 += BLOCK_N
     else:
-        for k0 in range(kstart, full, BLOCK_N):
-            if AHEAD > 0:  # the tile AHEAD tiles on, asked of the L2 cache while this one is read
-                _prefetch_kv(k0 + AHEAD * BLOCK_N + tl.arange(0, BLOCK_N), kend, item, h, k_ptr, v_ptr, tables_ptr,
-                             stride_table, stride_kpage, stride_ktok, stride_kh, PAGE, KV_LINES)
-            m_i, l_i, acc1, acc2 = _attend_whole_tile(
-                k0, kend, item, h, k_ptr, v_ptr, k_desc, v_desc, tables_ptr, stride_table, stride_kpage, stride_ktok,
-                stride_kh, qr1, qr2, limit, d, dmask, m_i, l_i, acc1, acc2, PAGE, HALF, HALFP, BLOCK_N, IEEE, TMA)
+        if PAGES_AHEAD:  # no load in the loop waits on another of its own: the K/V copies pipeline
+            page = _tile_pages(kstart, full, item, tables_ptr, stride_table, PAGE, BLOCK_N, True)
+            for k0 in range(kstart, full, BLOCK_N):
+                following = _tile_pages(k0 + BLOCK_N, full, item, tables_ptr, stride_table, PAGE, BLOCK_N, True)
+                m_i, l_i, acc1, acc2 = _attend_tile_pages(
+                    k0, kend, page, h, k_ptr, v_ptr, stride_kpage, stride_ktok, stride_kh, qr1, qr2, limit, d, dmask,
+                    m_i, l_i, acc1, acc2, PAGE, HALF, HALFP, BLOCK_N, IEEE, False)
+                page = following
+        else:
+            for k0 in range(kstart, full, BLOCK_N):
+                if AHEAD > 0:  # the tile AHEAD tiles on, asked of the L2 cache while this one is read
+                    _prefetch_kv(k0 + AHEAD * BLOCK_N + tl.arange(0, BLOCK_N), kend, item, h, k_ptr, v_ptr,
+                                 tables_ptr, stride_table, stride_kpage, stride_ktok, stride_kh, PAGE, KV_LINES)
+                m_i, l_i, acc1, acc2 = _attend_whole_tile(
+                    k0, kend, item, h, k_ptr, v_ptr, k_desc, v_desc, tables_ptr, stride_table, stride_kpage,
+                    stride_ktok, stride_kh, qr1, qr2, limit, d, dmask, m_i, l_i, acc1, acc2, PAGE, HALF, HALFP,
+                    BLOCK_N, IEEE, TMA)
         for k0 in range(full, kend, BLOCK_N):
             m_i, l_i, acc1, acc2 = _attend_tile(
                 k0, kend, item, h, k_ptr, v_ptr, tables_ptr, stride_table, stride_kpage, stride_ktok, stride_kh,
