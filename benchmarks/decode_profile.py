@@ -18,7 +18,8 @@ rows prefetched that far into the L2 cache before their wait (hogwild_ray.model.
 or `all`; `keys=N`: the keys of its unit each attention program asks for before its wait;
 `ahead=N`: the tiles ahead a wide row tile's program asks for), side by side (one engine each).
 `--attention default,short_programs_per_sm=2` runs the attention with its unit counts as named
-(ATTENTION_KNOBS: programs an SM per KV head, and where units are short), side by side.
+(ATTENTION_KNOBS: programs an SM per KV head, and where units are short), side by side;
+`--attention default,pages_ahead=1+num_stages=3` with its tiles read so (TILE_KNOBS).
 `--pages default,64,64+tma` runs the engine with K/V pages of that many tokens (default: the
 engine's 16), `+tma` reading the tiles every row sees whole a page at a time through tensor
 descriptors (TritonAttention's tma_pages), side by side.
@@ -193,20 +194,35 @@ def prefetch_setting(text: str) -> dict[str, int]:
 
 # the attention's unit counts `--attention` sets (programs an SM per KV head, and where units are short)
 ATTENTION_KNOBS = ("programs_per_sm", "short_programs_per_sm")
+# and how its partial kernel reads tiles: pages looked up a tile ahead (0 or 1), software pipeline stages
+TILE_KNOBS = ("pages_ahead", "num_stages")
 
 
 def attention_setting(text: str) -> dict[str, int]:
     """'default' -> {}; 'programs_per_sm=3+short_programs_per_sm=3' -> the attention's knobs
-    (ATTENTION_KNOBS), each a whole number of programs, at least 1."""
+    (ATTENTION_KNOBS, TILE_KNOBS), each a whole number, at least 1 (pages_ahead: 0 or 1)."""
     if text == "default":
         return {}
     out: dict[str, int] = {}
+    knobs = ATTENTION_KNOBS + TILE_KNOBS
     for part in text.split("+"):
         name, _, value = part.partition("=")
-        if name not in ATTENTION_KNOBS or not value.isdigit() or int(value) < 1:
-            raise ValueError(f"--attention: {part!r} is not KNOB=N (N >= 1); knobs: {', '.join(ATTENTION_KNOBS)}")
+        if name not in knobs or not value.isdigit() or int(value) < (0 if name == "pages_ahead" else 1) \
+                or name == "pages_ahead" and int(value) > 1:
+            raise ValueError(f"--attention: {part!r} is not KNOB=N (N >= 1; pages_ahead=0 or 1); knobs: "
+                             f"{', '.join(knobs)}")
         out[name] = int(value)
     return out
+
+
+def apply_attention_setting(attention, knobs: dict[str, int]) -> None:
+    """Set the knobs on the engine's TritonAttention, before any graph is captured (graphs allot
+    units by the counts and keep the kernels they were captured with)."""
+    for knob, value in knobs.items():
+        if knob == "num_stages":
+            attention.launch["num_stages"] = value
+        else:
+            setattr(attention, knob, bool(value) if knob == "pages_ahead" else value)
 
 
 def page_setting(text: str) -> tuple[int | None, bool]:
@@ -244,8 +260,8 @@ def main(argv: list[str] | None = None) -> int:
                         "comma-separated")
     p.add_argument("--attention", default="default",
                    help="default, or KNOB=N joined by '+' (knobs: programs_per_sm, short_programs_per_sm: the "
-                        "attention's programs an SM per KV head, and where units are short); several, "
-                        "comma-separated")
+                        "attention's programs an SM per KV head, and where units are short; pages_ahead=0/1 and "
+                        "num_stages: how its partial kernel reads tiles); several, comma-separated")
     p.add_argument("--pages", default="default",
                    help="default (the engine's 16-token pages), TOKENS, or TOKENS+tma (the tiles read a page at a "
                         "time by tensor descriptors); several, comma-separated")
@@ -297,8 +313,7 @@ def main(argv: list[str] | None = None) -> int:
             engine.decoder.attention.prefetch_keys = prefetch_bytes["keys"]
         if "ahead" in prefetch_bytes:
             engine.decoder.attention.prefetch_ahead = prefetch_bytes["ahead"]
-        for knob, value in knobs.items():  # before any graph is captured: graphs allot units by them
-            setattr(engine.decoder.attention, knob, value)
+        apply_attention_setting(engine.decoder.attention, knobs)
         if setting not in ("on", "unchained"):
             engine.decoder.products = {}
         if fold != "default":

@@ -29,6 +29,24 @@ def test_prefetch_settings_name_products_and_bytes():
             prefetch_setting(bad)
 
 
+def test_tile_settings_reach_the_partial_kernels_launch():
+    """pages_ahead and num_stages (TILE_KNOBS) are what the attention passes its partial kernel:
+    the attribute attend reads and the launch's stages."""
+    import torch
+    from decode_profile import TILE_KNOBS, apply_attention_setting, attention_setting
+
+    from hogwild_kernels import TritonAttention
+
+    knobs = attention_setting("pages_ahead=1+num_stages=3+programs_per_sm=2")
+    assert knobs == {"pages_ahead": 1, "num_stages": 3, "programs_per_sm": 2} and set(TILE_KNOBS) <= set(knobs)
+    tri = TritonAttention(torch.ones(4), 1.0, 1.0, kv_heads=1)
+    assert tri.pages_ahead is False and "num_stages" not in tri.launch
+    apply_attention_setting(tri, knobs)
+    assert tri.pages_ahead is True and tri.launch["num_stages"] == 3 and tri.programs_per_sm == 2
+    apply_attention_setting(tri, attention_setting("pages_ahead=0"))
+    assert tri.pages_ahead is False
+
+
 def test_attention_settings_name_the_kernels_unit_counts():
     """--attention names the attention's unit counts, whole numbers of at least one program, and
     each is an attribute the engine's attention reads when it cuts a pass (the run sets them)."""
@@ -41,7 +59,8 @@ def test_attention_settings_name_the_kernels_unit_counts():
     assert attention_setting("short_programs_per_sm=2") == {"short_programs_per_sm": 2}
     assert attention_setting("programs_per_sm=3+short_programs_per_sm=4") == {"programs_per_sm": 3,
                                                                             "short_programs_per_sm": 4}
-    for bad in ("programs_per_sm=0", "programs_per_sm=-1", "programs_per_sm", "block_n=32", ""):
+    for bad in ("programs_per_sm=0", "programs_per_sm=-1", "programs_per_sm", "block_n=32", "", "pages_ahead=2",
+                "num_stages=0"):
         with pytest.raises(ValueError, match="KNOB=N"):
             attention_setting(bad)
     cpu = torch.device("cpu")
