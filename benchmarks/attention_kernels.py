@@ -17,7 +17,8 @@ Side by side in the same run:
   N rounds, and each takes its median.
 
 K/V pages are token-major in memory ([page, token, kv_head, dim]), as the engine's pool keeps
-them, of `--page` tokens (the engine's default, 16, unless told); a variant with "page_layout": "head" reads head-major pages ([page, kv_head, token, dim]).
+them, of `--page` tokens (the engine's default, 16, unless told); a variant with "page_layout":
+"head" reads head-major pages ([page, kv_head, token, dim]).
 A variant with "chained": true launches the kernels as a decoder that chains its layers does
 (each a programmatic dependent of the one before; a partial program asks for its first keys
 before its wait): here each layer's partials follow the previous layer's merge, where in a
@@ -287,8 +288,8 @@ def save(rows, floor: Bandwidth, args, out: Path, facts: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     device = facts["device"]
     stem = out / f"{args.date}-{device.replace(' ', '_')}-attention"
-    meta = {**facts, "dtype": args.dtype, "page_size": args.page, "shapes": {s: SHAPES[s] for s in args.shapes}, **floor.meta(),
-            "kernel_knobs": args.kernel, "variants": args.variants, "targets": targets(rows)}
+    meta = {**facts, "dtype": args.dtype, "page_size": args.page, "shapes": {s: SHAPES[s] for s in args.shapes},
+            **floor.meta(), "kernel_knobs": args.kernel, "variants": args.variants, "targets": targets(rows)}
     Path(f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     with open(f"{stem}.csv", "w", newline="") as f:
         wr = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -335,8 +336,8 @@ def main() -> None:
                    help='TritonAttention knobs as JSON, e.g. \'{"block_n": 128, "num_warps": 8}\'')
     p.add_argument("--variants", default="{}", type=json.loads,
                    help='other kernels to time side by side, as JSON {name: knobs}; knobs are TritonAttention\'s '
-                        'plus "page_layout" ("token" or "head"), "chained" and "page" (tokens a page), e.g. \'{"no_pdl": {"pdl": false}, '
-                        '"head_major": {"page_layout": "head"}}\'')
+                        'plus "page_layout" ("token" or "head"), "chained" and "page" (tokens a page), e.g. '
+                        '\'{"no_pdl": {"pdl": false}, "head_major": {"page_layout": "head"}}\'')
     p.add_argument("--page", type=int, default=16,
                    help="tokens a K/V page (the engine's page_size; 16 by default, as the engine's)")
     p.add_argument("--no-baselines", action="store_true", help="skip the naive and torch paths (slow)")
@@ -357,8 +358,9 @@ def main() -> None:
         if unknown_knobs:
             raise SystemExit(f"variant {name!r}: unknown knob(s) {sorted(unknown_knobs)}; choose from "
                              f"{sorted(knobs | VARIANT_KNOBS)}")
-        if not isinstance(spec.get("page", 1), int) or isinstance(spec.get("page"), bool) or spec.get("page", 1) < 1:
-            raise SystemExit(f"variant {name!r}: page is a whole number of tokens, at least 1; got {spec['page']!r}")
+        page = spec.get("page", 1)
+        if type(page) is not int or page < 1:  # (JSON's true is a bool, not a count)
+            raise SystemExit(f"variant {name!r}: page is a whole number of tokens, at least 1; got {page!r}")
         if spec.get("page_layout", "token") not in PAGE_LAYOUTS:
             raise SystemExit(f"variant {name!r}: page_layout must be one of {', '.join(PAGE_LAYOUTS)}")
         if not isinstance(spec.get("chained", False), bool):
@@ -371,8 +373,8 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown shape(s) {sorted(unknown)}; choose from {sorted(SHAPES)}")
     rows, floor = run(args)
-    print(f"\n{torch.cuda.get_device_name()}, {args.dtype}, {args.page}-token pages; µs per layer; bandwidth {floor.gbs:.0f} GB/s "
-          f"(copy {max(floor.copies) / 1e9:.0f}, read {max(floor.reads) / 1e9:.0f}, SDPA here "
+    print(f"\n{torch.cuda.get_device_name()}, {args.dtype}, {args.page}-token pages; µs per layer; "
+          f"bandwidth {floor.gbs:.0f} GB/s (copy {max(floor.copies) / 1e9:.0f}, read {max(floor.reads) / 1e9:.0f}, SDPA here "
           f"{floor.seen.get('sdpa decode', 0) / 1e9:.0f})")
     names = list(args.variants)  # each variant's time over the kernel's
     print(f"{'shape':>9} {'workers':>7} {'view':>6} {'triton':>8} {'sdpa':>8} {'naive':>8} "

@@ -207,8 +207,8 @@ def attention_setting(text: str) -> dict[str, int]:
     knobs = ATTENTION_KNOBS + TILE_KNOBS
     for part in text.split("+"):
         name, _, value = part.partition("=")
-        if name not in knobs or not value.isdigit() or int(value) < (0 if name == "pages_ahead" else 1) \
-                or name == "pages_ahead" and int(value) > 1:
+        ok = value.isdigit() and (int(value) <= 1 if name == "pages_ahead" else int(value) >= 1)
+        if name not in knobs or not ok:
             raise ValueError(f"--attention: {part!r} is not KNOB=N (N >= 1; pages_ahead=0 or 1); knobs: "
                              f"{', '.join(knobs)}")
         out[name] = int(value)

@@ -236,7 +236,8 @@ def gpu_seconds(engine, session, args) -> tuple[tuple[float | None, float | None
     weighted by its share of those steps (passes that feed headers are longer)."""
     graphs = getattr(engine, "graphs", None)
     if graphs is not None and graphs.uses:
-        return common.replayed_seconds(graphs, args.replays), "graph replays (forward and sampling), weighted by the passes the steps ran"
+        return (common.replayed_seconds(graphs, args.replays),
+                "graph replays (forward and sampling), weighted by the passes the steps ran")
     if engine.device.type != "cuda":
         return (None, None), "no GPU"
     from torch.autograd import DeviceType

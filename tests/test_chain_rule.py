@@ -66,8 +66,9 @@ def _prefetch_only(fn: ast.FunctionDef, helpers: dict[str, ast.FunctionDef]) -> 
 
 def _pointers_read(stmts: list[ast.stmt], helpers: dict[str, ast.FunctionDef] | None = None) -> set[str]:
     """Names of memory the statements pass to a call (a load, a helper that loads) or call a
-    method of (a descriptor's load), directly or through names assigned from them, except to prefetch_l2 (which puts nothing in registers) and to the
-    parameters of a module's helper (helpers) that the helper only prefetches."""
+    method of (a descriptor's load), directly or through names assigned from them, except to
+    prefetch_l2 (which puts nothing in registers) and to the parameters of a module's helper
+    (helpers) that the helper only prefetches."""
     helpers = helpers or {}
     aliases: dict[str, set[str]] = {}
     for s in stmts:

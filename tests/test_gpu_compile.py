@@ -16,7 +16,7 @@ import pytest
 pytest.importorskip("triton")
 
 HERE = Path(__file__).parent
-RECORD = "gpu_compile: "  # gpu_compile.RECORD (importing it would import triton's JIT here)
+RECORD = "gpu_compile: "  # gpu_compile.RECORD (it cannot be imported here: it refuses the interpreter)
 PACKAGE = HERE.parent / "kernels" / "hogwild_kernels"
 
 
