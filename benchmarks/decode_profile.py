@@ -19,7 +19,8 @@ or `all`; `keys=N`: the keys of its unit each attention program asks for before 
 `ahead=N`: the tiles ahead a wide row tile's program asks for), side by side (one engine each).
 `--attention default,short_programs_per_sm=2` runs the attention with its unit counts as named
 (ATTENTION_KNOBS: programs an SM per KV head, and where units are short), side by side;
-`--attention default,pages_ahead=1+num_stages=3` with its tiles read so (TILE_KNOBS).
+`--attention default,pages_ahead=0` with its tiles read so (TILE_KNOBS; pages_ahead=0/1 every
+launch's pages looked up with its tile or a tile ahead, where the default decides by tile).
 `--pages default,64,64+tma` runs the engine with K/V pages of that many tokens (default: the
 engine's 16), `+tma` reading the tiles every row sees whole a page at a time through tensor
 descriptors (TritonAttention's tma_pages), side by side.
@@ -194,7 +195,8 @@ def prefetch_setting(text: str) -> dict[str, int]:
 
 # the attention's unit counts `--attention` sets (programs an SM per KV head, and where units are short)
 ATTENTION_KNOBS = ("programs_per_sm", "short_programs_per_sm")
-# and how its partial kernel reads tiles: pages looked up a tile ahead (0 or 1), software pipeline stages
+# and how its partial kernel reads tiles: pages looked up a tile ahead in every launch (1) or none (0;
+# unset: TritonAttention.pipelined decides by tile), software pipeline stages
 TILE_KNOBS = ("pages_ahead", "num_stages")
 
 

@@ -127,6 +127,8 @@ def configurations(arch: int) -> list[tuple[str, object]]:
         attention("attention, 1 worker at 16k (long units: 128-key tiles), bf16", 1, 32, torch.bfloat16, view=16384),
         attention("attention, 16 workers (wide rows: prefetch ahead), bf16", 16, 32, torch.bfloat16),
         attention("attention, 4 workers chained, bf16", 4, 32, torch.bfloat16, chained=True),
+        attention("attention, 1 worker chained at 1k (64-key tiles), bf16", 1, 32, torch.bfloat16, view=1024,
+                  chained=True),
         attention("attention, 16 workers chained, bf16", 16, 40, torch.bfloat16, chained=True),
         attention("attention, tensor-descriptor pages, bf16", 1, 32, torch.bfloat16, tma_pages=True),
         attention("attention, tensor-descriptor 64-token pages, fp16", 8, 32, torch.float16, page=64, tma_pages=True),

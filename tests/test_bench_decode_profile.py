@@ -40,7 +40,7 @@ def test_tile_settings_reach_the_partial_kernels_launch():
     knobs = attention_setting("pages_ahead=1+num_stages=3+programs_per_sm=2")
     assert knobs == {"pages_ahead": 1, "num_stages": 3, "programs_per_sm": 2} and set(TILE_KNOBS) <= set(knobs)
     tri = TritonAttention(torch.ones(4), 1.0, 1.0, kv_heads=1)
-    assert tri.pages_ahead is False and "num_stages" not in tri.launch
+    assert tri.pages_ahead is None and "num_stages" not in tri.launch
     apply_attention_setting(tri, knobs)
     assert tri.pages_ahead is True and tri.launch["num_stages"] == 3 and tri.programs_per_sm == 2
     apply_attention_setting(tri, attention_setting("pages_ahead=0"))

@@ -15,6 +15,8 @@ import pytest
 
 pytest.importorskip("triton")
 
+from hogwild_kernels.backends import PARTIAL_STAGES, PIPELINED_ROWS, PIPELINED_STAGES  # noqa: E402
+
 HERE = Path(__file__).parent
 RECORD = "gpu_compile: "  # gpu_compile.RECORD (it cannot be imported here: it refuses the interpreter)
 PACKAGE = HERE.parent / "kernels" / "hogwild_kernels"
@@ -74,6 +76,12 @@ def test_each_path_compiles_to_what_it_is_for(launches):
             assert "l2_prefetch" in r["markers"], r
         if r["constexprs"]["PAGES_AHEAD"] and r["constexprs"]["num_stages"] >= 3:  # the next tile's copies in flight
             assert "pipelined" in r["markers"], r
+        if r["constexprs"]["CHAINED"] and not r["constexprs"]["TMA"] and "a tile ahead" not in r["config"]:
+            # by default a chained launch of narrow 64-key tiles looks its pages up ahead, three stages
+            narrow = r["constexprs"]["BLOCK_M"] <= PIPELINED_ROWS and r["constexprs"]["BLOCK_N"] == 64
+            assert bool(r["constexprs"]["PAGES_AHEAD"]) == narrow, r
+            assert r["constexprs"]["num_stages"] == (PIPELINED_STAGES if narrow else PARTIAL_STAGES), r
+    assert any(r["constexprs"]["CHAINED"] and r["constexprs"]["PAGES_AHEAD"] for r in partial)
     assert any(r["constexprs"]["TMA"] for r in partial) and any(r["constexprs"]["AHEAD"] for r in partial)
     assert sum(r["constexprs"]["PAGES_AHEAD"] for r in partial) >= 2
     assert {64, 128} <= {r["constexprs"]["BLOCK_N"] for r in partial}

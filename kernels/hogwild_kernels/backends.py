@@ -143,6 +143,12 @@ PDL_MAX_TOKENS = 4
 # 72 KB of shared memory a program) took 0.93-1.38x, slower at short views. Four warps for every
 # row tile: eight (for 128 rows) took 1.03-1.15x their time with 16 workers of 5 query heads each
 PARTIAL_STAGES = 2
+# tiles of at most PIPELINED_ROWS rows, in kernels chained as a decode pass chains them, look their
+# pages up a tile ahead with PIPELINED_STAGES stages (TritonAttention.pipelined): on an H100, chained,
+# 1-4 workers of Qwen3-8B took 0.91-0.94x the time at 4k, 0.95-0.97x at 16k, 0.99-1.00x at 64k (long
+# tiles, which keep their loop) and 1.04-1.07x at 1k (one tile a unit); wider tiles 0.98-1.01x, and
+# unchained, 20-32-row tiles up to 1.32x. One stream's decode step 0.983x at 4k, 0.977x at 16k
+PIPELINED_ROWS, PIPELINED_STAGES = 16, 3
 # keys of its unit whose K and V a chained partial program asks the L2 cache for while the kernel
 # before it (the K/V append) still runs: its first tile
 PREFETCH_KEYS = 64
@@ -178,7 +184,7 @@ class TritonAttention:
                  short_programs_per_sm: int = SHORT_PROGRAMS_PER_SM,
                  partial_dtype: torch.dtype | None = None, pdl: bool | None = None, q_per_kv: int = 1,
                  wide_units: bool = True, long_unit: int = 512, prefetch_ahead: int = PREFETCH_AHEAD,
-                 tma_pages: bool = False, pages_ahead: bool = False) -> None:
+                 tma_pages: bool = False, pages_ahead: bool | None = None) -> None:
         self.inv_freq = inv_freq.to(torch.float32).contiguous()
         self.rope_scale, self.sm_scale, self.kv_heads = rope_scale, sm_scale, kv_heads
         interpret = self.interpret = os.environ.get("TRITON_INTERPRET") == "1"
@@ -219,7 +225,8 @@ class TritonAttention:
         # compiled for sm_90, the kernel's K/V loads otherwise wait on the page lookup of their own
         # tile, so the compiler keeps no copy in flight across tiles whatever num_stages says
         # (one K/V tile of shared memory, every cp.async wait a wait for all); with this and
-        # num_stages 3 the next tile's copies stay in flight (tests/gpu_compile.py). Not measured yet, off
+        # three stages the next tile's copies stay in flight (tests/gpu_compile.py). True or False
+        # for every launch; None: where it paid (see pipelined)
         self.pages_ahead = pages_ahead
 
     @property
@@ -357,7 +364,6 @@ class TritonAttention:
         page = k_pool.shape[1]
         aligned = self.block_n % page == 0 and (self.chunk is None or self.chunk % page == 0)
         descs = self.page_descriptors(k_pool, v_pool) if self.tma_pages and aligned else None
-        pages_ahead = self.pages_ahead and descs is None  # (its loop prefetches nothing into the L2 cache)
         # partials in the input's precision (as vLLM's paged attention v2); fp32 inputs stay exact
         o_part = torch.empty((npairs, hq, d), dtype=self.partial_dtype or q.dtype, device=q.device)
         lse_part = torch.empty((npairs, hq), dtype=torch.float32, device=q.device)
@@ -365,7 +371,10 @@ class TritonAttention:
             # pack every reader of a unit into one row tile when it fits, so K/V is read once
             block_r = max(1, block_m // rep)
             long = self.long_keys(plan.chunk) and block_m <= 32
-            launch = {"num_warps": 4, "num_stages": PARTIAL_STAGES, **self.launch}
+            # (a descriptor tile's loop prefetches nothing into the L2 cache, nor looks pages up ahead)
+            pages_ahead = descs is None and self.pipelined(block_m, long)
+            stages = PIPELINED_STAGES if pages_ahead else PARTIAL_STAGES
+            launch = {"num_warps": 4, "num_stages": stages, **self.launch}
             block_n = self.long_block_n if long else self.block_n
             _rope_shift_partial_kernel[(units, hkv, -(-max_pairs // block_r))](
                 q, k_pool, v_pool, *(descs or (k_pool, v_pool)),
@@ -406,6 +415,15 @@ class TritonAttention:
             return None
         return tuple(TensorDescriptor.from_tensor(pool.view(pages * page, hkv * d), [page, half])
                      for pool in (k_pool, v_pool))
+
+    def pipelined(self, block_m: int, long: bool) -> bool:
+        """Whether a launch of block_m-row tiles looks its pages up a tile ahead (with
+        PIPELINED_STAGES stages unless num_stages is given): as pages_ahead says, or where it
+        paid: narrow tiles (PIPELINED_ROWS) of 64 keys in chained kernels, as a decode pass on
+        Hopper launches them. Either way the output is the same, bit for bit."""
+        if self.pages_ahead is not None:
+            return bool(self.pages_ahead)
+        return self.chained and block_m <= PIPELINED_ROWS and not long
 
     def tiles_ahead(self, block_m: int) -> int:
         """Tiles ahead of the one it reads that a program of row tiles of block_m rows asks the
