@@ -196,8 +196,10 @@ def prefetch_setting(text: str) -> dict[str, int]:
 # the attention's unit counts `--attention` sets (programs an SM per KV head, and where units are short)
 ATTENTION_KNOBS = ("programs_per_sm", "short_programs_per_sm")
 # and how its partial kernel reads tiles: pages looked up a tile ahead in every launch (1) or none (0;
-# unset: TritonAttention.pipelined decides by tile), software pipeline stages
-TILE_KNOBS = ("pages_ahead", "num_stages")
+# unset: TritonAttention.pipelined decides by tile), software pipeline stages, and the order its
+# programs start in (heads_first=1: a unit's KV heads one after another; 0: a head's units)
+TILE_KNOBS = ("pages_ahead", "num_stages", "heads_first")
+SWITCHES = ("pages_ahead", "heads_first")  # knobs that are 0 or 1
 
 
 def attention_setting(text: str) -> dict[str, int]:
@@ -209,9 +211,9 @@ def attention_setting(text: str) -> dict[str, int]:
     knobs = ATTENTION_KNOBS + TILE_KNOBS
     for part in text.split("+"):
         name, _, value = part.partition("=")
-        ok = value.isdigit() and (int(value) <= 1 if name == "pages_ahead" else int(value) >= 1)
+        ok = value.isdigit() and (int(value) <= 1 if name in SWITCHES else int(value) >= 1)
         if name not in knobs or not ok:
-            raise ValueError(f"--attention: {part!r} is not KNOB=N (N >= 1; pages_ahead=0 or 1); knobs: "
+            raise ValueError(f"--attention: {part!r} is not KNOB=N (N >= 1; {' and '.join(SWITCHES)} 0 or 1); knobs: "
                              f"{', '.join(knobs)}")
         out[name] = int(value)
     return out
@@ -224,7 +226,7 @@ def apply_attention_setting(attention, knobs: dict[str, int]) -> None:
         if knob == "num_stages":
             attention.launch["num_stages"] = value
         else:
-            setattr(attention, knob, bool(value) if knob == "pages_ahead" else value)
+            setattr(attention, knob, bool(value) if knob in SWITCHES else value)
 
 
 def page_setting(text: str) -> tuple[int | None, bool]:
@@ -262,8 +264,9 @@ def main(argv: list[str] | None = None) -> int:
                         "comma-separated")
     p.add_argument("--attention", default="default",
                    help="default, or KNOB=N joined by '+' (knobs: programs_per_sm, short_programs_per_sm: the "
-                        "attention's programs an SM per KV head, and where units are short; pages_ahead=0/1 and "
-                        "num_stages: how its partial kernel reads tiles); several, comma-separated")
+                        "attention's programs an SM per KV head, and where units are short; pages_ahead=0/1, "
+                        "num_stages and heads_first=0/1: how its partial kernel reads tiles and the order its "
+                        "programs start in); several, comma-separated")
     p.add_argument("--pages", default="default",
                    help="default (the engine's 16-token pages), TOKENS, or TOKENS+tma (the tiles read a page at a "
                         "time by tensor descriptors); several, comma-separated")

@@ -37,14 +37,16 @@ def test_tile_settings_reach_the_partial_kernels_launch():
 
     from hogwild_kernels import TritonAttention
 
-    knobs = attention_setting("pages_ahead=1+num_stages=3+programs_per_sm=2")
-    assert knobs == {"pages_ahead": 1, "num_stages": 3, "programs_per_sm": 2} and set(TILE_KNOBS) <= set(knobs)
+    knobs = attention_setting("pages_ahead=1+num_stages=3+programs_per_sm=2+heads_first=0")
+    assert knobs == {"pages_ahead": 1, "num_stages": 3, "programs_per_sm": 2, "heads_first": 0}
+    assert set(TILE_KNOBS) <= set(knobs)
     tri = TritonAttention(torch.ones(4), 1.0, 1.0, kv_heads=1)
-    assert tri.pages_ahead is None and "num_stages" not in tri.launch
+    assert tri.pages_ahead is None and "num_stages" not in tri.launch and tri.heads_first is True
     apply_attention_setting(tri, knobs)
     assert tri.pages_ahead is True and tri.launch["num_stages"] == 3 and tri.programs_per_sm == 2
-    apply_attention_setting(tri, attention_setting("pages_ahead=0"))
-    assert tri.pages_ahead is False
+    assert tri.heads_first is False
+    apply_attention_setting(tri, attention_setting("pages_ahead=0+heads_first=1"))
+    assert tri.pages_ahead is False and tri.heads_first is True
 
 
 def test_attention_settings_name_the_kernels_unit_counts():
@@ -59,7 +61,7 @@ def test_attention_settings_name_the_kernels_unit_counts():
     assert attention_setting("short_programs_per_sm=2") == {"short_programs_per_sm": 2}
     assert attention_setting("programs_per_sm=3+short_programs_per_sm=4") == {"programs_per_sm": 3,
                                                                             "short_programs_per_sm": 4}
-    for bad in ("programs_per_sm=0", "programs_per_sm=-1", "programs_per_sm", "block_n=32", "", "pages_ahead=2",
+    for bad in ("programs_per_sm=0", "programs_per_sm=-1", "programs_per_sm", "block_n=32", "", "pages_ahead=2", "heads_first=2",
                 "num_stages=0"):
         with pytest.raises(ValueError, match="KNOB=N"):
             attention_setting(bad)

@@ -204,6 +204,22 @@ def test_pages_looked_up_a_tile_ahead_give_the_same_output(seed, dtype):
     torch.testing.assert_close(got.float(), reference(ref, q.float(), k_pool.float(), v_pool.float(), groups), **tol)
 
 
+@pytest.mark.parametrize("seed", [44, 45])
+def test_the_programs_start_order_leaves_the_output_alone(seed):
+    """heads_first (a unit's KV heads one after another on the grid's first axis) and the
+    order before it (a head's units, the heads on the second axis) compute the same programs:
+    the same output, bit for bit, and every head's and unit's partials (the reference's attention)."""
+    q, k_pool, v_pool, groups = random_case(random.Random(seed), 4, 8, 4, 64, page_size=4, shared=3,
+                                            dtype=torch.float32, max_chunk=4)
+    groups = to_device(groups)
+    ref, _ = backends(64, chunk=16)
+    orders = [TritonAttention(ref.inv_freq, 1.0, 64**-0.5, chunk=16, kv_heads=4, heads_first=first)
+              for first in (True, False)]
+    s = torch.zeros(q.shape[0], dtype=torch.int64, device=DEVICE)
+    first, units = (impl.attend(q, k_pool, v_pool, impl.prepare(groups, s, s)) for impl in orders)
+    assert torch.equal(first, units)
+    torch.testing.assert_close(first, reference(ref, q, k_pool, v_pool, groups), atol=2e-4, rtol=2e-4)
+
 def test_single_token_views_and_decode():
     """Every worker's view is just its own one token (empty shared blocks)."""
     q_heads, kv_heads, d = 4, 2, 64

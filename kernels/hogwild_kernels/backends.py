@@ -184,7 +184,7 @@ class TritonAttention:
                  short_programs_per_sm: int = SHORT_PROGRAMS_PER_SM,
                  partial_dtype: torch.dtype | None = None, pdl: bool | None = None, q_per_kv: int = 1,
                  wide_units: bool = True, long_unit: int = 512, prefetch_ahead: int = PREFETCH_AHEAD,
-                 tma_pages: bool = False, pages_ahead: bool | None = None) -> None:
+                 tma_pages: bool = False, pages_ahead: bool | None = None, heads_first: bool = True) -> None:
         self.inv_freq = inv_freq.to(torch.float32).contiguous()
         self.rope_scale, self.sm_scale, self.kv_heads = rope_scale, sm_scale, kv_heads
         interpret = self.interpret = os.environ.get("TRITON_INTERPRET") == "1"
@@ -228,6 +228,12 @@ class TritonAttention:
         # three stages the next tile's copies stay in flight (tests/gpu_compile.py). True or False
         # for every launch; None: where it paid (see pipelined)
         self.pages_ahead = pages_ahead
+        # the order the GPU starts the partial programs in: every unit's KV heads one after
+        # another (the pass's first units, its longest block's, start first for every head), or
+        # each head's units before the next head's (False). Where a pass has more programs than
+        # the SMs hold at once, the programs started last end the kernel: on an H100 the old order
+        # took 1.10-1.19x the time with 16 workers at 16k, 1.08-1.15x at 64k, 1.00-1.09x with 8
+        self.heads_first = heads_first
 
     @property
     def prefetch_keys(self) -> int:
@@ -376,7 +382,8 @@ class TritonAttention:
             stages = PIPELINED_STAGES if pages_ahead else PARTIAL_STAGES
             launch = {"num_warps": 4, "num_stages": stages, **self.launch}
             block_n = self.long_block_n if long else self.block_n
-            _rope_shift_partial_kernel[(units, hkv, -(-max_pairs // block_r))](
+            grid = (units * hkv, 1) if self.heads_first else (units, hkv)
+            _rope_shift_partial_kernel[(*grid, -(-max_pairs // block_r))](
                 q, k_pool, v_pool, *(descs or (k_pool, v_pool)),
                 plan.unit_item, plan.unit_kstart, plan.unit_kend, plan.unit_pair, plan.unit_npairs,
                 plan.pair_tok, plan.pair_cos, plan.pair_sin, plan.pair_limit, plan.pair_part, plan.tables,
@@ -390,6 +397,7 @@ class TritonAttention:
                 PREFETCH_KEYS=self.prefetch_keys if self.chained else 0,
                 KV_LINES=_next_pow2(-(-d * k_pool.element_size() // 128)),
                 AHEAD=0 if pages_ahead else self.tiles_ahead(block_m), TMA=descs is not None, PAGES_AHEAD=pages_ahead,
+                KV_HEADS=hkv, HEADS_FIRST=self.heads_first,
                 **launch, **pdl_launch(self.chained),
             )
         _merge_partials_kernel[(t, hq)](

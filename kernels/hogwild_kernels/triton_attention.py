@@ -173,7 +173,7 @@ def _rope_shift_partial_kernel(
     HALF: tl.constexpr, HALFP: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
     LOOP_WHILE: tl.constexpr, PDL: tl.constexpr, CHAINED: tl.constexpr, PREFETCH_KEYS: tl.constexpr = 0,
     KV_LINES: tl.constexpr = 1, AHEAD: tl.constexpr = 0, TMA: tl.constexpr = False,
-    PAGES_AHEAD: tl.constexpr = False,
+    PAGES_AHEAD: tl.constexpr = False, KV_HEADS: tl.constexpr = 1, HEADS_FIRST: tl.constexpr = False,
 ):
     """Partial attention of one unit (a chunk of one block) for one KV head and BLOCK_R readers.
 
@@ -189,9 +189,16 @@ def _rope_shift_partial_kernel(
     (not with TMA): the tiles every row sees whole get their pages from a lookup one tile ahead,
     so that their K/V loads depend on no load of their own iteration and the compiler can
     keep the next tile's copies in flight (num_stages 3 or more; see TritonAttention).
+    HEADS_FIRST: the grid's first axis runs over units x KV_HEADS, a unit's heads one after
+    another, so the GPU starts every head's first units before any head's last; otherwise over
+    units, the heads on the second axis (each head's units before the next head's).
     """
-    u = unit0 + tl.program_id(0)
-    h = tl.program_id(1)
+    if HEADS_FIRST:
+        u = unit0 + tl.program_id(0) // KV_HEADS
+        h = tl.program_id(0) % KV_HEADS
+    else:
+        u = unit0 + tl.program_id(0)
+        h = tl.program_id(1)
     rt = tl.program_id(2)
     npairs = tl.load(unit_npairs_ptr + u)
     if rt * BLOCK_R >= npairs:
