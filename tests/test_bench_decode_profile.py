@@ -61,8 +61,8 @@ def test_attention_settings_name_the_kernels_unit_counts():
     assert attention_setting("short_programs_per_sm=2") == {"short_programs_per_sm": 2}
     assert attention_setting("programs_per_sm=3+short_programs_per_sm=4") == {"programs_per_sm": 3,
                                                                             "short_programs_per_sm": 4}
-    for bad in ("programs_per_sm=0", "programs_per_sm=-1", "programs_per_sm", "block_n=32", "", "pages_ahead=2", "heads_first=2",
-                "num_stages=0"):
+    for bad in ("programs_per_sm=0", "programs_per_sm=-1", "programs_per_sm", "block_n=32", "", "pages_ahead=2",
+                "heads_first=2", "num_stages=0"):
         with pytest.raises(ValueError, match="KNOB=N"):
             attention_setting(bad)
     cpu = torch.device("cpu")
