@@ -20,7 +20,8 @@ or `all`; `keys=N`: the keys of its unit each attention program asks for before 
 `--attention default,short_programs_per_sm=2` runs the attention with its unit counts as named
 (ATTENTION_KNOBS: programs an SM per KV head, and where units are short), side by side;
 `--attention default,pages_ahead=0` with its tiles read so (TILE_KNOBS; pages_ahead=0/1 every
-launch's pages looked up with its tile or a tile ahead, where the default decides by tile).
+launch's pages looked up with its tile or a tile ahead, where the default decides by tile;
+heads_first=0 its programs started a KV head's units before the next head's).
 `--pages default,64,64+tma` runs the engine with K/V pages of that many tokens (default: the
 engine's 16), `+tma` reading the tiles every row sees whole a page at a time through tensor
 descriptors (TritonAttention's tma_pages), side by side.
@@ -204,7 +205,7 @@ SWITCHES = ("pages_ahead", "heads_first")  # knobs that are 0 or 1
 
 def attention_setting(text: str) -> dict[str, int]:
     """'default' -> {}; 'programs_per_sm=3+short_programs_per_sm=3' -> the attention's knobs
-    (ATTENTION_KNOBS, TILE_KNOBS), each a whole number, at least 1 (pages_ahead: 0 or 1)."""
+    (ATTENTION_KNOBS, TILE_KNOBS), each a whole number, at least 1 (SWITCHES: 0 or 1)."""
     if text == "default":
         return {}
     out: dict[str, int] = {}

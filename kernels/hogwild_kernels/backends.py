@@ -229,7 +229,8 @@ class TritonAttention:
         # for every launch; None: where it paid (see pipelined)
         self.pages_ahead = pages_ahead
         # the order the GPU starts the partial programs in: every unit's KV heads one after
-        # another (the pass's first units, its longest block's, start first for every head), or
+        # another (the plan's first units start first for every head; in Hogwild!'s views the
+        # shared block, the longest, comes first), or
         # each head's units before the next head's (False). Where a pass has more programs than
         # the SMs hold at once, the programs started last end the kernel: on an H100 the old order
         # took 1.10-1.19x the time with 16 workers at 16k, 1.08-1.15x at 64k, 1.00-1.09x with 8
