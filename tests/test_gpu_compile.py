@@ -64,7 +64,8 @@ def test_each_path_compiles_to_what_it_is_for(launches):
     """Chained launches wait for their predecessor (and only they); descriptor pages are copied
     by the tensor-memory engine; wide row tiles and chained products prefetch into the L2
     cache; pages looked up a tile ahead with three stages keep the next tile's copies in flight;
-    long units read 128-key tiles; the exact (fp32) path is compiled too."""
+    long units read 128-key tiles; rows just past a power of two take two row tiles; the exact
+    (fp32) path is compiled too."""
     ran = [r for r in launches if "kernel" in r and r["arch"] == 90]
     for r in ran:
         chained = bool(r["constexprs"].get("CHAINED"))
@@ -83,6 +84,9 @@ def test_each_path_compiles_to_what_it_is_for(launches):
             assert r["constexprs"]["num_stages"] == (PIPELINED_STAGES if narrow else PARTIAL_STAGES), r
     assert any(r["constexprs"]["CHAINED"] and r["constexprs"]["PAGES_AHEAD"] for r in partial)
     assert any(r["constexprs"]["TMA"] for r in partial) and any(r["constexprs"]["AHEAD"] for r in partial)
+    # rows just past a power of two in two row tiles (prefetching ahead as wide tiles do), chained or not
+    split = [r for r in partial if r["constexprs"]["BLOCK_M2"]]
+    assert {r["constexprs"]["CHAINED"] for r in split} == {True, False} and all(r["constexprs"]["AHEAD"] for r in split)
     assert sum(r["constexprs"]["PAGES_AHEAD"] for r in partial) >= 2
     assert {64, 128} <= {r["constexprs"]["BLOCK_N"] for r in partial}
     assert any(r["constexprs"]["IEEE"] for r in partial)

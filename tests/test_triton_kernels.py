@@ -691,3 +691,37 @@ def test_the_mlp_products_stay_on_the_skinny_kernel_with_or_without_the_activati
         skinny.skinny_linear = real
     assert calls == [((64, 32), None, True) if folds else ((64, 32), config, False)]  # folded: the epilogue's shape
     assert torch.equal(got, silu_mul(real(x, w, config=config)))
+
+
+def test_row_tiles_split_rows_just_past_a_power_of_two():
+    from hogwild_kernels.backends import row_tiles
+
+    assert row_tiles(80, 128) == (64, 16)  # 16 workers x 5 query heads (QwQ-32B)
+    assert row_tiles(96, 128) == (64, 32)
+    assert row_tiles(65, 128) == (64, 16) and row_tiles(160, 256) == (128, 32)
+    # a power of two, more than one tile, nothing to save or a first tile under 64 rows: the one tile
+    for rows, block_m in ((64, 64), (112, 128), (200, 128), (20, 32), (40, 64), (64, 128), (16, 16), (128, 128)):
+        assert row_tiles(rows, block_m) == (block_m, 0)
+
+
+@pytest.mark.parametrize("seed,workers,block_m", [(1, 16, 128), (2, 19, 128)])
+def test_two_row_tiles_match_the_reference(seed, workers, block_m):
+    """Rows just past a power of two (workers x 5 query heads a KV head) in two row tiles over
+    each K/V tile: every row's output as the reference's, and as the one wide tile's (a different
+    product shape: equal within rounding), through the masked tails and rows that read nothing."""
+    q, k_pool, v_pool, groups = random_case(random.Random(seed), workers, 10, 2, 32, page_size=4, shared=2,
+                                            max_chunk=1)
+    groups = to_device(groups)
+    ref, _ = backends(32, chunk=16)
+    s = torch.zeros(q.shape[0], dtype=torch.int64, device=DEVICE)
+    outs = []
+    for split in (True, False):
+        tri = TritonAttention(ref.inv_freq, 1.0, 32**-0.5, chunk=16, kv_heads=2, split_rows=split)
+        tri.block_m = block_m
+        meta = tri.prepare(groups, s, s)
+        [(_, _, max_pairs, tile)] = tri._launches(meta.extra[0], rep=5)
+        assert max_pairs == workers and tile == block_m
+        assert (tri.row_tiles(max_pairs * 5, tile)[1] > 0) == split
+        outs.append(tri.attend(q, k_pool, v_pool, meta))
+    torch.testing.assert_close(outs[0], reference(ref, q, k_pool, v_pool, groups), atol=2e-4, rtol=2e-4)
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)

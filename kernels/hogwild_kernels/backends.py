@@ -173,6 +173,17 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
+def row_tiles(rows: int, block_m: int) -> tuple[int, int]:
+    """See TritonAttention.row_tiles: (block_m, 0), or (block_m / 2, a power of two >= 16) that
+    hold `rows` in fewer rows than block_m, for tiles of 128 rows or more (a first tile of fewer
+    than 64 rows multiplies from registers, which the two tiles' products then overflow)."""
+    half = block_m // 2
+    if half < 64 or not half < rows <= block_m:
+        return block_m, 0
+    second = max(16, _next_pow2(rows - half))
+    return (half, second) if half + second < block_m else (block_m, 0)
+
+
 class TritonAttention:
     """Triton kernels: each block's K/V read once per step for every worker that sees it."""
 
@@ -184,7 +195,8 @@ class TritonAttention:
                  short_programs_per_sm: int = SHORT_PROGRAMS_PER_SM,
                  partial_dtype: torch.dtype | None = None, pdl: bool | None = None, q_per_kv: int = 1,
                  wide_units: bool = True, long_unit: int = 512, prefetch_ahead: int = PREFETCH_AHEAD,
-                 tma_pages: bool = False, pages_ahead: bool | None = None, heads_first: bool = True) -> None:
+                 tma_pages: bool = False, pages_ahead: bool | None = None, heads_first: bool = True,
+                 split_rows: bool = True) -> None:
         self.inv_freq = inv_freq.to(torch.float32).contiguous()
         self.rope_scale, self.sm_scale, self.kv_heads = rope_scale, sm_scale, kv_heads
         interpret = self.interpret = os.environ.get("TRITON_INTERPRET") == "1"
@@ -235,6 +247,8 @@ class TritonAttention:
         # the SMs hold at once, the programs started last end the kernel: on an H100 the old order
         # took 1.10-1.19x the time with 16 workers at 16k, 1.08-1.15x at 64k, 1.00-1.09x with 8
         self.heads_first = heads_first
+        # rows just past a power of two in two row tiles over each K/V tile (row_tiles), or in one
+        self.split_rows = split_rows
 
     @property
     def prefetch_keys(self) -> int:
@@ -375,8 +389,10 @@ class TritonAttention:
         o_part = torch.empty((npairs, hq, d), dtype=self.partial_dtype or q.dtype, device=q.device)
         lse_part = torch.empty((npairs, hq), dtype=torch.float32, device=q.device)
         for unit0, units, max_pairs, block_m in self._launches(plan, rep):
-            # pack every reader of a unit into one row tile when it fits, so K/V is read once
-            block_r = max(1, block_m // rep)
+            # pack every reader of a unit into one row tile when it fits, so K/V is read once;
+            # rows just past a power of two in two tiles that read it once (row_tiles)
+            first, second = (block_m, 0) if descs is not None else self.row_tiles(max_pairs * rep, block_m)
+            block_r = max(1, (first + second) // rep)
             long = self.long_keys(plan.chunk) and block_m <= 32
             # (a descriptor tile's loop prefetches nothing into the L2 cache, nor looks pages up ahead)
             pages_ahead = descs is None and self.pipelined(block_m, long)
@@ -392,7 +408,7 @@ class TritonAttention:
                 q.stride(0), q.stride(1), *strides, plan.tables.stride(0),
                 o_part.stride(0), o_part.stride(1), lse_part.stride(0),
                 float(self.sm_scale * LOG2E),
-                PAGE=k_pool.shape[1], REP=rep, BLOCK_R=block_r, BLOCK_M=block_m,
+                PAGE=k_pool.shape[1], REP=rep, BLOCK_R=block_r, BLOCK_M=first, BLOCK_M2=second,
                 HALF=d // 2, HALFP=max(16, _next_pow2(d // 2)), BLOCK_N=page if descs else block_n,
                 IEEE=q.dtype == torch.float32, LOOP_WHILE=self.interpret, PDL=pdl, CHAINED=self.chained,
                 PREFETCH_KEYS=self.prefetch_keys if self.chained else 0,
@@ -433,6 +449,14 @@ class TritonAttention:
         if self.pages_ahead is not None:
             return bool(self.pages_ahead)
         return self.chained and block_m <= PIPELINED_ROWS and not long
+
+    def row_tiles(self, rows: int, block_m: int) -> tuple[int, int]:
+        """(rows of the first tile, rows of a second, 0 for none) for units read by `rows` query
+        rows in tiles of block_m: where the rows overflow half a tile of 128 or more by little,
+        that half and the next power of two of the rest (at least 16), which read each K/V tile
+        once as the whole tile would (80 rows: 64 + 16 rather than 128; 96: 64 + 32); otherwise
+        the one tile. split_rows False: always the one tile."""
+        return row_tiles(rows, block_m) if self.split_rows else (block_m, 0)
 
     def tiles_ahead(self, block_m: int) -> int:
         """Tiles ahead of the one it reads that a program of row tiles of block_m rows asks the

@@ -79,6 +79,35 @@ def _attend_tile(k0, kend, item, h, k_ptr, v_ptr, tables_ptr, stride_table, stri
 
 
 @triton.jit
+def _kv_offsets(k0, kend, page, h, d, dmask, stride_kpage, stride_ktok, stride_kh,
+                PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A tile's key indexes, which lie in the unit, and each key's K/V offsets for KV head h."""
+    offs = k0 + tl.arange(0, BLOCK_N)
+    kmask = offs < kend
+    # token-major pages ([page, token, head, dim]) or head-major ones ([page, head, token, dim],
+    # one contiguous run per head and page): the strides say which
+    row_off = page.to(tl.int64) * stride_kpage + (offs % PAGE) * stride_ktok
+    return offs, kmask, row_off[:, None] + h * stride_kh + d[None, :], kmask[:, None] & dmask[None, :]
+
+
+@triton.jit
+def _softmax_step(s, offs, kmask, limit, m_i, l_i, MASKED: tl.constexpr):
+    """The online softmax over one tile's scores: (new running max, probabilities, the old
+    rows' rescale, new running sum); MASKED hides the keys past each row's limit."""
+    if MASKED:
+        visible = (offs[None, :] < limit[:, None]) & kmask[None, :]
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = m_new
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    return m_new, p, alpha, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
 def _attend_tile_pages(k0, kend, page, h, k_ptr, v_ptr, stride_kpage, stride_ktok, stride_kh,
                        qr1, qr2, limit, d, dmask, m_i, l_i, acc1, acc2,
                        PAGE: tl.constexpr, HALF: tl.constexpr, HALFP: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -90,30 +119,57 @@ def _attend_tile_pages(k0, kend, page, h, k_ptr, v_ptr, stride_kpage, stride_kto
     needs no shuffle. MASKED=False is the fast path for tiles that lie inside the chunk
     and that every row sees whole (most of a long block): no bounds, no visibility mask.
     """
-    offs = k0 + tl.arange(0, BLOCK_N)
-    kmask = offs < kend
-    # token-major pages ([page, token, head, dim]) or head-major ones ([page, head, token, dim],
-    # one contiguous run per head and page): the strides say which
-    row_off = page.to(tl.int64) * stride_kpage + (offs % PAGE) * stride_ktok
-    kv_off = row_off[:, None] + h * stride_kh + d[None, :]
-    kvmask = kmask[:, None] & dmask[None, :]
+    offs, kmask, kv_off, kvmask = _kv_offsets(k0, kend, page, h, d, dmask, stride_kpage, stride_ktok, stride_kh,
+                                              PAGE, BLOCK_N)
     k1, k2 = _load_halves(k_ptr, kv_off, kvmask, HALF, MASKED or HALF != HALFP)
-    s = _scores(qr1, qr2, k1, k2, IEEE)
-    if MASKED:
-        visible = (offs[None, :] < limit[:, None]) & kmask[None, :]
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    else:
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = m_new
-    p = tl.exp2(s - m_safe[:, None])
-    alpha = tl.exp2(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(p, 1)
+    m_new, p, alpha, l_i = _softmax_step(_scores(qr1, qr2, k1, k2, IEEE), offs, kmask, limit, m_i, l_i, MASKED)
     v1, v2 = _load_halves(v_ptr, kv_off, kvmask, HALF, MASKED or HALF != HALFP)
-    pv = p.to(v_ptr.dtype.element_ty)
-    acc1, acc2 = _weighted(acc1, acc2, alpha, pv, v1, v2, IEEE)
+    acc1, acc2 = _weighted(acc1, acc2, alpha, p.to(v_ptr.dtype.element_ty), v1, v2, IEEE)
     return m_new, l_i, acc1, acc2
+
+
+@triton.jit
+def _attend_tile_split(k0, kend, item, h, k_ptr, v_ptr, tables_ptr, stride_table, stride_kpage, stride_ktok,
+                       stride_kh, d, dmask, qa1, qa2, limit_a, ma, la, acca1, acca2,
+                       qb1t, qb2t, limit_b, mb, lb, accb1t, accb2t,
+                       PAGE: tl.constexpr, HALF: tl.constexpr, HALFP: tl.constexpr, BLOCK_N: tl.constexpr,
+                       IEEE: tl.constexpr, MASKED: tl.constexpr):
+    """One tile of keys for rows packed in two groups (a tile of BLOCK_M rows and one of
+    BLOCK_M2): K and V loaded once, each group scored and accumulated as _attend_tile_pages
+    does, so 80 rows cost a 64- and a 16-row product rather than a 128-row one. The second
+    group's products run transposed (keys and head dims as their long side, [.., rows]), so
+    that both are warpgroup products with their operands in shared memory."""
+    page = _tile_pages(k0, kend, item, tables_ptr, stride_table, PAGE, BLOCK_N, MASKED)
+    offs, kmask, kv_off, kvmask = _kv_offsets(k0, kend, page, h, d, dmask, stride_kpage, stride_ktok, stride_kh,
+                                              PAGE, BLOCK_N)
+    k1, k2 = _load_halves(k_ptr, kv_off, kvmask, HALF, MASKED or HALF != HALFP)
+    ma_new, pa, alpha_a, la = _softmax_step(_scores(qa1, qa2, k1, k2, IEEE), offs, kmask, limit_a, ma, la, MASKED)
+    if IEEE:
+        st = tl.dot(k1, qb1t, input_precision="ieee") + tl.dot(k2, qb2t, input_precision="ieee")
+    else:
+        st = tl.dot(k1, qb1t) + tl.dot(k2, qb2t)
+    if MASKED:
+        visible = (offs[:, None] < limit_b[None, :]) & kmask[:, None]
+        st = tl.where(visible, st, float("-inf"))
+        mb_new = tl.maximum(mb, tl.max(st, 0))
+        m_safe = tl.where(mb_new == float("-inf"), 0.0, mb_new)
+    else:
+        mb_new = tl.maximum(mb, tl.max(st, 0))
+        m_safe = mb_new
+    pt = tl.exp2(st - m_safe[None, :])
+    alpha_b = tl.exp2(mb - m_safe)
+    lb = lb * alpha_b + tl.sum(pt, 0)
+    v1, v2 = _load_halves(v_ptr, kv_off, kvmask, HALF, MASKED or HALF != HALFP)
+    ty = v_ptr.dtype.element_ty
+    acca1, acca2 = _weighted(acca1, acca2, alpha_a, pa.to(ty), v1, v2, IEEE)
+    ptt = pt.to(ty)
+    if IEEE:
+        accb1t = accb1t * alpha_b[None, :] + tl.dot(tl.trans(v1), ptt, input_precision="ieee")
+        accb2t = accb2t * alpha_b[None, :] + tl.dot(tl.trans(v2), ptt, input_precision="ieee")
+    else:
+        accb1t = accb1t * alpha_b[None, :] + tl.dot(tl.trans(v1), ptt)
+        accb2t = accb2t * alpha_b[None, :] + tl.dot(tl.trans(v2), ptt)
+    return ma_new, la, acca1, acca2, mb_new, lb, accb1t, accb2t
 
 
 @triton.jit
@@ -174,10 +230,13 @@ def _rope_shift_partial_kernel(
     LOOP_WHILE: tl.constexpr, PDL: tl.constexpr, CHAINED: tl.constexpr, PREFETCH_KEYS: tl.constexpr = 0,
     KV_LINES: tl.constexpr = 1, AHEAD: tl.constexpr = 0, TMA: tl.constexpr = False,
     PAGES_AHEAD: tl.constexpr = False, KV_HEADS: tl.constexpr = 1, HEADS_FIRST: tl.constexpr = False,
+    BLOCK_M2: tl.constexpr = 0,
 ):
     """Partial attention of one unit (a chunk of one block) for one KV head and BLOCK_R readers.
 
-    Rows pack (reader, query head of this KV head) densely: BLOCK_R * REP <= BLOCK_M.
+    Rows pack (reader, query head of this KV head) densely: BLOCK_R * REP <= BLOCK_M + BLOCK_M2;
+    BLOCK_M2 > 0 (a power of two, at least 16; neither TMA nor PAGES_AHEAD) puts the rows past
+    BLOCK_M in a second row tile that reads the same K/V tiles (80 rows as 64 + 16, not 128).
     Each reader's rotation (cos/sin of its delta, rope attention factor included) comes
     precomputed per pair, once per forward pass for all layers. CHAINED: a programmatic
     dependent of the kernel before it (pdl.py); until that kernel's writes are visible it
@@ -210,40 +269,70 @@ def _rope_shift_partial_kernel(
     if PREFETCH_KEYS > 0:  # older keys were written by earlier passes
         _prefetch_kv(kstart + tl.arange(0, PREFETCH_KEYS), kend, item, h, k_ptr, v_ptr, tables_ptr, stride_table,
                      stride_kpage, stride_ktok, stride_kh, PAGE, KV_LINES)
-    m = tl.arange(0, BLOCK_M)
-    row = rt * BLOCK_R + m // REP
-    g = m % REP
-    valid = (row < npairs) & (m < BLOCK_R * REP)
-    pair = pair0 + row
-    tok = tl.load(pair_tok_ptr + pair, mask=valid, other=0).to(tl.int64)
-    limit = tl.load(pair_limit_ptr + pair, mask=valid, other=0)
-    head = h * REP + g
-    d = tl.arange(0, HALFP)
-    dmask = d < HALF
-    qmask = valid[:, None] & dmask[None, :]
-    # the pairs' rotations: computed once at the pass's start, long before the kernel this one waits for
-    cs_off = pair.to(tl.int64)[:, None] * HALF + d[None, :]
-    cos = tl.load(pair_cos_ptr + cs_off, mask=qmask, other=0.0)
-    sin = tl.load(pair_sin_ptr + cs_off, mask=qmask, other=0.0)
+    valid, pair, tok, limit, head, qmask, cos, sin = _row_pairs(
+        tl.arange(0, BLOCK_M), rt, npairs, pair0, h, pair_tok_ptr, pair_limit_ptr, pair_cos_ptr, pair_sin_ptr,
+        BLOCK_R, REP, HALF, HALFP)
+    if BLOCK_M2 > 0:  # the rows past BLOCK_M, in a tile of their own
+        valid_b, pair_b, tok_b, limit_b, head_b, qmask_b, cos_b, sin_b = _row_pairs(
+            BLOCK_M + tl.arange(0, BLOCK_M2), rt, npairs, pair0, h, pair_tok_ptr, pair_limit_ptr, pair_cos_ptr,
+            pair_sin_ptr, BLOCK_R, REP, HALF, HALFP)
     if CHAINED:
         tl.extra.cuda.gdc_wait()
     if PDL:  # the merge may be scheduled now; it waits for this grid's stores before it reads
         tl.extra.cuda.gdc_launch_dependents()
 
-    q_base = q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :]
-    q1 = tl.load(q_base, mask=qmask, other=0.0).to(tl.float32)
-    q2 = tl.load(q_base + HALF, mask=qmask, other=0.0).to(tl.float32)
-    qr1 = ((q1 * cos - q2 * sin) * qk_scale).to(k_ptr.dtype.element_ty)
-    qr2 = ((q2 * cos + q1 * sin) * qk_scale).to(k_ptr.dtype.element_ty)
-
+    qr1, qr2 = _rotated_queries(q_ptr, tok, head, qmask, cos, sin, stride_qt, stride_qh, qk_scale,
+                                k_ptr.dtype.element_ty, HALF, HALFP)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc1 = tl.zeros([BLOCK_M, HALFP], tl.float32)
     acc2 = tl.zeros([BLOCK_M, HALFP], tl.float32)
     # keys [kstart, full) are inside the chunk and visible to every row: the unmasked fast path
     seen_by_all = tl.min(tl.where(valid, limit, kend), 0)
+    if BLOCK_M2 > 0:
+        qb1, qb2 = _rotated_queries(q_ptr, tok_b, head_b, qmask_b, cos_b, sin_b, stride_qt, stride_qh, qk_scale,
+                                    k_ptr.dtype.element_ty, HALF, HALFP)
+        qb1, qb2 = tl.trans(qb1), tl.trans(qb2)  # [half head dim, rows]: see _attend_tile_split
+        m_b = tl.full([BLOCK_M2], float("-inf"), tl.float32)
+        l_b = tl.zeros([BLOCK_M2], tl.float32)
+        acc_b1 = tl.zeros([HALFP, BLOCK_M2], tl.float32)
+        acc_b2 = tl.zeros([HALFP, BLOCK_M2], tl.float32)
+        seen_by_all = tl.minimum(seen_by_all, tl.min(tl.where(valid_b, limit_b, kend), 0))
     full = kstart + tl.maximum(tl.minimum(seen_by_all, kend) - kstart, 0) // BLOCK_N * BLOCK_N
-    if LOOP_WHILE:  # the CPU interpreter cannot range() over loaded bounds
+    d = tl.arange(0, HALFP)
+    dmask = d < HALF
+    if BLOCK_M2 > 0:  # two row tiles over each K/V tile (neither TMA nor pages ahead: wide rows)
+        if LOOP_WHILE:  # the CPU interpreter cannot range() over loaded bounds
+            k0 = kstart
+            while k0 < full:
+                m_i, l_i, acc1, acc2, m_b, l_b, acc_b1, acc_b2 = _attend_tile_split(
+                    k0, kend, item, h, k_ptr, v_ptr, tables_ptr, stride_table, stride_kpage, stride_ktok, stride_kh,
+                    d, dmask, qr1, qr2, limit, m_i, l_i, acc1, acc2, qb1, qb2, limit_b, m_b, l_b, acc_b1, acc_b2,
+                    PAGE, HALF, HALFP, BLOCK_N, IEEE, False)
+                k0 += BLOCK_N
+            while k0 < kend:
+                m_i, l_i, acc1, acc2, m_b, l_b, acc_b1, acc_b2 = _attend_tile_split(
+                    k0, kend, item, h, k_ptr, v_ptr, tables_ptr, stride_table, stride_kpage, stride_ktok, stride_kh,
+                    d, dmask, qr1, qr2, limit, m_i, l_i, acc1, acc2, qb1, qb2, limit_b, m_b, l_b, acc_b1, acc_b2,
+                    PAGE, HALF, HALFP, BLOCK_N, IEEE, True)
+                k0 += BLOCK_N
+        else:
+            for k0 in range(kstart, full, BLOCK_N):
+                if AHEAD > 0:  # the tile AHEAD tiles on, asked of the L2 cache while this one is read
+                    _prefetch_kv(k0 + AHEAD * BLOCK_N + tl.arange(0, BLOCK_N), kend, item, h, k_ptr, v_ptr,
+                                 tables_ptr, stride_table, stride_kpage, stride_ktok, stride_kh, PAGE, KV_LINES)
+                m_i, l_i, acc1, acc2, m_b, l_b, acc_b1, acc_b2 = _attend_tile_split(
+                    k0, kend, item, h, k_ptr, v_ptr, tables_ptr, stride_table, stride_kpage, stride_ktok, stride_kh,
+                    d, dmask, qr1, qr2, limit, m_i, l_i, acc1, acc2, qb1, qb2, limit_b, m_b, l_b, acc_b1, acc_b2,
+                    PAGE, HALF, HALFP, BLOCK_N, IEEE, False)
+            for k0 in range(full, kend, BLOCK_N):
+                m_i, l_i, acc1, acc2, m_b, l_b, acc_b1, acc_b2 = _attend_tile_split(
+                    k0, kend, item, h, k_ptr, v_ptr, tables_ptr, stride_table, stride_kpage, stride_ktok, stride_kh,
+                    d, dmask, qr1, qr2, limit, m_i, l_i, acc1, acc2, qb1, qb2, limit_b, m_b, l_b, acc_b1, acc_b2,
+                    PAGE, HALF, HALFP, BLOCK_N, IEEE, True)
+        _store_partials(o_part_ptr, lse_part_ptr, pair_part_ptr, pair_b, valid_b, head_b, qmask_b, tl.trans(acc_b1),
+                        tl.trans(acc_b2), m_b, l_b, stride_ot, stride_oh, stride_lt, HALF, HALFP)
+    elif LOOP_WHILE:
         k0 = kstart
         if PAGES_AHEAD:  # the same tiles, each one's pages looked up while the one before is read
             page = _tile_pages(kstart, full, item, tables_ptr, stride_table, PAGE, BLOCK_N, True)
@@ -289,8 +378,48 @@ def _rope_shift_partial_kernel(
                 k0, kend, item, h, k_ptr, v_ptr, tables_ptr, stride_table, stride_kpage, stride_ktok, stride_kh,
                 qr1, qr2, limit, d, dmask, m_i, l_i, acc1, acc2, PAGE, HALF, HALFP, BLOCK_N, IEEE, True)
 
+    _store_partials(o_part_ptr, lse_part_ptr, pair_part_ptr, pair, valid, head, qmask, acc1, acc2, m_i, l_i,
+                    stride_ot, stride_oh, stride_lt, HALF, HALFP)
+
+
+@triton.jit
+def _row_pairs(m, rt, npairs, pair0, h, pair_tok_ptr, pair_limit_ptr, pair_cos_ptr, pair_sin_ptr,
+               BLOCK_R: tl.constexpr, REP: tl.constexpr, HALF: tl.constexpr, HALFP: tl.constexpr):
+    """Rows m of row tile rt, packed (reader, query head of KV head h): whether each is a pair
+    of the unit, its pair, query token, visible limit, query head, its [row, half] mask and
+    its rotation (the pass's plan only: a chained program reads these before its wait)."""
+    row = rt * BLOCK_R + m // REP
+    valid = (row < npairs) & (m < BLOCK_R * REP)
+    pair = pair0 + row
+    tok = tl.load(pair_tok_ptr + pair, mask=valid, other=0).to(tl.int64)
+    limit = tl.load(pair_limit_ptr + pair, mask=valid, other=0)
+    d = tl.arange(0, HALFP)
+    qmask = valid[:, None] & (d < HALF)[None, :]
+    # the pairs' rotations: computed once at the pass's start, long before the kernel this one waits for
+    cs_off = pair.to(tl.int64)[:, None] * HALF + d[None, :]
+    cos = tl.load(pair_cos_ptr + cs_off, mask=qmask, other=0.0)
+    sin = tl.load(pair_sin_ptr + cs_off, mask=qmask, other=0.0)
+    return valid, pair, tok, limit, h * REP + m % REP, qmask, cos, sin
+
+
+@triton.jit
+def _rotated_queries(q_ptr, tok, head, qmask, cos, sin, stride_qt, stride_qh, qk_scale, ty: tl.constexpr,
+                     HALF: tl.constexpr, HALFP: tl.constexpr):
+    """The rows' queries rotated by their pairs' cos/sin and scaled, in the keys' type, as two halves."""
+    d = tl.arange(0, HALFP)
+    q_base = q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :]
+    q1 = tl.load(q_base, mask=qmask, other=0.0).to(tl.float32)
+    q2 = tl.load(q_base + HALF, mask=qmask, other=0.0).to(tl.float32)
+    return ((q1 * cos - q2 * sin) * qk_scale).to(ty), ((q2 * cos + q1 * sin) * qk_scale).to(ty)
+
+
+@triton.jit
+def _store_partials(o_part_ptr, lse_part_ptr, pair_part_ptr, pair, valid, head, qmask, acc1, acc2, m_i, l_i,
+                    stride_ot, stride_oh, stride_lt, HALF: tl.constexpr, HALFP: tl.constexpr):
+    """The rows' normalised partial outputs and log-sum-exps (log2), one partial row per (unit,
+    pair), grouped by token; 64-bit: long prefills have many."""
+    d = tl.arange(0, HALFP)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    # one partial row per (unit, pair), grouped by token; 64-bit: long prefills have many
     out_row = tl.load(pair_part_ptr + pair, mask=valid, other=0).to(tl.int64)
     o_base = o_part_ptr + out_row[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
     ty = o_part_ptr.dtype.element_ty
