@@ -108,6 +108,40 @@ def _softmax_step(s, offs, kmask, limit, m_i, l_i, MASKED: tl.constexpr):
 
 
 @triton.jit
+def _scores_t(k1, k2, qt1, qt2, IEEE: tl.constexpr):
+    """A tile's scores transposed, [keys, rows], from the keys' halves and the rotated queries'
+    halves transposed ([half head dim, rows]): the keys the product's long side."""
+    if IEEE:
+        return tl.dot(k1, qt1, input_precision="ieee") + tl.dot(k2, qt2, input_precision="ieee")
+    return tl.dot(k1, qt1) + tl.dot(k2, qt2)
+
+
+@triton.jit
+def _softmax_step_t(st, offs, kmask, limit, m_i, l_i, MASKED: tl.constexpr):
+    """_softmax_step over transposed scores ([keys, rows])."""
+    if MASKED:
+        visible = (offs[:, None] < limit[None, :]) & kmask[:, None]
+        st = tl.where(visible, st, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(st, 0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_new = tl.maximum(m_i, tl.max(st, 0))
+        m_safe = m_new
+    pt = tl.exp2(st - m_safe[None, :])
+    alpha = tl.exp2(m_i - m_safe)
+    return m_new, pt, alpha, l_i * alpha + tl.sum(pt, 0)
+
+
+@triton.jit
+def _weighted_t(acc1, acc2, alpha, pt, v1, v2, IEEE: tl.constexpr):
+    """_weighted with transposed accumulators ([half head dim, rows]) and probabilities ([keys, rows])."""
+    if IEEE:
+        return (acc1 * alpha[None, :] + tl.dot(tl.trans(v1), pt, input_precision="ieee"),
+                acc2 * alpha[None, :] + tl.dot(tl.trans(v2), pt, input_precision="ieee"))
+    return acc1 * alpha[None, :] + tl.dot(tl.trans(v1), pt), acc2 * alpha[None, :] + tl.dot(tl.trans(v2), pt)
+
+
+@triton.jit
 def _attend_tile_pages(k0, kend, page, h, k_ptr, v_ptr, stride_kpage, stride_ktok, stride_kh,
                        qr1, qr2, limit, d, dmask, m_i, l_i, acc1, acc2,
                        PAGE: tl.constexpr, HALF: tl.constexpr, HALFP: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -144,31 +178,12 @@ def _attend_tile_split(k0, kend, item, h, k_ptr, v_ptr, tables_ptr, stride_table
                                               PAGE, BLOCK_N)
     k1, k2 = _load_halves(k_ptr, kv_off, kvmask, HALF, MASKED or HALF != HALFP)
     ma_new, pa, alpha_a, la = _softmax_step(_scores(qa1, qa2, k1, k2, IEEE), offs, kmask, limit_a, ma, la, MASKED)
-    if IEEE:
-        st = tl.dot(k1, qb1t, input_precision="ieee") + tl.dot(k2, qb2t, input_precision="ieee")
-    else:
-        st = tl.dot(k1, qb1t) + tl.dot(k2, qb2t)
-    if MASKED:
-        visible = (offs[:, None] < limit_b[None, :]) & kmask[:, None]
-        st = tl.where(visible, st, float("-inf"))
-        mb_new = tl.maximum(mb, tl.max(st, 0))
-        m_safe = tl.where(mb_new == float("-inf"), 0.0, mb_new)
-    else:
-        mb_new = tl.maximum(mb, tl.max(st, 0))
-        m_safe = mb_new
-    pt = tl.exp2(st - m_safe[None, :])
-    alpha_b = tl.exp2(mb - m_safe)
-    lb = lb * alpha_b + tl.sum(pt, 0)
+    mb_new, pt, alpha_b, lb = _softmax_step_t(_scores_t(k1, k2, qb1t, qb2t, IEEE), offs, kmask, limit_b, mb, lb,
+                                              MASKED)
     v1, v2 = _load_halves(v_ptr, kv_off, kvmask, HALF, MASKED or HALF != HALFP)
     ty = v_ptr.dtype.element_ty
     acca1, acca2 = _weighted(acca1, acca2, alpha_a, pa.to(ty), v1, v2, IEEE)
-    ptt = pt.to(ty)
-    if IEEE:
-        accb1t = accb1t * alpha_b[None, :] + tl.dot(tl.trans(v1), ptt, input_precision="ieee")
-        accb2t = accb2t * alpha_b[None, :] + tl.dot(tl.trans(v2), ptt, input_precision="ieee")
-    else:
-        accb1t = accb1t * alpha_b[None, :] + tl.dot(tl.trans(v1), ptt)
-        accb2t = accb2t * alpha_b[None, :] + tl.dot(tl.trans(v2), ptt)
+    accb1t, accb2t = _weighted_t(accb1t, accb2t, alpha_b, pt.to(ty), v1, v2, IEEE)
     return ma_new, la, acca1, acca2, mb_new, lb, accb1t, accb2t
 
 
