@@ -91,20 +91,21 @@ def _kv_offsets(k0, kend, page, h, d, dmask, stride_kpage, stride_ktok, stride_k
 
 
 @triton.jit
-def _softmax_step(s, offs, kmask, limit, m_i, l_i, MASKED: tl.constexpr):
+def _softmax_step(s, offs, kmask, limit, m_i, l_i, MASKED: tl.constexpr, KEYS: tl.constexpr = 1):
     """The online softmax over one tile's scores: (new running max, probabilities, the old
-    rows' rescale, new running sum); MASKED hides the keys past each row's limit."""
+    rows' rescale, new running sum); MASKED hides the keys past each row's limit. KEYS: the
+    scores' axis of keys (1: [rows, keys]; 0: transposed, [keys, rows])."""
     if MASKED:
-        visible = (offs[None, :] < limit[:, None]) & kmask[None, :]
+        visible = (tl.expand_dims(offs, 1 - KEYS) < tl.expand_dims(limit, KEYS)) & tl.expand_dims(kmask, 1 - KEYS)
         s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_new = tl.maximum(m_i, tl.max(s, KEYS))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     else:
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_new = tl.maximum(m_i, tl.max(s, KEYS))
         m_safe = m_new
-    p = tl.exp2(s - m_safe[:, None])
+    p = tl.exp2(s - tl.expand_dims(m_safe, KEYS))
     alpha = tl.exp2(m_i - m_safe)
-    return m_new, p, alpha, l_i * alpha + tl.sum(p, 1)
+    return m_new, p, alpha, l_i * alpha + tl.sum(p, KEYS)
 
 
 @triton.jit
@@ -114,22 +115,6 @@ def _scores_t(k1, k2, qt1, qt2, IEEE: tl.constexpr):
     if IEEE:
         return tl.dot(k1, qt1, input_precision="ieee") + tl.dot(k2, qt2, input_precision="ieee")
     return tl.dot(k1, qt1) + tl.dot(k2, qt2)
-
-
-@triton.jit
-def _softmax_step_t(st, offs, kmask, limit, m_i, l_i, MASKED: tl.constexpr):
-    """_softmax_step over transposed scores ([keys, rows])."""
-    if MASKED:
-        visible = (offs[:, None] < limit[None, :]) & kmask[:, None]
-        st = tl.where(visible, st, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(st, 0))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    else:
-        m_new = tl.maximum(m_i, tl.max(st, 0))
-        m_safe = m_new
-    pt = tl.exp2(st - m_safe[None, :])
-    alpha = tl.exp2(m_i - m_safe)
-    return m_new, pt, alpha, l_i * alpha + tl.sum(pt, 0)
 
 
 @triton.jit
@@ -178,8 +163,8 @@ def _attend_tile_split(k0, kend, item, h, k_ptr, v_ptr, tables_ptr, stride_table
                                               PAGE, BLOCK_N)
     k1, k2 = _load_halves(k_ptr, kv_off, kvmask, HALF, MASKED or HALF != HALFP)
     ma_new, pa, alpha_a, la = _softmax_step(_scores(qa1, qa2, k1, k2, IEEE), offs, kmask, limit_a, ma, la, MASKED)
-    mb_new, pt, alpha_b, lb = _softmax_step_t(_scores_t(k1, k2, qb1t, qb2t, IEEE), offs, kmask, limit_b, mb, lb,
-                                              MASKED)
+    mb_new, pt, alpha_b, lb = _softmax_step(_scores_t(k1, k2, qb1t, qb2t, IEEE), offs, kmask, limit_b, mb, lb,
+                                            MASKED, 0)
     v1, v2 = _load_halves(v_ptr, kv_off, kvmask, HALF, MASKED or HALF != HALFP)
     ty = v_ptr.dtype.element_ty
     acca1, acca2 = _weighted(acca1, acca2, alpha_a, pa.to(ty), v1, v2, IEEE)
