@@ -704,19 +704,21 @@ def test_row_tiles_split_rows_just_past_a_power_of_two():
         assert row_tiles(rows, block_m) == (block_m, 0)
 
 
-@pytest.mark.parametrize("seed,workers,block_m", [(1, 16, 128), (2, 19, 128)])
-def test_two_row_tiles_match_the_reference(seed, workers, block_m):
+@pytest.mark.parametrize("seed,workers,head_dim", [(1, 16, 32), (2, 19, 48)])
+def test_two_row_tiles_match_the_reference(seed, workers, head_dim):
     """Rows just past a power of two (workers x 5 query heads a KV head) in two row tiles over
     each K/V tile: every row's output as the reference's, and as the one wide tile's (a different
-    product shape: equal within rounding), through the masked tails and rows that read nothing."""
-    q, k_pool, v_pool, groups = random_case(random.Random(seed), workers, 10, 2, 32, page_size=4, shared=2,
+    product shape: equal within rounding), through the masked tails, rows that read nothing and
+    a half head dim padded to a power of two (48: 24 of 32)."""
+    block_m = 128
+    q, k_pool, v_pool, groups = random_case(random.Random(seed), workers, 10, 2, head_dim, page_size=4, shared=2,
                                             max_chunk=1)
     groups = to_device(groups)
-    ref, _ = backends(32, chunk=16)
+    ref, _ = backends(head_dim, chunk=16)
     s = torch.zeros(q.shape[0], dtype=torch.int64, device=DEVICE)
     outs = []
     for split in (True, False):
-        tri = TritonAttention(ref.inv_freq, 1.0, 32**-0.5, chunk=16, kv_heads=2, split_rows=split)
+        tri = TritonAttention(ref.inv_freq, 1.0, head_dim**-0.5, chunk=16, kv_heads=2, split_rows=split)
         tri.block_m = block_m
         meta = tri.prepare(groups, s, s)
         [(_, _, max_pairs, tile)] = tri._launches(meta.extra[0], rep=5)
