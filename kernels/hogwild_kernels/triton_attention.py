@@ -332,7 +332,7 @@ def _rope_shift_partial_kernel(
                     PAGE, HALF, HALFP, BLOCK_N, IEEE, True)
         _store_partials(o_part_ptr, lse_part_ptr, pair_part_ptr, pair_b, valid_b, head_b, qmask_b, tl.trans(acc_b1),
                         tl.trans(acc_b2), m_b, l_b, stride_ot, stride_oh, stride_lt, HALF, HALFP)
-    elif LOOP_WHILE:
+    elif LOOP_WHILE:  # (the interpreter, as above)
         k0 = kstart
         if PAGES_AHEAD:  # the same tiles, each one's pages looked up while the one before is read
             page = _tile_pages(kstart, full, item, tables_ptr, stride_table, PAGE, BLOCK_N, True)
