@@ -22,7 +22,7 @@ or `all`; `keys=N`: the keys of its unit each attention program asks for before 
 `--attention default,pages_ahead=0` with its tiles read so (TILE_KNOBS; pages_ahead=0/1 every
 launch's pages looked up with its tile or a tile ahead, where the default decides by tile;
 heads_first=0 its programs started a KV head's units before the next head's; split_rows=0 one row
-tile where rows just pass a power of two).
+tile where rows just pass a power of two; longest_first=0 the plan's units item by item, not longest first).
 `--pages default,64,64+tma` runs the engine with K/V pages of that many tokens (default: the
 engine's 16), `+tma` reading the tiles every row sees whole a page at a time through tensor
 descriptors (TritonAttention's tma_pages), side by side.
@@ -200,9 +200,10 @@ ATTENTION_KNOBS = ("programs_per_sm", "short_programs_per_sm")
 # and how its partial kernel reads tiles: pages looked up a tile ahead in every launch (1) or none (0;
 # unset: TritonAttention.pipelined decides by tile), software pipeline stages, and the order its
 # programs start in (heads_first=1: a unit's KV heads one after another; 0: a head's units), and
-# whether rows just past a power of two take two row tiles (split_rows=1, the default) or one (0)
-TILE_KNOBS = ("pages_ahead", "num_stages", "heads_first", "split_rows")
-SWITCHES = ("pages_ahead", "heads_first", "split_rows")  # knobs that are 0 or 1
+# whether rows just past a power of two take two row tiles (split_rows=1, the default) or one (0),
+# and whether the plan orders its units longest first (longest_first=1, the default) or item by item
+TILE_KNOBS = ("pages_ahead", "num_stages", "heads_first", "split_rows", "longest_first")
+SWITCHES = ("pages_ahead", "heads_first", "split_rows", "longest_first")  # knobs that are 0 or 1
 
 
 def attention_setting(text: str) -> dict[str, int]:

@@ -30,24 +30,29 @@ def test_prefetch_settings_name_products_and_bytes():
 
 
 def test_tile_settings_reach_the_partial_kernels_launch():
-    """pages_ahead, num_stages, heads_first and split_rows (TILE_KNOBS) are what the attention
-    passes its partial kernel: the attributes attend reads and the launch's stages."""
+    """pages_ahead, num_stages, heads_first, split_rows and longest_first (TILE_KNOBS) are what
+    the attention passes its partial kernel and its plan: the attributes attend and prepare read
+    and the launch's stages."""
     import torch
     from decode_profile import TILE_KNOBS, apply_attention_setting, attention_setting
 
     from hogwild_kernels import TritonAttention
 
-    knobs = attention_setting("pages_ahead=1+num_stages=3+programs_per_sm=2+heads_first=0+split_rows=0")
-    assert knobs == {"pages_ahead": 1, "num_stages": 3, "programs_per_sm": 2, "heads_first": 0, "split_rows": 0}
+    knobs = attention_setting("pages_ahead=1+num_stages=3+programs_per_sm=2+heads_first=0+split_rows=0"
+                              "+longest_first=0")
+    assert knobs == {"pages_ahead": 1, "num_stages": 3, "programs_per_sm": 2, "heads_first": 0, "split_rows": 0,
+                     "longest_first": 0}
     assert set(TILE_KNOBS) <= set(knobs)
     tri = TritonAttention(torch.ones(4), 1.0, 1.0, kv_heads=1)
-    assert tri.pages_ahead is None and "num_stages" not in tri.launch and tri.heads_first is True
+    assert tri.pages_ahead is None and "num_stages" not in tri.launch and tri.heads_first is tri.longest_first is True
     assert tri.row_tiles(80, 128) == (64, 16)
     apply_attention_setting(tri, knobs)
     assert tri.pages_ahead is True and tri.launch["num_stages"] == 3 and tri.programs_per_sm == 2
     assert tri.heads_first is False and tri.split_rows is False and tri.row_tiles(80, 128) == (128, 0)
-    apply_attention_setting(tri, attention_setting("pages_ahead=0+heads_first=1+split_rows=1"))
+    assert tri.longest_first is False
+    apply_attention_setting(tri, attention_setting("pages_ahead=0+heads_first=1+split_rows=1+longest_first=1"))
     assert tri.pages_ahead is False and tri.heads_first is True and tri.row_tiles(80, 128) == (64, 16)
+    assert tri.longest_first is True
 
 
 def test_attention_settings_name_the_kernels_unit_counts():
@@ -63,7 +68,7 @@ def test_attention_settings_name_the_kernels_unit_counts():
     assert attention_setting("programs_per_sm=3+short_programs_per_sm=4") == {"programs_per_sm": 3,
                                                                             "short_programs_per_sm": 4}
     for bad in ("programs_per_sm=0", "programs_per_sm=-1", "programs_per_sm", "block_n=32", "", "pages_ahead=2",
-                "heads_first=2", "split_rows=2", "num_stages=0"):
+                "heads_first=2", "split_rows=2", "longest_first=2", "num_stages=0"):
         with pytest.raises(ValueError, match="KNOB=N"):
             attention_setting(bad)
     cpu = torch.device("cpu")

@@ -207,17 +207,24 @@ def test_pages_looked_up_a_tile_ahead_give_the_same_output(seed, dtype):
 @pytest.mark.parametrize("seed", [44, 45])
 def test_the_programs_start_order_leaves_the_output_alone(seed):
     """heads_first (a unit's KV heads one after another on the grid's first axis) and the
-    order before it (a head's units, the heads on the second axis) compute the same programs:
-    the same output, bit for bit, and every head's and unit's partials (the reference's attention)."""
+    order before it (a head's units, the heads on the second axis), with the plan's units
+    longest first or item by item, compute the same programs: the same output, bit for bit,
+    and every head's and unit's partials (the reference's attention)."""
     q, k_pool, v_pool, groups = random_case(random.Random(seed), 4, 8, 4, 64, page_size=4, shared=3,
                                             dtype=torch.float32, max_chunk=4)
     groups = to_device(groups)
     ref, _ = backends(64, chunk=16)
-    orders = [TritonAttention(ref.inv_freq, 1.0, 64**-0.5, chunk=16, kv_heads=4, heads_first=first)
-              for first in (True, False)]
+    orders = [TritonAttention(ref.inv_freq, 1.0, 64**-0.5, chunk=16, kv_heads=4, heads_first=first,
+                              longest_first=longest) for first in (True, False) for longest in (True, False)]
     s = torch.zeros(q.shape[0], dtype=torch.int64, device=DEVICE)
-    first, units = (impl.attend(q, k_pool, v_pool, impl.prepare(groups, s, s)) for impl in orders)
-    assert torch.equal(first, units)
+    metas = [impl.prepare(groups, s, s) for impl in orders]
+    lengths = [(m.extra[0].unit_kend - m.extra[0].unit_kstart).tolist() for m in metas]
+    for a, n, _ in metas[0].extra[0].classes:  # longest first within each class of readers
+        assert lengths[0][a:a + n] == sorted(lengths[0][a:a + n], reverse=True)
+    assert lengths[1] != lengths[0]  # the order moved
+    first, *others = (impl.attend(q, k_pool, v_pool, m) for impl, m in zip(orders, metas))
+    for other in others:
+        assert torch.equal(first, other)
     torch.testing.assert_close(first, reference(ref, q, k_pool, v_pool, groups), atol=2e-4, rtol=2e-4)
 
 def test_single_token_views_and_decode():
@@ -515,6 +522,36 @@ def test_static_plan_of_several_sessions_with_narrow_row_tiles_matches_reference
     one = StaticPlan(PlanCaps(tokens=6, items=16, pages=40, units=tri.target_units(DEVICE) + 16, unit_pairs=2),
                      DEVICE)
     assert not one.fits(host)
+
+
+def test_plan_starts_every_sessions_long_units_first():
+    """In a pass of many sessions (each a long prompt and its workers' short steps) the units
+    come longest first, so no session's prompt waits behind the others' short units; the
+    units are those of the plan in item order, each with the same run of pairs, and the
+    pairs and partial rows do not move."""
+    from hogwild_kernels.plan import build_plan
+
+    groups, start = [], 0
+    for session in range(5):
+        prompt = (Segment(torch.arange(10), 37 + 3 * session, 0, block=("prompt", session)),)
+        for w in range(3):
+            steps = tuple(Segment(torch.arange(2) + 4 * o, 5 + o, 37 + 3 * session + 8 * o, block=(session, o))
+                          for o in range(3))
+            groups.append(QueryGroup(start, 1, 37 + 3 * session + 24 + w, [*prompt, *steps]))
+            start += 1
+    ordered, blocks = (build_plan(groups, start, chunk=16, longest_first=first) for first in (True, False))
+    length = ordered["unit_kend"] - ordered["unit_kstart"]
+    assert length.tolist() == sorted(length.tolist(), reverse=True)
+    assert (length[:11] == 16).all() and length[11] < 16  # every prompt's whole chunks (37-49 keys: 11) first
+    item_order = (blocks["unit_kend"] - blocks["unit_kstart"]).tolist()
+    assert item_order.index(5) < max(i for i, n in enumerate(item_order) if n == 16)  # short units in the way
+    units = lambda plan: sorted(  # noqa: E731
+        (int(i), int(a), int(b), tuple(plan["pair_tok"][p:p + n]), tuple(plan["pair_limit"][p:p + n]))
+        for i, a, b, p, n in zip(plan["unit_item"], plan["unit_kstart"], plan["unit_kend"], plan["unit_pair"],
+                                 plan["unit_npairs"]))
+    assert units(ordered) == units(blocks)
+    for field in ("pair_tok", "pair_delta", "pair_limit", "pair_part", "tok_start", "tables"):
+        assert (ordered[field] == blocks[field]).all()
 
 
 def test_plan_reads_each_block_once_per_chunk():

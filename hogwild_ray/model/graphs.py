@@ -213,7 +213,8 @@ class DecodeGraphs:
         None when the plan does not fit the graph's buffers."""
         size = captured_size if self.padded else int
         t = size(t)  # the padding tokens, past every group's, are in no group
-        host = build_plan(groups, t, self.attention.chunk_rule(self.device, capped=False), self.cache.page_size)
+        host = build_plan(groups, t, self.attention.chunk_rule(self.device, capped=False), self.cache.page_size,
+                          longest_first=self.attention.longest_first)
         items = pow2(host["tables"].shape[0])
         pairs = min(t, pow2(max(1, host["max_pairs"])))  # a graph per power of two of a unit's readers
         key = GraphKey(t, items, pairs, self.attention.long_keys(int(host["chunk"])), mode,

@@ -196,7 +196,7 @@ class TritonAttention:
                  partial_dtype: torch.dtype | None = None, pdl: bool | None = None, q_per_kv: int = 1,
                  wide_units: bool = True, long_unit: int = 512, prefetch_ahead: int = PREFETCH_AHEAD,
                  tma_pages: bool = False, pages_ahead: bool | None = None, heads_first: bool = True,
-                 split_rows: bool = True) -> None:
+                 split_rows: bool = True, longest_first: bool = True) -> None:
         self.inv_freq = inv_freq.to(torch.float32).contiguous()
         self.rope_scale, self.sm_scale, self.kv_heads = rope_scale, sm_scale, kv_heads
         interpret = self.interpret = os.environ.get("TRITON_INTERPRET") == "1"
@@ -241,12 +241,13 @@ class TritonAttention:
         # for every launch; None: where it paid (see pipelined)
         self.pages_ahead = pages_ahead
         # the order the GPU starts the partial programs in: every unit's KV heads one after
-        # another (the plan's first units start first for every head; in Hogwild!'s views the
-        # shared block, the longest, comes first), or
+        # another (the plan's first units start first for every head; see longest_first), or
         # each head's units before the next head's (False). Where a pass has more programs than
         # the SMs hold at once, the programs started last end the kernel: on an H100 the old order
         # took 1.10-1.19x the time with 16 workers at 16k, 1.08-1.15x at 64k, 1.00-1.09x with 8
         self.heads_first = heads_first
+        # the plan's units ordered longest first (plan._longest_first), or item by item (False)
+        self.longest_first = longest_first
         # rows just past a power of two in two row tiles over each K/V tile (row_tiles), or in one
         self.split_rows = split_rows
 
@@ -273,7 +274,7 @@ class TritonAttention:
                 raise ValueError(f"shared_reads must be one of {', '.join(SHARED_READS)}, got {self.shared_reads!r}")
             worth = {"auto": WORTH_MERGING, "always": (0.0, 0)}.get(self.shared_reads)
             plan = plan_attention(groups, int(slots.numel()), self.chunk_rule(slots.device), slots.device,
-                                  page_size if worth else None, worth or (0.0, 0))
+                                  page_size if worth else None, worth or (0.0, 0), self.longest_first)
         # every rotation of this pass, once for all layers: readers by (position - block offset),
         # new keys by their block-local position (fp32, as the reference computes them)
         plan.pair_cos, plan.pair_sin = self._cos_sin(plan.pair_delta)

@@ -93,13 +93,15 @@ WORTH_MERGING = (0.5, 8192)
 
 
 def build_plan(groups: list[QueryGroup], num_tokens: int, chunk: int | Callable[[int, int], int],
-               page_size: int | None = None, worth: tuple[float, int] = (0.0, 0)) -> dict:
+               page_size: int | None = None, worth: tuple[float, int] = (0.0, 0),
+               longest_first: bool = True) -> dict:
     """The plan's arrays (numpy int32) and sizes. chunk: the keys per unit, or a function that
     picks it from the total keys to read (each block counted once) and the most query tokens
     that read one block. page_size: the pool's; given, stretches where blocks of different ids
     hold the same pages (shared prompts, forks) are read once for all of them too (see
     `sharing`), where that saves at least `worth` (a share of the keys read and a number of
-    keys)."""
+    keys). longest_first: the units ordered by their keys, most first (see `_longest_first`);
+    False: item by item, each item's chunks in order."""
     segs = [seg for g in groups for seg in g.segments]
     keys = [seg.block if seg.block is not None else ("segment", id(seg)) for seg in segs]
     block_pages = dict(zip(keys, (seg.pages for seg in segs)))  # one page table per block
@@ -161,7 +163,7 @@ def build_plan(groups: list[QueryGroup], num_tokens: int, chunk: int | Callable[
         table[row, : len(pages)] = pages
     per_tok = np.bincount(pair_tok, minlength=num_tokens)
     i32 = lambda x: np.asarray(x, dtype=np.int32)  # noqa: E731
-    return {
+    host = {
         "tables": table,
         "unit_item": i32(unit_item), "unit_kstart": i32(kstart),
         "unit_kend": i32(np.minimum(kstart + chunk, kmax[unit_item])),
@@ -171,6 +173,27 @@ def build_plan(groups: list[QueryGroup], num_tokens: int, chunk: int | Callable[
         "num_tokens": num_tokens, "max_pairs": int(npairs.max(initial=0)), "max_parts": int(per_tok.max(initial=0)),
         "chunk": chunk,
     }
+    if longest_first:
+        _longest_first(host)
+    return host
+
+
+UNIT_FIELDS = ("unit_item", "unit_kstart", "unit_kend", "unit_pair", "unit_npairs")
+
+
+def _reorder_units(host: dict, order: np.ndarray) -> None:
+    """Move the units (their fields) into this order; the pairs keep their places, so each unit
+    still reads its own run of pairs and every partial row, hence every output, is unchanged."""
+    for f in UNIT_FIELDS:
+        host[f] = host[f][order]
+
+
+def _longest_first(host: dict) -> None:
+    """Order the units by their keys, longest first (ties as they were). Where a pass has more
+    programs than the SMs hold at once, the programs started last end the kernel; items come
+    block by block, so in a pass of many sessions each session's prompt (its long unit) would
+    start only after the short units (the workers' steps) of every session before it."""
+    _reorder_units(host, np.argsort(host["unit_kstart"] - host["unit_kend"], kind="stable"))
 
 
 @dataclass
@@ -231,11 +254,11 @@ def aligned_offsets(lengths: list[int]) -> tuple[list[int], int]:
 
 def plan_attention(groups: list[QueryGroup], num_tokens: int, chunk: int | Callable[[int, int], int],
                    device: torch.device, page_size: int | None = None,
-                   worth: tuple[float, int] = WORTH_MERGING) -> AttentionPlan:
+                   worth: tuple[float, int] = WORTH_MERGING, longest_first: bool = True) -> AttentionPlan:
     """A plan of exactly the pass's size, on `device` (one host-to-device copy). Its units are
     sorted by how many pairs read them, so that each class gets a row tile of its size (see
-    `_sort_by_readers`); worth: see `build_plan`."""
-    host = build_plan(groups, num_tokens, chunk, page_size, worth)
+    `_sort_by_readers`), longest first within a class; worth, longest_first: see `build_plan`."""
+    host = build_plan(groups, num_tokens, chunk, page_size, worth, longest_first)
     classes = _sort_by_readers(host)
     flat = [host["tables"].reshape(-1)] + [host[f] for f in FIELDS]
     offsets, total = aligned_offsets([len(x) for x in flat])
@@ -250,9 +273,6 @@ def plan_attention(groups: list[QueryGroup], num_tokens: int, chunk: int | Calla
                          host["max_pairs"], host["max_parts"], classes=classes, chunk=int(host["chunk"]))
 
 
-UNIT_FIELDS = ("unit_item", "unit_kstart", "unit_kend", "unit_pair", "unit_npairs")
-
-
 def _sort_by_readers(host: dict) -> list[tuple[int, int, int]]:
     """Order the units by their pairs (power-of-two classes, fewest first) and return each
     class's (first unit, units, most pairs): a unit of a prompt that 32 sessions share and a
@@ -263,8 +283,7 @@ def _sort_by_readers(host: dict) -> list[tuple[int, int, int]]:
         return []
     width = np.left_shift(1, np.ceil(np.log2(np.maximum(npairs, 1))).astype(np.int64))
     order = np.argsort(width, kind="stable")
-    for f in UNIT_FIELDS:
-        host[f] = host[f][order]
+    _reorder_units(host, order)
     width, npairs = width[order], npairs[order]
     starts = np.flatnonzero(np.concatenate([[True], width[1:] != width[:-1]]))
     ends = np.concatenate([starts[1:], [len(width)]])
