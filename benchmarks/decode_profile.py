@@ -22,7 +22,8 @@ or `all`; `keys=N`: the keys of its unit each attention program asks for before 
 `--attention default,pages_ahead=0` with its tiles read so (TILE_KNOBS; pages_ahead=0/1 every
 launch's pages looked up with its tile or a tile ahead, where the default decides by tile;
 heads_first=0 its programs started a KV head's units before the next head's; split_rows=0 one row
-tile where rows just pass a power of two; longest_first=0 the plan's units item by item, not longest first).
+tile where rows just pass a power of two; longest_first=0 the plan's units item by item, not longest first;
+long_unit=N the keys from which units take the longer key tile).
 `--pages default,64,64+tma` runs the engine with K/V pages of that many tokens (default: the
 engine's 16), `+tma` reading the tiles every row sees whole a page at a time through tensor
 descriptors (TritonAttention's tma_pages), side by side.
@@ -201,8 +202,9 @@ ATTENTION_KNOBS = ("programs_per_sm", "short_programs_per_sm")
 # unset: TritonAttention.pipelined decides by tile), software pipeline stages, and the order its
 # programs start in (heads_first=1: a unit's KV heads one after another; 0: a head's units), and
 # whether rows just past a power of two take two row tiles (split_rows=1, the default) or one (0),
-# and whether the plan orders its units longest first (longest_first=1, the default) or item by item
-TILE_KNOBS = ("pages_ahead", "num_stages", "heads_first", "split_rows", "longest_first")
+# and whether the plan orders its units longest first (longest_first=1, the default) or item by item;
+# long_unit: the keys from which a unit is read in the longer key tile (TritonAttention.long_keys)
+TILE_KNOBS = ("pages_ahead", "num_stages", "heads_first", "split_rows", "longest_first", "long_unit")
 SWITCHES = ("pages_ahead", "heads_first", "split_rows", "longest_first")  # knobs that are 0 or 1
 
 

@@ -30,7 +30,7 @@ def test_prefetch_settings_name_products_and_bytes():
 
 
 def test_tile_settings_reach_the_partial_kernels_launch():
-    """pages_ahead, num_stages, heads_first, split_rows and longest_first (TILE_KNOBS) are what
+    """pages_ahead, num_stages, heads_first, split_rows, longest_first and long_unit (TILE_KNOBS): what
     the attention passes its partial kernel and its plan: the attributes attend and prepare read
     and the launch's stages."""
     import torch
@@ -39,9 +39,9 @@ def test_tile_settings_reach_the_partial_kernels_launch():
     from hogwild_kernels import TritonAttention
 
     knobs = attention_setting("pages_ahead=1+num_stages=3+programs_per_sm=2+heads_first=0+split_rows=0"
-                              "+longest_first=0")
+                              "+longest_first=0+long_unit=4096")
     assert knobs == {"pages_ahead": 1, "num_stages": 3, "programs_per_sm": 2, "heads_first": 0, "split_rows": 0,
-                     "longest_first": 0}
+                     "longest_first": 0, "long_unit": 4096}
     assert set(TILE_KNOBS) <= set(knobs)
     tri = TritonAttention(torch.ones(4), 1.0, 1.0, kv_heads=1)
     assert tri.pages_ahead is None and "num_stages" not in tri.launch and tri.heads_first is tri.longest_first is True
@@ -49,7 +49,8 @@ def test_tile_settings_reach_the_partial_kernels_launch():
     apply_attention_setting(tri, knobs)
     assert tri.pages_ahead is True and tri.launch["num_stages"] == 3 and tri.programs_per_sm == 2
     assert tri.heads_first is False and tri.split_rows is False and tri.row_tiles(80, 128) == (128, 0)
-    assert tri.longest_first is False
+    assert tri.longest_first is False and tri.long_unit == 4096
+    assert not tri.long_keys(2048) and tri.long_keys(4096) == (tri.long_block_n is not None)
     apply_attention_setting(tri, attention_setting("pages_ahead=0+heads_first=1+split_rows=1+longest_first=1"))
     assert tri.pages_ahead is False and tri.heads_first is True and tri.row_tiles(80, 128) == (64, 16)
     assert tri.longest_first is True
@@ -68,7 +69,7 @@ def test_attention_settings_name_the_kernels_unit_counts():
     assert attention_setting("programs_per_sm=3+short_programs_per_sm=4") == {"programs_per_sm": 3,
                                                                             "short_programs_per_sm": 4}
     for bad in ("programs_per_sm=0", "programs_per_sm=-1", "programs_per_sm", "block_n=32", "", "pages_ahead=2",
-                "heads_first=2", "split_rows=2", "longest_first=2", "num_stages=0"):
+                "heads_first=2", "split_rows=2", "longest_first=2", "num_stages=0", "long_unit=0"):
         with pytest.raises(ValueError, match="KNOB=N"):
             attention_setting(bad)
     cpu = torch.device("cpu")
