@@ -18,7 +18,8 @@ rows prefetched that far into the L2 cache before their wait (hogwild_ray.model.
 or `all`; `keys=N`: the keys of its unit each attention program asks for before its wait;
 `ahead=N`: the tiles ahead a wide row tile's program asks for), side by side (one engine each).
 `--attention default,short_programs_per_sm=2` runs the attention with its unit counts as named
-(ATTENTION_KNOBS: programs an SM per KV head, and where units are short), side by side;
+(ATTENTION_KNOBS: programs an SM per KV head, where units are short, and in passes of several sessions),
+side by side;
 `--attention default,pages_ahead=0` with its tiles read so (TILE_KNOBS; pages_ahead=0/1 every
 launch's pages looked up with its tile or a tile ahead, where the default decides by tile;
 heads_first=0 its programs started a KV head's units before the next head's; split_rows=0 one row
@@ -196,8 +197,9 @@ def prefetch_setting(text: str) -> dict[str, int]:
     return out
 
 
-# the attention's unit counts `--attention` sets (programs an SM per KV head, and where units are short)
-ATTENTION_KNOBS = ("programs_per_sm", "short_programs_per_sm")
+# the attention's unit counts `--attention` sets (programs an SM per KV head, where units are short, and in
+# passes of several sessions)
+ATTENTION_KNOBS = ("programs_per_sm", "short_programs_per_sm", "batched_programs_per_sm")
 # and how its partial kernel reads tiles: pages looked up a tile ahead in every launch (1) or none (0;
 # unset: TritonAttention.pipelined decides by tile), software pipeline stages, and the order its
 # programs start in (heads_first=1: a unit's KV heads one after another; 0: a head's units), and
@@ -269,10 +271,11 @@ def main(argv: list[str] | None = None) -> int:
                         "prefetches; ahead=N: tiles ahead a wide row tile's program prefetches); several, "
                         "comma-separated")
     p.add_argument("--attention", default="default",
-                   help="default, or KNOB=N joined by '+' (knobs: programs_per_sm, short_programs_per_sm: the "
-                        "attention's programs an SM per KV head, and where units are short; pages_ahead=0/1, "
-                        "num_stages and heads_first=0/1: how its partial kernel reads tiles and the order its "
-                        "programs start in); several, comma-separated")
+                   help="default, or KNOB=N joined by '+' (knobs: programs_per_sm, short_programs_per_sm, "
+                        "batched_programs_per_sm: the attention's programs an SM per KV head, where units are "
+                        "short, and in passes of several sessions; pages_ahead=0/1, num_stages, heads_first=0/1, "
+                        "split_rows=0/1, longest_first=0/1 and long_unit: how its partial kernel reads tiles "
+                        "and the order its programs start in); several, comma-separated")
     p.add_argument("--pages", default="default",
                    help="default (the engine's 16-token pages), TOKENS, or TOKENS+tma (the tiles read a page at a "
                         "time by tensor descriptors); several, comma-separated")

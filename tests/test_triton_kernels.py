@@ -433,7 +433,8 @@ def test_units_read_by_many_rows_are_made_longer():
     of units; long units, and fewer rows, are left as they are; off with wide_units=False."""
     from hogwild_kernels.backends import WIDE_KEYS, TritonAttention
 
-    tri = TritonAttention(torch.ones(4), 1.0, 1.0, kv_heads=1, q_per_kv=4, block_n=16, short_programs_per_sm=2)
+    tri = TritonAttention(torch.ones(4), 1.0, 1.0, kv_heads=1, q_per_kv=4, block_n=16, short_programs_per_sm=2,
+                          batched_programs_per_sm=2)
     rule = tri.chunk_rule(torch.device("cpu"))
     assert tri.target_units(torch.device("cpu")) == 16
     assert rule(1024) == rule(1024, 9) == 64  # 36 rows: 16 units of 64 keys
@@ -452,7 +453,7 @@ def test_passes_of_short_units_are_cut_for_more_programs_an_sm():
     allots, but for one more per block); short_programs_per_sm=2 is the old rule."""
     from hogwild_kernels.backends import SHORT_KEYS, TritonAttention
 
-    tri = TritonAttention(torch.ones(4), 1.0, 1.0, kv_heads=1, block_n=16)
+    tri = TritonAttention(torch.ones(4), 1.0, 1.0, kv_heads=1, block_n=16, batched_programs_per_sm=2)
     cpu = torch.device("cpu")
     rule = tri.chunk_rule(cpu)
     assert tri.target_units(cpu) == 24 and tri.units_for(cpu, 2) == 16
@@ -466,6 +467,44 @@ def test_passes_of_short_units_are_cut_for_more_programs_an_sm():
         assert max(-(-total // uncapped(total, readers)) for readers in (1, 40)) <= tri.target_units(cpu)
     tri.short_programs_per_sm = 2
     assert tri.chunk_rule(cpu)(16 * SHORT_KEYS) == SHORT_KEYS and tri.target_units(cpu) == 16
+
+
+def test_passes_of_several_sessions_are_cut_for_four_programs_an_sm():
+    """A pass whose blocks are each read by only some of its query tokens (several sessions) and
+    whose units would be longer than SHORT_KEYS is cut for four programs an SM (8 SMs off CUDA:
+    32 units rather than 16); short units keep the short rule's three, wide rows the wide rule,
+    one session (a block every token reads) two; a graph allots the most of them."""
+    from hogwild_kernels.backends import BATCHED_PROGRAMS_PER_SM, SHORT_KEYS, TritonAttention
+
+    tri = TritonAttention(torch.ones(4), 1.0, 1.0, kv_heads=1, q_per_kv=4, block_n=16)
+    cpu = torch.device("cpu")
+    assert BATCHED_PROGRAMS_PER_SM == 4 and tri.target_units(cpu) == 32
+    rule = tri.chunk_rule(cpu)
+    assert rule(16384, 4, 128) == 512 and rule(16384, 4, 4) == rule(16384) == 1024  # 32 x 4 workers: 32 units
+    assert rule(16 * SHORT_KEYS, 4, 128) == 352  # short units: three programs an SM (24 units)
+    assert rule(16384, 10, 40) == 1024  # 40 rows: the wide rule's units, as one session's
+    assert tri.target_units(cpu, batched=False) == 24  # one session's graphs allot no more than before
+    uncapped = tri.chunk_rule(cpu, capped=False)
+    for total in range(1, 40000, 37):
+        assert -(-total // uncapped(total, 2, 8)) <= tri.target_units(cpu, batched=True)
+        assert max(-(-total // uncapped(total, 2, 2)), -(-total // uncapped(total))) <= tri.target_units(cpu, False)
+    tri.batched_programs_per_sm = 2
+    assert tri.chunk_rule(cpu)(16384, 4, 128) == 1024 and tri.target_units(cpu) == 24
+
+
+def test_a_batched_plan_hands_the_chunk_rule_its_query_tokens():
+    """build_plan gives the chunk rule the pass's query tokens besides the most readers of one
+    block (four sessions of two workers over their own prompts: 8 tokens, 2 readers at most) and
+    says whether the pass is batched (what a captured graph allots units for)."""
+    from hogwild_kernels.plan import build_plan
+
+    seen = []
+    groups = [QueryGroup(2 * s + w, 1, 40, [Segment(torch.arange(3), 40, 0, block=("prompt", s))])
+              for s in range(4) for w in range(2)]
+    host = build_plan(groups, 16, lambda total, readers, tokens: seen.append((total, readers, tokens)) or 16)
+    assert seen == [(4 * 40, 2, 8)] and host["batched"]  # 16: the padded pass; 8 query tokens in its groups
+    one = [QueryGroup(w, 1, 40, [Segment(torch.arange(3), 40, 0, block="prompt")]) for w in range(2)]
+    assert not build_plan(one, 16, 16)["batched"]  # a block both tokens read: one session
 
 
 @pytest.mark.parametrize("seed", [21, 22])

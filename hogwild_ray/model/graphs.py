@@ -132,6 +132,7 @@ class GraphKey(NamedTuple):
     mode: str | None  # how it samples (SampleTable.mode), None: it does not
     groups: int
     decode: bool  # every group feeds one token (each group's last row is fixed)
+    batched: bool  # no block that every token reads (several sessions): the units it allots
 
 
 @dataclass(eq=False)
@@ -218,12 +219,12 @@ class DecodeGraphs:
         items = pow2(host["tables"].shape[0])
         pairs = min(t, pow2(max(1, host["max_pairs"])))  # a graph per power of two of a unit's readers
         key = GraphKey(t, items, pairs, self.attention.long_keys(int(host["chunk"])), mode,
-                       size(len(groups)), decode=all(g.count == 1 for g in groups))
+                       size(len(groups)), decode=all(g.count == 1 for g in groups), batched=host["batched"])
         if mode == "greedy" and key not in self.graphs and key._replace(mode="sample") in self.graphs:
             key = key._replace(mode="sample")  # its greedy rows (temperature 0) draw the argmax: the same ids
         entry = self.graphs.get(key)
         if entry is None:
-            units = self.attention.target_units(self.device) + items
+            units = self.attention.target_units(self.device, key.batched) + items
             caps = PlanCaps(t, items, self.max_pages, units, unit_pairs=pairs)
             entry = self.graphs[key] = _Graph(caps, key.groups, key.decode, mode, self.cache.scratch_slot,
                                               self.device)

@@ -164,6 +164,12 @@ AHEAD_ROWS, PREFETCH_AHEAD = 64, 1
 # decode pass 0.99x at 16k with 8 workers, but 1.02x with 16 workers at 4k (wide rows: 192-key
 # units rather than 256) and 1.00x at 16k
 SHORT_KEYS, SHORT_PROGRAMS_PER_SM = 512, 3
+# a pass of several sessions (each block read by only some of its query tokens) whose units would be
+# longer than SHORT_KEYS is cut for BATCHED_PROGRAMS_PER_SM: on an H100, 32 sessions x 4 workers over
+# 4k views took 0.983x the GPU time with four rather than two (two rounds, 14.83-14.84 against
+# 15.07-15.11 ms; 4k-key units become 2k) and 8 x 4 over 8k 0.981x (2k-key units become 1k): a
+# third 128-key-tile program fits an SM's shared memory, and the sessions' many units fill the waves
+BATCHED_PROGRAMS_PER_SM = 4
 # units read by this many query rows (readers x query heads per KV head) or more are made up to
 # WIDE_KEYS keys long (see TritonAttention.chunk_rule)
 WIDE_ROWS, WIDE_KEYS = 40, 256
@@ -193,6 +199,7 @@ class TritonAttention:
                  block_n: int | None = None, block_m: int | None = None, kv_heads: int = 8,
                  num_warps: int | None = None, num_stages: int | None = None, programs_per_sm: int = 2,
                  short_programs_per_sm: int = SHORT_PROGRAMS_PER_SM,
+                 batched_programs_per_sm: int = BATCHED_PROGRAMS_PER_SM,
                  partial_dtype: torch.dtype | None = None, pdl: bool | None = None, q_per_kv: int = 1,
                  wide_units: bool = True, long_unit: int = 512, prefetch_ahead: int = PREFETCH_AHEAD,
                  tma_pages: bool = False, pages_ahead: bool | None = None, heads_first: bool = True,
@@ -203,6 +210,7 @@ class TritonAttention:
         self.chunk = chunk  # None: sized per pass so that every SM gets work
         self.programs_per_sm, self.partial_dtype = programs_per_sm, partial_dtype
         self.short_programs_per_sm = short_programs_per_sm  # where units are short (see SHORT_KEYS)
+        self.batched_programs_per_sm = batched_programs_per_sm  # passes of several sessions (see chunk_rule)
         # query heads per KV head: a unit's rows are its readers times this (see chunk_rule)
         self.q_per_kv, self.wide_units = q_per_kv, wide_units
         self._sms: int | None = None
@@ -294,10 +302,12 @@ class TritonAttention:
             self._sms = torch.cuda.get_device_properties(device).multi_processor_count
         return max(1, -(-per_sm * self._sms // self.kv_heads))
 
-    def target_units(self, device: torch.device) -> int:
+    def target_units(self, device: torch.device, batched: bool = True) -> int:
         """The most units the chunk rule cuts a pass into, but for one more per block: what a
-        captured graph allots."""
-        return self.units_for(device, max(self.programs_per_sm, self.short_programs_per_sm))
+        captured graph allots. batched False: a pass with a block that every query token reads
+        (one session), which the rule for several sessions leaves alone (build_plan's "batched")."""
+        per_sm = max(self.programs_per_sm, self.short_programs_per_sm)
+        return self.units_for(device, max(per_sm, self.batched_programs_per_sm) if batched else per_sm)
 
     def chunk_rule(self, device: torch.device, capped: bool = True):
         """Keys per unit as a function of the pass's total keys and the most readers (query
@@ -308,16 +318,24 @@ class TritonAttention:
         than 128 took 0.88-0.89x the time, while with 32 rows or fewer, or at 32k views where
         units are long anyway, longer units were slower). Passes whose units would be at most
         SHORT_KEYS keys long are cut for `short_programs_per_sm` programs an SM rather than
-        `programs_per_sm`, unless wide rows read them. Uncapped, a pass never has more than target_units + blocks units
-        (what a captured graph allots)."""
+        `programs_per_sm`, unless wide rows read them; longer ones of a pass of several sessions
+        (`tokens`, the pass's query tokens, more than `readers`: no block is read by all of them)
+        for `batched_programs_per_sm`, unless wide rows read them. Uncapped, a pass never has more
+        than target_units + blocks units (what a captured graph allots)."""
         if self.chunk is not None:
             return self.chunk
         base = self.units_for(device, self.programs_per_sm)
-        short = self.target_units(device)
+        short = self.units_for(device, max(self.programs_per_sm, self.short_programs_per_sm))
+        batched = self.units_for(device, self.batched_programs_per_sm)
 
-        def chunk(total: int, readers: int = 0) -> int:
+        def chunk(total: int, readers: int = 0, tokens: int = 0) -> int:
             wide = self.wide_units and readers * self.q_per_kv >= WIDE_ROWS
-            target = short if not wide and -(-total // base) <= SHORT_KEYS else base
+            if wide:
+                target = base
+            elif -(-total // base) <= SHORT_KEYS:
+                target = short
+            else:
+                target = batched if 0 < readers < tokens else base
             half = max(1, -(-target // 2))
             per_unit = -(-total // target)
             if wide:

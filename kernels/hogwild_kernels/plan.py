@@ -95,11 +95,12 @@ WORTH_MERGING = (0.5, 8192)
 def build_plan(groups: list[QueryGroup], num_tokens: int, chunk: int | Callable[[int, int], int],
                page_size: int | None = None, worth: tuple[float, int] = (0.0, 0),
                longest_first: bool = True) -> dict:
-    """The plan's arrays (numpy int32) and sizes. chunk: the keys per unit, or a function that
-    picks it from the total keys to read (each block counted once) and the most query tokens
-    that read one block. page_size: the pool's; given, stretches where blocks of different ids
-    hold the same pages (shared prompts, forks) are read once for all of them too (see
-    `sharing`), where that saves at least `worth` (a share of the keys read and a number of
+    """The plan's arrays (numpy int32), sizes, and whether the pass is batched (no block that
+    every query token reads). chunk: the keys per unit, or a function that picks it from the
+    total keys to read (each block counted once), the most query tokens that read one block
+    and the pass's query tokens. page_size: the pool's; given, stretches where blocks of
+    different ids hold the same pages (shared prompts, forks) are read once for all of them too
+    (see `sharing`), where that saves at least `worth` (a share of the keys read and a number of
     keys). longest_first: the units ordered by their keys, most first (see `_longest_first`);
     False: item by item, each item's chunks in order."""
     segs = [seg for g in groups for seg in g.segments]
@@ -138,8 +139,9 @@ def build_plan(groups: list[QueryGroup], num_tokens: int, chunk: int | Callable[
     if not kept_tables:
         base = kmax = np.zeros(1, dtype=np.int64)
     span = kmax - base
-    if callable(chunk):  # by the keys to read and the most query tokens reading one block
-        chunk = chunk(int(span.sum()), int(np.bincount(item, minlength=n_items).max(initial=0)))
+    readers, tokens = int(np.bincount(item, minlength=n_items).max(initial=0)), sum(g.count for g in groups)
+    if callable(chunk):  # by the keys to read, the most query tokens reading one block, and the query tokens
+        chunk = chunk(int(span.sum()), readers, tokens)
     chunks = -(-span // chunk)  # units per item
     first_unit = np.cumsum(chunks) - chunks
     units = int(chunks.sum())
@@ -172,6 +174,7 @@ def build_plan(groups: list[QueryGroup], num_tokens: int, chunk: int | Callable[
         "pair_part": i32(pair_part), "tok_start": i32(np.concatenate([[0], np.cumsum(per_tok)])),
         "num_tokens": num_tokens, "max_pairs": int(npairs.max(initial=0)), "max_parts": int(per_tok.max(initial=0)),
         "chunk": chunk,
+        "batched": 0 < readers < tokens,  # no block that every query token reads: several sessions
     }
     if longest_first:
         _longest_first(host)
