@@ -92,7 +92,7 @@ def _pages(pages) -> np.ndarray:
 WORTH_MERGING = (0.5, 8192)
 
 
-def build_plan(groups: list[QueryGroup], num_tokens: int, chunk: int | Callable[[int, int], int],
+def build_plan(groups: list[QueryGroup], num_tokens: int, chunk: int | Callable[[int, int, int], int],
                page_size: int | None = None, worth: tuple[float, int] = (0.0, 0),
                longest_first: bool = True) -> dict:
     """The plan's arrays (numpy int32), sizes, and whether the pass is batched (no block that
@@ -255,7 +255,7 @@ def aligned_offsets(lengths: list[int]) -> tuple[list[int], int]:
     return offsets, total
 
 
-def plan_attention(groups: list[QueryGroup], num_tokens: int, chunk: int | Callable[[int, int], int],
+def plan_attention(groups: list[QueryGroup], num_tokens: int, chunk: int | Callable[[int, int, int], int],
                    device: torch.device, page_size: int | None = None,
                    worth: tuple[float, int] = WORTH_MERGING, longest_first: bool = True) -> AttentionPlan:
     """A plan of exactly the pass's size, on `device` (one host-to-device copy). Its units are
