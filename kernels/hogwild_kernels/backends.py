@@ -325,7 +325,7 @@ class TritonAttention:
         if self.chunk is not None:
             return self.chunk
         base = self.units_for(device, self.programs_per_sm)
-        short = self.units_for(device, max(self.programs_per_sm, self.short_programs_per_sm))
+        short = self.target_units(device, batched=False)
         batched = self.units_for(device, self.batched_programs_per_sm)
 
         def chunk(total: int, readers: int = 0, tokens: int = 0) -> int:
