@@ -7,7 +7,8 @@ their passes: no host work), the roofline ((weight bytes + the K/V
 the pass reads) / the device's bandwidth from bandwidth.py), and torch.profiler's kernels of
 the last pass's graph replayed, grouped by name. With `--skinny on,off` the decode products run on what the
 engine chose at start (per weight shape, the faster of cuBLAS and the skinny kernel) or on
-cuBLAS alone, side by side in one run (one engine each); `unchained` is `on` with every
+cuBLAS alone, side by side in one run (one engine each); `narrow` keeps passes of more than 16
+rows (several sessions) on cuBLAS; `unchained` is `on` with every
 kernel waiting for the one before to end (no programmatic dependent launches; on Hopper the
 engine chains a layer's kernels and runs every decode product on the skinny kernel).
 `--folds default,none,all,norm,activation,qk_norm+norm` runs each setting with the small
@@ -50,7 +51,7 @@ import common  # noqa: E402
 import scaling_runs  # noqa: E402
 from bandwidth import measure as measure_bandwidth  # noqa: E402
 
-from hogwild_kernels.skinny import PREFETCH_BYTES  # noqa: E402
+from hogwild_kernels.skinny import MAX_ROWS, PREFETCH_BYTES  # noqa: E402
 
 import hogwild_ray as hw  # noqa: E402
 from hogwild_ray.cli.common import at_least  # noqa: E402
@@ -262,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--protocol", action="store_true",
                    help="the workers' protocol on (steps end at paragraphs: relocations, changing views)")
     p.add_argument("--skinny", default="on,off",
-                   help="on, off, unchained (on, without the PDL chain) or several (the decode products' kernel)")
+                   help="on, off, unchained (on, without the PDL chain), narrow (on up to 16 rows: wider passes "
+                        "on cuBLAS) or several (the decode products' kernel)")
     p.add_argument("--folds", default="default",
                    help="default (the engine's), none, all, or FOLDS joined by '+'; several, comma-separated")
     p.add_argument("--prefetch", default="default",
@@ -290,8 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--date", default=common.today())
     args = p.parse_args(argv)
     settings = args.skinny.split(",")
-    if unknown := set(settings) - {"on", "off", "unchained"}:
-        p.error(f"--skinny: unknown setting(s) {sorted(unknown)}; choose from on, off, unchained")
+    if unknown := set(settings) - {"on", "off", "unchained", "narrow"}:
+        p.error(f"--skinny: unknown setting(s) {sorted(unknown)}; choose from on, off, unchained, narrow")
     folds = args.folds.split(",")
     if unknown := {f for fold in folds if fold not in ("default", "none", "all") for f in fold.split("+")} - set(FOLDS):
         p.error(f"--folds: unknown fold(s) {sorted(unknown)}; choose from default, none, all or {', '.join(FOLDS)}")
@@ -319,7 +321,6 @@ def main(argv: list[str] | None = None) -> int:
                                                   **({"page_size": page_size} if page_size else {}))
         engine.decoder.attention.tma_pages = tma
         engine.eos_ids = frozenset()
-        chosen = {f"{n}x{k} rows<={r}": str(c) for (n, k, r), c in engine.decoder.products.items()}
         if setting == "unchained":  # each kernel waits for the one before to end (no PDL chain)
             engine.decoder.set_chained(False)
         engine.decoder.prefetch = {k: v for k, v in prefetch_bytes.items() if k in PRODUCTS}
@@ -328,7 +329,9 @@ def main(argv: list[str] | None = None) -> int:
         if "ahead" in prefetch_bytes:
             engine.decoder.attention.prefetch_ahead = prefetch_bytes["ahead"]
         apply_attention_setting(engine.decoder.attention, knobs)
-        if setting not in ("on", "unchained"):
+        if setting == "narrow":  # passes of more than MAX_ROWS rows on cuBLAS, as before wide row tiles
+            engine.decoder.products = {key: c for key, c in engine.decoder.products.items() if key[2] <= MAX_ROWS}
+        elif setting not in ("on", "unchained"):
             engine.decoder.products = {}
         if fold != "default":
             engine.decoder.folds = {"none": set(), "all": set(FOLDS)}.get(fold) or set(fold.split("+"))
@@ -338,7 +341,8 @@ def main(argv: list[str] | None = None) -> int:
                 engine.executor.prelaunch = ahead == "on"
                 r = {"skinny": setting, "folds": fold, "prefetch": prefetch, "attention": attention,
                      "pages": page_text, "launch_ahead": ahead, **measure(engine, model, w, args, floor.value)}
-                r["products"] = "cuBLAS" if setting == "off" else chosen
+                r["products"] = {f"{n}x{k} rows<={r}": str(c)
+                                 for (n, k, r), c in engine.decoder.products.items()} or "cuBLAS"
                 r["chained"] = engine.decoder.chained
                 rows.append(r)
                 print(f"skinny {setting}, folds {fold}, prefetch {prefetch}, attention {attention}, "

@@ -11,7 +11,9 @@ over the device's bandwidth (bandwidth.py, raised to the fastest product timed h
 `x_floor` is time over floor. Each kernel's
 output is checked against an fp32 product first.
 
-    python benchmarks/skinny_gemm.py --shape qwen3-8b --rows 1,4,8,16
+    python benchmarks/skinny_gemm.py --shape qwen3-8b --rows 1,4,8,16,32,64,128
+
+Passes of more than 16 rows (several sessions) run wide row tiles (skinny.WIDE_CONFIGS).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ def weights_of(shape: str) -> dict[str, tuple[int, int]]:
 
 
 def measure(name: str, n: int, k: int, rows: int, dev) -> list[dict]:
-    from hogwild_kernels.skinny import CONFIGS, pick, skinny_linear
+    from hogwild_kernels.skinny import CONFIGS, MAX_ROWS, WIDE_CONFIGS, pick, skinny_linear
 
     nbytes = n * k * 2
     copies = max(2, min(8, -(-2 * L2_BYTES // nbytes)))
@@ -52,9 +54,11 @@ def measure(name: str, n: int, k: int, rows: int, dev) -> list[dict]:
     ref = x.float() @ ws[0].float().T
     moved = nbytes + rows * (k + n) * 2
     variants = [("cublas", None, lambda w, c: F.linear(x, w))]
-    variants += [("skinny", pick(n, k), lambda w, c: skinny_linear(x, w))]
-    variants += [("skinny", c, lambda w, c=c: skinny_linear(x, w, config=c)) for c in CONFIGS if c != pick(n, k)]
-    out = timed(name, n, k, rows, variants, ws, ref, moved, pick(n, k))
+    configs = CONFIGS if rows <= MAX_ROWS else WIDE_CONFIGS
+    picked = pick(n, k, rows=rows)
+    variants += [("skinny", picked, lambda w, c: skinny_linear(x, w))]
+    variants += [("skinny", c, lambda w, c=c: skinny_linear(x, w, config=c)) for c in configs if c != picked]
+    out = timed(name, n, k, rows, variants, ws, ref, moved, picked)
     if name == "gate_up":  # the MLP's activation too: after the product, or in its epilogue (glu)
         from hogwild_kernels.fused import silu_mul
 
@@ -63,9 +67,9 @@ def measure(name: str, n: int, k: int, rows: int, dev) -> list[dict]:
         variants = [("cublas", None, lambda w, c: silu_mul(F.linear(x, w))),
                     ("skinny", "product, then silu_mul", lambda w, c: silu_mul(skinny_linear(x, w)))]
         variants += [("skinny", c, lambda w, c=c: skinny_linear(x, w, config=c, glu=True))
-                     for c in dict.fromkeys([pick(n, k, glu=True), *CONFIGS])]
+                     for c in dict.fromkeys([pick(n, k, glu=True, rows=rows), *configs])]
         out += timed(f"{name}+act", n, k, rows, variants, ws, act, nbytes + rows * (k + n // 2) * 2,
-                     pick(n, k, glu=True))
+                     pick(n, k, glu=True, rows=rows))
     del ws
     torch.cuda.empty_cache()
     return out
@@ -73,10 +77,17 @@ def measure(name: str, n: int, k: int, rows: int, dev) -> list[dict]:
 
 def timed(name: str, n: int, k: int, rows: int, variants: list, ws: list[torch.Tensor], ref: torch.Tensor,
           moved: int, picked: tuple[int, int, int, int]) -> list[dict]:
-    """Each variant checked against the fp32 reference, then timed over the weights' copies."""
+    """Each variant checked against the fp32 reference, then timed over the weights' copies; a
+    launch shape the GPU cannot hold (shared memory) is left out."""
+    from triton.runtime.errors import OutOfResources
+
     out = []
     for kind, config, fn in variants:
-        got = fn(ws[0], config).float()
+        try:
+            got = fn(ws[0], config).float()
+        except OutOfResources:
+            print(f"{name} rows={rows}: {config} does not fit this GPU, left out")
+            continue
         err = ((got - ref).norm() / ref.norm()).item()
         t = bench([lambda w=w, fn=fn, c=config: fn(w, c) for w in ws], calls=2 * len(ws))
         out.append({"weight": name, "n": n, "k": k, "rows": rows, "kernel": kind,

@@ -113,6 +113,9 @@ def configurations(arch: int) -> list[tuple[str, object]]:
             skinny.skinny_linear(x, weight, chained=chained)
             skinny.skinny_linear(x, torch.zeros(2 * 1024, 4096, dtype=dtype), chained=chained, glu=True)
             skinny.skinny_linear(x, weight, torch.zeros(6144, dtype=dtype), chained=chained)
+            if rows > skinny.MAX_ROWS:  # every wide launch shape the engine may time
+                for config in skinny.WIDE_CANDIDATES:
+                    skinny.skinny_linear(x, weight, config=config, chained=chained)
             if rows <= skinny.NORM_ROWS:
                 skinny.skinny_norm_linear(x, x.clone(), w, 1e-6, weight, chained=chained)
         return label, call
@@ -144,6 +147,9 @@ def configurations(arch: int) -> list[tuple[str, object]]:
         norms_and_products("norms, SiLU and products, 1 row, bf16", torch.bfloat16, 1, False),
         norms_and_products("norms, SiLU and products, 1 row, chained, bf16", torch.bfloat16, 1, True),
         norms_and_products("norms, SiLU and products, 16 rows, chained, fp16", torch.float16, 16, True),
+        norms_and_products("norms, SiLU and products, 128 rows (a wide row tile), bf16", torch.bfloat16, 128, False),
+        norms_and_products("norms, SiLU and products, 128 rows (a wide row tile), chained, bf16", torch.bfloat16, 128,
+                           True),
         ("sampling noise", sampling),
     ]
     return [(label, call) for label, call in every if arch >= 90 or not ("chained" in label or "Hopper" in label)]

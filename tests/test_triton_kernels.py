@@ -662,6 +662,8 @@ SKINNY_DTYPES = [torch.float16] + ([torch.bfloat16] if DEVICE.type == "cuda" els
     (1, 48, 512, False, (16, 256, 4, 2)),  # one worker, whole K blocks
     (5, 40, 768, True, (16, 512, 4, 2)),  # a ragged last strip and a ragged last K block, with a bias
     (16, 64, 256, False, (32, 256, 4, 3)),  # a full tile of rows
+    (40, 80, 192, True, (32, 64, 4, 2)),  # several sessions' rows: a wide row tile (64), ragged strips and K
+    (128, 128, 128, False, (64, 64, 4, 2)),  # the widest row tile, full
 ])
 def test_skinny_products_match_an_fp32_product(dtype, rows, n, k, bias, config):
     """The decode products' kernel: every output element written, within half-precision rounding
@@ -699,7 +701,9 @@ def test_skinny_products_match_an_fp32_product(dtype, rows, n, k, bias, config):
         assert torch.equal(skinny_linear(x, w, b, config=config, chained=True, glu=True), glu)
     with pytest.raises(ValueError, match="even row count"):
         skinny_linear(x, w[1:], glu=True)
-    assert not supported(torch.randn(17, k).to(DEVICE, dtype), w)  # more rows than a tile: cuBLAS
+    from hogwild_kernels.skinny import WIDE_ROWS
+
+    assert not supported(torch.randn(WIDE_ROWS + 1, k).to(DEVICE, dtype), w)  # more rows than a wide tile: cuBLAS
     assert not supported(x.float(), w.float())  # fp32 stays exact on cuBLAS
 
 
@@ -767,6 +771,59 @@ def test_the_mlp_products_stay_on_the_skinny_kernel_with_or_without_the_activati
         skinny.skinny_linear = real
     assert calls == [((64, 32), None, True) if folds else ((64, 32), config, False)]  # folded: the epilogue's shape
     assert torch.equal(got, silu_mul(real(x, w, config=config)))
+
+
+def test_products_time_and_tile_rows_by_powers_of_two():
+    """A pass's rows: timed as one row up to FEW_ROWS, else as its row tile (16, then the power
+    of two above, up to WIDE_ROWS), so that a wide pass runs the launch shape timed for its tile."""
+    from hogwild_kernels.skinny import BUCKETS, FEW_ROWS, MAX_ROWS, WIDE_CANDIDATES, WIDE_ROWS, bucket, pick, row_tile
+
+    assert [row_tile(r) for r in (1, 16, 17, 32, 33, 64, 65, 128)] == [16, 16, 32, 32, 64, 64, 128, 128]
+    assert [bucket(r) for r in (1, FEW_ROWS, FEW_ROWS + 1, 16, 17, 40, 100, WIDE_ROWS)] == [1, 1, 16, 16, 32, 64,
+                                                                                            128, 128]
+    assert {bucket(r) for r in range(1, WIDE_ROWS + 1)} == set(BUCKETS)
+    assert pick(4096, 4096, rows=MAX_ROWS) == pick(4096, 4096) != pick(4096, 4096, rows=MAX_ROWS + 1)
+    assert pick(4096, 4096, rows=128) == WIDE_CANDIDATES[0] and pick(4096, 4096, True, 128)[2:] == (8, 3)
+
+
+@pytest.mark.parametrize("chained", [False, True])
+def test_wide_passes_take_the_skinny_kernel_only_where_it_was_chosen(chained):
+    """Passes of more than MAX_ROWS rows (several sessions) run a product on the skinny kernel
+    only where a wide launch shape beat cuBLAS at start, chained or not; a few rows chained
+    always join the chain."""
+    from hogwild_kernels import skinny
+
+    import hogwild_ray as hw
+
+    engine = hw.HogwildEngine.from_pretrained("random:tiny", DEVICE.type, "float32", cache_tokens=512,
+                                              attention="triton")
+    decoder = engine.runner.decoder
+    g = torch.Generator().manual_seed(4)
+    w = (torch.randn(64, 32, generator=g) / 6).to(DEVICE, torch.float16)
+    wide = (2 * torch.randn(40, 32, generator=g)).to(DEVICE, torch.float16)
+    few = wide[:3].contiguous()
+    decoder.chained = chained  # the routing only: the launches below run unchained on any device
+    calls = []
+    real = skinny.skinny_linear
+
+    def spy(x, weight, bias=None, config=None, chained=False, glu=False, prefetch=0):
+        calls.append((x.shape[0], config))
+        return real(x, weight, bias, config=config, glu=glu, prefetch=prefetch)
+
+    skinny.skinny_linear = spy
+    try:
+        decoder.products = {(64, 32, 1): None, (64, 32, 64): None}  # cuBLAS was as fast for both
+        ref = torch.nn.functional.linear(wide, w)
+        assert torch.equal(decoder._linear(wide, w), ref) and calls == []
+        decoder._linear(few, w)
+        assert calls == ([(3, None)] if chained else [])
+        calls.clear()
+        decoder.products = {(64, 32, 1): None, (64, 32, 64): (32, 32, 4, 2)}  # a wide tile won
+        got = decoder._linear(wide, w)
+        assert calls == [(40, (32, 32, 4, 2))]
+        assert ((got.float() - ref.float()).norm() / ref.float().norm()).item() < 4e-3
+    finally:
+        skinny.skinny_linear = real
 
 
 def test_row_tiles_split_rows_just_past_a_power_of_two():

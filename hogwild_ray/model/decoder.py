@@ -99,11 +99,12 @@ class Decoder:
         of the product: fused.silu_mul after it, or, folded ("activation" in folds), in the skinny
         kernel's epilogue. name: the product's, for its prefetch (self.prefetch)."""
         if self.products:
-            from hogwild_kernels.skinny import bucket, skinny_linear, supported
+            from hogwild_kernels.skinny import MAX_ROWS, bucket, skinny_linear, supported
 
             if supported(x, weight):
                 config = self.products.get((*weight.shape, bucket(x.shape[0])))
-                if config is not None or self.chained:
+                # chained, a few rows join the chain; a wide row tile only where it beat cuBLAS
+                if config is not None or (self.chained and x.shape[0] <= MAX_ROWS):
                     fold = glu and "activation" in self.folds  # then the epilogue's own launch shape
                     out = skinny_linear(x, weight, bias, config=None if fold else config, chained=self.chained,
                                         glu=fold, prefetch=self.prefetch.get(name, 0))

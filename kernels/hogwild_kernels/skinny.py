@@ -13,15 +13,23 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from .fused import inv_rms, rms_scaled
 from .pdl import chain_start, launch, prefetch_l2
 
-MAX_ROWS = 16  # one tensor-core tile of rows; larger passes go to cuBLAS
+MAX_ROWS = 16  # one tensor-core tile of rows: a pass of up to this many workers
+# passes of several sessions (17 to WIDE_ROWS rows) take a row tile of 32, 64 or 128 (row_tile); the
+# engine puts them on this kernel only where a launch shape of WIDE_CANDIDATES beat cuBLAS at start
+WIDE_ROWS = 128
 # (BLOCK_N, BLOCK_K, num_warps, num_stages): few strips per SM, each with ~64 KB in flight. The
 # engine times CANDIDATES at start; benchmarks/skinny_gemm.py sweeps all of CONFIGS.
 CANDIDATES = [(32, 256, 4, 4), (32, 512, 4, 3), (64, 256, 4, 3)]
 CONFIGS = CANDIDATES + [(16, 512, 4, 4), (16, 256, 4, 6)]
+# wide row tiles: wider strips, so that each program's rows (re-read from the L2 cache by every
+# strip) cost fewer bytes a weight byte, and shorter K steps, so that the stages fit in shared memory
+WIDE_CANDIDATES = [(64, 64, 4, 4), (64, 128, 8, 3), (128, 64, 8, 2)]
+WIDE_CONFIGS = WIDE_CANDIDATES + [(32, 128, 4, 4), (64, 64, 4, 3), (128, 128, 8, 3), (32, 64, 4, 4)]
 LONG_K = 8192  # rows longer than this take 512-wide K steps when no launch shape was timed (pick)
 
 
@@ -116,8 +124,8 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, stride_xm, stride_wn, str
 
 
 def supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Half-precision rows (the tensor cores' inputs) of at most MAX_ROWS, contiguous weights."""
-    return (x.dim() == 2 and 0 < x.shape[0] <= MAX_ROWS and x.dtype in (torch.bfloat16, torch.float16)
+    """Half-precision rows (the tensor cores' inputs) of at most WIDE_ROWS, contiguous weights."""
+    return (x.dim() == 2 and 0 < x.shape[0] <= WIDE_ROWS and x.dtype in (torch.bfloat16, torch.float16)
             and weight.dtype == x.dtype and weight.is_contiguous() and x.stride(-1) == 1
             and x.shape[1] == weight.shape[-1])
 
@@ -125,7 +133,7 @@ def supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                   config: tuple[int, int, int, int] | None = None, chained: bool = False,
                   glu: bool = False, prefetch: int = 0) -> torch.Tensor:
-    """F.linear(x, weight, bias) for x of at most MAX_ROWS rows: [M, K] @ [N, K]^T -> [M, N].
+    """F.linear(x, weight, bias) for x of at most WIDE_ROWS rows: [M, K] @ [N, K]^T -> [M, N].
     chained: launched as a programmatic dependent of the kernel before it (pdl.py). glu: the
     weight is [gate; up] (N even) and the result fused.silu_mul of the product, [M, N / 2].
     prefetch: bytes of each weight row a chained launch asks the L2 cache for before its wait
@@ -170,12 +178,12 @@ def _product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         raise ValueError(f"prefetch takes a count of bytes, 0 or more; got {prefetch}")
     if glu and n % 2:
         raise ValueError(f"glu takes a [gate; up] weight of an even row count; got {n} rows")
-    block_n, block_k, warps, stages = config or pick(n, k, glu)
+    block_n, block_k, warps, stages = config or pick(n, k, glu, m)
     out_n = n // 2 if glu else n
     out = torch.empty(m, out_n, dtype=x.dtype, device=x.device)
     _skinny_kernel[(triton.cdiv(out_n, block_n),)](
         x, weight, bias if bias is not None else weight, out, m, out_n, x.stride(0), weight.stride(0), out.stride(0),
-        K=k, BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0,
+        K=k, BLOCK_M=row_tile(m), BLOCK_N=block_n, BLOCK_K=block_k, HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0,
         CHAINED=chained, PREFETCH=_prefetch_lines(k, weight.element_size(), prefetch) if chained else 0, GLU=glu,
         num_warps=warps, num_stages=stages, **prologue, **launch(chained))
     return out
@@ -195,14 +203,24 @@ def _prefetch_lines(k: int, element_size: int, nbytes: int = 0) -> int:
     return 1 << (lines.bit_length() - 1) if lines else 0
 
 
-def pick(n: int, k: int, glu: bool = False) -> tuple[int, int, int, int]:
+def row_tile(rows: int) -> int:
+    """The rows a program multiplies at once: MAX_ROWS, or the power of two above `rows`."""
+    return max(MAX_ROWS, triton.next_power_of_2(rows))
+
+
+def pick(n: int, k: int, glu: bool = False, rows: int = 1) -> tuple[int, int, int, int]:
     """A launch shape for an [n, k] weight when none was measured: strips of 32 rows (64 for
     the LM head's long vocab), 256-wide K steps, four loads in flight (best or near it for
     every Qwen3-8B weight on an H200, benchmarks/skinny_gemm.py); rows longer than LONG_K
     (the MLP's down projection) in 512-wide steps, three in flight: the fastest of
     skinny.CONFIGS for it in a chained pass (benchmarks/product_chain.py --sweep, H100). glu
     (two strips a step): three loads in flight, within 2% of four alone (skinny_gemm's
-    gate_up+act rows, H100) with a quarter less shared memory a program."""
+    gate_up+act rows, H100) with a quarter less shared memory a program. Wide row tiles (more
+    than MAX_ROWS rows): the first of WIDE_CANDIDATES; for glu (two accumulators) with eight warps
+    and three loads in flight (four warps spill registers on an A100)."""
+    if rows > MAX_ROWS:
+        block_n, block_k, warps, stages = WIDE_CANDIDATES[0]
+        return (block_n, block_k, 8, 3) if glu else (block_n, block_k, warps, stages)
     if glu:
         return (32, 256, 4, 3)
     if n > 65536:
@@ -210,11 +228,13 @@ def pick(n: int, k: int, glu: bool = False) -> tuple[int, int, int, int]:
     return (32, 512, 4, 3) if k > LONG_K else (32, 256, 4, 4)
 
 
-FEW_ROWS = 4  # passes of up to this many rows are timed as one row, larger ones as MAX_ROWS
+FEW_ROWS = 4  # passes of up to this many rows are timed as one row, larger ones as their row tile
+BUCKETS = (1, MAX_ROWS, 32, 64, WIDE_ROWS)  # the row counts choose times
 
 
 def bucket(rows: int) -> int:
-    return 1 if rows <= FEW_ROWS else MAX_ROWS
+    """The row count a pass of `rows` is timed as (one of BUCKETS)."""
+    return 1 if rows <= FEW_ROWS else row_tile(rows)
 
 
 def by_shape(layers, extra: tuple[torch.Tensor, ...] = (), copies: int = 4
@@ -233,29 +253,36 @@ def by_shape(layers, extra: tuple[torch.Tensor, ...] = (), copies: int = 4
     return out
 
 
-def choose(weights: dict[tuple[int, int], list[torch.Tensor]], repeats: int = 3
+def choose(weights: dict[tuple[int, int], list[torch.Tensor]], repeats: int = 3, max_rows: int = WIDE_ROWS
            ) -> dict[tuple[int, int, int], tuple[int, int, int, int] | None]:
-    """For each weight shape [n, k] and row bucket: the fastest of cuBLAS (None) and each launch
-    shape in CANDIDATES, timed on this GPU with CUDA events over that shape's weights in turn
-    (several layers' copies: read from memory, not the L2 cache). Once per engine, before any
-    graph is captured; cuBLAS wins where it is as fast, so nothing gets slower."""
+    """For each weight shape [n, k] and row bucket (BUCKETS up to `max_rows`): the fastest of
+    cuBLAS (None) and each launch shape in CANDIDATES (WIDE_CANDIDATES for wide row tiles), timed
+    on this GPU with CUDA events over that shape's weights in turn (several layers' copies: read
+    from memory, not the L2 cache). Once per engine, before any graph is captured; cuBLAS wins
+    where it is as fast, so nothing gets slower; a launch shape the GPU cannot hold (its shared
+    memory) is left out."""
     import torch.nn.functional as F
 
     out: dict[tuple[int, int, int], tuple[int, int, int, int] | None] = {}
     for (n, k), ws in weights.items():
-        for rows in (1, MAX_ROWS):
+        for rows in (r for r in BUCKETS if r <= max(1, max_rows)):
             x = torch.randn(rows, k, dtype=ws[0].dtype, device=ws[0].device)
             runs = {None: lambda w: F.linear(x, w)}
-            runs.update({c: (lambda w, c=c: skinny_linear(x, w, config=c)) for c in CANDIDATES})
-            best = {c: _seconds(fn, ws, repeats) for c, fn in runs.items()}
+            runs.update({c: (lambda w, c=c: skinny_linear(x, w, config=c))
+                         for c in (CANDIDATES if rows <= MAX_ROWS else WIDE_CANDIDATES)})
+            best = {c: t for c, fn in runs.items() if (t := _seconds(fn, ws, repeats)) is not None}
             fastest = min(best, key=lambda c: best[c])
             out[(n, k, rows)] = fastest if best[fastest] < 0.97 * best[None] else None
     return out
 
 
-def _seconds(fn, ws: list[torch.Tensor], repeats: int) -> float:
-    for w in ws:
-        fn(w)  # compiles on first use
+def _seconds(fn, ws: list[torch.Tensor], repeats: int) -> float | None:
+    """fn's time over ws, best of repeats; None where its kernel does not fit this GPU."""
+    try:
+        for w in ws:
+            fn(w)  # compiles on first use
+    except OutOfResources:
+        return None
     times = []
     for _ in range(repeats):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
