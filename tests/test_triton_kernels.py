@@ -740,6 +740,17 @@ def test_a_product_takes_the_norm_before_it_in_its_loads(dtype, rows, n, k, delt
         skinny_norm_linear(many, None, nw, 1e-6, w)
 
 
+def _triton_decoder_and_weight(seed: int):
+    """A tiny engine's decoder (Triton attention, so its products may take the skinny kernel), a
+    generator and a [64, 32] half-precision weight drawn from it."""
+    import hogwild_ray as hw
+
+    engine = hw.HogwildEngine.from_pretrained("random:tiny", DEVICE.type, "float32", cache_tokens=512,
+                                              attention="triton")
+    g = torch.Generator().manual_seed(seed)
+    return engine.runner.decoder, g, (torch.randn(64, 32, generator=g) / 6).to(DEVICE, torch.float16)
+
+
 @pytest.mark.parametrize("folds", [set(), {"activation"}])
 def test_the_mlp_products_stay_on_the_skinny_kernel_with_or_without_the_activation_fold(folds):
     """The MLP's gate/up product on the skinny kernel (a decode pass's few half-precision rows):
@@ -747,13 +758,7 @@ def test_the_mlp_products_stay_on_the_skinny_kernel_with_or_without_the_activati
     from hogwild_kernels import skinny
     from hogwild_kernels.fused import silu_mul
 
-    import hogwild_ray as hw
-
-    engine = hw.HogwildEngine.from_pretrained("random:tiny", DEVICE.type, "float32", cache_tokens=512,
-                                              attention="triton")
-    decoder = engine.runner.decoder
-    g = torch.Generator().manual_seed(3)
-    w = (torch.randn(64, 32, generator=g) / 6).to(DEVICE, torch.float16)
+    decoder, g, w = _triton_decoder_and_weight(3)
     x = (2 * torch.randn(2, 32, generator=g)).to(DEVICE, torch.float16)
     config = (16, 32, 4, 2)
     decoder.products, decoder.folds = {(64, 32, 1): config}, folds
@@ -793,13 +798,7 @@ def test_wide_passes_take_the_skinny_kernel_only_where_it_was_chosen(chained):
     always join the chain."""
     from hogwild_kernels import skinny
 
-    import hogwild_ray as hw
-
-    engine = hw.HogwildEngine.from_pretrained("random:tiny", DEVICE.type, "float32", cache_tokens=512,
-                                              attention="triton")
-    decoder = engine.runner.decoder
-    g = torch.Generator().manual_seed(4)
-    w = (torch.randn(64, 32, generator=g) / 6).to(DEVICE, torch.float16)
+    decoder, g, w = _triton_decoder_and_weight(4)
     wide = (2 * torch.randn(40, 32, generator=g)).to(DEVICE, torch.float16)
     few = wide[:3].contiguous()
     decoder.chained = chained  # the routing only: the launches below run unchained on any device
