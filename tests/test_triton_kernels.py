@@ -664,8 +664,6 @@ SKINNY_DTYPES = [torch.float16] + ([torch.bfloat16] if DEVICE.type == "cuda" els
     (16, 64, 256, False, (32, 256, 4, 3)),  # a full tile of rows
     (40, 80, 192, True, (32, 64, 4, 2)),  # several sessions' rows: a wide row tile (64), ragged strips and K
     (128, 128, 128, False, (64, 64, 4, 2)),  # the widest row tile, full
-    (40, 96, 320, True, (64, 64, 4, 2, 2)),  # K in two parts: 192 and a ragged 128, added by the last
-    (128, 128, 256, False, (64, 32, 4, 2, 4)),  # four parts
 ])
 def test_skinny_products_match_an_fp32_product(dtype, rows, n, k, bias, config):
     """The decode products' kernel: every output element written, within half-precision rounding
@@ -705,12 +703,6 @@ def test_skinny_products_match_an_fp32_product(dtype, rows, n, k, bias, config):
         skinny_linear(x, w[1:], glu=True)
     from hogwild_kernels.skinny import WIDE_ROWS
 
-    if len(config) > 4:  # K split: the same bits again (the counts left at zero), from a buffer of one's own
-        counts = torch.zeros(64, dtype=torch.int32, device=DEVICE)
-        assert torch.equal(skinny_linear(x, w, b, config=config), got)
-        assert torch.equal(skinny_linear(x, w, b, config=config, counts=counts), got) and not counts.any()
-        with pytest.raises(ValueError, match="int32 counts"):
-            skinny_linear(x, w, b, config=config, counts=counts[:1])
     assert not supported(torch.randn(WIDE_ROWS + 1, k).to(DEVICE, dtype), w)  # more rows than a wide tile: cuBLAS
     assert not supported(x.float(), w.float())  # fp32 stays exact on cuBLAS
 
@@ -746,8 +738,6 @@ def test_a_product_takes_the_norm_before_it_in_its_loads(dtype, rows, n, k, delt
     assert normed_supported(x, w) and not normed_supported(many, w)
     with pytest.raises(ValueError, match="at most"):
         skinny_norm_linear(many, None, nw, 1e-6, w)
-    with pytest.raises(ValueError, match="takes K whole"):
-        skinny_norm_linear(x, d, nw, 1e-6, w, config=(*config, 2))
 
 
 def _triton_decoder_and_weight(seed: int):
@@ -775,7 +765,7 @@ def test_the_mlp_products_stay_on_the_skinny_kernel_with_or_without_the_activati
     calls = []
     real = skinny.skinny_linear
 
-    def spy(x, weight, bias=None, config=None, chained=False, glu=False, prefetch=0, counts=None):
+    def spy(x, weight, bias=None, config=None, chained=False, glu=False, prefetch=0):
         calls.append((tuple(weight.shape), config, glu))
         return real(x, weight, bias, config=config, chained=chained, glu=glu, prefetch=prefetch)
 
@@ -815,7 +805,7 @@ def test_wide_passes_take_the_skinny_kernel_only_where_it_was_chosen(chained):
     calls = []
     real = skinny.skinny_linear
 
-    def spy(x, weight, bias=None, config=None, chained=False, glu=False, prefetch=0, counts=None):
+    def spy(x, weight, bias=None, config=None, chained=False, glu=False, prefetch=0):
         calls.append((x.shape[0], config))
         return real(x, weight, bias, config=config, glu=glu, prefetch=prefetch)
 

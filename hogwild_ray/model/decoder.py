@@ -64,15 +64,12 @@ class Decoder:
         # shape, on whichever of cuBLAS and the skinny kernel was faster on this GPU at start
         # (cuBLAS splits some of them over K and adds a reduction kernel)
         self.products: dict = {}
-        self.split_counts: torch.Tensor | None = None
         # small kernels folded into their neighbours (FOLDS): none by default
         self.folds: set[str] = set()
         if self.fused and weights.embed.is_cuda and weights.embed.dtype in (torch.bfloat16, torch.float16):
-            from hogwild_kernels.skinny import COUNTS, choose
+            from hogwild_kernels.skinny import choose
 
             self.products = choose(self._weights_by_shape())
-            # arrival counts of the products that split K (wide passes), this engine's own
-            self.split_counts = torch.zeros(COUNTS, dtype=torch.int32, device=weights.embed.device)
         # tensor-parallel shards launch as before: their all-reduces run on NCCL's own stream, and
         # the chain was not checked across them
         self.chained = False
@@ -110,8 +107,7 @@ class Decoder:
                 if config is not None or (self.chained and x.shape[0] <= MAX_ROWS):
                     fold = glu and "activation" in self.folds  # then the epilogue's own launch shape
                     out = skinny_linear(x, weight, bias, config=None if fold else config, chained=self.chained,
-                                        glu=fold, prefetch=self.prefetch.get(name, 0),
-                                        counts=self.split_counts)
+                                        glu=fold, prefetch=self.prefetch.get(name, 0))
                     return self._activation(out) if glu and not fold else out
         out = F.linear(x, weight, bias)
         return self._activation(out) if glu else out

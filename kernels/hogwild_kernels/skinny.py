@@ -27,12 +27,9 @@ WIDE_ROWS = 128
 CANDIDATES = [(32, 256, 4, 4), (32, 512, 4, 3), (64, 256, 4, 3)]
 CONFIGS = CANDIDATES + [(16, 512, 4, 4), (16, 256, 4, 6)]
 # wide row tiles: wider strips, so that each program's rows (re-read from the L2 cache by every
-# strip) cost fewer bytes a weight byte, and shorter K steps, so that the stages fit in shared memory;
-# a fifth entry splits K in that many parts (more programs where strips are few and wide)
-WIDE_CANDIDATES = [(64, 64, 4, 4), (128, 64, 8, 2), (128, 64, 8, 2, 2), (128, 64, 8, 2, 4)]
-WIDE_CONFIGS = WIDE_CANDIDATES + [(64, 128, 8, 3), (32, 128, 4, 4), (64, 64, 4, 4, 2), (128, 64, 8, 3, 4),
-                                  (128, 128, 8, 2, 4), (64, 64, 4, 3)]
-COUNTS = 8192  # split products' arrival counts an engine holds: one a strip
+# strip) cost fewer bytes a weight byte, and shorter K steps, so that the stages fit in shared memory
+WIDE_CANDIDATES = [(64, 64, 4, 4), (64, 128, 8, 3), (128, 64, 8, 2)]
+WIDE_CONFIGS = WIDE_CANDIDATES + [(32, 128, 4, 4), (64, 64, 4, 3), (128, 128, 8, 3), (32, 64, 4, 4)]
 LONG_K = 8192  # rows longer than this take 512-wide K steps when no launch shape was timed (pick)
 
 
@@ -50,8 +47,7 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, stride_xm, stride_wn, str
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, CHAINED: tl.constexpr, PREFETCH: tl.constexpr,
                    d_ptr=None, nw_ptr=None, sum_ptr=None, eps=0.0, NORM_ROWS: tl.constexpr = 0,
-                   KP: tl.constexpr = 1, HAS_DELTA: tl.constexpr = False, GLU: tl.constexpr = False,
-                   ws_ptr=None, counts_ptr=None, SPLIT: tl.constexpr = 1, KS: tl.constexpr = 0):
+                   KP: tl.constexpr = 1, HAS_DELTA: tl.constexpr = False, GLU: tl.constexpr = False):
     """CHAINED: a programmatic dependent (pdl.py); while the kernel before it runs, the strip's
     first PREFETCH 128-byte lines of each row are requested into the L2 cache (weights: no
     kernel writes them). NORM_ROWS > 0 (M <= NORM_ROWS): the input is the RMSNorm of x
@@ -59,10 +55,8 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, stride_xm, stride_wn, str
     the norm's weight, each row's statistic taken over the whole row (KP wide) as
     fused.add_rms_norm takes it. GLU: the weight is [gate; up] (2N rows), each program
     multiplies a strip of both and stores SiLU(gate) * up, N wide (the MLP's activation in
-    the gate/up product's epilogue). SPLIT > 1: program (strip, part) multiplies the part-th
-    KS-long stretch of K (see _split_finish)."""
+    the gate/up product's epilogue)."""
     pid = tl.program_id(0)
-    k_base = tl.program_id(1) * KS if SPLIT > 1 else 0
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     if PREFETCH > 0:
         line = tl.arange(0, PREFETCH) * (1024 // w_ptr.dtype.element_ty.primitive_bitwidth)  # elements a line
@@ -74,8 +68,8 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, stride_xm, stride_wn, str
     rk = tl.arange(0, BLOCK_K)
     n_ok = rn < N
     m_ok = rm < M
-    w_ptrs = w_ptr + rn[:, None] * stride_wn + (k_base + rk)[None, :]
-    x_ptrs = x_ptr + rm[:, None] * stride_xm + (k_base + rk)[None, :]
+    w_ptrs = w_ptr + rn[:, None] * stride_wn + rk[None, :]
+    x_ptrs = x_ptr + rm[:, None] * stride_xm + rk[None, :]
     inv = tl.zeros([BLOCK_M], dtype=tl.float32)
     if NORM_ROWS > 0:
         d_ptrs = d_ptr + rm[:, None] * stride_xm + rk[None, :]
@@ -92,7 +86,7 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, stride_xm, stride_wn, str
             inv = tl.where(rm == r, inv_rms(xr, K, eps), inv)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, KS if SPLIT > 1 else K, BLOCK_K):
+    for k0 in range(0, K, BLOCK_K):
         if EVEN_K:
             w = tl.load(w_ptrs, mask=n_ok[:, None], other=0.0)
             if GLU:
@@ -102,7 +96,7 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, stride_xm, stride_wn, str
             else:
                 x = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)
         else:
-            k_ok = (k_base + k0 + rk) < K
+            k_ok = (k0 + rk) < K
             w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
             if GLU:
                 w_up = tl.load(w_ptrs + N * stride_wn, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
@@ -118,16 +112,6 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, stride_xm, stride_wn, str
         if NORM_ROWS > 0:
             d_ptrs += BLOCK_K
             nw_ptrs += BLOCK_K
-    if SPLIT > 1:
-        _split_finish(acc, up, pid, rm, rn, m_ok, n_ok, M, N, b_ptr, out_ptr, stride_om, ws_ptr, counts_ptr,
-                      HAS_BIAS, GLU, SPLIT)
-    else:
-        _epilogue(acc, up, rm, rn, m_ok, n_ok, N, b_ptr, out_ptr, stride_om, HAS_BIAS, GLU)
-
-
-@triton.jit
-def _epilogue(acc, up, rm, rn, m_ok, n_ok, N, b_ptr, out_ptr, stride_om, HAS_BIAS: tl.constexpr, GLU: tl.constexpr):
-    """The bias, the activation (GLU) and the one rounding to the output's type."""
     ty = out_ptr.dtype.element_ty
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -139,35 +123,6 @@ def _epilogue(acc, up, rm, rn, m_ok, n_ok, N, b_ptr, out_ptr, stride_om, HAS_BIA
     tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], acc.to(ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-@triton.jit
-def _split_finish(acc, up, pid, rm, rn, m_ok, n_ok, M, N, b_ptr, out_ptr, stride_om, ws_ptr, counts_ptr,
-                  HAS_BIAS: tl.constexpr, GLU: tl.constexpr, SPLIT: tl.constexpr):
-    """K split in SPLIT parts: each program stores its fp32 sums at ws[part] and counts itself in
-    at counts[strip] (after a CTA barrier, an acquire-release atomic at GPU scope, so every
-    thread's stores are ordered before it); the program that counts the last part adds the
-    parts in their order (the same bits whichever finishes last), sets the count back to 0 for
-    the next launch and runs the epilogue."""
-    part = tl.program_id(1)
-    mask = m_ok[:, None] & n_ok[None, :]
-    offs = rm[:, None] * N + rn[None, :]
-    tl.store(ws_ptr + part * M * N + offs, acc, mask=mask)
-    if GLU:
-        tl.store(ws_ptr + (SPLIT + part) * M * N + offs, up, mask=mask)
-    tl.debug_barrier()  # every thread's sums stored before the part is counted in
-    seen = tl.atomic_add(counts_ptr + pid, 1, sem="acq_rel", scope="gpu")
-    tl.debug_barrier()  # the acquiring thread's view before any thread reads the other parts
-    if seen == SPLIT - 1:
-        acc = tl.load(ws_ptr + offs, mask=mask, other=0.0)
-        for p in tl.static_range(1, SPLIT):
-            acc += tl.load(ws_ptr + p * M * N + offs, mask=mask, other=0.0)
-        if GLU:
-            up = tl.load(ws_ptr + SPLIT * M * N + offs, mask=mask, other=0.0)
-            for p in tl.static_range(1, SPLIT):
-                up += tl.load(ws_ptr + (SPLIT + p) * M * N + offs, mask=mask, other=0.0)
-        tl.store(counts_ptr + pid, 0)
-        _epilogue(acc, up, rm, rn, m_ok, n_ok, N, b_ptr, out_ptr, stride_om, HAS_BIAS, GLU)
-
-
 def supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Half-precision rows (the tensor cores' inputs) of at most WIDE_ROWS, contiguous weights."""
     return (x.dim() == 2 and 0 < x.shape[0] <= WIDE_ROWS and x.dtype in (torch.bfloat16, torch.float16)
@@ -176,18 +131,16 @@ def supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                  config: tuple[int, ...] | None = None, chained: bool = False,
-                  glu: bool = False, prefetch: int = 0, counts: torch.Tensor | None = None) -> torch.Tensor:
+                  config: tuple[int, int, int, int] | None = None, chained: bool = False,
+                  glu: bool = False, prefetch: int = 0) -> torch.Tensor:
     """F.linear(x, weight, bias) for x of at most WIDE_ROWS rows: [M, K] @ [N, K]^T -> [M, N].
     chained: launched as a programmatic dependent of the kernel before it (pdl.py). glu: the
     weight is [gate; up] (N even) and the result fused.silu_mul of the product, [M, N / 2].
     prefetch: bytes of each weight row a chained launch asks the L2 cache for before its wait
-    (0: PREFETCH_BYTES; under 128: none). config: (BLOCK_N, BLOCK_K, warps, stages), and K's
-    parts (SPLIT, default 1: the last to finish adds them, counting in at `counts`, zeroed int32,
-    one a strip, which it leaves zeroed; None: this device's shared buffer)."""
+    (0: PREFETCH_BYTES; under 128: none)."""
     if x.shape[1] != weight.shape[1]:
         raise ValueError(f"rows of width {x.shape[1]} for a weight of width {weight.shape[1]}")
-    return _product(x, weight, bias, config, chained, glu, prefetch, counts)
+    return _product(x, weight, bias, config, chained, glu, prefetch)
 
 
 NORM_ROWS = 4  # a product takes the norm before it in its loads for passes of up to this many rows
@@ -217,47 +170,23 @@ def skinny_norm_linear(x: torch.Tensor, delta: torch.Tensor | None, norm_weight:
 
 
 def _product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-             config: tuple[int, ...] | None, chained: bool, glu: bool, prefetch: int,
-             counts: torch.Tensor | None = None, **prologue) -> torch.Tensor:
-    """Launches _skinny_kernel over the output's strips (and K's parts where the launch shape
-    splits it); prologue: the input's own arguments."""
+             config: tuple[int, int, int, int] | None, chained: bool, glu: bool, prefetch: int,
+             **prologue) -> torch.Tensor:
+    """Launches _skinny_kernel over the output's strips; prologue: the input's own arguments."""
     m, k, n = x.shape[0], weight.shape[1], weight.shape[0]
     if prefetch < 0:
         raise ValueError(f"prefetch takes a count of bytes, 0 or more; got {prefetch}")
     if glu and n % 2:
         raise ValueError(f"glu takes a [gate; up] weight of an even row count; got {n} rows")
-    block_n, block_k, warps, stages, *rest = config or pick(n, k, glu, m)
+    block_n, block_k, warps, stages = config or pick(n, k, glu, m)
     out_n = n // 2 if glu else n
-    strips, split = triton.cdiv(out_n, block_n), (rest[0] if rest else 1)
     out = torch.empty(m, out_n, dtype=x.dtype, device=x.device)
-    ks = triton.cdiv(triton.cdiv(k, split), block_k) * block_k  # each part's stretch of K
-    if split > 1:
-        if prologue:
-            raise ValueError(f"a product with the norm in its loads takes K whole; got a split of {split}")
-        counts = _counts(x.device) if counts is None else counts
-        if counts.numel() < strips or counts.dtype != torch.int32:
-            raise ValueError(f"a K split of {split} over {strips} strips needs as many int32 counts (zeros); "
-                             f"got {counts.numel()} of {counts.dtype}")
-        prologue = {"ws_ptr": torch.empty((2 if glu else 1) * split * m * out_n, dtype=torch.float32,
-                                          device=x.device), "counts_ptr": counts, "SPLIT": split, "KS": ks}
-    _skinny_kernel[(strips, split)](
+    _skinny_kernel[(triton.cdiv(out_n, block_n),)](
         x, weight, bias if bias is not None else weight, out, m, out_n, x.stride(0), weight.stride(0), out.stride(0),
-        K=k, BLOCK_M=row_tile(m), BLOCK_N=block_n, BLOCK_K=block_k, HAS_BIAS=bias is not None,
-        EVEN_K=k % block_k == 0 and k % ks == 0, CHAINED=chained,
-        PREFETCH=_prefetch_lines(k, weight.element_size(), prefetch) if chained else 0, GLU=glu,
+        K=k, BLOCK_M=row_tile(m), BLOCK_N=block_n, BLOCK_K=block_k, HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0,
+        CHAINED=chained, PREFETCH=_prefetch_lines(k, weight.element_size(), prefetch) if chained else 0, GLU=glu,
         num_warps=warps, num_stages=stages, **prologue, **launch(chained))
     return out
-
-
-_COUNTS: dict[torch.device, torch.Tensor] = {}
-
-
-def _counts(device: torch.device) -> torch.Tensor:
-    """Split products' arrival counts for calls that bring none: one zeroed buffer a device (each
-    launch leaves it at zero), for launches on one stream at a time; an engine passes its own."""
-    if device not in _COUNTS:
-        _COUNTS[device] = torch.zeros(COUNTS, dtype=torch.int32, device=device)
-    return _COUNTS[device]
 
 
 # of each weight row, requested while the kernel before runs (chained). On an H200 a decode pass
