@@ -28,8 +28,8 @@ CANDIDATES = [(32, 256, 4, 4), (32, 512, 4, 3), (64, 256, 4, 3)]
 CONFIGS = CANDIDATES + [(16, 512, 4, 4), (16, 256, 4, 6)]
 # wide row tiles: wider strips, so that each program's rows (re-read from the L2 cache by every
 # strip) cost fewer bytes a weight byte, and shorter K steps, so that the stages fit in shared memory
-WIDE_CANDIDATES = [(64, 64, 4, 4), (64, 128, 8, 3), (128, 64, 8, 2)]
-WIDE_CONFIGS = WIDE_CANDIDATES + [(32, 128, 4, 4), (64, 64, 4, 3), (128, 128, 8, 3), (32, 64, 4, 4)]
+WIDE_CANDIDATES = [(32, 128, 4, 4), (64, 128, 8, 3), (64, 64, 4, 3)]
+WIDE_CONFIGS = WIDE_CANDIDATES + [(64, 64, 4, 4), (128, 64, 8, 2), (32, 64, 4, 4)]
 LONG_K = 8192  # rows longer than this take 512-wide K steps when no launch shape was timed (pick)
 
 
@@ -216,11 +216,11 @@ def pick(n: int, k: int, glu: bool = False, rows: int = 1) -> tuple[int, int, in
     skinny.CONFIGS for it in a chained pass (benchmarks/product_chain.py --sweep, H100). glu
     (two strips a step): three loads in flight, within 2% of four alone (skinny_gemm's
     gate_up+act rows, H100) with a quarter less shared memory a program. Wide row tiles (more
-    than MAX_ROWS rows): the first of WIDE_CANDIDATES; for glu (two accumulators) with eight warps
-    and three loads in flight (four warps spill registers on an A100)."""
+    than MAX_ROWS rows): the first of WIDE_CANDIDATES; for glu (two accumulators) 64-row strips
+    with eight warps (four spill registers on an A100), the fastest of skinny_gemm's gate_up+act
+    at 128 rows on an H100."""
     if rows > MAX_ROWS:
-        block_n, block_k, warps, stages = WIDE_CANDIDATES[0]
-        return (block_n, block_k, 8, 3) if glu else (block_n, block_k, warps, stages)
+        return (64, 64, 8, 3) if glu else WIDE_CANDIDATES[0]
     if glu:
         return (32, 256, 4, 3)
     if n > 65536:
