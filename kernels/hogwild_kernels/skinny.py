@@ -5,7 +5,9 @@ is bound by reading the weight. cuBLAS picks kernels tuned for large products an
 the smaller projections (attention's QKV and output) well below the bandwidth. Here each
 program streams a strip of BLOCK_N weight rows through shared memory (several loads in
 flight) and multiplies all the pass's rows against it with the tensor cores, accumulating in
-fp32 and rounding once, as cuBLAS does; the weights are read exactly once.
+fp32 and rounding once, as cuBLAS does; the weights are read exactly once. Passes of several
+sessions (17 to WIDE_ROWS rows) take a row tile of 32, 64 or 128 and wider strips; at those rows
+cuBLAS is often as fast (benchmarks/skinny_gemm.py), so the engine times both at start.
 """
 
 from __future__ import annotations
