@@ -341,8 +341,8 @@ def main(argv: list[str] | None = None) -> int:
                 engine.executor.prelaunch = ahead == "on"
                 r = {"skinny": setting, "folds": fold, "prefetch": prefetch, "attention": attention,
                      "pages": page_text, "launch_ahead": ahead, **measure(engine, model, w, args, floor.value)}
-                r["products"] = {f"{n}x{k} rows<={r}": str(c)
-                                 for (n, k, r), c in engine.decoder.products.items()} or "cuBLAS"
+                r["products"] = {f"{n}x{k} rows<={bucket}": str(c)
+                                 for (n, k, bucket), c in engine.decoder.products.items()} or "cuBLAS"
                 r["chained"] = engine.decoder.chained
                 rows.append(r)
                 print(f"skinny {setting}, folds {fold}, prefetch {prefetch}, attention {attention}, "

@@ -255,9 +255,9 @@ def by_shape(layers, extra: tuple[torch.Tensor, ...] = (), copies: int = 4
     return out
 
 
-def choose(weights: dict[tuple[int, int], list[torch.Tensor]], repeats: int = 3, max_rows: int = WIDE_ROWS
+def choose(weights: dict[tuple[int, int], list[torch.Tensor]], repeats: int = 3
            ) -> dict[tuple[int, int, int], tuple[int, int, int, int] | None]:
-    """For each weight shape [n, k] and row bucket (BUCKETS up to `max_rows`): the fastest of
+    """For each weight shape [n, k] and row bucket (BUCKETS): the fastest of
     cuBLAS (None) and each launch shape in CANDIDATES (WIDE_CANDIDATES for wide row tiles), timed
     on this GPU with CUDA events over that shape's weights in turn (several layers' copies: read
     from memory, not the L2 cache). Once per engine, before any graph is captured; cuBLAS wins
@@ -267,7 +267,7 @@ def choose(weights: dict[tuple[int, int], list[torch.Tensor]], repeats: int = 3,
 
     out: dict[tuple[int, int, int], tuple[int, int, int, int] | None] = {}
     for (n, k), ws in weights.items():
-        for rows in (r for r in BUCKETS if r <= max(1, max_rows)):
+        for rows in BUCKETS:
             x = torch.randn(rows, k, dtype=ws[0].dtype, device=ws[0].device)
             runs = {None: lambda w: F.linear(x, w)}
             runs.update({c: (lambda w, c=c: skinny_linear(x, w, config=c))
