@@ -668,7 +668,7 @@ SKINNY_DTYPES = [torch.float16] + ([torch.bfloat16] if DEVICE.type == "cuda" els
 def test_skinny_products_match_an_fp32_product(dtype, rows, n, k, bias, config):
     """The decode products' kernel: every output element written, within half-precision rounding
     of the fp32 product (one rounding of an fp32 sum, as cuBLAS)."""
-    from hogwild_kernels.skinny import skinny_linear, supported
+    from hogwild_kernels.skinny import WIDE_ROWS, skinny_linear, supported
 
     g = torch.Generator().manual_seed(rows * n + k)
     x = torch.randn(rows, k, generator=g).to(DEVICE, dtype)
@@ -692,6 +692,10 @@ def test_skinny_products_match_an_fp32_product(dtype, rows, n, k, bias, config):
     assert not supported(wide, w)
     with pytest.raises(ValueError, match="rows of width"):
         skinny_linear(wide, w)
+    tall = torch.zeros(WIDE_ROWS + 1, k).to(DEVICE, dtype)  # past the widest row tile: refused, not half-written
+    assert not supported(tall, w)
+    with pytest.raises(ValueError, match=f"1 to {WIDE_ROWS} rows, got {WIDE_ROWS + 1}"):
+        skinny_linear(tall, w)
     from hogwild_kernels.fused import silu_mul
 
     # the gate/up product takes the activation in its epilogue: silu_mul of the product, bit for bit

@@ -142,6 +142,9 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     (0: PREFETCH_BYTES; under 128: none)."""
     if x.shape[1] != weight.shape[1]:
         raise ValueError(f"rows of width {x.shape[1]} for a weight of width {weight.shape[1]}")
+    if not 0 < x.shape[0] <= WIDE_ROWS:
+        raise ValueError(f"skinny_linear multiplies 1 to {WIDE_ROWS} rows, got {x.shape[0]}: "
+                         f"use torch.nn.functional.linear for more")
     return _product(x, weight, bias, config, chained, glu, prefetch)
 
 
