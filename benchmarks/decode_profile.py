@@ -51,7 +51,7 @@ import common  # noqa: E402
 import scaling_runs  # noqa: E402
 from bandwidth import measure as measure_bandwidth  # noqa: E402
 
-from hogwild_kernels.skinny import MAX_ROWS, PREFETCH_BYTES  # noqa: E402
+from hogwild_kernels.skinny import FEW_ROWS, MAX_ROWS, PREFETCH_BYTES  # noqa: E402
 
 import hogwild_ray as hw  # noqa: E402
 from hogwild_ray.cli.common import at_least  # noqa: E402
@@ -341,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
                 engine.executor.prelaunch = ahead == "on"
                 r = {"skinny": setting, "folds": fold, "prefetch": prefetch, "attention": attention,
                      "pages": page_text, "launch_ahead": ahead, **measure(engine, model, w, args, floor.value)}
-                r["products"] = {f"{n}x{k} rows<={bucket}": str(c)
+                r["products"] = {f"{n}x{k} rows<={FEW_ROWS if bucket == 1 else bucket}": str(c)
                                  for (n, k, bucket), c in engine.decoder.products.items()} or "cuBLAS"
                 r["chained"] = engine.decoder.chained
                 rows.append(r)
