@@ -16,6 +16,10 @@ share. Side by side in one run:
 * `unchained`: the same kernels, each waiting for the one before to end;
 * `activation in gate/up`: the SiLU in the gate/up product's epilogue (`Decoder.folds`'s
   "activation") rather than its own kernel;
+* `products alone, chained`: the products only (each reading the one before's output), no norm or
+  SiLU; `one product over every weight`: all the weights' bytes (one buffer) read by a single skinny
+  product, no boundary at all. From these the report gives what a boundary between two products
+  and a small kernel between them cost (µs each), the same bytes read either way;
 * with `--sweep`: each product in every launch shape of `skinny.CONFIGS`, the others as the
   chained row has them, in the chain; and the SiLU in gate/up's epilogue in each of
   `GLU_CONFIGS` (two strips a step, so shapes of less shared memory too).
@@ -47,6 +51,8 @@ from hogwild_ray.model.shapes import SHAPES, build_config  # noqa: E402
 from hogwild_ray.model.spec import spec_from_config  # noqa: E402
 
 PRODUCTS = ("qkv", "o", "gate_up", "down", "lm_head")
+# the same weights' bytes with fewer kernel boundaries: what the chain's boundaries cost (report)
+PRODUCTS_ALONE, ONE_PRODUCT = "products alone, chained", "one product over every weight"
 # gate/up with the SiLU in its epilogue reads two strips a K step: shapes of half the shared memory
 # of CONFIGS' too (a program's stages, and whether the next kernel's programs fit beside it)
 GLU_CONFIGS = [(32, 256, 4, 2), (32, 256, 4, 3), (16, 256, 4, 4), (16, 512, 4, 2), (32, 128, 4, 4)]
@@ -64,17 +70,31 @@ class Chain:
         self.attn_width = s.num_heads * s.head_dim
         shapes = {"qkv": (qkv, s.hidden_size), "o": (s.hidden_size, self.attn_width),
                   "gate_up": (2 * s.intermediate_size, s.hidden_size), "down": (s.hidden_size, s.intermediate_size)}
-        make = lambda n, k: (torch.randn(n, k, device=device) / k**0.5).to(dtype)  # noqa: E731
-        self.weights = [{name: make(*nk) for name, nk in shapes.items()} for _ in range(self.layers)]
-        self.norm = torch.ones(s.hidden_size, device=device, dtype=dtype)
-        self.lm_head = make(s.vocab_size, s.hidden_size)
-        self.shapes = {**shapes, "lm_head": tuple(self.lm_head.shape)}
-        size = torch.finfo(dtype).bits // 8
-        self.nbytes = sum(w.numel() * size for lw in self.weights for w in lw.values()) + self.lm_head.numel() * size
-        self.x = torch.randn(rows, s.hidden_size, device=device).to(dtype)
+        self.shapes = {**shapes, "lm_head": (s.vocab_size, s.hidden_size)}
+        # every weight a view of one buffer, so that all of them can also be read as one product
+        # ([every weight's elements / hidden, hidden]: each weight's size is a multiple of it)
+        sizes = [n * k for _ in range(self.layers) for n, k in shapes.values()] + [s.vocab_size * s.hidden_size]
+        self.flat = torch.empty(sum(sizes), device=device, dtype=dtype)
+        views = iter(self.flat.split(sizes))
 
-    def run(self, chained: bool = True, glu: bool = False, configs: dict | None = None) -> torch.Tensor:
-        """The pass without its attention: the output projection reads the QKV product's first columns."""
+        def make(n: int, k: int) -> torch.Tensor:
+            w = next(views).view(n, k)
+            w.copy_(torch.randn(n, k, device=device) / k**0.5)
+            return w
+
+        self.weights = [{name: make(*nk) for name, nk in shapes.items()} for _ in range(self.layers)]
+        self.lm_head = make(*self.shapes["lm_head"])
+        self.every_weight = self.flat.view(-1, s.hidden_size)
+        self.norm = torch.ones(s.hidden_size, device=device, dtype=dtype)
+        self.nbytes = self.flat.numel() * self.flat.element_size()
+        self.x = torch.randn(rows, s.hidden_size, device=device).to(dtype)
+        self.inter = s.intermediate_size
+
+    def run(self, chained: bool = True, glu: bool = False, configs: dict | None = None,
+            products_alone: bool = False, one_product: bool = False) -> torch.Tensor:
+        """The pass without its attention: the output projection reads the QKV product's first columns.
+        products_alone: the products only, each reading the one before's output (no norm, no SiLU);
+        one_product: every weight's bytes read by one product (no kernel boundary at all)."""
         from hogwild_kernels.fused import add_rms_norm, silu_mul
         from hogwild_kernels.skinny import skinny_linear
 
@@ -83,6 +103,14 @@ class Chain:
         def product(x: torch.Tensor, name: str, w: torch.Tensor, **kw) -> torch.Tensor:
             return skinny_linear(x, w, config=configs.get(name), chained=chained, **kw)
 
+        if one_product:
+            return skinny_linear(self.x, self.every_weight, chained=chained)
+        if products_alone:
+            x = self.x
+            for lw in self.weights:
+                o = product(product(x, "qkv", lw["qkv"])[:, : self.attn_width], "o", lw["o"])
+                x = product(product(o, "gate_up", lw["gate_up"])[:, : self.inter], "down", lw["down"])
+            return product(x, "lm_head", self.lm_head)
         x, delta = self.x, None
         for lw in self.weights:
             x, h = add_rms_norm(x, delta, self.norm, self.eps, chained=chained)
@@ -119,7 +147,8 @@ def settings(sweep: bool, engine: dict | None = None) -> list[tuple[str, dict]]:
     differs from pick's)."""
     from hogwild_kernels.skinny import CONFIGS
 
-    out = [("chained", {}), ("unchained", {"chained": False}), ("activation in gate/up", {"glu": True})]
+    out = [("chained", {}), ("unchained", {"chained": False}), ("activation in gate/up", {"glu": True}),
+           (PRODUCTS_ALONE, {"products_alone": True}), (ONE_PRODUCT, {"one_product": True})]
     if engine:
         out.append((f"chained, the engine's shapes {engine}", {"configs": engine}))
     if sweep:
@@ -172,13 +201,31 @@ def report(rows: list[dict], chain: Chain, floor, args) -> None:
           f"{r['x_chained']:.3f}"] for r in rows])
     if over := over_floor(rows, "fraction_of_floor"):
         print(f"warning: {len(over)} rows above 100% of the floor: the measurement is wrong")
+    costs = boundary_costs(rows, chain.layers)
+    if costs:
+        print(f"a boundary between two products costs {costs['product_boundary_us']:.2f} µs (products alone "
+              f"against one product over the same bytes), a small kernel between them {costs['small_kernel_us']:.2f} "
+              f"µs (the chain against the products alone)")
     stem = args.out / f"{args.date}-{name.replace(' ', '_')}-product_chain{'-' + args.suffix if args.suffix else ''}"
     meta = {"benchmark": "product_chain", "device": name, "date": args.date, "shape": args.shape,
-            "rows_fed": args.rows, "layers": chain.layers, "weight_bytes": chain.nbytes,
+            "rows_fed": args.rows, "layers": chain.layers, "weight_bytes": chain.nbytes, **costs,
             "products": {k: list(v) for k, v in chain.shapes.items()}, **floor.meta(), "versions": common.versions()}
     common.write_results(stem, meta, rows)
     plot(rows, Path(f"{stem}.png"), f"Products chained without attention ({args.shape}, {args.rows} row(s), {name})")
     print(f"wrote {stem}.csv, .json and .png")
+
+
+def boundary_costs(rows: list[dict], layers: int) -> dict[str, float]:
+    """µs a kernel boundary adds over the same bytes read in fewer kernels: between two products
+    ((products alone - one product) / the 4 x layers boundaries of 4 x layers + 1 products), and
+    each small kernel (norms, SiLU) in the chain ((chained - products alone) / their 3 x layers + 1);
+    {} where a run lacks those rows."""
+    us = {r["setting"]: r["us"] for r in rows}
+    chained = [r["us"] for r in rows if r["setting"] == "chained"]
+    if PRODUCTS_ALONE not in us or ONE_PRODUCT not in us or not chained:
+        return {}
+    return {"product_boundary_us": (us[PRODUCTS_ALONE] - us[ONE_PRODUCT]) / (4 * layers),
+            "small_kernel_us": (statistics.median(chained) - us[PRODUCTS_ALONE]) / (3 * layers + 1)}
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:

@@ -19,7 +19,8 @@ def test_settings_sweep_every_product_in_every_launch_shape_between_two_plain_ch
     from hogwild_kernels.skinny import CONFIGS
 
     plain = settings(False)
-    assert [name for name, _ in plain] == ["chained", "unchained", "activation in gate/up", "chained"]
+    assert [name for name, _ in plain] == ["chained", "unchained", "activation in gate/up", "products alone, chained",
+                                           "one product over every weight", "chained"]
     swept = settings(True)
     assert swept[0] == swept[-1] == ("chained", {})
     configs = [kw["configs"] for _, kw in swept if "configs" in kw and not kw.get("glu")]
@@ -96,3 +97,39 @@ def test_the_chain_is_the_pass_without_attention_and_its_activation_fold_the_sam
     x = (x.float() + delta.float()).to(x.dtype)
     want = rms_norm(x, chain.norm, chain.eps) @ chain.lm_head.T
     torch.testing.assert_close(got.float(), want.float(), atol=0.05, rtol=0.05)
+
+
+def test_the_boundary_rows_read_the_same_weights_with_fewer_kernels():
+    """One product over every weight is each weight's product side by side (one buffer, the LM head
+    last); the products alone are the chain's products fed one another's outputs, no norm or SiLU."""
+    from product_chain import Chain
+
+    torch.manual_seed(0)
+    chain = Chain("tiny", 2, 2, torch.device("cpu"), torch.float16)
+    weights = [w for lw in chain.weights for w in lw.values()] + [chain.lm_head]
+    assert chain.nbytes == sum(w.numel() * w.element_size() for w in weights)
+    assert all(w.untyped_storage().data_ptr() == chain.flat.untyped_storage().data_ptr() for w in weights)
+    one = chain.run(chained=False, one_product=True)
+    assert one.shape == (2, chain.flat.numel() // chain.x.shape[1])
+    lm = chain.shapes["lm_head"][0]
+    want = torch.nn.functional.linear(chain.x.float(), chain.lm_head.float())
+    torch.testing.assert_close(one[:, -lm:].float(), want, atol=0.05, rtol=0.05)
+    qkv = chain.shapes["qkv"][0]
+    torch.testing.assert_close(one[:, :qkv].float(), torch.nn.functional.linear(chain.x.float(),
+                               chain.weights[0]["qkv"].float()), atol=0.05, rtol=0.05)
+    x = chain.x
+    for lw in chain.weights:
+        o = (x @ lw["qkv"].T)[:, : chain.attn_width] @ lw["o"].T
+        x = (o @ lw["gate_up"].T)[:, : chain.inter] @ lw["down"].T
+    torch.testing.assert_close(chain.run(chained=False, products_alone=True).float(), (x @ chain.lm_head.T).float(),
+                               atol=0.05, rtol=0.05)
+
+
+def test_boundary_costs_split_the_chain_into_product_boundaries_and_small_kernels():
+    from product_chain import ONE_PRODUCT, PRODUCTS_ALONE, boundary_costs
+
+    rows = [{"setting": "chained", "us": 1100.0}, {"setting": PRODUCTS_ALONE, "us": 1000.0},
+            {"setting": ONE_PRODUCT, "us": 900.0}, {"setting": "chained", "us": 1140.0}]
+    costs = boundary_costs(rows, layers=10)  # 41 products: 40 boundaries; 31 small kernels
+    assert costs == {"product_boundary_us": 100.0 / 40, "small_kernel_us": 120.0 / 31}
+    assert boundary_costs(rows[:2], layers=10) == {}
