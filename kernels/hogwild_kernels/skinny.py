@@ -49,7 +49,8 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, stride_xm, stride_wn, str
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, CHAINED: tl.constexpr, PREFETCH: tl.constexpr,
                    d_ptr=None, nw_ptr=None, sum_ptr=None, eps=0.0, NORM_ROWS: tl.constexpr = 0,
-                   KP: tl.constexpr = 1, HAS_DELTA: tl.constexpr = False, GLU: tl.constexpr = False):
+                   KP: tl.constexpr = 1, HAS_DELTA: tl.constexpr = False, GLU: tl.constexpr = False,
+                   WIDE_OFFSETS: tl.constexpr = False):
     """CHAINED: a programmatic dependent (pdl.py); while the kernel before it runs, the strip's
     first PREFETCH 128-byte lines of each row are requested into the L2 cache (weights: no
     kernel writes them). NORM_ROWS > 0 (M <= NORM_ROWS): the input is the RMSNorm of x
@@ -57,20 +58,22 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, stride_xm, stride_wn, str
     the norm's weight, each row's statistic taken over the whole row (KP wide) as
     fused.add_rms_norm takes it. GLU: the weight is [gate; up] (2N rows), each program
     multiplies a strip of both and stores SiLU(gate) * up, N wide (the MLP's activation in
-    the gate/up product's epilogue)."""
+    the gate/up product's epilogue). WIDE_OFFSETS: weights of 2**31 elements or more, whose row
+    offsets take 64 bits."""
     pid = tl.program_id(0)
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    wn = rn.to(tl.int64) if WIDE_OFFSETS else rn  # a weight row's index, for its offset
     if PREFETCH > 0:
         line = tl.arange(0, PREFETCH) * (1024 // w_ptr.dtype.element_ty.primitive_bitwidth)  # elements a line
-        prefetch_l2(w_ptr + tl.minimum(rn, N - 1)[:, None] * stride_wn + line[None, :])
+        prefetch_l2(w_ptr + tl.minimum(wn, N - 1)[:, None] * stride_wn + line[None, :])
         if GLU:
-            prefetch_l2(w_ptr + (N + tl.minimum(rn, N - 1))[:, None] * stride_wn + line[None, :])
+            prefetch_l2(w_ptr + (N + tl.minimum(wn, N - 1))[:, None] * stride_wn + line[None, :])
     chain_start(CHAINED)
     rm = tl.arange(0, BLOCK_M)
     rk = tl.arange(0, BLOCK_K)
     n_ok = rn < N
     m_ok = rm < M
-    w_ptrs = w_ptr + rn[:, None] * stride_wn + rk[None, :]
+    w_ptrs = w_ptr + wn[:, None] * stride_wn + rk[None, :]
     x_ptrs = x_ptr + rm[:, None] * stride_xm + rk[None, :]
     inv = tl.zeros([BLOCK_M], dtype=tl.float32)
     if NORM_ROWS > 0:
@@ -190,7 +193,7 @@ def _product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         x, weight, bias if bias is not None else weight, out, m, out_n, x.stride(0), weight.stride(0), out.stride(0),
         K=k, BLOCK_M=row_tile(m), BLOCK_N=block_n, BLOCK_K=block_k, HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0,
         CHAINED=chained, PREFETCH=_prefetch_lines(k, weight.element_size(), prefetch) if chained else 0, GLU=glu,
-        num_warps=warps, num_stages=stages, **prologue, **launch(chained))
+        WIDE_OFFSETS=n * weight.stride(0) >= 2**31, num_warps=warps, num_stages=stages, **prologue, **launch(chained))
     return out
 
 
