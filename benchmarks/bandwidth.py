@@ -12,8 +12,8 @@ measures as it starts, while the GPU may still be leaving its idle clocks):
   word per program, in a few launch shapes, PyTorch's SDPA decoding one query per head
   over the buffer as its K/V (a library's streaming kernel), and the decode products' skinny
   kernel multiplying one row by the buffer as a [rows, 4096] weight (on an H100 one such
-  product over 15 GB read 3.21 TB/s where the other probes read 3.10); the fastest kept. On the
-  CPU, torch's sum.
+  product over 15 GB read 3.21 TB/s where the other probes read 3.00-3.02 in the same run);
+  the fastest kept. On the CPU, torch's sum.
 
 The floor's bandwidth is the largest of these: the fastest the device was seen to move
 bytes, so a time over it is a lower bound no kernel can beat. A benchmark that times
