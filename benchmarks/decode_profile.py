@@ -17,7 +17,8 @@ side by side (one engine each).
 `--prefetch default,all=2048,o=8192+qkv=1024` runs the chained products with their weight
 rows prefetched that far into the L2 cache before their wait (hogwild_ray.model.decoder.PRODUCTS,
 or `all`; `keys=N`: the keys of its unit each attention program asks for before its wait;
-`ahead=N`: the tiles ahead a wide row tile's program asks for), side by side (one engine each).
+`ahead=N`: the tiles ahead a wide row tile's program asks for; `next=N`: the bytes of each row of the next
+product's weight a chained product asks for as it ends, Decoder.next_bytes), side by side (one engine each).
 `--attention default,short_programs_per_sm=2` runs the attention with its unit counts as named
 (ATTENTION_KNOBS: programs an SM per KV head, where units are short, and in passes of several sessions),
 side by side;
@@ -183,15 +184,16 @@ def host_split(engine, step, steps: int) -> dict[str, float]:
 def prefetch_setting(text: str) -> dict[str, int]:
     """'default' -> {}; 'o=8192+qkv=4096' -> bytes per weight row by product ('all': every one);
     'keys=N': the keys of its unit each attention program prefetches (a power of two); 'ahead=N': the
-    tiles ahead of the one it reads that an attention program of a wide row tile prefetches."""
+    tiles ahead of the one it reads that an attention program of a wide row tile prefetches; 'next=N':
+    the bytes of each row of the next product's weight a product asks for as it ends."""
     if text == "default":
         return {}
     out: dict[str, int] = {}
     for part in text.split("+"):
         name, _, value = part.partition("=")
-        if name not in (*PRODUCTS, "all", "keys", "ahead") or not value.isdigit():
+        if name not in (*PRODUCTS, "all", "keys", "ahead", "next") or not value.isdigit():
             raise ValueError(f"--prefetch: {part!r} is not PRODUCT=BYTES; products: {', '.join(PRODUCTS)}, all, "
-                             "keys or ahead")
+                             "keys, ahead or next")
         if name == "keys" and (int(value) < 1 or int(value) & (int(value) - 1)):
             raise ValueError(f"--prefetch: keys={value}: the keys a program prefetches are a power of two")
         out.update({p: int(value) for p in (PRODUCTS if name == "all" else (name,))})
@@ -270,8 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefetch", default="default",
                    help="default, or PRODUCT=BYTES joined by '+' (products: qkv, o, gate_up, down, lm_head, all): "
                         "weight bytes a row a chained product prefetches (keys=N: keys a partial program "
-                        "prefetches; ahead=N: tiles ahead a wide row tile's program prefetches); several, "
-                        "comma-separated")
+                        "prefetches; ahead=N: tiles ahead a wide row tile's program prefetches; next=N: bytes a "
+                        "row of the next product's weight a product asks for as it ends); several, comma-separated")
     p.add_argument("--attention", default="default",
                    help="default, or KNOB=N joined by '+' (knobs: programs_per_sm, short_programs_per_sm, "
                         "batched_programs_per_sm: the attention's programs an SM per KV head, where units are "
@@ -328,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
             engine.decoder.attention.prefetch_keys = prefetch_bytes["keys"]
         if "ahead" in prefetch_bytes:
             engine.decoder.attention.prefetch_ahead = prefetch_bytes["ahead"]
+        engine.decoder.next_bytes = prefetch_bytes.get("next", engine.decoder.next_bytes)
         apply_attention_setting(engine.decoder.attention, knobs)
         if setting == "narrow":  # passes of more than MAX_ROWS rows on cuBLAS, as before wide row tiles
             engine.decoder.products = {key: c for key, c in engine.decoder.products.items() if key[2] <= MAX_ROWS}

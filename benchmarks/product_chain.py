@@ -55,6 +55,8 @@ PRODUCTS = ("qkv", "o", "gate_up", "down", "lm_head")
 PRODUCTS_ALONE, ONE_PRODUCT = "products alone, chained", "one product over every weight"
 # gate/up with the SiLU in its epilogue reads two strips a K step: shapes of half the shared memory
 # of CONFIGS' too (a program's stages, and whether the next kernel's programs fit beside it)
+# bytes of each row of the next product's weight asked for as a product ends (Decoder.next_bytes)
+NEXT_BYTES = (512, 2048, 8192)
 GLU_CONFIGS = [(32, 256, 4, 2), (32, 256, 4, 3), (16, 256, 4, 4), (16, 512, 4, 2), (32, 128, 4, 4)]
 
 
@@ -91,17 +93,23 @@ class Chain:
         self.inter = s.intermediate_size
 
     def run(self, chained: bool = True, glu: bool = False, configs: dict | None = None,
-            products_alone: bool = False, one_product: bool = False) -> torch.Tensor:
+            products_alone: bool = False, one_product: bool = False, next_bytes: int = 0) -> torch.Tensor:
         """The pass without its attention: the output projection reads the QKV product's first columns.
         products_alone: the products only, each reading the one before's output (no norm, no SiLU);
-        one_product: every weight's bytes read by one product (no kernel boundary at all)."""
+        one_product: every weight's bytes read by one product (no kernel boundary at all);
+        next_bytes: of each row of the next product's weight, what each product asks the L2 cache
+        for as it ends (Decoder.next_bytes)."""
         from hogwild_kernels.fused import add_rms_norm, silu_mul
         from hogwild_kernels.skinny import skinny_linear
 
         configs = configs or {}
 
+        order = [w for lw in self.weights for w in lw.values()] + [self.lm_head]
+        following = {id(w): nxt for w, nxt in zip(order, order[1:])}
+
         def product(x: torch.Tensor, name: str, w: torch.Tensor, **kw) -> torch.Tensor:
-            return skinny_linear(x, w, config=configs.get(name), chained=chained, **kw)
+            return skinny_linear(x, w, config=configs.get(name), chained=chained, next_weight=following.get(id(w)),
+                                 next_bytes=next_bytes, **kw)
 
         if one_product:
             return skinny_linear(self.x, self.every_weight, chained=chained)
@@ -149,6 +157,8 @@ def settings(sweep: bool, engine: dict | None = None) -> list[tuple[str, dict]]:
 
     out = [("chained", {}), ("unchained", {"chained": False}), ("activation in gate/up", {"glu": True}),
            (PRODUCTS_ALONE, {"products_alone": True}), (ONE_PRODUCT, {"one_product": True})]
+    out += [(f"chained, {b} B of the next weight's rows ahead", {"next_bytes": b}) for b in NEXT_BYTES]
+    out += [(f"{PRODUCTS_ALONE}, {b} B ahead", {"products_alone": True, "next_bytes": b}) for b in NEXT_BYTES[1:2]]
     if engine:
         out.append((f"chained, the engine's shapes {engine}", {"configs": engine}))
     if sweep:

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))  # the benchma
 
 # the launch's constexprs worth reporting (which paths of a kernel a configuration took)
 REPORTED = ("BLOCK_N", "BLOCK_M", "BLOCK_M2", "AHEAD", "TMA", "PAGES_AHEAD", "CHAINED", "PREFETCH_KEYS", "PREFETCH",
-            "GLU", "NORM_ROWS", "HAS_DELTA", "IEEE", "num_stages")
+            "NEXT_LINES", "GLU", "NORM_ROWS", "HAS_DELTA", "IEEE", "num_stages")
 # instructions whose presence in the PTX shows that a path was compiled as meant
 MARKERS = {"chain_wait": "griddepcontrol.wait", "tensor_copy": "cp.async.bulk.tensor",
            "l2_prefetch": "prefetch.global.L2"}
@@ -113,6 +113,9 @@ def configurations(arch: int) -> list[tuple[str, object]]:
             skinny.skinny_linear(x, weight, chained=chained)
             skinny.skinny_linear(x, torch.zeros(2 * 1024, 4096, dtype=dtype), chained=chained, glu=True)
             skinny.skinny_linear(x, weight, torch.zeros(6144, dtype=dtype), chained=chained)
+            # the next product's weight (gate/up's [gate; up], 24576 rows) asked for as the programs end
+            skinny.skinny_linear(x, weight, chained=chained, next_weight=torch.empty(24576, 4096, dtype=dtype),
+                                 next_bytes=2048)
             if rows > skinny.MAX_ROWS:  # every wide launch shape the engine may time
                 for config in skinny.WIDE_CANDIDATES:
                     skinny.skinny_linear(x, weight, config=config, chained=chained)

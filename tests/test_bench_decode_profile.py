@@ -21,6 +21,7 @@ def test_prefetch_settings_name_products_and_bytes():
     assert prefetch_setting("all=4096+o=8192") == {**dict.fromkeys(PRODUCTS, 4096), "o": 8192}
     assert prefetch_setting("keys=512+o=128") == {"keys": 512, "o": 128}
     assert prefetch_setting("ahead=0") == {"ahead": 0}
+    assert prefetch_setting("next=2048+all=512") == {"next": 2048, **dict.fromkeys(PRODUCTS, 512)}
     for bad in ("keys=0", "keys=96"):
         with pytest.raises(ValueError, match="power of two"):
             prefetch_setting(bad)

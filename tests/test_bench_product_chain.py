@@ -18,9 +18,14 @@ def test_settings_sweep_every_product_in_every_launch_shape_between_two_plain_ch
 
     from hogwild_kernels.skinny import CONFIGS
 
+    from product_chain import NEXT_BYTES
+
     plain = settings(False)
     assert [name for name, _ in plain] == ["chained", "unchained", "activation in gate/up", "products alone, chained",
-                                           "one product over every weight", "chained"]
+                                           "one product over every weight",
+                                           *(f"chained, {b} B of the next weight's rows ahead" for b in NEXT_BYTES),
+                                           f"products alone, chained, {NEXT_BYTES[1]} B ahead", "chained"]
+    assert [kw.get("next_bytes", 0) for _, kw in plain] == [0] * 5 + list(NEXT_BYTES) + [NEXT_BYTES[1], 0]
     swept = settings(True)
     assert swept[0] == swept[-1] == ("chained", {})
     configs = [kw["configs"] for _, kw in swept if "configs" in kw and not kw.get("glu")]
@@ -107,10 +112,11 @@ def test_the_boundary_rows_read_the_same_weights_with_fewer_kernels(monkeypatch)
     import hogwild_kernels.skinny as skinny
     from product_chain import Chain
 
-    calls = []
+    calls, handed = [], []
 
-    def product(x, w, bias=None, config=None, chained=False, glu=False, prefetch=0):
+    def product(x, w, bias=None, config=None, chained=False, glu=False, prefetch=0, next_weight=None, next_bytes=0):
         calls.append(w)
+        handed.append((next_weight, next_bytes))
         return torch.nn.functional.linear(x, w)
 
     monkeypatch.setattr(skinny, "skinny_linear", product)
@@ -130,6 +136,10 @@ def test_the_boundary_rows_read_the_same_weights_with_fewer_kernels(monkeypatch)
         x = (o @ lw["gate_up"].T)[:, : chain.inter] @ lw["down"].T
     assert torch.equal(chain.run(chained=False, products_alone=True), x @ chain.lm_head.T)
     assert [id(w) for w in calls] == [id(w) for w in weights]  # each product once, in the pass's order
+    calls.clear(), handed.clear()
+    chain.run(chained=False, products_alone=True, next_bytes=2048)  # each hands on the next one's weight
+    assert [id(n) for n, _ in handed[:-1]] == [id(w) for w in weights[1:]] and handed[-1][0] is None
+    assert {b for _, b in handed} == {2048}
 
 
 def test_boundary_costs_split_the_chain_into_product_boundaries_and_small_kernels():

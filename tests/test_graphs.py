@@ -220,6 +220,7 @@ def test_chained_kernels_give_the_same_bits(random_model, folded):
         engine.decoder.set_chained(chain != "unchained")
         if chain == "chained, prefetching more":
             engine.decoder.prefetch = dict.fromkeys(PRODUCTS, 1 << 16)
+            engine.decoder.next_bytes = 8192  # and the next product's weight asked for as each product ends
             engine.decoder.attention.prefetch_keys = 512
         engine.decoder.folds = set(FOLDS) if folded else set()
         engine.decoder.products = {key: pick(*key[:2]) for key in engine.decoder.products}

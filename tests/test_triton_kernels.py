@@ -686,8 +686,15 @@ def test_skinny_products_match_an_fp32_product(dtype, rows, n, k, bias, config):
         # whole rows prefetched, or one line
         assert torch.equal(skinny_linear(x, w, b, config=config, chained=True, prefetch=1 << 16), got)
         assert torch.equal(skinny_linear(x, w, b, config=config, chained=True, prefetch=128), got)
+        # the next product's weight asked for as the programs end (more rows than programs, or fewer)
+        for following in (torch.randn(7 * n + 3, 3 * k).to(DEVICE, dtype), w[:3]):
+            for nbytes in (128, 2048, 1 << 16):
+                assert torch.equal(skinny_linear(x, w, b, config=config, chained=True, next_weight=following,
+                                                 next_bytes=nbytes), got)
     with pytest.raises(ValueError, match="count of bytes"):
         skinny_linear(x, w, b, config=config, prefetch=-1)
+    with pytest.raises(ValueError, match="count of bytes"):
+        skinny_linear(x, w, b, config=config, next_weight=w, next_bytes=-1)
     wide = torch.randn(rows, 2 * k).to(DEVICE, dtype)
     assert not supported(wide, w)
     with pytest.raises(ValueError, match="rows of width"):
@@ -769,7 +776,7 @@ def test_the_mlp_products_stay_on_the_skinny_kernel_with_or_without_the_activati
     calls = []
     real = skinny.skinny_linear
 
-    def spy(x, weight, bias=None, config=None, chained=False, glu=False, prefetch=0):
+    def spy(x, weight, bias=None, config=None, chained=False, glu=False, prefetch=0, **_):
         calls.append((tuple(weight.shape), config, glu))
         return real(x, weight, bias, config=config, chained=chained, glu=glu, prefetch=prefetch)
 
@@ -795,6 +802,74 @@ def test_products_time_and_tile_rows_by_powers_of_two():
     assert pick(4096, 4096, rows=128) == WIDE_CANDIDATES[0] and pick(4096, 4096, True, 128)[2:] == (8, 3)
 
 
+def test_the_next_weight_is_shared_out_over_the_programs_whole_rows_each_once():
+    """next_split gives each program an even share of the next weight's rows, asked for a power
+    of two of rows at a time within NEXT_POINTERS lines; next_prefetch rounds the bytes down to
+    a power of two of lines within a row, none for 0 or under a line."""
+    from hogwild_kernels.skinny import NEXT_POINTERS, next_prefetch, next_split
+
+    for rows, programs, lines in [(24576, 128, 16), (4096, 768, 4), (3, 128, 64), (6144, 1, 1), (1000, 7, 2048)]:
+        per, at_once = next_split(rows, programs, lines)
+        covered = sorted(r for p in range(programs) for r in range(p * per, min((p + 1) * per, rows)))
+        assert covered == list(range(rows))  # every row by one program
+        assert at_once & (at_once - 1) == 0 and 1 <= at_once <= per
+        assert at_once * lines <= NEXT_POINTERS or at_once == 1
+    w = torch.empty(100, 512, dtype=torch.float16)  # rows of 1 KB: 8 lines
+    assert next_prefetch(w, 0, 4) == {} and next_prefetch(w, 127, 4) == {}
+    got = next_prefetch(w, 3000, 4)
+    assert (got["NEXT_LINES"], got["next_per"], got["next_n"], got["next_stride"]) == (8, 25, 100, 512)
+    assert got["NEXT_ROWS"] == 16 and next_prefetch(w, 1 << 20, 4)["NEXT_LINES"] == 8  # the row's 8 lines at most
+    with pytest.raises(ValueError, match="2-d weight"):
+        next_prefetch(w.t(), 512, 4)
+
+
+@pytest.mark.parametrize("folds", [set(), {"norm"}])
+def test_each_product_of_a_pass_is_handed_the_next_products_weight(folds):
+    """Decoder.next_bytes: each layer's QKV hands on its output projection, that the gate/up,
+    that the down, and the down the next layer's QKV or, last, the LM head (which hands on
+    none), with the norms folded into the products or not. The products are torch's here (the
+    kernel's own bits with the next weight asked for are checked on a GPU above): what is
+    checked is what each is handed."""
+    import hogwild_ray as hw
+    from hogwild_kernels import skinny
+    from hogwild_ray.session import step_sessions
+
+    engine = hw.HogwildEngine.from_pretrained("random:tiny", DEVICE.type, "float16", cache_tokens=512,
+                                              attention="triton")
+    decoder = engine.runner.decoder
+    shapes = {tuple(w.shape) for lw in decoder.w.layers for w in (lw.w_qkv, lw.w_o, lw.w_gate_up, lw.w_down)}
+    decoder.products = {(*nk, 1): skinny.pick(*nk) for nk in shapes | {tuple(decoder.w.lm_head.shape)}}
+    decoder.folds, decoder.next_bytes = folds, 2048
+    handed = []
+    real_linear, real_normed = skinny.skinny_linear, skinny.skinny_norm_linear
+
+    def product(x, weight, bias=None, config=None, chained=False, glu=False, prefetch=0, next_weight=None,
+                next_bytes=0):
+        handed.append((weight, next_weight, next_bytes))
+        return torch.nn.functional.linear(x, weight, bias)
+
+    def normed(x, delta, norm_weight, eps, weight, bias=None, config=None, chained=False, glu=False, prefetch=0,
+               next_weight=None, next_bytes=0):
+        from hogwild_kernels.fused import add_rms_norm
+
+        total, h = add_rms_norm(x, delta, norm_weight, eps)
+        return product(h, weight, bias, next_weight=next_weight, next_bytes=next_bytes), total
+
+    skinny.skinny_linear, skinny.skinny_norm_linear = product, normed
+    try:
+        session = engine.start("Hello", 1, chat_template=False, max_tokens=4)
+        step_sessions([session])
+        step_sessions([session])
+        session.close()
+    finally:
+        skinny.skinny_linear, skinny.skinny_norm_linear = real_linear, real_normed
+    order = [w for lw in decoder.w.layers for w in (lw.w_qkv, lw.w_o, lw.w_gate_up, lw.w_down)] + [decoder.w.lm_head]
+    following = {id(w): nxt for w, nxt in zip(order, order[1:] + [None])}
+    assert [id(w) for w, _, _ in handed[-len(order):]] == [id(w) for w in order]  # a decode pass's products in full
+    for w, nxt, nbytes in handed:  # (and prompt passes' LM heads)
+        assert nxt is following[id(w)] and nbytes == 2048
+
+
 @pytest.mark.parametrize("chained", [False, True])
 def test_wide_passes_take_the_skinny_kernel_only_where_it_was_chosen(chained):
     """Passes of more than MAX_ROWS rows (several sessions) run a product on the skinny kernel
@@ -809,7 +884,7 @@ def test_wide_passes_take_the_skinny_kernel_only_where_it_was_chosen(chained):
     calls = []
     real = skinny.skinny_linear
 
-    def spy(x, weight, bias=None, config=None, chained=False, glu=False, prefetch=0):
+    def spy(x, weight, bias=None, config=None, chained=False, glu=False, prefetch=0, **_):
         calls.append((x.shape[0], config))
         return real(x, weight, bias, config=config, glu=glu, prefetch=prefetch)
 

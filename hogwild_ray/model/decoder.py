@@ -76,6 +76,9 @@ class Decoder:
         # bytes of each weight row a chained product asks the L2 cache for before its wait, by
         # product (PRODUCTS; missing: the kernel's default)
         self.prefetch: dict[str, int] = {}
+        # bytes of each row of the next product's weight a chained product asks the L2 cache for
+        # as it ends (0: none), so that the memory keeps reading across the boundary
+        self.next_bytes = 0
         if self.fused and weights.embed.is_cuda and self.tp is None:
             from hogwild_kernels import pdl
 
@@ -94,10 +97,11 @@ class Decoder:
         return by_shape(((lw.w_qkv, lw.w_o, lw.w_gate_up, lw.w_down) for lw in self.w.layers), (self.w.lm_head,))
 
     def _linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                glu: bool = False, name: str = "") -> torch.Tensor:
+                glu: bool = False, name: str = "", following: torch.Tensor | None = None) -> torch.Tensor:
         """F.linear(x, weight, bias); glu: the weight is [gate; up] and the result SiLU(gate) * up
         of the product: fused.silu_mul after it, or, folded ("activation" in folds), in the skinny
-        kernel's epilogue. name: the product's, for its prefetch (self.prefetch)."""
+        kernel's epilogue. name: the product's, for its prefetch (self.prefetch); following: the
+        next product's weight (self.next_bytes)."""
         if self.products:
             from hogwild_kernels.skinny import MAX_ROWS, bucket, skinny_linear, supported
 
@@ -107,7 +111,8 @@ class Decoder:
                 if config is not None or (self.chained and x.shape[0] <= MAX_ROWS):
                     fold = glu and "activation" in self.folds  # then the epilogue's own launch shape
                     out = skinny_linear(x, weight, bias, config=None if fold else config, chained=self.chained,
-                                        glu=fold, prefetch=self.prefetch.get(name, 0))
+                                        glu=fold, prefetch=self.prefetch.get(name, 0), next_weight=following,
+                                        next_bytes=self.next_bytes)
                     return self._activation(out) if glu and not fold else out
         out = F.linear(x, weight, bias)
         return self._activation(out) if glu else out
@@ -133,11 +138,11 @@ class Decoder:
         return x, rms_norm(x, weight, self.spec.rms_eps)
 
     def _norm_linear(self, x: torch.Tensor, delta: torch.Tensor | None, norm_weight: torch.Tensor,
-                     weight: torch.Tensor, bias: torch.Tensor | None = None, glu: bool = False, name: str = ""
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+                     weight: torch.Tensor, bias: torch.Tensor | None = None, glu: bool = False, name: str = "",
+                     following: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(the product of RMSNorm(x + delta), x + delta): a block's input projection and the
         residual stream; for a few rows on the skinny kernel in one launch (the norm folded into
-        the product's loads: Decoder.folds). glu: as _linear's."""
+        the product's loads: Decoder.folds). glu, name, following: as _linear's."""
         if self.products and "norm" in self.folds:
             from hogwild_kernels.skinny import bucket, normed_supported, skinny_norm_linear
 
@@ -147,16 +152,17 @@ class Decoder:
                     fold = glu and "activation" in self.folds
                     out, x = skinny_norm_linear(x, delta, norm_weight, self.spec.rms_eps, weight, bias,
                                                 None if fold else config, self.chained, glu=fold,
-                                                prefetch=self.prefetch.get(name, 0))
+                                                prefetch=self.prefetch.get(name, 0), next_weight=following,
+                                                next_bytes=self.next_bytes)
                     return (self._activation(out) if glu and not fold else out), x
         x, h = self._add_norm(x, delta, norm_weight)
-        return self._linear(h, weight, bias, glu, name), x
+        return self._linear(h, weight, bias, glu, name, following), x
 
     def _attention_block(self, lw: LayerWeights, x: torch.Tensor, delta: torch.Tensor | None, meta: PassMeta,
                          cache: KVPool, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(the attention block's output, the residual stream with the last block's delta added)."""
         s = self.spec
-        qkv, x = self._norm_linear(x, delta, lw.ln_attn, lw.w_qkv, lw.b_qkv, name="qkv")
+        qkv, x = self._norm_linear(x, delta, lw.ln_attn, lw.w_qkv, lw.b_qkv, name="qkv", following=lw.w_o)
         q_size, kv_size = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         q = q.view(-1, s.num_heads, s.head_dim)
@@ -177,7 +183,7 @@ class Decoder:
             self.attention.append(cache.k[layer], cache.v[layer], k, v, meta)
         o = self.attention.attend(q, cache.k[layer], cache.v[layer], meta)
         if self.tp is None:
-            return self._linear(o.reshape(x.shape[0], -1), lw.w_o, lw.b_o, name="o"), x
+            return self._linear(o.reshape(x.shape[0], -1), lw.w_o, lw.b_o, name="o", following=lw.w_gate_up), x
         out = self.tp.all_reduce(self._linear(o.reshape(x.shape[0], -1), lw.w_o))
         return (out if lw.b_o is None else out + lw.b_o), x  # the bias once, after the sum
 
@@ -196,10 +202,13 @@ class Decoder:
             return logits.to(torch.float32)
         return self.tp.all_gather_last_dim(logits)[:, :self.spec.vocab_size].to(torch.float32)
 
-    def _mlp_block(self, lw: LayerWeights, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the MLP block's output, the residual stream with the attention's delta added)."""
-        act, x = self._norm_linear(x, delta, lw.ln_mlp, lw.w_gate_up, glu=True, name="gate_up")
-        out = self._linear(act, lw.w_down, name="down")
+    def _mlp_block(self, lw: LayerWeights, x: torch.Tensor, delta: torch.Tensor, following: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the MLP block's output, the residual stream with the attention's delta added);
+        following: the weight of the product after the block's last (the next layer's QKV, or the
+        LM head)."""
+        act, x = self._norm_linear(x, delta, lw.ln_mlp, lw.w_gate_up, glu=True, name="gate_up", following=lw.w_down)
+        out = self._linear(act, lw.w_down, name="down", following=following)
         return (out if self.tp is None else self.tp.all_reduce(out)), x
 
     @torch.inference_mode()
@@ -211,7 +220,9 @@ class Decoder:
         x = self._embed(b.tokens)
         meta = self.attention.prepare(b.groups, b.slots, b.key_positions, plan=b.plan, page_size=cache.page_size)
         delta = None  # the last block's output, added to the residual stream by the next norm
-        for i, lw in enumerate(self.w.layers[:layers]):
+        run = self.w.layers[:layers]
+        for i, lw in enumerate(run):
             attention, x = self._attention_block(lw, x, delta, meta, cache, i)
-            delta, x = self._mlp_block(lw, x, attention)
+            following = run[i + 1].w_qkv if i + 1 < len(run) else self.w.lm_head
+            delta, x = self._mlp_block(lw, x, attention, following)
         return self._lm_head(self._add_norm(x[b.last_rows], delta[b.last_rows], self.w.norm)[1])

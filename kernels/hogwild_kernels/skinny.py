@@ -50,7 +50,8 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, stride_xm, stride_wn, str
                    HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, CHAINED: tl.constexpr, PREFETCH: tl.constexpr,
                    d_ptr=None, nw_ptr=None, sum_ptr=None, eps=0.0, NORM_ROWS: tl.constexpr = 0,
                    KP: tl.constexpr = 1, HAS_DELTA: tl.constexpr = False, GLU: tl.constexpr = False,
-                   WIDE_OFFSETS: tl.constexpr = False):
+                   WIDE_OFFSETS: tl.constexpr = False, next_ptr=None, next_n=0, next_stride=0, next_per=0,
+                   NEXT_LINES: tl.constexpr = 0, NEXT_ROWS: tl.constexpr = 1):
     """CHAINED: a programmatic dependent (pdl.py); while the kernel before it runs, the strip's
     first PREFETCH 128-byte lines of each row are requested into the L2 cache (weights: no
     kernel writes them). NORM_ROWS > 0 (M <= NORM_ROWS): the input is the RMSNorm of x
@@ -59,7 +60,10 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, stride_xm, stride_wn, str
     fused.add_rms_norm takes it. GLU: the weight is [gate; up] (2N rows), each program
     multiplies a strip of both and stores SiLU(gate) * up, N wide (the MLP's activation in
     the gate/up product's epilogue). WIDE_OFFSETS: weights of 2**31 elements or more, whose row
-    offsets take 64 bits."""
+    offsets take 64 bits. NEXT_LINES > 0: once its loads are done, each program asks the L2
+    cache for the first NEXT_LINES 128-byte lines of each row of its share (next_per rows,
+    NEXT_ROWS at a time) of the next product's weight (next_n rows), so that the memory stays
+    busy across the boundary between the two products."""
     pid = tl.program_id(0)
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     wn = rn.to(tl.int64) if WIDE_OFFSETS else rn  # a weight row's index, for its offset
@@ -117,6 +121,12 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, stride_xm, stride_wn, str
         if NORM_ROWS > 0:
             d_ptrs += BLOCK_K
             nw_ptrs += BLOCK_K
+    if NEXT_LINES > 0:
+        end = tl.minimum((pid + 1) * next_per, next_n)
+        line = tl.arange(0, NEXT_LINES) * (1024 // next_ptr.dtype.element_ty.primitive_bitwidth)
+        for r0 in range(pid * next_per, end, NEXT_ROWS):
+            rows = tl.minimum(r0 + tl.arange(0, NEXT_ROWS), end - 1).to(tl.int64)
+            prefetch_l2(next_ptr + rows[:, None] * next_stride + line[None, :])
     ty = out_ptr.dtype.element_ty
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -137,18 +147,21 @@ def supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                   config: tuple[int, int, int, int] | None = None, chained: bool = False,
-                  glu: bool = False, prefetch: int = 0) -> torch.Tensor:
+                  glu: bool = False, prefetch: int = 0, next_weight: torch.Tensor | None = None,
+                  next_bytes: int = 0) -> torch.Tensor:
     """F.linear(x, weight, bias) for x of at most WIDE_ROWS rows: [M, K] @ [N, K]^T -> [M, N].
     chained: launched as a programmatic dependent of the kernel before it (pdl.py). glu: the
     weight is [gate; up] (N even) and the result fused.silu_mul of the product, [M, N / 2].
     prefetch: bytes of each weight row a chained launch asks the L2 cache for before its wait
-    (0: PREFETCH_BYTES; under 128: none)."""
+    (0: PREFETCH_BYTES; under 128: none). next_weight, next_bytes: the weight of the chain's
+    next product, of whose rows a chained launch asks the L2 cache for the first next_bytes
+    (rounded down to a power of two of 128-byte lines; 0: none) as its programs end."""
     if x.shape[1] != weight.shape[1]:
         raise ValueError(f"rows of width {x.shape[1]} for a weight of width {weight.shape[1]}")
     if not 0 < x.shape[0] <= WIDE_ROWS:
         raise ValueError(f"skinny_linear multiplies 1 to {WIDE_ROWS} rows, got {x.shape[0]}: "
                          f"use torch.nn.functional.linear for more")
-    return _product(x, weight, bias, config, chained, glu, prefetch)
+    return _product(x, weight, bias, config, chained, glu, prefetch, next_weight, next_bytes)
 
 
 NORM_ROWS = 4  # a product takes the norm before it in its loads for passes of up to this many rows
@@ -162,16 +175,19 @@ def normed_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
 def skinny_norm_linear(x: torch.Tensor, delta: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
                        weight: torch.Tensor, bias: torch.Tensor | None = None,
                        config: tuple[int, int, int, int] | None = None, chained: bool = False, glu: bool = False,
-                       prefetch: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                       prefetch: int = 0, next_weight: torch.Tensor | None = None, next_bytes: int = 0
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """(F.linear(h, weight, bias), total) for (total, h) = fused.add_rms_norm(x, delta,
     norm_weight, eps), in one launch (the residual stream's norm taken by the
-    product that reads it; passes of at most NORM_ROWS rows). glu, prefetch: as skinny_linear's."""
+    product that reads it; passes of at most NORM_ROWS rows). glu, prefetch, next_weight,
+    next_bytes: as skinny_linear's."""
     k = x.shape[-1]
     if not normed_supported(x, weight) or (delta is not None and (delta.shape != x.shape or not delta.is_contiguous())):
         raise ValueError(f"skinny_norm_linear takes at most {NORM_ROWS} contiguous half-precision rows of the "
                          f"weight's width, and a delta of their shape; got x {tuple(x.shape)}")
     total = x if delta is None else torch.empty_like(x)
-    out = _product(x, weight, bias, config, chained, glu, prefetch, d_ptr=x if delta is None else delta,
+    out = _product(x, weight, bias, config, chained, glu, prefetch, next_weight, next_bytes,
+                   d_ptr=x if delta is None else delta,
                    nw_ptr=norm_weight, sum_ptr=total, eps=eps, NORM_ROWS=NORM_ROWS, KP=triton.next_power_of_2(k),
                    HAS_DELTA=delta is not None)
     return out, total
@@ -179,22 +195,49 @@ def skinny_norm_linear(x: torch.Tensor, delta: torch.Tensor | None, norm_weight:
 
 def _product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
              config: tuple[int, int, int, int] | None, chained: bool, glu: bool, prefetch: int,
-             **prologue) -> torch.Tensor:
+             next_weight: torch.Tensor | None = None, next_bytes: int = 0, **prologue) -> torch.Tensor:
     """Launches _skinny_kernel over the output's strips; prologue: the input's own arguments."""
     m, k, n = x.shape[0], weight.shape[1], weight.shape[0]
-    if prefetch < 0:
-        raise ValueError(f"prefetch takes a count of bytes, 0 or more; got {prefetch}")
+    if prefetch < 0 or next_bytes < 0:
+        raise ValueError(f"prefetch and next_bytes take a count of bytes, 0 or more; got {prefetch}, {next_bytes}")
     if glu and n % 2:
         raise ValueError(f"glu takes a [gate; up] weight of an even row count; got {n} rows")
     block_n, block_k, warps, stages = config or pick(n, k, glu, m)
     out_n = n // 2 if glu else n
     out = torch.empty(m, out_n, dtype=x.dtype, device=x.device)
-    _skinny_kernel[(triton.cdiv(out_n, block_n),)](
+    programs = triton.cdiv(out_n, block_n)
+    ahead = next_prefetch(next_weight, next_bytes, programs) if chained and next_weight is not None else {}
+    _skinny_kernel[(programs,)](
         x, weight, bias if bias is not None else weight, out, m, out_n, x.stride(0), weight.stride(0), out.stride(0),
         K=k, BLOCK_M=row_tile(m), BLOCK_N=block_n, BLOCK_K=block_k, HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0,
         CHAINED=chained, PREFETCH=_prefetch_lines(k, weight.element_size(), prefetch) if chained else 0, GLU=glu,
-        WIDE_OFFSETS=n * weight.stride(0) >= 2**31, num_warps=warps, num_stages=stages, **prologue, **launch(chained))
+        WIDE_OFFSETS=n * weight.stride(0) >= 2**31, num_warps=warps, num_stages=stages, **prologue, **ahead,
+        **launch(chained))
     return out
+
+
+NEXT_POINTERS = 1024  # lines a program asks for at once of the next weight (a tile of pointers it holds)
+
+
+def next_prefetch(weight: torch.Tensor, nbytes: int, programs: int) -> dict:
+    """_skinny_kernel's arguments for asking the L2 cache, over `programs` programs, for the
+    first nbytes (lines, as _prefetch_lines rounds them) of each of weight's rows; {} for none."""
+    if weight.dim() != 2 or weight.stride(1) != 1:
+        raise ValueError(f"next_weight takes a 2-d weight of contiguous rows; got shape {tuple(weight.shape)}")
+    lines = _prefetch_lines(weight.shape[1], weight.element_size(), nbytes) if nbytes else 0
+    if not lines:
+        return {}
+    per, rows = next_split(weight.shape[0], programs, lines)
+    return {"next_ptr": weight, "next_n": weight.shape[0], "next_stride": weight.stride(0), "next_per": per,
+            "NEXT_LINES": lines, "NEXT_ROWS": rows}
+
+
+def next_split(rows: int, programs: int, lines: int) -> tuple[int, int]:
+    """(rows each program takes, rows it asks for at once): shares as even as the count allows,
+    taken NEXT_POINTERS lines (at least one row) at a time."""
+    per = -(-rows // programs)
+    at_once = 1 << (max(1, min(per, NEXT_POINTERS // lines)).bit_length() - 1)
+    return per, at_once
 
 
 # of each weight row, requested while the kernel before runs (chained). On an H200 a decode pass
