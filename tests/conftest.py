@@ -11,11 +11,47 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # a fixed thread count: results must not depend on what else the machine runs (no thread governor)
+THREADS_GIVEN = "OMP_NUM_THREADS" in os.environ
 os.environ.setdefault("OMP_NUM_THREADS", str(len(os.sched_getaffinity(0))))
 if not os.environ.get("CUDA_VISIBLE_DEVICES") and not Path("/dev/nvidia0").exists():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run on the CPU interpreter in CI
 
 from models import save_random_model  # noqa: E402
+
+# `make test` runs the suite in two pytest-xdist workers (-n 2 --dist loadgroup). The tests that
+# start Ray clusters, Ray Serve, servers, subprocess clusters or torch.distributed process groups,
+# bind ports, or look at what the whole machine holds (shared memory, processes, placement groups,
+# live actors, a running cluster) share one group: they run one after another on one worker, so
+# no leak check sees the other worker's things and no test finds another's cluster.
+CLUSTER_GROUP = "cluster"
+CLUSTER_MODULES = {
+    "test_bench_serve", "test_channel_security", "test_cluster", "test_fault_sweep", "test_gpu_leaks",
+    "test_own_ray", "test_ray_backend", "test_replicas", "test_runtime_infra", "test_serve",
+    "test_session_lifetime", "test_stream", "test_tensor_parallel", "test_tensor_parallel_bench",
+}
+# single tests of otherwise local modules: `info` asks a cluster running on this machine, and a
+# port found free must stay free until the test has seen it refuse
+CLUSTER_TESTS = {
+    "test_cli.py::test_info_json",
+    "test_first_hour.py::test_a_dead_cluster_address_is_an_error_within_seconds",
+    "test_first_hour.py::test_info_names_the_cpu_model",
+}
+
+
+def pytest_configure(config):
+    """Under `-n N` the workers (started after this, with this environment) share the cores out
+    rather than each taking them all."""
+    workers = getattr(config.option, "numprocesses", None)
+    if workers and not THREADS_GIVEN and not hasattr(config, "workerinput"):
+        os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // workers))
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups into the test ids
+def pytest_collection_modifyitems(items):
+    for item in items:
+        name = f"{item.path.name}::{item.originalname}"
+        if item.path.stem in CLUSTER_MODULES or name in CLUSTER_TESTS:
+            item.add_marker(pytest.mark.xdist_group(CLUSTER_GROUP))
 
 
 @pytest.fixture(scope="session")

@@ -65,17 +65,20 @@ def cached(gguf: Path, kind: str, parse: Callable[[], Any], reload: Callable[[Pa
 def store(where: Path, value: Any) -> None:
     """Save `value` at `where` all at once (a temporary directory renamed into place), or not at all."""
     tmp: Path | None = None
+    old: Path | None = None
     try:
         where.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=where.parent, prefix=".partial-"))
         value.save_pretrained(str(tmp))
         (tmp / DONE).write_text("")
-        if where.exists():
-            shutil.rmtree(where, ignore_errors=True)
+        if where.exists():  # moved aside whole: another process reading it never sees it half deleted
+            old = Path(tempfile.mkdtemp(dir=where.parent, prefix=".partial-"))
+            os.rename(where, old / "entry")
         os.rename(tmp, where)
         tmp = None
     except OSError:  # read-only, full, or another process put its entry there first
         pass
     finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+        for d in (tmp, old):
+            if d is not None:
+                shutil.rmtree(d, ignore_errors=True)
