@@ -20,6 +20,11 @@ share. Side by side in one run:
   SiLU; `one product over every weight`: all the weights' bytes (one buffer) read by a single skinny
   product, no boundary at all. From these the report gives what a boundary between two products
   and a small kernel between them cost (µs each), the same bytes read either way;
+* `chained, N B of the next weight's rows ahead`: each product asks the L2 cache for the first N
+  bytes of each row of the next product's weight as its programs end (Decoder.next_bytes);
+* `MLP in one launch`: gate/up, SiLU and down in one launch of hogwild_kernels.mlp's kernel, a
+  barrier across the grid between the two products (one or two programs an SM); `MLP in two
+  launches`: the same code, the barrier a kernel boundary;
 * with `--sweep`: each product in every launch shape of `skinny.CONFIGS`, the others as the
   chained row has them, in the chain; and the SiLU in gate/up's epilogue in each of
   `GLU_CONFIGS` (two strips a step, so shapes of less shared memory too).
@@ -57,6 +62,9 @@ PRODUCTS_ALONE, ONE_PRODUCT = "products alone, chained", "one product over every
 # of CONFIGS' too (a program's stages, and whether the next kernel's programs fit beside it)
 # bytes of each row of the next product's weight asked for as a product ends (Decoder.next_bytes)
 NEXT_BYTES = (512, 2048, 8192)
+# the MLP block on hogwild_kernels.mlp's kernel: one launch with a barrier across the grid (one or two
+# programs an SM), or the same code in two launches
+MLP_LAUNCHES = {"MLP in one launch": "one", "MLP in one launch, 2 programs an SM": "one2", "MLP in two launches": "two"}
 GLU_CONFIGS = [(32, 256, 4, 2), (32, 256, 4, 3), (16, 256, 4, 4), (16, 512, 4, 2), (32, 128, 4, 4)]
 
 
@@ -93,12 +101,15 @@ class Chain:
         self.inter = s.intermediate_size
 
     def run(self, chained: bool = True, glu: bool = False, configs: dict | None = None,
-            products_alone: bool = False, one_product: bool = False, next_bytes: int = 0) -> torch.Tensor:
+            products_alone: bool = False, one_product: bool = False, next_bytes: int = 0,
+            mlp: str = "") -> torch.Tensor:
         """The pass without its attention: the output projection reads the QKV product's first columns.
         products_alone: the products only, each reading the one before's output (no norm, no SiLU);
         one_product: every weight's bytes read by one product (no kernel boundary at all);
         next_bytes: of each row of the next product's weight, what each product asks the L2 cache
-        for as it ends (Decoder.next_bytes)."""
+        for as it ends (Decoder.next_bytes); mlp: the MLP block (gate/up, SiLU, down) on
+        hogwild_kernels.mlp's kernel, in one launch of a program an SM ("one") or two ("one2"),
+        or in two launches ("two")."""
         from hogwild_kernels.fused import add_rms_norm, silu_mul
         from hogwild_kernels.skinny import skinny_linear
 
@@ -124,13 +135,24 @@ class Chain:
             x, h = add_rms_norm(x, delta, self.norm, self.eps, chained=chained)
             attention = product(h, "qkv", lw["qkv"])[:, : self.attn_width]
             x, h = add_rms_norm(x, product(attention, "o", lw["o"]), self.norm, self.eps, chained=chained)
-            if glu:
-                act = product(h, "gate_up", lw["gate_up"], glu=True)
+            if mlp:
+                delta = self._mlp(h, lw, chained, mlp)
             else:
-                act = silu_mul(product(h, "gate_up", lw["gate_up"]), chained=chained)
-            delta = product(act, "down", lw["down"])
+                act = (product(h, "gate_up", lw["gate_up"], glu=True) if glu
+                       else silu_mul(product(h, "gate_up", lw["gate_up"]), chained=chained))
+                delta = product(act, "down", lw["down"])
         x, h = add_rms_norm(x, delta, self.norm, self.eps, chained=chained)
         return product(h, "lm_head", self.lm_head)
+
+    @staticmethod
+    def _mlp(h: torch.Tensor, lw: dict, chained: bool, how: str) -> torch.Tensor:
+        """The MLP block on hogwild_kernels.mlp's kernel (Chain.run's mlp)."""
+        from hogwild_kernels.mlp import glu_down, resident_programs
+
+        if how == "two":
+            return glu_down(h, lw["gate_up"], lw["down"], chained=chained, one_launch=False)
+        per_sm = 2 if how == "one2" else 1
+        return glu_down(h, lw["gate_up"], lw["down"], chained=chained, programs=per_sm * resident_programs(h.device))
 
     def engine_configs(self, chosen: dict) -> dict[str, tuple[int, int, int, int]]:
         """The products whose launch shape in a chained engine is not pick's, and that shape: an
@@ -159,6 +181,7 @@ def settings(sweep: bool, engine: dict | None = None) -> list[tuple[str, dict]]:
            (PRODUCTS_ALONE, {"products_alone": True}), (ONE_PRODUCT, {"one_product": True})]
     out += [(f"chained, {b} B of the next weight's rows ahead", {"next_bytes": b}) for b in NEXT_BYTES]
     out += [(f"{PRODUCTS_ALONE}, {b} B ahead", {"products_alone": True, "next_bytes": b}) for b in NEXT_BYTES[1:2]]
+    out += [(name, {"mlp": how}) for name, how in MLP_LAUNCHES.items()]
     if engine:
         out.append((f"chained, the engine's shapes {engine}", {"configs": engine}))
     if sweep:

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))  # the benchma
 
 # the launch's constexprs worth reporting (which paths of a kernel a configuration took)
 REPORTED = ("BLOCK_N", "BLOCK_M", "BLOCK_M2", "AHEAD", "TMA", "PAGES_AHEAD", "CHAINED", "PREFETCH_KEYS", "PREFETCH",
-            "NEXT_LINES", "GLU", "NORM_ROWS", "HAS_DELTA", "IEEE", "num_stages")
+            "NEXT_LINES", "PHASES", "GLU", "NORM_ROWS", "HAS_DELTA", "IEEE", "num_stages")
 # instructions whose presence in the PTX shows that a path was compiled as meant
 MARKERS = {"chain_wait": "griddepcontrol.wait", "tensor_copy": "cp.async.bulk.tensor",
            "l2_prefetch": "prefetch.global.L2"}
@@ -80,7 +80,7 @@ def configurations(arch: int) -> list[tuple[str, object]]:
     normed, GLU); chained ones (and those marked Hopper) only from Hopper on."""
     from attention_kernels import build_case
 
-    from hogwild_kernels import TritonAttention, fused, gumbel, skinny
+    from hogwild_kernels import TritonAttention, fused, gumbel, mlp, skinny
 
     cpu = torch.device("cpu")
 
@@ -121,6 +121,10 @@ def configurations(arch: int) -> list[tuple[str, object]]:
                     skinny.skinny_linear(x, weight, config=config, chained=chained)
             if rows <= skinny.NORM_ROWS:
                 skinny.skinny_norm_linear(x, x.clone(), w, 1e-6, weight, chained=chained)
+            if rows <= mlp.MAX_ROWS:  # the MLP block in one launch (an H100's SMs), and in two
+                gate_up, down = torch.empty(2 * 12288, 4096, dtype=dtype), torch.empty(4096, 12288, dtype=dtype)
+                mlp.glu_down(x, gate_up, down, chained=chained, programs=132)
+                mlp.glu_down(x, gate_up, down, chained=chained, one_launch=False)
         return label, call
 
     def sampling():

@@ -18,14 +18,16 @@ def test_settings_sweep_every_product_in_every_launch_shape_between_two_plain_ch
 
     from hogwild_kernels.skinny import CONFIGS
 
-    from product_chain import NEXT_BYTES
+    from product_chain import MLP_LAUNCHES, NEXT_BYTES
 
     plain = settings(False)
     assert [name for name, _ in plain] == ["chained", "unchained", "activation in gate/up", "products alone, chained",
                                            "one product over every weight",
                                            *(f"chained, {b} B of the next weight's rows ahead" for b in NEXT_BYTES),
-                                           f"products alone, chained, {NEXT_BYTES[1]} B ahead", "chained"]
-    assert [kw.get("next_bytes", 0) for _, kw in plain] == [0] * 5 + list(NEXT_BYTES) + [NEXT_BYTES[1], 0]
+                                           f"products alone, chained, {NEXT_BYTES[1]} B ahead",
+                                           *MLP_LAUNCHES, "chained"]
+    assert [kw.get("next_bytes", 0) for _, kw in plain] == [0] * 5 + list(NEXT_BYTES) + [NEXT_BYTES[1], 0, 0, 0, 0]
+    assert [kw["mlp"] for _, kw in plain if "mlp" in kw] == list(MLP_LAUNCHES.values()) == ["one", "one2", "two"]
     swept = settings(True)
     assert swept[0] == swept[-1] == ("chained", {})
     configs = [kw["configs"] for _, kw in swept if "configs" in kw and not kw.get("glu")]

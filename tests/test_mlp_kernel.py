@@ -1,0 +1,83 @@
+"""The MLP block in one launch (hogwild_kernels/mlp.py): its two phases under the interpreter
+give what the skinny products give, bit for bit; on a GPU the one launch with its barrier
+gives the two launches' bits, replay after replay (the barrier's words left as found)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float16  # the interpreter lacks bf16 dots
+# tiles that divide the small shapes below: 16 features and 64-wide steps; 32 columns and 64-wide steps
+SMALL = (16, 64, 32, 64, 4, 2)
+
+
+def _weights(rows: int, hidden: int, inter: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, hidden, generator=g).to(DEVICE, DTYPE)
+    gate_up = (torch.randn(2 * inter, hidden, generator=g) / hidden**0.5).to(DEVICE, DTYPE)
+    down = (torch.randn(hidden, inter, generator=g) / inter**0.5).to(DEVICE, DTYPE)
+    return x, gate_up, down
+
+
+@pytest.mark.parametrize("rows", [1, 3, 16])
+def test_the_two_phases_give_the_skinny_products_bits(rows):
+    """Two launches, GATE_UP then DOWN: silu_mul of the gate/up product then the down product, as the skinny
+    kernel computes them with the same tiles, to the bit; and within rounding of fp32 torch."""
+    from hogwild_kernels.mlp import glu_down
+    from hogwild_kernels.skinny import skinny_linear
+
+    x, gate_up, down = _weights(rows, 128, 192, rows)
+    got = glu_down(x, gate_up, down, one_launch=False, config=SMALL)
+    act = skinny_linear(x, gate_up, config=(16, 64, 4, 2), glu=True)
+    assert torch.equal(got, skinny_linear(act, down, config=(32, 64, 4, 2)))
+    g, u = (x.float() @ gate_up.float().T).chunk(2, dim=-1)
+    want = (torch.nn.functional.silu(g) * u) @ down.float().T
+    assert ((got.float() - want).norm() / want.norm()).item() < 2e-2
+    # a few programs dealt every tile in turn: the same bits
+    assert torch.equal(glu_down(x, gate_up, down, one_launch=False, config=SMALL, programs=3), got)
+
+
+def test_bad_shapes_and_settings_are_refused_before_any_launch():
+    from hogwild_kernels.mlp import glu_down
+
+    x, gate_up, down = _weights(2, 128, 192, 0)
+    for args, named in [((x, gate_up[1:], down), "gate/up weight"), ((x, gate_up, down.T.contiguous()), "down weight"),
+                        ((torch.zeros(17, 128, dtype=DTYPE, device=DEVICE), gate_up, down), "1 to 16 rows"),
+                        ((x.float(), gate_up, down), "one dtype")]:
+        with pytest.raises(ValueError, match=named):
+            glu_down(*args, config=SMALL)
+    with pytest.raises(ValueError, match="must divide"):
+        glu_down(x, gate_up, down, config=(128, 64, 32, 64, 4, 2))  # 128 features do not divide 192
+    with pytest.raises(ValueError, match="count of bytes"):
+        glu_down(x, gate_up, down, config=SMALL, prefetch=-1)
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="the barrier needs every program resident at once: a GPU")
+@pytest.mark.parametrize("rows,hidden,inter", [(1, 4096, 12288), (4, 1024, 3072), (16, 512, 1536)])
+def test_one_launch_gives_the_two_launches_bits_again_and_again(rows, hidden, inter):
+    """The barrier: each program's activation is every program's after it (else the down
+    product reads stale or unwritten rows); its words are left as found, so the next launches
+    and a CUDA graph's replays pass it too; chained (Hopper) the same bits."""
+    from hogwild_kernels import pdl
+    from hogwild_kernels.mlp import _sync, glu_down
+
+    x, gate_up, down = _weights(rows, hidden, inter, hidden)
+    want = glu_down(x, gate_up, down, one_launch=False)
+    for _ in range(20):
+        assert torch.equal(glu_down(x, gate_up, down, ), want)
+    assert _sync(x.device)[0].item() == 0
+    assert torch.equal(glu_down(x, gate_up, down, programs=7, prefetch=0), want)
+    if pdl.supported(DEVICE):
+        assert torch.equal(glu_down(x, gate_up, down, chained=True), want)
+    graph = torch.cuda.CUDAGraph()
+    glu_down(x, gate_up, down, chained=pdl.supported(DEVICE))  # compiled before the capture
+    with torch.cuda.graph(graph):
+        out = glu_down(x, gate_up, down, chained=pdl.supported(DEVICE))
+    for _ in range(20):
+        out.zero_()
+        graph.replay()
+        assert torch.equal(out, want)
