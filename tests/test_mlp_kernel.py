@@ -46,8 +46,8 @@ def test_bad_shapes_and_settings_are_refused_before_any_launch():
 
     x, gate_up, down = _weights(2, 128, 192, 0)
     for args, named in [((x, gate_up[1:], down), "gate/up weight"), ((x, gate_up, down.T.contiguous()), "down weight"),
-                        ((torch.zeros(17, 128, dtype=DTYPE, device=DEVICE), gate_up, down), "1 to 16 rows"),
-                        ((x.float(), gate_up, down), "one dtype")]:
+                        ((torch.zeros(17, 128, dtype=DTYPE, device=DEVICE), gate_up, down), "1 to 16 half-precision rows"),
+                        ((x.float(), gate_up, down), "of their dtype")]:
         with pytest.raises(ValueError, match=named):
             glu_down(*args, config=SMALL)
     with pytest.raises(ValueError, match="must divide"):
@@ -81,3 +81,49 @@ def test_one_launch_gives_the_two_launches_bits_again_and_again(rows, hidden, in
         out.zero_()
         graph.replay()
         assert torch.equal(out, want)
+
+
+def _decoder(shape: str = "tiny"):
+    import hogwild_ray as hw
+
+    engine = hw.HogwildEngine.from_pretrained(f"random:{shape}", DEVICE.type, "float16", cache_tokens=512,
+                                              attention="triton")
+    return engine.runner.decoder
+
+
+def test_the_decoder_takes_the_one_launch_only_where_it_can_run():
+    """The "mlp" fold: rows of at most 16 on a GPU whose shapes the tiles divide; never under the
+    interpreter (its programs run one at a time: the barrier would wait forever) nor with
+    tensor-parallel shards."""
+    from hogwild_kernels.mlp import fits
+
+    decoder = _decoder()
+    lw = decoder.w.layers[0]
+    x = torch.zeros(2, lw.w_down.shape[0], dtype=lw.w_down.dtype, device=DEVICE)
+    decoder.folds = set()
+    assert not decoder._mlp_in_one_launch(x, lw)
+    decoder.folds = {"mlp"}
+    assert decoder._mlp_in_one_launch(x, lw) == (DEVICE.type == "cuda" and fits(x, lw.w_gate_up, lw.w_down))
+    assert not decoder._mlp_in_one_launch(torch.zeros(17, x.shape[1], dtype=x.dtype, device=DEVICE), lw)
+    assert not fits(x[:, :-1], lw.w_gate_up, lw.w_down) and not fits(x.float(), lw.w_gate_up, lw.w_down)
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="the barrier needs every program resident at once: a GPU")
+def test_the_mlp_fold_gives_the_unfolded_blocks_output():
+    """A layer's MLP block with the fold (one launch) and without (the skinny products, SiLU
+    between): the same residual stream, and the block's output within rounding (the down
+    product's sums may group differently)."""
+    from hogwild_kernels import mlp
+
+    decoder = _decoder("small")  # hidden 512, MLP 1536: the tiles' multiples
+    lw = decoder.w.layers[0]
+    assert mlp.fits(torch.zeros(1, lw.w_down.shape[0], dtype=lw.w_down.dtype, device=DEVICE), lw.w_gate_up, lw.w_down)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, lw.w_down.shape[0], generator=g).to(DEVICE, lw.w_down.dtype)
+    delta = torch.randn(3, lw.w_down.shape[0], generator=g).to(DEVICE, lw.w_down.dtype)
+    decoder.folds = set()
+    want, want_x = decoder._mlp_block(lw, x, delta, lw.w_qkv)
+    decoder.folds = {"mlp"}
+    got, got_x = decoder._mlp_block(lw, x, delta, lw.w_qkv)
+    assert torch.equal(got_x, want_x)
+    assert ((got.float() - want.float()).norm() / want.float().norm()).item() < 1e-2

@@ -40,8 +40,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 # small kernels a decode pass folds into their neighbours (Decoder.folds): "norm", the residual
 # norms into the loads of the products after them (passes of up to four rows); "activation", the
 # MLP's SiLU(gate) * up into the gate/up product's epilogue (on the skinny kernel); "qk_norm",
-# Qwen3's q/k norms into the K/V append's launch
-FOLDS = ("norm", "activation", "qk_norm")
+# Qwen3's q/k norms into the K/V append's launch; "mlp", the MLP block's gate/up, SiLU and down in
+# one launch, a barrier across the grid between the products (hogwild_kernels.mlp; passes of up to 16
+# rows on a GPU)
+FOLDS = ("norm", "activation", "qk_norm", "mlp")
 # a decode pass's matrix products, by name (Decoder.prefetch)
 PRODUCTS = ("qkv", "o", "gate_up", "down", "lm_head")
 
@@ -207,9 +209,24 @@ class Decoder:
         """(the MLP block's output, the residual stream with the attention's delta added);
         following: the weight of the product after the block's last (the next layer's QKV, or the
         LM head)."""
+        if self._mlp_in_one_launch(x, lw):
+            from hogwild_kernels.mlp import glu_down
+
+            x, h = self._add_norm(x, delta, lw.ln_mlp)
+            return glu_down(h, lw.w_gate_up, lw.w_down, chained=self.chained), x
         act, x = self._norm_linear(x, delta, lw.ln_mlp, lw.w_gate_up, glu=True, name="gate_up", following=lw.w_down)
         out = self._linear(act, lw.w_down, name="down", following=following)
         return (out if self.tp is None else self.tp.all_reduce(out)), x
+
+    def _mlp_in_one_launch(self, x: torch.Tensor, lw: LayerWeights) -> bool:
+        """Whether the MLP block runs as one launch ("mlp" in folds): a pass of few
+        half-precision rows on one GPU (every program resident at once), whose shapes the
+        kernel's tiles divide."""
+        if "mlp" not in self.folds or not x.is_cuda or self.tp is not None:
+            return False
+        from hogwild_kernels.mlp import fits
+
+        return fits(x, lw.w_gate_up, lw.w_down)
 
     @torch.inference_mode()
     def forward(self, b: ForwardBatch, cache: KVPool, layers: int | None = None) -> torch.Tensor:

@@ -123,6 +123,18 @@ def resident_programs(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def fits(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
+         config: tuple[int, int, int, int, int, int] | None = None) -> bool:
+    """Whether glu_down takes these: 1 to MAX_ROWS half-precision rows of contiguous
+    elements, contiguous weights of their dtype, shapes the launch shape's tiles divide."""
+    block_f, block_k, block_n, block_kd = (config or CONFIG)[:4]
+    h, inter = w_down.shape
+    return (x.dim() == 2 and 0 < x.shape[0] <= MAX_ROWS and x.shape[1] == h and x.stride(1) == 1
+            and x.dtype in (torch.bfloat16, torch.float16) and x.dtype == w_gate_up.dtype == w_down.dtype
+            and tuple(w_gate_up.shape) == (2 * inter, h) and w_gate_up.is_contiguous() and w_down.is_contiguous()
+            and not (inter % block_f or h % block_k or h % block_n or inter % block_kd))
+
+
 def glu_down(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, chained: bool = False,
              one_launch: bool = True, programs: int | None = None,
              config: tuple[int, int, int, int, int, int] | None = None, prefetch: int = PREFETCH_DOWN
@@ -136,15 +148,11 @@ def glu_down(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, cha
     m, h = x.shape
     inter = w_down.shape[1]
     block_f, block_k, block_n, block_kd, warps, stages = config or CONFIG
-    if not (x.dim() == 2 and 0 < m <= MAX_ROWS and x.stride(1) == 1 and w_gate_up.shape == (2 * inter, h)
-            and w_down.shape == (h, inter) and w_gate_up.is_contiguous() and w_down.is_contiguous()
-            and x.dtype == w_gate_up.dtype == w_down.dtype):
-        raise ValueError(f"glu_down takes 1 to {MAX_ROWS} rows [M, H], a contiguous [2 I, H] gate/up weight and "
-                         f"a contiguous [H, I] down weight of one dtype; got {tuple(x.shape)}, "
-                         f"{tuple(w_gate_up.shape)}, {tuple(w_down.shape)}")
-    if inter % block_f or h % block_k or h % block_n or inter % block_kd:
-        raise ValueError(f"glu_down's tiles ({block_f} features, {block_k}-wide steps; {block_n} columns, "
-                         f"{block_kd}-wide steps) must divide H={h} and I={inter}")
+    if not fits(x, w_gate_up, w_down, (block_f, block_k, block_n, block_kd, warps, stages)):
+        raise ValueError(f"glu_down takes 1 to {MAX_ROWS} half-precision rows [M, H], a contiguous [2 I, H] gate/up "
+                         f"weight and a contiguous [H, I] down weight of their dtype, whose sizes its tiles "
+                         f"({block_f} features, {block_k}-wide steps; {block_n} columns, {block_kd}-wide steps) must "
+                         f"divide; got {tuple(x.shape)} {x.dtype}, {tuple(w_gate_up.shape)}, {tuple(w_down.shape)}")
     if prefetch < 0:
         raise ValueError(f"prefetch takes a count of bytes, 0 or more; got {prefetch}")
     act = torch.empty(m, inter, dtype=x.dtype, device=x.device)
