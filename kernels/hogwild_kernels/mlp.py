@@ -37,7 +37,8 @@ def _grid_barrier(sync_ptr, programs):
     made before it are visible to all after it. sync_ptr: [arrivals, generation] (int32),
     arrivals left at 0, so that the next launch (a CUDA graph's replay) finds it as this one
     did."""
-    tl.debug_barrier()  # the program's threads have all stored their share
+    _fence()  # each thread's stores of the program's share ordered before its arrival
+    tl.debug_barrier()
     generation = tl.atomic_add(sync_ptr + 1, 0, sem="acquire", scope="gpu")
     arrived = tl.atomic_add(sync_ptr, 1, sem="acq_rel", scope="gpu")
     if arrived == programs - 1:
@@ -47,6 +48,13 @@ def _grid_barrier(sync_ptr, programs):
         while tl.atomic_add(sync_ptr + 1, 0, sem="acquire", scope="gpu") == generation:
             pass
     tl.debug_barrier()
+    _fence()  # and every thread's loads after it
+
+
+@triton.jit
+def _fence():
+    """A memory fence of the GPU's scope, on every thread (the atomics above run on one)."""
+    tl.inline_asm_elementwise("fence.acq_rel.gpu; // $0", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
