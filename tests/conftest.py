@@ -11,7 +11,6 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # a fixed thread count: results must not depend on what else the machine runs (no thread governor)
-THREADS_GIVEN = "OMP_NUM_THREADS" in os.environ
 os.environ.setdefault("OMP_NUM_THREADS", str(len(os.sched_getaffinity(0))))
 if not os.environ.get("CUDA_VISIBLE_DEVICES") and not Path("/dev/nvidia0").exists():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run on the CPU interpreter in CI
@@ -38,20 +37,26 @@ CLUSTER_TESTS = {
 }
 
 
-def pytest_configure(config):
-    """Under `-n N` the workers (started after this, with this environment) share the cores out
-    rather than each taking them all."""
-    workers = getattr(config.option, "numprocesses", None)
-    if workers and not THREADS_GIVEN and not hasattr(config, "workerinput"):
-        os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // workers))
-
-
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups into the test ids
 def pytest_collection_modifyitems(items):
     for item in items:
         name = f"{item.path.name}::{item.originalname}"
         if item.path.stem in CLUSTER_MODULES or name in CLUSTER_TESTS:
             item.add_marker(pytest.mark.xdist_group(CLUSTER_GROUP))
+
+
+_first_test = True
+
+
+def pytest_runtest_setup(item):
+    """An xdist worker whose first test is not of the cluster group (xdist hands the largest unit,
+    the group, out first) runs at a lower priority: the cluster tests, whose timeouts are real, get
+    the cores when they want them, and the CPU-bound tests take what they leave."""
+    global _first_test
+    if _first_test and os.environ.get("PYTEST_XDIST_WORKER"):
+        _first_test = False
+        if item.get_closest_marker("xdist_group") is None:
+            os.nice(10)
 
 
 @pytest.fixture(scope="session")
