@@ -37,11 +37,30 @@ CLUSTER_TESTS = {
 }
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups into the test ids
+def in_cluster_group(nodeid: str) -> bool:
+    """Whether the test "tests/test_x.py::[Class::]test_y[params]" is of the cluster group."""
+    path, _, name = nodeid.partition("::")
+    return Path(path).stem in CLUSTER_MODULES or f"{Path(path).name}::{name.split('[')[0]}" in CLUSTER_TESTS
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """--dist loadgroup, the group read from the test ids here: pytest 9 ignores the group suffix
+    that xdist (3.8) writes into each test's id, so xdist_group marks alone group nothing."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadGroupScheduling
+
+    class ClusterGroupScheduling(LoadGroupScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return CLUSTER_GROUP if in_cluster_group(nodeid) else super()._split_scope(nodeid)
+
+    return ClusterGroupScheduling(config, log)
+
+
 def pytest_collection_modifyitems(items):
-    for item in items:
-        name = f"{item.path.name}::{item.originalname}"
-        if item.path.stem in CLUSTER_MODULES or name in CLUSTER_TESTS:
+    for item in items:  # the mark says so to the test itself (and to an xdist that reads marks)
+        if in_cluster_group(item.nodeid):
             item.add_marker(pytest.mark.xdist_group(CLUSTER_GROUP))
 
 
