@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from .pdl import chain_start, launch, prefetch_l2
+from .skinny import prefetch_lines
 
 MAX_ROWS = 16  # one tensor-core tile of rows
 # (BLOCK_F features of the activation a tile, BLOCK_K, BLOCK_N down rows a tile, BLOCK_KD,
@@ -165,8 +166,7 @@ def glu_down(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, cha
         raise ValueError(f"prefetch takes a count of bytes, 0 or more; got {prefetch}")
     act = torch.empty(m, inter, dtype=x.dtype, device=x.device)
     out = torch.empty(m, h, dtype=x.dtype, device=x.device)
-    lines = min(prefetch, inter * x.element_size()) // 128
-    lines = 1 << (lines.bit_length() - 1) if lines else 0
+    lines = prefetch_lines(inter, x.element_size(), prefetch) if prefetch else 0
     common = dict(H=h, INTER=inter, BLOCK_M=MAX_ROWS, BLOCK_F=block_f, BLOCK_K=block_k, BLOCK_N=block_n,
                   BLOCK_KD=block_kd, CHAINED=chained, num_warps=warps, num_stages=stages, **launch(chained))
     args = (x, w_gate_up, w_down, act, out)

@@ -210,7 +210,7 @@ def _product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     _skinny_kernel[(programs,)](
         x, weight, bias if bias is not None else weight, out, m, out_n, x.stride(0), weight.stride(0), out.stride(0),
         K=k, BLOCK_M=row_tile(m), BLOCK_N=block_n, BLOCK_K=block_k, HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0,
-        CHAINED=chained, PREFETCH=_prefetch_lines(k, weight.element_size(), prefetch) if chained else 0, GLU=glu,
+        CHAINED=chained, PREFETCH=prefetch_lines(k, weight.element_size(), prefetch) if chained else 0, GLU=glu,
         WIDE_OFFSETS=n * weight.stride(0) >= 2**31, num_warps=warps, num_stages=stages, **prologue, **ahead,
         **launch(chained))
     return out
@@ -221,10 +221,10 @@ NEXT_POINTERS = 1024  # lines a program asks for at once of the next weight (a t
 
 def next_prefetch(weight: torch.Tensor, nbytes: int, programs: int) -> dict:
     """_skinny_kernel's arguments for asking the L2 cache, over `programs` programs, for the
-    first nbytes (lines, as _prefetch_lines rounds them) of each of weight's rows; {} for none."""
+    first nbytes (lines, as prefetch_lines rounds them) of each of weight's rows; {} for none."""
     if weight.dim() != 2 or weight.stride(1) != 1:
         raise ValueError(f"next_weight takes a 2-d weight of contiguous rows; got shape {tuple(weight.shape)}")
-    lines = _prefetch_lines(weight.shape[1], weight.element_size(), nbytes) if nbytes else 0
+    lines = prefetch_lines(weight.shape[1], weight.element_size(), nbytes) if nbytes else 0
     if not lines:
         return {}
     per, rows = next_split(weight.shape[0], programs, lines)
@@ -247,7 +247,7 @@ def next_split(rows: int, programs: int, lines: int) -> tuple[int, int]:
 PREFETCH_BYTES = 512
 
 
-def _prefetch_lines(k: int, element_size: int, nbytes: int = 0) -> int:
+def prefetch_lines(k: int, element_size: int, nbytes: int = 0) -> int:
     """128-byte lines of a row to prefetch (nbytes, or PREFETCH_BYTES): a power of two, within
     the row."""
     lines = min(nbytes or PREFETCH_BYTES, k * element_size) // 128
