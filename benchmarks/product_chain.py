@@ -58,13 +58,14 @@ from hogwild_ray.model.spec import spec_from_config  # noqa: E402
 PRODUCTS = ("qkv", "o", "gate_up", "down", "lm_head")
 # the same weights' bytes with fewer kernel boundaries: what the chain's boundaries cost (report)
 PRODUCTS_ALONE, ONE_PRODUCT = "products alone, chained", "one product over every weight"
-# gate/up with the SiLU in its epilogue reads two strips a K step: shapes of half the shared memory
-# of CONFIGS' too (a program's stages, and whether the next kernel's programs fit beside it)
 # bytes of each row of the next product's weight asked for as a product ends (Decoder.next_bytes)
 NEXT_BYTES = (512, 2048, 8192)
 # the MLP block on hogwild_kernels.mlp's kernel: one launch with a barrier across the grid (one or two
 # programs an SM), or the same code in two launches
-MLP_LAUNCHES = {"MLP in one launch": "one", "MLP in one launch, 2 programs an SM": "one2", "MLP in two launches": "two"}
+MLP_LAUNCHES = {"MLP in one launch": "one", "MLP in one launch, 2 programs an SM": "one2",
+                "MLP in two launches": "two"}
+# gate/up with the SiLU in its epilogue reads two strips a K step: shapes of half the shared memory
+# of CONFIGS' too (a program's stages, and whether the next kernel's programs fit beside it)
 GLU_CONFIGS = [(32, 256, 4, 2), (32, 256, 4, 3), (16, 256, 4, 4), (16, 512, 4, 2), (32, 128, 4, 4)]
 
 

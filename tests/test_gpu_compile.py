@@ -63,8 +63,8 @@ def test_every_kernel_of_the_package_is_compiled_for_each_arch(launches):
 def test_each_path_compiles_to_what_it_is_for(launches):
     """Chained launches wait for their predecessor (and only they); descriptor pages are copied
     by the tensor-memory engine; wide row tiles and chained products prefetch into the L2
-    cache (their own weights, and the next product's where given); pages looked up a tile ahead with three stages keep the next tile's copies in flight;
-    long units read 128-key tiles; rows just past a power of two take two row tiles; the exact
+    cache (their own weights, and the next product's where given); pages looked up a tile
+    ahead with three stages keep the next tile's copies in flight; long units read 128-key tiles; rows just past a power of two take two row tiles; the exact
     (fp32) path is compiled too."""
     ran = [r for r in launches if "kernel" in r and r["arch"] == 90]
     for r in ran:

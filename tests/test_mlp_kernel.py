@@ -45,8 +45,9 @@ def test_bad_shapes_and_settings_are_refused_before_any_launch():
     from hogwild_kernels.mlp import glu_down
 
     x, gate_up, down = _weights(2, 128, 192, 0)
+    many = torch.zeros(17, 128, dtype=DTYPE, device=DEVICE)
     for args, named in [((x, gate_up[1:], down), "gate/up weight"), ((x, gate_up, down.T.contiguous()), "down weight"),
-                        ((torch.zeros(17, 128, dtype=DTYPE, device=DEVICE), gate_up, down), "1 to 16 half-precision rows"),
+                        ((many, gate_up, down), "1 to 16 half-precision rows"),
                         ((x.float(), gate_up, down), "of their dtype")]:
         with pytest.raises(ValueError, match=named):
             glu_down(*args, config=SMALL)
@@ -54,6 +55,14 @@ def test_bad_shapes_and_settings_are_refused_before_any_launch():
         glu_down(x, gate_up, down, config=(128, 64, 32, 64, 4, 2))  # 128 features do not divide 192
     with pytest.raises(ValueError, match="count of bytes"):
         glu_down(x, gate_up, down, config=SMALL, prefetch=-1)
+    if DEVICE.type != "cuda":  # the barrier would wait for programs the interpreter runs later
+        with pytest.raises(ValueError, match="needs a GPU"):
+            glu_down(x, gate_up, down, config=SMALL)
+    else:  # more programs than can be resident at once: the barrier would never open
+        from hogwild_kernels.mlp import PER_SM, resident_programs
+
+        with pytest.raises(ValueError, match="programs an SM"):
+            glu_down(x, gate_up, down, config=SMALL, programs=PER_SM * resident_programs(DEVICE) + 1)
 
 
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="the barrier needs every program resident at once: a GPU")
@@ -68,7 +77,7 @@ def test_one_launch_gives_the_two_launches_bits_again_and_again(rows, hidden, in
     x, gate_up, down = _weights(rows, hidden, inter, hidden)
     want = glu_down(x, gate_up, down, one_launch=False)
     for _ in range(20):
-        assert torch.equal(glu_down(x, gate_up, down, ), want)
+        assert torch.equal(glu_down(x, gate_up, down), want)
     assert _sync(x.device)[0].item() == 0
     assert torch.equal(glu_down(x, gate_up, down, programs=7, prefetch=0), want)
     if pdl.supported(DEVICE):
@@ -97,9 +106,10 @@ def test_the_decoder_takes_the_one_launch_only_where_it_can_run():
     tensor-parallel shards."""
     from hogwild_kernels.mlp import fits
 
-    decoder = _decoder()
+    decoder = _decoder("small")  # hidden 512, MLP 1536: the tiles' multiples, so only the rules below refuse
     lw = decoder.w.layers[0]
     x = torch.zeros(2, lw.w_down.shape[0], dtype=lw.w_down.dtype, device=DEVICE)
+    assert fits(x, lw.w_gate_up, lw.w_down)
     decoder.folds = set()
     assert not decoder._mlp_in_one_launch(x, lw)
     decoder.folds = {"mlp"}

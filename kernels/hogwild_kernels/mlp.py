@@ -17,6 +17,8 @@ fp32 over K steps as skinny's kernel sums it and rounded once.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -29,6 +31,9 @@ MAX_ROWS = 16  # one tensor-core tile of rows
 #  num_warps, num_stages)
 CONFIG = (32, 256, 32, 512, 4, 3)
 PREFETCH_DOWN = 2048  # bytes of each of its down rows a program asks for before the barrier
+# programs an SM that one launch may have: CONFIG's 96 KB of shared memory lets two share an SM, so
+# that every program is resident at once (more, and the barrier waits for programs never started)
+PER_SM = 2
 BOTH, GATE_UP, DOWN = 3, 1, 2  # the phases a launch runs (both: with the barrier between)
 
 
@@ -66,9 +71,10 @@ def _glu_down_kernel(x_ptr, wgu_ptr, wd_ptr, act_ptr, out_ptr, sync_ptr, M, stri
                      CHAINED: tl.constexpr, PREFETCH: tl.constexpr):
     """x [M, H] times [gate; up] ([2 INTER, H]) -> act = SiLU(gate) * up [M, INTER] (stored at
     act_ptr), then act times down ([H, INTER]) -> out [M, H]. Tiles of BLOCK_F features and of
-    BLOCK_N output columns are dealt to the grid's `programs` in turn. PHASES: BOTH (the barrier between), or GATE_UP or DOWN alone (two
-    launches: the interpreter, which runs programs one at a time, and the unfused comparison). PREFETCH: lines of each of its first down tile's rows a
-    program of BOTH asks the L2 cache for before the barrier."""
+    BLOCK_N output columns are dealt to the grid's `programs` in turn. PHASES: BOTH (the
+    barrier between), or GATE_UP or DOWN alone (two launches: the interpreter, which runs
+    programs one at a time, and the unfused comparison). PREFETCH: lines of each of its first
+    down tile's rows a program of BOTH asks the L2 cache for before the barrier."""
     pid = tl.program_id(0)
     rm = tl.arange(0, BLOCK_M)
     m_ok = rm < M
@@ -149,10 +155,9 @@ def glu_down(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, cha
              config: tuple[int, int, int, int, int, int] | None = None, prefetch: int = PREFETCH_DOWN
              ) -> torch.Tensor:
     """down(SiLU(gate) * up) of x's rows ([M, H], M <= MAX_ROWS) for w_gate_up [gate; up]
-    ([2 I, H]) and w_down [H, I], in one launch (BOTH phases, the barrier between) or two
-    (GATE_UP, then DOWN). programs: of each launch (default: resident_programs for one launch,
-    which must not have more than the GPU holds at once or the barrier never opens; a tile
-    each for two); chained: a programmatic
+    ([2 I, H]) and w_down [H, I], in one launch (BOTH phases, the barrier between; a GPU only)
+    or two (GATE_UP, then DOWN). programs: of each launch (default: resident_programs for one
+    launch, which takes at most PER_SM an SM; a tile each for two); chained: a programmatic
     dependent (pdl.py); prefetch: bytes of each down row a program asks for before the barrier."""
     m, h = x.shape
     inter = w_down.shape[1]
@@ -164,6 +169,14 @@ def glu_down(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, cha
                          f"divide; got {tuple(x.shape)} {x.dtype}, {tuple(w_gate_up.shape)}, {tuple(w_down.shape)}")
     if prefetch < 0:
         raise ValueError(f"prefetch takes a count of bytes, 0 or more; got {prefetch}")
+    if one_launch and os.environ.get("TRITON_INTERPRET") == "1":
+        raise ValueError("glu_down's one launch needs a GPU (its barrier waits for every program at once; the "
+                         "interpreter runs them one at a time): pass one_launch=False")
+    if one_launch and x.is_cuda and programs is not None:
+        most = PER_SM * resident_programs(x.device)
+        if not 0 < programs <= most:
+            raise ValueError(f"glu_down's one launch takes 1 to {PER_SM} programs an SM ({most} here), all resident "
+                             f"at once; got {programs}")
     act = torch.empty(m, inter, dtype=x.dtype, device=x.device)
     out = torch.empty(m, h, dtype=x.dtype, device=x.device)
     lines = prefetch_lines(inter, x.element_size(), prefetch) if prefetch else 0
