@@ -137,3 +137,45 @@ def test_the_mlp_fold_gives_the_unfolded_blocks_output():
     got, got_x = decoder._mlp_block(lw, x, delta, lw.w_qkv)
     assert torch.equal(got_x, want_x)
     assert ((got.float() - want.float()).norm() / want.float().norm()).item() < 1e-2
+
+
+def _greedy_run(engine, steps: int = 40) -> tuple[list, list]:
+    import hogwild_ray as hw
+
+    session = engine.start("Compute 12 * 7 and explain.", workers=4, max_tokens=400,
+                           sampling=hw.SamplingParams(temperature=0.0), stop_on_answer=False)
+    tokens, logits = [], []
+    while len(tokens) < steps and not session.done:
+        tokens.append(session.step())
+        logits.append(session.last_logits.clone())
+    session.close()
+    return tokens, logits
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA graphs and the barrier need a GPU")
+def test_a_graphed_engine_with_the_mlp_fold_runs_it_replay_after_replay(monkeypatch):
+    """A whole engine (random:small, whose sizes the tiles divide) with the "mlp" fold through
+    CUDA graphs: chained (where the GPU can chain) and not, the same tokens and logits bit for
+    bit over many replays; the first pass's logits those of eager passes within bf16 rounding
+    (graphs pad their attention plans); and the one launch is what ran, not the products."""
+    import hogwild_ray as hw
+    from hogwild_kernels import mlp, pdl
+
+    launches = []
+    real = mlp.glu_down
+    monkeypatch.setattr(mlp, "glu_down", lambda *a, **k: launches.append(k.get("chained")) or real(*a, **k))
+    runs = {}
+    for mode in ("eager", "graphs", "graphs, chained"):
+        engine = hw.HogwildEngine.from_pretrained("random:small", "cuda", "bfloat16", cache_tokens=8192,
+                                                  cuda_graphs=mode != "eager")
+        engine.decoder.folds |= {"mlp"}
+        engine.decoder.set_chained(mode.endswith("chained") and pdl.supported(DEVICE))
+        runs[mode] = _greedy_run(engine)
+        if mode != "eager":
+            assert engine.graphs.replays >= 20
+    assert launches and (True in launches) == pdl.supported(DEVICE)
+    assert runs["graphs, chained"][0] == runs["graphs"][0]
+    for a, b in zip(runs["graphs"][1], runs["graphs, chained"][1]):
+        torch.testing.assert_close(b, a, rtol=0, atol=0, equal_nan=True)
+    first_eager, first_graphed = runs["eager"][1][0], runs["graphs"][1][0]
+    assert ((first_graphed - first_eager).norm() / first_eager.norm()).item() < 1e-2

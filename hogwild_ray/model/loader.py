@@ -15,6 +15,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
+from types import SimpleNamespace
 from typing import Callable
 
 import torch
@@ -188,6 +189,13 @@ def load_config(ckpt: Checkpoint):
     else:
         check_tensors(file_tensors(ckpt), config)
     return config
+
+
+def plain_config(config) -> SimpleNamespace:
+    """The config's fields as plain attributes: enough for `tensor_shapes` and the weight readers (shapes,
+    head counts), and unpickled without transformers, whose import costs a shard actor seconds of CPU.
+    The RoPE frequencies need the real config: send the spec made from it alongside."""
+    return SimpleNamespace(**config.to_dict())
 
 
 def file_tensors(ckpt: Checkpoint) -> dict[str, tuple[int, ...]]:

@@ -62,12 +62,19 @@ class ModelShard:
 
     def __init__(self, config: EngineConfig, rendezvous_timeout_s: float = 120.0,
                  collective_timeout_s: float = 600.0) -> None:
-        self.config, self.world = config, config.tp  # sized: the context and pool the coordinator settled
+        self.config, self.world = config, config.tp  # configure() hands over the sized one
+        self.model: tuple[Any, Any] = (None, None)  # (spec, plain_config); read here on "init" unless configured
         self.rendezvous_timeout_s, self.collective_timeout_s = rendezvous_timeout_s, collective_timeout_s
         self.runner = self.allocator = self.executor = self.store = self.parallel = self.channel = None
         self.stall_s = 0.0
         self.timed, self.passes = False, 0  # passes run while the collectives are timed
         multicast_off()  # before anything can start NCCL
+
+    def configure(self, config: EngineConfig, model: tuple[Any, Any]) -> None:
+        """The sized config and the model's (spec, plain_config) as the coordinator read them, while
+        this actor started (called on its health thread, before "init"): this process then never
+        imports transformers, and the coordinator's reading of the model overlaps the shards' start."""
+        self.config, self.model = config, model
 
     def _open_store(self) -> str:
         """Rank 0's TCPStore on this node's address, at a port the OS picks and keeps bound: no free-port race."""
@@ -102,7 +109,8 @@ class ModelShard:
         self.parallel = TensorParallel(rank, self.world, None) if self.world > 1 else None
         check_attention(config.attention, device)
         graphs = check_graphs(config.cuda_graphs, config.attention, device, self.parallel)
-        self.runner = ModelRunner.load(config, graphs, self.parallel)
+        spec, model_config = self.model
+        self.runner = ModelRunner.load(config, graphs, self.parallel, spec=spec, model_config=model_config)
         self.allocator = PageAllocator(config.pages, config.page_size)
         self.executor = LocalExecutor(self.runner)
 

@@ -8,13 +8,23 @@ the coordinator actor (see coordinator.py); users get it through `RayHogwildEngi
 from __future__ import annotations
 
 import time
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
+
+import ray
 
 from ..config import EngineConfig
 from ..engine import HogwildEngine, read_model
+from ..model.loader import plain_config
 from ..core.layout import PageAllocator
 from ..model.parallel import shard_plan
 from .ray_executor import RayExecutor
+
+
+def timed(fn: Callable, *args: Any) -> tuple[Any, float]:
+    """fn(*args) and the seconds it took."""
+    t = time.perf_counter()
+    return fn(*args), time.perf_counter() - t
 
 
 class ShardedEngine(HogwildEngine):
@@ -26,23 +36,37 @@ class ShardedEngine(HogwildEngine):
     @classmethod
     def create(cls, config: EngineConfig, placement: Any, start_timeout_s: float = 120.0,
                load_timeout_s: float = 600.0) -> ShardedEngine:
-        """Read the model here, start its shards in bundles 0..tp-1 of `placement`, load their weights."""
+        """Start the model's shards in bundles 0..tp-1 of `placement` while the model is read here
+        (config, spec, tokenizer), then load their weights. read_model_s and shard_start_s overlap."""
         from .shard import ModelShard
         from .supervisor import ShardGroup
 
         t0 = time.perf_counter()
-        ckpt, _, spec, tokenizer = read_model(config.model)
-        config = config.sized(spec.max_positions)
-        spec.check_context(config.max_context)
-        if config.tp > 1:
-            shard_plan(spec, 0, config.tp)  # UnsupportedModelError naming the valid degrees, before any actor starts
+        with ThreadPoolExecutor(1) as pool:  # the model is read here while the shards start
+            reading = pool.submit(timed, read_model, config.model)
+            group = None
+            try:
+                group = ShardGroup(ModelShard, config.tp, args=(config,),
+                                   use_gpu=config.torch_device.type == "cuda", placement=placement,
+                                   start_timeout=start_timeout_s, step_timeout=config.step_timeout_s)
+                shard_start = time.perf_counter() - t0
+                (ckpt, model_config, spec, tokenizer), read_s = reading.result()
+                config = config.sized(spec.max_positions)
+                spec.check_context(config.max_context)
+                if config.tp > 1:
+                    shard_plan(spec, 0, config.tp)  # UnsupportedModelError naming the valid degrees
+                model = (spec, plain_config(model_config))
+                ray.get([actor.configure.options(concurrency_group="health").remote(config, model)
+                         for actor in group.actors], timeout=start_timeout_s)
+            except BaseException:
+                if group is not None:
+                    group.close()
+                reading.cancel()
+                raise
         engine = cls(spec, tokenizer, None, PageAllocator(config.pages, config.page_size), config.torch_device,
                      config.max_context, ckpt.label)
         engine.executor = RayExecutor(engine)
-        t1 = time.perf_counter()
-        engine.group = ShardGroup(ModelShard, config.tp, args=(config,),
-                                  use_gpu=config.torch_device.type == "cuda", placement=placement,
-                                  start_timeout=start_timeout_s, step_timeout=config.step_timeout_s)
+        engine.group = group
         t2 = time.perf_counter()
         try:
             store = engine.group.step(("store", ()))
@@ -51,7 +75,7 @@ class ShardedEngine(HogwildEngine):
             engine.close()
             raise
         engine.tp = config.tp
-        engine.timings = {"read_model_s": t1 - t0, "shard_start_s": t2 - t1, "weights_s": time.perf_counter() - t2}
+        engine.timings = {"read_model_s": read_s, "shard_start_s": shard_start, "weights_s": time.perf_counter() - t2}
         return engine
 
     def stall(self, rank: int, seconds: float) -> None:
