@@ -97,6 +97,20 @@ class TestOneEngine:
         pages = tp2_engine.allocator
         assert pages.free_pages == pages.num_pages
 
+    def test_shards_get_the_model_from_the_coordinator_and_never_import_transformers(self, tp2_engine):
+        """The coordinator reads the model while the shards start and hands them its spec: the
+        shards' processes (seconds of CPU each otherwise) never import transformers."""
+        import sys
+
+        def imported(actor: object) -> bool:
+            return "transformers" in sys.modules
+
+        shards = tp2_engine.shard_actors()
+        assert len(shards) == 2
+        held = ray.get([a.__ray_call__.options(concurrency_group="health").remote(imported) for a in shards])
+        assert held == [False, False]
+        assert ray.get(tp2_engine.coordinator.__ray_call__.remote(imported))  # the tokenizer and config: read there
+
     def test_session_proxy_mirrors_the_session(self, tp2_engine):
         """What progress displays read (workers, text, stats, done) is mirrored from each step's reply."""
         seen = []
