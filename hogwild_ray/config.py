@@ -14,13 +14,13 @@ from pathlib import Path
 
 import torch
 
+from .core.dtypes import DTYPE_NAMES
 from .errors import InvalidRequestError, check_int
 from .model.parallel import TensorParallel
 
 ATTENTION_CHOICES = ("auto", "triton", "torch")
 BACKENDS = ("local", "ray")
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {name: getattr(torch, torch_name) for name, torch_name in DTYPE_NAMES.items()}
 
 
 def resolve_device(device: str | torch.device) -> torch.device:

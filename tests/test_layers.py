@@ -97,6 +97,27 @@ def test_the_package_and_its_options_load_without_torch_triton_or_ray():
     assert out.stdout.startswith("0.7 True")
 
 
+def test_the_command_line_parses_and_answers_help_without_torch_triton_or_ray():
+    """`hogwild-ray --help`, each command's --help and a bad flag's error answer without importing
+    torch (seconds of CPU): the heavy modules load once a command runs."""
+    code = ("import sys\n"
+            "for name in ('torch', 'triton', 'ray', 'numpy', 'transformers'):\n"
+            "    sys.modules[name] = None  # any import of them fails\n"
+            "from hogwild_ray.cli import main\n"
+            "for argv in (['--help'], ['run', '--help'], ['serve', '--help'], ['batch', '--help'],\n"
+            "             ['eval', '--help'], ['serve', '--tp', '0']):\n"
+            "    try:\n"
+            "        code = main(argv)\n"
+            "    except SystemExit as e:\n"
+            "        code = e.code\n"
+            "    print('exit:', argv[0], code)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    codes = [line for line in out.stdout.splitlines() if line.startswith("exit: ")]
+    assert codes == [f"exit: {c}" for c in ("--help 0", "run 0", "serve 0", "batch 0", "eval 0", "serve 2")], codes
+    assert "--dtype" in out.stdout and "bf16" in out.stdout
+
+
 RAY_FREE_SERVING = ("serve/openai_protocol", "serve/metrics")  # testable without Ray
 
 

@@ -9,7 +9,7 @@ import re
 import sys
 from typing import Any
 
-from ..config import DTYPES
+from ..core.dtypes import DTYPE_NAMES
 from ..errors import InvalidRequestError
 from ..core.layout import LAYOUTS
 from ..core.sampling_params import SamplingParams
@@ -58,8 +58,8 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
                         "(default: the built-in SmolLM2-135M-Instruct)")
     g.add_argument("--device", default=None,
                    help="torch device to run on: cpu, cuda or cuda:N (default: cuda when a GPU is visible, else cpu)")
-    g.add_argument("--dtype", choices=sorted(DTYPES), default=None, metavar="DTYPE",
-                   help=f"weight and cache dtype: {', '.join(sorted(DTYPES))} "
+    g.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default=None, metavar="DTYPE",
+                   help=f"weight and cache dtype: {', '.join(sorted(DTYPE_NAMES))} "
                         "(default: float32 on cpu, bfloat16 on cuda)")
     g.add_argument("--backend", choices=("local", "ray"), default=None,
                    help="local: this process; ray: tensor-parallel shard actors on a Ray cluster "

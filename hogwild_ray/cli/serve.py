@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import DTYPES
+from ..core.dtypes import DTYPE_NAMES
 from .common import FORMATTER, at_least
 
 EXAMPLES = """\
@@ -39,8 +39,8 @@ def register(sub) -> None:
     g.add_argument("--served-model-name", metavar="NAME", default=None,
                    help="the name /v1/models lists and requests must give (default: --model, or the built-in's name)")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda where the replica has a GPU)")
-    g.add_argument("--dtype", choices=sorted(DTYPES), default=None, metavar="DTYPE",
-                   help=f"weights and K/V dtype: {', '.join(sorted(DTYPES))} (default: bf16 on GPUs, fp32 on CPUs)")
+    g.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default=None, metavar="DTYPE",
+                   help=f"weights and K/V dtype: {', '.join(sorted(DTYPE_NAMES))} (default: bf16 on GPUs, fp32 on CPUs)")
     g.add_argument("--cache-tokens", type=at_least(1), default=None, metavar="N",
                    help="each replica's K/V pool in tokens, all sessions together (default: the engine's)")
     g.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_const", const=False, default=None,
