@@ -64,20 +64,37 @@ def _fence():
 
 
 @triton.jit
+def _prefetch_down(wd_ptr, pid, H: tl.constexpr, INTER: tl.constexpr, BLOCK_N: tl.constexpr, LINES: tl.constexpr):
+    """The first LINES lines of each row of the program's first down tile, asked of the L2 cache."""
+    rn = tl.minimum(pid * BLOCK_N + tl.arange(0, BLOCK_N), H - 1)
+    line = tl.arange(0, LINES) * (1024 // wd_ptr.dtype.element_ty.primitive_bitwidth)
+    prefetch_l2(wd_ptr + rn[:, None] * INTER + line[None, :])
+
+
+@triton.jit
 def _glu_down_kernel(x_ptr, wgu_ptr, wd_ptr, act_ptr, out_ptr, sync_ptr, M, stride_xm, stride_am, stride_om,
                      programs,
                      H: tl.constexpr, INTER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr,
                      BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KD: tl.constexpr, PHASES: tl.constexpr,
-                     CHAINED: tl.constexpr, PREFETCH: tl.constexpr):
+                     CHAINED: tl.constexpr, PREFETCH: tl.constexpr, PREFETCH_GU: tl.constexpr):
     """x [M, H] times [gate; up] ([2 INTER, H]) -> act = SiLU(gate) * up [M, INTER] (stored at
     act_ptr), then act times down ([H, INTER]) -> out [M, H]. Tiles of BLOCK_F features and of
     BLOCK_N output columns are dealt to the grid's `programs` in turn. PHASES: BOTH (the
     barrier between), or GATE_UP or DOWN alone (two launches: the interpreter, which runs
     programs one at a time, and the unfused comparison). PREFETCH: lines of each of its first
-    down tile's rows a program of BOTH asks the L2 cache for before the barrier."""
+    down tile's rows a program asks the L2 cache for before the barrier (BOTH) or before its
+    wait for the previous kernel (DOWN); PREFETCH_GU: lines of each of its first gate and up
+    rows, before that wait (as a chained skinny product does: no kernel writes weights)."""
     pid = tl.program_id(0)
     rm = tl.arange(0, BLOCK_M)
     m_ok = rm < M
+    if PHASES % 2 == 1 and PREFETCH_GU > 0:
+        rf = tl.minimum(pid * BLOCK_F + tl.arange(0, BLOCK_F), INTER - 1)
+        line = tl.arange(0, PREFETCH_GU) * (1024 // wgu_ptr.dtype.element_ty.primitive_bitwidth)
+        prefetch_l2(wgu_ptr + rf[:, None] * H + line[None, :])
+        prefetch_l2(wgu_ptr + (INTER + rf)[:, None] * H + line[None, :])
+    if PHASES == 2 and PREFETCH > 0:  # DOWN alone
+        _prefetch_down(wd_ptr, pid, H, INTER, BLOCK_N, PREFETCH)
     chain_start(CHAINED)
     ty = out_ptr.dtype.element_ty
     if PHASES % 2 == 1:
@@ -101,9 +118,7 @@ def _glu_down_kernel(x_ptr, wgu_ptr, wd_ptr, act_ptr, out_ptr, sync_ptr, M, stri
             t += programs
     if PHASES == 3:
         if PREFETCH > 0:
-            rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-            line = tl.arange(0, PREFETCH) * (1024 // wd_ptr.dtype.element_ty.primitive_bitwidth)
-            prefetch_l2(wd_ptr + tl.minimum(rn, H - 1)[:, None] * INTER + line[None, :])
+            _prefetch_down(wd_ptr, pid, H, INTER, BLOCK_N, PREFETCH)
         _grid_barrier(sync_ptr, programs)
     if PHASES >= 2:
         rkd = tl.arange(0, BLOCK_KD)
@@ -158,7 +173,9 @@ def glu_down(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, cha
     ([2 I, H]) and w_down [H, I], in one launch (BOTH phases, the barrier between; a GPU only)
     or two (GATE_UP, then DOWN). programs: of each launch (default: resident_programs for one
     launch, which takes at most PER_SM an SM; a tile each for two); chained: a programmatic
-    dependent (pdl.py); prefetch: bytes of each down row a program asks for before the barrier."""
+    dependent (pdl.py), whose programs ask the L2 cache for their first weight rows' first bytes
+    (skinny's PREFETCH_BYTES) before they wait; prefetch: bytes of each down row a program asks for
+    before the barrier."""
     m, h = x.shape
     inter = w_down.shape[1]
     block_f, block_k, block_n, block_kd, warps, stages = config or CONFIG
@@ -180,6 +197,9 @@ def glu_down(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, cha
     act = torch.empty(m, inter, dtype=x.dtype, device=x.device)
     out = torch.empty(m, h, dtype=x.dtype, device=x.device)
     lines = prefetch_lines(inter, x.element_size(), prefetch) if prefetch else 0
+    # before a chained launch's wait, as a chained skinny product: its first rows' first bytes
+    ahead_gu, ahead_down = (prefetch_lines(h, x.element_size()), prefetch_lines(inter, x.element_size())) \
+        if chained else (0, 0)
     common = dict(H=h, INTER=inter, BLOCK_M=MAX_ROWS, BLOCK_F=block_f, BLOCK_K=block_k, BLOCK_N=block_n,
                   BLOCK_KD=block_kd, CHAINED=chained, num_warps=warps, num_stages=stages, **launch(chained))
     args = (x, w_gate_up, w_down, act, out)
@@ -187,10 +207,12 @@ def glu_down(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, cha
     if one_launch:
         grid = programs or resident_programs(x.device)
         _glu_down_kernel[(grid,)](*args, _sync(x.device), *strides, grid, PHASES=BOTH, PREFETCH=lines,
-                                  **common)
+                                  PREFETCH_GU=ahead_gu, **common)
     else:
         grid = programs or triton.cdiv(inter, block_f)
-        _glu_down_kernel[(grid,)](*args, act, *strides, grid, PHASES=GATE_UP, PREFETCH=0, **common)
+        _glu_down_kernel[(grid,)](*args, act, *strides, grid, PHASES=GATE_UP, PREFETCH=0, PREFETCH_GU=ahead_gu,
+                                  **common)
         grid = programs or triton.cdiv(h, block_n)
-        _glu_down_kernel[(grid,)](*args, act, *strides, grid, PHASES=DOWN, PREFETCH=0, **common)
+        _glu_down_kernel[(grid,)](*args, act, *strides, grid, PHASES=DOWN, PREFETCH=ahead_down, PREFETCH_GU=0,
+                                  **common)
     return out
