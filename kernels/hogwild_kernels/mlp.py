@@ -64,10 +64,9 @@ def _fence():
 
 
 @triton.jit
-def _prefetch_down(wd_ptr, pid, programs, H: tl.constexpr, INTER: tl.constexpr, BLOCK_N: tl.constexpr,
-                   LINES: tl.constexpr):
+def _prefetch_down(wd_ptr, pid, H: tl.constexpr, INTER: tl.constexpr, BLOCK_N: tl.constexpr, LINES: tl.constexpr):
     """The first LINES lines of each row of the program's first down tile, asked of the L2 cache."""
-    rn = tl.minimum(pid * H // programs + tl.arange(0, BLOCK_N), H - 1)
+    rn = tl.minimum(pid * BLOCK_N + tl.arange(0, BLOCK_N), H - 1)
     line = tl.arange(0, LINES) * (1024 // wd_ptr.dtype.element_ty.primitive_bitwidth)
     prefetch_l2(wd_ptr + rn[:, None] * INTER + line[None, :])
 
@@ -79,9 +78,8 @@ def _glu_down_kernel(x_ptr, wgu_ptr, wd_ptr, act_ptr, out_ptr, sync_ptr, M, stri
                      BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KD: tl.constexpr, PHASES: tl.constexpr,
                      CHAINED: tl.constexpr, PREFETCH: tl.constexpr, PREFETCH_GU: tl.constexpr):
     """x [M, H] times [gate; up] ([2 INTER, H]) -> act = SiLU(gate) * up [M, INTER] (stored at
-    act_ptr), then act times down ([H, INTER]) -> out [M, H]. Each of the grid's `programs` takes
-    an even share of the features, then of the output columns (at most one row of either more
-    than another), in tiles of BLOCK_F and BLOCK_N, the last one cut short. PHASES: BOTH (the
+    act_ptr), then act times down ([H, INTER]) -> out [M, H]. Tiles of BLOCK_F features and of
+    BLOCK_N output columns are dealt to the grid's `programs` in turn. PHASES: BOTH (the
     barrier between), or GATE_UP or DOWN alone (two launches: the interpreter, which runs
     programs one at a time, and the unfused comparison). PREFETCH: lines of each of its first
     down tile's rows a program asks the L2 cache for before the barrier (BOTH) or before its
@@ -91,54 +89,52 @@ def _glu_down_kernel(x_ptr, wgu_ptr, wd_ptr, act_ptr, out_ptr, sync_ptr, M, stri
     rm = tl.arange(0, BLOCK_M)
     m_ok = rm < M
     if PHASES % 2 == 1 and PREFETCH_GU > 0:
-        rf = tl.minimum(pid * INTER // programs + tl.arange(0, BLOCK_F), INTER - 1)
+        rf = tl.minimum(pid * BLOCK_F + tl.arange(0, BLOCK_F), INTER - 1)
         line = tl.arange(0, PREFETCH_GU) * (1024 // wgu_ptr.dtype.element_ty.primitive_bitwidth)
         prefetch_l2(wgu_ptr + rf[:, None] * H + line[None, :])
         prefetch_l2(wgu_ptr + (INTER + rf)[:, None] * H + line[None, :])
     if PHASES == 2 and PREFETCH > 0:  # DOWN alone
-        _prefetch_down(wd_ptr, pid, programs, H, INTER, BLOCK_N, PREFETCH)
+        _prefetch_down(wd_ptr, pid, H, INTER, BLOCK_N, PREFETCH)
     chain_start(CHAINED)
     ty = out_ptr.dtype.element_ty
     if PHASES % 2 == 1:
         rk = tl.arange(0, BLOCK_K)
-        f, f_end = pid * INTER // programs, (pid + 1) * INTER // programs  # an even share of the features
-        while f < f_end:
-            rf = f + tl.arange(0, BLOCK_F)
-            f_ok = rf < f_end
+        t = pid
+        while t < INTER // BLOCK_F:
+            rf = t * BLOCK_F + tl.arange(0, BLOCK_F)
             w_ptrs = wgu_ptr + rf[:, None] * H + rk[None, :]
             x_ptrs = x_ptr + rm[:, None] * stride_xm + rk[None, :]
             gate = tl.zeros((BLOCK_M, BLOCK_F), dtype=tl.float32)
             up = tl.zeros((BLOCK_M, BLOCK_F), dtype=tl.float32)
             for k0 in range(0, H, BLOCK_K):
                 x = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)
-                gate += tl.dot(x, tl.trans(tl.load(w_ptrs, mask=f_ok[:, None], other=0.0)))
-                up += tl.dot(x, tl.trans(tl.load(w_ptrs + INTER * H, mask=f_ok[:, None], other=0.0)))
+                gate += tl.dot(x, tl.trans(tl.load(w_ptrs)))
+                up += tl.dot(x, tl.trans(tl.load(w_ptrs + INTER * H)))
                 w_ptrs += BLOCK_K
                 x_ptrs += BLOCK_K
             g = gate.to(ty).to(tl.float32)  # rounded where the product's output and fused.silu_mul round
             act = (g / (1.0 + tl.exp(-g))).to(ty).to(tl.float32) * up.to(ty).to(tl.float32)
-            tl.store(act_ptr + rm[:, None] * stride_am + rf[None, :], act.to(ty), mask=m_ok[:, None] & f_ok[None, :])
-            f += BLOCK_F
+            tl.store(act_ptr + rm[:, None] * stride_am + rf[None, :], act.to(ty), mask=m_ok[:, None])
+            t += programs
     if PHASES == 3:
         if PREFETCH > 0:
-            _prefetch_down(wd_ptr, pid, programs, H, INTER, BLOCK_N, PREFETCH)
+            _prefetch_down(wd_ptr, pid, H, INTER, BLOCK_N, PREFETCH)
         _grid_barrier(sync_ptr, programs)
     if PHASES >= 2:
         rkd = tl.arange(0, BLOCK_KD)
-        n, n_end = pid * H // programs, (pid + 1) * H // programs  # an even share of the output columns
-        while n < n_end:
-            rn = n + tl.arange(0, BLOCK_N)
-            n_ok = rn < n_end
+        t = pid
+        while t < H // BLOCK_N:
+            rn = t * BLOCK_N + tl.arange(0, BLOCK_N)
             w_ptrs = wd_ptr + rn[:, None] * INTER + rkd[None, :]
             a_ptrs = act_ptr + rm[:, None] * stride_am + rkd[None, :]
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for k0 in range(0, INTER, BLOCK_KD):
                 a = tl.load(a_ptrs, mask=m_ok[:, None], other=0.0, cache_modifier=".cg")  # other programs' writes
-                acc += tl.dot(a, tl.trans(tl.load(w_ptrs, mask=n_ok[:, None], other=0.0)))
+                acc += tl.dot(a, tl.trans(tl.load(w_ptrs)))
                 w_ptrs += BLOCK_KD
                 a_ptrs += BLOCK_KD
-            tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], acc.to(ty), mask=m_ok[:, None] & n_ok[None, :])
-            n += BLOCK_N
+            tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], acc.to(ty), mask=m_ok[:, None])
+            t += programs
 
 
 _SYNC: dict[torch.device, torch.Tensor] = {}
