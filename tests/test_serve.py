@@ -38,13 +38,16 @@ SMALL_CACHE = 1024  # tokens (64 pages): one session of the small app (59 pages)
 
 
 @pytest.fixture(scope="module")
-def server():
-    """The main app (2 engine replicas, an API key) at /, and a small one (a cache that holds one
-    session, at most one waiting) at /small, on one local Serve instance."""
+def server(random_model):
+    """The main app (2 engine replicas of a small random model under the built-in model's name: the
+    serving machinery, not the model, is tested here; an API key) at /, and a small one (the
+    built-in model; a cache that holds one session, at most one waiting) at /small, on one local
+    Serve instance."""
     port = free_port()
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)  # logical CPUs: room for a tp=2 app too
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    main = ServeSettings(workers=2, max_tokens=24, replicas=2, api_key=KEY, cache_tokens=16384)  # 16k: room to spare
+    main = ServeSettings(model=str(random_model("llama")[0]), served_model_name=MODEL, workers=2, max_tokens=24,
+                         replicas=2, api_key=KEY, cache_tokens=16384)  # 16k: room to spare
     serve.run(build_app(main), name="main", route_prefix="/", blocking=False)
     serve.run(build_app(ServeSettings(workers=2, max_tokens=96, cache_tokens=SMALL_CACHE, max_waiting=1,
                                       served_model_name="small")), name="small", route_prefix="/small")
