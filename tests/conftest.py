@@ -79,7 +79,7 @@ def pytest_runtest_setup(item):
     if _first_test and os.environ.get("PYTEST_XDIST_WORKER"):
         _first_test = False
         if item.get_closest_marker("xdist_group") is None:
-            os.nice(10)
+            os.nice(19)  # below Ray's workers too, which Ray starts at niceness 15
 
 
 @pytest.fixture(scope="session")

@@ -98,10 +98,13 @@ def test_models_list(client):
 
 
 def test_chat_completion(client):
+    """No finisher (whose answer, written after the budget, is not in the transcript): the content is
+    the \\boxed{} answer the collaboration wrote, or empty."""
     r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": PROBLEM}], max_tokens=12,
-                                       extra_body={"workers": 3, "max_forward_passes": 60})
+                                       extra_body={"workers": 3, "max_forward_passes": 60, "finisher": False})
     [choice] = r.choices
     extra = choice.model_extra["hogwild"]
+    assert "finisher" not in extra["stop_reason"]
     assert len(extra["worker_texts"]) == 3 and all(extra["worker_texts"])
     content = choice.message.content
     assert isinstance(content, str) and (not content or "\\boxed{" + content in choice.message.model_extra[

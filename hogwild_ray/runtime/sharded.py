@@ -56,8 +56,12 @@ class ShardedEngine(HogwildEngine):
                 if config.tp > 1:
                     shard_plan(spec, 0, config.tp)  # UnsupportedModelError naming the valid degrees
                 model = (spec, plain_config(model_config))
-                ray.get([actor.configure.options(concurrency_group="health").remote(config, model)
-                         for actor in group.actors], timeout=start_timeout_s)
+                try:
+                    ray.get([actor.configure.options(concurrency_group="health").remote(config, model)
+                             for actor in group.actors], timeout=start_timeout_s)
+                except Exception:
+                    group.check()  # a shard that died meanwhile: ShardFailedError naming its rank
+                    raise
             except BaseException:
                 if group is not None:
                     group.close()
