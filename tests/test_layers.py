@@ -83,10 +83,14 @@ def test_pure_logic_imports_nothing_heavy(path):
     assert not heavy and (path.parent.name not in ("core", "serve") or not inside), (heavy, inside)
 
 
+# run first in a test's subprocess: any import of the heavy packages then fails
+WITHOUT_HEAVY = ("import sys\n"
+                 "for name in ('torch', 'triton', 'ray', 'numpy', 'transformers'):\n"
+                 "    sys.modules[name] = None\n")
+
+
 def test_the_package_and_its_options_load_without_torch_triton_or_ray():
-    code = ("import sys\n"
-            "for name in ('torch', 'triton', 'ray', 'numpy', 'transformers'):\n"
-            "    sys.modules[name] = None  # any import of them fails\n"
+    code = (WITHOUT_HEAVY +
             "import hogwild_ray as hw\n"
             "p = hw.SamplingParams(temperature=0.7, top_p=0.9, seed=1)\n"
             "o = hw.ProtocolOptions(redundancy_every=None)\n"
@@ -100,9 +104,7 @@ def test_the_package_and_its_options_load_without_torch_triton_or_ray():
 def test_the_command_line_parses_and_answers_help_without_torch_triton_or_ray():
     """`hogwild-ray --help`, each command's --help and a bad flag's error answer without importing
     torch (seconds of CPU): the heavy modules load once a command runs."""
-    code = ("import sys\n"
-            "for name in ('torch', 'triton', 'ray', 'numpy', 'transformers'):\n"
-            "    sys.modules[name] = None  # any import of them fails\n"
+    code = (WITHOUT_HEAVY +
             "from hogwild_ray.cli import main\n"
             "for argv in (['--help'], ['run', '--help'], ['serve', '--help'], ['batch', '--help'],\n"
             "             ['eval', '--help'], ['serve', '--tp', '0']):\n"
