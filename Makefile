@@ -60,10 +60,10 @@ ACTIVATE = PATH="$(abspath $(VENV))/bin:$$PATH" VIRTUAL_ENV="$(abspath $(VENV))"
 run: $(STAMP)
 	@$(ACTIVATE) $(VPY) -m hogwild_ray run
 
-# two workers: the tests that start clusters, servers or process groups (one xdist group, see
-# tests/conftest.py) run one after another on one, beside the CPU-bound tests on the other
+# three workers: the tests that start clusters, servers or process groups (two xdist groups, see
+# tests/conftest.py) run one after another on one worker a group, beside the CPU-bound tests
 test: $(STAMP)
-	@$(ACTIVATE) $(VPY) -m pytest -q -n 2 --dist loadgroup
+	@$(ACTIVATE) $(VPY) -m pytest -q -n 3 --dist loadgroup
 
 clean-venv:
 	rm -rf $(VENV)

@@ -21,30 +21,40 @@ if not os.environ.get("CUDA_VISIBLE_DEVICES") and not Path("/dev/nvidia0").exist
 
 from models import save_random_model  # noqa: E402
 
-# `make test` runs the suite in two pytest-xdist workers (-n 2 --dist loadgroup). The tests that
+# `make test` runs the suite in three pytest-xdist workers (-n 3 --dist loadgroup). The tests that
 # start Ray clusters, Ray Serve, servers, subprocess clusters or torch.distributed process groups,
-# bind ports, or look at what the whole machine holds (shared memory, processes, placement groups,
-# live actors, a running cluster) share one group: they run one after another on one worker, so
-# no leak check sees the other worker's things and no test finds another's cluster.
-CLUSTER_GROUP = "cluster"
-CLUSTER_MODULES = {
-    "test_bench_serve", "test_channel_security", "test_cluster", "test_fault_sweep", "test_gpu_leaks",
-    "test_own_ray", "test_ray_backend", "test_replicas", "test_runtime_infra", "test_serve",
-    "test_session_lifetime", "test_stream", "test_tensor_parallel", "test_tensor_parallel_bench",
+# or bind ports, are of two groups; each group's tests run one after another on one worker, so no
+# test finds another's cluster in its own group, and the two groups' clusters stand apart: each
+# worker names its shared-memory segments (HOGWILD_SHM_PREFIX, inherited by the Ray nodes it
+# starts) so a leak check counts its own, Serve's HTTP ports are picked free, the two-node
+# cluster's ports lie below the ephemeral range, and `ray.init("auto")` finds no cluster (none
+# writes the default address file). The CPU-bound rest runs beside them.
+RAY_GROUP = "ray"  # clusters started in the test's own process (ray.init), torch.distributed
+SERVE_GROUP = "serve"  # Ray Serve, the two-node cluster of cluster/local.sh
+GROUP_MODULES = {
+    RAY_GROUP: {"test_channel_security", "test_fault_sweep", "test_gpu_leaks", "test_own_ray", "test_ray_backend",
+                "test_replicas", "test_runtime_infra", "test_session_lifetime", "test_stream",
+                "test_tensor_parallel", "test_tensor_parallel_bench"},
+    SERVE_GROUP: {"test_bench_serve", "test_cluster", "test_serve"},
 }
 # single tests of otherwise local modules: `info` asks a cluster running on this machine, and a
 # port found free must stay free until the test has seen it refuse
-CLUSTER_TESTS = {
-    "test_cli.py::test_info_json",
-    "test_first_hour.py::test_a_dead_cluster_address_is_an_error_within_seconds",
-    "test_first_hour.py::test_info_names_the_cpu_model",
+GROUP_TESTS = {
+    RAY_GROUP: {"test_cli.py::test_info_json", "test_first_hour.py::test_info_names_the_cpu_model",
+                "test_first_hour.py::test_a_dead_cluster_address_is_an_error_within_seconds"},
 }
+if os.environ.get("PYTEST_XDIST_WORKER"):  # before any import of hogwild_ray's channel (ray_state, the tests)
+    os.environ["HOGWILD_SHM_PREFIX"] = f"hogwild-{os.environ['PYTEST_XDIST_WORKER']}-"
 
 
-def in_cluster_group(nodeid: str) -> bool:
-    """Whether the test "tests/test_x.py::[Class::]test_y[params]" is of the cluster group."""
+def group_of(nodeid: str) -> str | None:
+    """The group of the test "tests/test_x.py::[Class::]test_y[params]", None for a local test."""
     path, _, name = nodeid.partition("::")
-    return Path(path).stem in CLUSTER_MODULES or f"{Path(path).name}::{name.split('[')[0]}" in CLUSTER_TESTS
+    single = f"{Path(path).name}::{name.split('[')[0]}"
+    for group, modules in GROUP_MODULES.items():
+        if Path(path).stem in modules or single in GROUP_TESTS.get(group, ()):
+            return group
+    return None
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -55,26 +65,27 @@ def pytest_xdist_make_scheduler(config, log):
         return None
     from xdist.scheduler import LoadGroupScheduling
 
-    class ClusterGroupScheduling(LoadGroupScheduling):
+    class GroupScheduling(LoadGroupScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            return CLUSTER_GROUP if in_cluster_group(nodeid) else super()._split_scope(nodeid)
+            return group_of(nodeid) or super()._split_scope(nodeid)
 
-    return ClusterGroupScheduling(config, log)
+    return GroupScheduling(config, log)
 
 
 def pytest_collection_modifyitems(items):
     for item in items:  # the mark says so to the test itself (and to an xdist that reads marks)
-        if in_cluster_group(item.nodeid):
-            item.add_marker(pytest.mark.xdist_group(CLUSTER_GROUP))
+        group = group_of(item.nodeid)
+        if group:
+            item.add_marker(pytest.mark.xdist_group(group))
 
 
 _first_test = True
 
 
 def pytest_runtest_setup(item):
-    """An xdist worker whose first test is not of the cluster group (xdist hands the largest unit,
-    the group, out first) runs at a lower priority: the cluster tests, whose timeouts are real, get
-    the cores when they want them, and the CPU-bound tests take what they leave."""
+    """An xdist worker whose first test is of no group (xdist hands the largest units, the groups,
+    out first) runs at a lower priority: the cluster tests, whose timeouts are real, get the cores
+    when they want them, and the CPU-bound tests take what they leave."""
     global _first_test
     if _first_test and os.environ.get("PYTEST_XDIST_WORKER"):
         _first_test = False

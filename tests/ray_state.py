@@ -7,7 +7,7 @@ import time
 
 import ray
 
-from hogwild_ray.runtime.channel import SHM_PREFIX
+from hogwild_ray.runtime.channel import shm_prefix
 
 
 def live_groups() -> list[dict]:
@@ -23,7 +23,8 @@ def live_actors() -> list[str]:
 
 
 def our_segments() -> list[str]:
-    return [n for n in os.listdir("/dev/shm") if n.startswith(SHM_PREFIX)]
+    """This test run's step-channel segments (each pytest-xdist worker names its own, see conftest)."""
+    return [n for n in os.listdir("/dev/shm") if n.startswith(shm_prefix())]
 
 
 def assert_clean() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -70,6 +71,22 @@ def test_channel_without_ray_round_trips_and_bounds_payloads():
     for s in shards:
         s.close()
     assert our_segments() == []
+
+
+def test_segments_carry_the_prefix_the_environment_names(monkeypatch):
+    """HOGWILD_SHM_PREFIX names a process's segments (engines sharing a host tell theirs apart);
+    a prefix that is no file name is refused with the fix, before any segment exists."""
+    monkeypatch.setenv("HOGWILD_SHM_PREFIX", "hogwild-blue.team_1-")
+    ch = ShmChannel.create(1, capacity=256)
+    try:
+        assert ch.spec.name.startswith("hogwild-blue.team_1-") and ch.spec.name in os.listdir("/dev/shm")
+    finally:
+        ch.close()
+    for bad in ("../etc/x", "", "a b", "x" * 65):
+        monkeypatch.setenv("HOGWILD_SHM_PREFIX", bad)
+        with pytest.raises(HogwildError, match="HOGWILD_SHM_PREFIX=.*letters, digits"):
+            ShmChannel.create(1, capacity=256)
+    assert not [n for n in os.listdir("/dev/shm") if n.startswith("hogwild-blue")]  # closed, none half made
 
 
 def run_steps(group: ShardGroup, steps: int) -> float:

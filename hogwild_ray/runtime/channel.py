@@ -20,6 +20,7 @@ import hmac
 import ipaddress
 import logging
 import os
+import re
 import secrets
 import select
 import selectors
@@ -36,8 +37,20 @@ from .errors import ChannelClosedError, ChannelTimeoutError, ShardFailedError
 from .wire import HEADER, SlotLayout, WireFormatError, decode, encode, publish, read_meta, read_seq, wait_until
 
 Watch = Callable[[], None] | None
-SHM_PREFIX = "hogwild-"
+SHM_PREFIX = "hogwild-"  # the default start of a segment's name; HOGWILD_SHM_PREFIX sets another
+_PREFIX_CHARS = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _created: set[str] = set()  # segments this process created (and owns)
+
+
+def shm_prefix() -> str:
+    """How this process's segments are named: HOGWILD_SHM_PREFIX, else "hogwild-". Engines that
+    share a host (several clusters, several test runs) set their own to tell their segments apart;
+    Ray's workers inherit it from the process that started their node."""
+    prefix = os.environ.get("HOGWILD_SHM_PREFIX", SHM_PREFIX)
+    if not _PREFIX_CHARS.fullmatch(prefix):
+        raise HogwildError(f"HOGWILD_SHM_PREFIX={prefix!r} is not a shared-memory name prefix: use 1-64 "
+                           "letters, digits, '.', '_' or '-' (or unset it for the default 'hogwild-')")
+    return prefix
 
 
 class StepChannel(ABC):
@@ -102,7 +115,7 @@ class ShmChannel(StepChannel):
     def create(cls, shards: int, capacity: int = 4 << 20, reply_capacity: int = 1 << 20,
                spin_s: float | None = None) -> ShmChannel:
         layout = SlotLayout(shards, capacity, reply_capacity)
-        name = SHM_PREFIX + secrets.token_hex(6)
+        name = shm_prefix() + secrets.token_hex(6)
         shm = shared_memory.SharedMemory(name=name, create=True, size=layout.size)
         shm.buf[: layout.size] = bytes(layout.size)
         _created.add(name)
