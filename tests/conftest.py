@@ -29,13 +29,13 @@ from models import save_random_model  # noqa: E402
 # starts) so a leak check counts its own, Serve's HTTP ports are picked free, the two-node
 # cluster's ports lie below the ephemeral range, and `ray.init("auto")` finds no cluster (none
 # writes the default address file). The CPU-bound rest runs beside them.
-RAY_GROUP = "ray"  # clusters started in the test's own process (ray.init), torch.distributed
-SERVE_GROUP = "serve"  # Ray Serve, the two-node cluster of cluster/local.sh
-GROUP_MODULES = {
+RAY_GROUP = "ray"  # Ray engines and shards, torch.distributed
+SERVE_GROUP = "serve"  # Ray Serve (servers, replicas), the two-node cluster of cluster/local.sh
+GROUP_MODULES = {  # about the same time each (~12 and ~13 minutes of tests in three workers on 2 cores)
     RAY_GROUP: {"test_channel_security", "test_fault_sweep", "test_gpu_leaks", "test_own_ray", "test_ray_backend",
-                "test_replicas", "test_runtime_infra", "test_session_lifetime", "test_stream",
-                "test_tensor_parallel", "test_tensor_parallel_bench"},
-    SERVE_GROUP: {"test_bench_serve", "test_cluster", "test_serve"},
+                "test_runtime_infra", "test_session_lifetime", "test_stream", "test_tensor_parallel",
+                "test_tensor_parallel_bench"},
+    SERVE_GROUP: {"test_bench_serve", "test_cluster", "test_replicas", "test_serve"},
 }
 # single tests of otherwise local modules: `info` asks a cluster running on this machine, and a
 # port found free must stay free until the test has seen it refuse
@@ -98,15 +98,12 @@ def pytest_runtest_setup(item):
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory):
     """SmolLM2's tokenizer (from the default model's GGUF), saved as a plain HF tokenizer."""
-    from transformers import AutoTokenizer
-
-    from hogwild_ray.model.loader import default_checkpoint
+    from hogwild_ray.model.loader import default_checkpoint, load_tokenizer
 
     if os.environ.get("HOGWILD_TEST_TOKENIZER"):  # a saved copy, where the default model is not installed
         return Path(os.environ["HOGWILD_TEST_TOKENIZER"])
-    ckpt = default_checkpoint()
     d = tmp_path_factory.mktemp("tokenizer")
-    AutoTokenizer.from_pretrained(str(ckpt.directory), gguf_file=ckpt.gguf_file).save_pretrained(d)
+    load_tokenizer(default_checkpoint()).save_pretrained(d)  # the GGUF parsed once, by the first worker to ask
     return d
 
 
