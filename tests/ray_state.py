@@ -35,9 +35,11 @@ def our_segments() -> list[str]:
     return [n for n in os.listdir("/dev/shm") if n.startswith(shm_prefix())]
 
 
-def assert_clean() -> None:
-    """No actor, placement group or shared-memory segment left (removal is asynchronous)."""
-    deadline = time.monotonic() + 10
+def assert_clean(within_s: float = 30) -> None:
+    """No actor, placement group or shared-memory segment left. Removal is asynchronous (a killed
+    process's segments go with its exit), and slower on a loaded machine: up to `within_s` to go."""
+    deadline = time.monotonic() + within_s
     while (live_actors() or live_groups() or our_segments()) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert live_actors() == [] and live_groups() == [] and our_segments() == []
+    left = {"actors": live_actors(), "placement groups": live_groups(), "segments": our_segments()}
+    assert not any(left.values()), f"left after {within_s} s: {left}"
