@@ -14,20 +14,16 @@ def live_groups() -> list[dict]:
     return [g for g in ray.util.placement_group_table().values() if g["state"] != "REMOVED"]
 
 
-def alive_actor_states() -> list:
-    """The state API's record of each live actor of the cluster this process is connected to (by
-    its address: with none, the state API looks for clusters on the machine, and finds several
-    while other test workers run theirs)."""
-    from ray.util.state import list_actors
-
-    return list_actors(address=ray.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")])
+def alive_actors() -> list[dict]:
+    """The GCS's record of each live actor of the cluster this process is connected to ("ActorID",
+    "ActorClassName", "Name", "Pid", "Address"). Not the state API (ray.util.state): it asks a
+    dashboard, and for a cluster started without one it asks whichever answers at the default port,
+    another test worker's cluster's."""
+    return [a for a in ray._private.state.actors().values() if a["State"] == "ALIVE"]
 
 
 def live_actors() -> list[str]:
-    try:
-        return [a.actor_id for a in alive_actor_states()]
-    except Exception:  # the state API needs the dashboard (ray[default]); the GCS table says the same
-        return [k for k, a in ray._private.state.actors().items() if a["State"] == "ALIVE"]
+    return [a["ActorID"] for a in alive_actors()]
 
 
 def our_segments() -> list[str]:

@@ -38,6 +38,7 @@ from oracle import TOL, run_oracle
 ray = pytest.importorskip("ray")
 
 import hogwild_ray as hw  # noqa: E402
+from ray_state import alive_actors  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCAL_SH = ROOT / "cluster" / "local.sh"
@@ -222,11 +223,10 @@ def test_placement_options_are_checked():
 # ----------------------------------------------------------------------------- replicas on both nodes
 
 def serve_replicas(cluster) -> dict[str, str]:
-    """The engine replicas of batch and eval runs alive on the cluster now: actor id -> node id."""
-    from ray.util.state import list_actors
-
-    actors = list_actors(address=cluster["address"], filters=[("state", "=", "ALIVE")], raise_on_missing_output=False)
-    return {a.actor_id: a.node_id for a in actors if a.class_name.startswith("ServeReplica:hogwild-batch-")}
+    """The engine replicas of batch and eval runs alive on the cluster now (this process is its
+    driver): actor id -> node id."""
+    return {a["ActorID"]: a["Address"]["NodeID"] for a in alive_actors()
+            if a["ActorClassName"].startswith("ServeReplica:hogwild-batch-")}
 
 
 def batch_apps() -> list[str]:

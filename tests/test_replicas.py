@@ -16,7 +16,7 @@ import pytest
 pytestmark = pytest.mark.serve
 ray = pytest.importorskip("ray")
 pytest.importorskip("ray.serve")
-from ray_state import alive_actor_states, assert_clean  # noqa: E402
+from ray_state import alive_actors, assert_clean  # noqa: E402
 
 import hogwild_ray as hw  # noqa: E402
 from hogwild_ray.serve.pool import NoReplicaError  # noqa: E402
@@ -34,8 +34,8 @@ def local_ray():
 
 def live_replicas() -> list[tuple[int, str]]:
     """(pid, the replica's id as progress lines show it) of each live Serve replica."""
-    return [(a.pid, a.name.rsplit("#", 1)[-1][:8]) for a in alive_actor_states()
-            if a.class_name.startswith("ServeReplica:")]
+    return [(a["Pid"], a["Name"].rsplit("#", 1)[-1][:8]) for a in alive_actors()
+            if a["ActorClassName"].startswith("ServeReplica:")]
 
 
 def lines(path) -> list[dict]:
