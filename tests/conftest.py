@@ -26,9 +26,11 @@ from models import save_random_model  # noqa: E402
 # or bind ports, are of two groups; each group's tests run one after another on one worker, so no
 # test finds another's cluster in its own group, and the two groups' clusters stand apart: each
 # worker names its shared-memory segments (HOGWILD_SHM_PREFIX, inherited by the Ray nodes it
-# starts) so a leak check counts its own, Serve's HTTP ports are picked free, the two-node
-# cluster's ports lie below the ephemeral range, and `ray.init("auto")` finds no cluster (none
-# writes the default address file). The CPU-bound rest runs beside them.
+# starts) so a leak check counts its own, live actors are read from the GCS table of the test's own
+# cluster, Serve's HTTP ports are picked free, and the two-node cluster's ports lie below the
+# ephemeral range. `info` with no address (ray.init "auto", which looks for running clusters) may
+# find the other group's cluster, or several: its tests accept any answer. The CPU-bound rest runs
+# beside them.
 RAY_GROUP = "ray"  # Ray engines and shards, torch.distributed
 SERVE_GROUP = "serve"  # Ray Serve (servers, replicas), the two-node cluster of cluster/local.sh
 GROUP_MODULES = {  # about the same time each (~12 and ~13 minutes of tests in three workers on 2 cores)
