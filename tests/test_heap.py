@@ -45,7 +45,8 @@ def test_a_heap_the_process_froze_itself_is_left_frozen():
         frozen = gc.get_freeze_count()
         with heap.settled():
             pass
-        assert gc.get_freeze_count() == frozen
+        # still frozen; frozen objects may be freed meanwhile (other threads run), never put back
+        assert 0 < gc.get_freeze_count() <= frozen
     finally:
         gc.unfreeze()
 
