@@ -16,8 +16,11 @@ the phase's wall time, TTFT p50/p90/p99, ITL p50/p90/p99, e2e p50/p99, and from 
 own /metrics (differences over the phase, read 1.5 s after it: the replicas report every
 0.5 s) the forward passes, mean sessions per pass and rows (query tokens) per pass.
 
-With `--graph-warmup 0,32` a server with each warm-up setting (the decode graphs it captures at
-start) runs the same phases, one after the other, each row marked with its setting.
+With `--graph-warmup 0,32` an app with each warm-up setting (the decode graphs it captures at
+start) runs the same phases, one after the other, each row marked with its setting, on the one
+Ray Serve the run starts: each app is deployed, measured and deleted (its replicas and their
+device memory gone) before the next. `startup_s` is each app's start (replicas up, the model
+loaded, its graphs warmed up, /health answering); `serve_start_s` the Ray and Serve start before.
 
 Side by side: C=1 (one request at a time) is the baseline; every C's requests/s and tokens/s
 are also given as a ratio to it (`x_requests_per_s`, `x_tokens_per_s`: the speed-up vs one at
@@ -134,29 +137,48 @@ def requests_for(args, c: int) -> int:
 
 
 # ---- the server ------------------------------------------------------------------------------
-def start_server(args, graph_warmup: int) -> tuple[str, str]:
-    """A local Ray and Serve with the app at /; (base URL, the served model's name)."""
+APP = "hogwild-bench"
+
+
+def start_serve(args) -> str:
+    """A local Ray and Ray Serve on a free localhost port, once for the run; the base URL."""
     from ray import serve
 
     from hogwild_ray.runtime.ray_init import init_ray
-    from hogwild_ray.serve.app import ServeSettings, build_app
-    from hogwild_ray.serve.launch import free_port, wait_healthy
+    from hogwild_ray.serve.launch import free_port
 
-    settings = ServeSettings(model=args.model, device=args.device.type, cache_tokens=args.cache_tokens,
-                             workers=args.workers, max_tokens=args.max_tokens, replicas=args.replicas,
-                             max_waiting=max(256, 2 * max(args.concurrency)), graph_warmup=graph_warmup)
     cpus = max(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1,
                args.replicas + 1)  # a replica takes one CPU, the front 0.1
     init_ray(None, num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(settings), name="hogwild-bench", route_prefix="/")
-    base = f"http://127.0.0.1:{port}"
+    return f"http://127.0.0.1:{port}"
+
+
+def start_app(args, base: str, graph_warmup: int) -> str:
+    """The app at / with one warm-up setting, as `hogwild-ray serve` builds it, answering /health;
+    the served model's name."""
+    from ray import serve
+
+    from hogwild_ray.serve.app import ServeSettings, build_app
+    from hogwild_ray.serve.launch import wait_healthy
+
+    settings = ServeSettings(model=args.model, device=args.device.type, cache_tokens=args.cache_tokens,
+                             workers=args.workers, max_tokens=args.max_tokens, replicas=args.replicas,
+                             max_waiting=max(256, 2 * max(args.concurrency)), graph_warmup=graph_warmup)
+    serve.run(build_app(settings), name=APP, route_prefix="/")
     wait_healthy(f"{base}/health", timeout=900)
-    return base, settings.model_name
+    return settings.model_name
 
 
-def stop_server() -> None:
+def stop_app() -> None:
+    """The app's replicas gone (and their device memory with them) before the next one starts."""
+    from ray import serve
+
+    serve.delete(APP)
+
+
+def stop_serve() -> None:
     """Serve and Ray down, each whatever the other did."""
     import ray
 
@@ -373,23 +395,30 @@ def main(argv: list[str] | None = None) -> dict:
           f"{args.max_tokens} tokens, concurrency {','.join(map(str, args.concurrency))}", flush=True)
     t0 = time.perf_counter()
     rows, startup, phases = [], {}, {}
-    for warmup in args.graph_warmup:
-        t = time.perf_counter()
-        try:
-            base, model = start_server(args, warmup)
-            startup[str(warmup)] = round(time.perf_counter() - t, 1)
-            print(f"server up at {base} in {startup[str(warmup)]:.0f} s (graph warm-up {warmup})", flush=True)
-            measured, phases[str(warmup)] = measure(args, base, model)
-        finally:
-            stop_server()
-        rows += [{"graph_warmup": warmup, **r} for r in measured]
+    try:
+        base = start_serve(args)
+        serve_start = round(time.perf_counter() - t0, 1)
+        print(f"Ray Serve up at {base} in {serve_start:.0f} s", flush=True)
+        for warmup in args.graph_warmup:
+            t = time.perf_counter()
+            try:
+                model = start_app(args, base, warmup)
+                startup[str(warmup)] = round(time.perf_counter() - t, 1)
+                print(f"app up in {startup[str(warmup)]:.0f} s (graph warm-up {warmup})", flush=True)
+                measured, phases[str(warmup)] = measure(args, base, model)
+            finally:
+                stop_app()
+            rows += [{"graph_warmup": warmup, **r} for r in measured]
+    finally:
+        stop_serve()
     load_after = os.getloadavg() if hasattr(os, "getloadavg") else None
     meta = {"benchmark": "serve", "date": args.date, "device": device.type, "device_name": common.device_name(device),
             **common.versions(), "model": label, "served_model_name": model, "workers": args.workers,
             "max_tokens": args.max_tokens, "temperature": TEMPERATURE, "seed": SEED,
             "concurrency": args.concurrency, "requests": {str(c): requests_for(args, c) for c in args.concurrency},
             "replicas": args.replicas, "cache_tokens": args.cache_tokens, "quick": args.quick,
-            "graph_warmup": args.graph_warmup, "warmup_requests": WARMUP_REQUESTS, "startup_s": startup,
+            "graph_warmup": args.graph_warmup, "warmup_requests": WARMUP_REQUESTS, "serve_start_s": serve_start,
+            "startup_s": startup,
             "phases_s": phases,
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
             "cpu_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),

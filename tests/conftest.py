@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -59,18 +62,41 @@ def group_of(nodeid: str) -> str | None:
     return None
 
 
+# Local modules are units too (a module's fixtures are made once, not once on each worker that runs
+# one of its tests: the GPU compile's fixture alone took 40-50 s of CPU a worker). Units are handed
+# out in the items' order: the two groups first (the longest chains), then the slowest local
+# modules, so the run does not end on a long one; the rest in collection order.
+SLOW_FIRST = ("test_makefile", "test_engine", "test_gpu_compile", "test_oracle", "test_eval", "test_cli",
+              "test_triton_kernels", "test_first_hour", "test_batched_exactness", "test_eval_kills")
+
+
+def scope_of(nodeid: str) -> str:
+    """The unit a test is scheduled with: its group, or its module."""
+    return group_of(nodeid) or nodeid.partition("::")[0]
+
+
+def schedule_rank(nodeid: str) -> int:
+    group = group_of(nodeid)
+    if group:
+        return [SERVE_GROUP, RAY_GROUP].index(group)
+    stem = Path(nodeid.partition("::")[0]).stem
+    return 2 + (SLOW_FIRST.index(stem) if stem in SLOW_FIRST else len(SLOW_FIRST))
+
+
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
-    """--dist loadgroup, the group read from the test ids here: pytest 9 ignores the group suffix
-    that xdist (3.8) writes into each test's id, so xdist_group marks alone group nothing."""
+    """--dist loadgroup, the units read from the test ids here (pytest 9 ignores the group suffix
+    that xdist (3.8) writes into each test's id, so xdist_group marks alone group nothing), handed
+    out in the items' order (see schedule_rank) rather than the largest first."""
     if config.getvalue("dist") != "loadgroup":
         return None
     from xdist.scheduler import LoadGroupScheduling
 
     class GroupScheduling(LoadGroupScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            return group_of(nodeid) or super()._split_scope(nodeid)
+            return scope_of(nodeid)
 
+    config.option.loadscopereorder = False
     return GroupScheduling(config, log)
 
 
@@ -79,21 +105,24 @@ def pytest_collection_modifyitems(items):
         group = group_of(item.nodeid)
         if group:
             item.add_marker(pytest.mark.xdist_group(group))
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # the order units are handed out in; a module's own order kept
+        items.sort(key=lambda item: schedule_rank(item.nodeid))
 
 
 _first_test = True
 
 
 def pytest_runtest_setup(item):
-    """An xdist worker whose first test is of no group (xdist hands the largest units, the groups,
-    out first) runs at a lower priority: the cluster tests, whose timeouts are real, get the cores
+    """An xdist worker whose first test is of no group (the groups are handed out first,
+    schedule_rank) runs at a lower priority: the cluster tests, whose timeouts are real, get the cores
     when they want them, and the CPU-bound tests take what they leave."""
     global _first_test
     if _first_test and os.environ.get("PYTEST_XDIST_WORKER"):
         _first_test = False
         if item.get_closest_marker("xdist_group") is None:
-            # 10: below the cluster tests' own process, above Ray's workers (niceness 15); 19, below
-            # those too, ran the suite slower (30m05s against 28m01s): the CPU-bound share then ends last
+            # 10: below the cluster tests' own process, above Ray's workers (niceness 15). With those at 0
+            # too the groups ended sooner and the CPU-bound share starved (one 2 s test took 261 s), for
+            # the same run's time: the two cores are busy throughout, so only less work shortens it
             os.nice(10)
 
 
@@ -146,12 +175,42 @@ def default_engine():
     return hw.HogwildEngine.from_pretrained()
 
 
+def made_once(tmp_path_factory, name: str, make: Callable[[Path], None]) -> Path:
+    """A directory `make` fills once for the whole run, every xdist worker's (their temp dirs share a
+    parent), by whichever worker asks first; the others wait for it and read it."""
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    done = root / name
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not done.exists():
+            partial = root / f"{name}.partial"
+            shutil.rmtree(partial, ignore_errors=True)
+            make(partial)
+            partial.rename(done)
+    return done
+
+
 @pytest.fixture(scope="session")
-def default_hf_model():
+def default_hf_model(tmp_path_factory):
+    """transformers' own model of the built-in checkpoint, fp32. Read from its GGUF (de-quantized:
+    about 11 s of CPU) once for the run, kept as safetensors that every worker loads in a second."""
     import torch
+    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
     ckpt = default_checkpoint_or_skip()
-    return AutoModelForCausalLM.from_pretrained(
-        str(ckpt.directory), gguf_file=ckpt.gguf_file, dtype=torch.float32
-    ).eval()
+
+    def from_gguf(d: Path) -> None:
+        model = AutoModelForCausalLM.from_pretrained(str(ckpt.directory), gguf_file=ckpt.gguf_file,
+                                                     dtype=torch.float32)
+        d.mkdir(parents=True)
+        model.config.save_pretrained(d)
+        model.generation_config.save_pretrained(d)
+        tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
+        if model.config.tie_word_embeddings:
+            del tensors["lm_head.weight"]  # the embedding's, tied again at load
+        save_file(tensors, str(d / "model.safetensors"))
+
+    return AutoModelForCausalLM.from_pretrained(str(made_once(tmp_path_factory, "default-hf-model", from_gguf)),
+                                                dtype=torch.float32).eval()

@@ -1,7 +1,7 @@
 """The server load benchmark end to end: `benchmarks/serve.py --quick` starts a real local Ray Serve
 with a small random model on the CPU, loads it at C=1 and C=4 with the openai client, and writes
-its CSV, JSON and PNG; with two --graph-warmup settings, a server each in turn (on the CPU, which
-has no graphs, the warm-up does nothing and captures nothing)."""
+its CSV, JSON and PNG; with two --graph-warmup settings, an app each in turn on the one Ray Serve
+(on the CPU, which has no graphs, the warm-up does nothing and captures nothing)."""
 
 from __future__ import annotations
 
@@ -42,6 +42,7 @@ def test_serve_benchmark_quick(tmp_path, random_model):
         assert int(r["graph_captures"]) == 0 and float(r["graph_capture_s"]) == 0  # the CPU has no graphs
     assert all(float(both[(w, 1)]["x_requests_per_s"]) == 1.0 == float(both[(w, 1)]["x_tokens_per_s"]) for w in (0, 2))
     saved = json.loads(Path(f"{stem}.json").read_text())
-    assert saved["graph_warmup"] == [0, 2] and set(saved["startup_s"]) == {"0", "2"}
+    assert saved["graph_warmup"] == [0, 2] and set(saved["startup_s"]) == {"0", "2"} and saved["serve_start_s"] > 0
+    assert run.stdout.count("Ray Serve up at") == 1 and run.stdout.count("app up in") == 2
     assert saved["benchmark"] == "serve" and saved["device_name"] and saved["device"] in ("cpu", "cuda")
     assert Path(f"{stem}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

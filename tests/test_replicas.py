@@ -16,7 +16,7 @@ import pytest
 pytestmark = pytest.mark.serve
 ray = pytest.importorskip("ray")
 pytest.importorskip("ray.serve")
-from ray_state import alive_actors, assert_clean  # noqa: E402
+from ray_state import alive_actors, assert_clean, busy_one  # noqa: E402
 
 import hogwild_ray as hw  # noqa: E402
 from hogwild_ray.serve.pool import NoReplicaError  # noqa: E402
@@ -51,10 +51,11 @@ def test_a_replica_killed_mid_run_loses_nothing_and_the_rerun_resumes(local_ray,
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and not (out.exists() and len(out.read_text().splitlines()) >= 4):
             time.sleep(0.05)
-        replicas = live_replicas()
-        if replicas:
-            os.kill(replicas[0][0], signal.SIGKILL)
-            killed.append(replicas[0][1])
+        replicas = dict(live_replicas())
+        pid = busy_one(list(replicas), within_s=60) if replicas else None
+        if pid:  # a busy one: Serve may have sent both problems in flight to one, and the other idles
+            os.kill(pid, signal.SIGKILL)
+            killed.append(replicas[pid])
 
     killer = threading.Thread(target=kill_one_replica_after_the_first_results)
     killer.start()
