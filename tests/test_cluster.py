@@ -230,18 +230,25 @@ def serve_replicas(cluster) -> dict[str, str]:
             if a["ActorClassName"].startswith("ServeReplica:hogwild-batch-")}
 
 
-def batch_apps() -> list[str]:
+def serve_apps() -> dict:
+    """Serve's applications on the cluster now: none once the driver that started Serve has shut it
+    down (the client this process keeps then names a dead controller)."""
     from ray import serve
+    from ray.serve.exceptions import RayServeException
 
-    return [name for name in serve.status().applications if name.startswith("hogwild-batch-")]
+    try:
+        return serve.status().applications
+    except (ray.exceptions.RayActorError, RayServeException):
+        return {}
+
+
+def batch_apps() -> list[str]:
+    return [name for name in serve_apps() if name.startswith("hogwild-batch-")]
 
 
 def apps_running() -> list[bool]:
     """Whether each batch app's replicas are up (loading the model is work too: not a problem's)."""
-    from ray import serve
-
-    apps = serve.status().applications
-    return [apps[name].status == "RUNNING" for name in batch_apps()]
+    return [app.status == "RUNNING" for name, app in serve_apps().items() if name.startswith("hogwild-batch-")]
 
 
 def wait_for(what, timeout: float, step: float = 0.2):
