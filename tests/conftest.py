@@ -186,7 +186,11 @@ def made_once(tmp_path_factory, name: str, make: Callable[[Path], None]) -> Path
         if not done.exists():
             partial = root / f"{name}.partial"
             shutil.rmtree(partial, ignore_errors=True)
-            make(partial)
+            try:
+                make(partial)
+            except BaseException:
+                shutil.rmtree(partial, ignore_errors=True)  # nothing half-written left behind
+                raise
             partial.rename(done)
     return done
 

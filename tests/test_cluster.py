@@ -242,13 +242,15 @@ def serve_apps() -> dict:
         return {}
 
 
-def batch_apps() -> list[str]:
-    return [name for name in serve_apps() if name.startswith("hogwild-batch-")]
+def batch_apps() -> dict:
+    """The batch and eval runs' applications on the cluster now, by name."""
+    return {name: app for name, app in serve_apps().items() if name.startswith("hogwild-batch-")}
 
 
-def apps_running() -> list[bool]:
-    """Whether each batch app's replicas are up (loading the model is work too: not a problem's)."""
-    return [app.status == "RUNNING" for name, app in serve_apps().items() if name.startswith("hogwild-batch-")]
+def apps_running() -> bool:
+    """Whether batch apps run and their replicas are up (loading the model is work too: not a problem's)."""
+    apps = batch_apps()
+    return bool(apps) and all(app.status == "RUNNING" for app in apps.values())
 
 
 def wait_for(what, timeout: float, step: float = 0.2):
@@ -292,7 +294,7 @@ def test_eval_over_replicas_on_both_nodes_ends_with_its_driver_resumes_and_equal
             driver.kill()
             driver.wait()
         gone = wait_for(lambda: not serve_replicas(cluster) and not batch_apps(), 60, step=0.5)
-        assert gone, f"replicas outlived their driver: {serve_replicas(cluster)} {batch_apps()}"
+        assert gone, f"replicas outlived their driver: {serve_replicas(cluster)} {list(batch_apps())}"
         rerun = subprocess.run(command, env=cluster["client_env"], capture_output=True, text=True, timeout=400)
         assert rerun.returncode == 0, rerun.stderr[-3000:]
         skipped = int(rerun.stderr.split("eval: 12 runs, ", 1)[1].split(" ", 1)[0])
@@ -695,7 +697,7 @@ def test_batch_over_replicas_loses_nothing_when_a_nodes_raylet_is_killed(cluster
             [node2] = [n for n in ray.nodes() if n["Alive"] and "hw_node2" in n["Resources"]]
             [replica2] = [a["Pid"] for a in alive_actors() if a["ActorID"] in serve_replicas(cluster)
                           and a["Address"]["NodeID"] == node2["NodeID"]]
-            assert wait_for(lambda: batch_apps() and all(apps_running()), 240, step=0.2), "the app never ran"
+            assert wait_for(apps_running, 240, step=0.2), "the app never ran"
             assert busy_one([replica2], within_s=240), "node2's replica ran nothing"
             node_id = f"--node_id={node2['NodeID']}"
             raylets = [line.split(None, 1)[0] for line in subprocess.run(
