@@ -33,7 +33,8 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import hogwild_ray as hw  # noqa: E402
-from common import RESULTS, device_name, print_table, save_figure, today, versions, write_results  # noqa: E402
+from common import (RESULTS, device_name, print_table, save_figure, significant, today, versions,  # noqa: E402
+                    write_results)
 from hogwild_ray.batch import run_batch  # noqa: E402
 from hogwild_ray.eval import arithmetic_problems  # noqa: E402
 from hogwild_ray.replicated import replica_settings  # noqa: E402
@@ -51,7 +52,7 @@ def options(tokens: int) -> dict:
 def summary(label: str, replicas: int, records: list[dict], start_s: float, run_s: float) -> dict:
     tokens = sum(sum(r["stats"]["generated_per_worker"]) for r in records)
     return {"row": label, "replicas": replicas, "problems": len(records), "start_s": round(start_s, 2),
-            "run_s": round(run_s, 3), "problems_per_s": round(len(records) / run_s, 3),
+            "run_s": round(run_s, 3), "problems_per_s": significant(len(records) / run_s),
             "tokens": tokens, "tokens_per_s": round(tokens / run_s, 2)}
 
 
@@ -138,8 +139,9 @@ def main(argv: list[str] | None = None) -> dict:
     base["same_as_engine"] = True
     one = next((r for r in rows if r["replicas"] == 1), None)
     for r in rows:
-        r["x_engine"] = round(r["problems_per_s"] / base["problems_per_s"], 3)
-        r["x_1_replica"] = round(r["problems_per_s"] / one["problems_per_s"], 3) if one and r["replicas"] else None
+        r["x_engine"] = significant(r["problems_per_s"] / base["problems_per_s"])
+        r["x_1_replica"] = (significant(r["problems_per_s"] / one["problems_per_s"]) if one and r["replicas"]
+                            else None)
 
     dev = torch.device(args.device)
     tag = "cpu" if cpu else device_name(dev).replace(" ", "_")
