@@ -680,13 +680,14 @@ def test_batch_over_replicas_loses_nothing_when_a_nodes_raylet_is_killed(cluster
     exactly once, the summary counts the retries, and nothing is left running. Last in the module:
     node2 stays down."""
     model = random_model("llama", "default")[0]
-    problems = [{"id": f"n{i}", "problem": f"Compute {i} * {i + 2}."} for i in range(8)]
+    problems = [{"id": f"n{i}", "problem": f"Compute {i} * {i + 2}."} for i in range(24)]
     (tmp_path / "in.jsonl").write_text("".join(json.dumps(p) + "\n" for p in problems))
     out = tmp_path / "out.jsonl"
     command = ["hogwild-ray", "batch", "--input", str(tmp_path / "in.jsonl"), "--output", str(out), "--model",
                str(model), "--address", cluster["address"], "--replicas", "2", "--max-tokens", "256",
                "--temperature", "0", "--max-concurrent", "2"]  # in waves: node2's replica holds work to the end
-    # (256 tokens a worker, a second or more a problem: killed once node2's replica is seen running one)
+    # (256 tokens a worker, a second or more a problem; 24 of them: Serve may send node2's replica its first
+    # only after several, and it must still hold one when it is seen running and killed)
     ray.init(address=cluster["address"], log_to_driver=False)
     try:
         driver = subprocess.Popen(command, env=cluster["client_env"], stdout=subprocess.PIPE,
@@ -698,6 +699,7 @@ def test_batch_over_replicas_loses_nothing_when_a_nodes_raylet_is_killed(cluster
             [replica2] = [a["Pid"] for a in alive_actors() if a["ActorID"] in serve_replicas(cluster)
                           and a["Address"]["NodeID"] == node2["NodeID"]]
             assert wait_for(apps_running, 240, step=0.2), "the app never ran"
+            assert wait_for(lambda: out.exists() and out.read_text().count("\n") >= 1, 240)
             assert busy_one([replica2], within_s=240), "node2's replica ran nothing"
             node_id = f"--node_id={node2['NodeID']}"
             raylets = [line.split(None, 1)[0] for line in subprocess.run(
@@ -714,7 +716,7 @@ def test_batch_over_replicas_loses_nothing_when_a_nodes_raylet_is_killed(cluster
         assert driver.returncode == 0, err[-3000:]
         ids = [json.loads(line)["id"] for line in out.read_text().splitlines()]
         assert sorted(ids) == sorted(p["id"] for p in problems)  # every id exactly once, no line cut or lost
-        done = next(line for line in err.splitlines() if line.startswith("batch: 8/8 problems done"))
+        done = next(line for line in err.splitlines() if line.startswith("batch: 24/24 problems done"))
         retried = int(done.split(" retried")[0].rsplit(" ", 1)[1])
         assert retried >= 1 and err.count("running it again") == retried, err[-3000:]
         assert wait_for(lambda: not serve_replicas(cluster) and not batch_apps(), 60)
