@@ -29,18 +29,20 @@ def test_no_samples_is_refused():
 
 
 def test_the_product_probe_reads_the_whole_buffer_as_one_weight():
-    """The skinny kernel's read (a GPU's probe; here under the interpreter): one row times the
-    buffer as a [rows, width] weight, every element of it read, one output per weight row."""
+    """The skinny kernel's read (a GPU's probe; on the GPU where there is one, else under the
+    interpreter): one row times the buffer as a [rows, width] weight, every element of it read,
+    one output per weight row."""
     pytest.importorskip("triton")
     import torch
     from bandwidth import _product_reader
 
-    x = torch.rand(64 * 96 + 5).to(torch.float16)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    x = torch.rand(64 * 96 + 5, device=device).to(torch.float16)
     x[64 * 96:] = float("nan")  # a ragged tail past the last whole row: not part of the weight
     torch.manual_seed(0)
     out = _product_reader(x, width=64)()
     assert out.shape == (1, 96) and torch.isfinite(out).all()
     weight = x[: 64 * 96].view(96, 64).float()
     torch.manual_seed(0)
-    row = torch.rand(1, 64).to(torch.float16).float()
+    row = torch.rand(1, 64, device=device).to(torch.float16).float()
     torch.testing.assert_close(out.float(), row @ weight.T, atol=2e-2, rtol=2e-2)
