@@ -168,6 +168,13 @@ def default_checkpoint_or_skip():
 
 
 @pytest.fixture(scope="session")
+def builtin_model():
+    """The built-in default model's checkpoint, for tests that read it: skipped where the machine says
+    it lacks the model (default_checkpoint_or_skip)."""
+    return default_checkpoint_or_skip()
+
+
+@pytest.fixture(scope="session")
 def default_engine():
     import hogwild_ray as hw
 

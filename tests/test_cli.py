@@ -167,8 +167,8 @@ def test_live_view_renders_every_worker(default_engine):
     assert not LiveView(2, Console(file=io.StringIO())).enabled  # not a terminal: nothing live
 
 
-def test_run_in_a_terminal_shows_every_worker():
-    """The real command in a pseudo-terminal: the live panes show each worker's text."""
+def test_run_in_a_terminal_shows_every_worker(builtin_model):
+    """The real command (the built-in model) in a pseudo-terminal: the live panes show each worker's text."""
     import os
     import pty
 
@@ -195,7 +195,7 @@ def test_run_in_a_terminal_shows_every_worker():
     assert "answer:" in shown and "forward passes" in shown and "loading" in shown
 
 
-def test_benchmark_writes_results(tmp_path):
+def test_benchmark_writes_results(tmp_path, builtin_model):
     cmd = [sys.executable, "-m", "hogwild_ray", "bench", "workers_cpu", "--passes", "4", "--warmup", "1",
            "--repeats", "1", "--workers", "1,2", "--out", str(tmp_path), "--date", "2000-01-01"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
@@ -208,7 +208,7 @@ def test_benchmark_writes_results(tmp_path):
     assert stem.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_cuda_graphs_flag_reaches_the_engine(monkeypatch):
+def test_cuda_graphs_flag_reaches_the_engine(monkeypatch, builtin_model):
     """--no-cuda-graphs turns the graphs off; by default the engine decides (None)."""
     from hogwild_ray.cli import build_parser
     from hogwild_ray.cli.common import load_engine
@@ -224,9 +224,15 @@ def test_cuda_graphs_flag_reaches_the_engine(monkeypatch):
 # ---- outputs that cannot be results files, input that is not UTF-8: one-line errors, no load -----
 
 BAD_OUTPUTS = r"""
-import contextlib, io, json, sys
+import contextlib, io, json, resource, sys
+import torch  # its libraries mapped before the cap (a CUDA build maps gigabytes of address space)
 import hogwild_ray as hw
 from hogwild_ray.cli import main
+
+# 3 GiB more address space than the process has now: reading a device forever fails fast
+with open("/proc/self/status") as status:
+    mapped = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize:"))
+resource.setrlimit(resource.RLIMIT_AS, (mapped + (3 << 30), resource.RLIM_INFINITY))
 
 def loaded(*a, **k):
     raise SystemExit("the model began to load")
@@ -242,17 +248,12 @@ print(json.dumps(answers))
 """
 
 
-def limit_memory() -> None:
-    import resource
-
-    resource.setrlimit(resource.RLIMIT_AS, (3 << 30, resource.RLIM_INFINITY))  # reading a device forever fails fast
-
-
 @pytest.mark.reliability
 def test_an_output_that_is_not_a_regular_file_is_refused_before_the_load(tmp_path):
     """A device (never ends: read back, it used to eat all memory), a directory, a FIFO (a read
     blocks), a socket, a missing directory: exit 2 and one line naming --output and the fix, and
-    no model load. In a process of its own, with its memory capped and a time limit."""
+    no model load. In a process of its own, with its address space capped (3 GiB past what it maps
+    once imported) and a time limit."""
     import socket
 
     (tmp_path / "in.jsonl").write_text('{"id": "a", "problem": "1+1?"}\n')
@@ -267,7 +268,7 @@ def test_an_output_that_is_not_a_regular_file_is_refused_before_the_load(tmp_pat
              str(tmp_path / "fifo"): "fifo is a FIFO, not a regular file"}
     try:
         run = subprocess.run([sys.executable, "-c", BAD_OUTPUTS, str(tmp_path / "in.jsonl"), *cases], cwd=ROOT,
-                             capture_output=True, text=True, timeout=120, preexec_fn=limit_memory)
+                             capture_output=True, text=True, timeout=120)
     finally:
         sock.close()
     assert run.returncode == 0, run.stderr[-3000:]

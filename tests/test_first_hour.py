@@ -55,10 +55,7 @@ def one_line_error(capsys) -> str:
 @pytest.mark.parametrize("argv, words", [
     (["run", ""], "the problem is empty"),
     (["run", "   "], "the problem is empty"),
-    (["run", "--tp", "2"], "9 query heads are not divisible by 2"),
-    (["run", "--tp", "2"], "Valid tp values: 1, 3"),
     (["run", "--tp", "3", "--backend", "local"], "--tp 3 needs --backend ray"),
-    (["run", "--address", "http://head:8265"], "http:// addresses are not Ray's"),
     (["run", "--model", "random:nope"], "random:tiny"),
     (["run", "--top-p", "1.5"], "--top-p must be"),
     (["run", "--temperature", "-1"], "--temperature must be"),
@@ -70,7 +67,17 @@ def test_errors_come_before_any_load(capsys, no_load, argv, words):
     assert time.perf_counter() - t < SECONDS
 
 
-def test_a_dead_cluster_address_is_an_error_within_seconds(capsys, no_load):
+@pytest.mark.parametrize("argv, words", [
+    (["run", "--tp", "2"], "9 query heads are not divisible by 2"),
+    (["run", "--tp", "2"], "Valid tp values: 1, 3"),
+    (["run", "--address", "http://head:8265"], "http:// addresses are not Ray's"),
+])
+def test_errors_about_the_built_in_model_come_before_any_load(capsys, no_load, builtin_model, argv, words):
+    """The checks that read the default model's header (its heads; the model found before the address)."""
+    test_errors_come_before_any_load(capsys, no_load, argv, words)
+
+
+def test_a_dead_cluster_address_is_an_error_within_seconds(capsys, no_load, builtin_model):
     address = f"127.0.0.1:{free_port()}"
     for argv in (["info", "--address", address], ["run", "--address", address, "--tp", "3"]):
         t = time.perf_counter()
@@ -145,7 +152,7 @@ def test_progress_lines_every_interval_and_at_the_end():
 
 
 def test_run_piped_prints_plain_progress(tmp_path):
-    cmd = [sys.executable, "-m", "hogwild_ray", "run", "What is 2 + 3?", "--model", "random:tiny",
+    cmd = [sys.executable, "-m", "hogwild_ray", "run", "What is 2 + 3?", "--model", "random:tiny", "--device", "cpu",
            "--max-steps", "6", "--temperature", "0", "--threads", "1"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
@@ -154,7 +161,7 @@ def test_run_piped_prints_plain_progress(tmp_path):
     assert "answer:" in done.stdout
 
 
-def test_the_gguf_header_gives_the_models_spec_fast():
+def test_the_gguf_header_gives_the_models_spec_fast(builtin_model):
     from hogwild_ray.model.loader import load_config, locate, quick_spec
     from hogwild_ray.model.spec import spec_from_config
 
@@ -168,7 +175,7 @@ def test_the_gguf_header_gives_the_models_spec_fast():
     assert (fast.inv_freq == slow.inv_freq).all()
 
 
-def test_a_damaged_gguf_is_a_clear_error(tmp_path):
+def test_a_damaged_gguf_is_a_clear_error(tmp_path, builtin_model):
     from hogwild_ray.model.gguf_header import read_header
     from hogwild_ray.model.loader import locate
 

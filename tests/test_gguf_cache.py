@@ -13,7 +13,7 @@ from hogwild_ray.model.loader import default_checkpoint, load_config, load_token
 TEXTS = ["What is 17 * 23?", "<|im_start|>user\nhi<|im_end|>", "  spaces\tand\nlines  ", "ünïcödé ∑ 😀", ""]
 
 
-def test_the_cached_config_and_tokenizer_equal_the_files_and_skip_the_parse(tmp_path, monkeypatch):
+def test_the_cached_config_and_tokenizer_equal_the_files_and_skip_the_parse(tmp_path, monkeypatch, builtin_model):
     monkeypatch.setenv("HOGWILD_CACHE", str(tmp_path / "cache"))
     ckpt = default_checkpoint()
     config, tok = load_config(ckpt), load_tokenizer(ckpt)  # parsed from the GGUF file, then saved

@@ -38,7 +38,7 @@ SMALL_CACHE = 1024  # tokens (64 pages): one session of the small app (59 pages)
 
 
 @pytest.fixture(scope="module")
-def server(random_model):
+def server(random_model, builtin_model):
     """The main app (2 engine replicas of a small random model under the built-in model's name: the
     serving machinery, not the model, is tested here; an API key) at /, and a small one (the
     built-in model; a cache that holds one session, at most one waiting) at /small, on one local
