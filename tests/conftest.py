@@ -112,6 +112,21 @@ def pytest_collection_modifyitems(items):
 _first_test = True
 
 
+def pytest_sessionfinish(session):
+    """The run's shared directories (made_once: the oracle's de-quantized model is half a gigabyte)
+    go when the run ends, in the process that owns the temp root (not an xdist worker): pytest keeps
+    the last three runs' temp dirs, and these would fill a small disk."""
+    factory = getattr(session.config, "_tmp_path_factory", None)
+    root = getattr(factory, "_basetemp", None)  # None: no test asked for a temp dir
+    if root is None or os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    for path in root.glob(SHARED + "*"):
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
 def pytest_runtest_setup(item):
     """An xdist worker whose first test is of no group (the groups are handed out first,
     schedule_rank) runs at a lower priority: the cluster tests, whose timeouts are real, get the cores
@@ -182,11 +197,15 @@ def default_engine():
     return hw.HogwildEngine.from_pretrained()
 
 
+SHARED = "shared-"  # made_once's directories: removed when the run ends (pytest_sessionfinish)
+
+
 def made_once(tmp_path_factory, name: str, make: Callable[[Path], None]) -> Path:
     """A directory `make` fills once for the whole run, every xdist worker's (their temp dirs share a
     parent), by whichever worker asks first; the others wait for it and read it."""
     base = tmp_path_factory.getbasetemp()
     root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    name = SHARED + name
     done = root / name
     with open(root / f"{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
