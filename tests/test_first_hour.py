@@ -61,6 +61,11 @@ def one_line_error(capsys) -> str:
     (["run", "--temperature", "-1"], "--temperature must be"),
 ])
 def test_errors_come_before_any_load(capsys, no_load, argv, words):
+    refused_within_seconds(capsys, argv, words)
+
+
+def refused_within_seconds(capsys, argv: list[str], words: str) -> None:
+    """The command exits 2 with one line naming the problem, within SECONDS."""
     t = time.perf_counter()
     assert main(argv) == 2
     assert words in one_line_error(capsys)
@@ -74,7 +79,7 @@ def test_errors_come_before_any_load(capsys, no_load, argv, words):
 ])
 def test_errors_about_the_built_in_model_come_before_any_load(capsys, no_load, builtin_model, argv, words):
     """The checks that read the default model's header (its heads; the model found before the address)."""
-    test_errors_come_before_any_load(capsys, no_load, argv, words)
+    refused_within_seconds(capsys, argv, words)
 
 
 def test_a_dead_cluster_address_is_an_error_within_seconds(capsys, no_load, builtin_model):
