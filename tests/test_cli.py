@@ -117,6 +117,25 @@ def test_info_json(capsys):
     assert cluster is None or ("CPU" in cluster["resources"] and cluster["nodes"])
 
 
+def test_info_names_the_running_codes_version_from_a_checkout_not_installed(monkeypatch):
+    """Run from a checkout on the path (no installed distribution, as on a machine given only the
+    source): the version is still the code's own, not None or another installed copy's."""
+    from importlib import metadata
+
+    from hogwild_ray.cli import info
+
+    real = metadata.version
+
+    def version(name: str) -> str:
+        if name == "hogwild-ray":
+            raise metadata.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(info.metadata, "version", version)
+    found = info.versions()
+    assert found["hogwild-ray"] == hw.__version__ and found["torch"] == real("torch")
+
+
 def test_engine_errors_are_one_line(capsys, default_engine):
     assert main(["run", "   ", "--json"], engine=default_engine) == 2
     err = capsys.readouterr().err.strip()

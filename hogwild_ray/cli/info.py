@@ -11,7 +11,7 @@ from typing import Any
 from ..devices import cpu_cores, cpu_name
 from .common import FORMATTER
 
-PACKAGES = ("hogwild-ray", "torch", "triton", "transformers", "ray")
+PACKAGES = ("torch", "triton", "transformers", "ray")
 
 
 def register(sub) -> None:
@@ -31,7 +31,11 @@ def register(sub) -> None:
 
 
 def versions() -> dict[str, str | None]:
-    found: dict[str, str | None] = {"python": platform.python_version()}
+    """Python's and the packages' versions; hogwild-ray's is the running code's (a checkout on the path
+    may be no installed distribution, or not the one installed)."""
+    from .. import __version__
+
+    found: dict[str, str | None] = {"python": platform.python_version(), "hogwild-ray": __version__}
     for name in PACKAGES:
         try:
             found[name] = metadata.version(name)
