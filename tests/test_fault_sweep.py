@@ -39,7 +39,7 @@ STEP_TIMEOUT_S = 3.0
 # the driver's bound on a coordinator call that makes no progress: above a shard's step timeout and
 # its pings (2 s), so that a stopped shard is named by the coordinator, not taken for a hung coordinator
 HANG_S, BEAT_S = STEP_TIMEOUT_S + 4, 0.25
-KW = dict(cache_tokens=4096, attention="torch", step_timeout_s=STEP_TIMEOUT_S)
+KW = dict(device="cpu", cache_tokens=4096, attention="torch", step_timeout_s=STEP_TIMEOUT_S)  # CPU shards, GPU or not
 PROBLEM = "Compute 12 * 7 and explain."
 GREEDY = hw.SamplingParams(temperature=0)
 SEED = int(os.environ.get("HOGWILD_FAULT_SEED", "18"))
@@ -162,8 +162,8 @@ DRIVER = textwrap.dedent("""
     address, path, entry = sys.argv[1], sys.argv[2], sys.argv[3]
     ray.init(address=None if address == "own" else address, log_to_driver=False)
     print("session", ray._private.worker._global_node.get_session_dir_path(), flush=True)
-    engine = hw.HogwildEngine.from_pretrained(path, backend="ray", tp=2, cache_tokens=4096, attention="torch",
-                                              step_timeout_s=3)
+    engine = hw.HogwildEngine.from_pretrained(path, backend="ray", tp=2, device="cpu", cache_tokens=4096,
+                                              attention="torch", step_timeout_s=3)
 
     def run(pause):
         session = engine.start("Compute 12 * 7 and explain.", workers=2, max_tokens=1000,
