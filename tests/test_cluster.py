@@ -203,8 +203,8 @@ def test_coordinator_on_the_head_and_shards_on_the_other_node_pass_the_oracle(cl
         nodes = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
         head = next(k for k, r in nodes.items() if "hw_head" in r)
         node2 = next(k for k, r in nodes.items() if "hw_node2" in r)
-        with hw.HogwildEngine.from_pretrained(str(path), backend="ray", tp=2, cache_tokens=2048, attention="torch",
-                                              shard_resources={"hw_node2": 1},
+        with hw.HogwildEngine.from_pretrained(str(path), backend="ray", tp=2, device="cpu", cache_tokens=2048,
+                                              attention="torch", shard_resources={"hw_node2": 1},
                                               coordinator_resources={"hw_head": 1}) as engine:
             assert engine.placement == {"coordinator_node": head, "shard_nodes": [node2, node2], "channel": "socket"}
             worst, finished, session = run_oracle(engine, hf_model, 3, "combined", steps=14)

@@ -28,7 +28,7 @@ CPUS = 4
 STEPS = 64
 FORCED = {4: {0: "First part done.\n\n"}, 9: {1: "Let me check that.\n\n"}, 14: {2: "So far so good.\n\n"},
           40: {1: "Another idea:"}}
-KW = dict(cache_tokens=2048, attention="torch")
+KW = dict(device="cpu", cache_tokens=2048, attention="torch")  # CPU shards (gloo), GPU or not
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -99,7 +99,7 @@ def test_open_sessions_at_interpreter_exit(llama_path):
 # ----------------------------------------------------------------------------- through Ray
 
 CPUS = 4
-KW = dict(cache_tokens=4096, attention="torch")
+KW = dict(device="cpu", cache_tokens=4096, attention="torch")  # CPU shards, GPU or not
 
 
 @pytest.fixture(scope="module")
