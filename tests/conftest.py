@@ -110,6 +110,7 @@ def pytest_collection_modifyitems(items):
 
 
 _first_test = True
+SHARED = "shared-"  # made_once's directories: removed when the run ends (pytest_sessionfinish)
 
 
 def pytest_sessionfinish(session):
@@ -195,9 +196,6 @@ def default_engine():
 
     default_checkpoint_or_skip()
     return hw.HogwildEngine.from_pretrained()
-
-
-SHARED = "shared-"  # made_once's directories: removed when the run ends (pytest_sessionfinish)
 
 
 def made_once(tmp_path_factory, name: str, make: Callable[[Path], None]) -> Path:
