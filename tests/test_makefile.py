@@ -34,9 +34,9 @@ def managed_python() -> str | None:
 def index_reachable(dest: Path) -> bool:
     """Whether pip can fetch a package on this machine at all (one cut off from every index cannot install);
     asked of the tests' own Python, which has pip, with this machine's pip settings."""
-    probe = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(dest),
-                            "--retries", "0", "--timeout", "10", "setuptools"], capture_output=True, text=True, timeout=300)
-    return probe.returncode == 0
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(dest), "--retries", "0",
+               "--timeout", "10", "setuptools"]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300).returncode == 0
 
 
 def fresh_copy(dest: Path) -> Path:
