@@ -21,6 +21,19 @@ def test_the_floor_is_the_best_of_every_sample():
     assert bw.value == pytest.approx(10 * max(bw.copies + bw.reads))
 
 
+def test_the_saved_floor_keeps_a_slow_device_exact_enough_for_its_rooflines():
+    """A loaded CPU's floor of about 1 GB/s is saved to five significant figures, not one decimal
+    place, so a roofline computed from the file agrees with the run's (within 0.01%)."""
+    from bandwidth import Bandwidth
+
+    slow = Bandwidth("cpu", 1 << 20, copies=[0.97612345e9], reads=[0.5e9], seen={"a kernel": 0.3e9})
+    meta = slow.meta()
+    assert meta["floor_bandwidth_gbs"] == pytest.approx(slow.gbs, rel=1e-4)
+    assert meta["copy_samples_gbs"] == [0.97612] and meta["seen_gbs"] == {"a kernel": 0.3}
+    fast = Bandwidth("cuda", 1 << 30, copies=[4174.34e9])
+    assert fast.meta()["floor_bandwidth_gbs"] == 4174.3
+
+
 def test_no_samples_is_refused():
     from bandwidth import measure
 
