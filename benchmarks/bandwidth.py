@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from common import significant
+
 METHOD = ("max(device-to-device copy: (read + written) bytes / time, read-only kernels (Triton streaming reads; "
           "SDPA decoding over the buffer as K/V; the skinny product of one row by the buffer as a [rows, 4096] "
           "weight): read bytes / time, kernels timed in the same run: their bytes / "
@@ -80,16 +82,13 @@ class Bandwidth:
         return self
 
     def meta(self) -> dict:
-        gbs = lambda xs: [_figures(v / 1e9) for v in xs]  # noqa: E731
-        return {"floor_bandwidth_gbs": _figures(self.gbs), "bandwidth_method": METHOD, "bandwidth_bytes": self.nbytes,
+        # five significant figures: a GPU's 4174.3 GB/s as a loaded CPU's 0.97612 (one decimal place
+        # made that 1.0, and every roofline read from the file 2.5% off the run's)
+        gbs = lambda xs: [significant(v / 1e9, 5) for v in xs]  # noqa: E731
+        return {"floor_bandwidth_gbs": significant(self.gbs, 5), "bandwidth_method": METHOD, "bandwidth_bytes": self.nbytes,
                 "copy_samples_gbs": gbs(self.copies), "read_samples_gbs": gbs(self.reads),
-                "seen_gbs": {k: _figures(v / 1e9) for k, v in self.seen.items()}}
+                "seen_gbs": {k: significant(v / 1e9, 5) for k, v in self.seen.items()}}
 
-
-def _figures(gbs: float) -> float:
-    """Five significant figures: a GPU's 4174.3 GB/s as a loaded CPU's 0.97612 (one decimal place made
-    that 1.0, and every roofline read from the file 2.5% off the run's)."""
-    return float(f"{gbs:.5g}")
 
 
 def measure(device: torch.device | str, nbytes: int | None = None, iters: int | None = None,
