@@ -116,11 +116,12 @@ def load(path: Path) -> tuple[dict, list[dict]]:
         raise TableError(f"{path}: no such file; results are under benchmarks/results/") from None
     except json.JSONDecodeError as e:
         raise TableError(f"{path}: not a results file ({e})") from None
-    rows = data.get("rows") if isinstance(data, dict) else None
+    key = next((k for k in ("rows", "results") if isinstance(data, dict) and k in data), None)  # older: results
+    rows = data[key] if key else None
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows) or not rows:
         raise TableError(f"{path}: no rows (a benchmark's results file has a list of them under \"rows\")")
     meta = data.get("meta") if isinstance(data.get("meta"), dict) else data
-    return {k: v for k, v in meta.items() if k != "rows"}, rows
+    return {k: v for k, v in meta.items() if k != key}, rows
 
 
 def main(argv: list[str] | None = None) -> int:
