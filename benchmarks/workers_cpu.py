@@ -12,9 +12,7 @@ answer), each setting is repeated and its best repeat kept (the CPU may be share
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
-import json
 import os
 import platform
 import time
@@ -30,7 +28,7 @@ from rich.table import Table  # noqa: E402
 
 import hogwild_ray as hw  # noqa: E402
 from hogwild_ray.cli import EXAMPLE_PROBLEM  # noqa: E402
-from common import cpu_name  # noqa: E402
+from common import cpu_name, write_results  # noqa: E402
 
 GREEDY = hw.SamplingParams(temperature=0.0)
 
@@ -114,13 +112,8 @@ def main() -> None:
             "sampling": "greedy", "protocol": True, "passes": args.passes, "warmup": args.warmup,
             "repeats": args.repeats, "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
 
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"{args.date}-cpu-workers"
-    with open(f"{stem}.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    Path(f"{stem}.json").write_text(json.dumps({**meta, "results": rows}, indent=2) + "\n")
+    write_results(stem, meta, rows)
     title = (f"hogwild-ray: {model}, greedy, {args.passes} passes\n"
              f"{meta['cpu']} ({meta['torch_threads']} threads), torch {meta['torch']}")
     plot(rows, title, Path(f"{stem}.png"))

@@ -221,8 +221,8 @@ def test_benchmark_writes_results(tmp_path, builtin_model):
     assert out.returncode == 0, out.stderr[-2000:]
     stem = tmp_path / "2000-01-01-cpu-workers"
     data = json.loads(stem.with_suffix(".json").read_text())
-    assert data["torch"] and data["cpu"] and [r["workers"] for r in data["results"]] == [1, 2]
-    assert data["results"][0]["tokens_per_s_vs_1"] == 1.0
+    assert data["torch"] and data["cpu"] and [r["workers"] for r in data["rows"]] == [1, 2]
+    assert data["rows"][0]["tokens_per_s_vs_1"] == 1.0
     assert stem.with_suffix(".csv").read_text().startswith("workers,")
     assert stem.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
 
