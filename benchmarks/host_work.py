@@ -135,7 +135,17 @@ def _measure(engine, model: Model, clock: dict, sessions: int, workers: int, ste
     clock["exposed"] = 0.0
     launched = engine.executor.prelaunched
     previews = sum(s.layout.previews_used for s in runs)
-    walls = common.step_walls(lambda: step_sessions(runs), 0, args.steps, settled=settle == "settled")
+
+    def step() -> None:  # the device's idle time counted within the timed steps only, as the walls are
+        if clock["idle_from"] is not None:
+            clock["idle_from"] = max(clock["idle_from"], time.perf_counter())
+        step_sessions(runs)
+        clock["last_end"] = time.perf_counter()
+
+    walls = common.step_walls(step, 0, args.steps, settled=settle == "settled")
+    if clock["idle_from"] is not None:  # the last step's samples read: idle to its end
+        clock["exposed"] += max(0.0, clock["last_end"] - clock["idle_from"])
+        clock["idle_from"] = None
     previews = sum(s.layout.previews_used for s in runs) - previews
     ended = sum(sum(s.stats.steps_per_worker) for s in runs)
     launched = engine.executor.prelaunched - launched

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -144,6 +145,27 @@ def test_host_work_splits_what_overlaps_the_pass(tmp_path):
         # launched ahead: every timed pass with no step ends; most with (a header's pass too)
         assert r["launched_ahead_pct"] == (0 if r["launch_ahead"] == "off" else r["launched_ahead_pct"])
         assert r["launch_ahead"] == "off" or r["launched_ahead_pct"] >= (100 if r["step_tokens"] is None else 50)
+
+
+def test_host_work_counts_the_device_idle_only_within_the_timed_steps(tmp_path, monkeypatch):
+    """A pause before the timed steps (here the heap settling; on a loaded machine, the process
+    descheduled) is in no step's wall, so it is not the device waiting on a step either."""
+    import contextlib
+
+    import host_work
+
+    from hogwild_ray import heap
+
+    @contextlib.contextmanager
+    def slow_settle():
+        time.sleep(0.3)
+        yield
+
+    monkeypatch.setattr(heap, "settled", slow_settle)
+    out = host_work.main(["--configs", "1x2", "--step-tokens", "0", "--launch-ahead", "off", "--steps", "8",
+                          "--warmup", "1", "--prompt", "16", "--out", str(tmp_path), "--date", "2000-01-01"])
+    (row,) = out["rows"]
+    assert 0 < row["exposed_ms"] < row["host_ms"] and row["overlapped_ms"] > 0, row
 
 
 def test_gpu_time_weighs_the_graphs_the_steps_replayed():
