@@ -85,10 +85,10 @@ class Bandwidth:
         # five significant figures: a GPU's 4174.3 GB/s as a loaded CPU's 0.97612 (one decimal place
         # made that 1.0, and every roofline read from the file 2.5% off the run's)
         gbs = lambda xs: [significant(v / 1e9, 5) for v in xs]  # noqa: E731
-        return {"floor_bandwidth_gbs": significant(self.gbs, 5), "bandwidth_method": METHOD, "bandwidth_bytes": self.nbytes,
+        return {"floor_bandwidth_gbs": significant(self.gbs, 5), "bandwidth_method": METHOD,
+                "bandwidth_bytes": self.nbytes,
                 "copy_samples_gbs": gbs(self.copies), "read_samples_gbs": gbs(self.reads),
                 "seen_gbs": {k: significant(v / 1e9, 5) for k, v in self.seen.items()}}
-
 
 
 def measure(device: torch.device | str, nbytes: int | None = None, iters: int | None = None,
