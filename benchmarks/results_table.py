@@ -24,10 +24,10 @@ class TableError(ValueError):
 
 def parse_columns(text: str) -> list[tuple[str, str]]:
     """`a,b:.2f` as [("a", ""), ("b", ".2f")]."""
-    columns = [tuple(part.split(":", 1)) if ":" in part else (part, "") for part in text.split(",") if part]
+    columns = [(name, spec) for name, _, spec in (part.partition(":") for part in text.split(",") if part)]
     if not columns:
         raise TableError("--columns: name at least one column, e.g. --columns view,workers,step_ms:.2f")
-    return columns  # type: ignore[return-value]
+    return columns
 
 
 def parse_where(items: list[str]) -> dict[str, list[str]]:
@@ -99,11 +99,8 @@ def render(rows: list[dict], columns: list[tuple[str, str]]) -> str:
 
 def caption(name: str, meta: dict) -> str:
     """The file, the device, the date and the floor's bandwidth, as far as the file gives them."""
-    parts = [f"`{name}`"]
-    for key, label in (("device", ""), ("date", ""), ("floor_bandwidth_gbs", "floor bandwidth ")):
-        if meta.get(key) not in (None, ""):
-            parts.append(f"{label}{meta[key]}" + (" GB/s" if key == "floor_bandwidth_gbs" else ""))
-    return ", ".join(parts)
+    shown = (("device", "{}"), ("date", "{}"), ("floor_bandwidth_gbs", "floor bandwidth {} GB/s"))
+    return ", ".join([f"`{name}`"] + [text.format(meta[key]) for key, text in shown if meta.get(key) not in (None, "")])
 
 
 def load(path: Path) -> tuple[dict, list[dict]]:
