@@ -55,6 +55,7 @@ from hogwild_kernels.rope import apply_rope
 from bandwidth import Bandwidth
 from bandwidth import measure as measure_bandwidth
 from bandwidth import over_floor
+from common import ints
 
 CUR = 256  # tokens in each worker's current block (fewer in short views)
 HEADERS = (12, 14)
@@ -324,7 +325,6 @@ def save(rows, floor: Bandwidth, args, out: Path, facts: dict) -> None:
 
 
 def main() -> None:
-    ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workers", default="1,2,4,8,16", type=ints)
     p.add_argument("--views", default="1024,4096,16384,32768,65536", type=ints)

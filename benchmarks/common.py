@@ -55,6 +55,14 @@ def versions() -> dict:
     return out
 
 
+def ints(text: str) -> list[int]:
+    """An argparse type: integers joined by commas ("1,4,16")."""
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers joined by commas (e.g. 1,4,16), got {text!r}") from None
+
+
 def on_off_list(text: str) -> list[bool]:
     """An argparse type: "on", "off" or both joined by commas, one value per row ("off,on")."""
     settings = {"on": True, "off": False}

@@ -255,10 +255,9 @@ def page_setting(text: str) -> tuple[int | None, bool]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="qwen3-8b")
-    p.add_argument("--workers", type=ints, default=[1, 16])
+    p.add_argument("--workers", type=common.ints, default=[1, 16])
     p.add_argument("--view", type=int, default=4096)
     p.add_argument("--sessions", type=at_least(1), default=1,
                    help="sessions of --workers workers each, in one batched pass")

@@ -43,18 +43,14 @@ import scaling_runs  # noqa: E402
 SECTIONS = ("graphs", "eager", "independent", "naive", "transformers")
 
 
-def ints(s: str) -> list[int]:
-    return [int(x) for x in s.split(",") if x]
-
-
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="a model path (default: the random shape of --shape)")
     p.add_argument("--shape", default=None, help="random shape (default: qwen3-8b on cuda, tiny on cpu)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when there is one)")
     p.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
-    p.add_argument("--workers", type=ints, default=[1, 2, 4, 8, 16])
-    p.add_argument("--views", type=ints, default=[1024, 4096, 16384, 32768])
+    p.add_argument("--workers", type=common.ints, default=[1, 2, 4, 8, 16])
+    p.add_argument("--views", type=common.ints, default=[1024, 4096, 16384, 32768])
     p.add_argument("--steps", type=int, default=32, help="timed steps per cell (the median is kept)")
     p.add_argument("--warmup", type=int, default=8, help="steps before timing (graphs are captured here)")
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"any of {','.join(SECTIONS)}")

@@ -83,10 +83,6 @@ NOTES = {
 }
 
 
-def ints(s: str) -> list[int]:
-    return [int(x) for x in s.split(",") if x.strip()]
-
-
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None,
@@ -94,12 +90,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default=None, choices=("cpu", "cuda"), help="default: cuda when there is one")
     p.add_argument("--workers", type=int, default=2, help="Hogwild! workers per request (default: 2)")
     p.add_argument("--max-tokens", type=int, default=None, help="tokens per worker (default: 64 on cpu, 128 on cuda)")
-    p.add_argument("--concurrency", type=ints, default=None, help="requests in flight, a comma list (default: 1,8,32)")
+    p.add_argument("--concurrency", type=common.ints, default=None, help="requests in flight, a comma list (default: 1,8,32)")
     p.add_argument("--requests", type=int, default=None, help="requests per concurrency C (default: max(2C, 8))")
     p.add_argument("--replicas", type=int, default=1, help="engine replicas (default: 1)")
     p.add_argument("--cache-tokens", type=int, default=None, help="each replica's K/V pool in tokens (default: "
                                                                    "the engine's)")
-    p.add_argument("--graph-warmup", type=ints, default=[32],
+    p.add_argument("--graph-warmup", type=common.ints, default=[32],
                    help="the server's --graph-warmup (decode graphs captured at start for batches of up to N "
                         "sessions; 0: none); several, comma-separated: a server each, in turn (default: 32)")
     p.add_argument("--quick", action="store_true",

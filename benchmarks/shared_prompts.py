@@ -157,12 +157,11 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--modes", default=",".join(MODES), help=f"any of {','.join(MODES)}")
-    p.add_argument("--sessions", type=ints, default=[4, 16, 32], help="S values")
+    p.add_argument("--sessions", type=common.ints, default=[4, 16, 32], help="S values")
     p.add_argument("--workers", type=int, default=4, help="W, workers per session")
-    p.add_argument("--prompts", type=ints, default=[1024, 4096], help="shared tokens P")
+    p.add_argument("--prompts", type=common.ints, default=[1024, 4096], help="shared tokens P")
     p.add_argument("--shape", choices=tuple(SHAPES), default="qwen3-8b")
     p.add_argument("--out", type=Path, default=common.RESULTS)
     p.add_argument("--date", default=common.today())

@@ -97,10 +97,9 @@ def timed(name: str, n: int, k: int, rows: int, variants: list, ws: list[torch.T
 
 
 def main(argv: list[str] | None = None) -> int:
-    ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="qwen3-8b", choices=sorted(SHAPES))
-    p.add_argument("--rows", type=ints, default=[1, 4, 8, 16])
+    p.add_argument("--rows", type=common.ints, default=[1, 4, 8, 16])
     p.add_argument("--out", type=Path, default=common.RESULTS)
     p.add_argument("--date", default=common.today())
     args = p.parse_args(argv)

@@ -61,10 +61,6 @@ NOTES = {
 }
 
 
-def ints(s: str) -> list[int]:
-    return [int(x) for x in s.split(",") if x]
-
-
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default=None,
@@ -72,8 +68,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", default=None, help="a model path instead of a random shape")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when there is one)")
     p.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
-    p.add_argument("--tp", type=ints, default=[1, 2, 4], help="tensor-parallel degrees (default: 1,2,4)")
-    p.add_argument("--workers", type=ints, default=[1, 2, 4, 8, 16])
+    p.add_argument("--tp", type=common.ints, default=[1, 2, 4], help="tensor-parallel degrees (default: 1,2,4)")
+    p.add_argument("--workers", type=common.ints, default=[1, 2, 4, 8, 16])
     p.add_argument("--view", type=int, default=1024, help="tokens of the prompt all workers share")
     p.add_argument("--steps", type=int, default=32, help="timed steps per cell (--check: steps compared)")
     p.add_argument("--warmup", type=int, default=4)

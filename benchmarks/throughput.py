@@ -99,10 +99,6 @@ NOTES = {
 }
 
 
-def ints(s: str) -> list[int]:
-    return [int(x) for x in s.split(",") if x]
-
-
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when there is one)")
@@ -110,9 +106,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help="a model path or random:NAME; 'builtin' for the built-in SmolLM2-135M (default: "
                         "random:qwen3-8b on cuda, the built-in model on cpu)")
     p.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
-    p.add_argument("--sessions", type=ints, default=None, help="S values (cuda: 1,4,16,32,64; cpu: 1,4,8)")
-    p.add_argument("--workers", type=ints, default=None, help="W values (cuda: 1,4,8; cpu: 1,2)")
-    p.add_argument("--prompts", type=ints, default=None, help="prompt tokens P (cuda: 1024,4096; cpu: 256)")
+    p.add_argument("--sessions", type=common.ints, default=None, help="S values (cuda: 1,4,16,32,64; cpu: 1,4,8)")
+    p.add_argument("--workers", type=common.ints, default=None, help="W values (cuda: 1,4,8; cpu: 1,2)")
+    p.add_argument("--prompts", type=common.ints, default=None, help="prompt tokens P (cuda: 1024,4096; cpu: 256)")
     p.add_argument("--tokens", type=int, default=None, help="tokens every worker generates (cuda 128, cpu 16)")
     p.add_argument("--temperature", type=float, default=None,
                    help="sampling temperature (default: 1.0 on cuda, sampled inside the CUDA graph; 0, greedy, on "
@@ -128,7 +124,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--probe-steps", type=int, default=None, help="decode probe: timed passes (median kept)")
     p.add_argument("--hf-new-tokens", type=int, default=None, help="K of the transformers timing")
     p.add_argument("--hf-repeats", type=int, default=None, help="transformers timings per cell (best kept)")
-    p.add_argument("--hf-batches", type=ints, default=None,
+    p.add_argument("--hf-batches", type=common.ints, default=None,
                    help="transformers: only these batches S*W (default: every cell's; --quick on cuda: 128)")
     p.add_argument("--no-compile", action="store_true", help="transformers without torch.compile")
     p.add_argument("--cpu-memory-gib", type=float, default=8.0, help="memory budget on the CPU")
