@@ -90,7 +90,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default=None, choices=("cpu", "cuda"), help="default: cuda when there is one")
     p.add_argument("--workers", type=int, default=2, help="Hogwild! workers per request (default: 2)")
     p.add_argument("--max-tokens", type=int, default=None, help="tokens per worker (default: 64 on cpu, 128 on cuda)")
-    p.add_argument("--concurrency", type=common.ints, default=None, help="requests in flight, a comma list (default: 1,8,32)")
+    p.add_argument("--concurrency", type=common.ints, default=None,
+                   help="requests in flight, a comma list (default: 1,8,32)")
     p.add_argument("--requests", type=int, default=None, help="requests per concurrency C (default: max(2C, 8))")
     p.add_argument("--replicas", type=int, default=1, help="engine replicas (default: 1)")
     p.add_argument("--cache-tokens", type=int, default=None, help="each replica's K/V pool in tokens (default: "

@@ -83,6 +83,19 @@ def test_overhead_refuses_an_unknown_on_off_setting_before_it_runs(option, capsy
     assert overhead.parse([option, "off,on"]).__dict__[option[2:].replace("-", "_")] == [False, True]
 
 
+@pytest.mark.parametrize("bench", ["scaling", "throughput", "tensor_parallel"])
+def test_a_list_of_integers_that_is_not_one_is_refused_naming_the_form(bench, capsys):
+    """Every benchmark's comma-separated integers (common.ints): a one-line argparse error, not a traceback."""
+    module = __import__(bench)
+
+    with pytest.raises(SystemExit) as exit_:
+        module.parse(["--workers", "1,four"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --workers: expected integers joined by commas (e.g. 1,4,16), got '1,four'" in err
+    assert module.parse(["--workers", "1, 4,16,"]).workers == [1, 4, 16]
+
+
 def test_compile_watch_counts_what_triton_reports_and_restores_the_hooks():
     import compile_watch
     from triton import knobs
