@@ -48,6 +48,7 @@ class ServingLoop:
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._sinks: dict[Hashable, Sink] = {}
         self._closed = threading.Event()
+        self._closing = threading.Lock()  # a submission is queued before the loop ends, or refused
         engine.schedulers.append(self.scheduler)
         self._thread = threading.Thread(target=self._loop, name="hogwild-serving-loop", daemon=True)
         self._thread.start()
@@ -74,13 +75,19 @@ class ServingLoop:
         """Queue any job of the scheduler (hogwild_ray.jobs), e.g. an evaluation run with its
         forks: `start()` makes it in the loop's thread when its `pages` fit; `sink` hears as in
         `submit` (Finished carries the job's result)."""
-        if self._closed.is_set():
-            raise HogwildError("the serving loop is closed")
-        self._commands.put(("submit", key, partial(self._start, sink, start), pages, sink))
+        with self._closing:
+            if self._closed.is_set():
+                raise HogwildError(self._refusal())
+            self._commands.put(("submit", key, partial(self._start, sink, start), pages, sink))
 
     def cancel(self, key: Hashable) -> None:
         """End a request: it leaves the queue, or its sessions close before the next pass."""
         self._commands.put(("cancel", key))
+
+    def _refusal(self) -> str:
+        if self.error is None:
+            return "the serving loop is closed"
+        return f"the engine stopped serving after an error: {type(self.error).__name__}: {self.error}".splitlines()[0]
 
     @property
     def alive(self) -> bool:
@@ -109,8 +116,11 @@ class ServingLoop:
             self.error = e
         finally:
             reason = self.error or HogwildError("the server is shutting down")
+            with self._closing:  # from here every submission is refused; those queued hear why
+                self._closed.set()
             for key in list(self._sinks):
                 self._deliver(key, Failed(reason))
+            self._refuse_queued(reason)
             self.scheduler.close()
             if self.scheduler in self.engine.schedulers:
                 self.engine.schedulers.remove(self.scheduler)
@@ -126,6 +136,16 @@ class ServingLoop:
                 command = self._commands.get_nowait()
             except queue.Empty:
                 return
+
+    def _refuse_queued(self, reason: BaseException) -> None:
+        """Submissions queued when the loop ended: each hears Failed (none waits for ever)."""
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if command[0] == "submit":
+                _call(command[4], Failed(reason))
 
     def _apply(self, command: tuple) -> None:
         if command[0] == "submit":

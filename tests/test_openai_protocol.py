@@ -177,8 +177,10 @@ CHAT_REFUSALS = [
     (chat(redundancy_every=0), "redundancy_every", ">= 1"),
     (chat(redundancy_every=True), "redundancy_every", "integer"),
     (chat(finisher_tokens=0), "finisher_tokens", ">= 1"),
-    (chat(top_k=-1), "top_k", ">= 0"),
+    (chat(top_k=-1), "top_k", "[0, 2**31 - 1]"),
     (chat(top_k=1.0), "top_k", "integer"),
+    (chat(top_k=2**31), "top_k", "[0, 2**31 - 1]"),
+    (chat(top_k=10**400), "top_k", "[0, 2**31 - 1]"),
     (chat(temperature=-0.1), "temperature", ">= 0"),
     (chat(temperature=float("nan")), "temperature", "finite"),
     (chat(temperature=float("inf")), "temperature", "finite"),
@@ -343,9 +345,10 @@ def test_finish_reason(reason, expected):
     assert finish_reason(Stats(stop_reason=reason)) == expected
 
 
-def test_usage_sums_prompts_and_generated_tokens():
+def test_usage_counts_the_prompt_once_and_every_generated_token():
     results = [result(generated=(3, 5)), result(generated=(10, 0, 2))]
-    assert usage(results, [7, 7]) == {"prompt_tokens": 14, "completion_tokens": 20, "total_tokens": 34}
+    # two choices of one prompt: the prompt once (OpenAI's and vLLM's count), both choices' completions
+    assert usage(results, [7, 7]) == {"prompt_tokens": 7, "completion_tokens": 20, "total_tokens": 27}
     assert usage([], []) == {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
 
 
@@ -366,7 +369,7 @@ def test_chat_response_shape():
     assert first == {"index": 0, "message": {"role": "assistant", "content": "4", "reasoning_content": "Alice and Bob"},
                      "finish_reason": "stop", "hogwild": hogwild_extension(results[0])}
     assert second["index"] == 1 and second["message"]["content"] == "" and second["finish_reason"] == "length"
-    assert body["usage"] == {"prompt_tokens": 18, "completion_tokens": 16, "total_tokens": 34}
+    assert body["usage"] == {"prompt_tokens": 9, "completion_tokens": 16, "total_tokens": 25}
     json.dumps(body)  # plain JSON
 
 

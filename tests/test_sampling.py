@@ -40,6 +40,8 @@ def draws(params: SamplingParams, logits: torch.Tensor, n: int) -> list[int]:
     ({"top_k": 2.5}, "top_k"),
     ({"top_k": True}, "top_k"),
     ({"top_k": None}, "top_k"),
+    ({"top_k": 2**31}, r"top_k must be an integer in \[0, 2\*\*31\)"),
+    ({"top_k": 10**400}, "top_k"),  # once took a server's engine down: the sampling table is float64
     ({"seed": -1}, "seed"),
     ({"seed": 1.0}, "seed"),
     ({"seed": "3"}, "seed"),
@@ -58,6 +60,16 @@ def test_valid_params():
     p = SamplingParams(temperature=1, top_k=0, top_p=1, seed=0)
     assert (p.temperature, p.top_k, p.top_p, p.seed) == (1, 0, 1, 0)
     SamplingParams(top_p=1e-6, top_k=1, seed=2**62)
+
+
+def test_the_largest_top_k_keeps_every_token_as_none_does():
+    """top_k up to 2**31 - 1 (past any vocabulary): every token kept, the same draws as no cut."""
+    from hogwild_ray.sampling import sample_one
+
+    logits = torch.randn(50, generator=torch.Generator().manual_seed(0))
+    for draw in range(8):
+        widest = sample_one(logits, SamplingParams(temperature=1.0, top_k=2**31 - 1, top_p=0.999999, seed=3), draw)
+        assert widest == sample_one(logits, SamplingParams(temperature=1.0, top_k=0, top_p=0.999999, seed=3), draw)
 
 
 # ---- per worker -------------------------------------------------------------------------

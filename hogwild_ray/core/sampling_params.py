@@ -8,6 +8,12 @@ from dataclasses import dataclass
 from ..errors import InvalidRequestError, check_int
 
 
+# an int32's range: a larger top_k keeps every token as the vocabulary's size does, and the sampling
+# table (float64) could not hold it exactly
+TOP_K_LIMIT = 2**31
+TOP_K_HINT = "0 turns it off; one past the vocabulary's size keeps every token"
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How one worker picks its next token. temperature=0 means greedy."""
@@ -22,7 +28,7 @@ class SamplingParams:
             raise InvalidRequestError(
                 f"temperature must be a finite number >= 0 (0 is greedy), got {self.temperature!r}"
             )
-        check_int("top_k", self.top_k, 0, hint="0 turns it off")
+        check_int("top_k", self.top_k, 0, TOP_K_LIMIT, hi_text="2**31", hint=TOP_K_HINT)
         if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
             raise InvalidRequestError(f"top_p must be in (0, 1] (1 turns it off), got {self.top_p!r}")
         check_int("seed", self.seed, 0, 2**63, none="", hi_text="2**63")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 import time
 import uuid
 from typing import Any, AsyncIterator, Callable
@@ -31,6 +32,7 @@ from .openai_protocol import (
 
 RETRY_AFTER_S = 1
 HEALTH_TIMEOUT_S = 10.0
+LOG = logging.getLogger("ray.serve")
 MAX_BODY_BYTES = 16 << 20  # a request body larger than this is refused before it is read (memory)
 
 http = FastAPI(title="hogwild-ray", docs_url=None, redoc_url=None, openapi_url=None)
@@ -148,8 +150,13 @@ class OpenAIFront:
         try:
             await asyncio.wait_for(_response(self.engine.ping.remote()), HEALTH_TIMEOUT_S)
         except Exception as e:  # no replica answers: a probe must see it, not a traceback
-            return JSONResponse({"status": "unhealthy", "reason": f"{type(e).__name__}: {e}".splitlines()[0]},
-                                status_code=503)
+            # the route is open: the reason names the failure's kind only; its text (which may name
+            # the replica's process, node and actor) goes to the server's log
+            LOG.warning("health check failed: %s: %s", type(e).__name__, e)
+            late = isinstance(e, asyncio.TimeoutError)
+            reason = (f"no engine replica answered within {HEALTH_TIMEOUT_S:g} s" if late else
+                      f"the engine replica failed its check ({type(e).__name__}; the server's log has the details)")
+            return JSONResponse({"status": "unhealthy", "reason": reason}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     def report(self, metrics: dict) -> None:
@@ -196,8 +203,7 @@ class OpenAIFront:
                 call.on(first)
             bad = next((f for f in firsts if f["type"] == "error"), None)
             if bad is not None:
-                raise RequestError(bad["status"], bad["message"], type="invalid_request_error"
-                                   if bad["status"] == 400 else "server_error")
+                raise _replica_error(bad)
         except BaseException:
             _end(streams, calls)
             raise
@@ -211,7 +217,7 @@ class OpenAIFront:
             async for i, msg in _merged(streams):
                 calls[i].on(msg)
                 if msg["type"] == "error":
-                    raise RequestError(msg["status"], msg["message"], type="server_error")
+                    raise _replica_error(msg)
                 if msg["type"] == "end":
                     results[i] = calls[i].result
         finally:
@@ -242,15 +248,22 @@ class OpenAIFront:
                     chunk = chunks.finish(i, results[i])
                     chunk["choices"][0]["hogwild"]["replica"] = replicas[i]
                     yield sse(chunk)
-                elif kind == "error":  # the 200 head is out: the error goes in the stream
+                elif kind == "error":  # the 200 head is out: the error goes in the stream, then its end
                     self.metrics.failed.labels(status=str(msg["status"])).inc()
-                    yield sse_error(RequestError(msg["status"], msg["message"], type="server_error"))
+                    yield sse_error(_replica_error(msg))
+                    yield SSE_DONE
                     return
             if req.include_usage:
                 yield sse(chunks.usage_chunk(results, prompt))
             yield SSE_DONE
         finally:
             _end(streams, calls)
+
+
+def _replica_error(message: dict) -> RequestError:
+    """An engine replica's error message in OpenAI's shape: a 400 is the request's fault."""
+    status = message["status"]
+    return RequestError(status, message["message"], type="invalid_request_error" if status == 400 else "server_error")
 
 
 # Applied when this module is imported (in the driver and in the replica alike): Serve turns the

@@ -10,6 +10,7 @@ snapshot and reports their sum, so an existing vLLM dashboard reads the same ser
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
@@ -27,36 +28,60 @@ ITL_BUCKETS = (0.001, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 
 WORKER_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 
 
-class EngineSnapshots(Collector):
-    """The replicas' latest engine counters (engine.metrics()), summed into Prometheus series."""
+# a replica reports every few seconds, changed or not (replica.HEARTBEAT_S); one silent for STALE_S is
+# gone (replaced by Ray Serve after failed health checks, or scaled down): its gauges leave the sums, its
+# counters stay in them
+STALE_S = 30.0
+# engine.metrics() counters that only grow, and the high-water mark: a gone replica's stay counted
+COUNTERS = ("passes", "rows", "sessions", "prompt_pages_reused", "passes_launched_ahead", "launched_ahead_dropped",
+            "graph_captures", "graph_capture_seconds")
 
-    def __init__(self) -> None:
-        self._latest: dict[str, dict[str, Any]] = {}
+
+class EngineSnapshots(Collector):
+    """The replicas' latest engine counters (engine.metrics()), summed into Prometheus series: of
+    the live replicas for gauges (pages, replicas), of every replica that ever reported for counters
+    (so a counter never falls when a replica is replaced)."""
+
+    def __init__(self, stale_s: float = STALE_S) -> None:
+        self.stale_s = stale_s
+        self._latest: dict[str, tuple[float, dict[str, Any]]] = {}
+        self._retired = dict.fromkeys(COUNTERS, 0.0)
+        self._retired_max_rows = 0
         self._lock = threading.Lock()
 
-    def update(self, replica: str, metrics: dict[str, Any]) -> None:
+    def update(self, replica: str, metrics: dict[str, Any], now: float | None = None) -> None:
         with self._lock:
-            self._latest[replica] = dict(metrics)
+            self._latest[replica] = (time.monotonic() if now is None else now, dict(metrics))
 
-    def totals(self) -> dict[str, float]:
+    def _live(self, now: float | None) -> list[dict[str, Any]]:
+        """The snapshots of replicas heard from within stale_s; the others' counters retired."""
+        now = time.monotonic() if now is None else now
         with self._lock:
-            snaps = list(self._latest.values())
-        passes = sum(s["passes"] for s in snaps)
-        rows = sum(s["rows_per_pass"] * s["passes"] for s in snaps)
-        sessions = sum(s["sessions_per_pass"] * s["passes"] for s in snaps)
+            for replica, (seen, snap) in list(self._latest.items()):
+                if now - seen > self.stale_s:
+                    del self._latest[replica]
+                    for name, value in _counters(snap).items():
+                        self._retired[name] += value
+                    self._retired_max_rows = max(self._retired_max_rows, snap["max_rows_per_pass"])
+            return [snap for _, snap in self._latest.values()]
+
+    def totals(self, now: float | None = None) -> dict[str, float]:
+        snaps = self._live(now)
+        count = {name: self._retired[name] + sum(_counters(s)[name] for s in snaps) for name in COUNTERS}
+        passes, rows = count["passes"], count["rows"]
         total = sum(s["pages_total"] for s in snaps)
         return {
-            "replicas": len(snaps), "passes": passes, "rows": rows, "sessions": sessions,
+            "replicas": len(snaps), "passes": passes, "rows": rows, "sessions": count["sessions"],
             "rows_per_pass": rows / passes if passes else 0.0,
-            "max_rows_per_pass": max((s["max_rows_per_pass"] for s in snaps), default=0),
+            "max_rows_per_pass": max([self._retired_max_rows, *(s["max_rows_per_pass"] for s in snaps)]),
             "pages_used": sum(s["pages_used"] for s in snaps), "pages_total": total,
             "kv_cache_usage": sum(s["pages_used"] for s in snaps) / total if total else 0.0,
             "pages_shared": sum(s["pages_shared"] for s in snaps),
-            "prompt_pages_reused": sum(s["prompt_pages_reused"] for s in snaps),
-            "launched_ahead": sum(s["passes_launched_ahead"] for s in snaps),
-            "launched_ahead_dropped": sum(s["launched_ahead_dropped"] for s in snaps),
-            "graph_captures": sum(s["graph_captures"] for s in snaps),
-            "graph_capture_seconds": sum(s["graph_capture_seconds"] for s in snaps),
+            "prompt_pages_reused": count["prompt_pages_reused"],
+            "launched_ahead": count["passes_launched_ahead"],
+            "launched_ahead_dropped": count["launched_ahead_dropped"],
+            "graph_captures": count["graph_captures"],
+            "graph_capture_seconds": count["graph_capture_seconds"],
         }
 
     def collect(self) -> Iterator[Any]:
@@ -90,7 +115,15 @@ class EngineSnapshots(Collector):
                                   "graph warm-up) or inside the pass that meets it.", t["graph_captures"])
         yield CounterMetricFamily(PREFIX + "cuda_graph_capture_seconds",
                                   "The host's seconds spent capturing CUDA graphs.", t["graph_capture_seconds"])
-        yield GaugeMetricFamily(PREFIX + "engine_replicas", "Engine replicas that have reported.", t["replicas"])
+        yield GaugeMetricFamily(PREFIX + "engine_replicas",
+                                f"Engine replicas reporting (heard from within {STALE_S:g} s).", t["replicas"])
+
+
+def _counters(snap: dict[str, Any]) -> dict[str, float]:
+    """One snapshot's counters (rows and sessions from their per-pass means)."""
+    out = {name: snap[name] for name in COUNTERS if name not in ("rows", "sessions")}
+    passes = snap["passes"]
+    return {**out, "rows": snap["rows_per_pass"] * passes, "sessions": snap["sessions_per_pass"] * passes}
 
 
 class ServerMetrics:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 
 from ..core.protocol import ProtocolOptions
 from ..core.results import SolveResult, Stats
-from ..core.sampling_params import SamplingParams
+from ..core.sampling_params import TOP_K_HINT, TOP_K_LIMIT, SamplingParams
 from ..errors import HogwildError, InvalidRequestError
 
 LAYOUTS = ("combined", "contiguous", "interleaved")
@@ -396,7 +396,7 @@ def _sampling_fields(source: dict, prefix: str) -> dict:
             except OverflowError:
                 value = math.inf
         elif name == "top_k":
-            value = _integer(value, param, 0, hint="0 turns it off")
+            value = _integer(value, param, 0, TOP_K_LIMIT - 1, hi_text="2**31 - 1", hint=TOP_K_HINT)
         else:
             value = _integer(value, param, 0, SEED_LIMIT - 1, hi_text="2**63 - 1", null="unseeded")
         try:
@@ -496,8 +496,9 @@ def finish_reason(stats: Stats) -> str:
 
 
 def usage(results: list[SolveResult], prompt_tokens: list[int]) -> dict:
-    """Token counts for billing-style clients: completion tokens are those the model sampled, all workers."""
-    prompt = sum(prompt_tokens)
+    """Token counts for billing-style clients: completion tokens are those the model sampled, all workers
+    of all choices; the prompt counted once, however many choices read it (as OpenAI and vLLM count n)."""
+    prompt = max(prompt_tokens, default=0)
     completion = sum(sum(r.stats.generated_per_worker) for r in results)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 import uuid
 from typing import Any, AsyncIterator
 
@@ -22,6 +23,7 @@ from ..serving_loop import Admitted
 CLIENT_ERRORS = (InvalidRequestError, ContextLengthError, CacheFullError)  # the request's fault: HTTP 400
 logger = logging.getLogger("ray.serve")
 REPORT_EVERY_S = 0.5  # how fresh the front's view of this engine's counters is (pages freed, passes)
+HEARTBEAT_S = 5.0  # reported at least this often, changed or not (the front drops a replica silent for 30 s)
 
 
 class EngineReplica:
@@ -60,13 +62,14 @@ class EngineReplica:
         from ray import serve
 
         handle = serve.get_deployment_handle(front, serve.get_replica_context().app_name)
-        last = None
+        last, sent = None, 0.0
         while not self._stop.wait(REPORT_EVERY_S):
             now = self.metrics()
-            if now != last:
+            # changed, or HEARTBEAT_S since the last: the front counts a replica silent for longer as gone
+            if now != last or time.monotonic() - sent >= HEARTBEAT_S:
                 try:
                     handle.report.remote(now)
-                    last = now
+                    last, sent = now, time.monotonic()
                 except Exception:  # the front is restarting: the next round tries again
                     pass
 
@@ -84,9 +87,9 @@ class EngineReplica:
             return
         ended = False
         try:
-            try:
-                await asyncio.to_thread(self.loop.submit, key, problem, workers, options, size.pages,
-                                        lambda item: aio.call_soon_threadsafe(events.put_nowait, item))
+            try:  # (a queue's put, not awaited: a cancel in `finally` can never be queued ahead of it)
+                self.loop.submit(key, problem, workers, options, size.pages,
+                                 lambda item: aio.call_soon_threadsafe(events.put_nowait, item))
             except HogwildError as e:
                 ended = True
                 yield _error(e)
@@ -144,7 +147,7 @@ class EngineReplica:
             try:
                 pages, job = await asyncio.to_thread(run_request, self.engine, problem, run, budgets,
                                                      SamplingParams(**sampling), options)
-                await asyncio.to_thread(self.loop.submit_job, key, job, pages, sink)
+                self.loop.submit_job(key, job, pages, sink)  # queued at once: see generate
                 item = await done
             except (ContextLengthError, CacheFullError) as e:
                 item = Failed(e)
@@ -226,6 +229,8 @@ def _node_id() -> str:
     try:
         import ray
 
+        if not ray.is_initialized():  # (asking a runtime context would start a local Ray)
+            return "local"
         return ray.get_runtime_context().get_node_id()
     except Exception:  # outside Ray
         return "local"
