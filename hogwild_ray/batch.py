@@ -3,7 +3,9 @@
 Pure logic apart from the output file: the caller passes what solves the problems (one at a
 time, or many at once, each result handed over as it finishes). Results are appended one line
 at a time, straight to the file, so an interrupted run leaves every finished result in it; a
-rerun reads the ids already there and skips them. A line cut short by the interruption is
+rerun reads the ids already there and skips them (those of the same problem text; another
+problem under a known id is an error), but runs again the ones recorded with an error. One run
+at a time writes a file. A line cut short by the interruption is
 truncated away before anything is appended; finished lines are never rewritten (hogwild_ray.jsonl).
 """
 
@@ -63,6 +65,32 @@ def read_finished(out: Path, repair: bool = False) -> dict[str | int, dict]:
             if isinstance(rec.get("id"), (str, int)) and not isinstance(rec["id"], bool)}
 
 
+def done(rec: dict | None) -> bool:
+    """Whether a problem's record in the output ends it: a result. An error record (a problem that
+    could not run then: a cache another session held, a context since made longer) runs again, and
+    its new record is appended after it: the last line of an id is its record."""
+    return rec is not None and "error" not in rec
+
+
+def check_same_problems(items: list[tuple[str | int, str]], finished: dict[str | int, dict],
+                        path: Path | None) -> None:
+    """A rerun resumes the same problems: an id whose record in the output is of another problem
+    (another input file, edited problems, ids by position that moved) is an error naming both."""
+    for pid, text in items:
+        rec = finished.get(pid)
+        if rec is not None and rec.get("problem") != text:
+            theirs = rec.get("problem")
+            raise InvalidRequestError(
+                f"{path} already has a record with id {pid!r} for another problem "
+                f"({_short(theirs) if isinstance(theirs, str) else 'none'} there, {_short(text)} now): a rerun "
+                "resumes the same problems only; write to another output file, or give each problem an id of "
+                "its own")
+
+
+def _short(text: str, n: int = 40) -> str:
+    return repr(text if len(text) <= n else text[:n] + "...")
+
+
 def describe(rec: dict) -> str:
     """A finished record in one progress line: its id and answer (or error)."""
     if "error" in rec:
@@ -115,11 +143,17 @@ def run_batch(solve_all: SolveAll, problems: Iterable[str | dict], out: str | Pa
     path = Path(out) if out is not None else None
     if path is not None and (problem := file_problem(path)):
         raise InvalidRequestError(f"out: {problem}")
-    finished = read_finished(path, repair=True) if path is not None else {}
-    todo = [(pid, text) for pid, text in items if pid not in finished]
-    texts = dict(todo)
+    sink = jsonl.Appender(path, lock=True) if path is not None else None  # this run's alone from here
+    try:
+        finished = read_finished(path, repair=True) if path is not None else {}
+        check_same_problems(items, finished, path)
+    except BaseException:
+        if sink is not None:
+            sink.close()
+        raise
+    todo = [(pid, text) for pid, text in items if not done(finished.get(pid))]
+    texts, answered = dict(todo), set()
     reporter = RunProgress("batch", len(items), len(items) - len(todo), path, progress)
-    sink = jsonl.Appender(path) if path is not None else None
     try:
         for pid, outcome in solve_all(todo):
             if isinstance(outcome, Retried):
@@ -127,8 +161,9 @@ def run_batch(solve_all: SolveAll, problems: Iterable[str | dict], out: str | Pa
                 continue
             replica = outcome.replica if isinstance(outcome, OnReplica) else None
             outcome = outcome.outcome if isinstance(outcome, OnReplica) else outcome
-            if pid in finished or pid not in texts:
+            if pid not in texts or pid in answered:
                 raise RuntimeError(f"problem id {pid!r} was answered twice")  # never written twice
+            answered.add(pid)
             if isinstance(outcome, Exception):
                 rec = {"id": pid, "problem": texts[pid], "error": str(outcome)}
             else:

@@ -3,7 +3,9 @@ writers of `batch` and `eval`.
 
 A kill can stop a write anywhere, so whatever follows the last newline is a line cut short:
 the reader ignores it, and before a run appends to the file, `resume` cuts it off in place
-(one truncate at the end of the last complete line, then fsync). Finished lines are never
+(one truncate at the end of the last complete line, then fsync). A last line that is a whole
+JSON object (a file another tool wrote without a final newline) is a record, and `resume`
+adds its newline instead. Finished lines are never
 rewritten, so no interruption can lose them, and every append starts on a fresh line, so
 records never fuse. A bad line anywhere else is an error naming the file and the line.
 Only regular files are read: a device or a FIFO could be read forever.
@@ -11,13 +13,15 @@ Only regular files are read: a device or a FIFO could be read forever.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from .errors import InvalidRequestError
 from .output_paths import kind
@@ -34,6 +38,7 @@ class Scan:
     records: list[tuple[int, dict]]
     end: int
     size: int
+    unterminated: bool = False  # the last record is whole but has no newline after it
 
     @property
     def cut(self) -> bool:
@@ -80,7 +85,22 @@ def scan(path: Path, fix: str) -> Scan:
             value = parse_line(raw, path, number, fix)
             if value is not None:
                 records.append((number, value))
+    whole = _whole_record(tail)
+    if whole is not None:  # a complete record that another tool wrote without a final newline: kept
+        return Scan([*records, (number + 1, whole)], end + len(tail), end + len(tail), unterminated=True)
     return Scan(records, end, end + len(tail))
+
+
+def _whole_record(tail: bytes) -> dict | None:
+    """The object of a last line without its newline, if it is a whole JSON object (a line a kill cut
+    short is not: it lacks at least its closing brace); else None."""
+    if not tail.strip():
+        return None
+    try:
+        value = json.loads(tail.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def resume(path: Path, fix: str) -> list[tuple[int, dict]]:
@@ -88,14 +108,17 @@ def resume(path: Path, fix: str) -> list[tuple[int, dict]]:
     truncated away in place and the truncation fsync'd (a kill before or after that one call
     leaves every complete line as it was)."""
     seen = scan(path, fix)
-    if seen.cut:
+    if seen.cut or seen.unterminated:
         try:
-            fd = os.open(path, os.O_WRONLY)
+            fd = os.open(path, os.O_WRONLY | (os.O_APPEND if seen.unterminated else 0))
             try:
                 if os.fstat(fd).st_size != seen.size:
                     raise InvalidRequestError(f"{path} grew while it was read: is another run writing to it? "
                                               "Let that one finish, or write to another file")
-                os.ftruncate(fd, seen.end)
+                if seen.unterminated:  # the whole last record stays; its newline is added
+                    os.write(fd, b"\n")
+                else:
+                    os.ftruncate(fd, seen.end)
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -112,12 +135,23 @@ def lines_of(records: Iterable[dict[str, Any]]) -> bytes:
 class Appender:
     """Appends JSON lines to a file that ends on a complete line (after `resume`, or a new one):
     each call's lines go to the file in one write, with no buffer for a kill to lose, and are
-    fsync'd at least every `fsync_seconds` and on close. exclusive: the file must be new."""
+    fsync'd at least every `fsync_seconds` and on close. exclusive: the file must be new.
+    lock: the file is this run's alone while it is open (an advisory lock, which `in_use` sees);
+    another run's Appender with `lock` on it is refused, naming the file."""
 
-    def __init__(self, path: Path, exclusive: bool = False, fsync_seconds: float = FSYNC_SECONDS) -> None:
+    def __init__(self, path: Path, exclusive: bool = False, fsync_seconds: float = FSYNC_SECONDS,
+                 lock: bool = False) -> None:
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | (os.O_EXCL if exclusive else 0)
         self.fd: int | None = os.open(path, flags, 0o666)
         self.path, self.fsync_seconds, self.synced = path, fsync_seconds, time.monotonic()
+        if lock:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(self.fd)
+                self.fd = None
+                raise InvalidRequestError(f"{path} is being written by another run: let that one finish, or "
+                                          "write to another file") from None
 
     def write(self, records: Iterable[dict[str, Any]]) -> None:
         data = memoryview(lines_of(records))
@@ -143,6 +177,33 @@ class Appender:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def in_use(path: Path) -> bool:
+    """Whether a run holds `path` open with Appender(lock=True) now."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # (closing releases the lock, if taken)
+
+
+@contextlib.contextmanager
+def directory_lock(directory: Path) -> Iterator[None]:
+    """Holds `directory` for this process alone (an advisory lock on the directory itself, so that
+    nothing is left in it); another process waits here until it is let go."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def replace_atomically(path: Path, records: Iterable[dict[str, Any]]) -> None:

@@ -79,7 +79,7 @@ def replica_settings(model: Any, device: str | None, dtype: str | None, tp: int,
 def run_on_replicas(problems: Iterable[str | dict], out: str | Path | None, settings: Any, replicas: int | None,
                     address: str | None, progress: bool, options: dict) -> list[dict]:
     """`batch.run_batch` over a pool of engine replicas."""
-    from .batch import normalize, read_finished, run_batch
+    from .batch import check_same_problems, done, normalize, read_finished, run_batch
     from .core.sampling_params import per_worker
     from .serve.pool import ReplicaPool
     from .serve.replica_runs import batch_on_replicas
@@ -96,7 +96,9 @@ def run_on_replicas(problems: Iterable[str | dict], out: str | Path | None, sett
                   {k: v for k, v in options.items() if k not in ("max_tokens", "sampling", "layout", "max_steps")})
     problems = list(problems)
     items = normalize(problems)
-    if out is not None and all(pid in read_finished(Path(out)) for pid, _ in items):
+    finished = read_finished(Path(out)) if out is not None else {}
+    check_same_problems(items, finished, out)  # before any replica starts
+    if out is not None and all(done(finished.get(pid)) for pid, _ in items):
         return run_batch(lambda todo: iter(()), problems, out, progress)  # nothing to run: no replica starts
     with ReplicaPool(settings, replicas, address, quiet=not progress) as pool:
         return run_batch(batch_on_replicas(pool, workers, options, settings.max_concurrent), problems, out, progress)

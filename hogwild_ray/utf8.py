@@ -24,6 +24,13 @@ def decode(data: bytes, path: str | Path, first_line: int = 1, fix: str = "save 
         raise InvalidRequestError(f"{path}:{line} is not UTF-8 text (byte 0x{data[e.start]:02x}); {fix}") from None
 
 
+def input_lines(text: str) -> list[str]:
+    """The lines of a JSON-lines input file's text: split at newlines only (JSON writers leave
+    U+2028, U+2029 and U+0085 raw inside strings, where str.splitlines would cut a line), and a
+    byte-order mark at the start (as Windows editors write) dropped."""
+    return text.removeprefix("\ufeff").split("\n")
+
+
 def bad_character(text: str) -> str | None:
     """What in `text` cannot be written as UTF-8, in words (None: all of it can)."""
     try:

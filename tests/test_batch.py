@@ -81,6 +81,73 @@ def test_problem_too_long_is_recorded_and_the_run_goes_on(tmp_path):
     assert "answer" in records[0] and "answer" in records[2]
 
 
+def test_a_rerun_tries_the_problems_recorded_with_an_error_again(tmp_path):
+    """An error record (a cache another session held, a context too short then) does not end its
+    problem: the rerun runs it, and its new line follows the old one (the last line of an id wins)."""
+    out = tmp_path / "out.jsonl"
+
+    def cache_held(problem: str) -> SolveResult:
+        if "1" in problem:
+            raise ContextLengthError("the prompt is 9000 tokens, the context holds 8192")
+        return fake_solve([])(problem)
+
+    first = run_batch(one_at_a_time(cache_held), PROBLEMS[:3], out, progress=False)
+    assert "error" in first[1]
+    calls: list[str] = []
+    again = run_batch(one_at_a_time(fake_solve(calls)), PROBLEMS[:3], out, progress=False)
+    assert calls == ["Compute 1 + 1."] and "answer" in again[1] and again[0] == first[0]
+    assert [(r["id"], "error" in r) for r in lines(out)] == [("p0", False), ("p1", True), ("p2", False),
+                                                            ("p1", False)]
+    assert run_batch(one_at_a_time(fake_solve(calls)), PROBLEMS[:3], out, progress=False) == again
+    assert len(calls) == 1  # nothing left to run
+
+
+def test_a_rerun_with_other_problems_under_the_same_ids_is_refused(tmp_path):
+    """Ids by position (plain strings) or the same ids in another input file: the old answers must not
+    pass for the new problems' answers."""
+    out = tmp_path / "out.jsonl"
+    run_batch(one_at_a_time(fake_solve([])), ["What is 1+1?", "What is 2+2?"], out, progress=False)
+    before = out.read_bytes()
+    with pytest.raises(hw.InvalidRequestError, match=r"already has a record with id 0 for another problem "
+                                                    r"\('What is 1\+1\?' there, 'What is 3\+3\?' now\)"):
+        run_batch(one_at_a_time(fake_solve([])), ["What is 3+3?", "What is 2+2?"], out, progress=False)
+    assert out.read_bytes() == before
+
+
+def test_two_runs_never_write_one_output_at_once(tmp_path):
+    from hogwild_ray import jsonl
+
+    out = tmp_path / "out.jsonl"
+    with jsonl.Appender(out, lock=True):  # another run, still writing
+        assert jsonl.in_use(out)
+        with pytest.raises(hw.InvalidRequestError, match="out.jsonl is being written by another run"):
+            run_batch(one_at_a_time(fake_solve([])), PROBLEMS, out, progress=False)
+    assert not jsonl.in_use(out) and out.read_bytes() == b""
+    assert len(run_batch(one_at_a_time(fake_solve([])), PROBLEMS, out, progress=False)) == len(PROBLEMS)
+
+
+def test_a_whole_last_record_without_its_newline_is_kept(tmp_path):
+    """Another tool's file whose last record has no newline after it: a record, not a line cut short."""
+    out = tmp_path / "out.jsonl"
+    kept = {"id": "p1", "problem": "Compute 1 + 1.", "answer": "EXPENSIVE"}
+    out.write_text(json.dumps({"id": "p0", "problem": "Compute 0 + 0.", "answer": "0"}) + "\n" + json.dumps(kept))
+    calls: list[str] = []
+    records = run_batch(one_at_a_time(fake_solve(calls)), PROBLEMS[:3], out, progress=False)
+    assert calls == ["Compute 2 + 2."] and records[1] == kept
+    assert [r["id"] for r in lines(out)] == ["p0", "p1", "p2"]
+
+
+def test_the_input_file_may_hold_line_separators_inside_strings_and_a_byte_order_mark(tmp_path):
+    """JSON writers leave U+2028 and U+2029 raw inside strings (ensure_ascii=False); Windows editors
+    start a file with a byte-order mark."""
+    from hogwild_ray.cli.batch import read_problems
+
+    path = tmp_path / "in.jsonl"
+    rows = [{"id": 1, "problem": "line one\u2028line two\u2029end\x85"}, {"id": 2, "problem": "plain"}]
+    path.write_bytes(b"\xef\xbb\xbf" + "\n".join(json.dumps(r, ensure_ascii=False) for r in rows).encode())
+    assert read_problems(path) == rows
+
+
 @pytest.mark.parametrize("problems, words", [
     ([{"id": 1, "problem": "a"}, {"id": 1, "problem": "b"}], "appears twice"),
     (["a", "  "], "problem 1"),

@@ -203,6 +203,38 @@ def test_merge_folds_the_parts_in_and_removes_the_parts_directory(tmp_path):
     assert [p.name for p in (tmp_path / "parts").iterdir()] == ["notes.txt"]  # not ours: kept, and the directory
 
 
+def test_a_merge_leaves_the_part_another_run_still_writes(tmp_path):
+    """Two runs into one directory: the first to end merges what both wrote so far and removes its
+    own part, not the one the other run still appends to; the other's merge then has everything."""
+    from hogwild_ray.eval.experiment import new_part
+
+    specs = [RunSpec("single", 1), RunSpec("hogwild", 2, "combined")]
+    exp = Experiment([{"id": "a", "problem": "p", "answer": "1"}], specs, [8], tmp_path)
+    mine, theirs = new_part(tmp_path), new_part(tmp_path)
+    mine.write([record("a", "single", 1, None, 8, True)])
+    theirs.write([record("a", "hogwild", 2, "combined", 8, True)])
+    mine.close()
+    assert len(merge(exp)) == 2  # both runs' records so far
+    assert [p.name for p in (tmp_path / "parts").iterdir()] == [theirs.path.name]  # still being written: kept
+    theirs.write([record("a", "hogwild", 2, "combined", 8, False)])  # (a later record of the same run)
+    theirs.close()
+    recs = merge(exp)
+    assert [r["correct"] for r in recs] == [True, False] and not (tmp_path / "parts").exists()
+
+
+def test_a_run_recorded_with_an_error_runs_again(tmp_path):
+    specs = [RunSpec("single", 1)]
+    exp = Experiment([{"id": "a", "problem": "p", "answer": "1"}, {"id": "b", "problem": "q", "answer": "2"}],
+                     specs, [8, 16], tmp_path)
+    (tmp_path / "parts").mkdir()
+    failed = [{**record("b", "single", 1, None, b, False), "error": "the cache has 28 pages"} for b in (8, 16)]
+    write_jsonl(tmp_path / "parts" / "part-0.jsonl", [record("a", "single", 1, None, b, True) for b in (8, 16)]
+                + failed)
+    assert [(i, p["id"]) for i, p, _ in todo(exp, existing(tmp_path))] == [(1, "b")]
+    write_jsonl(tmp_path / "parts" / "part-1.jsonl", [record("b", "single", 1, None, b, True) for b in (8, 16)])
+    assert todo(exp, existing(tmp_path)) == [] and all("error" not in r for r in merge(exp))
+
+
 def test_cpu_name_reads_proc_cpuinfo(tmp_path, monkeypatch):
     info = tmp_path / "cpuinfo"
     info.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R)   Platinum 8480+\n"

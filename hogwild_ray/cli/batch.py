@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..errors import InvalidRequestError, check_int
 from ..output_paths import file_problem
-from ..utf8 import decode
+from ..utf8 import decode, input_lines
 from .common import FORMATTER, add_model_flags, add_replica_flag, add_session_flags, load_engine, replicas_for
 from .common import session_options
 
@@ -64,7 +64,7 @@ def read_problems(path: Path) -> list:
     except OSError as e:
         raise InvalidRequestError(f"--input {path} cannot be read ({e.strerror}); give a file you can read") from None
     problems = []
-    for n, line in enumerate(decode(data, path).splitlines(), 1):
+    for n, line in enumerate(input_lines(decode(data, path)), 1):
         if not line.strip():
             continue
         try:
@@ -88,7 +88,7 @@ def check_output(output: Path, source: Path) -> None:
 
 
 def execute(args: argparse.Namespace, engine=None) -> int:
-    from ..batch import normalize, read_finished
+    from ..batch import check_same_problems, done, normalize, read_finished
 
     options = session_options(args)  # checked before the load
     check_int("--max-concurrent", args.max_concurrent, 1, none="(as many as fit)")
@@ -96,7 +96,8 @@ def execute(args: argparse.Namespace, engine=None) -> int:
     problems = read_problems(args.input)
     items = normalize(problems)  # bad lines fail before the model loads
     finished = read_finished(args.output)
-    if all(pid in finished for pid, _ in items):  # nothing to run: no model to load
+    check_same_problems(items, finished, args.output)
+    if all(done(finished.get(pid)) for pid, _ in items):  # nothing to run: no model to load
         if not args.quiet:
             print(f"batch: all {len(items)} problems are already in {args.output}; nothing to run",
                   file=sys.stderr)

@@ -84,7 +84,7 @@ def new_part(out: Path) -> jsonl.Appender:
     n = max(taken, default=-1) + 1
     while True:
         try:
-            return jsonl.Appender(out / "parts" / f"part-{n}.jsonl", exclusive=True)
+            return jsonl.Appender(out / "parts" / f"part-{n}.jsonl", exclusive=True, lock=True)
         except FileExistsError:
             n += 1
 
@@ -99,9 +99,11 @@ def existing(out: Path) -> dict[tuple, dict]:
 
 
 def todo(exp: Experiment, done: dict[tuple, dict]) -> list[tuple[int, dict, RunSpec]]:
-    """The runs of `exp` that lack a record for some budget."""
+    """The runs of `exp` that lack a record for some budget, or have an error record (a run that could
+    not run then, e.g. with a cache too small, is tried again: its new records replace the error's)."""
     return [(i, p, s) for i, p, s in exp.runs()
-            if any((p["id"], s.mode, s.workers, s.layout, b) not in done for b in exp.budgets)]
+            if any("error" in done.get((p["id"], s.mode, s.workers, s.layout, b), {"error": None})
+                   for b in exp.budgets)]
 
 
 Record = Callable[..., None]  # record(records of one run, replica=None): the output and the progress hear them
@@ -151,7 +153,13 @@ def run_all(engine, exp: Experiment, runs: list[tuple[int, dict, RunSpec]], conc
 def merge(exp: Experiment) -> list[dict]:
     """Write results.jsonl: every record, in problem, configuration and budget order; the part
     files are removed once they are in it, and then the parts directory if nothing else is in it.
-    Returns the records of this experiment."""
+    Returns the records of this experiment. Runs into one directory merge one at a time (each
+    reads what the one before wrote); a part another run still writes is read and left in place."""
+    with jsonl.directory_lock(exp.out):
+        return _merge(exp)
+
+
+def _merge(exp: Experiment) -> list[dict]:
     recs = existing(exp.out)
     order = {p["id"]: i for i, p in enumerate(exp.problems)}
     spec_order = {(s.mode, s.workers, s.layout): i for i, s in enumerate(exp.specs)}
@@ -164,7 +172,8 @@ def merge(exp: Experiment) -> list[dict]:
     keys = sorted(recs, key=rank)
     jsonl.replace_atomically(exp.out / RESULTS, (recs[k] for k in keys))
     for path in part_files(exp.out):
-        path.unlink()
+        if not jsonl.in_use(path):  # another run still writing into the same directory keeps its part
+            path.unlink()
     try:  # the output holds results.jsonl, summary.md and accuracy.png only; a rerun makes parts/ again
         (exp.out / "parts").rmdir()
     except OSError:  # not there, or holding something else: left alone

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from ..errors import InvalidRequestError
 from ..core.protocol import extract_boxed
-from ..utf8 import check_text, decode
+from ..utf8 import check_text, decode, input_lines
 
 PROBLEM_FIELDS = ("problem", "question")
 ANSWER_FIELDS = ("answer", "solution")
@@ -74,7 +74,7 @@ def load_problems(path: str | Path) -> list[dict]:
         data = path.read_bytes()
     except OSError as e:
         raise InvalidRequestError(f"--data {path} cannot be read ({e.strerror}); give a file you can read") from None
-    text = decode(data, path)
+    text = decode(data, path).removeprefix("\ufeff")  # (a byte-order mark, as Windows editors write)
     if text.lstrip().startswith("["):
         try:
             rows = [(f"{path} item {i}", row) for i, row in enumerate(json.loads(text))]
@@ -82,7 +82,7 @@ def load_problems(path: str | Path) -> list[dict]:
             raise InvalidRequestError(f"{path} starts like a JSON array but is not one ({e.msg}, line {e.lineno})") from e
     else:
         rows = []
-        for n, line in enumerate(text.splitlines(), 1):
+        for n, line in enumerate(input_lines(text), 1):
             if not line.strip():
                 continue
             try:
