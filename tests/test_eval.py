@@ -227,7 +227,8 @@ def test_eval_end_to_end_on_the_default_model(default_engine, tmp_path, capsys, 
     assert f"- device: {device_label(default_engine.device)}" in summary  # the engine's, not "auto"
     if default_engine.device.type == "cpu":
         assert f"- device: cpu: {cpu_name()}, " in summary
-    assert sorted(p.name for p in out.iterdir()) == ["accuracy.png", "results.jsonl", "summary.md"]  # no parts/
+    assert sorted(p.name for p in out.iterdir()) == ["accuracy.png", "results.jsonl", "settings.json",
+                                                     "summary.md"]  # no parts/
 
     # resume: drop the last run's lines, as if interrupted; only that run runs again
     lines = (out / "results.jsonl").read_text().splitlines(keepends=True)
@@ -241,7 +242,14 @@ def test_eval_end_to_end_on_the_default_model(default_engine, tmp_path, capsys, 
     assert len(again) == len(recs) and again[:-2] == recs[:-2]
     assert [dict(r, seconds=0) for r in again[-2:]] == [dict(r, seconds=0) for r in recs[-2:]]  # seeded per problem
     assert main(argv, default_engine) == 0 and len(calls) == 1  # all done: nothing runs
-    assert sorted(p.name for p in out.iterdir()) == ["accuracy.png", "results.jsonl", "summary.md"]
+    assert sorted(p.name for p in out.iterdir()) == ["accuracy.png", "results.jsonl", "settings.json", "summary.md"]
+
+    # a rerun made otherwise is refused before anything runs: its records would be mixed with these
+    before = (out / "results.jsonl").read_bytes()
+    assert main([*argv, "--temperature", "0"], default_engine) == 2
+    err = capsys.readouterr().err
+    assert f"--out {out} holds an evaluation made otherwise (sampling " in err and "'temperature': 0.0" in err
+    assert (out / "results.jsonl").read_bytes() == before and len(calls) == 1
 
 
 # ---- concurrent runs -----------------------------------------------------------------------------

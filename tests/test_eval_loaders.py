@@ -235,6 +235,25 @@ def test_a_run_recorded_with_an_error_runs_again(tmp_path):
     assert todo(exp, existing(tmp_path)) == [] and all("error" not in r for r in merge(exp))
 
 
+def test_a_rerun_may_add_problems_but_not_change_them_nor_the_model(tmp_path):
+    from hogwild_ray.eval.settings_file import SETTINGS, check_and_keep
+
+    specs = [RunSpec("single", 1)]
+    a, b = {"id": "a", "problem": "2 + 2?", "answer": "4"}, {"id": "b", "problem": "3 + 3?", "answer": "6"}
+    check_and_keep(tmp_path, Experiment([a], specs, [8], tmp_path, model="m").settings())  # a new directory
+    check_and_keep(tmp_path, Experiment([a, b], specs, [8, 16], tmp_path, model="m").settings())  # more: fine
+    assert set(json.loads((tmp_path / SETTINGS).read_text())["problems"]) == {"a", "b"}
+    check_and_keep(tmp_path, Experiment([b], specs, [8], tmp_path, model="m").settings())  # fewer: fine too
+    moved = {**a, "problem": "1 + 3?"}  # the same id and answer, another problem
+    for exp, words in [(Experiment([moved], specs, [8], tmp_path, model="m"), "another problem text or answer "
+                                                                               "under id 'a'"),
+                       (Experiment([a], specs, [8], tmp_path, model="other"), "model 'm' there, 'other' now"),
+                       (Experiment([a], specs, [8], tmp_path, seed=1, model="m"), "seed 0 there, 1 now")]:
+        with pytest.raises(InvalidRequestError, match=words):
+            check_and_keep(tmp_path, exp.settings())
+    assert set(json.loads((tmp_path / SETTINGS).read_text())["problems"]) == {"a", "b"}  # left as it was
+
+
 def test_cpu_name_reads_proc_cpuinfo(tmp_path, monkeypatch):
     info = tmp_path / "cpuinfo"
     info.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R)   Platinum 8480+\n"

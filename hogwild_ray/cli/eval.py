@@ -202,7 +202,8 @@ def execute(args: argparse.Namespace, engine=None) -> int:
         raise InvalidRequestError(f"--out {problem}")
     options = {"finisher_tokens": args.finisher_tokens,
                "redundancy_every": None if args.no_redundancy else args.redundancy_every}
-    exp = Experiment(problems, specs, args.budgets, args.out, sampling, args.seed, options)
+    exp = Experiment(problems, specs, args.budgets, args.out, sampling, args.seed, options,
+                     model=args.model or "SmolLM2-135M-Instruct (built-in)")
     load = functools.partial(load_engine, args, True)
     replicas = None if engine is not None else replicas_for(args) or (1 if args.address or args.backend == "ray"
                                                                       else None)
@@ -215,7 +216,7 @@ def execute(args: argparse.Namespace, engine=None) -> int:
         execute = eval_execute(settings, replicas, args.address, args.concurrency, quiet=args.quiet)
     records, peak = run_experiment(exp, load, args.concurrency, engine, progress=not args.quiet, execute=execute)
     rows = summarise(records, specs)
-    model = args.model or "SmolLM2-135M-Instruct (built-in)"
+    model = exp.model
     notes = [f"- model: {model}",
              f"- device: {device_note(run_device(args, engine), args.concurrency, peak, replicas)}",
              f"- data: {data}",

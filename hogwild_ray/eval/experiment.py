@@ -28,6 +28,7 @@ from ..errors import CacheFullError, ContextLengthError, InvalidRequestError, ch
 from ..scheduler import Failed, Finished, Scheduler
 from ..run_progress import RunProgress
 from .runner import RunSpec, error_records, run_request, worker_sampling
+from .settings_file import check_and_keep, problem_digest
 
 SKIPPABLE = (ContextLengthError, CacheFullError)  # a run that cannot run: recorded, the others go on
 RESULTS, SUMMARY, PLOT = "results.jsonl", "summary.md", "accuracy.png"
@@ -46,9 +47,17 @@ class Experiment:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     seed: int | None = 0
     options: dict[str, Any] = field(default_factory=dict)  # protocol options for engine.start
+    model: str = ""  # what the engine loads (its path, or the built-in model's name)
 
     def runs(self) -> list[tuple[int, dict, RunSpec]]:
         return [(i, p, s) for i, p in enumerate(self.problems) for s in self.specs]
+
+    def settings(self) -> dict[str, Any]:
+        """What its records depend on beyond their keys (see settings_file)."""
+        s = self.sampling
+        return {"model": self.model, "sampling": {"temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p},
+                "seed": self.seed, "options": dict(self.options),
+                "problems": {str(p["id"]): problem_digest(p) for p in self.problems}}
 
 
 def run_key(rec: dict) -> tuple:
@@ -174,7 +183,7 @@ def _merge(exp: Experiment) -> list[dict]:
     for path in part_files(exp.out):
         if not jsonl.in_use(path):  # another run still writing into the same directory keeps its part
             path.unlink()
-    try:  # the output holds results.jsonl, summary.md and accuracy.png only; a rerun makes parts/ again
+    try:  # the output holds results.jsonl, summary.md, accuracy.png, settings.json; a rerun makes parts/ again
         (exp.out / "parts").rmdir()
     except OSError:  # not there, or holding something else: left alone
         pass
@@ -207,6 +216,8 @@ def run_experiment(exp: Experiment, load: Callable[[], Any], concurrency: int | 
     except OSError as e:
         raise InvalidRequestError(f"--out {exp.out} cannot be made ({e.strerror}); give a directory you can "
                                   "write") from None
+    with jsonl.directory_lock(exp.out):  # (runs into one directory at once write it one after another)
+        check_and_keep(exp.out, exp.settings())
     left = todo(exp, existing(exp.out))
     bar = RunProgress("eval", len(exp.runs()), len(exp.runs()) - len(left), exp.out, progress, unit="runs")
     peak, part = 0, []
