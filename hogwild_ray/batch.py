@@ -25,22 +25,27 @@ from .utf8 import check_text
 FIX = "remove that line, or write to another output file"
 
 
-def normalize(problems: Iterable[str | dict]) -> list[tuple[str | int, str]]:
-    """(id, problem) pairs: a string's id is its position; a dict has `problem` and maybe `id`."""
+def normalize(problems: Iterable[str | dict], where: Callable[[int], str] | None = None
+              ) -> list[tuple[str | int, str]]:
+    """(id, problem) pairs: a string's id is its position; a dict has `problem` and maybe `id`.
+    where(i): how errors name problem i (default "problem i"; a file's reader gives "file:line")."""
     items, seen = [], set()
+    name = where or (lambda i: f"problem {i}")
     for i, p in enumerate(problems):
         if isinstance(p, str):
             pid, text = i, p
         elif isinstance(p, dict):
             pid, text = p.get("id", i), p.get("problem")
         else:
-            raise InvalidRequestError(f"problem {i} is a {type(p).__name__}; give a string or a dict "
+            raise InvalidRequestError(f"{name(i)} is a {type(p).__name__}; give a string or a dict "
                                       "with 'problem' (and optionally 'id')")
         if not isinstance(text, str) or not text.strip():
-            raise InvalidRequestError(f"problem {i} (id {pid!r}) has no text: give a non-empty 'problem' string")
-        check_text(text, f"problem {i} (id {pid!r})")
+            keys = f" (it has {', '.join(map(repr, p))})" if isinstance(p, dict) and "problem" not in p else ""
+            raise InvalidRequestError(f"{name(i)} (id {pid!r}) has no text: give a non-empty 'problem' "
+                                      f"string{keys}")
+        check_text(text, f"{name(i)} (id {pid!r})")
         if not isinstance(pid, (str, int)) or isinstance(pid, bool):
-            raise InvalidRequestError(f"problem {i} has id {pid!r}; ids must be strings or integers")
+            raise InvalidRequestError(f"{name(i)} has id {pid!r}; ids must be strings or integers")
         if pid in seen:
             raise InvalidRequestError(f"id {pid!r} appears twice in the problems; ids must be unique "
                                       "(a rerun skips the ids already in the output)")

@@ -140,12 +140,23 @@ def test_a_whole_last_record_without_its_newline_is_kept(tmp_path):
 def test_the_input_file_may_hold_line_separators_inside_strings_and_a_byte_order_mark(tmp_path):
     """JSON writers leave U+2028 and U+2029 raw inside strings (ensure_ascii=False); Windows editors
     start a file with a byte-order mark."""
-    from hogwild_ray.cli.batch import read_problems
+    from hogwild_ray.cli.batch import numbered_problems
 
     path = tmp_path / "in.jsonl"
     rows = [{"id": 1, "problem": "line one\u2028line two\u2029end\x85"}, {"id": 2, "problem": "plain"}]
     path.write_bytes(b"\xef\xbb\xbf" + "\n".join(json.dumps(r, ensure_ascii=False) for r in rows).encode())
-    assert read_problems(path) == rows
+    assert numbered_problems(path) == [(1, rows[0]), (2, rows[1])]
+
+
+def test_cli_batch_names_a_bad_problem_by_its_file_and_line(tmp_path, capsys):
+    from hogwild_ray.cli import main
+
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"id": "q1", "problem": "2 + 2?"}\n\n{"id": "q2", "question": "3 + 3?"}\n')
+    assert main(["batch", "--input", str(path), "--output", str(tmp_path / "out.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}:3 (id 'q2') has no text: give a non-empty 'problem' string (it has 'id', 'question')" in err
+    assert not (tmp_path / "out.jsonl").exists()
 
 
 @pytest.mark.parametrize("problems, words", [

@@ -310,8 +310,8 @@ def no_load(monkeypatch):
     (b'{"id": "a", "problem": "1+1?"}\n{"id": "b", "problem": "Caf\xe9?"}\n',
      "in.jsonl:2 is not UTF-8 text (byte 0xe9); save it as UTF-8"),
     (b'{"id": "a", "problem": "1+1?"}\n{"id": "b", "problem": "\\udcff?"}\n',
-     "problem 1 (id 'b') is not valid UTF-8 text (byte 0xff at character 0)"),
-    (b'"1+1?"\n"\\ud83d and more"\n', "problem 1 (id 1) is not valid UTF-8 text (lone surrogate \\ud83d"),
+     "in.jsonl:2 (id 'b') is not valid UTF-8 text (byte 0xff at character 0)"),
+    (b'"1+1?"\n"\\ud83d and more"\n', "in.jsonl:2 (id 1) is not valid UTF-8 text (lone surrogate \\ud83d"),
 ])
 def test_batch_input_that_is_not_utf8_is_a_one_line_error(tmp_path, capsys, no_load, data, words):
     (tmp_path / "in.jsonl").write_bytes(data)

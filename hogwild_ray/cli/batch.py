@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any
 from pathlib import Path
 
 from ..errors import InvalidRequestError, check_int
@@ -55,8 +56,8 @@ def register(sub) -> None:
     p.set_defaults(execute=execute)
 
 
-def read_problems(path: Path) -> list:
-    """The problems of a JSONL file (objects or strings; blank lines skipped)."""
+def numbered_problems(path: Path) -> list[tuple[int, Any]]:
+    """(line number, problem) of a JSONL file of problems (objects or strings; blank lines skipped)."""
     if not path.is_file():
         raise InvalidRequestError(f"--input {path} is not a file; give a JSONL file of problems")
     try:
@@ -68,7 +69,7 @@ def read_problems(path: Path) -> list:
         if not line.strip():
             continue
         try:
-            problems.append(json.loads(line))
+            problems.append((n, json.loads(line)))
         except json.JSONDecodeError as e:
             raise InvalidRequestError(f"{path}:{n} is not JSON ({e.msg}); write one object like "
                                       '{"id": "q1", "problem": "..."} per line') from e
@@ -93,8 +94,9 @@ def execute(args: argparse.Namespace, engine=None) -> int:
     options = session_options(args)  # checked before the load
     check_int("--max-concurrent", args.max_concurrent, 1, none="(as many as fit)")
     check_output(args.output, args.input)
-    problems = read_problems(args.input)
-    items = normalize(problems)  # bad lines fail before the model loads
+    numbered = numbered_problems(args.input)
+    problems = [value for _, value in numbered]
+    items = normalize(problems, lambda i: f"{args.input}:{numbered[i][0]}")  # bad lines fail before the model loads
     finished = read_finished(args.output)
     check_same_problems(items, finished, args.output)
     if all(done(finished.get(pid)) for pid, _ in items):  # nothing to run: no model to load
