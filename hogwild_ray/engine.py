@@ -145,7 +145,11 @@ class HogwildEngine(EngineFront):
     @contextmanager
     def executor_operation(self) -> Iterator[None]:
         """Marks an executor operation that a page release must not interleave with (the Ray
-        executor: every shard replays the coordinator's allocator operations in its order)."""
+        executor: every shard replays the coordinator's allocator operations in its order), nor
+        another thread's: opening a session, a pass, a fork and a close each plan their pages
+        and write them as one operation, so threads sharing an engine take turns (a prompt's
+        pages are offered for sharing when planned, and must not be taken before they are
+        written)."""
         try:
             with self._executor_lock:
                 self._busy += 1
@@ -200,7 +204,8 @@ class HogwildEngine(EngineFront):
         session; the cache's free pages are then not checked here)."""
         options = protocol_from(layout, protocol_options)
         check_workers(workers, self.allocator)
-        return Session(self, problem, workers, sampling, layout, max_tokens, max_steps, options, write_prompt)
+        with self.executor_operation():  # its prompt's pages are planned and written with no other thread between
+            return Session(self, problem, workers, sampling, layout, max_tokens, max_steps, options, write_prompt)
 
     def step(self, sessions: Sequence[Session], inject: dict[Session, dict[int, str]] | None = None
              ) -> dict[Session, dict[int, list[int]]]:

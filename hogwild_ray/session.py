@@ -598,15 +598,17 @@ class Session:
         for name, value in vars(self).items():
             if name not in shared:
                 setattr(twin, name, copy.deepcopy(value))
-        twin.layout = self.layout.fork()
-        twin.executor = self.executor.fork(twin.layout)
+        with self.engine.executor_operation():
+            twin.layout = self.layout.fork()
+            twin.executor = self.executor.fork(twin.layout)
         _watch(twin)
         return twin
 
     def close(self) -> None:
         """Give the session's cache pages back (idempotent)."""
         self.done = True
-        self.executor.close()
+        with self.engine.executor_operation():
+            self.executor.close()
 
     # ---- results ------------------------------------------------------------------------
     def result(self) -> SolveResult:
@@ -644,10 +646,27 @@ def run_pass(sessions: Sequence[Session], inject: dict[Session, dict[int, str]] 
     session left without budget waits (no new tokens). launch_ahead=False: the sessions
     foresee nothing, so the next pass is not launched ahead (a caller that knows a newcomer
     joins it)."""
+    if not isinstance(sessions, (list, tuple)) or not all(isinstance(s, Session) for s in sessions):
+        raise InvalidRequestError(f"sessions must be a list of this engine's sessions (engine.start's), got "
+                                  f"{_kinds(sessions)}")
     if len({id(s) for s in sessions}) != len(sessions):
         raise InvalidRequestError("a session is listed twice; list each session once")
     if len({id(s.executor.executor) for s in sessions}) > 1:
         raise InvalidRequestError("these sessions belong to different engines; step each engine's sessions apart")
+    if not sessions:
+        return {}
+    with sessions[0].engine.executor_operation():  # the pass's pages planned and written with no other thread between
+        return _run_pass(sessions, inject, prefill_budget, launch_ahead)
+
+
+def _kinds(values: object) -> str:
+    if isinstance(values, (list, tuple)):
+        return "a list of " + ", ".join(sorted({type(v).__name__ for v in values})) if values else "an empty list"
+    return f"a {type(values).__name__}"
+
+
+def _run_pass(sessions: Sequence[Session], inject: dict[Session, dict[int, str]] | None, prefill_budget: int,
+              launch_ahead: bool) -> dict[Session, dict[int, list[int]] | Exception]:
     inject = inject or {}
     for s in sessions:
         s.check_inject(inject.get(s))

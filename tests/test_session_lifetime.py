@@ -15,6 +15,7 @@ import time
 import weakref
 
 import pytest
+import torch
 
 import hogwild_ray as hw
 from hogwild_ray.errors import CacheFullError
@@ -241,3 +242,45 @@ def test_stopped_shard_rank_is_named_alone(cluster, tp2_engine):
     assert 3 <= elapsed < 3 + 2 + 4, elapsed  # the step timeout, the pings, the release
     assert engine.coordinator is None and session.done
     assert_clean()
+
+
+def test_threads_sharing_an_engine_take_turns_and_get_their_own_tokens():
+    """Two threads on one engine: a prompt's pages are offered for sharing when its write is planned,
+    so a second thread's session between that plan and the write would read empty pages. Each
+    session's logits must be those it gets alone, however the threads interleave (the first thread
+    is held inside its prompt's pass here, as a thread switch there would)."""
+    engine = hw.HogwildEngine.from_pretrained("random:tiny", "cpu", "float32", cache_tokens=4096)
+    first, second = "What is 2+2?", "Compute 17*23 please"
+    alone = engine.start(second, 2, sampling=GREEDY)
+    alone.step()
+    expected = alone.last_logits.clone()
+    alone.close()
+
+    real_forward = engine.runner.forward
+
+    def held(*args, **kwargs):
+        if threading.current_thread().name == "first":
+            time.sleep(0.5)
+        return real_forward(*args, **kwargs)
+
+    engine.runner.forward = held
+    opened, errors = threading.Event(), []
+
+    def run_first() -> None:
+        try:
+            opened.set()
+            engine.start(first, 2, sampling=GREEDY).close()
+        except BaseException as e:  # (reported below)
+            errors.append(e)
+
+    thread = threading.Thread(target=run_first, name="first")
+    thread.start()
+    opened.wait(10)
+    time.sleep(0.2)  # the first thread is inside its prompt's pass
+    both = engine.start(second, 2, sampling=GREEDY)
+    both.step()
+    thread.join(30)
+    assert not errors and not thread.is_alive()
+    assert torch.equal(both.last_logits, expected)
+    both.close()
+    assert all_free(engine.allocator)
