@@ -29,6 +29,9 @@ def normalize(problems: Iterable[str | dict], where: Callable[[int], str] | None
               ) -> list[tuple[str | int, str]]:
     """(id, problem) pairs: a string's id is its position; a dict has `problem` and maybe `id`.
     where(i): how errors name problem i (default "problem i"; a file's reader gives "file:line")."""
+    if isinstance(problems, (str, bytes, dict)):  # iterating one would run its characters, or keys, as problems
+        raise InvalidRequestError(f"problems must be a list of problems (strings or dicts), got one "
+                                  f"{type(problems).__name__}: wrap it in a list")
     items, seen = [], set()
     name = where or (lambda i: f"problem {i}")
     for i, p in enumerate(problems):

@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from .batch import normalize
 from .core.events import Done, Error, Event
-from .errors import CacheFullError, ContextLengthError, check_int
+from .errors import CacheFullError, ContextLengthError, InvalidRequestError, check_int
 from .core.results import SolveResult
 from .core.sampling_params import SamplingParams
 from .streaming import final_result, session_events
@@ -50,6 +50,9 @@ class EngineFront(ABC):
 
         The arguments are those of `solve`. Nothing runs until the first event is asked for;
         leaving the loop early closes the session."""
+        if on_step is not None and not callable(on_step):
+            raise InvalidRequestError(f"on_step must be a function on_step(session, new_tokens) or None, got "
+                                      f"{type(on_step).__name__}")
         session = self.start(problem, workers, sampling=sampling, layout=layout, max_tokens=max_tokens,
                              max_steps=max_steps, **protocol_options)
         yield from session_events(session, on_step)

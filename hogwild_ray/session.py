@@ -275,6 +275,7 @@ class Session:
                 raise InvalidRequestError(f"inject names worker {w!r}; workers are 0..{len(self.workers) - 1}")
             if not isinstance(text, str):
                 raise InvalidRequestError(f"inject[{w}] must be a string (text to feed), got {type(text).__name__}")
+            check_unicode(f"inject[{w}]", text)
         if inject and self._unwritten:
             raise InvalidRequestError("this session is still writing its prompt; inject once it has begun")
         return inject

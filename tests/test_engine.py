@@ -853,3 +853,24 @@ def test_real_model_solves(default_engine):
     assert all(0 < g <= 40 for g in st.generated_per_worker)
     assert all(n > g for n, g in zip(st.tokens_per_worker, st.generated_per_worker))  # + the headers
     assert pages_free(default_engine)
+
+
+def test_api_arguments_that_would_misbehave_are_refused_naming_them():
+    """Switches given as strings ("no" is truthy), a bare string as many problems (its characters
+    would run), an on_step that is not a function (it failed after the first pass), and injected
+    text that is not valid Unicode (the tokenizer's own TypeError)."""
+    engine = hw.HogwildEngine.from_pretrained("random:tiny", "cpu", "float32", cache_tokens=2048)
+    for option in ("protocol", "finisher", "stop_on_answer", "chat_template"):
+        with pytest.raises(hw.InvalidRequestError, match=f"{option} must be True or False, got 'no'"):
+            engine.start("hi", 2, **{option: "no"})
+    with pytest.raises(hw.InvalidRequestError, match="got one str: wrap it in a list"):
+        engine.solve_many("What is 2+2?")
+    with pytest.raises(hw.InvalidRequestError, match="on_step must be a function"):
+        engine.solve("hi", 2, max_tokens=4, on_step=5)
+    session = engine.start("hi", 2, max_tokens=8)
+    with pytest.raises(hw.InvalidRequestError, match=r"inject\[0\]"):
+        session.step(inject={0: "\ud800"})
+    with pytest.raises(hw.InvalidRequestError, match="sessions must be a list of this engine's sessions"):
+        engine.step([1])
+    session.close()
+    assert engine.allocator.free_pages == engine.allocator.num_pages

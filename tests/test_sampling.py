@@ -231,3 +231,21 @@ def test_sample_one_is_stable_for_low_precision_logits():
     logits = (torch.randn(32000, generator=g) * 8).to(torch.bfloat16)
     tok = sample_one(logits, SamplingParams(temperature=0.01, top_p=0.95, seed=1))
     assert int(tok) == int(logits.float().argmax())
+
+
+def test_a_temperature_too_small_to_divide_by_samples_greedily():
+    """1e-40 is a valid temperature but float32 logits divided by it are all inf: greedy, as vLLM's rule."""
+    from hogwild_ray.sampling import sample_one
+
+    logits = torch.tensor([1.0, 5.0, 3.0, 2.0])
+    for t in (1e-44, 1e-40, 1e-6):
+        assert SamplingParams(temperature=t, seed=3).greedy
+        assert [int(sample_one(logits, SamplingParams(temperature=t, seed=s))) for s in range(4)] == [1] * 4
+    assert not SamplingParams(temperature=1e-4).greedy
+
+
+def test_the_largest_shared_seed_serves_every_worker():
+    from hogwild_ray.core.sampling_params import per_worker
+
+    seeds = [p.seed for p in per_worker(SamplingParams(seed=2**63 - 1), 3)]
+    assert seeds == [2**63 - 1, 0, 1]

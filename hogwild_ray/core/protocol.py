@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from ..errors import check_int
+from ..errors import InvalidRequestError, check_int
 
 NAMES = (
     "Alice", "Bob", "Carol", "Dave", "Erin", "Frank", "Grace", "Heidi",
@@ -156,6 +156,11 @@ class ProtocolOptions:
     def __post_init__(self) -> None:
         check_int("redundancy_every", self.redundancy_every, 1, none="off")
         check_int("finisher_tokens", self.finisher_tokens, 1)
+        for name in ("enabled", "chat_template", "finisher", "stop_on_answer"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):  # "no" or "off" is truthy: the switch would stay on
+                shown = "protocol" if name == "enabled" else name
+                raise InvalidRequestError(f"{shown} must be True or False, got {value!r}")
 
 
 @dataclass

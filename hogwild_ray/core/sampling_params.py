@@ -8,6 +8,9 @@ from dataclasses import dataclass
 from ..errors import InvalidRequestError, check_int
 
 
+# temperatures below this sample greedily: dividing float32 logits by 1e-40 makes them all inf, and the
+# draw then takes token 0
+GREEDY_BELOW = 1e-5
 # an int32's range: a larger top_k keeps every token as the vocabulary's size does, and the sampling
 # table (float64) could not hold it exactly
 TOP_K_LIMIT = 2**31
@@ -35,7 +38,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        """temperature 0, or one too small to divide logits by in float32 (vLLM's rule too)."""
+        return self.temperature < GREEDY_BELOW
 
 
 def _is_number(x: object) -> bool:
@@ -51,8 +55,8 @@ def per_worker(sampling: SamplingParams | list[SamplingParams] | None, workers: 
         sampling = SamplingParams()
     if isinstance(sampling, SamplingParams):
         return [
-            sampling if sampling.seed is None else SamplingParams(
-                sampling.temperature, sampling.top_k, sampling.top_p, sampling.seed + w
+            sampling if sampling.seed is None else SamplingParams(  # (wrapped: any valid seed serves every worker)
+                sampling.temperature, sampling.top_k, sampling.top_p, (sampling.seed + w) % 2**63
             )
             for w in range(workers)
         ]
