@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from hogwild_ray.core.dispatch import Dispatch, RetriesExhausted
 from hogwild_ray.core.replica_plan import plan_replicas
 from hogwild_ray.core.tally import Tally
-from hogwild_ray.errors import InvalidRequestError
+from hogwild_ray.errors import HogwildError, InvalidRequestError
 
 
 @settings(max_examples=150, deadline=None)
@@ -49,8 +49,22 @@ def test_a_lost_item_goes_first_and_is_refused_after_max_attempts():
     assert d.next_items() == ["a"]
     d.lose("a")
     assert d.next_items() == ["a"] and d.retried == 1  # back at the front, before b
-    with pytest.raises(RetriesExhausted, match="'a' was lost 2 times"):
+    with pytest.raises(RetriesExhausted, match="'a' was lost 2 times") as caught:
         d.lose("a")
+    # a HogwildError: `hogwild-ray batch --replicas` shows it as one line naming what to do (a traceback before)
+    assert isinstance(caught.value, HogwildError) and "\n" not in str(caught.value)
+    assert "`ray logs`" in str(caught.value) and "--replicas" in str(caught.value)
+
+
+def test_a_call_that_failed_on_its_replica_is_one_line_naming_the_replicas_error():
+    from hogwild_ray.serve.pool import ReplicaFailedError, replica_failure
+
+    traceback = ("ray::ServeReplica:app:HogwildEngine.handle_request() (pid=7, ip=10.0.0.2)\n"
+                 "  File \"replica.py\", line 120, in solve\n    raise ValueError(x)\nValueError: bad options 3")
+    error = replica_failure("q7", RuntimeError(traceback))
+    assert isinstance(error, ReplicaFailedError) and isinstance(error, HogwildError)
+    assert "'q7'" in str(error) and "ValueError: bad options 3" in str(error) and "\n" not in str(error)
+    assert "TimeoutError: no answer" in str(replica_failure("q8", TimeoutError("no answer")))
 
 
 def test_bad_windows_and_repeated_items_are_refused():

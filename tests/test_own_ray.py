@@ -44,3 +44,14 @@ def test_the_engines_own_ray_has_its_own_token_and_leaves_no_file(random_model, 
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.split() == ["True", "64"]  # token authentication on, with a 256-bit token
     assert not (tmp_path / ".ray" / "auth_token").exists()
+
+
+def test_info_address_local_leaves_no_token_file(tmp_path):
+    """`hogwild-ray info --address local` starts its Ray through init_ray too: no ~/.ray/auth_token."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(HOME=str(tmp_path), OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, "-m", "hogwild_ray", "info", "--address", "local", "--json"], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert '"CPU"' in run.stdout
+    assert not (tmp_path / ".ray" / "auth_token").exists()

@@ -106,6 +106,32 @@ def test_more_replicas_than_the_cluster_holds_is_refused_before_anything_starts(
     assert_clean()
 
 
+def test_replicas_with_no_free_cpu_are_one_clear_error_within_the_bound_and_leave_nothing(local_ray, random_model):
+    """The cluster holds CPUs enough in total, but another actor holds them all: serve.run waited for ever;
+    the pool gives up after no_replica_timeout_s, naming what a replica asks and what is free."""
+    from hogwild_ray.serve.app import ServeSettings
+    from hogwild_ray.serve.pool import ReplicaPool
+
+    hog = ray.remote(num_cpus=3)(type("Hog", (), {"ping": lambda self: True})).remote()
+    ray.get(hog.ping.remote())  # placed: every CPU of the cluster held
+    try:
+        start = time.monotonic()
+        with pytest.raises(NoReplicaError) as caught:
+            with ReplicaPool(ServeSettings(model=str(random_model("llama", "default")[0]), device="cpu"), 1,
+                             no_replica_timeout_s=5, quiet=True):
+                pass
+        assert time.monotonic() - start < 60  # the bound, and the deletion after it
+        message = str(caught.value)
+        assert "asks 1 CPU" in message and "0 CPU free" in message and "\n" not in message, message
+        from ray import serve
+
+        assert not serve.status().applications or not any(a.startswith("hogwild-batch") for a in
+                                                           serve.status().applications)
+    finally:
+        ray.kill(hog)
+    assert_clean()  # no replica, no lease, no Serve controller (the pool started Serve)
+
+
 def test_the_replicas_benchmark_compares_one_engine_with_one_and_two_replicas(local_ray, tmp_path):
     import sys
     from pathlib import Path

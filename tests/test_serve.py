@@ -401,3 +401,47 @@ def test_hogwild_ray_serve_runs_until_sigterm(tmp_path, random_model):
         proc.kill()
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+
+@serve.deployment
+class Other:
+    """Someone else's application on a shared cluster's Serve."""
+
+    def __call__(self, request) -> str:
+        return "other"
+
+
+def test_hogwild_ray_serve_on_a_shared_serve_leaves_its_other_applications(tmp_path, random_model):
+    """`serve --address` on a cluster whose Serve holds another application: a port other than Serve's is
+    refused in one line naming Serve's port, deploying nothing; on Serve's port it serves, and SIGTERM
+    deletes only its own application (serve.shutdown() took the other one with it)."""
+    if not ray.is_initialized():  # alone; in the module, the server fixture's Ray (its Serve shut down)
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(Other.bind(), name="other", route_prefix="/other")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    command = [sys.executable, "-m", "hogwild_ray", "serve", "--max-tokens", "8", "--cache-tokens", "4096",
+               "--address", ray.get_runtime_context().gcs_address, "--model", str(random_model("llama")[0])]
+    try:
+        run = subprocess.run([*command, "--port", str(free_port())], cwd=ROOT, env=env, capture_output=True,
+                             text=True, timeout=180)
+        last = run.stderr.splitlines()[-1]  # after Ray's own lines of connecting
+        assert run.returncode == 2 and last.startswith("error: ") and run.stderr.count("error: ") == 1, run.stderr
+        assert f"--port {port}" in last and run.stdout == ""
+        assert set(serve.status().applications) == {"other"}
+        proc = subprocess.Popen([*command, "--port", str(port)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        try:
+            line = proc.stdout.readline()
+            assert f"on http://127.0.0.1:{port}/v1" in line, (line, proc.stderr.read()[-3000:] if proc.poll() else "")
+            wait_healthy(f"http://127.0.0.1:{port}/health", timeout=60)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=120) == 0
+        finally:
+            proc.kill()
+        assert set(serve.status().applications) == {"other"}
+        assert urllib.request.urlopen(f"http://127.0.0.1:{port}/other", timeout=30).read() == b"other"
+    finally:
+        serve.shutdown()

@@ -13,11 +13,13 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Generic, Hashable, Iterable, TypeVar
 
+from ..errors import HogwildError
+
 K = TypeVar("K", bound=Hashable)
 
 
-class RetriesExhausted(RuntimeError):
-    """An item was lost with its replica more often than allowed."""
+class RetriesExhausted(HogwildError, RuntimeError):
+    """An item was lost with its replica more often than allowed (a HogwildError: the CLI shows one line)."""
 
 
 @dataclass
@@ -71,8 +73,10 @@ class Dispatch(Generic[K]):
             return
         self.in_flight.remove(key)
         if self.attempts[key] >= self.max_attempts:
-            raise RetriesExhausted(f"item {key!r} was lost {self.attempts[key]} times ({why}); "
-                                   "stopping rather than losing more replicas to it")
+            raise RetriesExhausted(
+                f"item {key!r} was lost {self.attempts[key]} times ({why}); stopping rather than losing more replicas "
+                "to it: check the replicas' logs (`ray logs`) and the nodes' memory and GPUs, or run fewer "
+                "--replicas or a lower --max-concurrent")
         self.pending.appendleft(key)
         self.retried += 1
 

@@ -9,10 +9,12 @@ def ray_cluster(address: str | None) -> dict[str, Any] | None:
     """The cluster's nodes and resources; None when no address is given and none is running."""
     import ray
 
+    from .ray_init import init_ray
+
     was_connected = ray.is_initialized()
     if not was_connected:
-        try:
-            ray.init(address=address or "auto", log_to_driver=False, logging_level="ERROR")
+        try:  # init_ray: a local instance started here ('local') writes no token file (ray_init's docstring)
+            init_ray(address or "auto", log_to_driver=False, logging_level="ERROR")
         except ConnectionError:
             if address is None:
                 return None

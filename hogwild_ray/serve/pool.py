@@ -37,6 +37,10 @@ class NoReplicaError(HogwildError):
     """No engine replica is running, and none came back in time."""
 
 
+class ReplicaFailedError(HogwildError, RuntimeError):
+    """A call failed on its replica (not lost with it): one line naming the replica's error."""
+
+
 @dataclass(frozen=True)
 class Lost:
     """A call's replica died before it answered; the call runs again elsewhere."""
@@ -110,16 +114,47 @@ class ReplicaPool:
                 max_ongoing_requests=1_000_000, health_check_period_s=10, health_check_timeout_s=60,
                 graceful_shutdown_timeout_s=5, max_constructor_retry_count=self.replicas)  # one failed start each
             self._deployed = True
-            try:
-                self.handle = serve.run(engine.bind(settings.engine_options(), settings.max_concurrent, None,
-                                                    self._lease), name=self.app, route_prefix=None)
-            except RuntimeError as e:  # Serve gave up on the replicas' constructor
-                why = failure_line(self._deployment_message() or str(e))
-                raise NoReplicaError(f"the engine replicas failed to start: {why}") from None
+            # not serve.run: it waits for ever when no replica can be placed (CPUs or GPUs held by other actors)
+            self.handle = serve._run(engine.bind(settings.engine_options(), settings.max_concurrent, None,
+                                                 self._lease), name=self.app, route_prefix=None, _blocking=False)
+            self._wait_running(settings.replica_actor_options())
         except BaseException:
             self.close()
             raise
         return self
+
+    def _wait_running(self, asks: dict[str, Any]) -> None:
+        """Wait until a replica runs (serve.run would wait for ever when none can be placed): NoReplicaError
+        when the replicas fail to start, or when none runs within no_replica_timeout_s and Serve does not
+        say that one is placed and initializing (a model that loads for minutes)."""
+        from ray import serve
+
+        deadline = time.monotonic() + self.no_replica_timeout_s
+        while True:
+            app = serve.status().applications.get(self.app)
+            deployment = app.deployments.get(DEPLOYMENT) if app else None
+            if app is not None and (app.status == "RUNNING" or deployment and deployment.replica_states.get("RUNNING")):
+                return
+            if app is not None and app.status in ("DEPLOY_FAILED", "UNHEALTHY"):  # Serve gave up on the constructor
+                raise NoReplicaError(f"the engine replicas failed to start: {failure_line(self._deployment_message())}")
+            if time.monotonic() >= deadline:
+                if "to initialize" not in self._deployment_message():
+                    raise NoReplicaError(self._no_room(asks))
+                # placed, and still loading the model (Serve says so after 30 s): a slow start is no lack of room
+                deadline = time.monotonic() + self.no_replica_timeout_s
+            time.sleep(0.2)
+
+    def _no_room(self, asks: dict[str, Any]) -> str:
+        """Why no replica ran in time, in one line: what one replica asks against what the cluster has free."""
+        import ray
+
+        free = ray.available_resources()
+        names = ("CPU", "GPU") if asks.get("num_gpus") else ("CPU",)
+        want = " and ".join(f"{asks.get(f'num_{n.lower()}s', 0):g} {n}" for n in names)
+        have = " and ".join(f"{free.get(n, 0):g} {n}" for n in names)
+        return (f"no engine replica ran within {self.no_replica_timeout_s:g} s: a replica asks {want}, and the Ray "
+                f"cluster has {have} free (other actors or jobs hold the rest); free them, add nodes, or ask fewer "
+                "--replicas (`ray status` shows what holds them)")
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
@@ -166,7 +201,7 @@ class ReplicaPool:
                     key, _ = calls.pop(task)
                     error = task.exception()
                     if error is not None and (isinstance(error, RayTaskError) or not _is_lost(error)):
-                        raise error
+                        raise replica_failure(key, error) from error
                     if error is not None:
                         why = f"lost with its replica ({type(error).__name__})"
                         dispatch.lose(key, why)
@@ -246,6 +281,15 @@ def failure_line(text: str) -> str:
         if message and name.rsplit(".", 1)[-1].endswith(("Error", "Exception")):
             return f"{name.rsplit('.', 1)[-1]}: {message}"
     return lines[-1] if lines else "no reason given (see the replicas' logs: `ray logs`)"
+
+
+def replica_failure(key: Hashable, error: BaseException) -> ReplicaFailedError:
+    """One line for a call that failed on its replica (a RayTaskError's text is the replica's whole traceback)."""
+    line = failure_line(str(error))
+    if not line.partition(": ")[0].endswith(("Error", "Exception")):
+        line = f"{type(error).__name__}: {line}"
+    return ReplicaFailedError(f"item {key!r} failed on a replica: {line}; see the replicas' logs (`ray logs`) "
+                              "for the whole traceback")
 
 
 async def _answer(response: Any) -> Any:
