@@ -291,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--replays", type=int, default=50)
     p.add_argument("--out", type=Path, default=common.RESULTS)
     p.add_argument("--date", default=common.today())
+    p.add_argument("--suffix", default="", help="added to the file names (e.g. -repeat)")
     args = p.parse_args(argv)
     settings = args.skinny.split(",")
     if unknown := set(settings) - {"on", "off", "unchained", "narrow"}:
@@ -379,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
                            ["kernel", "µs per pass"], [[k, f"{v:.1f}"] for k, v in top])
         if r["host_top"]:
             print(f"host, skinny {r['skinny']}, {r['workers']} workers, {args.steps} steps:", *r["host_top"], sep="\n")
-    stem = args.out / f"{args.date}-{common.file_tag(dev)}-decode_profile"
+    stem = args.out / f"{args.date}-{common.file_tag(dev)}-{result_name(args.sessions, args.workers)}{args.suffix}"
     meta = {"device": name, "date": args.date, "model": model.path, "view": args.view, **floor.meta(),
             "weight_bytes_read_per_step": model.weight_bytes, "prefetch_default_bytes": PREFETCH_BYTES,
             "versions": common.versions()}
@@ -391,6 +392,11 @@ def main(argv: list[str] | None = None) -> int:
     plot(rows, Path(f"{stem}.png"), f"Decode step vs roofline, random:{args.shape}, {args.view} view, {name}")
     print(f"wrote {stem}.csv, .json and .png")
     return 0
+
+
+def result_name(sessions: int, workers: list[int]) -> str:
+    """decode_profile, or decode_profile_32x4 for batched passes: two runs of a day keep their own files."""
+    return "decode_profile" if sessions == 1 else f"decode_profile_{sessions}x{'-'.join(map(str, workers))}"
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:

@@ -106,3 +106,11 @@ def test_bad_settings_are_refused_by_name_before_anything_runs(capsys, args, nam
     with pytest.raises(SystemExit) as stop:
         decode_profile.main(args)
     assert stop.value.code == 2 and named in capsys.readouterr().err
+
+
+def test_batched_runs_keep_files_of_their_own():
+    """A 32 x 4 run the same day as a 1-worker one wrote over its files."""
+    from decode_profile import result_name
+
+    assert result_name(1, [1, 16]) == "decode_profile"
+    assert result_name(32, [4]) == "decode_profile_32x4" and result_name(8, [2, 4]) == "decode_profile_8x2-4"
