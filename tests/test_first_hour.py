@@ -115,7 +115,7 @@ def test_cluster_addresses_parse_to_host_and_port():
 def test_a_batch_with_every_id_done_loads_nothing(capsys, no_load, tmp_path):
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     src.write_text('{"id": "a", "problem": "1+1?"}\n{"id": "b", "problem": "2+2?"}\n')
-    out.write_text('{"id": "a", "answer": "2"}\n{"id": "b", "answer": "4"}\n')
+    out.write_text('{"id": "a", "problem": "1+1?", "answer": "2"}\n{"id": "b", "problem": "2+2?", "answer": "4"}\n')
     assert main(["batch", "--input", str(src), "--output", str(out), "--json"]) == 0
     captured = capsys.readouterr()
     assert "nothing to run" in captured.err
