@@ -55,7 +55,7 @@ def devices() -> list[dict[str, Any]]:
 
 
 def execute(args: argparse.Namespace, engine=None) -> int:
-    from ..errors import InvalidRequestError
+    from ..errors import HogwildError, InvalidRequestError
     from ..ray_address import check_reachable
 
     check_reachable(args.address)
@@ -64,6 +64,8 @@ def execute(args: argparse.Namespace, engine=None) -> int:
     try:
         cluster = ray_cluster(args.address)
     except ConnectionError as e:
+        if isinstance(e, HogwildError):  # a cluster that answered but refused us: its own line says why
+            raise
         raise InvalidRequestError(f"no Ray cluster at --address {args.address} ({e}); check the address, "
                                   "or start one with `ray start --head`") from e
     report = {"versions": versions(), "devices": devices(), "ray_cluster": cluster}

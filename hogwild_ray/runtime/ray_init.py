@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import os
 import secrets
+from pathlib import Path
 from typing import Any
+
+from ..errors import HogwildError
 
 AUTH_SETTINGS = ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
 
@@ -27,11 +30,33 @@ def starts_own_ray(address: str | None) -> bool:
         return False
 
 
+class ClusterConnectionError(HogwildError, ConnectionError):
+    """A cluster that answers but would not let this process in (most often a token it lacks)."""
+
+
 def init_ray(address: str | None, **options: Any) -> None:
     """ray.init(address, **options), a new local instance with a token of its own (see above)."""
     import ray
 
-    if (starts_own_ray(address) and os.environ.get("RAY_AUTH_MODE", "token").lower() == "token"
+    own = starts_own_ray(address)
+    if (own and os.environ.get("RAY_AUTH_MODE", "token").lower() == "token"
             and not any(os.environ.get(name) for name in AUTH_SETTINGS)):
         os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
-    ray.init(address=address, **options)  # a new instance turns token mode on (and reads the token) itself
+    try:
+        ray.init(address=address, **options)  # a new instance turns token mode on (and reads the token) itself
+    except ConnectionError as e:
+        if own or not str(e).startswith("Failed to connect to Ray cluster"):
+            raise
+        raise ClusterConnectionError(f"{e}: {token_hint()}") from None
+
+
+def token_hint() -> str:
+    """What to check when a cluster that answers refuses this process (Ray's token authentication)."""
+    if any(os.environ.get(name) for name in AUTH_SETTINGS):
+        return ("the token this process has (RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH) is likely not the cluster's; "
+                "use the head's (its ~/.ray/auth_token)")
+    if Path("~/.ray/auth_token").expanduser().is_file():
+        return ("the token in ~/.ray/auth_token is likely not the cluster's; set RAY_AUTH_TOKEN to the head's "
+                "(its ~/.ray/auth_token)")
+    return ("if the cluster uses token authentication (Ray's default), set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN "
+            "to its token (the head's ~/.ray/auth_token)")
