@@ -252,6 +252,9 @@ def test_a_rerun_may_add_problems_but_not_change_them_nor_the_model(tmp_path):
         with pytest.raises(InvalidRequestError, match=words):
             check_and_keep(tmp_path, exp.settings())
     assert set(json.loads((tmp_path / SETTINGS).read_text())["problems"]) == {"a", "b"}  # left as it was
+    # a directory whose runs stopped before their first record (a mistyped model, say) compares nothing
+    check_and_keep(tmp_path, Experiment([moved], specs, [8], tmp_path, model="other").settings(), has_records=False)
+    assert json.loads((tmp_path / SETTINGS).read_text())["model"] == "other"
 
 
 def test_cpu_name_reads_proc_cpuinfo(tmp_path, monkeypatch):

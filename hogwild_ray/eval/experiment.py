@@ -217,8 +217,9 @@ def run_experiment(exp: Experiment, load: Callable[[], Any], concurrency: int | 
         raise InvalidRequestError(f"--out {exp.out} cannot be made ({e.strerror}); give a directory you can "
                                   "write") from None
     with jsonl.directory_lock(exp.out):  # (runs into one directory at once write it one after another)
-        check_and_keep(exp.out, exp.settings())
-    left = todo(exp, existing(exp.out))
+        done = existing(exp.out)
+        check_and_keep(exp.out, exp.settings(), has_records=bool(done))
+    left = todo(exp, done)
     bar = RunProgress("eval", len(exp.runs()), len(exp.runs()) - len(left), exp.out, progress, unit="runs")
     peak, part = 0, []
     try:

@@ -39,12 +39,13 @@ def differences(theirs: dict[str, Any], mine: dict[str, Any]) -> list[str]:
     return out
 
 
-def check_and_keep(out: Path, mine: dict[str, Any]) -> None:
+def check_and_keep(out: Path, mine: dict[str, Any], has_records: bool = True) -> None:
     """Refuse a rerun that `differences` finds; else write this run's settings (the problems of
-    both runs), replaced in one rename."""
+    both runs), replaced in one rename. has_records False: the directory holds no record yet (a
+    run that stopped before its first, say a model path mistyped), so nothing is compared."""
     path = out / SETTINGS
     theirs: dict[str, Any] = {}
-    if path.exists():
+    if path.exists() and has_records:
         try:
             theirs = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
