@@ -157,3 +157,15 @@ def parse_autoscale(text: str) -> tuple[int, int]:
     if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
         raise InvalidRequestError(f"--autoscale {text!r}: give MIN,MAX replicas, e.g. 1,4")
     return int(parts[0]), int(parts[1])
+
+
+def serve_running() -> bool:
+    """Whether a Serve controller runs on the connected cluster (a run that finds one leaves it, and
+    its other applications, as it found them)."""
+    import ray
+
+    try:
+        ray.get_actor("SERVE_CONTROLLER_ACTOR", namespace="serve")
+        return True
+    except ValueError:
+        return False

@@ -13,7 +13,7 @@ from typing import Callable
 
 from ..errors import HogwildError
 from ..ray_address import check_reachable
-from .app import ServeSettings, build_app
+from .app import ServeSettings, build_app, serve_running
 
 
 APP = "hogwild"
@@ -83,17 +83,6 @@ def leave(own_serve: bool, deployed: bool) -> None:
         serve.shutdown()
     elif deployed:
         serve.delete(APP)
-
-
-def serve_running() -> bool:
-    """Whether a Serve controller runs on the connected cluster (started by someone else)."""
-    import ray
-
-    try:
-        ray.get_actor("SERVE_CONTROLLER_ACTOR", namespace="serve")
-        return True
-    except ValueError:
-        return False
 
 
 def free_port(host: str = "127.0.0.1") -> int:

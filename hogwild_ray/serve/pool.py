@@ -27,7 +27,7 @@ from typing import Any, Callable, Hashable, Iterator
 from ..core.dispatch import Dispatch
 from ..core.replica_plan import plan_replicas
 from ..errors import HogwildError
-from .app import ServeSettings
+from .app import ServeSettings, serve_running
 
 DEPLOYMENT = "HogwildEngine"
 CHECK_EVERY_S = 2.0  # how often the pool looks at its replicas while nothing finishes
@@ -98,7 +98,7 @@ class ReplicaPool:
             self.replicas = plan_replicas(self.asked, device, self.settings.tp, resources.get("GPU", 0),
                                           resources.get("CPU", 0), self.settings.cpus_per_replica)
             settings = ServeSettings(**{**self.settings.__dict__, "device": device, "replicas": self.replicas})
-            self._own_serve = not _serve_running()
+            self._own_serve = not serve_running()
             serve.start(proxy_location="Disabled")
             from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -303,12 +303,3 @@ def _is_lost(error: BaseException) -> bool:
     lost = (rx.RayActorError, rx.NodeDiedError, rx.WorkerCrashedError, rx.ObjectLostError, rx.RaySystemError)
     return isinstance(error, lost)
 
-
-def _serve_running() -> bool:
-    import ray
-
-    try:
-        ray.get_actor("SERVE_CONTROLLER_ACTOR", namespace="serve")
-        return True
-    except ValueError:
-        return False
